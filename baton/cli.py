@@ -1,0 +1,154 @@
+"""The ``baton`` command line: ``serve``, ``worker``, ``frontend``.
+
+Flags are declared once, with their defaults read from the config dataclasses; environment
+variables (``BATON_LOG_LEVEL``) are read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from baton.config import (
+    ROUTER_MODES,
+    EngineConfig,
+    FrontendConfig,
+    RouterConfig,
+    ServeConfig,
+    WorkerConfig,
+)
+
+_E = EngineConfig()
+_F = FrontendConfig()
+_W = WorkerConfig()
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=["mock"], default="mock",
+                   help="engine backend (mock = the simulated engine)")
+    g.add_argument("--model", default=_W.model,
+                   help="built-in model name or a local HF-style model folder")
+    g.add_argument("--model-name", default=None, help="name served to clients")
+    g.add_argument("--speedup-ratio", type=float, default=_E.speedup_ratio,
+                   help="divide simulated step time by this; 0 = no simulated delay")
+    g.add_argument("--num-blocks", type=int, default=_E.num_blocks, help="KV blocks per worker")
+    g.add_argument("--block-size", type=int, default=_E.block_size, help="tokens per KV block")
+    g.add_argument("--max-num-seqs", type=int, default=_E.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=_E.max_num_batched_tokens)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--preemption-mode", choices=["lifo", "fifo"], default=_E.preemption_mode)
+    g.add_argument("--timing-profile", default=None,
+                   help="JSON profile replacing the polynomial timing model")
+
+
+def _add_frontend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("frontend")
+    g.add_argument("--host", default=_F.host)
+    g.add_argument("--port", type=int, default=_F.port)
+    g.add_argument("--router", choices=ROUTER_MODES, default=RouterConfig().mode)
+    g.add_argument("--router-seed", type=int, default=None)
+    g.add_argument("--max-body-bytes", type=int, default=_F.max_body_bytes)
+
+
+def _engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        num_blocks=a.num_blocks,
+        block_size=a.block_size,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        enable_prefix_caching=not a.no_prefix_caching,
+        enable_chunked_prefill=not a.no_chunked_prefill,
+        preemption_mode=a.preemption_mode,
+        speedup_ratio=a.speedup_ratio,
+        timing_profile=a.timing_profile,
+    )
+
+
+def _frontend_config(a: argparse.Namespace) -> FrontendConfig:
+    return FrontendConfig(
+        host=a.host,
+        port=a.port,
+        max_body_bytes=a.max_body_bytes,
+        router=RouterConfig(mode=a.router, seed=a.router_seed),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baton", description="Distributed LLM inference serving.")
+    parser.add_argument("--log-level", default=os.environ.get("BATON_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="frontend + simulated workers in one process")
+    _add_frontend_args(serve)
+    _add_engine_args(serve)
+    serve.add_argument("--workers", type=int, default=ServeConfig().num_workers)
+
+    worker = sub.add_parser("worker", help="one worker serving the TCP request plane")
+    _add_engine_args(worker)
+    worker.add_argument("--host", default=_W.host)
+    worker.add_argument("--port", type=int, default=_W.port, help="0 = any free port")
+    worker.add_argument("--worker-id", type=int, default=None)
+
+    frontend = sub.add_parser("frontend", help="the HTTP frontend for workers in other processes")
+    _add_frontend_args(frontend)
+    frontend.add_argument("--worker", action="append", default=[], metavar="tcp://HOST:PORT",
+                          help="a worker's request-plane address (repeatable)")
+    return parser
+
+
+def _worker_config(a: argparse.Namespace, **extra: Any) -> WorkerConfig:
+    return WorkerConfig(model=a.model, model_name=a.model_name, engine=_engine_config(a), **extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from baton import serve as launch  # after logging is set up
+
+    try:
+        if args.command == "serve":
+            config = ServeConfig(
+                frontend=_frontend_config(args),
+                worker=_worker_config(args),
+                num_workers=args.workers,
+            )
+            return _run(lambda stop: launch.run_serve(config, stop))
+        if args.command == "worker":
+            wconfig = _worker_config(args, host=args.host, port=args.port, worker_id=args.worker_id)
+            return _run(lambda stop: launch.run_worker(wconfig, stop))
+        if not args.worker:
+            print("baton frontend: give at least one --worker tcp://HOST:PORT", file=sys.stderr)
+            return 2
+        fconfig = _frontend_config(args)
+        return _run(lambda stop: launch.run_frontend(fconfig, args.worker, stop))
+    except ValueError as exc:  # invalid configuration
+        print(f"baton {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(main_coro: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    import uvloop
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main_coro(stop)
+
+    uvloop.run(runner())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

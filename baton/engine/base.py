@@ -1,0 +1,40 @@
+"""The ``Engine`` protocol every backend implements (simulated, transformers, vLLM, SGLang).
+
+An engine turns a tokenized ``GenerateRequest`` into a stream of ``EngineOutput`` deltas.
+Closing the stream early aborts the request and frees its KV blocks. KV events and load go
+out through the callbacks the owner passes in; the engine does no networking of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
+
+import msgspec
+
+from baton.kv.events import KvEvent
+from baton.protocol import EngineOutput, GenerateRequest
+
+KvEventSink = Callable[[Sequence[KvEvent]], None]
+
+
+class EngineLoad(msgspec.Struct, kw_only=True):
+    active_blocks: int
+    total_blocks: int
+    num_running: int
+    num_waiting: int
+    active_prefill_tokens: int = 0
+
+
+class Engine(Protocol):
+    block_size: int
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]: ...
+
+    def load(self) -> EngineLoad: ...
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None: ...

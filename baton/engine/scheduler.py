@@ -1,0 +1,419 @@
+"""Continuous-batching scheduler with chunked prefill, prefix caching and preemption.
+
+Owns the waiting and running queues and the ``BlockPool``; decides, step by step, which
+requests compute how many tokens. After vLLM v1 and Dynamo's mocker: one token budget per step,
+spent on running requests first, then on admitting waiting ones in FIFO order. When blocks run
+out, a running request is preempted (``lifo``: the newest admitted, ``fifo``: the oldest) and
+recomputed later from scratch, helped by the prefix cache.
+
+It never sleeps, samples or does I/O: the engine shell alternates ``schedule()`` ->
+(simulate or run the step) -> ``update_from_output(output, sampled)``, passing one sampled
+token for each id in ``output.requests_needing_sample``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from baton.engine.base import EngineLoad
+from baton.engine.request import Request, RequestStatus
+from baton.kv.block_pool import BlockPool, KVBlock
+from baton.kv.events import KvEvent
+from baton.protocol import FinishReason
+
+PreemptionMode = Literal["lifo", "fifo"]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Scheduler and KV cache sizing; defaults are Dynamo's mocker defaults."""
+
+    num_blocks: int = 16384
+    block_size: int = 64
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    preemption_mode: PreemptionMode = "lifo"
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.preemption_mode not in ("lifo", "fifo"):
+            raise ValueError(f"preemption_mode must be 'lifo' or 'fifo', got {self.preemption_mode!r}")
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What one step computes. ``num_scheduled_tokens`` keeps scheduling order."""
+
+    num_scheduled_tokens: dict[str, int]
+    requests_needing_sample: list[str]
+    """Requests whose step reaches their last token: the caller samples one token for each."""
+    num_prefill_tokens: int
+    """Tokens of requests not yet sampled since admission (prompt/recompute): prefill T."""
+    num_decode_requests: int
+    num_kv_tokens_in_use: int
+    """Token capacity of the blocks held by requests after this step's allocations."""
+    num_kv_tokens_total: int
+    preempted: list[str]
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One request's new token(s) from a step; ``num_cached_tokens`` on its first result only."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class _StepBuilder:
+    """Scratch state of one ``schedule()`` call."""
+
+    budget: int
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    preempted: list[str] = field(default_factory=list)
+
+    def add(self, req: Request, num_tokens: int) -> None:
+        self.num_scheduled_tokens[req.request_id] = num_tokens
+        self.budget -= num_tokens
+
+    def unschedule(self, req: Request) -> None:
+        self.budget += self.num_scheduled_tokens.pop(req.request_id, 0)
+
+
+class Scheduler:
+    """Waiting/running queues over one ``BlockPool``."""
+
+    def __init__(self, config: SchedulerConfig, *, worker_id: int = 0) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.pool = BlockPool(
+            config.num_blocks, config.block_size, config.enable_prefix_caching, worker_id=worker_id
+        )
+        # -- queues: every live request is in exactly one of waiting / running
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # -- bookkeeping
+        self._next_arrival = 0
+        self._in_flight: SchedulerOutput | None = None
+
+    # ---- requests in and out ------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        """Queue a new request. Raises ValueError if it could never be scheduled."""
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        self._validate_fits(req)
+        req.arrival_index = self._next_arrival
+        self._next_arrival += 1
+        req.status = RequestStatus.WAITING
+        req.update_block_hashes(self.config.block_size)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Finish a waiting or running request as aborted and free its blocks at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._release(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def _validate_fits(self, req: Request) -> None:
+        # The longest sequence ever computed is prompt + max_tokens - 1 (the final token is
+        # sampled, never computed). Rejecting what cannot fit avoids preempt-forever loops.
+        if not req.prompt_token_ids:
+            raise ValueError(f"request {req.request_id!r} has an empty prompt")
+        if req.sampling.max_tokens < 1:
+            raise ValueError(f"request {req.request_id!r}: max_tokens must be >= 1")
+        max_len = req.num_prompt_tokens + req.sampling.max_tokens - 1
+        if _cdiv(max_len, self.config.block_size) > self.config.num_blocks:
+            raise ValueError(
+                f"request {req.request_id!r} may need {max_len} tokens of KV cache, more than "
+                f"the {self.config.num_blocks * self.config.block_size} the pool holds"
+            )
+        if not self.config.enable_chunked_prefill and max_len > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"request {req.request_id!r} may need {max_len} tokens in one step, more than "
+                f"max_num_batched_tokens={self.config.max_num_batched_tokens} without chunked prefill"
+            )
+
+    # ---- scheduling ---------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts, allocating their blocks."""
+        if self._in_flight is not None:
+            raise RuntimeError("schedule() called twice without update_from_output()")
+        step = _StepBuilder(budget=self.config.max_num_batched_tokens)
+        # 1. Running requests first, preempting others when blocks run out.
+        self._schedule_running(step)
+        # 2. Admit waiting requests, unless this step had to preempt (blocks are scarce).
+        if not step.preempted:
+            self._admit_waiting(step)
+        # 3. Summarise for the engine shell and its timing model.
+        self._in_flight = self._make_output(step)
+        return self._in_flight
+
+    def _schedule_running(self, step: _StepBuilder) -> None:
+        for req in list(self.running):
+            if step.budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = req.num_uncomputed_tokens
+            if num_new > step.budget:
+                if not self.config.enable_chunked_prefill:
+                    continue
+                num_new = step.budget
+            if self._allocate_or_preempt(req, num_new, step):
+                step.add(req, num_new)
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, step: _StepBuilder) -> bool:
+        """Give ``req`` blocks for ``num_new`` more tokens, preempting as needed.
+        False if ``req`` itself had to be preempted."""
+        needed = self._num_new_blocks(req, req.num_computed_tokens + num_new)
+        while not self.pool.can_allocate(needed):
+            victim = self.running[-1] if self.config.preemption_mode == "lifo" else self.running[0]
+            self._preempt(victim, step)
+            if victim is req:
+                return False
+        req.blocks.extend(self.pool.allocate(needed))
+        return True
+
+    def _preempt(self, req: Request, step: _StepBuilder) -> None:
+        """Free ``req``'s blocks and send it to the front of waiting for a full recompute."""
+        self.running.remove(req)
+        step.unschedule(req)
+        step.preempted.append(req.request_id)
+        self.pool.free(req.blocks)
+        req.blocks = []
+        req.num_committed_blocks = 0
+        req.num_computed_tokens = 0
+        req.is_prefilling = False
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+
+    def _admit_waiting(self, step: _StepBuilder) -> None:
+        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if not self._try_admit(self.waiting[0], step):
+                break
+            self.waiting.popleft()
+
+    def _try_admit(self, req: Request, step: _StepBuilder) -> bool:
+        """Admit ``req`` with its prefix-cache hits, if its first chunk fits budget and blocks."""
+        hits = self._cached_prefix(req)
+        num_cached = len(hits) * self.config.block_size
+        num_new = req.num_tokens - num_cached
+        if num_new > step.budget:
+            if not self.config.enable_chunked_prefill:
+                return False
+            num_new = step.budget
+        needed = _cdiv(num_cached + num_new, self.config.block_size) - len(hits)
+        num_hits_in_free_queue = sum(1 for b in hits if b.ref_cnt == 0)
+        if not self.pool.can_allocate(needed + num_hits_in_free_queue):
+            return False
+        self.pool.touch(hits)
+        req.blocks = hits + self.pool.allocate(needed)
+        req.num_committed_blocks = len(hits)
+        req.num_computed_tokens = num_cached
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = num_cached
+        req.is_prefilling = True
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        step.add(req, num_new)
+        return True
+
+    def _cached_prefix(self, req: Request) -> list[KVBlock]:
+        # The last token is never served from cache: one token must be computed for a logit.
+        max_hit_blocks = (req.num_tokens - 1) // self.config.block_size
+        return self.pool.get_cached_prefix(req.block_hashes[:max_hit_blocks])
+
+    def _num_new_blocks(self, req: Request, num_tokens: int) -> int:
+        return max(0, _cdiv(num_tokens, self.config.block_size) - len(req.blocks))
+
+    def _make_output(self, step: _StepBuilder) -> SchedulerOutput:
+        needing_sample: list[str] = []
+        num_prefill_tokens = num_decode_requests = 0
+        for request_id, num_new in step.num_scheduled_tokens.items():
+            req = self.requests[request_id]
+            if req.num_computed_tokens + num_new == req.num_tokens:
+                needing_sample.append(request_id)
+            if req.is_prefilling:
+                num_prefill_tokens += num_new
+            else:
+                num_decode_requests += 1
+        return SchedulerOutput(
+            num_scheduled_tokens=step.num_scheduled_tokens,
+            requests_needing_sample=needing_sample,
+            num_prefill_tokens=num_prefill_tokens,
+            num_decode_requests=num_decode_requests,
+            num_kv_tokens_in_use=self.pool.num_used_blocks * self.config.block_size,
+            num_kv_tokens_total=self.config.num_blocks * self.config.block_size,
+            preempted=step.preempted,
+        )
+
+    # ---- results ------------------------------------------------------------------------
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: Mapping[str, int]
+    ) -> list[StepResult]:
+        """Apply a finished step: advance progress, cache full blocks, append sampled tokens
+        and finish requests. ``sampled`` must hold a token for each id in
+        ``output.requests_needing_sample`` that is still running (aborted ones are skipped)."""
+        if output is not self._in_flight:
+            raise RuntimeError("update_from_output() expects the output of the last schedule()")
+        self._in_flight = None
+        results: list[StepResult] = []
+        for request_id, num_new in output.num_scheduled_tokens.items():
+            req = self.requests.get(request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += num_new
+            self._commit_full_blocks(req)
+            if req.num_computed_tokens == req.num_tokens:
+                results.append(self._append_token(req, sampled[request_id]))
+        return results
+
+    def _commit_full_blocks(self, req: Request) -> None:
+        num_full = req.num_computed_tokens // self.config.block_size
+        for i in range(req.num_committed_blocks, num_full):
+            parent = req.block_hashes[i - 1] if i > 0 else None
+            self.pool.cache_full_block(
+                req.blocks[i], req.block_hashes[i], req.local_hashes[i], parent
+            )
+        req.num_committed_blocks = max(req.num_committed_blocks, num_full)
+
+    def _append_token(self, req: Request, token_id: int) -> StepResult:
+        req.append_output(token_id, self.config.block_size)
+        req.is_prefilling = False
+        status = _finish_status(req, token_id)
+        if status is not None:
+            self.running.remove(req)
+            del self.requests[req.request_id]
+            self._release(req, status)
+        first = req.num_output_tokens == 1
+        return StepResult(
+            request_id=req.request_id,
+            new_token_ids=[token_id],
+            finish_reason=status.finish_reason if status is not None else None,
+            num_cached_tokens=req.num_cached_tokens if first else None,
+        )
+
+    def _release(self, req: Request, status: RequestStatus) -> None:
+        """Free a finished request's blocks; full cached ones stay hittable in the free queue."""
+        self.pool.free(req.blocks)
+        req.blocks = []
+        req.status = status
+
+    # ---- observation --------------------------------------------------------------------
+
+    def take_kv_events(self) -> list[KvEvent]:
+        return self.pool.take_events()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def load(self) -> EngineLoad:
+        """Load as reported to routers (the engine shell adds its worker id). Active prefill
+        tokens = uncomputed tokens of waiting requests and of running ones still prefilling."""
+        prefilling = [r for r in self.running if r.is_prefilling]
+        active_prefill = sum(r.num_uncomputed_tokens for r in [*self.waiting, *prefilling])
+        return EngineLoad(
+            active_blocks=self.pool.num_used_blocks,
+            total_blocks=self.config.num_blocks,
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            active_prefill_tokens=active_prefill,
+        )
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if queues, requests and the pool disagree."""
+        self.pool.check_invariants()
+        running_ids = [r.request_id for r in self.running]
+        waiting_ids = [r.request_id for r in self.waiting]
+        all_ids = running_ids + waiting_ids
+        _check(len(set(all_ids)) == len(all_ids), "a request is queued twice")
+        _check(set(all_ids) == set(self.requests), "queues and request table disagree")
+        _check(len(self.running) <= self.config.max_num_seqs, "more running than max_num_seqs")
+        for req in self.waiting:
+            _check(req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), "bad status")
+            _check(not req.blocks and req.num_computed_tokens == 0, "waiting request holds KV")
+        for req in self.running:
+            self._check_running(req)
+        self._check_ref_counts()
+
+    def _check_running(self, req: Request) -> None:
+        scheduled = self._in_flight.num_scheduled_tokens if self._in_flight else {}
+        covered = req.num_computed_tokens + scheduled.get(req.request_id, 0)
+        _check(req.status is RequestStatus.RUNNING, f"{req.request_id} running with bad status")
+        _check(
+            len(req.blocks) == _cdiv(covered, self.config.block_size),
+            f"{req.request_id}: {len(req.blocks)} blocks for {covered} tokens",
+        )
+        _check(req.num_committed_blocks <= len(req.blocks), "committed more blocks than held")
+        _check(covered <= req.num_tokens, f"{req.request_id} computes beyond its tokens")
+
+    def _check_ref_counts(self) -> None:
+        refs: dict[int, int] = {}
+        for req in self.running:
+            for block in req.blocks:
+                refs[block.block_id] = refs.get(block.block_id, 0) + 1
+        for block in self.pool.blocks:
+            _check(block.ref_cnt == refs.get(block.block_id, 0), f"block {block.block_id} ref_cnt")
+
+
+def _finish_status(req: Request, token_id: int) -> RequestStatus | None:
+    """Stop (EOS / stop token, once min_tokens is reached) wins over length at the same token."""
+    sampling = req.sampling
+    num_out = req.num_output_tokens
+    if (
+        not sampling.ignore_eos
+        and num_out >= sampling.min_tokens
+        and token_id in sampling.stop_token_ids
+    ):
+        return RequestStatus.FINISHED_STOPPED
+    if num_out >= sampling.max_tokens:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)

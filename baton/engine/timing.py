@@ -1,0 +1,185 @@
+"""Timing models for the simulated engine: how long one scheduler step would take on a GPU.
+
+A model maps a step's shape (new prefill tokens, decoding requests, KV cache occupancy) to
+milliseconds. ``PolynomialTiming`` is Dynamo's mocker default; ``ProfileTiming`` interpolates a
+measured profile (format in ``docs/timing-model.md``). Pure functions of their inputs: the
+engine shell divides by its speedup ratio (``sleep_seconds``) and does the sleeping.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class TimingModel(Protocol):
+    """Duration of one step in milliseconds."""
+
+    def step_ms(
+        self,
+        num_prefill_tokens: int,
+        num_decode_requests: int,
+        kv_tokens_in_use: int,
+        kv_tokens_total: int,
+    ) -> float: ...
+
+
+def kv_usage(kv_tokens_in_use: int, kv_tokens_total: int) -> float:
+    """Fraction of KV capacity in use; 1.0 when there is no capacity (as Dynamo does)."""
+    return kv_tokens_in_use / kv_tokens_total if kv_tokens_total > 0 else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolynomialTiming:
+    """Dynamo mocker's default model.
+
+    prefill_ms = a2*T^2 + a1*T + a0 for T > 0 new tokens (0 otherwise);
+    decode_ms = max(min_decode_ms, b2*p^2 + b1*p + b0) with p the KV usage, when any request
+    decodes; step = prefill + decode.
+    """
+
+    prefill_a2: float = 4.209989e-07
+    prefill_a1: float = 1.518344e-02
+    prefill_a0: float = 16.50142
+    decode_b2: float = -25.74
+    decode_b1: float = 54.01
+    decode_b0: float = 5.74
+    min_decode_ms: float = 1.0
+
+    def prefill_ms(self, num_prefill_tokens: int) -> float:
+        t = num_prefill_tokens
+        if t <= 0:
+            return 0.0
+        return self.prefill_a2 * t * t + self.prefill_a1 * t + self.prefill_a0
+
+    def decode_ms(self, usage: float) -> float:
+        raw = self.decode_b2 * usage * usage + self.decode_b1 * usage + self.decode_b0
+        return max(self.min_decode_ms, raw)
+
+    def step_ms(
+        self,
+        num_prefill_tokens: int,
+        num_decode_requests: int,
+        kv_tokens_in_use: int,
+        kv_tokens_total: int,
+    ) -> float:
+        decode = 0.0
+        if num_decode_requests > 0:
+            decode = self.decode_ms(kv_usage(kv_tokens_in_use, kv_tokens_total))
+        return self.prefill_ms(num_prefill_tokens) + decode
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileTiming:
+    """Piecewise-linear interpolation of a measured profile.
+
+    Prefill is interpolated over new tokens and extrapolated linearly past both ends (never
+    below 0 ms); decode is interpolated over KV usage and clamped to the end points.
+    """
+
+    prefill_tokens: tuple[float, ...]
+    prefill_ms_points: tuple[float, ...]
+    decode_kv_usage: tuple[float, ...]
+    decode_ms_points: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        _validate_curve("prefill", "tokens", self.prefill_tokens, self.prefill_ms_points)
+        _validate_curve("decode", "kv_usage", self.decode_kv_usage, self.decode_ms_points)
+        if self.prefill_tokens[0] < 0:
+            raise ValueError("profile prefill.tokens must be >= 0")
+        if self.decode_kv_usage[0] < 0 or self.decode_kv_usage[-1] > 1:
+            raise ValueError("profile decode.kv_usage must lie within [0, 1]")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ProfileTiming:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"timing profile {path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ProfileTiming:
+        prefill = _section(data, "prefill")
+        decode = _section(data, "decode")
+        return cls(
+            prefill_tokens=_numbers(prefill, "prefill", "tokens"),
+            prefill_ms_points=_numbers(prefill, "prefill", "ms"),
+            decode_kv_usage=_numbers(decode, "decode", "kv_usage"),
+            decode_ms_points=_numbers(decode, "decode", "ms"),
+        )
+
+    def prefill_ms(self, num_prefill_tokens: int) -> float:
+        if num_prefill_tokens <= 0:
+            return 0.0
+        ms = _interpolate(self.prefill_tokens, self.prefill_ms_points, num_prefill_tokens, True)
+        return max(0.0, ms)
+
+    def decode_ms(self, usage: float) -> float:
+        return _interpolate(self.decode_kv_usage, self.decode_ms_points, usage, False)
+
+    def step_ms(
+        self,
+        num_prefill_tokens: int,
+        num_decode_requests: int,
+        kv_tokens_in_use: int,
+        kv_tokens_total: int,
+    ) -> float:
+        decode = 0.0
+        if num_decode_requests > 0:
+            decode = self.decode_ms(kv_usage(kv_tokens_in_use, kv_tokens_total))
+        return self.prefill_ms(num_prefill_tokens) + decode
+
+
+def sleep_seconds(step_ms: float, speedup_ratio: float) -> float:
+    """Wall-clock seconds to sleep for a step; 0 when ``speedup_ratio`` is 0 (no delay)."""
+    if speedup_ratio < 0:
+        raise ValueError(f"speedup_ratio must be >= 0, got {speedup_ratio}")
+    if speedup_ratio == 0:
+        return 0.0
+    return step_ms / 1000.0 / speedup_ratio
+
+
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float, extrapolate: bool) -> float:
+    if x <= xs[0] and not extrapolate:
+        return ys[0]
+    if x >= xs[-1] and not extrapolate:
+        return ys[-1]
+    i = min(max(bisect.bisect_right(xs, x), 1), len(xs) - 1)  # segment [i-1, i]
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _section(data: Any, name: str) -> Mapping[str, Any]:
+    section = data.get(name) if isinstance(data, Mapping) else None
+    if not isinstance(section, Mapping):
+        # A malformed profile file is a bad value, not a programming error.
+        raise ValueError(f"timing profile needs an object field {name!r}")  # noqa: TRY004
+    return section
+
+
+def _numbers(section: Mapping[str, Any], name: str, key: str) -> tuple[float, ...]:
+    values = section.get(key)
+    if not isinstance(values, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in values
+    ):
+        raise ValueError(f"timing profile {name}.{key} must be a list of finite numbers")
+    return tuple(float(v) for v in values)
+
+
+def _validate_curve(name: str, x_key: str, xs: Sequence[float], ys: Sequence[float]) -> None:
+    if len(xs) != len(ys):
+        raise ValueError(f"profile {name}.{x_key} and {name}.ms differ in length")
+    if len(xs) < 2:
+        raise ValueError(f"profile {name} needs at least 2 points")
+    if any(b <= a for a, b in itertools.pairwise(xs)):
+        raise ValueError(f"profile {name}.{x_key} must be strictly increasing")
+    if any(y < 0 for y in ys):
+        raise ValueError(f"profile {name}.ms must be >= 0")

@@ -1,0 +1,294 @@
+"""The frontend's HTTP surface: a raw ASGI application (no framework on the hot path).
+
+Routes only translate HTTP to and from the serving pipeline:
+
+- ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON or SSE);
+- ``GET /v1/models``, ``GET /health`` (readiness: 503 while no worker serves or while
+  draining), ``GET /live``, ``GET /metrics``.
+
+A client that disconnects is a cancellation, handled in one place: a watcher task waits for
+``http.disconnect`` and cancels the request's task, whose stream closes its worker call
+(freeing the sequence's blocks on the worker). Errors are answered in OpenAI's shape with
+the status from the error taxonomy; once an SSE stream has started, an error arrives as a
+final ``data: {"error": ...}`` event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from baton.errors import (
+    BatonError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+)
+from baton.frontend.metrics import FrontendMetrics
+from baton.frontend.models import ModelRegistry
+from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest, decode_request
+from baton.frontend.responses import DONE, ChunkWriter, full_response, sse
+from baton.frontend.serving import Generation, OpenAIServing, Prepared
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_encode = msgspec.json.Encoder().encode
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request was read."""
+
+
+class FrontendApp:
+    def __init__(
+        self,
+        serving: OpenAIServing,
+        models: ModelRegistry,
+        metrics: FrontendMetrics,
+        *,
+        max_body_bytes: int,
+    ) -> None:
+        self.serving = serving
+        self.models = models
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.draining = False
+        self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
+            "/v1/chat/completions": {"POST": self._chat},
+            "/v1/completions": {"POST": self._completions},
+            "/v1/models": {"GET": self._list_models},
+            "/health": {"GET": self._health},
+            "/live": {"GET": self._live},
+            "/metrics": {"GET": self._metrics},
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        methods = self._routes.get(scope["path"])
+        if methods is None:
+            await send_error(send, NotFoundError(f"no route {scope['path']}"))
+            return
+        handler = methods.get(scope["method"])
+        if handler is None:
+            allowed = ", ".join(methods)
+            await send_error(send, MethodNotAllowedError(f"{scope['method']} not allowed; use {allowed}"))
+            return
+        await handler(scope, receive, send)
+
+    # ------------------------------------------------------------------ generation
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, "chat", ChatCompletionRequest)
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, "completions", CompletionRequest)
+
+    async def _generate(
+        self, scope: Scope, receive: Receive, send: Send, endpoint: str, kind: type
+    ) -> None:
+        req: Any = None
+        try:
+            body = await read_body(scope, receive, self.max_body_bytes)
+            if self.draining:
+                raise ServiceUnavailableError("the frontend is shutting down", code="draining")
+            req = decode_request(body, kind)
+            prepared = (
+                self.serving.prepare_chat(req)
+                if endpoint == "chat"
+                else self.serving.prepare_completion(req)
+            )
+        except _ClientGone:
+            return
+        except BatonError as exc:
+            known = req is not None and req.model in self.models.models
+            self._count(req.model if known else "unknown", endpoint, exc.status)
+            log.info("%s %s: %d %s", scope["method"], scope["path"], exc.status, exc.message)
+            await send_error(send, exc)
+            return
+        await self._serve(receive, send, endpoint, prepared)
+
+    async def _serve(self, receive: Receive, send: Send, endpoint: str, p: Prepared) -> None:
+        model = p.entry.name
+        gen = Generation(p, self.metrics)
+        task = asyncio.current_task()
+        assert task is not None
+        watch = _DisconnectWatch(receive, task)
+        self.metrics.inflight.labels(model).inc()
+        status = 200
+        try:
+            status = await (self._stream(send, p, gen) if p.stream else self._respond(send, p, gen))
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            status = 499
+            self.metrics.disconnects.labels(model).inc()
+            task.uncancel()
+            log.info("client went away; request %s cancelled", p.request_id)
+        finally:
+            watch.stop()
+            self.metrics.inflight.labels(model).dec()
+            self._count(model, endpoint, status)
+            self.metrics.duration.labels(model).observe(time.perf_counter() - p.arrival)
+            self.metrics.input_tokens.labels(model).inc(gen.prompt_tokens)
+            self.metrics.output_tokens.labels(model).inc(gen.completion_tokens)
+            self.metrics.cached_tokens.labels(model).inc(gen.cached_tokens)
+
+    async def _respond(self, send: Send, p: Prepared, gen: Generation) -> int:
+        parts: list[str] = []
+        finish: str | None = None
+        try:
+            async with contextlib.aclosing(gen.run()) as deltas:
+                async for text, finish in deltas:
+                    parts.append(text)
+        except BatonError as exc:
+            log.warning("request %s failed: %s", p.request_id, exc.message)
+            await send_error(send, exc)
+            return exc.status
+        body = full_response(p, gen, "".join(parts), finish or "stop")
+        await send_json(send, 200, body)
+        return 200
+
+    async def _stream(self, send: Send, p: Prepared, gen: Generation) -> int:
+        writer = ChunkWriter(p, gen)
+        async with contextlib.aclosing(gen.run()) as deltas:
+            try:
+                text, finish = await anext(deltas)
+            except BatonError as exc:  # nothing sent yet: a plain HTTP error
+                log.warning("request %s failed: %s", p.request_id, exc.message)
+                await send_error(send, exc)
+                return exc.status
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+            out = writer.role() if writer.chat else b""
+            while True:
+                if text:
+                    out += writer.text(text)
+                if finish is not None:
+                    break
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    out = b""
+                try:
+                    text, finish = await anext(deltas)
+                except BatonError as exc:
+                    log.warning("request %s failed mid-stream: %s", p.request_id, exc.message)
+                    body = out + sse(exc.to_body()) + DONE
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return exc.status
+        out += writer.text("", finish)
+        if p.include_usage:
+            out += writer.usage()
+        await send({"type": "http.response.body", "body": out + DONE, "more_body": False})
+        return 200
+
+    # ------------------------------------------------------------------ the rest
+    async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "baton",
+             "max_model_len": self.models.models[name].card.context_length}
+            for name in self.models.served()
+        ]
+        await send_json(send, 200, {"object": "list", "data": data})
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        instances = []
+        for entry in self.models.models.values():
+            healthy = set(entry.pool.healthy())
+            for wid, rec in entry.pool.instances.items():
+                instances.append({"instance_id": wid, "model": entry.name, "address": rec.address,
+                                  "healthy": wid in healthy})
+        ready = any(i["healthy"] for i in instances) and not self.draining
+        status = "draining" if self.draining else ("healthy" if ready else "unhealthy")
+        await send_json(send, 200 if ready else 503, {"status": status, "instances": instances})
+
+    async def _live(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"status": "live"})
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.metrics.render()
+        headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _count(self, model: str, endpoint: str, status: int) -> None:
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+
+
+# ---------------------------------------------------------------------------- ASGI helpers
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLargeError(int(value), limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(size, limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def send_json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers or _JSON})
+    await send({"type": "http.response.body", "body": _encode(body)})
+
+
+async def send_error(send: Send, exc: BatonError) -> None:
+    headers = list(_JSON)
+    if isinstance(exc, ServiceUnavailableError):
+        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    await send_json(send, exc.status, exc.to_body(), headers)
+
+
+class _DisconnectWatch:
+    """Cancels a request's task when its client disconnects (one owned task per request)."""
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self.gone = False
+        self._stopped = False
+        self._request_task = task
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._stopped:  # servers also report a disconnect once the response is complete
+            self.gone = True
+            self._request_task.cancel()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._task.cancel()
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

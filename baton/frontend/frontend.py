@@ -1,0 +1,90 @@
+"""The frontend component: model registry + serving pipeline + ASGI app + HTTP server.
+
+The HTTP server runs inside the caller's event loop (so in-process workers are direct calls).
+``close`` drains: ``/health`` turns 503, new requests get 503, in-flight streams finish (up
+to ``drain_timeout_s``), then the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import uvicorn
+
+from baton.config import FrontendConfig
+from baton.frontend.app import FrontendApp
+from baton.frontend.metrics import FrontendMetrics
+from baton.frontend.models import ModelRegistry
+from baton.frontend.serving import OpenAIServing
+from baton.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the process's owner decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def,override]
+        yield
+
+
+class Frontend:
+    def __init__(self, config: FrontendConfig, runtime: Runtime) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.metrics = FrontendMetrics()
+        self.models = ModelRegistry(runtime, config.router, config.namespace)
+        self.serving = OpenAIServing(self.models, self.metrics)
+        self.app = FrontendApp(
+            self.serving, self.models, self.metrics, max_body_bytes=config.max_body_bytes
+        )
+        self._server: _EmbeddedUvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        await self.models.start()
+        cfg = uvicorn.Config(
+            self.app,
+            host=self.config.host,
+            port=self.config.port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = _EmbeddedUvicorn(cfg)
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(), name="http")
+        while not self._server.started:
+            if self._task.done():
+                await self._task  # raises the bind error
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        log.info("frontend listening on http://%s:%d", self.config.host, self.port)
+
+    async def close(self, drain_timeout_s: float = 5.0) -> None:
+        self.app.draining = True
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s + 1)
+            except asyncio.TimeoutError:
+                self._server.force_exit = True
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        await self.models.close()
+
+    async def __aenter__(self) -> Frontend:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,49 @@
+"""The frontend's Prometheus metrics (``baton_frontend_*``), in a registry it owns.
+
+Each ``Frontend`` has its own ``CollectorRegistry`` (no process-global state), so several
+frontends in one process (tests) keep separate counts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                0.1, 0.2, 0.5, 1.0, 2.5)
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class FrontendMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "baton_frontend_requests", "Requests by model, endpoint and HTTP status.",
+            ["model", "endpoint", "status"], registry=r)
+        self.inflight = Gauge(
+            "baton_frontend_inflight_requests", "Requests being served now.", ["model"],
+            registry=r)
+        self.ttft = Histogram(
+            "baton_frontend_time_to_first_token_seconds", "Time to first token.", ["model"],
+            buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(
+            "baton_frontend_inter_token_latency_seconds", "Time between streamed deltas.",
+            ["model"], buckets=_ITL_BUCKETS, registry=r)
+        self.duration = Histogram(
+            "baton_frontend_request_duration_seconds", "Whole request duration.", ["model"],
+            buckets=_DURATION_BUCKETS, registry=r)
+        self.input_tokens = Counter(
+            "baton_frontend_input_tokens", "Prompt tokens.", ["model"], registry=r)
+        self.output_tokens = Counter(
+            "baton_frontend_output_tokens", "Generated tokens.", ["model"], registry=r)
+        self.cached_tokens = Counter(
+            "baton_frontend_cached_tokens", "Prompt tokens served from a prefix cache.",
+            ["model"], registry=r)
+        self.disconnects = Counter(
+            "baton_frontend_client_disconnects", "Requests whose client went away.", ["model"],
+            registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,118 @@
+"""The models a frontend serves, learned from discovery.
+
+``ModelRegistry`` owns one task that follows discovery: a worker that appears with a model
+name adds itself to that model's ``WorkerPool`` (the model's card and tokenizer are loaded
+the first time the name is seen, from the model folder the worker advertises); a worker that
+leaves is removed. A model whose workers all left stays known (its requests get 503, not 404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from baton.config import RouterConfig
+from baton.errors import NotFoundError
+from baton.preprocess import ModelCard, Tokenizer, resolve_model
+from baton.router import WorkerPool
+from baton.runtime import InstanceRecord, Runtime
+
+log = logging.getLogger(__name__)
+
+WORKER_COMPONENT = "backend"
+WORKER_ENDPOINT = "generate"
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    name: str
+    card: ModelCard
+    tokenizer: Tokenizer
+    pool: WorkerPool
+
+
+class ModelRegistry:
+    def __init__(self, runtime: Runtime, router: RouterConfig, namespace: str) -> None:
+        self._runtime = runtime
+        self._router = router
+        self._namespace = namespace
+        self.models: dict[str, ModelEntry] = {}
+        self._owner: dict[int, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name="model-registry")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise NotFoundError(
+                f"the model {name!r} does not exist; available: {', '.join(self.served()) or 'none'}",
+                param="model",
+                code="model_not_found",
+            )
+        return entry
+
+    def served(self) -> list[str]:
+        """Models with at least one worker right now."""
+        return [name for name, entry in self.models.items() if entry.pool.instances]
+
+    async def _follow(self) -> None:
+        async for event in self._runtime.discovery.watch():
+            record = event.record
+            if not self._is_worker(record):
+                continue
+            if event.kind == "put":
+                self._add(record)
+            else:
+                self._remove(record.instance_id)
+
+    def _is_worker(self, record: InstanceRecord) -> bool:
+        return (
+            record.namespace == self._namespace
+            and record.component == WORKER_COMPONENT
+            and record.endpoint == WORKER_ENDPOINT
+        )
+
+    def _add(self, record: InstanceRecord) -> None:
+        entry = self.models.get(record.model)
+        if entry is None:
+            entry = self._load(record)
+            if entry is None:
+                return
+        old = self._owner.get(record.instance_id)
+        if old is not None and old != record.model:
+            self._remove(record.instance_id)
+        entry.pool.add(record)
+        self._owner[record.instance_id] = record.model
+        log.info("worker %d serves %s at %s", record.instance_id, record.model, record.address)
+        self.ready.set()
+
+    def _remove(self, instance_id: int) -> None:
+        name = self._owner.pop(instance_id, None)
+        if name is not None and name in self.models:
+            self.models[name].pool.remove(instance_id)
+            log.info("worker %d left %s", instance_id, name)
+
+    def _load(self, record: InstanceRecord) -> ModelEntry | None:
+        try:
+            card = ModelCard.load(resolve_model(record.model_path or record.model), name=record.model)
+            tokenizer = Tokenizer(card)
+        except Exception:
+            log.exception("cannot load model %r advertised by worker %d", record.model,
+                          record.instance_id)
+            return None
+        pool = WorkerPool(record.model, self._runtime.client, self._router)
+        entry = self.models[record.model] = ModelEntry(record.model, card, tokenizer, pool)
+        return entry

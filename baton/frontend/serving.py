@@ -1,0 +1,258 @@
+"""The generation pipeline behind the OpenAI routes: preprocess, route, postprocess.
+
+1. ``prepare_chat`` / ``prepare_completion`` check the request against what Baton and the
+   model support, render the chat template, tokenize, check the context length and build the
+   engine's ``SamplingParams``;
+2. ``Generation.run`` sends the tokens to a worker through the model's ``WorkerPool``;
+3. each engine delta is detokenized incrementally and checked against stop strings; text
+   past a stop string is never emitted and the worker's stream is closed at once (which
+   cancels the sequence on the worker).
+
+HTTP framing (SSE vs one JSON body) is the app's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from baton.errors import ContextLengthError, EngineError, InvalidRequestError
+from baton.frontend.metrics import FrontendMetrics
+from baton.frontend.models import ModelEntry, ModelRegistry
+from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
+from baton.protocol import FinishReason, GenerateRequest, SamplingParams
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated, tokenized request, ready to route."""
+
+    kind: Literal["chat", "completion"]
+    request_id: str
+    entry: ModelEntry
+    token_ids: list[int]
+    sampling: SamplingParams
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class Generation:
+    """One request's output after detokenization and stop strings, with its usage."""
+
+    prepared: Prepared
+    metrics: FrontendMetrics
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    worker_id: int | None = None
+    first_token_at: float | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prepared.token_ids)
+
+    async def run(self) -> AsyncIterator[tuple[str, FinishReason | None]]:
+        """Yields (text delta, finish reason); the last item has a finish reason."""
+        p = self.prepared
+        request = GenerateRequest(request_id=p.request_id, token_ids=p.token_ids, sampling=p.sampling)
+        detok = IncrementalDetokenizer(p.entry.tokenizer, p.token_ids)
+        stops = StopChecker(p.stop) if p.stop else None
+        itl = self.metrics.itl.labels(p.entry.name)
+        last = 0.0
+        async with contextlib.aclosing(p.entry.pool.generate(request)) as outputs:
+            async for out in outputs:
+                now = time.perf_counter()
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                    self.worker_id = out.worker_id
+                    self.cached_tokens = out.cached_tokens or 0
+                    self.metrics.ttft.labels(p.entry.name).observe(now - p.arrival)
+                else:
+                    itl.observe(now - last)
+                last = now
+                self.completion_tokens += len(out.token_ids)
+                if out.finish_reason == "error":
+                    raise EngineError(out.error or "the engine failed on this request")
+                text = detok.step(out.token_ids)
+                if out.finish_reason is not None:
+                    text += detok.flush()
+                if stops is not None:
+                    text, hit = stops.feed(text)
+                    if hit:
+                        yield text, "stop"
+                        return
+                    if out.finish_reason is not None:
+                        text += stops.flush()
+                if out.finish_reason is not None:
+                    yield text, out.finish_reason
+                    return
+                if text:
+                    yield text, None
+        raise EngineError("the worker's stream ended without a finish reason")
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into ``Prepared`` ones for the models in the registry."""
+
+    def __init__(self, models: ModelRegistry, metrics: FrontendMetrics) -> None:
+        self.models = models
+        self.metrics = metrics
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        entry = self.models.get(req.model)
+        _check_common(req.n, req.stop)
+        if req.logprobs or req.top_logprobs:
+            raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise InvalidRequestError(
+                f"response_format {req.response_format.type!r} is not supported; only 'text'",
+                param="response_format",
+            )
+        messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
+        try:
+            prompt = entry.tokenizer.apply_chat_template(messages, tools=req.tools)
+        except ChatTemplateError as exc:
+            raise InvalidRequestError(f"chat template failed: {exc.message}", param="messages") from None
+        token_ids = entry.tokenizer.encode(prompt, add_special_tokens=False)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        max_tokens = _fit_context(entry, len(token_ids), max_tokens, param, "messages")
+        return Prepared(
+            kind="chat",
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            entry=entry,
+            token_ids=token_ids,
+            sampling=_sampling(entry, req, max_tokens),
+            stop=_stop_list(req.stop),
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        entry = self.models.get(req.model)
+        _check_common(req.n, req.stop)
+        if req.logprobs is not None:
+            raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
+        if req.echo:
+            raise InvalidRequestError("echo is not supported", param="echo")
+        if req.suffix:
+            raise InvalidRequestError("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != 1:
+            raise InvalidRequestError("best_of must be 1", param="best_of")
+        token_ids = _completion_tokens(entry, req.prompt)
+        max_tokens = _fit_context(entry, len(token_ids), req.max_tokens, "max_tokens", "prompt")
+        return Prepared(
+            kind="completion",
+            request_id=f"cmpl-{uuid.uuid4().hex}",
+            entry=entry,
+            token_ids=token_ids,
+            sampling=_sampling(entry, req, max_tokens),
+            stop=_stop_list(req.stop),
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _check_common(n: int | None, stop: str | list[str] | None) -> None:
+    if n is not None and n != 1:
+        raise InvalidRequestError(
+            "n must be 1: Baton generates one choice per request", param="n"
+        )
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else stop
+    return [s for s in items if s]
+
+
+def _message_dict(index: int, message: object) -> dict[str, object]:
+    role = message.role  # type: ignore[attr-defined]
+    content = message.content  # type: ignore[attr-defined]
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise InvalidRequestError(
+                    f"content part of type {part.type!r} is not supported; only 'text'",
+                    param=f"messages[{index}].content",
+                )
+            texts.append(part.text)
+        content = "".join(texts)
+    out: dict[str, object] = {"role": role, "content": content or ""}
+    if message.name is not None:  # type: ignore[attr-defined]
+        out["name"] = message.name  # type: ignore[attr-defined]
+    return out
+
+
+def _completion_tokens(entry: ModelEntry, prompt: str | list[object]) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # type: ignore[assignment]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return entry.tokenizer.encode(prompt)
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids: list[int] = prompt  # type: ignore[assignment]
+        vocab = entry.card.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+            )
+        return list(ids)
+    raise InvalidRequestError(
+        "prompt must be a string, a list of token ids, or a list holding one of those "
+        "(batches of several prompts are not supported)",
+        param="prompt",
+    )
+
+
+def _fit_context(
+    entry: ModelEntry, num_prompt: int, max_tokens: int | None, param: str, prompt_param: str
+) -> int:
+    limit = entry.card.context_length
+    if num_prompt >= limit:
+        raise ContextLengthError(
+            f"this model's maximum context length is {limit} tokens; the prompt has "
+            f"{num_prompt} tokens",
+            param=prompt_param,
+        )
+    if max_tokens is None:
+        return limit - num_prompt
+    if num_prompt + max_tokens > limit:
+        raise ContextLengthError(
+            f"this model's maximum context length is {limit} tokens; you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
+            f"the completion); reduce the prompt or {param}",
+            param=param,
+        )
+    return max_tokens
+
+
+def _sampling(entry: ModelEntry, req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:
+    if req.min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+            param="min_tokens",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+        stop_token_ids=entry.card.eos_token_ids,
+    )

@@ -1,0 +1,73 @@
+"""Workers named on the command line (``baton frontend --worker tcp://HOST:PORT``).
+
+One owned task asks each address for its ``info`` every ``probe_interval_s`` and keeps the
+runtime's discovery in step: a worker that answers is registered (under the address that
+was dialled), one that stops answering is deregistered, and comes back when it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+
+from baton.config import FrontendConfig
+from baton.errors import BatonError
+from baton.runtime import InstanceRecord, Runtime
+from baton.runtime.tcp import parse_tcp_address
+from baton.worker.worker import Empty
+
+log = logging.getLogger(__name__)
+
+
+class StaticWorkers:
+    def __init__(self, runtime: Runtime, addresses: list[str], config: FrontendConfig) -> None:
+        for address in addresses:
+            parse_tcp_address(address)  # fail fast on a typo
+        self._runtime = runtime
+        self._addresses = addresses
+        self._interval = config.probe_interval_s
+        self._known: dict[str, InstanceRecord] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> StaticWorkers:
+        await self.probe_all()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="static-workers")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.probe_all()
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(a) for a in self._addresses))
+
+    async def _probe(self, address: str) -> None:
+        try:
+            record = await asyncio.wait_for(
+                self._runtime.client.unary(address, "info", Empty(), InstanceRecord), 3.0
+            )
+        except (BatonError, asyncio.TimeoutError, OSError) as exc:
+            gone = self._known.pop(address, None)
+            if gone is not None:
+                log.warning("worker at %s stopped answering: %s", address, exc)
+                await self._runtime.discovery.deregister(gone.instance_id)
+            return
+        record = msgspec.structs.replace(record, address=address)
+        if self._known.get(address) != record:
+            old = self._known.get(address)
+            if old is not None and old.instance_id != record.instance_id:
+                await self._runtime.discovery.deregister(old.instance_id)
+            self._known[address] = record
+            await self._runtime.discovery.register(record)
+

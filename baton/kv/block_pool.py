@@ -1,0 +1,244 @@
+"""The KV block pool: fixed-size blocks, reference counts, the prefix cache and its events.
+
+Owns blocks ``0..N-1`` and decides which block to hand out, which cached block to evict, and
+which KV events to report. It knows nothing about requests or tokens; the scheduler tells it
+which blocks a request holds and which hashes a block got when it became full. Pure and
+synchronous: no I/O, no clock, no locks.
+
+Free queue and eviction order
+-----------------------------
+Every block with ``ref_cnt == 0`` sits in the free queue; nothing else does. Allocation takes the
+HEAD. Freed blocks go to the TAIL, and the blocks of one request are appended in reverse order,
+so the queue is LRU by free time and, within one sequence, the tail block is evicted before the
+prefix that other requests are most likely to share. A freed full block keeps its hash
+registration while it waits in the queue, so a later request can hit it: a hit ("touch") takes
+it out of the middle of the queue. A cached block is only forgotten when allocation pops it from
+the head (eviction: a ``KvRemoved`` event) or on ``clear()``.
+
+Events
+------
+``cache_full_block`` queues ``KvStored`` (consecutive blocks of one chain are merged into one
+event), eviction queues ``KvRemoved`` (consecutive evictions merged), ``clear`` queues
+``KvCleared``. ``take_events`` drains the queue and numbers the events from this pool's own
+monotonic counter, starting at 0, stamped with the pool's ``worker_id``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored, StoredBlock
+from baton.kv.hashing import LocalBlockHash, SequenceHash
+
+
+class NoFreeBlocksError(RuntimeError):
+    """``allocate`` was asked for more blocks than the free queue holds."""
+
+    def __init__(self, requested: int, available: int) -> None:
+        super().__init__(f"requested {requested} blocks, only {available} free")
+        self.requested = requested
+        self.available = available
+
+
+@dataclass(slots=True, eq=False)
+class KVBlock:
+    """One KV cache block. ``block_hash`` is set only while the block is registered in the
+    prefix cache; ``parent_hash`` is the sequence hash of the block before it (for events)."""
+
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: SequenceHash | None = None
+    local_hash: LocalBlockHash | None = None
+    parent_hash: SequenceHash | None = None
+
+    def forget_hash(self) -> None:
+        self.block_hash = None
+        self.local_hash = None
+        self.parent_hash = None
+
+
+class BlockPool:
+    """Blocks, their free queue and the hash -> block map of the prefix cache."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        *,
+        worker_id: int = 0,
+    ) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        # -- configuration
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.worker_id = worker_id
+        # -- blocks and the free queue (head = next to allocate / evict)
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        # -- prefix cache
+        self._cached: dict[SequenceHash, KVBlock] = {}
+        # -- events
+        self._events: list[KvEventData] = []
+        self._next_event_id = 0
+
+    # ---- counts -------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (cached free blocks count as free)."""
+        return self.num_used_blocks / self.num_blocks
+
+    def free_block_ids(self) -> list[int]:
+        """The free queue, head first (for tests and debugging)."""
+        return list(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    # ---- prefix cache -------------------------------------------------------------------
+
+    def get_cached_prefix(self, seq_hashes: Iterable[SequenceHash]) -> list[KVBlock]:
+        """Blocks for the longest prefix of ``seq_hashes`` that is cached. No side effects."""
+        hits: list[KVBlock] = []
+        if not self.enable_prefix_caching:
+            return hits
+        for seq_hash in seq_hashes:
+            block = self._cached.get(seq_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on cache hits, pulling free ones out of the free queue."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.block_id]
+            block.ref_cnt += 1
+
+    def cache_full_block(
+        self,
+        block: KVBlock,
+        seq_hash: SequenceHash,
+        local_hash: LocalBlockHash,
+        parent_seq_hash: SequenceHash | None,
+    ) -> bool:
+        """Register a block that just became full; True if it was newly stored.
+
+        A block already registered, or content another block is registered under, is left
+        alone and emits nothing.
+        """
+        if not self.enable_prefix_caching or block.block_hash is not None:
+            return False
+        if seq_hash in self._cached:
+            return False
+        block.block_hash, block.local_hash, block.parent_hash = seq_hash, local_hash, parent_seq_hash
+        self._cached[seq_hash] = block
+        self._queue_stored(block)
+        return True
+
+    def clear(self) -> None:
+        """Forget every cached hash (blocks in use stay allocated) and report ``KvCleared``."""
+        for block in self._cached.values():
+            block.forget_hash()
+        self._cached.clear()
+        self._events.append(KvCleared())
+
+    # ---- allocation ---------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[KVBlock]:
+        """Pop ``n`` blocks from the head of the free queue, evicting cached ones."""
+        if n > len(self._free):
+            raise NoFreeBlocksError(n, len(self._free))
+        out: list[KVBlock] = []
+        for _ in range(n):
+            _, block = self._free.popitem(last=False)
+            if block.block_hash is not None:
+                self._evict(block)
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def free(self, blocks: Sequence[KVBlock]) -> None:
+        """Drop one reference on each of a request's blocks (given in sequence order).
+
+        Blocks reaching zero go to the free-queue tail in reverse order, so the sequence's last
+        block is evicted first and its prefix last.
+        """
+        for block in reversed(blocks):
+            if block.ref_cnt <= 0:
+                raise ValueError(f"block {block.block_id} freed more often than referenced")
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[block.block_id] = block
+
+    def _evict(self, block: KVBlock) -> None:
+        assert block.block_hash is not None
+        del self._cached[block.block_hash]
+        self._queue_removed(block.block_hash)
+        block.forget_hash()
+
+    # ---- events -------------------------------------------------------------------------
+
+    def take_events(self) -> list[KvEvent]:
+        """Drain the queued events, numbering them from this pool's counter."""
+        out = [KvEvent(self._next_event_id + i, data, self.worker_id) for i, data in
+               enumerate(self._events)]
+        self._next_event_id += len(out)
+        self._events = []
+        return out
+
+    def _queue_stored(self, block: KVBlock) -> None:
+        assert block.block_hash is not None and block.local_hash is not None
+        stored = StoredBlock(block.block_hash, block.local_hash)
+        last = self._events[-1] if self._events else None
+        if isinstance(last, KvStored) and last.blocks[-1].block_hash == block.parent_hash:
+            last.blocks.append(stored)
+        else:
+            self._events.append(KvStored(block.parent_hash, [stored]))
+
+    def _queue_removed(self, seq_hash: SequenceHash) -> None:
+        last = self._events[-1] if self._events else None
+        if isinstance(last, KvRemoved):
+            last.block_hashes.append(seq_hash)
+        else:
+            self._events.append(KvRemoved([seq_hash]))
+
+    # ---- invariants ---------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the pool's bookkeeping is inconsistent."""
+        free_ids = {b.block_id for b in self.blocks if b.ref_cnt == 0}
+        _check(all(b.ref_cnt >= 0 for b in self.blocks), "negative ref_cnt")
+        _check(set(self._free) == free_ids, "free queue != blocks with ref_cnt 0")
+        _check(all(self._free[i] is self.blocks[i] for i in self._free), "foreign block in queue")
+        for seq_hash, block in self._cached.items():
+            _check(block.block_hash == seq_hash, f"block {block.block_id} hash mismatch")
+        registered = sum(1 for b in self.blocks if b.block_hash is not None)
+        _check(registered == len(self._cached), "hashed blocks not all registered")
+        if not self.enable_prefix_caching:
+            _check(not self._cached, "prefix caching disabled but blocks registered")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)

@@ -1,0 +1,92 @@
+"""Block hashing, bit-compatible with Dynamo's KV router (``lib/kv-router/src/protocols.rs``).
+
+Owns the two block identifiers every KV component agrees on:
+
+* a **local block hash** (``LocalBlockHash``, Dynamo's ``tokens_hash``): ``xxh3_64`` of one full
+  block's tokens written as little-endian u32, seed 1337. Position independent.
+* a **sequence hash** (``SequenceHash``): the local hash chained with everything before it,
+  ``seq[0] = local[0]`` and ``seq[i] = xxh3_64(le_u64(seq[i-1]) || le_u64(local[i]), seed 1337)``.
+  Two blocks share a sequence hash only when they share the whole prefix.
+
+Only full blocks are hashed; a trailing partial block is ignored until it fills. Verified against
+Dynamo 1.6.1 vectors (see ``tests/test_hashing.py``); byte order is little-endian throughout, as
+documented by Dynamo, with no swapping needed. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from collections.abc import Sequence
+from typing import NewType
+
+import xxhash
+
+BlockSize = NewType("BlockSize", int)
+LocalBlockHash = NewType("LocalBlockHash", int)
+SequenceHash = NewType("SequenceHash", int)
+
+XXH3_SEED = 1337
+"""Dynamo's seed for both the local and the chained hash (no LoRA, no cache salt)."""
+
+_PAIR = struct.Struct("<QQ")
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    """The tokens as packed little-endian u32."""
+    packed = array("I", tokens)
+    if packed.itemsize != 4:  # pragma: no cover - exotic platforms only
+        raise RuntimeError("array('I') is not 32-bit on this platform")
+    if sys.byteorder == "big":  # pragma: no cover
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def compute_local_hashes(
+    tokens: Sequence[int], block_size: int, seed: int = XXH3_SEED
+) -> list[LocalBlockHash]:
+    """``xxh3_64`` of each full block of ``tokens``; the trailing partial block is dropped."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    num_full = len(tokens) // block_size
+    if num_full == 0:
+        return []
+    view = memoryview(_token_bytes(tokens[: num_full * block_size]))
+    stride = block_size * 4
+    return [LocalBlockHash(_xxh3(view[i : i + stride], seed)) for i in range(0, len(view), stride)]
+
+
+def compute_sequence_hashes(
+    local_hashes: Sequence[int],
+    seed: int = XXH3_SEED,
+    parent: SequenceHash | None = None,
+) -> list[SequenceHash]:
+    """Chain ``local_hashes`` into sequence hashes, continuing from ``parent`` when given."""
+    out: list[SequenceHash] = []
+    prev = parent
+    for local in local_hashes:
+        prev = SequenceHash(local if prev is None else _xxh3(_PAIR.pack(prev, local), seed))
+        out.append(prev)
+    return out
+
+
+def extend_block_hashes(
+    tokens: Sequence[int],
+    block_size: int,
+    num_hashed: int,
+    last_seq_hash: SequenceHash | None,
+    seed: int = XXH3_SEED,
+) -> tuple[list[LocalBlockHash], list[SequenceHash]]:
+    """Hashes of the full blocks of ``tokens`` after the first ``num_hashed`` blocks.
+
+    ``tokens`` is the whole sequence so far; ``last_seq_hash`` is the sequence hash of block
+    ``num_hashed - 1`` (None when nothing is hashed yet). Returns only the new hashes, so a
+    growing sequence pays for each block once.
+    """
+    start = num_hashed * block_size
+    if len(tokens) - start < block_size:
+        return [], []
+    local = compute_local_hashes(tokens[start:], block_size, seed)
+    return local, compute_sequence_hashes(local, seed, parent=last_seq_hash)

@@ -1,0 +1,68 @@
+"""Wire types between the frontend and workers (the request plane's payloads).
+
+These are the only objects that cross a process boundary on the generate path; they are
+msgspec structs so the TCP request plane encodes them as msgpack without a schema layer of its
+own. Everything here is plain data: no behaviour beyond small derived properties.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+"""Why a sequence ended: EOS or a stop token (``stop``), ``max_tokens`` reached (``length``),
+aborted by its client (``cancelled``) or failed inside the engine (``error``)."""
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick output tokens and when to stop (token level; stop *strings* are the
+    frontend's job because they need detokenized text)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end the sequence (EOS and friends) unless ``ignore_eos``; never before
+    ``min_tokens`` outputs."""
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    """One tokenized request for an engine."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+
+
+class EngineOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A delta of one request's output: the tokens produced since the previous delta.
+
+    ``cached_tokens`` is set on the first delta only: the number of prompt tokens the engine
+    served from its prefix cache. ``worker_id`` is stamped by the worker on the first delta.
+    """
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    cached_tokens: int | None = None
+    worker_id: int | None = None
+    error: str | None = None
+
+
+class LoadMetrics(msgspec.Struct, kw_only=True):
+    """A worker's load, as its engine sees it after a step."""
+
+    worker_id: int
+    active_blocks: int
+    total_blocks: int
+    num_running: int
+    num_waiting: int
+    active_prefill_tokens: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.active_blocks / self.total_blocks if self.total_blocks else 1.0

@@ -1,0 +1,347 @@
+"""The TCP request plane: a multiplexed streaming RPC over length-prefixed msgpack frames.
+
+``TcpServer`` serves an ``EndpointServer``; each ``Call`` runs as a task owned by its
+connection, cancelled by a ``Cancel`` frame or when the connection drops. ``TcpClientPool``
+keeps up to ``pool_size`` connections per address and spreads streams over them; when a
+peer disappears every open stream on it fails with ``PeerGoneError`` and new calls get a
+``TransportError`` at once (no hang).
+
+Backpressure: a server stream waits while its transport's write buffer is over the high-water
+mark; a client connection stops reading while any of its streams holds more than
+``_STREAM_HIGH_WATER`` undelivered frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from baton.errors import BatonError, PeerGoneError, RemoteError, TransportError
+from baton.runtime.endpoint import EndpointServer, EndpointSpec
+from baton.runtime.frames import (
+    Call,
+    Cancel,
+    Data,
+    End,
+    Fail,
+    FrameError,
+    FrameReader,
+    encode_frame,
+    encode_payload,
+)
+
+log = logging.getLogger(__name__)
+
+_STREAM_HIGH_WATER = 256
+_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def _decoder(kind: type) -> msgspec.msgpack.Decoder[Any]:
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return dec
+
+
+def parse_tcp_address(address: str) -> tuple[str, int]:
+    if not address.startswith("tcp://"):
+        raise ValueError(f"not a tcp:// address: {address!r}")
+    host, _, port = address[len("tcp://") :].rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected tcp://HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class _ServerConnection(asyncio.Protocol):
+    def __init__(self, endpoints: EndpointServer, owner: TcpServer) -> None:
+        self._endpoints = endpoints
+        self._owner = owner
+        self._reader = FrameReader()
+        self._transport: asyncio.Transport | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._owner._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as exc:
+            log.warning("dropping request-plane connection: %s", exc)
+            self.abort()
+            return
+        for frame in frames:
+            if isinstance(frame, Call):
+                self._start(frame)
+            elif isinstance(frame, Cancel):
+                task = self._tasks.get(frame.stream_id)
+                if task is not None:
+                    task.cancel()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._connections.discard(self)
+        self._can_write.set()
+        for task in list(self._tasks.values()):
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- streams
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _write(self, frame: Data | End | Fail) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(encode_frame(frame))
+
+    def _start(self, call: Call) -> None:
+        if call.stream_id in self._tasks:
+            self._write(Fail(call.stream_id, "protocol_error", "duplicate stream id", 400))
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(call))
+        self._tasks[call.stream_id] = task
+        task.add_done_callback(lambda _t, sid=call.stream_id: self._tasks.pop(sid, None))
+
+    async def _serve(self, call: Call) -> None:
+        sid = call.stream_id
+        try:
+            spec = self._endpoints.get(call.endpoint)
+            request = _decoder(spec.request_type).decode(call.payload)
+            await self._stream(sid, spec, request)
+            self._write(End(sid))
+        except asyncio.CancelledError:
+            pass  # the caller cancelled or went away: nobody to answer
+        except msgspec.ValidationError as exc:
+            self._write(Fail(sid, "invalid_request", str(exc), 400))
+        except RemoteError as exc:
+            self._write(Fail(sid, exc.kind, exc.message, exc.status))
+        except BatonError as exc:
+            self._write(Fail(sid, type(exc).__name__, exc.message, exc.status))
+        except Exception as exc:  # a handler bug must not take the connection down
+            log.exception("endpoint %s failed", call.endpoint)
+            self._write(Fail(sid, "internal", f"{type(exc).__name__}: {exc}", 500))
+
+    async def _stream(self, sid: int, spec: EndpointSpec, request: Any) -> None:
+        async with contextlib.aclosing(spec.handler(request)) as items:
+            async for item in items:
+                self._write(Data(sid, encode_payload(item)))
+                if not self._can_write.is_set():
+                    await self._can_write.wait()
+
+
+class TcpServer:
+    """Serves one ``EndpointServer`` on a TCP port (0 = let the OS pick)."""
+
+    def __init__(self, endpoints: EndpointServer, host: str = "127.0.0.1", port: int = 0):
+        self._endpoints = endpoints
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._connections: set[_ServerConnection] = set()
+        self.address = ""
+
+    async def start(self) -> str:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self._endpoints, self), self._host, self._port
+        )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = f"tcp://{host}:{port}"
+        return self.address
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> TcpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# ----------------------------------------------------------------------------- client
+
+
+class _Stream:
+    """The receiving end of one call: undelivered frames and a waiter."""
+
+    __slots__ = ("frames", "waiter")
+
+    def __init__(self) -> None:
+        self.frames: deque[Data | End | Fail | BaseException] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, item: Data | End | Fail | BaseException) -> None:
+        self.frames.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next(self) -> Data | End | Fail | BaseException:
+        while not self.frames:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+            self.waiter = None
+        return self.frames.popleft()
+
+
+class _ClientConnection(asyncio.Protocol):
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._reader = FrameReader()
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._paused = False
+        self.closed = False
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as exc:
+            log.warning("dropping connection to %s: %s", self.address, exc)
+            self.close()
+            return
+        for frame in frames:
+            stream = self._streams.get(frame.stream_id)  # type: ignore[union-attr]
+            if stream is None:
+                continue  # a stream we already cancelled
+            stream.push(frame)  # type: ignore[arg-type]
+            if len(stream.frames) > _STREAM_HIGH_WATER and not self._paused:
+                self._paused = True
+                assert self._transport is not None
+                self._transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        gone = PeerGoneError(f"worker at {self.address} went away", address=self.address)
+        for stream in self._streams.values():
+            stream.push(gone)
+
+    def open(self, endpoint: str, payload: msgspec.Raw) -> tuple[int, _Stream]:
+        sid = next(self._ids)
+        stream = self._streams[sid] = _Stream()
+        assert self._transport is not None
+        self._transport.write(encode_frame(Call(sid, endpoint, payload)))
+        return sid, stream
+
+    def release(self, sid: int, *, cancel: bool) -> None:
+        self._streams.pop(sid, None)
+        if cancel and not self.closed and self._transport is not None:
+            self._transport.write(encode_frame(Cancel(sid)))
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        if self._paused and all(len(s.frames) <= _STREAM_HIGH_WATER // 2 for s in self._streams.values()):
+            self._paused = False
+            if self._transport is not None and not self.closed:
+                self._transport.resume_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class TcpClientPool:
+    """Pooled, multiplexed connections to TCP request-plane servers."""
+
+    def __init__(self, *, pool_size: int = 2, connect_timeout_s: float = 3.0) -> None:
+        self._pool_size = pool_size
+        self._connect_timeout_s = connect_timeout_s
+        self._pools: dict[str, list[_ClientConnection]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closed = False
+
+    async def stream(
+        self, address: str, endpoint: str, request: object, response_type: type
+    ) -> AsyncIterator[Any]:
+        conn = await self._connection(address)
+        sid, stream = conn.open(endpoint, encode_payload(request))
+        decoder = _decoder(response_type)
+        finished = False
+        try:
+            while True:
+                frame = await stream.next()
+                if isinstance(frame, Data):
+                    yield decoder.decode(frame.payload)
+                    conn._maybe_resume()
+                elif isinstance(frame, End):
+                    finished = True
+                    return
+                elif isinstance(frame, Fail):
+                    finished = True
+                    raise RemoteError(frame.kind, frame.message, frame.status)
+                else:
+                    finished = True
+                    raise frame
+        finally:
+            conn.release(sid, cancel=not finished)
+
+    async def _connection(self, address: str) -> _ClientConnection:
+        if self._closed:
+            raise TransportError("request-plane client is closed", address=address)
+        pool = self._pools.setdefault(address, [])
+        pool[:] = [c for c in pool if not c.closed]
+        if len(pool) >= self._pool_size:
+            return min(pool, key=lambda c: c.num_streams)
+        lock = self._locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            pool[:] = [c for c in pool if not c.closed]
+            if len(pool) >= self._pool_size or (pool and pool[0].num_streams == 0):
+                return min(pool, key=lambda c: c.num_streams)
+            conn = await self._connect(address)
+            pool.append(conn)
+            return conn
+
+    async def _connect(self, address: str) -> _ClientConnection:
+        host, port = parse_tcp_address(address)
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _ClientConnection(address), host, port),
+                self._connect_timeout_s,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise TransportError(f"cannot reach {address}: {exc}", address=address) from exc
+        return conn
+
+    async def close(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            for conn in pool:
+                conn.close()
+        self._pools.clear()

@@ -1,0 +1,68 @@
+"""Launchers: the embedded ``baton serve`` graph, a standalone worker, a standalone frontend.
+
+Each runs until ``stop`` is set (the CLI sets it on SIGINT/SIGTERM) and then shuts its
+components down in order: frontend first (drain), then workers, then the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+
+from baton.config import FrontendConfig, ServeConfig, WorkerConfig
+from baton.frontend import Frontend
+from baton.frontend.static_workers import StaticWorkers
+from baton.runtime import MemoryDiscovery, Runtime
+from baton.worker import Worker, build_worker
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def embedded(config: ServeConfig):
+    """A frontend and ``config.num_workers`` simulated workers in this process."""
+    async with Runtime(MemoryDiscovery()) as runtime:
+        workers: list[Worker] = []
+        try:
+            for i in range(config.num_workers):
+                worker = build_worker(config.worker, runtime, instance_id=i)
+                await worker.start()
+                workers.append(worker)
+            async with Frontend(config.frontend, runtime) as frontend:
+                await asyncio.wait_for(frontend.models.ready.wait(), 10)
+                yield frontend, workers
+        finally:
+            for worker in workers:
+                await worker.close()
+
+
+async def run_serve(config: ServeConfig, stop: asyncio.Event) -> None:
+    async with embedded(config) as (frontend, workers):
+        print(
+            f"baton: serving {workers[0].model_name!r} with {len(workers)} simulated workers "
+            f"on http://{config.frontend.host}:{frontend.port}",
+            file=sys.stderr, flush=True,
+        )
+        await stop.wait()
+
+
+async def run_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
+    async with Runtime(MemoryDiscovery()) as runtime:
+        worker = build_worker(config, runtime)
+        record = await worker.start(tcp=True)
+        try:
+            print(f"baton worker {record.instance_id} listening on {record.address}",
+                  file=sys.stderr, flush=True)
+            await stop.wait()
+        finally:
+            await worker.close()
+
+
+async def run_frontend(config: FrontendConfig, workers: list[str], stop: asyncio.Event) -> None:
+    async with Runtime(MemoryDiscovery()) as runtime:
+        async with StaticWorkers(runtime, workers, config), Frontend(config, runtime) as frontend:
+            print(f"baton frontend on http://{config.host}:{frontend.port} "
+                  f"for workers {', '.join(workers)}", file=sys.stderr, flush=True)
+            await stop.wait()

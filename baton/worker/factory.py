@@ -1,0 +1,28 @@
+"""Builds engines and workers from their config sections."""
+
+from __future__ import annotations
+
+from baton.config import WorkerConfig
+from baton.engine.mock import SimulatedEngine
+from baton.preprocess import ModelCard, Tokenizer, resolve_model
+from baton.runtime import Runtime
+from baton.worker.worker import Worker
+
+
+def build_engine(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
+    """The simulated engine draws output tokens from the vocabulary minus special tokens and
+    minus byte fragments that do not decode to text on their own (so its output is readable)."""
+    raw = Tokenizer(card).raw
+    special = set(raw.get_added_tokens_decoder())
+    vocab = [
+        t for t in range(card.vocab_size)
+        if t not in special and "\ufffd" not in raw.decode([t], skip_special_tokens=False)
+    ]
+    return SimulatedEngine(config.engine, vocab=vocab)
+
+
+def build_worker(config: WorkerConfig, runtime: Runtime, *, instance_id: int | None = None) -> Worker:
+    card = ModelCard.load(resolve_model(config.model), name=config.model_name)
+    engine = build_engine(config, card)
+    worker_id = instance_id if instance_id is not None else config.worker_id
+    return Worker(config, runtime, engine, model_name=card.name, instance_id=worker_id)

@@ -1,0 +1,143 @@
+"""A worker: one engine served on the request plane and registered in discovery.
+
+Endpoints:
+- ``generate``: ``GenerateRequest`` → stream of ``EngineOutput`` (the first delta is stamped
+  with this worker's id); closing the stream aborts the request in the engine.
+- ``info``: this worker's ``InstanceRecord`` (how ``--worker tcp://...`` frontends learn
+  what a worker serves).
+- ``load``: the engine's current ``LoadMetrics``.
+
+KV events go out on the event plane under ``{namespace}.kv_events``, stamped with this
+worker's id. A failure inside the engine ends that request's stream with an error;
+it never takes the worker down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+
+import msgspec
+
+from baton.config import WorkerConfig
+from baton.engine.base import Engine
+from baton.errors import BatonError, EngineError
+from baton.kv.events import KvEvent
+from baton.protocol import EngineOutput, GenerateRequest, LoadMetrics
+from baton.runtime import EndpointServer, InstanceRecord, Runtime
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "backend"
+GENERATE = "generate"
+
+
+class Empty(msgspec.Struct):
+    """The request of endpoints that take no arguments."""
+
+
+def new_instance_id() -> int:
+    return int.from_bytes(os.urandom(8), "big") >> 1  # positive i64
+
+
+class Worker:
+    """Serves one engine. Start with ``async with`` (or ``start``/``close``)."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        runtime: Runtime,
+        engine: Engine,
+        *,
+        model_name: str,
+        instance_id: int | None = None,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.engine = engine
+        self.model_name = model_name
+        self.instance_id = instance_id if instance_id is not None else new_instance_id()
+        self.endpoints = EndpointServer()
+        self.endpoints.add(GENERATE, self._generate, GenerateRequest, EngineOutput)
+        self.endpoints.add("info", self._info, Empty, InstanceRecord)
+        self.endpoints.add("load", self._load, Empty, LoadMetrics)
+        self.record: InstanceRecord | None = None
+        self._local_address: str | None = None
+        self._kv_subject = f"{config.namespace}.kv_events"
+        self.num_kv_events = 0
+
+    async def start(self, *, tcp: bool = False) -> InstanceRecord:
+        await self.engine.start()
+        self.engine.set_kv_event_sink(self._publish_kv_events)
+        self._local_address = self.runtime.serve_local(self.instance_id, self.endpoints)
+        address = self._local_address
+        if tcp:
+            server = await self.runtime.serve_tcp(self.endpoints, self.config.host, self.config.port)
+            address = server.address
+        self.record = InstanceRecord(
+            instance_id=self.instance_id,
+            namespace=self.config.namespace,
+            component=COMPONENT,
+            endpoint=GENERATE,
+            address=address,
+            model=self.model_name,
+            model_path=self.config.model,
+            block_size=self.engine.block_size,
+        )
+        await self.runtime.discovery.register(self.record)
+        log.info("worker %d serving %s at %s", self.instance_id, self.model_name, address)
+        return self.record
+
+    async def close(self) -> None:
+        if self.record is not None:
+            await self.runtime.discovery.deregister(self.instance_id)
+        if self._local_address is not None:
+            self.runtime.stop_local(self._local_address)
+        await self.engine.close()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ endpoints
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        first = True
+        try:
+            async for out in self.engine.generate(request):
+                if first:
+                    out.worker_id = self.instance_id
+                    first = False
+                yield out
+        except BatonError:
+            raise
+        except Exception as exc:  # an engine bug fails one request, not the worker
+            log.exception("engine failed on request %s", request.request_id)
+            raise EngineError(f"engine failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _info(self, _: Empty) -> AsyncIterator[InstanceRecord]:
+        assert self.record is not None
+        yield self.record
+
+    async def _load(self, _: Empty) -> AsyncIterator[LoadMetrics]:
+        yield self.load_metrics()
+
+    def load_metrics(self) -> LoadMetrics:
+        load = self.engine.load()
+        return LoadMetrics(
+            worker_id=self.instance_id,
+            active_blocks=load.active_blocks,
+            total_blocks=load.total_blocks,
+            num_running=load.num_running,
+            num_waiting=load.num_waiting,
+            active_prefill_tokens=load.active_prefill_tokens,
+        )
+
+    def _publish_kv_events(self, events: Sequence[KvEvent]) -> None:
+        for event in events:
+            event.worker_id = self.instance_id
+            self.runtime.events.publish(self._kv_subject, event)
+        self.num_kv_events += len(events)

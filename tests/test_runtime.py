@@ -1,0 +1,135 @@
+"""The request plane: in-process and TCP streaming, cancellation, and peers that vanish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import msgspec
+import pytest
+
+from baton.errors import PeerGoneError, RemoteError, TransportError
+from baton.runtime import EndpointServer, MemoryDiscovery, Runtime
+from baton.runtime.discovery import InstanceRecord
+
+
+class Count(msgspec.Struct):
+    n: int
+    delay_s: float = 0.0
+
+
+class Item(msgspec.Struct):
+    i: int
+
+
+class CountingService:
+    def __init__(self) -> None:
+        self.started = 0
+        self.closed = 0
+        self.endpoints = EndpointServer()
+        self.endpoints.add("count", self.count, Count, Item)
+        self.endpoints.add("boom", self.boom, Count, Item)
+
+    async def count(self, req: Count):
+        self.started += 1
+        try:
+            for i in range(req.n):
+                if req.delay_s:
+                    await asyncio.sleep(req.delay_s)
+                yield Item(i)
+        finally:
+            self.closed += 1
+
+    async def boom(self, req: Count):
+        yield Item(0)
+        raise ValueError("handler exploded")
+
+
+async def collect(it):
+    return [x async for x in it]
+
+
+@pytest.fixture
+async def runtime():
+    async with Runtime(MemoryDiscovery()) as rt:
+        yield rt
+
+
+async def test_in_process_call_streams_items_without_serialization(runtime):
+    svc = CountingService()
+    address = runtime.serve_local(7, svc.endpoints)
+    items = await collect(runtime.client.stream(address, "count", Count(3), Item))
+    assert [x.i for x in items] == [0, 1, 2]
+    assert svc.closed == 1
+
+
+async def test_tcp_call_streams_items_and_many_calls_share_a_connection(runtime):
+    svc = CountingService()
+    server = await runtime.serve_tcp(svc.endpoints, "127.0.0.1", 0)
+    results = await asyncio.gather(
+        *[collect(runtime.client.stream(server.address, "count", Count(50), Item)) for _ in range(20)]
+    )
+    assert all([x.i for x in r] == list(range(50)) for r in results)
+    assert svc.started == 20 and svc.closed == 20
+
+
+async def test_tcp_cancellation_reaches_the_handler(runtime):
+    svc = CountingService()
+    server = await runtime.serve_tcp(svc.endpoints, "127.0.0.1", 0)
+    async with contextlib.aclosing(
+        runtime.client.stream(server.address, "count", Count(1000, 0.01), Item)
+    ) as items:
+        async for item in items:
+            if item.i == 2:
+                break
+    for _ in range(100):
+        if svc.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert svc.closed == 1
+
+
+async def test_tcp_handler_error_arrives_as_remote_error(runtime):
+    svc = CountingService()
+    server = await runtime.serve_tcp(svc.endpoints, "127.0.0.1", 0)
+    with pytest.raises(RemoteError, match="handler exploded"):
+        await collect(runtime.client.stream(server.address, "boom", Count(1), Item))
+    with pytest.raises(RemoteError) as info:
+        await collect(runtime.client.stream(server.address, "nope", Count(1), Item))
+    assert info.value.status == 404
+    # the connection survived both failures
+    assert len(await collect(runtime.client.stream(server.address, "count", Count(2), Item))) == 2
+
+
+async def test_tcp_peer_that_goes_away_fails_open_streams_and_new_calls(runtime):
+    svc = CountingService()
+    async with Runtime(MemoryDiscovery()) as other:
+        server = await other.serve_tcp(svc.endpoints, "127.0.0.1", 0)
+        address = server.address
+        items = runtime.client.stream(address, "count", Count(1000, 0.01), Item)
+        assert (await anext(items)).i == 0
+    with pytest.raises(PeerGoneError):
+        async for _ in items:
+            pass
+    with pytest.raises(TransportError):
+        await collect(runtime.client.stream(address, "count", Count(1), Item))
+
+
+async def test_memory_discovery_watch_sees_snapshot_then_changes():
+    disc = MemoryDiscovery()
+    rec = InstanceRecord(instance_id=1, namespace="ns", component="c", endpoint="e", address="inproc://1")
+    await disc.register(rec)
+    seen = []
+
+    async def watcher():
+        async for event in disc.watch():
+            seen.append((event.kind, event.record.instance_id))
+            if len(seen) == 3:
+                return
+
+    task = asyncio.create_task(watcher())
+    await asyncio.sleep(0)
+    await disc.register(InstanceRecord(instance_id=2, namespace="ns", component="c", endpoint="e", address="x"))
+    await disc.deregister(1)
+    await asyncio.wait_for(task, 2)
+    assert seen == [("put", 1), ("put", 2), ("delete", 1)]
