@@ -61,8 +61,11 @@ async def run_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
 
 
 async def run_frontend(config: FrontendConfig, workers: list[str], stop: asyncio.Event) -> None:
-    async with Runtime(MemoryDiscovery()) as runtime:
-        async with StaticWorkers(runtime, workers, config), Frontend(config, runtime) as frontend:
-            print(f"baton frontend on http://{config.host}:{frontend.port} "
-                  f"for workers {', '.join(workers)}", file=sys.stderr, flush=True)
-            await stop.wait()
+    async with (
+        Runtime(MemoryDiscovery()) as runtime,
+        StaticWorkers(runtime, workers, config),
+        Frontend(config, runtime) as frontend,
+    ):
+        print(f"baton frontend on http://{config.host}:{frontend.port} "
+              f"for workers {', '.join(workers)}", file=sys.stderr, flush=True)
+        await stop.wait()

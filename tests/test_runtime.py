@@ -12,6 +12,8 @@ from baton.errors import PeerGoneError, RemoteError, TransportError
 from baton.runtime import EndpointServer, MemoryDiscovery, Runtime
 from baton.runtime.discovery import InstanceRecord
 
+EVENT_LOOPS = ("asyncio", "uvloop")  # uvloop's transports differ from asyncio's in small ways
+
 
 class Count(msgspec.Struct):
     n: int

@@ -116,7 +116,7 @@ def test_a_repeated_prompt_hits_the_cache_except_its_last_token() -> None:
     hashes = compute_sequence_hashes(compute_local_hashes(prompt(16), 4))
     locals_ = compute_local_hashes(prompt(16), 4)
     assert sched.take_kv_events() == [
-        KvEvent(0, KvStored(None, [StoredBlock(h, l) for h, l in zip(hashes, locals_)]))
+        KvEvent(0, KvStored(None, [StoredBlock(h, loc) for h, loc in zip(hashes, locals_, strict=True)]))
     ]
 
     again = make_request("r2", prompt(16), max_tokens=2)

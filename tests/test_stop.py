@@ -126,7 +126,7 @@ def test_random_chunkings_agree_with_a_whole_string_reference(seed: int) -> None
         text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 30)))
         stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(2)]
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 8))))
-        chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         expected, expected_stop = reference(chunks, stops)
 
         checker = StopChecker(stops)

@@ -29,6 +29,7 @@ from baton.engine.base import EngineLoad, KvEventSink
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler, SchedulerConfig, StepResult
 from baton.engine.timing import PolynomialTiming, ProfileTiming, TimingModel, sleep_seconds
+from baton.errors import InvalidRequestError
 from baton.protocol import EngineOutput, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class SimulatedEngine:
         self._task: asyncio.Task[None] | None = None
         self._kv_sink: KvEventSink | None = None
         self.num_steps = 0
+        self.simulated_ms = 0.0
+        """Sum of modelled step times (before ``speedup_ratio``): the engine's virtual clock."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -122,10 +125,14 @@ class SimulatedEngine:
             raise ValueError(f"request id {rid!r} is already running")
         mailbox = self._mailboxes[rid] = _Mailbox()
         self._rngs[rid] = random.Random(self._seed_for(request))
-        self._scheduler.add_request(Request(rid, list(request.token_ids), request.sampling))
-        self._wakeup.set()
         finished = False
         try:
+            try:
+                self._scheduler.add_request(Request(rid, list(request.token_ids), request.sampling))
+            except ValueError as exc:  # can never fit this engine's KV cache or step budget
+                finished = True
+                raise InvalidRequestError(str(exc), param="messages") from None
+            self._wakeup.set()
             while not finished:
                 out = await mailbox.take()
                 finished = out.finish_reason is not None
@@ -160,6 +167,7 @@ class SimulatedEngine:
                 output.num_kv_tokens_in_use,
                 self._kv_tokens_total,
             )
+            self.simulated_ms += step_ms
             delay = sleep_seconds(step_ms, self.config.speedup_ratio)
             await asyncio.sleep(max(0.0, delay - (loop.time() - started)))
             sampled = {rid: self._draw(rid) for rid in output.requests_needing_sample}

@@ -45,6 +45,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _encode = msgspec.json.Encoder().encode
 _JSON = [(b"content-type", b"application/json")]
+_DRAIN_FACTOR = 16
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -154,8 +155,9 @@ class FrontendApp:
         finish: str | None = None
         try:
             async with contextlib.aclosing(gen.run()) as deltas:
-                async for text, finish in deltas:
+                async for text, reason in deltas:
                     parts.append(text)
+                    finish = reason
         except BatonError as exc:
             log.warning("request %s failed: %s", p.request_id, exc.message)
             await send_error(send, exc)
@@ -233,9 +235,8 @@ class FrontendApp:
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLargeError(int(value), limit)
+    """The request body, or ``PayloadTooLargeError``. An oversized body is still read (and
+    discarded, up to ``_DRAIN_FACTOR`` times the limit) so the client can read the 413."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -244,10 +245,13 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise _ClientGone()
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > limit * _DRAIN_FACTOR:
             raise PayloadTooLargeError(size, limit)
-        chunks.append(chunk)
         if not message.get("more_body", False):
+            if size > limit:
+                raise PayloadTooLargeError(size, limit)
             return b"".join(chunks)
 
 

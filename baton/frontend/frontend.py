@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Self
 
 import uvicorn
 
@@ -74,7 +75,7 @@ class Frontend:
             self._server.should_exit = True
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s + 1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._server.force_exit = True
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -82,7 +83,7 @@ class Frontend:
             self._task = None
         await self.models.close()
 
-    async def __aenter__(self) -> Frontend:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

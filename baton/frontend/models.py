@@ -43,6 +43,9 @@ class ModelRegistry:
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
+        for record in self._runtime.discovery.snapshot():  # known now: ready before serving
+            if self._is_worker(record):
+                self._add(record)
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="model-registry")
 
     async def close(self) -> None:
@@ -94,6 +97,8 @@ class ModelRegistry:
         old = self._owner.get(record.instance_id)
         if old is not None and old != record.model:
             self._remove(record.instance_id)
+        if entry.pool.instances.get(record.instance_id) == record:
+            return
         entry.pool.add(record)
         self._owner[record.instance_id] = record.model
         log.info("worker %d serves %s at %s", record.instance_id, record.model, record.address)

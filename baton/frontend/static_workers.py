@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Self
 
 import msgspec
 
@@ -31,7 +32,7 @@ class StaticWorkers:
         self._known: dict[str, InstanceRecord] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> StaticWorkers:
+    async def __aenter__(self) -> Self:
         await self.probe_all()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="static-workers")
         return self
@@ -57,7 +58,7 @@ class StaticWorkers:
             record = await asyncio.wait_for(
                 self._runtime.client.unary(address, "info", Empty(), InstanceRecord), 3.0
             )
-        except (BatonError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, BatonError, OSError) as exc:
             gone = self._known.pop(address, None)
             if gone is not None:
                 log.warning("worker at %s stopped answering: %s", address, exc)

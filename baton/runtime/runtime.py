@@ -10,7 +10,7 @@ and closes them on exit.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 
 from baton.errors import TransportError
 from baton.runtime.discovery import Discovery
@@ -93,7 +93,7 @@ class Runtime:
         await self._tcp_pool.close()
         await self.discovery.close()
 
-    async def __aenter__(self) -> Runtime:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -19,7 +19,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 
@@ -74,8 +74,7 @@ class _ServerConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._owner._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -178,7 +177,7 @@ class TcpServer:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> TcpServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -226,8 +225,7 @@ class _ClientConnection(asyncio.Protocol):
         return len(self._streams)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -331,12 +329,13 @@ class TcpClientPool:
         host, port = parse_tcp_address(address)
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
+            transport, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _ClientConnection(address), host, port),
                 self._connect_timeout_s,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise TransportError(f"cannot reach {address}: {exc}", address=address) from exc
+        conn.connection_made(transport)  # uvloop may not have called it yet; it is idempotent
         return conn
 
     async def close(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
+from typing import Self
 
 import msgspec
 
@@ -96,7 +97,7 @@ class Worker:
             self.runtime.stop_local(self._local_address)
         await self.engine.close()
 
-    async def __aenter__(self) -> Worker:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -1,0 +1,36 @@
+"""The two commands: ``baton serve`` with no arguments serves; Ctrl-C stops it cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+
+from tests.conftest import baton_process
+
+
+def test_baton_serve_answers_and_stops_cleanly_on_sigint():
+    proc, match = baton_process("serve", "--port", "0", ready=r"http://127\.0\.0\.1:(\d+)")
+    try:
+        base = f"http://127.0.0.1:{match.group(1)}"
+        body = json.dumps({"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": 3}).encode()
+        req = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.load(r)["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_invalid_configuration_is_a_clear_error_not_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "baton", "serve", "--workers", "0"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "workers: must be >= 1" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,118 @@
+"""The simulated engine: its step loop around the real scheduler, KV events and timing model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from baton.config import EngineConfig
+from baton.engine.mock import SimulatedEngine
+from baton.engine.timing import PolynomialTiming
+from baton.errors import InvalidRequestError
+from baton.kv.events import KvStored
+from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
+from baton.protocol import GenerateRequest, SamplingParams
+
+VOCAB = list(range(10, 500))
+
+
+def make_engine(**overrides) -> SimulatedEngine:
+    overrides.setdefault("speedup_ratio", 0.0)
+    return SimulatedEngine(EngineConfig(**overrides), vocab=VOCAB)
+
+
+def request(rid: str, tokens: list[int], max_tokens: int = 4, **sampling) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid, token_ids=tokens, sampling=SamplingParams(max_tokens=max_tokens, **sampling)
+    )
+
+
+async def run(engine: SimulatedEngine, req: GenerateRequest):
+    outs = [o async for o in engine.generate(req)]
+    tokens = [t for o in outs for t in o.token_ids]
+    return outs, tokens
+
+
+@pytest.fixture
+async def engine():
+    eng = make_engine(block_size=16, num_blocks=64)
+    await eng.start()
+    yield eng
+    await eng.close()
+
+
+async def test_output_is_deterministic_per_seed_and_drawn_from_the_vocabulary(engine):
+    prompt = list(range(1, 40))
+    _, a = await run(engine, request("a", prompt, 8, seed=5))
+    _, b = await run(engine, request("b", prompt, 8, seed=5))
+    _, c = await run(engine, request("c", prompt, 8, seed=6))
+    assert a == b != c
+    assert len(a) == 8 and set(a) <= set(VOCAB)
+
+
+async def test_first_output_reports_prefix_cache_hits(engine):
+    prompt = list(range(1, 101))  # 100 tokens: 6 full blocks of 16
+    outs, _ = await run(engine, request("a", prompt))
+    assert outs[0].cached_tokens == 0
+    outs, _ = await run(engine, request("b", prompt))
+    assert outs[0].cached_tokens == 96
+    assert outs[-1].finish_reason == "length"
+    assert all(o.cached_tokens is None for o in outs[1:])
+
+
+async def test_kv_events_are_numbered_and_carry_dynamo_compatible_hashes(engine):
+    events = []
+    engine.set_kv_event_sink(events.extend)
+    prompt = list(range(1, 101))
+    await run(engine, request("a", prompt, max_tokens=1))
+    assert [e.event_id for e in events] == list(range(len(events)))
+    stored = [b for e in events if isinstance(e.data, KvStored) for b in e.data.blocks]
+    local = compute_local_hashes(prompt, 16)
+    assert [b.tokens_hash for b in stored[:6]] == local
+    assert [b.block_hash for b in stored[:6]] == compute_sequence_hashes(local)
+    assert events[0].data.parent_hash is None
+
+
+async def test_virtual_clock_follows_the_polynomial_timing_model(engine):
+    await run(engine, request("a", list(range(1, 101)), max_tokens=3))
+    timing = PolynomialTiming()
+    total = 64 * 16
+    expected = timing.step_ms(100, 0, 7 * 16, total) + 2 * timing.step_ms(0, 1, 7 * 16, total)
+    assert engine.num_steps == 3
+    assert engine.simulated_ms == pytest.approx(expected)
+
+
+async def test_closing_the_stream_aborts_and_frees_blocks(engine):
+    stream = engine.generate(request("a", list(range(1, 60)), max_tokens=500))
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            break
+    sched = engine.scheduler
+    assert sched.num_running == 0 and sched.num_waiting == 0
+    assert sched.pool.num_used_blocks == 0
+    sched.check_invariants()
+
+
+async def test_request_that_can_never_fit_is_rejected_as_invalid(engine):
+    with pytest.raises(InvalidRequestError):
+        await run(engine, request("a", list(range(1, 2000)), max_tokens=10))
+    _, tokens = await run(engine, request("b", [1, 2, 3]))
+    assert len(tokens) == 4
+
+
+async def test_many_requests_under_block_pressure_all_finish(engine):
+    reqs = [request(f"r{i}", list(range(i, i + 150)), max_tokens=40) for i in range(12)]
+    results = await asyncio.gather(*(run(engine, r) for r in reqs))
+    assert all(len(tokens) == 40 for _, tokens in results)
+    assert engine.scheduler.pool.num_used_blocks == 0
+    engine.scheduler.check_invariants()
+
+
+async def test_load_reports_running_requests_and_their_blocks(engine):
+    stream = engine.generate(request("a", list(range(1, 60)), max_tokens=500))
+    async with contextlib.aclosing(stream):
+        await anext(stream)
+        load = engine.load()
+        assert load.num_running == 1 and load.active_blocks == 4 and load.total_blocks == 64

@@ -1,0 +1,98 @@
+"""A worker in its own process, reached over the TCP request plane by a frontend process."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import signal
+import time
+
+import openai
+import pytest
+
+from baton.protocol import LoadMetrics
+from baton.runtime import MemoryDiscovery, Runtime
+from baton.worker.worker import Empty
+from tests.conftest import baton_process
+
+MESSAGES = [{"role": "user", "content": "Write a long essay about tides."}]
+
+
+@pytest.fixture
+def worker_and_frontend():
+    worker, wmatch = baton_process(
+        "worker", "--port", "0", "--speedup-ratio", "1", "--worker-id", "4242",
+        ready=r"listening on (tcp://\S+)",
+    )
+    address = wmatch.group(1)
+    try:
+        frontend, fmatch = baton_process(
+            "frontend", "--port", "0", "--worker", address, ready=r"http://127\.0\.0\.1:(\d+)"
+        )
+    except Exception:
+        worker.kill()
+        raise
+    yield worker, address, frontend, int(fmatch.group(1))
+    for proc in (frontend, worker):
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def worker_load(address: str) -> LoadMetrics:
+    async def ask():
+        async with Runtime(MemoryDiscovery()) as rt:
+            return await rt.client.unary(address, "load", Empty(), LoadMetrics)
+
+    return asyncio.run(ask())
+
+
+def test_frontend_serves_through_a_worker_process(worker_and_frontend):
+    _, _, _, port = worker_and_frontend
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    resp = client.chat.completions.create(model="baton-tiny", messages=MESSAGES, max_tokens=5)
+    assert resp.usage.completion_tokens == 5
+    assert resp.baton["worker_id"] == 4242
+    chunks = list(client.chat.completions.create(
+        model="baton-tiny", messages=MESSAGES, max_tokens=5, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_client_disconnect_cancels_the_sequence_on_the_worker_process(worker_and_frontend):
+    _, address, _, port = worker_and_frontend
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    body = {"model": "baton-tiny", "messages": MESSAGES, "max_tokens": 2000, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")
+    assert worker_load(address).num_running == 1
+    resp.close()  # the client goes away mid-stream
+    conn.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (load := worker_load(address)).num_running:
+        time.sleep(0.05)
+    assert load.num_running == 0 and load.num_waiting == 0
+    assert load.active_blocks == 0
+
+
+def test_killing_the_worker_gives_clients_a_clean_error_not_a_hang(worker_and_frontend):
+    worker, _, _, port = worker_and_frontend
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                           max_retries=0, timeout=10)
+    stream = client.chat.completions.create(
+        model="baton-tiny", messages=MESSAGES, max_tokens=2000, stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    worker.send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(openai.APIError) as info:
+        for _ in stream:
+            pass
+    assert "went away" in str(info.value)
+    assert time.monotonic() - started < 5
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="baton-tiny", messages=MESSAGES, max_tokens=3)
+    assert info.value.status_code == 503
+    assert info.value.body["type"] == "service_unavailable"
