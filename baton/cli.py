@@ -23,8 +23,10 @@ from baton.config import (
     ServeConfig,
     WorkerConfig,
 )
+from baton.engine.scheduler import SchedulerConfig
 
 _E = EngineConfig()
+_S = SchedulerConfig()
 _F = FrontendConfig()
 _W = WorkerConfig()
 
@@ -38,13 +40,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-name", default=None, help="name served to clients")
     g.add_argument("--speedup-ratio", type=float, default=_E.speedup_ratio,
                    help="divide simulated step time by this; 0 = no simulated delay")
-    g.add_argument("--num-blocks", type=int, default=_E.num_blocks, help="KV blocks per worker")
-    g.add_argument("--block-size", type=int, default=_E.block_size, help="tokens per KV block")
-    g.add_argument("--max-num-seqs", type=int, default=_E.max_num_seqs)
-    g.add_argument("--max-num-batched-tokens", type=int, default=_E.max_num_batched_tokens)
+    g.add_argument("--num-blocks", type=int, default=_S.num_blocks, help="KV blocks per worker")
+    g.add_argument("--block-size", type=int, default=_S.block_size, help="tokens per KV block")
+    g.add_argument("--max-num-seqs", type=int, default=_S.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=_S.max_num_batched_tokens)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--preemption-mode", choices=["lifo", "fifo"], default=_E.preemption_mode)
+    g.add_argument("--preemption-mode", choices=["lifo", "fifo"], default=_S.preemption_mode)
     g.add_argument("--timing-profile", default=None,
                    help="JSON profile replacing the polynomial timing model")
 
@@ -59,7 +61,7 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(a: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
+    scheduler = SchedulerConfig(
         num_blocks=a.num_blocks,
         block_size=a.block_size,
         max_num_seqs=a.max_num_seqs,
@@ -67,8 +69,9 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not a.no_prefix_caching,
         enable_chunked_prefill=not a.no_chunked_prefill,
         preemption_mode=a.preemption_mode,
-        speedup_ratio=a.speedup_ratio,
-        timing_profile=a.timing_profile,
+    )
+    return EngineConfig(
+        scheduler=scheduler, speedup_ratio=a.speedup_ratio, timing_profile=a.timing_profile
     )
 
 

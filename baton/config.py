@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from baton.engine.scheduler import SchedulerConfig
+
 RouterMode = Literal["round-robin", "random", "least-loaded"]
 ROUTER_MODES: tuple[str, ...] = ("round-robin", "random", "least-loaded")
 
@@ -20,28 +22,20 @@ def _require(ok: bool, name: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The simulated engine: scheduler, KV pool and timing model."""
+    """The simulated engine: its scheduler and KV pool, and its timing model."""
 
-    num_blocks: int = 16384
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    preemption_mode: Literal["lifo", "fifo"] = "lifo"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speedup_ratio: float = 1.0
     """Simulated step time is divided by this; 0 means no simulated delay at all."""
     timing_profile: str | None = None
     """A JSON profile that replaces the default polynomial timing model."""
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.num_blocks >= 1, "num_blocks", "must be >= 1")
-        _require(self.block_size >= 1, "block_size", "must be >= 1")
-        _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
-        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         _require(self.speedup_ratio >= 0, "speedup_ratio", "must be >= 0 (0 = no delay)")
-        _require(self.preemption_mode in ("lifo", "fifo"), "preemption_mode", "lifo or fifo")
+
+    @property
+    def block_size(self) -> int:
+        return self.scheduler.block_size
 
 
 @dataclass(frozen=True)
@@ -56,6 +50,8 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     worker_id: int | None = None
+    load_interval_s: float = 0.1
+    """Load metrics are published on the event plane at most this often."""
 
 
 @dataclass(frozen=True)

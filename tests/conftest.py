@@ -22,6 +22,7 @@ import pytest
 import uvloop
 
 from baton.config import EngineConfig, FrontendConfig, ServeConfig, WorkerConfig
+from baton.engine.scheduler import SchedulerConfig
 from baton.serve import embedded
 
 T = TypeVar("T")
@@ -91,11 +92,13 @@ class ServerThread:
         self._thread.join(15)
 
 
-def serve_config(*, workers: int = 2, router: str = "round-robin", **engine: Any) -> ServeConfig:
-    engine.setdefault("speedup_ratio", 0.0)
+def serve_config(
+    *, workers: int = 2, router: str = "round-robin", speedup_ratio: float = 0.0, **scheduler: Any
+) -> ServeConfig:
+    engine = EngineConfig(scheduler=SchedulerConfig(**scheduler), speedup_ratio=speedup_ratio)
     return ServeConfig(
         frontend=replace(FrontendConfig(port=0), router=replace(FrontendConfig().router, mode=router)),
-        worker=WorkerConfig(engine=EngineConfig(**engine)),
+        worker=WorkerConfig(engine=engine),
         num_workers=workers,
     )
 

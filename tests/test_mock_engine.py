@@ -9,6 +9,7 @@ import pytest
 
 from baton.config import EngineConfig
 from baton.engine.mock import SimulatedEngine
+from baton.engine.scheduler import SchedulerConfig
 from baton.engine.timing import PolynomialTiming
 from baton.errors import InvalidRequestError
 from baton.kv.events import KvStored
@@ -18,9 +19,9 @@ from baton.protocol import GenerateRequest, SamplingParams
 VOCAB = list(range(10, 500))
 
 
-def make_engine(**overrides) -> SimulatedEngine:
-    overrides.setdefault("speedup_ratio", 0.0)
-    return SimulatedEngine(EngineConfig(**overrides), vocab=VOCAB)
+def make_engine(**scheduler) -> SimulatedEngine:
+    config = EngineConfig(scheduler=SchedulerConfig(**scheduler), speedup_ratio=0.0)
+    return SimulatedEngine(config, vocab=VOCAB)
 
 
 def request(rid: str, tokens: list[int], max_tokens: int = 4, **sampling) -> GenerateRequest:
@@ -116,3 +117,24 @@ async def test_load_reports_running_requests_and_their_blocks(engine):
         await anext(stream)
         load = engine.load()
         assert load.num_running == 1 and load.active_blocks == 4 and load.total_blocks == 64
+
+
+async def test_worker_publishes_kv_events_and_load_on_the_event_plane():
+    from baton.config import WorkerConfig
+    from baton.protocol import LoadMetrics
+    from baton.runtime import MemoryDiscovery, Runtime
+    from baton.worker import build_worker
+
+    config = WorkerConfig(engine=EngineConfig(speedup_ratio=0.0), load_interval_s=0.01)
+    async with Runtime(MemoryDiscovery()) as rt:
+        kv = rt.events.subscribe("baton.kv_events")
+        load = rt.events.subscribe("baton.load")
+        async with build_worker(config, rt, instance_id=77) as worker:
+            stream = worker.endpoints.get("generate").handler(request("a", list(range(1, 50)), 500))
+            async with contextlib.aclosing(stream):
+                await anext(stream)
+                event = await asyncio.wait_for(anext(kv), 2)
+                assert event.worker_id == 77 and event.event_id == 0
+                metrics = await asyncio.wait_for(anext(load), 2)
+                assert isinstance(metrics, LoadMetrics) and metrics.worker_id == 77
+                assert metrics.num_running == 1 and metrics.active_blocks > 0

@@ -27,10 +27,11 @@ import xxhash
 from baton.config import EngineConfig
 from baton.engine.base import EngineLoad, KvEventSink
 from baton.engine.request import Request
-from baton.engine.scheduler import Scheduler, SchedulerConfig, StepResult
+from baton.engine.scheduler import Scheduler, StepResult
 from baton.engine.timing import PolynomialTiming, ProfileTiming, TimingModel, sleep_seconds
 from baton.errors import InvalidRequestError
 from baton.protocol import EngineOutput, GenerateRequest
+from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +73,14 @@ class SimulatedEngine:
             raise ValueError("the simulated engine needs a non-empty vocabulary to draw from")
         self.config = config
         self.block_size = config.block_size
-        self._scheduler = Scheduler(
-            SchedulerConfig(
-                num_blocks=config.num_blocks,
-                block_size=config.block_size,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                enable_prefix_caching=config.enable_prefix_caching,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                preemption_mode=config.preemption_mode,
-            )
-        )
+        self._scheduler = Scheduler(config.scheduler)
         self._timing: TimingModel = (
             ProfileTiming.from_file(config.timing_profile)
             if config.timing_profile
             else PolynomialTiming()
         )
         self._vocab = list(vocab)
-        self._kv_tokens_total = config.num_blocks * config.block_size
+        self._kv_tokens_total = config.scheduler.num_blocks * config.block_size
         # -- per request
         self._mailboxes: dict[str, _Mailbox] = {}
         self._rngs: dict[str, random.Random] = {}
@@ -107,13 +98,8 @@ class SimulatedEngine:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="mock-engine")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
         self._kv_sink = sink

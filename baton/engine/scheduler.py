@@ -29,10 +29,11 @@ PreemptionMode = Literal["lifo", "fifo"]
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    """Scheduler and KV cache sizing; defaults are Dynamo's mocker defaults."""
+    """Scheduler and KV cache sizing. Defaults are Dynamo's mocker defaults, except the block
+    size: 16 tokens, vLLM's default (the mocker uses 64)."""
 
     num_blocks: int = 16384
-    block_size: int = 64
+    block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True

@@ -35,8 +35,32 @@ def kv_usage(kv_tokens_in_use: int, kv_tokens_total: int) -> float:
     return kv_tokens_in_use / kv_tokens_total if kv_tokens_total > 0 else 1.0
 
 
+class _PhaseTiming:
+    """A step costs its prefill time plus, when any request decodes, its decode time."""
+
+    __slots__ = ()
+
+    def prefill_ms(self, num_prefill_tokens: int) -> float:
+        raise NotImplementedError
+
+    def decode_ms(self, usage: float) -> float:
+        raise NotImplementedError
+
+    def step_ms(
+        self,
+        num_prefill_tokens: int,
+        num_decode_requests: int,
+        kv_tokens_in_use: int,
+        kv_tokens_total: int,
+    ) -> float:
+        decode = 0.0
+        if num_decode_requests > 0:
+            decode = self.decode_ms(kv_usage(kv_tokens_in_use, kv_tokens_total))
+        return self.prefill_ms(num_prefill_tokens) + decode
+
+
 @dataclass(frozen=True, slots=True)
-class PolynomialTiming:
+class PolynomialTiming(_PhaseTiming):
     """Dynamo mocker's default model.
 
     prefill_ms = a2*T^2 + a1*T + a0 for T > 0 new tokens (0 otherwise);
@@ -62,21 +86,9 @@ class PolynomialTiming:
         raw = self.decode_b2 * usage * usage + self.decode_b1 * usage + self.decode_b0
         return max(self.min_decode_ms, raw)
 
-    def step_ms(
-        self,
-        num_prefill_tokens: int,
-        num_decode_requests: int,
-        kv_tokens_in_use: int,
-        kv_tokens_total: int,
-    ) -> float:
-        decode = 0.0
-        if num_decode_requests > 0:
-            decode = self.decode_ms(kv_usage(kv_tokens_in_use, kv_tokens_total))
-        return self.prefill_ms(num_prefill_tokens) + decode
-
 
 @dataclass(frozen=True, slots=True)
-class ProfileTiming:
+class ProfileTiming(_PhaseTiming):
     """Piecewise-linear interpolation of a measured profile.
 
     Prefill is interpolated over new tokens and extrapolated linearly past both ends (never
@@ -123,18 +135,6 @@ class ProfileTiming:
 
     def decode_ms(self, usage: float) -> float:
         return _interpolate(self.decode_kv_usage, self.decode_ms_points, usage, False)
-
-    def step_ms(
-        self,
-        num_prefill_tokens: int,
-        num_decode_requests: int,
-        kv_tokens_in_use: int,
-        kv_tokens_total: int,
-    ) -> float:
-        decode = 0.0
-        if num_decode_requests > 0:
-            decode = self.decode_ms(kv_usage(kv_tokens_in_use, kv_tokens_total))
-        return self.prefill_ms(num_prefill_tokens) + decode
 
 
 def sleep_seconds(step_ms: float, speedup_ratio: float) -> float:

@@ -17,6 +17,7 @@ from baton.errors import NotFoundError
 from baton.preprocess import ModelCard, Tokenizer, resolve_model
 from baton.router import WorkerPool
 from baton.runtime import InstanceRecord, Runtime
+from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,8 @@ class ModelRegistry:
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="model-registry")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def get(self, name: str) -> ModelEntry:
         entry = self.models.get(name)

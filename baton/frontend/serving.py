@@ -107,7 +107,7 @@ class OpenAIServing:
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         entry = self.models.get(req.model)
-        _check_common(req.n, req.stop)
+        _check_n(req.n)
         if req.logprobs or req.top_logprobs:
             raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
         if req.response_format is not None and req.response_format.type != "text":
@@ -124,20 +124,11 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = _fit_context(entry, len(token_ids), max_tokens, param, "messages")
-        return Prepared(
-            kind="chat",
-            request_id=f"chatcmpl-{uuid.uuid4().hex}",
-            entry=entry,
-            token_ids=token_ids,
-            sampling=_sampling(entry, req, max_tokens),
-            stop=_stop_list(req.stop),
-            stream=req.stream,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        )
+        return _prepared("chat", entry, token_ids, req, max_tokens)
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         entry = self.models.get(req.model)
-        _check_common(req.n, req.stop)
+        _check_n(req.n)
         if req.logprobs is not None:
             raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
         if req.echo:
@@ -148,22 +139,33 @@ class OpenAIServing:
             raise InvalidRequestError("best_of must be 1", param="best_of")
         token_ids = _completion_tokens(entry, req.prompt)
         max_tokens = _fit_context(entry, len(token_ids), req.max_tokens, "max_tokens", "prompt")
-        return Prepared(
-            kind="completion",
-            request_id=f"cmpl-{uuid.uuid4().hex}",
-            entry=entry,
-            token_ids=token_ids,
-            sampling=_sampling(entry, req, max_tokens),
-            stop=_stop_list(req.stop),
-            stream=req.stream,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        )
+        return _prepared("completion", entry, token_ids, req, max_tokens)
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def _check_common(n: int | None, stop: str | list[str] | None) -> None:
+def _prepared(
+    kind: Literal["chat", "completion"],
+    entry: ModelEntry,
+    token_ids: list[int],
+    req: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+) -> Prepared:
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return Prepared(
+        kind=kind,
+        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        entry=entry,
+        token_ids=token_ids,
+        sampling=_sampling(entry, req, max_tokens),
+        stop=_stop_list(req.stop),
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+    )
+
+
+def _check_n(n: int | None) -> None:
     if n is not None and n != 1:
         raise InvalidRequestError(
             "n must be 1: Baton generates one choice per request", param="n"

@@ -16,6 +16,7 @@ import msgspec
 from baton.config import FrontendConfig
 from baton.errors import BatonError
 from baton.runtime import InstanceRecord, Runtime
+from baton.runtime.tasks import cancel_and_wait
 from baton.runtime.tcp import parse_tcp_address
 from baton.worker.worker import Empty
 
@@ -38,12 +39,7 @@ class StaticWorkers:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -6,7 +6,7 @@ Owns no engine or HTTP logic. ``Runtime`` ties a discovery backend to the reques
 
 from baton.runtime.discovery import Discovery, DiscoveryEvent, InstanceRecord, MemoryDiscovery
 from baton.runtime.endpoint import EndpointServer
-from baton.runtime.events import EventPlane, MemoryEventPlane
+from baton.runtime.events import EventPlane, MemoryEventPlane, Subscription
 from baton.runtime.runtime import RequestClient, Runtime
 from baton.runtime.tcp import TcpClientPool, TcpServer
 
@@ -20,6 +20,7 @@ __all__ = [
     "MemoryEventPlane",
     "RequestClient",
     "Runtime",
+    "Subscription",
     "TcpClientPool",
     "TcpServer",
 ]

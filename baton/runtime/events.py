@@ -1,41 +1,62 @@
 """The event plane: fire-and-forget publish/subscribe by subject (KV events, load reports).
 
-``MemoryEventPlane`` is the embedded backend. Publishing never blocks: each subscriber has a
-bounded queue, and a subscriber that falls behind loses the newest events, which are counted
-in ``dropped`` (consumers that need every event detect gaps by event id and re-sync).
+``MemoryEventPlane`` is the embedded backend. A subscription is registered when
+``subscribe`` returns, so nothing published after that call is missed. Publishing never
+blocks: each subscription has a bounded queue, and one that falls behind loses the newest
+events, counted in ``dropped`` (consumers that need every event detect gaps by event id and
+re-sync).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
+
+
+class Subscription(Protocol):
+    def __aiter__(self) -> Self: ...
+
+    async def __anext__(self) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class EventPlane(Protocol):
     def publish(self, subject: str, event: Any) -> None: ...
 
-    def subscribe(self, subject: str) -> AsyncIterator[Any]: ...
+    def subscribe(self, subject: str) -> Subscription: ...
+
+
+class MemorySubscription:
+    def __init__(self, plane: MemoryEventPlane, subject: str, limit: int) -> None:
+        self._plane = plane
+        self.subject = subject
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(limit)
+        self.dropped = 0
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self._plane._subscriptions.get(self.subject, set()).discard(self)
 
 
 class MemoryEventPlane:
     def __init__(self, queue_limit: int = 10_000) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue[Any]]] = {}
+        self._subscriptions: dict[str, set[MemorySubscription]] = {}
         self._queue_limit = queue_limit
-        self.dropped = 0
 
     def publish(self, subject: str, event: Any) -> None:
-        for queue in self._subscribers.get(subject, ()):
+        for sub in self._subscriptions.get(subject, ()):
             try:
-                queue.put_nowait(event)
+                sub.queue.put_nowait(event)
             except asyncio.QueueFull:
-                self.dropped += 1
+                sub.dropped += 1
 
-    async def subscribe(self, subject: str) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[Any] = asyncio.Queue(self._queue_limit)
-        self._subscribers.setdefault(subject, set()).add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers[subject].discard(queue)
+    def subscribe(self, subject: str) -> MemorySubscription:
+        sub = MemorySubscription(self, subject, self._queue_limit)
+        self._subscriptions.setdefault(subject, set()).add(sub)
+        return sub

@@ -8,12 +8,14 @@ Endpoints:
 - ``load``: the engine's current ``LoadMetrics``.
 
 KV events go out on the event plane under ``{namespace}.kv_events``, stamped with this
-worker's id. A failure inside the engine ends that request's stream with an error;
+worker's id; ``LoadMetrics`` under ``{namespace}.load`` whenever they change, at most every
+``load_interval_s``. A failure inside the engine ends that request's stream with an error;
 it never takes the worker down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -27,6 +29,7 @@ from baton.errors import BatonError, EngineError
 from baton.kv.events import KvEvent
 from baton.protocol import EngineOutput, GenerateRequest, LoadMetrics
 from baton.runtime import EndpointServer, InstanceRecord, Runtime
+from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class Worker:
         self.record: InstanceRecord | None = None
         self._local_address: str | None = None
         self._kv_subject = f"{config.namespace}.kv_events"
+        self._load_subject = f"{config.namespace}.load"
+        self._load_task: asyncio.Task[None] | None = None
         self.num_kv_events = 0
 
     async def start(self, *, tcp: bool = False) -> InstanceRecord:
@@ -87,10 +92,12 @@ class Worker:
             block_size=self.engine.block_size,
         )
         await self.runtime.discovery.register(self.record)
+        self._load_task = asyncio.get_running_loop().create_task(self._publish_load(), name="load")
         log.info("worker %d serving %s at %s", self.instance_id, self.model_name, address)
         return self.record
 
     async def close(self) -> None:
+        await cancel_and_wait(self._load_task)
         if self.record is not None:
             await self.runtime.discovery.deregister(self.instance_id)
         if self._local_address is not None:
@@ -127,15 +134,16 @@ class Worker:
         yield self.load_metrics()
 
     def load_metrics(self) -> LoadMetrics:
-        load = self.engine.load()
-        return LoadMetrics(
-            worker_id=self.instance_id,
-            active_blocks=load.active_blocks,
-            total_blocks=load.total_blocks,
-            num_running=load.num_running,
-            num_waiting=load.num_waiting,
-            active_prefill_tokens=load.active_prefill_tokens,
-        )
+        return LoadMetrics(worker_id=self.instance_id, **msgspec.structs.asdict(self.engine.load()))
+
+    async def _publish_load(self) -> None:
+        last: LoadMetrics | None = None
+        while True:
+            await asyncio.sleep(self.config.load_interval_s)
+            load = self.load_metrics()
+            if load != last:
+                self.runtime.events.publish(self._load_subject, load)
+                last = load
 
     def _publish_kv_events(self, events: Sequence[KvEvent]) -> None:
         for event in events:
