@@ -4,7 +4,8 @@ One owned task runs the step loop:
 
 1. wait until some request is waiting or running;
 2. ``schedule()`` a batch (continuous batching, chunked prefill, preemption);
-3. sleep for the timing model's step time divided by ``speedup_ratio`` (0: just yield);
+3. sleep for the timing model's step time divided by ``speedup_ratio`` (with no delay at
+   all, run further steps for up to ``_BURST_S`` before yielding to consumers);
 4. draw each due request's next token from its seeded generator and ``update_from_output``;
 5. hand the deltas to the requests' mailboxes and the KV events to the sink.
 
@@ -27,13 +28,17 @@ import xxhash
 from baton.config import EngineConfig
 from baton.engine.base import EngineLoad, KvEventSink
 from baton.engine.request import Request
-from baton.engine.scheduler import Scheduler, StepResult
+from baton.engine.scheduler import Scheduler, SchedulerOutput, StepResult
 from baton.engine.timing import PolynomialTiming, ProfileTiming, TimingModel, sleep_seconds
 from baton.errors import InvalidRequestError
 from baton.protocol import EngineOutput, GenerateRequest
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+_BURST_S = 0.002
+"""With no simulated delay, steps run back to back for this long before the loop yields to
+consumers (their deltas merge meanwhile), as a real engine's output batches per step."""
 
 
 class _Mailbox:
@@ -140,10 +145,12 @@ class SimulatedEngine:
     # ------------------------------------------------------------------ step loop
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        slice_start = loop.time()
         while True:
             if not self._scheduler.has_work:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                slice_start = loop.time()
                 continue
             started = loop.time()
             output = self._scheduler.schedule()
@@ -155,14 +162,22 @@ class SimulatedEngine:
             )
             self.simulated_ms += step_ms
             delay = sleep_seconds(step_ms, self.config.speedup_ratio)
-            await asyncio.sleep(max(0.0, delay - (loop.time() - started)))
-            sampled = {rid: self._draw(rid) for rid in output.requests_needing_sample}
-            for result in self._scheduler.update_from_output(output, sampled):
-                mailbox = self._mailboxes.get(result.request_id)
-                if mailbox is not None:
-                    mailbox.put(result)
-            self._publish_kv_events()
-            self.num_steps += 1
+            if delay > 0:
+                await asyncio.sleep(max(0.0, delay - (loop.time() - started)))
+                slice_start = loop.time()
+            self._finish_step(output)
+            if delay <= 0 and loop.time() - slice_start >= _BURST_S:
+                await asyncio.sleep(0)  # let consumers and new requests in
+                slice_start = loop.time()
+
+    def _finish_step(self, output: SchedulerOutput) -> None:
+        sampled = {rid: self._draw(rid) for rid in output.requests_needing_sample}
+        for result in self._scheduler.update_from_output(output, sampled):
+            mailbox = self._mailboxes.get(result.request_id)
+            if mailbox is not None:
+                mailbox.put(result)
+        self._publish_kv_events()
+        self.num_steps += 1
 
     def _draw(self, rid: str) -> int:
         rng = self._rngs.get(rid)

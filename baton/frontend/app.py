@@ -91,7 +91,12 @@ class FrontendApp:
             allowed = ", ".join(methods)
             await send_error(send, MethodNotAllowedError(f"{scope['method']} not allowed; use {allowed}"))
             return
-        await handler(scope, receive, send)
+        try:
+            await handler(scope, receive, send)
+        except Exception:  # a bug: answer in OpenAI's shape if nothing was sent yet, keep serving
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            with contextlib.suppress(Exception):
+                await send_error(send, BatonError("internal server error"))
 
     # ------------------------------------------------------------------ generation
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -118,7 +123,7 @@ class FrontendApp:
             return
         except BatonError as exc:
             known = req is not None and req.model in self.models.models
-            self._count(req.model if known else "unknown", endpoint, exc.status)
+            self.metrics.count_request(req.model if known else "unknown", endpoint, exc.status)
             log.info("%s %s: %d %s", scope["method"], scope["path"], exc.status, exc.message)
             await send_error(send, exc)
             return
@@ -126,11 +131,12 @@ class FrontendApp:
 
     async def _serve(self, receive: Receive, send: Send, endpoint: str, p: Prepared) -> None:
         model = p.entry.name
-        gen = Generation(p, self.metrics)
+        m = self.metrics.model(model)
+        gen = Generation(p, m)
         task = asyncio.current_task()
         assert task is not None
         watch = _DisconnectWatch(receive, task)
-        self.metrics.inflight.labels(model).inc()
+        m.inflight.inc()
         status = 200
         try:
             status = await (self._stream(send, p, gen) if p.stream else self._respond(send, p, gen))
@@ -138,25 +144,25 @@ class FrontendApp:
             if not watch.gone:
                 raise
             status = 499
-            self.metrics.disconnects.labels(model).inc()
+            m.disconnects.inc()
             task.uncancel()
             log.info("client went away; request %s cancelled", p.request_id)
         finally:
             watch.stop()
-            self.metrics.inflight.labels(model).dec()
-            self._count(model, endpoint, status)
-            self.metrics.duration.labels(model).observe(time.perf_counter() - p.arrival)
-            self.metrics.input_tokens.labels(model).inc(gen.prompt_tokens)
-            self.metrics.output_tokens.labels(model).inc(gen.completion_tokens)
-            self.metrics.cached_tokens.labels(model).inc(gen.cached_tokens)
+            m.inflight.dec()
+            self.metrics.count_request(model, endpoint, status)
+            m.duration.observe(time.perf_counter() - p.arrival)
+            m.input_tokens.inc(gen.prompt_tokens)
+            m.output_tokens.inc(gen.completion_tokens)
+            m.cached_tokens.inc(gen.cached_tokens)
 
     async def _respond(self, send: Send, p: Prepared, gen: Generation) -> int:
         parts: list[str] = []
         finish: str | None = None
         try:
             async with contextlib.aclosing(gen.run()) as deltas:
-                async for text, reason in deltas:
-                    parts.append(text)
+                async for pieces, reason in deltas:
+                    parts.extend(pieces)
                     finish = reason
         except BatonError as exc:
             log.warning("request %s failed: %s", p.request_id, exc.message)
@@ -167,10 +173,11 @@ class FrontendApp:
         return 200
 
     async def _stream(self, send: Send, p: Prepared, gen: Generation) -> int:
+        """One SSE chunk per token; all chunks of one engine delta go out in one write."""
         writer = ChunkWriter(p, gen)
         async with contextlib.aclosing(gen.run()) as deltas:
             try:
-                text, finish = await anext(deltas)
+                pieces, finish = await anext(deltas)
             except BatonError as exc:  # nothing sent yet: a plain HTTP error
                 log.warning("request %s failed: %s", p.request_id, exc.message)
                 await send_error(send, exc)
@@ -178,20 +185,18 @@ class FrontendApp:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE})
             out = writer.role() if writer.chat else b""
             while True:
-                if text:
-                    out += writer.text(text)
+                out += b"".join([writer.text(piece) for piece in pieces])
                 if finish is not None:
                     break
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                    out = b""
+                await send({"type": "http.response.body", "body": out, "more_body": True})
                 try:
-                    text, finish = await anext(deltas)
+                    pieces, finish = await anext(deltas)
                 except BatonError as exc:
                     log.warning("request %s failed mid-stream: %s", p.request_id, exc.message)
-                    body = out + sse(exc.to_body()) + DONE
+                    body = sse(exc.to_body()) + DONE
                     await send({"type": "http.response.body", "body": body, "more_body": False})
                     return exc.status
+                out = b""
         out += writer.text("", finish)
         if p.include_usage:
             out += writer.usage()
@@ -226,9 +231,6 @@ class FrontendApp:
         headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-    def _count(self, model: str, endpoint: str, status: int) -> None:
-        self.metrics.requests.labels(model, endpoint, str(status)).inc()
 
 
 # ---------------------------------------------------------------------------- ASGI helpers

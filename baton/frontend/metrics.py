@@ -6,6 +6,9 @@ frontends in one process (tests) keep separate counts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
@@ -45,5 +48,45 @@ class FrontendMetrics:
             "baton_frontend_client_disconnects", "Requests whose client went away.", ["model"],
             registry=r)
 
+        self._models: dict[str, ModelMetrics] = {}
+        self._requests: dict[tuple[str, str, str], Any] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        """The metrics of one model, labelled once (``labels()`` is too slow per request)."""
+        m = self._models.get(name)
+        if m is None:
+            m = self._models[name] = ModelMetrics(
+                inflight=self.inflight.labels(name),
+                ttft=self.ttft.labels(name),
+                itl=self.itl.labels(name),
+                duration=self.duration.labels(name),
+                input_tokens=self.input_tokens.labels(name),
+                output_tokens=self.output_tokens.labels(name),
+                cached_tokens=self.cached_tokens.labels(name),
+                disconnects=self.disconnects.labels(name),
+            )
+        return m
+
+    def count_request(self, model: str, endpoint: str, status: int) -> None:
+        key = (model, endpoint, str(status))
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(*key)
+        child.inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """One model's labelled metric children."""
+
+    inflight: Any
+    ttft: Any
+    itl: Any
+    duration: Any
+    input_tokens: Any
+    output_tokens: Any
+    cached_tokens: Any
+    disconnects: Any

@@ -14,14 +14,15 @@ HTTP framing (SSE vs one JSON body) is the app's business, not this module's.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from baton.errors import ContextLengthError, EngineError, InvalidRequestError
-from baton.frontend.metrics import FrontendMetrics
+from baton.frontend.metrics import FrontendMetrics, ModelMetrics
 from baton.frontend.models import ModelEntry, ModelRegistry
 from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
@@ -48,7 +49,7 @@ class Generation:
     """One request's output after detokenization and stop strings, with its usage."""
 
     prepared: Prepared
-    metrics: FrontendMetrics
+    metrics: ModelMetrics
     completion_tokens: int = 0
     cached_tokens: int = 0
     worker_id: int | None = None
@@ -58,13 +59,13 @@ class Generation:
     def prompt_tokens(self) -> int:
         return len(self.prepared.token_ids)
 
-    async def run(self) -> AsyncIterator[tuple[str, FinishReason | None]]:
-        """Yields (text delta, finish reason); the last item has a finish reason."""
+    async def run(self) -> AsyncIterator[tuple[list[str], FinishReason | None]]:
+        """Yields, per engine delta, the text of each of its tokens (one piece per token,
+        empty pieces dropped) and the finish reason; the last item has a finish reason."""
         p = self.prepared
         request = GenerateRequest(request_id=p.request_id, token_ids=p.token_ids, sampling=p.sampling)
-        detok = IncrementalDetokenizer(p.entry.tokenizer, p.token_ids)
-        stops = StopChecker(p.stop) if p.stop else None
-        itl = self.metrics.itl.labels(p.entry.name)
+        text_of = _TokenText(p)
+        m = self.metrics
         last = 0.0
         async with contextlib.aclosing(p.entry.pool.generate(request)) as outputs:
             async for out in outputs:
@@ -73,29 +74,59 @@ class Generation:
                     self.first_token_at = now
                     self.worker_id = out.worker_id
                     self.cached_tokens = out.cached_tokens or 0
-                    self.metrics.ttft.labels(p.entry.name).observe(now - p.arrival)
+                    m.ttft.observe(now - p.arrival)
                 else:
-                    itl.observe(now - last)
+                    m.itl.observe(now - last)
                 last = now
                 self.completion_tokens += len(out.token_ids)
                 if out.finish_reason == "error":
                     raise EngineError(out.error or "the engine failed on this request")
-                text = detok.step(out.token_ids)
-                if out.finish_reason is not None:
-                    text += detok.flush()
-                if stops is not None:
-                    text, hit = stops.feed(text)
-                    if hit:
-                        yield text, "stop"
-                        return
-                    if out.finish_reason is not None:
-                        text += stops.flush()
-                if out.finish_reason is not None:
-                    yield text, out.finish_reason
+                pieces, stopped = text_of.tokens(out.token_ids, final=out.finish_reason is not None)
+                if stopped:
+                    yield pieces, "stop"
                     return
-                if text:
-                    yield text, None
+                if out.finish_reason is not None:
+                    yield pieces, out.finish_reason
+                    return
+                if pieces:
+                    yield pieces, None
         raise EngineError("the worker's stream ended without a finish reason")
+
+
+class _TokenText:
+    """Token ids to text pieces: incremental detokenization, then stop strings."""
+
+    __slots__ = ("detok", "stops")
+
+    def __init__(self, p: Prepared) -> None:
+        self.detok = IncrementalDetokenizer(p.entry.tokenizer, p.token_ids)
+        self.stops = StopChecker(p.stop) if p.stop else None
+
+    def tokens(self, token_ids: list[int], *, final: bool) -> tuple[list[str], bool]:
+        """The text of each token; True when a stop string ended the output."""
+        pieces: list[str] = []
+        step = self.detok.step
+        for token_id in token_ids:
+            text = step([token_id])
+            if text and not self._add(pieces, text):
+                return pieces, True
+        if final:
+            text = self.detok.flush()
+            if text and not self._add(pieces, text):
+                return pieces, True
+            if self.stops is not None and (rest := self.stops.flush()):
+                pieces.append(rest)
+        return pieces, False
+
+    def _add(self, pieces: list[str], text: str) -> bool:
+        """Appends ``text`` (what of it is safe to emit); False once a stop string is hit."""
+        if self.stops is None:
+            pieces.append(text)
+            return True
+        text, hit = self.stops.feed(text)
+        if text:
+            pieces.append(text)
+        return not hit
 
 
 class OpenAIServing:
@@ -145,6 +176,10 @@ class OpenAIServing:
 # ---------------------------------------------------------------------------- helpers
 
 
+_ID_PREFIX = os.urandom(6).hex()
+_ids = itertools.count()
+
+
 def _prepared(
     kind: Literal["chat", "completion"],
     entry: ModelEntry,
@@ -155,7 +190,7 @@ def _prepared(
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     return Prepared(
         kind=kind,
-        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        request_id=f"{prefix}-{_ID_PREFIX}{next(_ids):010x}",
         entry=entry,
         token_ids=token_ids,
         sampling=_sampling(entry, req, max_tokens),
