@@ -72,7 +72,6 @@ class FrontendConfig:
     port: int = 8000
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after_s: int = 1
-    http_server: Literal["uvicorn", "granian"] = "uvicorn"
     namespace: str = "baton"
     router: RouterConfig = field(default_factory=RouterConfig)
     probe_interval_s: float = 2.0
@@ -81,7 +80,6 @@ class FrontendConfig:
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
         _require(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
-        _require(self.http_server in ("uvicorn", "granian"), "http_server", "uvicorn or granian")
 
 
 @dataclass(frozen=True)

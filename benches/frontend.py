@@ -88,17 +88,20 @@ class Stack:
 class BatonStack(Stack):
     name = "baton"
 
-    def __init__(self, workdir: Path, baton_cmd: list[str], model_dir: Path) -> None:
+    def __init__(self, workdir: Path, baton_cmd: list[str], model_dir: Path,
+                 extra_args: list[str]) -> None:
         super().__init__(workdir)
         self.cmd = baton_cmd
         self.model_dir = model_dir
+        self.extra_args = extra_args
 
     def start(self) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._spawn([*self.cmd, "serve", "--host", "127.0.0.1", "--port", str(port),
                      "--model", str(self.model_dir), "--model-name", MODEL_NAME,
-                     "--workers", "2", "--speedup-ratio", "0", "--block-size", "16"],
+                     "--workers", "2", "--speedup-ratio", "0", "--block-size", "16",
+                     *self.extra_args],
                     "baton.log")
         log = self.workdir / "baton.log"
         wait_until(lambda: "http://" in log.read_text(errors="replace")
@@ -336,6 +339,8 @@ def parse_args() -> argparse.Namespace:
                    help="python of a venv with ai-dynamo (env BATON_DYNAMO_PYTHON)")
     p.add_argument("--baton-cmd", default=str(Path(sys.executable).parent / "baton"),
                    help="baton executable (default: next to this python)")
+    p.add_argument("--baton-args", default="",
+                   help="extra flags for baton serve, e.g. '--http-server granian'")
     p.add_argument("--fresh-connections", action="store_true",
                    help="client opens a new connection per request (default: keep-alive)")
     p.add_argument("--only", choices=["baton", "dynamo"], default=None)
@@ -348,7 +353,7 @@ def build_stacks(args: argparse.Namespace, work: Path, model: Path) -> tuple[lis
     stacks: list[Stack] = []
     if args.only != "dynamo":
         (work / "baton").mkdir()
-        stacks.append(BatonStack(work / "baton", [args.baton_cmd], model))
+        stacks.append(BatonStack(work / "baton", [args.baton_cmd], model, args.baton_args.split()))
     version = None
     if args.only != "baton":
         version = dynamo_available(args.dynamo_python)
