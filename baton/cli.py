@@ -19,6 +19,7 @@ from baton.config import (
     ROUTER_MODES,
     EngineConfig,
     FrontendConfig,
+    KvRouterConfig,
     RouterConfig,
     ServeConfig,
     WorkerConfig,
@@ -57,6 +58,24 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=_F.port)
     g.add_argument("--router", choices=ROUTER_MODES, default=RouterConfig().mode)
     g.add_argument("--router-seed", type=int, default=None)
+    r = RouterConfig()
+    g.add_argument("--no-kv-events", action="store_true",
+                   help="KV router: predict caches from routing decisions (approximate mode)")
+    g.add_argument("--router-ttl-s", type=float, default=r.ttl_s,
+                   help="approximate mode: seconds a routed prefix is assumed cached")
+    g.add_argument("--router-temperature", type=float, default=r.kv.temperature)
+    g.add_argument("--router-overlap-score-credit", type=float, default=r.kv.overlap_score_credit)
+    g.add_argument("--router-prefill-load-scale", type=float, default=r.kv.prefill_load_scale)
+    g.add_argument("--router-decode-active-request-weight", type=float,
+                   default=r.kv.decode_active_request_weight)
+    g.add_argument("--kv-block-size", type=int, default=None,
+                   help="block size the KV router hashes with (default: the workers')")
+    g.add_argument("--active-decode-blocks-threshold", type=float, default=None,
+                   help="a worker above this KV usage fraction is busy")
+    g.add_argument("--active-prefill-tokens-threshold", type=int, default=None,
+                   help="a worker with more active prefill tokens than this is busy")
+    g.add_argument("--overload-status", type=int, choices=[503, 529], default=r.overload_status,
+                   help="HTTP status when every worker is busy")
     g.add_argument("--max-body-bytes", type=int, default=_F.max_body_bytes)
 
 
@@ -80,7 +99,24 @@ def _frontend_config(a: argparse.Namespace) -> FrontendConfig:
         host=a.host,
         port=a.port,
         max_body_bytes=a.max_body_bytes,
-        router=RouterConfig(mode=a.router, seed=a.router_seed),
+        router=_router_config(a),
+    )
+
+
+def _router_config(a: argparse.Namespace) -> RouterConfig:
+    kv = KvRouterConfig(
+        overlap_score_credit=a.router_overlap_score_credit,
+        prefill_load_scale=a.router_prefill_load_scale,
+        decode_active_request_weight=a.router_decode_active_request_weight,
+        temperature=a.router_temperature,
+        seed=a.router_seed,
+    )
+    return RouterConfig(
+        mode=a.router, seed=a.router_seed, kv=kv, kv_events=not a.no_kv_events,
+        ttl_s=a.router_ttl_s, block_size=a.kv_block_size,
+        active_decode_blocks_threshold=a.active_decode_blocks_threshold,
+        active_prefill_tokens_threshold=a.active_prefill_tokens_threshold,
+        overload_status=a.overload_status,
     )
 
 

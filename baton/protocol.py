@@ -11,9 +11,15 @@ from typing import Literal
 
 import msgspec
 
+from baton.kv.events import KvEvent, KvStored
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 """Why a sequence ended: EOS or a stop token (``stop``), ``max_tokens`` reached (``length``),
 aborted by its client (``cancelled``) or failed inside the engine (``error``)."""
+
+
+class Empty(msgspec.Struct):
+    """The request of endpoints that take no arguments."""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,3 +72,19 @@ class LoadMetrics(msgspec.Struct, kw_only=True):
     @property
     def kv_usage(self) -> float:
         return self.active_blocks / self.total_blocks if self.total_blocks else 1.0
+
+
+class WorkerEvents(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One batch of a worker's ``events`` feed.
+
+    The first batch of a feed carries ``snapshot``: the worker's whole prefix cache as stored
+    events, replacing anything known before; ``last_event_id`` is then the id of the last
+    event the snapshot includes. Later batches carry the KV events that followed, in order.
+    Every batch carries the worker's current load.
+    """
+
+    worker_id: int
+    last_event_id: int
+    load: LoadMetrics
+    snapshot: list[KvStored] | None = None
+    events: list[KvEvent] = []

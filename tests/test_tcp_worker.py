@@ -11,9 +11,8 @@ import time
 import openai
 import pytest
 
-from baton.protocol import LoadMetrics
+from baton.protocol import Empty, LoadMetrics
 from baton.runtime import MemoryDiscovery, Runtime
-from baton.worker.worker import Empty
 from tests.conftest import baton_process
 
 MESSAGES = [{"role": "user", "content": "Write a long essay about tides."}]

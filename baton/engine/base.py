@@ -12,7 +12,7 @@ from typing import Protocol
 
 import msgspec
 
-from baton.kv.events import KvEvent
+from baton.kv.events import KvEvent, KvStored
 from baton.protocol import EngineOutput, GenerateRequest
 
 KvEventSink = Callable[[Sequence[KvEvent]], None]
@@ -38,3 +38,7 @@ class Engine(Protocol):
     def load(self) -> EngineLoad: ...
 
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None: ...
+
+    def kv_snapshot(self) -> tuple[int, list[KvStored]]:
+        """The prefix cache as stored events and the id of the last event it includes."""
+        ...

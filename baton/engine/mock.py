@@ -31,6 +31,7 @@ from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler, SchedulerOutput, StepResult
 from baton.engine.timing import PolynomialTiming, ProfileTiming, TimingModel, sleep_seconds
 from baton.errors import InvalidRequestError
+from baton.kv.events import KvStored
 from baton.protocol import EngineOutput, GenerateRequest
 from baton.runtime.tasks import cancel_and_wait
 
@@ -133,6 +134,9 @@ class SimulatedEngine:
             self._rngs.pop(rid, None)
             if not finished and self._scheduler.abort_request(rid):
                 self._publish_kv_events()
+
+    def kv_snapshot(self) -> tuple[int, list[KvStored]]:
+        return self._scheduler.pool.snapshot()
 
     def load(self) -> EngineLoad:
         return self._scheduler.load()

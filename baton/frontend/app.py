@@ -33,7 +33,12 @@ from baton.errors import (
 )
 from baton.frontend.metrics import FrontendMetrics
 from baton.frontend.models import ModelRegistry
-from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest, decode_request
+from baton.frontend.protocol import (
+    BusyThresholdUpdate,
+    ChatCompletionRequest,
+    CompletionRequest,
+    decode_request,
+)
 from baton.frontend.responses import DONE, ChunkWriter, full_response, sse
 from baton.frontend.serving import Generation, OpenAIServing, Prepared
 
@@ -74,6 +79,7 @@ class FrontendApp:
             "/health": {"GET": self._health},
             "/live": {"GET": self._live},
             "/metrics": {"GET": self._metrics},
+            "/busy_threshold": {"GET": self._busy_threshold, "POST": self._busy_threshold},
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -222,6 +228,28 @@ class FrontendApp:
         ready = any(i["healthy"] for i in instances) and not self.draining
         status = "draining" if self.draining else ("healthy" if ready else "unhealthy")
         await send_json(send, 200 if ready else 503, {"status": status, "instances": instances})
+
+    async def _busy_threshold(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """GET reads the busy thresholds; POST sets the fields it names (null disables)."""
+        thresholds = self.models.thresholds
+        if scope["method"] == "POST":
+            try:
+                body = await read_body(scope, receive, self.max_body_bytes)
+                update = decode_request(body, BusyThresholdUpdate)
+            except _ClientGone:
+                return
+            except BatonError as exc:
+                await send_error(send, exc)
+                return
+            for name in ("active_decode_blocks_threshold", "active_prefill_tokens_threshold"):
+                value = getattr(update, name)
+                if value is not msgspec.UNSET:
+                    setattr(thresholds, name.removesuffix("_threshold"), value)
+            log.info("busy thresholds set to %s", thresholds)
+        await send_json(send, 200, {
+            "active_decode_blocks_threshold": thresholds.active_decode_blocks,
+            "active_prefill_tokens_threshold": thresholds.active_prefill_tokens,
+        })
 
     async def _live(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, {"status": "live"})

@@ -37,7 +37,9 @@ class Frontend:
         self.config = config
         self.runtime = runtime
         self.metrics = FrontendMetrics()
-        self.models = ModelRegistry(runtime, config.router, config.namespace)
+        self.models = ModelRegistry(
+            runtime, config.router, config.namespace, registry=self.metrics.registry
+        )
         self.serving = OpenAIServing(self.models, self.metrics)
         self.app = FrontendApp(
             self.serving, self.models, self.metrics, max_body_bytes=config.max_body_bytes

@@ -12,10 +12,16 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
 from baton.config import RouterConfig
 from baton.errors import NotFoundError
 from baton.preprocess import ModelCard, Tokenizer, resolve_model
 from baton.router import WorkerPool
+from baton.router.kv_router import KvRouter
+from baton.router.metrics import RouterMetrics
+from baton.router.policy import BusyThresholds, RoutingPolicy, SimplePolicy
+from baton.router.selectors import make_selector
 from baton.runtime import InstanceRecord, Runtime
 from baton.runtime.tasks import cancel_and_wait
 
@@ -34,10 +40,21 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, runtime: Runtime, router: RouterConfig, namespace: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        router: RouterConfig,
+        namespace: str,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self._runtime = runtime
         self._router = router
         self._namespace = namespace
+        self._registry = registry
+        self.thresholds = BusyThresholds(
+            router.active_decode_blocks_threshold, router.active_prefill_tokens_threshold
+        )
         self.models: dict[str, ModelEntry] = {}
         self._owner: dict[int, str] = {}
         self._task: asyncio.Task[None] | None = None
@@ -52,6 +69,8 @@ class ModelRegistry:
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        for entry in self.models.values():
+            await entry.pool.close()
 
     def get(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
@@ -90,12 +109,13 @@ class ModelRegistry:
             entry = self._load(record)
             if entry is None:
                 return
+        if entry.pool.instances.get(record.instance_id) == record:
+            return  # the discovery snapshot repeats what start() already added
         old = self._owner.get(record.instance_id)
         if old is not None and old != record.model:
             self._remove(record.instance_id)
-        if entry.pool.instances.get(record.instance_id) == record:
+        if not entry.pool.add(record):
             return
-        entry.pool.add(record)
         self._owner[record.instance_id] = record.model
         log.info("worker %d serves %s at %s", record.instance_id, record.model, record.address)
         self.ready.set()
@@ -106,6 +126,14 @@ class ModelRegistry:
             self.models[name].pool.remove(instance_id)
             log.info("worker %d left %s", instance_id, name)
 
+    def _policy(self, model: str) -> RoutingPolicy:
+        cfg = self._router
+        if cfg.mode != "kv":
+            return SimplePolicy(make_selector(cfg.mode, cfg.seed))
+        metrics = RouterMetrics(self._registry, model) if self._registry is not None else None
+        return KvRouter(cfg.kv, block_size=cfg.block_size, use_kv_events=cfg.kv_events,
+                        ttl_s=cfg.ttl_s, metrics=metrics)
+
     def _load(self, record: InstanceRecord) -> ModelEntry | None:
         try:
             card = ModelCard.load(resolve_model(record.model_path or record.model), name=record.model)
@@ -114,6 +142,7 @@ class ModelRegistry:
             log.exception("cannot load model %r advertised by worker %d", record.model,
                           record.instance_id)
             return None
-        pool = WorkerPool(record.model, self._runtime.client, self._router)
+        pool = WorkerPool(record.model, self._runtime.client, self._router,
+                          policy=self._policy(record.model), thresholds=self.thresholds)
         entry = self.models[record.model] = ModelEntry(record.model, card, tokenizer, pool)
         return entry

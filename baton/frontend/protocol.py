@@ -43,6 +43,23 @@ class ResponseFormat(msgspec.Struct):
     type: str = "text"
 
 
+class RouterOverrideFields(msgspec.Struct, forbid_unknown_fields=True):
+    """Per-request overrides of the KV router's weights (Dynamo's router_config_override)."""
+
+    overlap_score_credit: Annotated[float, Meta(ge=0.0)] | None = None
+    prefill_load_scale: Annotated[float, Meta(ge=0.0)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0)] | None = None
+    assume_kv_reuse: bool | None = None
+    track_prefill_tokens: bool | None = None
+    decode_active_request_weight: Annotated[float, Meta(ge=0.0)] | None = None
+
+
+class BatonExtension(msgspec.Struct):
+    """The ``baton`` object a request may carry (vendor extension, like Dynamo's ``nvext``)."""
+
+    router_config_override: RouterOverrideFields | None = None
+
+
 class _SamplingFields(msgspec.Struct, kw_only=True):
     """Fields shared by chat and legacy completions."""
 
@@ -59,6 +76,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     frequency_penalty: Penalty | None = None
     ignore_eos: bool = False
     min_tokens: NonNegativeInt = 0
+    baton: BatonExtension | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -78,6 +96,15 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     best_of: PositiveInt | None = None
+
+
+class BusyThresholdUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /busy_threshold``: fields left out keep their value; null disables a check."""
+
+    active_decode_blocks_threshold: (
+        Annotated[float, Meta(ge=0.0, le=1.0)] | None | msgspec.UnsetType
+    ) = msgspec.UNSET
+    active_prefill_tokens_threshold: NonNegativeInt | None | msgspec.UnsetType = msgspec.UNSET
 
 
 _AT = re.compile(r" - at `\$\.?([^`]*)`")

@@ -21,12 +21,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
+
 from baton.errors import ContextLengthError, EngineError, InvalidRequestError
 from baton.frontend.metrics import FrontendMetrics, ModelMetrics
 from baton.frontend.models import ModelEntry, ModelRegistry
 from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
 from baton.protocol import FinishReason, GenerateRequest, SamplingParams
+from baton.router.kv_selector import RouterOverrides
 
 
 @dataclass(slots=True)
@@ -41,6 +44,7 @@ class Prepared:
     stop: list[str]
     stream: bool
     include_usage: bool
+    router_overrides: RouterOverrides | None = None
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -67,7 +71,8 @@ class Generation:
         text_of = _TokenText(p)
         m = self.metrics
         last = 0.0
-        async with contextlib.aclosing(p.entry.pool.generate(request)) as outputs:
+        outputs_iter = p.entry.pool.generate(request, p.router_overrides)
+        async with contextlib.aclosing(outputs_iter) as outputs:
             async for out in outputs:
                 now = time.perf_counter()
                 if self.first_token_at is None:
@@ -197,7 +202,15 @@ def _prepared(
         stop=_stop_list(req.stop),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        router_overrides=_router_overrides(req),
     )
+
+
+def _router_overrides(req: ChatCompletionRequest | CompletionRequest) -> RouterOverrides | None:
+    ext = req.baton.router_config_override if req.baton is not None else None
+    if ext is None:
+        return None
+    return RouterOverrides(**msgspec.structs.asdict(ext))
 
 
 def _check_n(n: int | None) -> None:

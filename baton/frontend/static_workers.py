@@ -15,10 +15,10 @@ import msgspec
 
 from baton.config import FrontendConfig
 from baton.errors import BatonError
+from baton.protocol import Empty
 from baton.runtime import InstanceRecord, Runtime
 from baton.runtime.tasks import cancel_and_wait
 from baton.runtime.tcp import parse_tcp_address
-from baton.worker.worker import Empty
 
 log = logging.getLogger(__name__)
 

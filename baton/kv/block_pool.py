@@ -207,6 +207,43 @@ class BlockPool:
         self._events = []
         return out
 
+    def snapshot(self) -> tuple[int, list[KvStored]]:
+        """The prefix cache as ``KvStored`` events (parents before children) and the id of
+        the last event it includes. Queued events not yet taken count as included: a
+        consumer that applies the snapshot skips events up to that id."""
+        depth: dict[SequenceHash, int] = {}
+        for seq_hash in self._cached:
+            self._depth(seq_hash, depth)
+        events: list[KvStored] = []
+        for seq_hash in sorted((h for h, d in depth.items() if d >= 0), key=depth.__getitem__):
+            block = self._cached[seq_hash]
+            assert block.local_hash is not None
+            stored = StoredBlock(seq_hash, block.local_hash)
+            if events and events[-1].blocks[-1].block_hash == block.parent_hash:
+                events[-1].blocks.append(stored)
+            else:
+                events.append(KvStored(block.parent_hash, [stored]))
+        return self._next_event_id + len(self._events) - 1, events
+
+    def _depth(self, seq_hash: SequenceHash, memo: dict[SequenceHash, int]) -> int:
+        """Chain depth of a cached block; -1 if an ancestor is not cached (not reportable)."""
+        chain: list[SequenceHash] = []
+        depth = 0
+        h: SequenceHash | None = seq_hash
+        while h is not None and h not in memo:
+            block = self._cached.get(h)
+            if block is None:
+                depth = -1
+                break
+            chain.append(h)
+            h = block.parent_hash
+        else:
+            depth = memo[h] + 1 if h is not None and memo[h] >= 0 else (0 if h is None else -1)
+        for h in reversed(chain):
+            memo[h] = depth
+            depth = depth + 1 if depth >= 0 else -1
+        return memo[seq_hash]
+
     def _queue_stored(self, block: KVBlock) -> None:
         assert block.block_hash is not None and block.local_hash is not None
         stored = StoredBlock(block.block_hash, block.local_hash)

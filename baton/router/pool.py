@@ -1,26 +1,42 @@
 """The workers serving one model, as a frontend sees them, and how a request reaches one.
 
-``WorkerPool`` keeps the model's instances (fed from discovery), counts requests in flight
-per worker, asks its selector for a worker, and opens the ``generate`` stream. A worker that
-cannot be reached is kept out of rotation for ``unhealthy_cooldown_s`` and the request is
-tried on another one (nothing has been generated yet, so this is always safe). A worker that
-fails mid-stream is marked the same way and the error goes to the caller.
+``WorkerPool`` keeps the model's instances (fed from discovery), follows each worker's
+``events`` feed (its load, and KV events for the policy), counts requests in flight, drops
+busy workers from the candidates (``OverloadedError`` when every worker is busy), asks its
+``RoutingPolicy`` for a worker and opens the ``generate`` stream.
+
+A worker that cannot be reached is kept out of rotation for ``unhealthy_cooldown_s`` and
+the request is tried on another one (nothing has been generated yet, so this is always
+safe). A worker that fails mid-stream is marked the same way and the error goes to the
+caller. The pool owns one feed task per worker and cancels them on ``close``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from baton.config import RouterConfig
-from baton.errors import EngineError, ServiceUnavailableError, TransportError
-from baton.protocol import EngineOutput, GenerateRequest
-from baton.router.selectors import WorkerSelector, make_selector
+from baton.errors import (
+    BatonError,
+    EngineError,
+    OverloadedError,
+    ServiceUnavailableError,
+    TransportError,
+)
+from baton.protocol import Empty, EngineOutput, GenerateRequest, LoadMetrics, WorkerEvents
+from baton.router.policy import BusyThresholds, RoutingPolicy, SimplePolicy
+from baton.router.selectors import make_selector
 from baton.runtime import InstanceRecord, RequestClient
+from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+_FEED_RETRY_S = 1.0
 
 
 class WorkerPool:
@@ -30,29 +46,55 @@ class WorkerPool:
         client: RequestClient,
         config: RouterConfig,
         *,
-        selector: WorkerSelector | None = None,
+        policy: RoutingPolicy | None = None,
+        thresholds: BusyThresholds | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
         self.config = config
+        self.policy: RoutingPolicy = policy or SimplePolicy(make_selector(config.mode, config.seed))
+        self.thresholds = thresholds or BusyThresholds()
         self._client = client
-        self._selector = selector or make_selector(config.mode, config.seed)
         self._clock = clock
         self.instances: dict[int, InstanceRecord] = {}
         self.in_flight: dict[int, int] = {}
+        self.loads: dict[int, LoadMetrics] = {}
         self._down_until: dict[int, float] = {}
+        self._feeds: dict[int, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ membership
-    def add(self, record: InstanceRecord) -> None:
-        self.instances[record.instance_id] = record
-        self.in_flight.setdefault(record.instance_id, 0)
-        self._down_until.pop(record.instance_id, None)
+    def add(self, record: InstanceRecord) -> bool:
+        """Adds a worker (False if the policy refuses it) and starts following its feed."""
+        if not self.policy.accepts(record):
+            return False
+        wid = record.instance_id
+        self.instances[wid] = record
+        self.in_flight.setdefault(wid, 0)
+        self._down_until.pop(wid, None)
+        old = self._feeds.pop(wid, None)
+        if old is not None:
+            old.cancel()
+        with contextlib.suppress(RuntimeError):  # no running loop: a pool used synchronously
+            self._feeds[wid] = asyncio.get_running_loop().create_task(
+                self._follow(wid), name=f"feed-{wid}"
+            )
+        return True
 
     def remove(self, instance_id: int) -> None:
         self.instances.pop(instance_id, None)
         self._down_until.pop(instance_id, None)
+        self.loads.pop(instance_id, None)
+        feed = self._feeds.pop(instance_id, None)
+        if feed is not None:
+            feed.cancel()
+        self.policy.on_worker_removed(instance_id)
         if not self.in_flight.get(instance_id):
             self.in_flight.pop(instance_id, None)
+
+    async def close(self) -> None:
+        for task in list(self._feeds.values()):
+            await cancel_and_wait(task)
+        self._feeds.clear()
 
     def healthy(self) -> list[int]:
         now = self._clock()
@@ -64,10 +106,32 @@ class WorkerPool:
                         self.config.unhealthy_cooldown_s, reason)
             self._down_until[instance_id] = self._clock() + self.config.unhealthy_cooldown_s
 
+    # ------------------------------------------------------------------ feeds
+    async def _follow(self, worker_id: int) -> None:
+        """Follows a worker's feed, re-opening it after a gap or a transport failure."""
+        while worker_id in self.instances:
+            address = self.instances[worker_id].address
+            try:
+                async with contextlib.aclosing(
+                    self._client.stream(address, "events", Empty(), WorkerEvents)
+                ) as feed:
+                    async for batch in feed:
+                        self.loads[worker_id] = batch.load
+                        if not self.policy.on_events(batch):
+                            log.warning("KV event gap from worker %d: re-syncing", worker_id)
+                            break
+                    else:
+                        await asyncio.sleep(_FEED_RETRY_S)
+            except BatonError as exc:
+                log.debug("feed of worker %d failed: %s", worker_id, exc)
+                await asyncio.sleep(_FEED_RETRY_S)
+
     # ------------------------------------------------------------------ requests
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
-        worker_id, stream, first = await self._open(request)
+    async def generate(self, request: GenerateRequest, hints: Any = None) -> AsyncIterator[EngineOutput]:
+        worker_id, stream, first = await self._open(request, hints)
+        rid = request.request_id
         try:
+            self.policy.on_first_output(rid)
             yield first
             async for out in stream:
                 yield out
@@ -76,38 +140,61 @@ class WorkerPool:
             raise
         finally:
             self.in_flight[worker_id] -= 1
+            self.policy.on_finish(rid)
             await stream.aclose()  # type: ignore[attr-defined]
 
+    def eligible(self) -> list[int]:
+        """Healthy workers that are not busy; raises when there are none."""
+        healthy = self.healthy()
+        if not healthy:
+            raise ServiceUnavailableError(
+                f"no healthy worker is serving model {self.model!r}", code="no_workers"
+            )
+        free = [w for w in healthy if not self.thresholds.is_busy(self.loads.get(w))]
+        if not free:
+            err = OverloadedError(
+                f"all {len(healthy)} workers serving {self.model!r} are busy; retry later",
+                code="overloaded",
+            )
+            err.status = self.config.overload_status
+            raise err
+        return free
+
     async def _open(
-        self, request: GenerateRequest
+        self, request: GenerateRequest, hints: Any
     ) -> tuple[int, AsyncIterator[EngineOutput], EngineOutput]:
         """Picks a worker and waits for its first delta, moving on from unreachable ones."""
         tried: set[int] = set()
         while True:
-            candidates = [i for i in self.healthy() if i not in tried]
+            candidates = [i for i in self.eligible() if i not in tried]
             if not candidates:
                 raise ServiceUnavailableError(
-                    f"no healthy worker is serving model {self.model!r}", code="no_workers"
+                    f"no reachable worker is serving model {self.model!r}", code="no_workers"
                 )
-            worker_id = self._selector.select(candidates, self.in_flight)
+            worker_id = self.policy.choose(request, candidates, self.in_flight, hints)
             tried.add(worker_id)
-            address = self.instances[worker_id].address
             self.in_flight[worker_id] = self.in_flight.get(worker_id, 0) + 1
-            stream = self._client.stream(address, "generate", request, EngineOutput)
+            stream: Any = None
             try:
+                stream = self._client.stream(
+                    self.instances[worker_id].address, "generate", request, EngineOutput
+                )
                 first = await anext(stream)
             except TransportError as exc:
-                self.in_flight[worker_id] -= 1
+                self._undo(worker_id, request.request_id)
                 self.mark_down(worker_id, str(exc))
-                with contextlib.suppress(Exception):
-                    await stream.aclose()  # type: ignore[attr-defined]
                 continue
             except StopAsyncIteration:
-                self.in_flight[worker_id] -= 1
+                self._undo(worker_id, request.request_id)
                 raise EngineError(f"worker {worker_id} ended the stream without output") from None
-            except BaseException:
-                self.in_flight[worker_id] -= 1
-                with contextlib.suppress(Exception):
-                    await stream.aclose()  # type: ignore[attr-defined]
+            except BaseException:  # cancelled while waiting: the worker must hear of it
+                self._undo(worker_id, request.request_id)
+                if stream is not None:
+                    with contextlib.suppress(Exception):
+                        await stream.aclose()
                 raise
             return worker_id, stream, first
+
+    def _undo(self, worker_id: int, request_id: str) -> None:
+        self.in_flight[worker_id] -= 1
+        self.policy.on_finish(request_id)

@@ -18,6 +18,10 @@ class Subscription(Protocol):
 
     async def __anext__(self) -> Any: ...
 
+    async def next_batch(self, limit: int) -> list[Any]:
+        """Waits for one event, then takes whatever else is queued (up to ``limit``)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -39,6 +43,12 @@ class MemorySubscription:
 
     async def __anext__(self) -> Any:
         return await self.queue.get()
+
+    async def next_batch(self, limit: int) -> list[Any]:
+        batch = [await self.queue.get()]
+        while len(batch) < limit and not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
 
     def close(self) -> None:
         self._plane._subscriptions.get(self.subject, set()).discard(self)

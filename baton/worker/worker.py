@@ -6,6 +6,10 @@ Endpoints:
 - ``info``: this worker's ``InstanceRecord`` (how ``--worker tcp://...`` frontends learn
   what a worker serves).
 - ``load``: the engine's current ``LoadMetrics``.
+- ``events``: a feed of ``WorkerEvents``: a snapshot of the prefix cache, then the KV events
+  that follow, each batch with the current load (and a load-only batch at least every
+  ``load_interval_s``). Routers follow it, in-process or over TCP; a router that sees a gap
+  in event ids re-opens the feed and starts again from a snapshot.
 
 KV events go out on the event plane under ``{namespace}.kv_events``, stamped with this
 worker's id; ``LoadMetrics`` under ``{namespace}.load`` whenever they change, at most every
@@ -27,7 +31,7 @@ from baton.config import WorkerConfig
 from baton.engine.base import Engine
 from baton.errors import BatonError, EngineError
 from baton.kv.events import KvEvent
-from baton.protocol import EngineOutput, GenerateRequest, LoadMetrics
+from baton.protocol import Empty, EngineOutput, GenerateRequest, LoadMetrics, WorkerEvents
 from baton.runtime import EndpointServer, InstanceRecord, Runtime
 from baton.runtime.tasks import cancel_and_wait
 
@@ -35,10 +39,6 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "backend"
 GENERATE = "generate"
-
-
-class Empty(msgspec.Struct):
-    """The request of endpoints that take no arguments."""
 
 
 def new_instance_id() -> int:
@@ -66,6 +66,7 @@ class Worker:
         self.endpoints.add(GENERATE, self._generate, GenerateRequest, EngineOutput)
         self.endpoints.add("info", self._info, Empty, InstanceRecord)
         self.endpoints.add("load", self._load, Empty, LoadMetrics)
+        self.endpoints.add("events", self._events, Empty, WorkerEvents)
         self.record: InstanceRecord | None = None
         self._local_address: str | None = None
         self._kv_subject = f"{config.namespace}.kv_events"
@@ -132,6 +133,23 @@ class Worker:
 
     async def _load(self, _: Empty) -> AsyncIterator[LoadMetrics]:
         yield self.load_metrics()
+
+    async def _events(self, _: Empty) -> AsyncIterator[WorkerEvents]:
+        sub = self.runtime.events.subscribe(self._kv_subject)  # before the snapshot: no gap
+        try:
+            last, snapshot = self.engine.kv_snapshot()
+            yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
+                               load=self.load_metrics(), snapshot=snapshot)
+            while True:
+                try:
+                    batch = await asyncio.wait_for(sub.next_batch(1024), self.config.load_interval_s)
+                except TimeoutError:
+                    batch = []
+                last = batch[-1].event_id if batch else last
+                yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
+                                   load=self.load_metrics(), events=batch)
+        finally:
+            sub.close()
 
     def load_metrics(self) -> LoadMetrics:
         return LoadMetrics(worker_id=self.instance_id, **msgspec.structs.asdict(self.engine.load()))

@@ -1,0 +1,404 @@
+"""KV index: which workers hold which prefix blocks, for KV-aware routing.
+
+Owns the router's view of every worker's prefix cache, built from the workers' KV events
+(``baton.kv.events``), and answers ``find_matches``: for each worker, how many leading blocks
+of a request it already holds. Pure and synchronous: no I/O, no clock, no event-id tracking
+(the router shell detects gaps and asks for a ``dump``), no load accounting.
+
+**Key.** A block is keyed by its *sequence hash* (``baton.kv.hashing``), which names the whole
+prefix up to and including the block, so the index is a flat dict rather than a radix tree.
+The index recomputes the sequence hash of every stored block from its parent and its
+``tokens_hash``; the engine's ``block_hash`` is only a per-worker *external* name, used to find
+parents and removals. Baton engines report the sequence hash itself, so the external maps stay
+empty for them; engines with their own hashes (vLLM, SGLang) fill them, per worker. Unlike
+Dynamo 1.6.1's radix tree, two workers may name the same content with different hashes.
+
+**Invariant: coverage is prefix-closed.** A worker never holds a block without its parent:
+a store whose parent the worker lacks is skipped (Dynamo's ``ParentBlockNotFound``) and a
+removal takes the block's held descendants with it. So along any query the set of workers
+holding block ``k`` can only shrink as ``k`` grows, and ``find_matches`` gallops to each point
+where it shrinks instead of looking up every block.
+
+Workers are given small *slots* (freed slots are reused) and a block's holders are one int
+bitmask per block.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+from baton.kv.events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
+from baton.kv.hashing import XXH3_SEED
+
+__all__ = ["IndexCounters", "KvIndex", "OverlapScores"]
+
+_PAIR = struct.Struct("<QQ")  # the chained hash, exactly as baton.kv.hashing computes it
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+@dataclass(slots=True)
+class OverlapScores:
+    """``scores``: worker id -> contiguous prefix blocks held (0 omitted);
+    ``tree_sizes``: blocks held by each scored worker."""
+
+    scores: dict[int, int] = field(default_factory=dict)
+    tree_sizes: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class IndexCounters:
+    """What happened to the events the index was given."""
+
+    events_applied: int = 0
+    events_skipped: int = 0
+    parent_missing: int = 0  # stored: the worker does not hold the parent
+    invalid_sequence: int = 0  # stored: a block names itself or its parent
+    duplicate_blocks: int = 0  # stored: the worker already held the block (no-op)
+    unknown_removals: int = 0  # removed: the worker does not hold the block
+
+
+class _Worker:
+    """One worker's slot, block count and external names (only those != sequence hash)."""
+
+    __slots__ = ("bit", "ext_to_seq", "num_blocks", "seq_to_ext", "slot", "worker_id")
+
+    def __init__(self, worker_id: int, slot: int) -> None:
+        self.worker_id = worker_id
+        self.slot = slot
+        self.bit = 1 << slot
+        self.num_blocks = 0
+        self.ext_to_seq: dict[int, int] = {}
+        self.seq_to_ext: dict[int, int] = {}
+
+    def resolve(self, external: int) -> int:
+        return self.ext_to_seq.get(external, external)
+
+    def name(self, seq: int, external: int) -> None:
+        old_ext = self.seq_to_ext.get(seq)
+        if old_ext is not None:
+            del self.ext_to_seq[old_ext]
+        old_seq = self.ext_to_seq.get(external)
+        if old_seq is not None:  # the engine reused a name: the old block keeps its seq hash
+            del self.seq_to_ext[old_seq]
+        self.ext_to_seq[external] = seq
+        self.seq_to_ext[seq] = external
+
+    def forget(self, seq: int) -> None:
+        if self.seq_to_ext:
+            external = self.seq_to_ext.pop(seq, None)
+            if external is not None:
+                del self.ext_to_seq[external]
+
+
+class KvIndex:
+    """Sequence hash -> bitmask of worker slots, with parent/child links for removals and dumps."""
+
+    __slots__ = (
+        "_children",
+        "_free_slots",
+        "_link_of",
+        "_worker_at",
+        "_workers",
+        "_workers_of",
+        "counters",
+    )
+
+    def __init__(self) -> None:
+        # -- blocks --
+        self._workers_of: dict[int, int] = {}  # seq hash -> bitmask of holding slots (never 0)
+        self._link_of: dict[int, tuple[int, int]] = {}  # non-root seq -> (parent seq, local hash)
+        self._children: dict[int, list[int]] = {}  # seq -> child seqs (absent when none)
+        # -- workers --
+        self._workers: dict[int, _Worker] = {}
+        self._worker_at: list[_Worker | None] = []  # slot -> worker
+        self._free_slots: list[int] = []  # min-heap, so masks stay small
+        self.counters = IndexCounters()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_blocks(self) -> int:
+        """Distinct blocks held by at least one worker."""
+        return len(self._workers_of)
+
+    def workers(self) -> list[int]:
+        return list(self._workers)
+
+    def tree_size(self, worker_id: int) -> int:
+        worker = self._workers.get(worker_id)
+        return worker.num_blocks if worker else 0
+
+    def find_matches(self, seq_hashes: Sequence[int], *, early_exit: bool = False) -> OverlapScores:
+        """Each worker's number of contiguous leading blocks of ``seq_hashes`` held.
+
+        Gallops then bisects to every point where the holder mask shrinks: O(drops x log n)
+        dict lookups. ``early_exit`` is accepted for Dynamo parity; when one worker remains
+        its search is finished anyway (it costs O(log n)), so scores are always exact.
+        """
+        del early_exit
+        get = self._workers_of.get
+        n = len(seq_hashes)
+        scores: dict[int, int] = {}
+        mask = get(seq_hashes[0], 0) if n else 0
+        pos = 0  # every worker in ``mask`` holds blocks 0..pos
+        while mask:
+            pos = _last_with_mask(seq_hashes, get, mask, pos, n)
+            nxt = get(seq_hashes[pos + 1], 0) & mask if pos + 1 < n else 0
+            self._score(scores, mask & ~nxt, pos + 1)
+            mask, pos = nxt, pos + 1
+        workers = self._workers
+        return OverlapScores(scores, {w: workers[w].num_blocks for w in scores})
+
+    def _score(self, scores: dict[int, int], dropped: int, score: int) -> None:
+        at = self._worker_at
+        while dropped:
+            low = dropped & -dropped
+            worker = at[low.bit_length() - 1]
+            assert worker is not None
+            scores[worker.worker_id] = score
+            dropped ^= low
+
+    # ------------------------------------------------------------------ events
+
+    def apply_event(self, event: KvEvent) -> bool:
+        """Applies one event; False when it was skipped (see ``counters``)."""
+        data = event.data
+        if isinstance(data, KvStored):
+            ok = self.stored(event.worker_id, data.parent_hash, data.blocks)
+        elif isinstance(data, KvRemoved):
+            ok = self.removed(event.worker_id, data.block_hashes)
+        else:
+            assert isinstance(data, KvCleared)
+            ok = self.cleared(event.worker_id)
+        return ok
+
+    def apply_events(self, events: Iterable[KvEvent]) -> int:
+        """Applies events in order; returns how many were applied."""
+        return sum(self.apply_event(e) for e in events)
+
+    def stored(
+        self, worker_id: int, parent_hash: int | None, blocks: Sequence[StoredBlock]
+    ) -> bool:
+        """A chain of blocks cached by ``worker_id`` after its block ``parent_hash`` (None = root)."""
+        worker = self._worker(worker_id)
+        parent = None if parent_hash is None else worker.resolve(parent_hash)
+        if parent is not None and not self._workers_of.get(parent, 0) & worker.bit:
+            self.counters.parent_missing += 1
+            return self._skip()
+        seqs = _chain(parent, parent_hash, blocks)
+        if seqs is None:
+            self.counters.invalid_sequence += 1
+            return self._skip()
+        self._insert(worker, parent, blocks, seqs)
+        self.counters.events_applied += 1
+        return True
+
+    def removed(self, worker_id: int, block_hashes: Iterable[int]) -> bool:
+        """Blocks evicted by ``worker_id``; each takes its held descendants with it."""
+        worker = self._workers.get(worker_id)
+        for external in block_hashes:
+            seq = worker.resolve(external) if worker else external
+            if worker and self._workers_of.get(seq, 0) & worker.bit:
+                self._drop_subtree(worker, seq)
+            else:
+                self.counters.unknown_removals += 1
+        self.counters.events_applied += 1
+        return True
+
+    def cleared(self, worker_id: int) -> bool:
+        """The worker dropped its whole cache (it keeps its slot)."""
+        worker = self._workers.get(worker_id)
+        if worker:
+            self._drop_all(worker)
+        self.counters.events_applied += 1
+        return True
+
+    def remove_worker(self, worker_id: int) -> None:
+        """Forgets the worker and its blocks, and frees its slot."""
+        worker = self._workers.pop(worker_id, None)
+        if worker:
+            self._drop_all(worker)
+            self._worker_at[worker.slot] = None
+            heapq.heappush(self._free_slots, worker.slot)
+
+    # ------------------------------------------------------------------ dump
+
+    def dump(self, worker_id: int) -> list[KvStored]:
+        """Stored events (parents first, the worker's own hashes) that rebuild its state."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return []
+        bit = worker.bit
+        held = {s for s, m in self._workers_of.items() if m & bit}
+        starts = [(None, s) for s in held if s not in self._link_of]
+        events = []
+        while starts:
+            parent, seq = starts.pop()
+            chain = []
+            while True:
+                chain.append(StoredBlock(worker.seq_to_ext.get(seq, seq), self._local(seq)))
+                kids = [c for c in self._children.get(seq, ()) if c in held]
+                if not kids:
+                    break
+                starts.extend((seq, c) for c in kids[1:])
+                seq = kids[0]
+            ext_parent = None if parent is None else worker.seq_to_ext.get(parent, parent)
+            events.append(KvStored(ext_parent, chain))
+        return events
+
+    def _local(self, seq: int) -> int:
+        link = self._link_of.get(seq)
+        return seq if link is None else link[1]
+
+    # ------------------------------------------------------------------ internals
+
+    def _skip(self) -> bool:
+        self.counters.events_skipped += 1
+        return False
+
+    def _worker(self, worker_id: int) -> _Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            if self._free_slots:
+                slot = heapq.heappop(self._free_slots)
+            else:
+                slot = len(self._worker_at)
+                self._worker_at.append(None)
+            worker = self._workers[worker_id] = _Worker(worker_id, slot)
+            self._worker_at[slot] = worker
+        return worker
+
+    def _insert(
+        self, worker: _Worker, parent: int | None, blocks: Sequence[StoredBlock], seqs: list[int]
+    ) -> None:
+        workers_of, link_of, children = self._workers_of, self._link_of, self._children
+        bit, prev, added = worker.bit, parent, 0
+        for block, seq in zip(blocks, seqs, strict=True):
+            mask = workers_of.get(seq, 0)
+            if mask & bit:
+                self.counters.duplicate_blocks += 1
+            else:
+                workers_of[seq] = mask | bit
+                added += 1
+                if not mask and prev is not None:
+                    link_of[seq] = (prev, block.tokens_hash)
+                    kids = children.get(prev)
+                    if kids is None:
+                        children[prev] = [seq]
+                    else:
+                        kids.append(seq)
+                if block.block_hash != seq:
+                    worker.name(seq, block.block_hash)
+            prev = seq
+        worker.num_blocks += added
+
+    def _drop_subtree(self, worker: _Worker, seq: int) -> None:
+        workers_of, children, bit = self._workers_of, self._children, worker.bit
+        stack = [seq]
+        while stack:
+            seq = stack.pop()
+            stack.extend([c for c in children.get(seq, ()) if workers_of[c] & bit])
+            self._drop_block(worker, seq)
+
+    def _drop_all(self, worker: _Worker) -> None:
+        bit = worker.bit
+        for seq in [s for s, m in self._workers_of.items() if m & bit]:
+            self._drop_block(worker, seq)
+
+    def _drop_block(self, worker: _Worker, seq: int) -> None:
+        mask = self._workers_of[seq] & ~worker.bit
+        if mask:
+            self._workers_of[seq] = mask
+        else:
+            del self._workers_of[seq]
+            self._unlink(seq)
+        worker.num_blocks -= 1
+        worker.forget(seq)
+
+    def _unlink(self, seq: int) -> None:
+        link = self._link_of.pop(seq, None)
+        if link is not None:
+            kids = self._children[link[0]]
+            kids.remove(seq)
+            if not kids:
+                del self._children[link[0]]
+
+    # ------------------------------------------------------------------ invariants
+
+    def check_invariants(self) -> None:
+        """Asserts the structural invariants (tests call it; O(blocks x workers))."""
+        counts = dict.fromkeys(self._workers, 0)
+        for seq, mask in self._workers_of.items():
+            assert mask, f"block {seq} has an empty mask"
+            link = self._link_of.get(seq)
+            parent_mask = self._workers_of.get(link[0], 0) if link else mask
+            assert mask & ~parent_mask == 0, f"block {seq} held without its parent"
+            assert link is None or seq in self._children[link[0]]
+            for worker in self._holders(mask):
+                counts[worker.worker_id] += 1
+        assert counts == {w: x.num_blocks for w, x in self._workers.items()}
+        assert self._link_of.keys() <= self._workers_of.keys()
+        for parent, kids in self._children.items():
+            assert kids and len(set(kids)) == len(kids), f"bad child list of {parent}"
+            assert all(self._link_of[c][0] == parent for c in kids)
+        self._check_workers()
+
+    def _check_workers(self) -> None:
+        for worker_id, worker in self._workers.items():
+            assert worker.worker_id == worker_id and self._worker_at[worker.slot] is worker
+            assert len(worker.ext_to_seq) == len(worker.seq_to_ext)
+            for ext, seq in worker.ext_to_seq.items():
+                assert worker.seq_to_ext[seq] == ext != seq
+                assert self._workers_of.get(seq, 0) & worker.bit, f"external {ext} not held"
+        free = [s for s, w in enumerate(self._worker_at) if w is None]
+        assert sorted(self._free_slots) == free
+
+    def _holders(self, mask: int) -> Iterable[_Worker]:
+        while mask:
+            low = mask & -mask
+            worker = self._worker_at[low.bit_length() - 1]
+            assert worker is not None, "mask names a free slot"
+            yield worker
+            mask ^= low
+
+
+def _chain(
+    parent: int | None, parent_hash: int | None, blocks: Sequence[StoredBlock]
+) -> list[int] | None:
+    """Sequence hashes of ``blocks`` after ``parent``; None when a block names itself or its parent."""
+    seqs = []
+    pack, seed = _PAIR.pack, XXH3_SEED
+    prev, prev_ext = parent, parent_hash
+    for block in blocks:
+        local = block.tokens_hash
+        seq = local if prev is None else _xxh3(pack(prev, local), seed)
+        if seq == prev or block.block_hash == prev_ext:
+            return None
+        seqs.append(seq)
+        prev, prev_ext = seq, block.block_hash
+    return seqs
+
+
+def _last_with_mask(
+    seq_hashes: Sequence[int], get: Callable[[int, int], int], mask: int, pos: int, n: int
+) -> int:
+    """Last index >= ``pos`` whose holder mask is still ``mask`` (it is at ``pos``)."""
+    good, step = pos, 1
+    bad = pos + 1
+    while bad < n and get(seq_hashes[bad], 0) == mask:
+        good = bad
+        step *= 2
+        bad = pos + step
+    bad = min(bad, n)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if get(seq_hashes[mid], 0) == mask:
+            good = mid
+        else:
+            bad = mid
+    return good

@@ -1,0 +1,93 @@
+"""Routing policies: how a ``WorkerPool`` picks a worker and what it tells the policy after.
+
+A policy chooses among eligible candidates and hears about each request's first output
+and end, about workers joining and leaving, and about each worker's feed batches (KV
+events and load). ``SimplePolicy`` wraps the load-balancing selectors; ``KvRouter``
+(``kv_router.py``) is the KV-aware policy. Busy thresholds are applied by the pool, before
+the policy sees the candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from baton.protocol import GenerateRequest, LoadMetrics, WorkerEvents
+from baton.router.selectors import WorkerSelector
+from baton.runtime import InstanceRecord
+
+
+class RoutingPolicy(Protocol):
+    def accepts(self, record: InstanceRecord) -> bool:
+        """Whether a newly discovered worker may join (e.g. its block size matches)."""
+        ...
+
+    def choose(
+        self,
+        request: GenerateRequest,
+        candidates: list[int],
+        in_flight: Mapping[int, int],
+        hints: Any = None,
+    ) -> int: ...
+
+    def on_first_output(self, request_id: str) -> None: ...
+
+    def on_finish(self, request_id: str) -> None: ...
+
+    def on_worker_removed(self, worker_id: int) -> None: ...
+
+    def on_events(self, batch: WorkerEvents) -> bool:
+        """Applies a feed batch; False when the feed must restart from a snapshot (a gap)."""
+        ...
+
+
+class SimplePolicy:
+    """Round-robin, random or least-loaded: the choice ignores the request's content."""
+
+    def __init__(self, selector: WorkerSelector) -> None:
+        self._selector = selector
+
+    def accepts(self, record: InstanceRecord) -> bool:
+        return True
+
+    def choose(
+        self,
+        request: GenerateRequest,
+        candidates: list[int],
+        in_flight: Mapping[int, int],
+        hints: Any = None,
+    ) -> int:
+        return self._selector.select(candidates, in_flight)
+
+    def on_first_output(self, request_id: str) -> None:
+        pass
+
+    def on_finish(self, request_id: str) -> None:
+        pass
+
+    def on_worker_removed(self, worker_id: int) -> None:
+        pass
+
+    def on_events(self, batch: WorkerEvents) -> bool:
+        return True
+
+
+@dataclass(slots=True)
+class BusyThresholds:
+    """A worker is busy when its KV usage is above ``active_decode_blocks`` (a fraction) or
+    its active prefill tokens are above ``active_prefill_tokens``; None disables a check.
+    Mutable: ``POST /busy_threshold`` changes it at run time."""
+
+    active_decode_blocks: float | None = None
+    active_prefill_tokens: int | None = None
+
+    def is_busy(self, load: LoadMetrics | None) -> bool:
+        if load is None:
+            return False
+        if self.active_decode_blocks is not None and load.kv_usage > self.active_decode_blocks:
+            return True
+        return (
+            self.active_prefill_tokens is not None
+            and load.active_prefill_tokens > self.active_prefill_tokens
+        )
