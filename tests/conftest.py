@@ -15,13 +15,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
 import uvloop
 
-from baton.config import EngineConfig, FrontendConfig, ServeConfig, WorkerConfig
+from baton.config import EngineConfig, FrontendConfig, RouterConfig, ServeConfig, WorkerConfig
 from baton.engine.scheduler import SchedulerConfig
 from baton.serve import embedded
 
@@ -87,18 +86,24 @@ class ServerThread:
         return False
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
+        if self._thread.is_alive() and self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(15)
 
 
 def serve_config(
-    *, workers: int = 2, router: str = "round-robin", speedup_ratio: float = 0.0, **scheduler: Any
+    *,
+    workers: int = 2,
+    router: str = "round-robin",
+    speedup_ratio: float = 0.0,
+    router_options: dict[str, Any] | None = None,
+    **scheduler: Any,
 ) -> ServeConfig:
     engine = EngineConfig(scheduler=SchedulerConfig(**scheduler), speedup_ratio=speedup_ratio)
+    router_config = RouterConfig(mode=router, **(router_options or {}))  # type: ignore[arg-type]
     return ServeConfig(
-        frontend=replace(FrontendConfig(port=0), router=replace(FrontendConfig().router, mode=router)),
-        worker=WorkerConfig(engine=engine),
+        frontend=FrontendConfig(port=0, router=router_config),
+        worker=WorkerConfig(engine=engine, load_interval_s=0.05),
         num_workers=workers,
     )
 

@@ -160,6 +160,9 @@ def test_a_self_referencing_store_is_skipped(index: KvIndex) -> None:
     assert not index.stored(1, s[0], [StoredBlock(s[0], B)])
     assert not index.stored(1, None, [StoredBlock(7, A), StoredBlock(7, B)])
     assert index.counters.invalid_sequence == 2 and index.tree_size(1) == 1
+    bad = [StoredBlock(7, A), StoredBlock(8, B), StoredBlock(8, C)]  # rolled back, not half-applied
+    assert not index.stored(2, None, bad)
+    assert index.tree_size(2) == 0 and index.num_blocks == 1
 
 
 def test_unknown_removals_are_counted_not_errors(index: KvIndex) -> None:

@@ -128,7 +128,7 @@ async def test_worker_publishes_kv_events_and_load_on_the_event_plane():
 
     config = WorkerConfig(engine=EngineConfig(speedup_ratio=1.0), load_interval_s=0.01)
     async with Runtime(MemoryDiscovery()) as rt:
-        kv = rt.events.subscribe("baton.kv_events")
+        kv = rt.events.subscribe("baton.kv_events.77")
         load = rt.events.subscribe("baton.load")
         async with build_worker(config, rt, instance_id=77) as worker:
             stream = worker.endpoints.get("generate").handler(request("a", list(range(1, 50)), 500))

@@ -58,6 +58,8 @@ class BatonExtension(msgspec.Struct):
     """The ``baton`` object a request may carry (vendor extension, like Dynamo's ``nvext``)."""
 
     router_config_override: RouterOverrideFields | None = None
+    worker_id: int | None = None
+    """Pin the request to this worker (Dynamo's backend_instance_id)."""
 
 
 class _SamplingFields(msgspec.Struct, kw_only=True):

@@ -30,6 +30,7 @@ from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
 from baton.protocol import FinishReason, GenerateRequest, SamplingParams
 from baton.router.kv_selector import RouterOverrides
+from baton.router.policy import RouteHints
 
 
 @dataclass(slots=True)
@@ -44,7 +45,7 @@ class Prepared:
     stop: list[str]
     stream: bool
     include_usage: bool
-    router_overrides: RouterOverrides | None = None
+    route: RouteHints | None = None
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -71,7 +72,7 @@ class Generation:
         text_of = _TokenText(p)
         m = self.metrics
         last = 0.0
-        outputs_iter = p.entry.pool.generate(request, p.router_overrides)
+        outputs_iter = p.entry.pool.generate(request, p.route)
         async with contextlib.aclosing(outputs_iter) as outputs:
             async for out in outputs:
                 now = time.perf_counter()
@@ -202,15 +203,17 @@ def _prepared(
         stop=_stop_list(req.stop),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        router_overrides=_router_overrides(req),
+        route=_route_hints(req),
     )
 
 
-def _router_overrides(req: ChatCompletionRequest | CompletionRequest) -> RouterOverrides | None:
-    ext = req.baton.router_config_override if req.baton is not None else None
+def _route_hints(req: ChatCompletionRequest | CompletionRequest) -> RouteHints | None:
+    ext = req.baton
     if ext is None:
         return None
-    return RouterOverrides(**msgspec.structs.asdict(ext))
+    fields = ext.router_config_override
+    overrides = RouterOverrides(**msgspec.structs.asdict(fields)) if fields is not None else None
+    return RouteHints(worker_id=ext.worker_id, overrides=overrides)
 
 
 def _check_n(n: int | None) -> None:

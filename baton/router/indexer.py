@@ -39,6 +39,7 @@ __all__ = ["IndexCounters", "KvIndex", "OverlapScores"]
 
 _PAIR = struct.Struct("<QQ")  # the chained hash, exactly as baton.kv.hashing computes it
 _xxh3 = xxhash.xxh3_64_intdigest
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(slots=True)
@@ -111,8 +112,10 @@ class KvIndex:
     def __init__(self) -> None:
         # -- blocks --
         self._workers_of: dict[int, int] = {}  # seq hash -> bitmask of holding slots (never 0)
-        self._link_of: dict[int, tuple[int, int]] = {}  # non-root seq -> (parent seq, local hash)
-        self._children: dict[int, list[int]] = {}  # seq -> child seqs (absent when none)
+        # Plain ints wherever possible: no per-block container objects for the GC to scan.
+        # non-root seq -> parent seq << 64 | local hash, one int (roots: seq == local hash)
+        self._link_of: dict[int, int] = {}
+        self._children: dict[int, int | list[int]] = {}  # seq -> its child, or list if several
         # -- workers --
         self._workers: dict[int, _Worker] = {}
         self._worker_at: list[_Worker | None] = []  # slot -> worker
@@ -190,11 +193,9 @@ class KvIndex:
         if parent is not None and not self._workers_of.get(parent, 0) & worker.bit:
             self.counters.parent_missing += 1
             return self._skip()
-        seqs = _chain(parent, parent_hash, blocks)
-        if seqs is None:
+        if not self._insert(worker, parent, parent_hash, blocks):
             self.counters.invalid_sequence += 1
             return self._skip()
-        self._insert(worker, parent, blocks, seqs)
         self.counters.events_applied += 1
         return True
 
@@ -235,14 +236,14 @@ class KvIndex:
             return []
         bit = worker.bit
         held = {s for s, m in self._workers_of.items() if m & bit}
-        starts = [(None, s) for s in held if s not in self._link_of]
+        starts: list[tuple[int | None, int]] = [(None, s) for s in held if s not in self._link_of]
         events = []
         while starts:
             parent, seq = starts.pop()
             chain = []
             while True:
                 chain.append(StoredBlock(worker.seq_to_ext.get(seq, seq), self._local(seq)))
-                kids = [c for c in self._children.get(seq, ()) if c in held]
+                kids = [c for c in self._kids(seq) if c in held]
                 if not kids:
                     break
                 starts.extend((seq, c) for c in kids[1:])
@@ -253,7 +254,15 @@ class KvIndex:
 
     def _local(self, seq: int) -> int:
         link = self._link_of.get(seq)
-        return seq if link is None else link[1]
+        return seq if link is None else link & _MASK64
+
+    def _parent(self, seq: int) -> int | None:
+        link = self._link_of.get(seq)
+        return None if link is None else link >> 64
+
+    def _kids(self, seq: int) -> list[int]:
+        kids = self._children.get(seq)
+        return [] if kids is None else [kids] if isinstance(kids, int) else kids
 
     # ------------------------------------------------------------------ internals
 
@@ -274,36 +283,75 @@ class KvIndex:
         return worker
 
     def _insert(
-        self, worker: _Worker, parent: int | None, blocks: Sequence[StoredBlock], seqs: list[int]
-    ) -> None:
-        workers_of, link_of, children = self._workers_of, self._link_of, self._children
-        bit, prev, added = worker.bit, parent, 0
-        for block, seq in zip(blocks, seqs, strict=True):
+        self,
+        worker: _Worker,
+        parent: int | None,
+        parent_hash: int | None,
+        blocks: Sequence[StoredBlock],
+    ) -> bool:
+        """Chains and inserts ``blocks``; False (and nothing changed) if one names its parent.
+
+        The hot loop of ingestion, so hashing, validation and linking are inlined. A worker's
+        held blocks in a chain are a prefix of it, so the blocks this call adds are the chain
+        from ``first_new`` on, which is what a rollback drops.
+        """
+        workers_of, link_of, setdefault = self._workers_of, self._link_of, self._children.setdefault
+        pack, xxh3, seed = _PAIR.pack, _xxh3, XXH3_SEED
+        bit, prev, prev_ext, added, first_new = worker.bit, parent, parent_hash, 0, 0
+        for block in blocks:
+            local, ext = block.tokens_hash, block.block_hash
+            seq = local if prev is None else xxh3(pack(prev, local), seed)
+            if seq == prev or ext == prev_ext:
+                worker.num_blocks += added
+                if added:
+                    self._drop_subtree(worker, first_new)
+                return False
             mask = workers_of.get(seq, 0)
-            if mask & bit:
-                self.counters.duplicate_blocks += 1
-            else:
+            if not mask & bit:
                 workers_of[seq] = mask | bit
+                if not added:
+                    first_new = seq
                 added += 1
                 if not mask and prev is not None:
-                    link_of[seq] = (prev, block.tokens_hash)
-                    kids = children.get(prev)
-                    if kids is None:
-                        children[prev] = [seq]
-                    else:
-                        kids.append(seq)
-                if block.block_hash != seq:
-                    worker.name(seq, block.block_hash)
-            prev = seq
+                    link_of[seq] = prev << 64 | local
+                    if setdefault(prev, seq) is not seq:  # the parent had children already
+                        self._add_child(prev, seq)
+                if ext != seq:
+                    worker.name(seq, ext)
+            prev, prev_ext = seq, ext
         worker.num_blocks += added
+        self.counters.duplicate_blocks += len(blocks) - added
+        return True
+
+    def _add_child(self, parent: int, child: int) -> None:
+        kids = self._children[parent]
+        if isinstance(kids, int):
+            self._children[parent] = [kids, child]
+        else:
+            kids.append(child)
 
     def _drop_subtree(self, worker: _Worker, seq: int) -> None:
         workers_of, children, bit = self._workers_of, self._children, worker.bit
-        stack = [seq]
+        keep, stack, dropped = ~bit, [seq], 0
         while stack:
             seq = stack.pop()
-            stack.extend([c for c in children.get(seq, ()) if workers_of[c] & bit])
-            self._drop_block(worker, seq)
+            kids = children.get(seq)
+            if kids is None:
+                pass
+            elif isinstance(kids, int):
+                if workers_of[kids] & bit:
+                    stack.append(kids)
+            else:
+                stack += [c for c in kids if workers_of[c] & bit]
+            mask = workers_of[seq] & keep
+            if mask:
+                workers_of[seq] = mask
+            else:
+                del workers_of[seq]
+                self._unlink(seq)
+            dropped += 1
+            worker.forget(seq)
+        worker.num_blocks -= dropped
 
     def _drop_all(self, worker: _Worker) -> None:
         bit = worker.bit
@@ -322,11 +370,16 @@ class KvIndex:
 
     def _unlink(self, seq: int) -> None:
         link = self._link_of.pop(seq, None)
-        if link is not None:
-            kids = self._children[link[0]]
+        if link is None:
+            return
+        parent = link >> 64
+        kids = self._children[parent]
+        if isinstance(kids, int):
+            del self._children[parent]
+        else:
             kids.remove(seq)
-            if not kids:
-                del self._children[link[0]]
+            if len(kids) == 1:
+                self._children[parent] = kids[0]
 
     # ------------------------------------------------------------------ invariants
 
@@ -335,17 +388,19 @@ class KvIndex:
         counts = dict.fromkeys(self._workers, 0)
         for seq, mask in self._workers_of.items():
             assert mask, f"block {seq} has an empty mask"
-            link = self._link_of.get(seq)
-            parent_mask = self._workers_of.get(link[0], 0) if link else mask
+            parent = self._parent(seq)
+            parent_mask = mask if parent is None else self._workers_of.get(parent, 0)
             assert mask & ~parent_mask == 0, f"block {seq} held without its parent"
-            assert link is None or seq in self._children[link[0]]
+            assert parent is None or seq in self._kids(parent)
             for worker in self._holders(mask):
                 counts[worker.worker_id] += 1
         assert counts == {w: x.num_blocks for w, x in self._workers.items()}
         assert self._link_of.keys() <= self._workers_of.keys()
         for parent, kids in self._children.items():
-            assert kids and len(set(kids)) == len(kids), f"bad child list of {parent}"
-            assert all(self._link_of[c][0] == parent for c in kids)
+            assert isinstance(kids, int) or len(set(kids)) == len(kids) > 1, (
+                f"bad children of {parent}"
+            )
+            assert all(self._parent(c) == parent for c in self._kids(parent))
         self._check_workers()
 
     def _check_workers(self) -> None:
@@ -365,23 +420,6 @@ class KvIndex:
             assert worker is not None, "mask names a free slot"
             yield worker
             mask ^= low
-
-
-def _chain(
-    parent: int | None, parent_hash: int | None, blocks: Sequence[StoredBlock]
-) -> list[int] | None:
-    """Sequence hashes of ``blocks`` after ``parent``; None when a block names itself or its parent."""
-    seqs = []
-    pack, seed = _PAIR.pack, XXH3_SEED
-    prev, prev_ext = parent, parent_hash
-    for block in blocks:
-        local = block.tokens_hash
-        seq = local if prev is None else _xxh3(pack(prev, local), seed)
-        if seq == prev or block.block_hash == prev_ext:
-            return None
-        seqs.append(seq)
-        prev, prev_ext = seq, block.block_hash
-    return seqs
 
 
 def _last_with_mask(

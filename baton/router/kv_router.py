@@ -20,14 +20,14 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from baton.kv.events import KvEvent, KvRemoved, KvStored, StoredBlock
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
 from baton.protocol import GenerateRequest, WorkerEvents
 from baton.router.indexer import KvIndex
-from baton.router.kv_selector import KvRouterConfig, KvSelector, RouterOverrides, RoutingDecision
+from baton.router.kv_selector import KvRouterConfig, KvSelector, RoutingDecision
 from baton.router.metrics import RouterMetrics
+from baton.router.policy import RouteHints
 from baton.router.sequences import ActiveSequences
 from baton.runtime import InstanceRecord
 
@@ -122,7 +122,7 @@ class KvRouter:
         request: GenerateRequest,
         candidates: list[int],
         in_flight: Mapping[int, int],
-        hints: Any = None,
+        hints: RouteHints | None = None,
     ) -> int:
         started = time.perf_counter()
         now = self._clock()
@@ -133,7 +133,7 @@ class KvRouter:
         isl = len(request.token_ids)
         overlaps = self.index.find_matches(seq).scores
         loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
-        overrides = hints if isinstance(hints, RouterOverrides) else None
+        overrides = hints.overrides if hints is not None else None
         decision = self.selector.select(candidates, overlaps, loads, isl, self.block_size, overrides)
         config = self.config.with_overrides(overrides)
         self.sequences.add_request(

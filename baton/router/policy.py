@@ -28,7 +28,7 @@ class RoutingPolicy(Protocol):
         request: GenerateRequest,
         candidates: list[int],
         in_flight: Mapping[int, int],
-        hints: Any = None,
+        hints: RouteHints | None = None,
     ) -> int: ...
 
     def on_first_output(self, request_id: str) -> None: ...
@@ -56,7 +56,7 @@ class SimplePolicy:
         request: GenerateRequest,
         candidates: list[int],
         in_flight: Mapping[int, int],
-        hints: Any = None,
+        hints: RouteHints | None = None,
     ) -> int:
         return self._selector.select(candidates, in_flight)
 
@@ -71,6 +71,15 @@ class SimplePolicy:
 
     def on_events(self, batch: WorkerEvents) -> bool:
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHints:
+    """What a request says about its own routing: a pinned worker, or per-request weights
+    for the KV router's cost function."""
+
+    worker_id: int | None = None
+    overrides: Any = None
 
 
 @dataclass(slots=True)

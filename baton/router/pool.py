@@ -24,12 +24,13 @@ from baton.config import RouterConfig
 from baton.errors import (
     BatonError,
     EngineError,
+    InvalidRequestError,
     OverloadedError,
     ServiceUnavailableError,
     TransportError,
 )
 from baton.protocol import Empty, EngineOutput, GenerateRequest, LoadMetrics, WorkerEvents
-from baton.router.policy import BusyThresholds, RoutingPolicy, SimplePolicy
+from baton.router.policy import BusyThresholds, RouteHints, RoutingPolicy, SimplePolicy
 from baton.router.selectors import make_selector
 from baton.runtime import InstanceRecord, RequestClient
 from baton.runtime.tasks import cancel_and_wait
@@ -127,7 +128,9 @@ class WorkerPool:
                 await asyncio.sleep(_FEED_RETRY_S)
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, request: GenerateRequest, hints: Any = None) -> AsyncIterator[EngineOutput]:
+    async def generate(
+        self, request: GenerateRequest, hints: RouteHints | None = None
+    ) -> AsyncIterator[EngineOutput]:
         worker_id, stream, first = await self._open(request, hints)
         rid = request.request_id
         try:
@@ -160,13 +163,24 @@ class WorkerPool:
             raise err
         return free
 
+    def _candidates(self, hints: RouteHints | None, tried: set[int]) -> list[int]:
+        pinned = hints.worker_id if hints is not None else None
+        if pinned is not None and pinned not in self.instances:
+            raise InvalidRequestError(
+                f"worker {pinned} does not serve model {self.model!r}", param="baton.worker_id"
+            )
+        eligible = self.eligible()
+        if pinned is not None:
+            eligible = [pinned] if pinned in eligible else []
+        return [i for i in eligible if i not in tried]
+
     async def _open(
-        self, request: GenerateRequest, hints: Any
+        self, request: GenerateRequest, hints: RouteHints | None
     ) -> tuple[int, AsyncIterator[EngineOutput], EngineOutput]:
         """Picks a worker and waits for its first delta, moving on from unreachable ones."""
         tried: set[int] = set()
         while True:
-            candidates = [i for i in self.eligible() if i not in tried]
+            candidates = self._candidates(hints, tried)
             if not candidates:
                 raise ServiceUnavailableError(
                     f"no reachable worker is serving model {self.model!r}", code="no_workers"

@@ -11,8 +11,8 @@ Endpoints:
   ``load_interval_s``). Routers follow it, in-process or over TCP; a router that sees a gap
   in event ids re-opens the feed and starts again from a snapshot.
 
-KV events go out on the event plane under ``{namespace}.kv_events``, stamped with this
-worker's id; ``LoadMetrics`` under ``{namespace}.load`` whenever they change, at most every
+KV events go out on the event plane under ``{namespace}.kv_events.{worker_id}``, stamped
+with this worker's id; ``LoadMetrics`` under ``{namespace}.load`` whenever they change, at most every
 ``load_interval_s``. A failure inside the engine ends that request's stream with an error;
 it never takes the worker down.
 """
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "backend"
 GENERATE = "generate"
+
+
+def kv_events_subject(namespace: str, worker_id: int) -> str:
+    return f"{namespace}.kv_events.{worker_id}"
 
 
 def new_instance_id() -> int:
@@ -69,7 +73,7 @@ class Worker:
         self.endpoints.add("events", self._events, Empty, WorkerEvents)
         self.record: InstanceRecord | None = None
         self._local_address: str | None = None
-        self._kv_subject = f"{config.namespace}.kv_events"
+        self._kv_subject = kv_events_subject(config.namespace, self.instance_id)
         self._load_subject = f"{config.namespace}.load"
         self._load_task: asyncio.Task[None] | None = None
         self.num_kv_events = 0
