@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=int, default=_W.port, help="0 = any free port")
     worker.add_argument("--worker-id", type=int, default=None)
 
+    router = sub.add_parser("router", help="the KV router alone, serving decisions over TCP")
+    _add_frontend_args(router)
+    router.set_defaults(router="kv", port=0)
+    router.add_argument("--worker", action="append", default=[], metavar="tcp://HOST:PORT",
+                        help="a worker's request-plane address (repeatable)")
+
     frontend = sub.add_parser("frontend", help="the HTTP frontend for workers in other processes")
     _add_frontend_args(frontend)
     frontend.add_argument("--worker", action="append", default=[], metavar="tcp://HOST:PORT",
@@ -166,9 +172,17 @@ def main(argv: list[str] | None = None) -> int:
             wconfig = _worker_config(args, host=args.host, port=args.port, worker_id=args.worker_id)
             return _run(lambda stop: launch.run_worker(wconfig, stop))
         if not args.worker:
-            print("baton frontend: give at least one --worker tcp://HOST:PORT", file=sys.stderr)
+            print(f"baton {args.command}: give at least one --worker tcp://HOST:PORT",
+                  file=sys.stderr)
             return 2
         fconfig = _frontend_config(args)
+        if args.command == "router":
+            if fconfig.router.mode != "kv":
+                print("baton router: the standalone router is the KV router (--router kv)",
+                      file=sys.stderr)
+                return 2
+            return _run(lambda stop: launch.run_router(
+                fconfig, args.worker, args.host, args.port, stop))
         return _run(lambda stop: launch.run_frontend(fconfig, args.worker, stop))
     except ValueError as exc:  # invalid configuration
         print(f"baton {args.command}: {exc}", file=sys.stderr)

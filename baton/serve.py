@@ -13,7 +13,9 @@ import sys
 
 from baton.config import FrontendConfig, ServeConfig, WorkerConfig
 from baton.frontend import Frontend
+from baton.frontend.models import ModelRegistry
 from baton.frontend.static_workers import StaticWorkers
+from baton.router.service import RouterService
 from baton.runtime import MemoryDiscovery, Runtime
 from baton.worker import Worker, build_worker
 
@@ -69,3 +71,20 @@ async def run_frontend(config: FrontendConfig, workers: list[str], stop: asyncio
         print(f"baton frontend on http://{config.host}:{frontend.port} "
               f"for workers {', '.join(workers)}", file=sys.stderr, flush=True)
         await stop.wait()
+
+
+async def run_router(
+    config: FrontendConfig, workers: list[str], host: str, port: int, stop: asyncio.Event
+) -> None:
+    """The standalone KV router: follows the workers' feeds, serves decisions over TCP."""
+    async with Runtime(MemoryDiscovery()) as runtime, StaticWorkers(runtime, workers, config):
+        models = ModelRegistry(runtime, config.router, config.namespace)
+        await models.start()
+        try:
+            service = RouterService(models)
+            server = await runtime.serve_tcp(service.endpoints, host, port)
+            print(f"baton router listening on {server.address} for workers {', '.join(workers)}",
+                  file=sys.stderr, flush=True)
+            await stop.wait()
+        finally:
+            await models.close()

@@ -1,0 +1,120 @@
+"""The standalone router (``baton router``): KV-aware routing decisions as a service.
+
+An external gateway sends a request's token ids to ``route`` and gets the worker to use
+(and that worker's cached overlap); the router counts the request as active on that worker
+until the gateway reports ``mark_prefill`` (first token seen) and ``mark_free`` (stream
+ended). ``overlap_scores`` answers how many prompt blocks each worker holds, without side
+effects. Like ``KvRouter`` itself, it only decides: it never forwards a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from baton.errors import InvalidRequestError
+from baton.frontend.models import ModelEntry, ModelRegistry
+from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
+from baton.protocol import GenerateRequest, SamplingParams
+from baton.router.kv_router import KvRouter
+from baton.router.kv_selector import RouterOverrides
+from baton.router.policy import RouteHints
+from baton.runtime import EndpointServer
+
+
+class RouteRequest(msgspec.Struct, kw_only=True):
+    request_id: str
+    token_ids: list[int]
+    model: str | None = None
+    """Needed only when the router serves several models."""
+    overlap_score_credit: float | None = None
+    prefill_load_scale: float | None = None
+    temperature: float | None = None
+
+
+class RouteDecision(msgspec.Struct, kw_only=True):
+    worker_id: int
+    address: str
+    overlap_blocks: int
+    predicted_hit_rate: float
+    costs: dict[int, float]
+    """Every candidate's cost (the decision's terms are logged at debug level)."""
+
+
+class RequestRef(msgspec.Struct):
+    request_id: str
+    model: str | None = None
+
+
+class Ack(msgspec.Struct):
+    ok: bool = True
+
+
+class TokensQuery(msgspec.Struct, kw_only=True):
+    token_ids: list[int]
+    model: str | None = None
+
+
+class OverlapScores(msgspec.Struct, kw_only=True):
+    block_size: int
+    scores: dict[int, int]
+    """Worker id → number of leading prompt blocks it holds (0s omitted)."""
+
+
+class RouterService:
+    def __init__(self, models: ModelRegistry) -> None:
+        self.models = models
+        self.endpoints = EndpointServer()
+        self.endpoints.add("route", self._route, RouteRequest, RouteDecision)
+        self.endpoints.add("mark_prefill", self._mark_prefill, RequestRef, Ack)
+        self.endpoints.add("mark_free", self._mark_free, RequestRef, Ack)
+        self.endpoints.add("overlap_scores", self._overlap_scores, TokensQuery, OverlapScores)
+
+    def _entry(self, model: str | None) -> tuple[ModelEntry, KvRouter]:
+        if model is None:
+            served = self.models.served()
+            if len(served) != 1:
+                raise InvalidRequestError(
+                    f"name the model: this router serves {', '.join(served) or 'none'}",
+                    param="model",
+                )
+            model = served[0]
+        entry = self.models.get(model)
+        assert isinstance(entry.pool.policy, KvRouter), "the router service runs in kv mode"
+        return entry, entry.pool.policy
+
+    async def _route(self, req: RouteRequest) -> AsyncIterator[RouteDecision]:
+        entry, router = self._entry(req.model)
+        overrides = RouterOverrides(
+            overlap_score_credit=req.overlap_score_credit,
+            prefill_load_scale=req.prefill_load_scale,
+            temperature=req.temperature,
+        )
+        request = GenerateRequest(request_id=req.request_id, token_ids=req.token_ids,
+                                  sampling=SamplingParams(max_tokens=1))
+        worker_id = router.choose(request, entry.pool.eligible(), entry.pool.in_flight,
+                                  RouteHints(overrides=overrides))
+        decision = router.last_decision
+        assert decision is not None
+        yield RouteDecision(
+            worker_id=worker_id,
+            address=entry.pool.instances[worker_id].address,
+            overlap_blocks=decision.overlap_blocks,
+            predicted_hit_rate=decision.predicted_hit_rate,
+            costs={c.worker_id: c.cost for c in decision.candidates},
+        )
+
+    async def _mark_prefill(self, ref: RequestRef) -> AsyncIterator[Ack]:
+        self._entry(ref.model)[1].on_first_output(ref.request_id)
+        yield Ack()
+
+    async def _mark_free(self, ref: RequestRef) -> AsyncIterator[Ack]:
+        self._entry(ref.model)[1].on_finish(ref.request_id)
+        yield Ack()
+
+    async def _overlap_scores(self, query: TokensQuery) -> AsyncIterator[OverlapScores]:
+        _, router = self._entry(query.model)
+        assert router.block_size is not None
+        seq = compute_sequence_hashes(compute_local_hashes(query.token_ids, router.block_size))
+        yield OverlapScores(block_size=router.block_size, scores=router.index.find_matches(seq).scores)
