@@ -199,5 +199,5 @@ def test_kv_events_round_trip_through_msgpack(data: KvStored | KvRemoved | KvCle
 
 
 def test_kv_event_tags_are_stored_removed_cleared() -> None:
-    as_dict = msgspec.to_builtins([stored(None, 1), KvRemoved([1]), KvCleared()])
-    assert [d["type"] for d in as_dict] == ["stored", "removed", "cleared"]
+    as_arrays = msgspec.to_builtins([stored(None, 1), KvRemoved([1]), KvCleared()])
+    assert [a[0] for a in as_arrays] == ["stored", "removed", "cleared"]

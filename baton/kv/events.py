@@ -6,7 +6,9 @@ carries a chain of newly cached blocks continuing from ``parent_hash`` (None = a
 the engine's block identifier (here: the sequence hash) and ``tokens_hash`` the position
 independent local hash. Event ids are monotonic per worker, starting at 0.
 
-Plain msgspec structs, tagged so a union decodes without a schema layer of its own. No I/O.
+Plain msgspec structs, tagged so a union decodes without a schema layer of its own, and
+encoded as arrays (field order is the schema): a 32-block stored event is about 630 bytes of
+msgpack instead of 1,400, and decodes faster. No I/O.
 """
 
 from __future__ import annotations
@@ -14,34 +16,34 @@ from __future__ import annotations
 import msgspec
 
 
-class StoredBlock(msgspec.Struct):
+class StoredBlock(msgspec.Struct, array_like=True):
     """One newly cached full block."""
 
     block_hash: int
     tokens_hash: int
 
 
-class KvStored(msgspec.Struct, tag="stored"):
+class KvStored(msgspec.Struct, tag="stored", array_like=True):
     """Blocks that became cached, in chain order, continuing from ``parent_hash``."""
 
     parent_hash: int | None
     blocks: list[StoredBlock]
 
 
-class KvRemoved(msgspec.Struct, tag="removed"):
+class KvRemoved(msgspec.Struct, tag="removed", array_like=True):
     """Blocks evicted from the cache (identified by ``block_hash``)."""
 
     block_hashes: list[int]
 
 
-class KvCleared(msgspec.Struct, tag="cleared"):
+class KvCleared(msgspec.Struct, tag="cleared", array_like=True):
     """The worker dropped its whole prefix cache."""
 
 
 KvEventData = KvStored | KvRemoved | KvCleared
 
 
-class KvEvent(msgspec.Struct):
+class KvEvent(msgspec.Struct, array_like=True):
     """One numbered event from one worker."""
 
     event_id: int
