@@ -74,6 +74,12 @@ class LoadMetrics(msgspec.Struct, kw_only=True):
         return self.active_blocks / self.total_blocks if self.total_blocks else 1.0
 
 
+class FeedRequest(msgspec.Struct, kw_only=True):
+    """Opens a worker's ``events`` feed; without ``kv_events`` it carries only load."""
+
+    kv_events: bool = True
+
+
 class WorkerEvents(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One batch of a worker's ``events`` feed.
 

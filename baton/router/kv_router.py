@@ -51,6 +51,7 @@ class KvRouter:
         self.config = config
         self.block_size = block_size
         self.use_kv_events = use_kv_events
+        self.wants_kv_events = use_kv_events
         self.ttl_s = ttl_s
         self.expiry_s = expiry_s
         self.metrics = metrics

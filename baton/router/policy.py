@@ -19,6 +19,9 @@ from baton.runtime import InstanceRecord
 
 
 class RoutingPolicy(Protocol):
+    wants_kv_events: bool
+    """Whether workers' feeds should carry KV events (load always comes)."""
+
     def accepts(self, record: InstanceRecord) -> bool:
         """Whether a newly discovered worker may join (e.g. its block size matches)."""
         ...
@@ -44,6 +47,8 @@ class RoutingPolicy(Protocol):
 
 class SimplePolicy:
     """Round-robin, random or least-loaded: the choice ignores the request's content."""
+
+    wants_kv_events = False
 
     def __init__(self, selector: WorkerSelector) -> None:
         self._selector = selector

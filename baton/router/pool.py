@@ -29,7 +29,13 @@ from baton.errors import (
     ServiceUnavailableError,
     TransportError,
 )
-from baton.protocol import Empty, EngineOutput, GenerateRequest, LoadMetrics, WorkerEvents
+from baton.protocol import (
+    EngineOutput,
+    FeedRequest,
+    GenerateRequest,
+    LoadMetrics,
+    WorkerEvents,
+)
 from baton.router.policy import BusyThresholds, RouteHints, RoutingPolicy, SimplePolicy
 from baton.router.selectors import make_selector
 from baton.runtime import InstanceRecord, RequestClient
@@ -113,8 +119,9 @@ class WorkerPool:
         while worker_id in self.instances:
             address = self.instances[worker_id].address
             try:
+                request = FeedRequest(kv_events=self.policy.wants_kv_events)
                 async with contextlib.aclosing(
-                    self._client.stream(address, "events", Empty(), WorkerEvents)
+                    self._client.stream(address, "events", request, WorkerEvents)
                 ) as feed:
                     async for batch in feed:
                         self.loads[worker_id] = batch.load

@@ -20,6 +20,7 @@ it never takes the worker down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -31,7 +32,14 @@ from baton.config import WorkerConfig
 from baton.engine.base import Engine
 from baton.errors import BatonError, EngineError
 from baton.kv.events import KvEvent
-from baton.protocol import Empty, EngineOutput, GenerateRequest, LoadMetrics, WorkerEvents
+from baton.protocol import (
+    Empty,
+    EngineOutput,
+    FeedRequest,
+    GenerateRequest,
+    LoadMetrics,
+    WorkerEvents,
+)
 from baton.runtime import EndpointServer, InstanceRecord, Runtime
 from baton.runtime.tasks import cancel_and_wait
 
@@ -70,7 +78,7 @@ class Worker:
         self.endpoints.add(GENERATE, self._generate, GenerateRequest, EngineOutput)
         self.endpoints.add("info", self._info, Empty, InstanceRecord)
         self.endpoints.add("load", self._load, Empty, LoadMetrics)
-        self.endpoints.add("events", self._events, Empty, WorkerEvents)
+        self.endpoints.add("events", self._events, FeedRequest, WorkerEvents)
         self.record: InstanceRecord | None = None
         self._local_address: str | None = None
         self._kv_subject = kv_events_subject(config.namespace, self.instance_id)
@@ -138,17 +146,22 @@ class Worker:
     async def _load(self, _: Empty) -> AsyncIterator[LoadMetrics]:
         yield self.load_metrics()
 
-    async def _events(self, _: Empty) -> AsyncIterator[WorkerEvents]:
+    async def _events(self, req: FeedRequest) -> AsyncIterator[WorkerEvents]:
+        if not req.kv_events:
+            while True:
+                yield WorkerEvents(worker_id=self.instance_id, last_event_id=-1,
+                                   load=self.load_metrics())
+                await asyncio.sleep(self.config.load_interval_s)
         sub = self.runtime.events.subscribe(self._kv_subject)  # before the snapshot: no gap
         try:
             last, snapshot = self.engine.kv_snapshot()
             yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
                                load=self.load_metrics(), snapshot=snapshot)
             while True:
-                try:
-                    batch = await asyncio.wait_for(sub.next_batch(1024), self.config.load_interval_s)
-                except TimeoutError:
-                    batch = []
+                batch: list[KvEvent] = []
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.load_interval_s):
+                        batch = await sub.next_batch(1024)
                 last = batch[-1].event_id if batch else last
                 yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
                                    load=self.load_metrics(), events=batch)
