@@ -18,15 +18,8 @@ import time
 
 os.environ.setdefault("DYN_LOG", "error")  # no per-event WARN lines from the Rust side
 
+from _procs import rss_mb  # noqa: E402  (benches/ is this script's directory)
 from dynamo.llm import RadixTree, compute_block_hash_for_seq  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
 
 
 def insert(events: list, barrier: list[int]) -> tuple[RadixTree, float]:

@@ -20,6 +20,15 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def rss_mb() -> float:
+    """This process's resident set size in MiB (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -50,6 +50,9 @@ from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
 from baton.router.indexer import KvIndex
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _procs import rss_mb  # noqa: E402
+
 NUM_CHECKED = 20  # queries per (length, kind) whose scores are compared across the two
 
 
@@ -181,14 +184,6 @@ def dynamo_json(events: list[KvEvent]) -> list[tuple[int, bytes]]:
 
 
 # ---------------------------------------------------------------- Baton side
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
 
 
 def baton_insert(events: list, decode=None) -> tuple[KvIndex, float]:  # noqa: ANN001
