@@ -25,6 +25,7 @@ from baton.config import (
     WorkerConfig,
 )
 from baton.engine.scheduler import SchedulerConfig
+from baton.trace.synth import SynthConfig
 
 _E = EngineConfig()
 _S = SchedulerConfig()
@@ -142,11 +143,49 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--worker", action="append", default=[], metavar="tcp://HOST:PORT",
                         help="a worker's request-plane address (repeatable)")
 
+    _add_trace_parser(sub)
+
     frontend = sub.add_parser("frontend", help="the HTTP frontend for workers in other processes")
     _add_frontend_args(frontend)
     frontend.add_argument("--worker", action="append", default=[], metavar="tcp://HOST:PORT",
                           help="a worker's request-plane address (repeatable)")
     return parser
+
+
+def _add_trace_parser(sub: Any) -> None:
+    trace = sub.add_parser("trace", help="Mooncake-format request traces: analyze, synthesize")
+    tsub = trace.add_subparsers(dest="trace_command", required=True)
+    analyze = tsub.add_parser("analyze", help="print a trace's statistics")
+    analyze.add_argument("trace", nargs="+", help="Mooncake JSONL file(s)")
+    analyze.add_argument("--block-size", type=int, default=512, help="tokens per hash id")
+    synth = tsub.add_parser("synth", help="synthesize a trace from a source trace")
+    synth.add_argument("source", help="Mooncake JSONL file to learn prefix structure from")
+    synth.add_argument("--output", "-o", required=True)
+    d = SynthConfig(num_requests=0)
+    synth.add_argument("--num-requests", type=int, required=True)
+    for name in ("prefix_len_multiplier", "prompt_len_multiplier", "osl_multiplier",
+                 "speedup_ratio"):
+        synth.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    synth.add_argument("--prefix-root-multiplier", type=int, default=d.prefix_root_multiplier)
+    for name in ("min_isl", "max_isl", "min_osl", "max_osl"):
+        synth.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    synth.add_argument("--block-size", type=int, default=d.block_size)
+    synth.add_argument("--seed", type=int, default=d.seed)
+
+
+def _trace(a: argparse.Namespace) -> int:
+    from baton.trace import analyze, format_stats, load_trace, save_trace, synthesize_with
+
+    if a.trace_command == "analyze":
+        for path in a.trace:
+            print(f"# {path}")
+            print(format_stats(analyze(load_trace(path), block_size=a.block_size)))
+        return 0
+    config = SynthConfig(**{f: getattr(a, f) for f in SynthConfig.__dataclass_fields__})
+    requests = synthesize_with(load_trace(a.source), config)
+    save_trace(a.output, requests)
+    print(f"wrote {len(requests)} requests to {a.output}", file=sys.stderr)
+    return 0
 
 
 def _worker_config(a: argparse.Namespace, **extra: Any) -> WorkerConfig:
@@ -161,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     from baton import serve as launch  # after logging is set up
 
     try:
+        if args.command == "trace":
+            return _trace(args)
         if args.command == "serve":
             config = ServeConfig(
                 frontend=_frontend_config(args),

@@ -34,3 +34,21 @@ def test_invalid_configuration_is_a_clear_error_not_a_traceback():
     assert out.returncode == 2
     assert "workers: must be >= 1" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_trace_analyze_and_synth_commands(tmp_path):
+    src = tmp_path / "src.jsonl"
+    lines = [
+        {"timestamp": 0, "input_length": 1000, "output_length": 10, "hash_ids": [0, 1]},
+        {"timestamp": 5, "input_length": 1100, "output_length": 20, "hash_ids": [0, 1, 2]},
+        {"timestamp": 9, "input_length": 600, "output_length": 5, "hash_ids": [0, 3]},
+    ]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = subprocess.run([sys.executable, "-m", "baton", "trace", "analyze", str(src)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert "requests" in out.stdout and "3" in out.stdout
+    synth = tmp_path / "synth.jsonl"
+    subprocess.run([sys.executable, "-m", "baton", "trace", "synth", str(src), "-o", str(synth),
+                    "--num-requests", "20", "--seed", "3"],
+                   capture_output=True, text=True, timeout=60, check=True)
+    assert len(synth.read_text().splitlines()) == 20

@@ -7,6 +7,8 @@ Owns no engine or HTTP logic. ``Runtime`` ties a discovery backend to the reques
 from baton.runtime.discovery import Discovery, DiscoveryEvent, InstanceRecord, MemoryDiscovery
 from baton.runtime.endpoint import EndpointServer
 from baton.runtime.events import EventPlane, MemoryEventPlane, Subscription
+from baton.runtime.nats_discovery import NatsDiscovery
+from baton.runtime.nats_events import NatsEventPlane, NatsSubscription, connect_nats
 from baton.runtime.runtime import RequestClient, Runtime
 from baton.runtime.tcp import TcpClientPool, TcpServer
 
@@ -18,9 +20,13 @@ __all__ = [
     "InstanceRecord",
     "MemoryDiscovery",
     "MemoryEventPlane",
+    "NatsDiscovery",
+    "NatsEventPlane",
+    "NatsSubscription",
     "RequestClient",
     "Runtime",
     "Subscription",
     "TcpClientPool",
     "TcpServer",
+    "connect_nats",
 ]

@@ -28,7 +28,10 @@ class Subscription(Protocol):
 class EventPlane(Protocol):
     def publish(self, subject: str, event: Any) -> None: ...
 
-    def subscribe(self, subject: str) -> Subscription: ...
+    def subscribe(self, subject: str, kind: type | None = None) -> Subscription:
+        """Registered when this returns. ``kind`` is the type events on ``subject`` decode to,
+        for planes that serialize (NATS); in-process planes pass the objects through."""
+        ...
 
 
 class MemorySubscription:
@@ -66,7 +69,8 @@ class MemoryEventPlane:
             except asyncio.QueueFull:
                 sub.dropped += 1
 
-    def subscribe(self, subject: str) -> MemorySubscription:
+    def subscribe(self, subject: str, kind: type | None = None) -> MemorySubscription:
+        """``kind`` is ignored: events are passed through as published objects."""
         sub = MemorySubscription(self, subject, self._queue_limit)
         self._subscriptions.setdefault(subject, set()).add(sub)
         return sub

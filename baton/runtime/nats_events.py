@@ -1,0 +1,270 @@
+"""The event plane over NATS core pub/sub, and the one way this package connects to NATS.
+
+Owns: ``connect_nats`` (a client configured to reconnect forever), ``NatsEventPlane`` and its
+``NatsSubscription``s. Must not: persist events (core NATS is at-most-once; consumers that
+need every event detect gaps by event id and re-sync, as the worker feed does).
+
+Wire format: every event is msgspec msgpack. A subscriber decodes with the ``kind`` it passes
+to ``subscribe``; without one, the subject decides (``subject_kinds``, by default
+``DEFAULT_SUBJECT_KINDS``: ``<ns>.kv_events.<worker>`` carries ``KvEvent``, ``<ns>.load``
+carries ``LoadMetrics``); any other subject decodes as untyped msgpack (dicts, lists,
+scalars; ``bytes`` published as is come back as ``bytes``).
+
+Ordering and the subscription guarantee. ``publish`` and ``subscribe`` are synchronous, but
+nats-py's are coroutines, so both go through one owned FIFO of operations drained by one
+writer task, which hands them to the client in call order. Hence: **an event published
+through this plane after ``subscribe`` returned on the same plane is delivered to that
+subscription** (the SUB reaches the server before the PUB, over one TCP connection), unless
+the subscription's queue overflows or the connection drops meanwhile. That is the case the
+worker feed relies on: it subscribes to its own KV subject and then takes the engine's
+snapshot, and the engine publishes through the same plane. Events from *other* connections
+are guaranteed only once ``await sub.wait_registered()`` returned (the server has processed
+the SUB); before that, a few may be missed, which is harmless for load reports and is
+caught by event-id gap detection for KV events.
+
+Overflow policy. Outbound: at most ``outbound_limit`` publishes wait for the writer task;
+beyond that the newest is dropped and counted in ``dropped_outbound`` (so are publishes the
+client refuses: closed connection, or its reconnect buffer full). Inbound: each subscription
+has a bounded queue; when it is full the newest event is dropped and counted in
+``dropped``. Subscribe and unsubscribe operations are never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Self
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as _NatsSub
+
+from baton.kv.events import KvEvent
+from baton.protocol import LoadMetrics
+from baton.runtime.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUBJECT_KINDS: tuple[tuple[str, type], ...] = (
+    (r"\.kv_events\.[^.]+$", KvEvent),
+    (r"(^|\.)load$", LoadMetrics),
+)
+"""Subject regex → type of the events on it, used when ``subscribe`` gets no ``kind``."""
+
+
+async def connect_nats(url: str, *, name: str, reconnect_time_wait_s: float = 0.25) -> Client:
+    """A nats-py client that reconnects forever, ``reconnect_time_wait_s`` between tries, and
+    logs connection trouble as one line each (nats-py's default logs a traceback per try)."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("NATS %s: %s: %s", name, type(exc).__name__, exc)
+
+    async def on_disconnected() -> None:
+        log.warning("NATS %s: disconnected", name)
+
+    async def on_reconnected() -> None:
+        log.info("NATS %s: reconnected", name)
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=reconnect_time_wait_s,
+        connect_timeout=2,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+    )
+
+
+class NatsConnection:
+    """A client given by the caller (borrowed: never closed here) or a URL (connected on first
+    use, owned, drained on ``close``)."""
+
+    def __init__(self, nc_or_url: Client | str, *, name: str) -> None:
+        self._url = nc_or_url if isinstance(nc_or_url, str) else None
+        self._nc = None if isinstance(nc_or_url, str) else nc_or_url
+        self._name = name
+        self._lock = asyncio.Lock()
+
+    @property
+    def is_owned(self) -> bool:
+        return self._url is not None
+
+    async def get(self) -> Client:
+        async with self._lock:
+            if self._nc is None:
+                assert self._url is not None
+                self._nc = await connect_nats(self._url, name=self._name)
+            return self._nc
+
+    async def close(self) -> None:
+        if self._url is None or self._nc is None or self._nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self._nc.drain(), timeout=2.0)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("draining NATS connection %s failed: %s", self._name, exc)
+            await self._nc.close()
+
+
+class NatsSubscription:
+    """One subject's events, decoded, in a bounded queue (full: the newest is dropped)."""
+
+    def __init__(self, plane: NatsEventPlane, subject: str, kind: type | None, limit: int) -> None:
+        self._plane = plane
+        self.subject = subject
+        self._decoder: msgspec.msgpack.Decoder[Any] = (
+            msgspec.msgpack.Decoder(kind) if kind is not None else msgspec.msgpack.Decoder()
+        )
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(limit)
+        self.dropped = 0
+        self.num_undecodable = 0
+        self.closed = False
+        self._registered = asyncio.Event()
+        self._nats_sub: _NatsSub | None = None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.queue.get()
+
+    async def next_batch(self, limit: int) -> list[Any]:
+        batch = [await self.queue.get()]
+        while len(batch) < limit and not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
+
+    async def wait_registered(self, timeout_s: float = 5.0) -> None:
+        """Returns once the server has processed this SUB: from then on, events published by
+        any connection are delivered."""
+        async with asyncio.timeout(timeout_s):
+            await self._registered.wait()
+            nc = await self._plane.connection.get()
+            await nc.flush(timeout=timeout_s)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._plane._unsubscribe(self)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            event = self._decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self.num_undecodable += 1
+            log.warning("undecodable event on %s: %s", msg.subject, exc)
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+
+_Op = tuple[str, Any, bytes]  # ("pub", subject, payload) | ("sub"/"unsub", subscription, b"")
+
+
+class NatsEventPlane:
+    """``EventPlane`` over NATS core subjects (see the module docstring for guarantees)."""
+
+    def __init__(
+        self,
+        nc_or_url: Client | str,
+        *,
+        queue_limit: int = 10_000,
+        outbound_limit: int = 65_536,
+        subject_kinds: Sequence[tuple[str, type]] = DEFAULT_SUBJECT_KINDS,
+    ) -> None:
+        self.connection = NatsConnection(nc_or_url, name="baton-events")
+        self._queue_limit = queue_limit
+        self._outbound_limit = outbound_limit
+        self._subject_kinds = [(re.compile(p), kind) for p, kind in subject_kinds]
+        self.dropped_outbound = 0
+        # -- the writer: one FIFO of operations, one task draining it
+        self._ops: deque[_Op] = deque()
+        self._num_queued_pubs = 0
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def publish(self, subject: str, event: Any) -> None:
+        if self._closed or self._num_queued_pubs >= self._outbound_limit:
+            self.dropped_outbound += 1
+            return
+        payload = event if isinstance(event, bytes) else msgspec.msgpack.encode(event)
+        self._num_queued_pubs += 1
+        self._push(("pub", subject, payload))
+
+    def subscribe(self, subject: str, kind: type | None = None) -> NatsSubscription:
+        sub = NatsSubscription(self, subject, kind or self.kind_of(subject), self._queue_limit)
+        self._push(("sub", sub, b""))
+        return sub
+
+    def kind_of(self, subject: str) -> type | None:
+        """The event type registered for ``subject``; None means untyped msgpack."""
+        for pattern, kind in self._subject_kinds:
+            if pattern.search(subject):
+                return kind
+        return None
+
+    async def close(self, drain_timeout_s: float = 1.0) -> None:
+        """Sends what is queued (for up to ``drain_timeout_s``), stops the writer, and closes
+        the connection if this plane opened it."""
+        self._closed = True
+        if self._writer is not None:
+            self._push(("stop", None, b""))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), drain_timeout_s)
+            await cancel_and_wait(self._writer)
+        await self.connection.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _unsubscribe(self, sub: NatsSubscription) -> None:
+        if not self._closed:
+            self._push(("unsub", sub, b""))
+
+    def _push(self, op: _Op) -> None:
+        self._ops.append(op)
+        self._wakeup.set()
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        nc = await self.connection.get()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._ops:
+                kind, target, payload = self._ops.popleft()
+                if kind == "stop":
+                    return
+                await self._apply(nc, kind, target, payload)
+
+    async def _apply(self, nc: Client, kind: str, target: Any, payload: bytes) -> None:
+        try:
+            if kind == "pub":
+                self._num_queued_pubs -= 1
+                await nc.publish(target, payload)
+            elif kind == "sub" and not target.closed:
+                target._nats_sub = await nc.subscribe(target.subject, cb=target._on_msg)
+                target._registered.set()
+            elif kind == "unsub" and target._nats_sub is not None:
+                await target._nats_sub.unsubscribe()
+        except nats.errors.Error as exc:  # closed connection, reconnect buffer full, ...
+            if kind == "pub":
+                self.dropped_outbound += 1
+            else:
+                log.warning("NATS %s of %s failed: %s", kind, target.subject, exc)

@@ -1,0 +1,370 @@
+"""Synthesize new Mooncake traces that keep a source trace's prefix structure.
+
+Owns ``SynthConfig`` and ``synthesize``, a re-implementation of Dynamo's prefix data generator
+(``datagen synthesize``); pure and seeded (``random.Random(seed)``), no I/O.
+
+Algorithm:
+
+1. Build a prefix tree from every request's ``hash_ids`` path. Each node counts the requests
+   that pass through it (``visited``) and that end on it (``end``).
+2. Nodes visited once are the requests' unique "user prompts": they are cut off and the length
+   (in blocks) of each cut chain is recorded. What is left is the core tree of shared blocks.
+3. Unary chains of the core tree (a node whose only child is visited as often) are contracted
+   into radix nodes holding several ids.
+4. At each core node the walk moves to a core child (weight = its visits), stops and appends a
+   unique prompt (weight = number of cut children), or ends (weight = ``end``).
+5. A request walks the core tree from the root, taking each radix node's ids; when it stops to
+   append a prompt, it takes a sampled prompt length of fresh ids (counting up from the source's
+   largest id + 1) and its input length is ``(blocks - 1) * block_size + r`` with ``r`` sampled
+   from the source's last-block fill; otherwise its input length is ``blocks * block_size``.
+   Output length is sampled from the source x ``osl_multiplier``.
+6. Arrivals: at each timestamp a number of requests drawn from the source's
+   requests-per-timestamp distribution arrive, then time advances by a sampled positive source
+   inter-arrival delta divided by ``speedup_ratio`` (rounded, in ms).
+
+Knobs: ``prefix_len_multiplier`` > 1 turns each core id ``x`` into ``ceil(m)`` ids
+``x*ceil(m) .. x*ceil(m)+ceil(m)-1`` (shared prefixes get ``ceil(m)`` times longer); < 1 keeps the
+first ``max(1, round(len * m))`` ids of each radix node. ``prompt_len_multiplier`` scales the
+sampled unique-prompt lengths (rounded, at least 1 block). ``prefix_root_multiplier`` = k offsets
+each request's ids by ``randint(0, k-1) * (largest id + 1)``, making k disjoint copies of the tree.
+
+Differences from Dynamo, on purpose: the tree is keyed by path (an id reused under two parents
+makes two nodes, where Dynamo rejects the trace); a request outside ``min_isl``/``max_isl`` is
+redrawn in the same arrival slot (Dynamo drops the slot), and fresh ids are allocated only for
+kept requests, so they stay consecutive; ``min_osl``/``max_osl`` clip and every output length is
+at least 1. Output requests carry only the four Mooncake fields.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from baton.trace.mooncake import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
+
+_MAX_REJECTIONS = 10_000
+_CACHE_END = -1  # transition: stop and append a unique prompt
+_END = -2  # transition: the request ends here
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    num_requests: int
+    prefix_len_multiplier: float = 1.0
+    prefix_root_multiplier: int = 1
+    prompt_len_multiplier: float = 1.0
+    osl_multiplier: float = 1.0
+    speedup_ratio: float = 1.0
+    min_isl: int | None = None
+    max_isl: int | None = None
+    min_osl: int | None = None
+    max_osl: int | None = None
+    block_size: int = DEFAULT_TRACE_BLOCK_SIZE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.num_requests >= 0, "num_requests", self.num_requests, "must be >= 0")
+        for name in (
+            "prefix_len_multiplier",
+            "prompt_len_multiplier",
+            "osl_multiplier",
+            "speedup_ratio",
+        ):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        root = self.prefix_root_multiplier
+        _require(
+            isinstance(root, int) and root >= 1,
+            "prefix_root_multiplier",
+            root,
+            "must be an int >= 1",
+        )
+        _require(self.block_size >= 1, "block_size", self.block_size, "must be >= 1")
+        _check_range("isl", self.min_isl, self.max_isl)
+        _check_range("osl", self.min_osl, self.max_osl)
+
+
+def _require(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} {rule}, got {value!r}")
+
+
+def _check_range(what: str, low: int | None, high: int | None) -> None:
+    if low is not None:
+        _require(low >= 0, f"min_{what}", low, "must be >= 0")
+    if high is not None:
+        _require(high >= 1, f"max_{what}", high, "must be >= 1")
+    if low is not None and high is not None:
+        _require(low <= high, f"min_{what}", low, f"must be <= max_{what} ({high})")
+
+
+@dataclass(eq=False)
+class _Node:
+    ids: list[int]
+    visited: int = 0
+    end: int = 0
+    children: dict[int, _Node] = field(default_factory=dict)
+    to_leaf: int = 0  # children cut off as unique prompts
+    targets: list[_Node | int] = field(default_factory=list)
+    cum_weights: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What the source trace teaches: the core tree and the empirical distributions."""
+
+    root: _Node
+    max_id: int
+    prompt_lengths: list[int]
+    last_block_fill: list[int]
+    output_lengths: list[int]
+    per_timestamp: list[int]
+    deltas: list[int]
+
+
+def synthesize(
+    requests: list[TraceRequest],
+    *,
+    num_requests: int,
+    prefix_len_multiplier: float = 1.0,
+    prefix_root_multiplier: int = 1,
+    prompt_len_multiplier: float = 1.0,
+    osl_multiplier: float = 1.0,
+    speedup_ratio: float = 1.0,
+    min_isl: int | None = None,
+    max_isl: int | None = None,
+    min_osl: int | None = None,
+    max_osl: int | None = None,
+    block_size: int = DEFAULT_TRACE_BLOCK_SIZE,
+    seed: int = 0,
+) -> list[TraceRequest]:
+    """``num_requests`` new requests shaped like ``requests``; the same inputs give the same output."""
+    config = SynthConfig(
+        num_requests=num_requests,
+        prefix_len_multiplier=prefix_len_multiplier,
+        prefix_root_multiplier=prefix_root_multiplier,
+        prompt_len_multiplier=prompt_len_multiplier,
+        osl_multiplier=osl_multiplier,
+        speedup_ratio=speedup_ratio,
+        min_isl=min_isl,
+        max_isl=max_isl,
+        min_osl=min_osl,
+        max_osl=max_osl,
+        block_size=block_size,
+        seed=seed,
+    )
+    return synthesize_with(requests, config)
+
+
+def synthesize_with(requests: list[TraceRequest], config: SynthConfig) -> list[TraceRequest]:
+    """``synthesize`` driven by a ready ``SynthConfig``."""
+    model = _learn(requests, config)
+    return _Sampler(model, config).run()
+
+
+# ------------------------------------------------------------------ learning the source
+
+
+def _learn(requests: list[TraceRequest], config: SynthConfig) -> _Model:
+    """Build the core radix tree and the empirical distributions from ``requests``."""
+    if not requests:
+        raise ValueError("requests: the source trace is empty")
+    root = _build_tree(requests)
+    prompt_lengths: list[int] = []
+    _cut_unique_prompts(root, prompt_lengths)
+    _contract_chains(root)
+    _scale_prefixes(root, config.prefix_len_multiplier)
+    _precompute_transitions(root)
+    largest = max((h for r in requests for h in r.hash_ids), default=-1)
+    stamps = [r.timestamp for r in requests]
+    return _Model(
+        root=root,
+        max_id=_scaled_max_id(largest, config.prefix_len_multiplier),
+        prompt_lengths=_scale_prompts(prompt_lengths, config.prompt_len_multiplier),
+        last_block_fill=_last_block_fill(requests, config.block_size),
+        output_lengths=[r.output_length for r in requests],
+        per_timestamp=list(Counter(stamps).values()),
+        deltas=[b - a for a, b in itertools.pairwise(stamps) if b > a] or [0],
+    )
+
+
+def _build_tree(requests: list[TraceRequest]) -> _Node:
+    root = _Node(ids=[])
+    for r in requests:
+        node = root
+        node.visited += 1
+        for h in r.hash_ids:
+            node = node.children.setdefault(h, _Node(ids=[h]))
+            node.visited += 1
+        node.end += 1
+    return root
+
+
+def _cut_unique_prompts(root: _Node, lengths: list[int]) -> None:
+    """Remove every subtree visited once, recording its depth (a single chain) in blocks."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for key, child in list(node.children.items()):
+            if child.visited == 1:
+                lengths.append(_chain_length(child))
+                node.to_leaf += 1
+                del node.children[key]
+            else:
+                stack.append(child)
+
+
+def _chain_length(node: _Node) -> int:
+    length = 1
+    while node.children:
+        (node,) = node.children.values()
+        length += 1
+    return length
+
+
+def _contract_chains(root: _Node) -> None:
+    """Merge a node's only child into it when every visit continues there (radix form)."""
+    stack = list(root.children.values())
+    while stack:
+        node = stack.pop()
+        while len(node.children) == 1 and node.end == 0 and node.to_leaf == 0:
+            (child,) = node.children.values()
+            node.ids.extend(child.ids)
+            node.children, node.end, node.to_leaf = child.children, child.end, child.to_leaf
+        stack.extend(node.children.values())
+
+
+def _scale_prefixes(root: _Node, multiplier: float) -> None:
+    if multiplier == 1:
+        return
+    factor = math.ceil(multiplier)
+    for node in _walk(root):
+        if multiplier > 1:
+            node.ids = [x * factor + j for x in node.ids for j in range(factor)]
+        elif node.ids:
+            node.ids = node.ids[: max(1, round(len(node.ids) * multiplier))]
+
+
+def _walk(root: _Node) -> list[_Node]:
+    nodes, stack = [], list(root.children.values())
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.children.values())
+    return nodes
+
+
+def _scaled_max_id(largest: int, multiplier: float) -> int:
+    if multiplier > 1:
+        factor = math.ceil(multiplier)
+        return largest * factor + factor - 1
+    return largest
+
+
+def _precompute_transitions(root: _Node) -> None:
+    for node in [root, *_walk(root)]:
+        children = list(node.children.values())
+        node.targets = [*children, _CACHE_END, _END]
+        weights = [c.visited for c in children] + [node.to_leaf, node.end]
+        node.cum_weights = list(itertools.accumulate(weights))
+
+
+def _scale_prompts(lengths: list[int], multiplier: float) -> list[int]:
+    if multiplier == 1:
+        return lengths
+    return [max(1, round(n * multiplier)) for n in lengths]
+
+
+def _last_block_fill(requests: list[TraceRequest], block_size: int) -> list[int]:
+    fills = []
+    for i, r in enumerate(requests):
+        if not r.hash_ids:
+            continue
+        fill = r.input_length - (len(r.hash_ids) - 1) * block_size
+        if not 0 < fill <= block_size:
+            raise ValueError(
+                f"requests[{i}].input_length {r.input_length} does not fit "
+                f"{len(r.hash_ids)} hash_ids of block_size {block_size}"
+            )
+        fills.append(fill)
+    return fills or [block_size]
+
+
+# ------------------------------------------------------------------ sampling
+
+
+class _Sampler:
+    """Walks the core tree and the arrival process; holds the only mutable state (rng, next id)."""
+
+    def __init__(self, model: _Model, config: SynthConfig) -> None:
+        self.model = model
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.next_id = model.max_id + 1
+
+    def run(self) -> list[TraceRequest]:
+        out: list[TraceRequest] = []
+        timestamp = 0
+        while len(out) < self.config.num_requests:
+            burst = self.rng.choice(self.model.per_timestamp)
+            for _ in range(min(burst, self.config.num_requests - len(out))):
+                out.append(self._request(timestamp))
+            timestamp += round(self.rng.choice(self.model.deltas) / self.config.speedup_ratio)
+        return self._spread_over_roots(out)
+
+    def _request(self, timestamp: int) -> TraceRequest:
+        for _ in range(_MAX_REJECTIONS):
+            core, prompt_blocks = self._walk()
+            blocks = len(core) + prompt_blocks
+            isl = self._input_length(blocks, prompt_blocks > 0)
+            if self._isl_allowed(isl):
+                ids = core + list(range(self.next_id, self.next_id + prompt_blocks))
+                self.next_id += prompt_blocks
+                return TraceRequest(timestamp, isl, self._output_length(), ids)
+        raise ValueError(
+            f"min_isl {self.config.min_isl} / max_isl {self.config.max_isl}: no acceptable "
+            f"request in {_MAX_REJECTIONS} draws"
+        )
+
+    def _walk(self) -> tuple[list[int], int]:
+        """Core ids along a sampled path, and the unique-prompt length (0 if none)."""
+        node, core = self.model.root, []
+        while True:
+            (step,) = self.rng.choices(node.targets, cum_weights=node.cum_weights)
+            if step == _END:
+                return core, 0
+            if step == _CACHE_END:
+                return core, self.rng.choice(self.model.prompt_lengths)
+            node = step  # type: ignore[assignment]
+            core.extend(node.ids)
+
+    def _input_length(self, blocks: int, has_prompt: bool) -> int:
+        if not has_prompt:
+            return blocks * self.config.block_size
+        return (blocks - 1) * self.config.block_size + self.rng.choice(self.model.last_block_fill)
+
+    def _isl_allowed(self, isl: int) -> bool:
+        low, high = self.config.min_isl, self.config.max_isl
+        return (low is None or isl >= low) and (high is None or isl <= high)
+
+    def _output_length(self) -> int:
+        osl = max(1, round(self.rng.choice(self.model.output_lengths) * self.config.osl_multiplier))
+        if self.config.min_osl is not None:
+            osl = max(osl, self.config.min_osl)
+        if self.config.max_osl is not None:
+            osl = min(osl, self.config.max_osl)
+        return osl
+
+    def _spread_over_roots(self, requests: list[TraceRequest]) -> list[TraceRequest]:
+        copies = self.config.prefix_root_multiplier
+        if copies == 1:
+            return requests
+        stride = self.next_id
+        return [self._offset(r, self.rng.randrange(copies) * stride) for r in requests]
+
+    @staticmethod
+    def _offset(request: TraceRequest, offset: int) -> TraceRequest:
+        ids = [h + offset for h in request.hash_ids]
+        return TraceRequest(request.timestamp, request.input_length, request.output_length, ids)
