@@ -141,8 +141,7 @@ def test_event_gap_is_repaired_from_a_snapshot(make_server):
     last = srv.call(lambda: kv_router(srv)._last_event_id[worker.instance_id])
     # an event that skips ids (as if some were lost): its content must not be applied
     bogus = KvEvent(last + 5, KvCleared(), worker.instance_id)
-    subject = f"baton.kv_events.{worker.instance_id}"
-    srv.call(lambda: worker.runtime.events.publish(subject, bogus))
+    srv.call(lambda: worker.publish_kv_events([bogus]))
     assert srv.wait_until(
         lambda: kv_router(srv).metrics.resyncs._value.get() == 1
         and kv_router(srv)._last_event_id.get(worker.instance_id, -1) >= last

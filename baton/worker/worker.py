@@ -40,7 +40,7 @@ from baton.protocol import (
     LoadMetrics,
     WorkerEvents,
 )
-from baton.runtime import EndpointServer, InstanceRecord, Runtime
+from baton.runtime import EndpointServer, InstanceRecord, MemoryEventPlane, Runtime
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,15 @@ class Worker:
         self.record: InstanceRecord | None = None
         self._local_address: str | None = None
         self._kv_subject = kv_events_subject(config.namespace, self.instance_id)
+        self._local_events = MemoryEventPlane()
+        """Feeds read this in-process bus, so they never depend on a remote event plane."""
         self._load_subject = f"{config.namespace}.load"
         self._load_task: asyncio.Task[None] | None = None
         self.num_kv_events = 0
 
     async def start(self, *, tcp: bool = False) -> InstanceRecord:
         await self.engine.start()
-        self.engine.set_kv_event_sink(self._publish_kv_events)
+        self.engine.set_kv_event_sink(self.publish_kv_events)
         self._local_address = self.runtime.serve_local(self.instance_id, self.endpoints)
         address = self._local_address
         if tcp:
@@ -152,7 +154,7 @@ class Worker:
                 yield WorkerEvents(worker_id=self.instance_id, last_event_id=-1,
                                    load=self.load_metrics())
                 await asyncio.sleep(self.config.load_interval_s)
-        sub = self.runtime.events.subscribe(self._kv_subject)  # before the snapshot: no gap
+        sub = self._local_events.subscribe(self._kv_subject)  # before the snapshot: no gap
         try:
             last, snapshot = self.engine.kv_snapshot()
             yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
@@ -180,8 +182,11 @@ class Worker:
                 self.runtime.events.publish(self._load_subject, load)
                 last = load
 
-    def _publish_kv_events(self, events: Sequence[KvEvent]) -> None:
+    def publish_kv_events(self, events: Sequence[KvEvent]) -> None:
+        """Stamps this worker's id on engine events and publishes them to its feeds and to
+        the runtime's event plane."""
         for event in events:
             event.worker_id = self.instance_id
+            self._local_events.publish(self._kv_subject, event)
             self.runtime.events.publish(self._kv_subject, event)
         self.num_kv_events += len(events)
