@@ -53,6 +53,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="JSON profile replacing the polynomial timing model")
 
 
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed")
+    g.add_argument("--nats", default=os.environ.get("BATON_NATS"), metavar="nats://HOST:PORT",
+                   help="discovery and events on NATS (default: this process only)")
+    g.add_argument("--namespace", default=_F.namespace)
+    g.add_argument("--lease-ttl-s", type=float, default=10.0,
+                   help="NATS discovery: a process that stops heartbeating expires after this")
+
+
 def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("frontend")
     g.add_argument("--host", default=_F.host)
@@ -97,6 +106,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
 
 def _frontend_config(a: argparse.Namespace) -> FrontendConfig:
     return FrontendConfig(
+        namespace=getattr(a, "namespace", _F.namespace),
         host=a.host,
         port=a.port,
         max_body_bytes=a.max_body_bytes,
@@ -136,12 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default=_W.host)
     worker.add_argument("--port", type=int, default=_W.port, help="0 = any free port")
     worker.add_argument("--worker-id", type=int, default=None)
+    _add_distributed_args(worker)
 
     router = sub.add_parser("router", help="the KV router alone, serving decisions over TCP")
     _add_frontend_args(router)
     router.set_defaults(router="kv", port=0)
     router.add_argument("--worker", action="append", default=[], metavar="tcp://HOST:PORT",
                         help="a worker's request-plane address (repeatable)")
+    _add_distributed_args(router)
 
     _add_trace_parser(sub)
 
@@ -149,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frontend_args(frontend)
     frontend.add_argument("--worker", action="append", default=[], metavar="tcp://HOST:PORT",
                           help="a worker's request-plane address (repeatable)")
+    _add_distributed_args(frontend)
     return parser
 
 
@@ -210,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return _run(lambda stop: launch.run_serve(config, stop))
         if args.command == "worker":
-            wconfig = _worker_config(args, host=args.host, port=args.port, worker_id=args.worker_id)
-            return _run(lambda stop: launch.run_worker(wconfig, stop))
-        if not args.worker:
-            print(f"baton {args.command}: give at least one --worker tcp://HOST:PORT",
+            wconfig = _worker_config(args, host=args.host, port=args.port,
+                                     worker_id=args.worker_id, namespace=args.namespace)
+            return _run(lambda stop: launch.run_worker(
+                wconfig, stop, nats=args.nats, lease_ttl_s=args.lease_ttl_s))
+        if not args.worker and not args.nats:
+            print(f"baton {args.command}: give --nats URL or at least one --worker tcp://HOST:PORT",
                   file=sys.stderr)
             return 2
         fconfig = _frontend_config(args)
@@ -223,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             return _run(lambda stop: launch.run_router(
-                fconfig, args.worker, args.host, args.port, stop))
-        return _run(lambda stop: launch.run_frontend(fconfig, args.worker, stop))
+                fconfig, args.worker, args.host, args.port, stop,
+                nats=args.nats, lease_ttl_s=args.lease_ttl_s))
+        return _run(lambda stop: launch.run_frontend(
+            fconfig, args.worker, stop, nats=args.nats, lease_ttl_s=args.lease_ttl_s))
     except ValueError as exc:  # invalid configuration
         print(f"baton {args.command}: {exc}", file=sys.stderr)
         return 2

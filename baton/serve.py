@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import AsyncIterator
 
 from baton.config import FrontendConfig, ServeConfig, WorkerConfig
 from baton.frontend import Frontend
@@ -17,6 +18,8 @@ from baton.frontend.models import ModelRegistry
 from baton.frontend.static_workers import StaticWorkers
 from baton.router.service import RouterService
 from baton.runtime import MemoryDiscovery, Runtime
+from baton.runtime.nats_discovery import NatsDiscovery
+from baton.runtime.nats_events import NatsEventPlane, connect_nats
 from baton.worker import Worker, build_worker
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,30 @@ async def run_serve(config: ServeConfig, stop: asyncio.Event) -> None:
         await stop.wait()
 
 
-async def run_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
-    async with Runtime(MemoryDiscovery()) as runtime:
+@contextlib.asynccontextmanager
+async def process_runtime(
+    nats: str | None, namespace: str, *, name: str, lease_ttl_s: float = 10.0
+) -> AsyncIterator[Runtime]:
+    """This process's runtime: in-process discovery, or NATS discovery and events."""
+    if nats is None:
+        async with Runtime(MemoryDiscovery()) as runtime:
+            yield runtime
+        return
+    nc = await connect_nats(nats, name=name)
+    try:
+        discovery = NatsDiscovery(nc, namespace=namespace, lease_ttl_s=lease_ttl_s)
+        await discovery.start()
+        async with Runtime(discovery, events=NatsEventPlane(nc)) as runtime:
+            yield runtime
+    finally:
+        await nc.drain()
+
+
+async def run_worker(
+    config: WorkerConfig, stop: asyncio.Event, *, nats: str | None = None, lease_ttl_s: float = 10.0
+) -> None:
+    async with process_runtime(nats, config.namespace, name="baton-worker",
+                               lease_ttl_s=lease_ttl_s) as runtime:
         worker = build_worker(config, runtime)
         record = await worker.start(tcp=True)
         try:
@@ -62,28 +87,49 @@ async def run_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
             await worker.close()
 
 
-async def run_frontend(config: FrontendConfig, workers: list[str], stop: asyncio.Event) -> None:
+async def run_frontend(
+    config: FrontendConfig,
+    workers: list[str],
+    stop: asyncio.Event,
+    *,
+    nats: str | None = None,
+    lease_ttl_s: float = 10.0,
+) -> None:
     async with (
-        Runtime(MemoryDiscovery()) as runtime,
+        process_runtime(nats, config.namespace, name="baton-frontend",
+                        lease_ttl_s=lease_ttl_s) as runtime,
         StaticWorkers(runtime, workers, config),
         Frontend(config, runtime) as frontend,
     ):
-        print(f"baton frontend on http://{config.host}:{frontend.port} "
-              f"for workers {', '.join(workers)}", file=sys.stderr, flush=True)
+        source = ", ".join(workers) if workers else f"workers discovered on {nats}"
+        print(f"baton frontend on http://{config.host}:{frontend.port} for {source}",
+              file=sys.stderr, flush=True)
         await stop.wait()
 
 
 async def run_router(
-    config: FrontendConfig, workers: list[str], host: str, port: int, stop: asyncio.Event
+    config: FrontendConfig,
+    workers: list[str],
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    *,
+    nats: str | None = None,
+    lease_ttl_s: float = 10.0,
 ) -> None:
     """The standalone KV router: follows the workers' feeds, serves decisions over TCP."""
-    async with Runtime(MemoryDiscovery()) as runtime, StaticWorkers(runtime, workers, config):
+    async with (
+        process_runtime(nats, config.namespace, name="baton-router",
+                        lease_ttl_s=lease_ttl_s) as runtime,
+        StaticWorkers(runtime, workers, config),
+    ):
         models = ModelRegistry(runtime, config.router, config.namespace)
         await models.start()
         try:
             service = RouterService(models)
             server = await runtime.serve_tcp(service.endpoints, host, port)
-            print(f"baton router listening on {server.address} for workers {', '.join(workers)}",
+            source = ", ".join(workers) if workers else f"workers discovered on {nats}"
+            print(f"baton router listening on {server.address} for {source}",
                   file=sys.stderr, flush=True)
             await stop.wait()
         finally:

@@ -33,6 +33,8 @@ class EventPlane(Protocol):
         for planes that serialize (NATS); in-process planes pass the objects through."""
         ...
 
+    async def close(self) -> None: ...
+
 
 class MemorySubscription:
     def __init__(self, plane: MemoryEventPlane, subject: str, limit: int) -> None:
@@ -74,3 +76,6 @@ class MemoryEventPlane:
         sub = MemorySubscription(self, subject, self._queue_limit)
         self._subscriptions.setdefault(subject, set()).add(sub)
         return sub
+
+    async def close(self) -> None:
+        """Nothing to release: subscriptions end with their owners."""

@@ -5,9 +5,9 @@ one heartbeat task), and a local cache of every record (kept current by one watc
 Must not: delete other processes' records; their leases expire on their own.
 
 Keys are ``<component>.<endpoint>.<instance_id hex>``; values are msgpack ``InstanceRecord``s.
-Every put carries a ``Nats-TTL`` of ``lease_ttl_s`` (nats-server >= 2.11), and the bucket
-places a purge marker when one expires, so watchers see a dead process's records deleted
-within the lease. On a server that refuses per-key TTL markers the bucket falls back to a
+Every put carries a ``Nats-TTL`` of ``lease_ttl_s`` rounded up to whole seconds (the server's
+TTL granularity; nats-server >= 2.11), and the bucket places a purge marker when one expires,
+so watchers see a dead process's records deleted within the lease. On a server that refuses per-key TTL markers the bucket falls back to a
 bucket-wide max age of ``lease_ttl_s`` (every message expires after the lease; heartbeats keep
 live records fresh) and, since such servers tell watchers nothing on expiry, the cache
 expires a record itself ``lease_ttl_s`` after its last put.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -163,7 +164,7 @@ class NatsDiscovery:
 
     async def _ensure_bucket(self) -> KeyValue:
         js = (await self.connection.get()).jetstream()
-        ttl = max(1, round(self.lease_ttl_s))
+        ttl = math.ceil(self.lease_ttl_s)
         try:
             return await js.create_key_value(bucket=self.bucket, history=1, limit_marker_ttl=ttl)
         except nats.js.errors.KeyValueLimitMarkerTTLNotSupportedError:
@@ -179,7 +180,8 @@ class NatsDiscovery:
             return kv
 
     def _headers(self) -> dict[str, str]:
-        return {"Nats-TTL": f"{round(self.lease_ttl_s * 1000)}ms"} if self.per_key_ttl else {}
+        # The server keeps TTLs in whole seconds (it truncates "1500ms" to 1 s): round up.
+        return {"Nats-TTL": f"{math.ceil(self.lease_ttl_s)}s"} if self.per_key_ttl else {}
 
     async def _put(self, key: str, payload: bytes) -> None:
         js = (await self.connection.get()).jetstream()

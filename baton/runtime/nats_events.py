@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -149,7 +150,7 @@ class NatsSubscription:
         async with asyncio.timeout(timeout_s):
             await self._registered.wait()
             nc = await self._plane.connection.get()
-            await nc.flush(timeout=timeout_s)
+            await nc.flush(timeout=math.ceil(timeout_s))
 
     def close(self) -> None:
         if not self.closed:

@@ -92,6 +92,7 @@ class Runtime:
         self._tcp_servers.clear()
         await self._tcp_pool.close()
         await self.discovery.close()
+        await self.events.close()
 
     async def __aenter__(self) -> Self:
         return self
