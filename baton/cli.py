@@ -87,6 +87,8 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overload-status", type=int, choices=[503, 529], default=r.overload_status,
                    help="HTTP status when every worker is busy")
     g.add_argument("--max-body-bytes", type=int, default=_F.max_body_bytes)
+    g.add_argument("--migration-limit", type=int, default=_F.migration_limit,
+                   help="times a stream whose worker dies moves to another worker (0: never)")
 
 
 def _engine_config(a: argparse.Namespace) -> EngineConfig:
@@ -110,6 +112,7 @@ def _frontend_config(a: argparse.Namespace) -> FrontendConfig:
         host=a.host,
         port=a.port,
         max_body_bytes=a.max_body_bytes,
+        migration_limit=a.migration_limit,
         router=_router_config(a),
     )
 

@@ -130,10 +130,13 @@ class FrontendConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     probe_interval_s: float = 2.0
     """How often ``--worker`` addresses are probed for their info."""
+    migration_limit: int = 3
+    """How many times a stream whose worker dies is continued on another worker."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
         _require(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+        _require(self.migration_limit >= 0, "migration_limit", "must be >= 0")
 
 
 @dataclass(frozen=True)

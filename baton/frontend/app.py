@@ -66,11 +66,13 @@ class FrontendApp:
         metrics: FrontendMetrics,
         *,
         max_body_bytes: int,
+        migration_limit: int = 0,
     ) -> None:
         self.serving = serving
         self.models = models
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.migration_limit = migration_limit
         self.draining = False
         self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
             "/v1/chat/completions": {"POST": self._chat},
@@ -138,7 +140,7 @@ class FrontendApp:
     async def _serve(self, receive: Receive, send: Send, endpoint: str, p: Prepared) -> None:
         model = p.entry.name
         m = self.metrics.model(model)
-        gen = Generation(p, m)
+        gen = Generation(p, m, migration_limit=self.migration_limit)
         task = asyncio.current_task()
         assert task is not None
         watch = _DisconnectWatch(receive, task)

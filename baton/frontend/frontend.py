@@ -42,7 +42,8 @@ class Frontend:
         )
         self.serving = OpenAIServing(self.models, self.metrics)
         self.app = FrontendApp(
-            self.serving, self.models, self.metrics, max_body_bytes=config.max_body_bytes
+            self.serving, self.models, self.metrics, max_body_bytes=config.max_body_bytes,
+            migration_limit=config.migration_limit,
         )
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task[None] | None = None

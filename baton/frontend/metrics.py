@@ -44,6 +44,9 @@ class FrontendMetrics:
         self.cached_tokens = Counter(
             "baton_frontend_cached_tokens", "Prompt tokens served from a prefix cache.",
             ["model"], registry=r)
+        self.migrations = Counter(
+            "baton_frontend_migrations", "Streams continued on another worker after a failure.",
+            ["model"], registry=r)
         self.disconnects = Counter(
             "baton_frontend_client_disconnects", "Requests whose client went away.", ["model"],
             registry=r)
@@ -64,6 +67,7 @@ class FrontendMetrics:
                 output_tokens=self.output_tokens.labels(name),
                 cached_tokens=self.cached_tokens.labels(name),
                 disconnects=self.disconnects.labels(name),
+                migrations=self.migrations.labels(name),
             )
         return m
 
@@ -90,3 +94,4 @@ class ModelMetrics:
     output_tokens: Any
     cached_tokens: Any
     disconnects: Any
+    migrations: Any

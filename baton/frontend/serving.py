@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -23,14 +24,22 @@ from typing import Literal
 
 import msgspec
 
-from baton.errors import ContextLengthError, EngineError, InvalidRequestError
+from baton.errors import (
+    ContextLengthError,
+    EngineError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+    TransportError,
+)
 from baton.frontend.metrics import FrontendMetrics, ModelMetrics
 from baton.frontend.models import ModelEntry, ModelRegistry
 from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
-from baton.protocol import FinishReason, GenerateRequest, SamplingParams
+from baton.protocol import EngineOutput, FinishReason, GenerateRequest, SamplingParams
 from baton.router.kv_selector import RouterOverrides
 from baton.router.policy import RouteHints
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -55,6 +64,8 @@ class Generation:
 
     prepared: Prepared
     metrics: ModelMetrics
+    migration_limit: int = 0
+    migrations: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     worker_id: int | None = None
@@ -68,22 +79,21 @@ class Generation:
         """Yields, per engine delta, the text of each of its tokens (one piece per token,
         empty pieces dropped) and the finish reason; the last item has a finish reason."""
         p = self.prepared
-        request = GenerateRequest(request_id=p.request_id, token_ids=p.token_ids, sampling=p.sampling)
         text_of = _TokenText(p)
         m = self.metrics
         last = 0.0
-        outputs_iter = p.entry.pool.generate(request, p.route)
-        async with contextlib.aclosing(outputs_iter) as outputs:
+        async with contextlib.aclosing(self._outputs()) as outputs:
             async for out in outputs:
                 now = time.perf_counter()
                 if self.first_token_at is None:
                     self.first_token_at = now
-                    self.worker_id = out.worker_id
                     self.cached_tokens = out.cached_tokens or 0
                     m.ttft.observe(now - p.arrival)
                 else:
                     m.itl.observe(now - last)
                 last = now
+                if out.worker_id is not None:
+                    self.worker_id = out.worker_id
                 self.completion_tokens += len(out.token_ids)
                 if out.finish_reason == "error":
                     raise EngineError(out.error or "the engine failed on this request")
@@ -97,6 +107,51 @@ class Generation:
                 if pieces:
                     yield pieces, None
         raise EngineError("the worker's stream ended without a finish reason")
+
+    async def _outputs(self) -> AsyncIterator[EngineOutput]:
+        """The engine's deltas. When the serving worker goes away mid-stream, the request
+        moves to another worker with its prompt plus the tokens generated so far, at most
+        ``migration_limit`` times; the consumer sees one continuous stream."""
+        p = self.prepared
+        generated: list[int] = []
+        failure: TransportError | None = None
+        while True:
+            request = _continuation(p, generated, self.migrations)
+            try:
+                async with contextlib.aclosing(p.entry.pool.generate(request, p.route)) as outs:
+                    async for out in outs:
+                        generated.extend(out.token_ids)
+                        yield out
+                return
+            except ServiceUnavailableError as exc:
+                if failure is None:
+                    raise
+                raise ServiceUnavailableError(
+                    f"{failure.message}, and no other worker could continue the stream: "
+                    f"{exc.message}", code=exc.code) from exc
+            except TransportError as exc:
+                if self.migrations >= self.migration_limit:
+                    raise
+                failure = exc
+                self.migrations += 1
+                self.metrics.migrations.inc()
+                log.warning("request %s: %s; continuing on another worker after %d tokens "
+                            "(migration %d of %d)", p.request_id, exc.message, len(generated),
+                            self.migrations, self.migration_limit)
+
+
+def _continuation(p: Prepared, generated: list[int], attempt: int) -> GenerateRequest:
+    """The request to send: the original, or after a migration the prompt plus what was
+    generated, asking only for the remaining tokens."""
+    if not generated:
+        return GenerateRequest(request_id=p.request_id, token_ids=p.token_ids, sampling=p.sampling)
+    s = p.sampling
+    sampling = msgspec.structs.replace(
+        s, max_tokens=s.max_tokens - len(generated), min_tokens=max(0, s.min_tokens - len(generated))
+    )
+    return GenerateRequest(
+        request_id=f"{p.request_id}-m{attempt}", token_ids=p.token_ids + generated, sampling=sampling
+    )
 
 
 class _TokenText:
