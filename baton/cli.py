@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default=_W.host)
     worker.add_argument("--port", type=int, default=_W.port, help="0 = any free port")
     worker.add_argument("--worker-id", type=int, default=None)
+    worker.add_argument("--drain-timeout-s", type=float, default=_W.drain_timeout_s,
+                        help="on SIGTERM, how long in-flight requests may still run")
     _add_distributed_args(worker)
 
     router = sub.add_parser("router", help="the KV router alone, serving decisions over TCP")
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda stop: launch.run_serve(config, stop))
         if args.command == "worker":
             wconfig = _worker_config(args, host=args.host, port=args.port,
-                                     worker_id=args.worker_id, namespace=args.namespace)
+                                     worker_id=args.worker_id, namespace=args.namespace,
+                                     drain_timeout_s=args.drain_timeout_s)
             return _run(lambda stop: launch.run_worker(
                 wconfig, stop, nats=args.nats, lease_ttl_s=args.lease_ttl_s))
         if not args.worker and not args.nats:
@@ -256,8 +259,14 @@ def _run(main_coro: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second signal: stop now, without draining
+                os._exit(70)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await main_coro(stop)
 
     uvloop.run(runner())

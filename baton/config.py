@@ -53,6 +53,8 @@ class WorkerConfig:
     worker_id: int | None = None
     load_interval_s: float = 0.1
     """Load metrics are published on the event plane at most this often."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, how long in-flight requests may run before the worker exits anyway."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class FrontendConfig:
     """How often ``--worker`` addresses are probed for their info."""
     migration_limit: int = 3
     """How many times a stream whose worker dies is continued on another worker."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, how long open streams may run before the frontend exits anyway."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")

@@ -83,6 +83,7 @@ async def run_worker(
             print(f"baton worker {record.instance_id} listening on {record.address}",
                   file=sys.stderr, flush=True)
             await stop.wait()
+            await worker.drain(config.drain_timeout_s)
         finally:
             await worker.close()
 

@@ -74,6 +74,9 @@ class FrontendApp:
         self.max_body_bytes = max_body_bytes
         self.migration_limit = migration_limit
         self.draining = False
+        self.num_streams = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
         self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
@@ -145,6 +148,8 @@ class FrontendApp:
         assert task is not None
         watch = _DisconnectWatch(receive, task)
         m.inflight.inc()
+        self.num_streams += 1
+        self.idle.clear()
         status = 200
         try:
             status = await (self._stream(send, p, gen) if p.stream else self._respond(send, p, gen))
@@ -158,6 +163,9 @@ class FrontendApp:
         finally:
             watch.stop()
             m.inflight.dec()
+            self.num_streams -= 1
+            if not self.num_streams:
+                self.idle.set()
             self.metrics.count_request(model, endpoint, status)
             m.duration.observe(time.perf_counter() - p.arrival)
             m.input_tokens.inc(gen.prompt_tokens)

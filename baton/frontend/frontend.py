@@ -20,6 +20,7 @@ from baton.frontend.metrics import FrontendMetrics
 from baton.frontend.models import ModelRegistry
 from baton.frontend.serving import OpenAIServing
 from baton.runtime import Runtime
+from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,21 @@ class Frontend:
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         log.info("frontend listening on http://%s:%d", self.config.host, self.port)
 
-    async def close(self, drain_timeout_s: float = 5.0) -> None:
+    async def close(self) -> None:
+        """Drains: /health and new requests answer 503 while open requests get
+        ``drain_timeout_s`` to finish; then the server stops."""
         self.app.draining = True
+        if self._server is not None and self.app.num_streams:
+            log.info("frontend draining %d requests", self.app.num_streams)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.app.idle.wait(), self.config.drain_timeout_s)
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s + 1)
+                await asyncio.wait_for(asyncio.shield(self._task), 5)
             except TimeoutError:
                 self._server.force_exit = True
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await cancel_and_wait(self._task)
             self._task = None
         await self.models.close()
 

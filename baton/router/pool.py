@@ -26,6 +26,7 @@ from baton.errors import (
     EngineError,
     InvalidRequestError,
     OverloadedError,
+    RemoteError,
     ServiceUnavailableError,
     TransportError,
 )
@@ -201,9 +202,15 @@ class WorkerPool:
                     self.instances[worker_id].address, "generate", request, EngineOutput
                 )
                 first = await anext(stream)
-            except TransportError as exc:
-                self._undo(worker_id, request.request_id)
+            except (TransportError, ServiceUnavailableError) as exc:
+                self._undo(worker_id, request.request_id)  # unreachable or draining: next one
                 self.mark_down(worker_id, str(exc))
+                continue
+            except RemoteError as exc:
+                self._undo(worker_id, request.request_id)
+                if exc.status != 503:
+                    raise
+                self.mark_down(worker_id, exc.message)
                 continue
             except StopAsyncIteration:
                 self._undo(worker_id, request.request_id)

@@ -30,7 +30,7 @@ import msgspec
 
 from baton.config import WorkerConfig
 from baton.engine.base import Engine
-from baton.errors import BatonError, EngineError
+from baton.errors import BatonError, EngineError, ServiceUnavailableError
 from baton.kv.events import KvEvent
 from baton.protocol import (
     Empty,
@@ -87,6 +87,11 @@ class Worker:
         self._load_subject = f"{config.namespace}.load"
         self._load_task: asyncio.Task[None] | None = None
         self.num_kv_events = 0
+        # -- drain
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self, *, tcp: bool = False) -> InstanceRecord:
         await self.engine.start()
@@ -111,6 +116,21 @@ class Worker:
         log.info("worker %d serving %s at %s", self.instance_id, self.model_name, address)
         return self.record
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Leaves discovery, refuses new requests and waits for the in-flight ones to finish
+        (True) or for ``timeout_s`` (False: the rest are cut, and frontends migrate them)."""
+        self.draining = True
+        if self.record is not None:
+            await self.runtime.discovery.deregister(self.instance_id)
+        log.info("worker %d draining %d requests", self.instance_id, self._in_flight)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            log.warning("worker %d: %d requests still running after %.0fs of drain",
+                        self.instance_id, self._in_flight, timeout_s)
+            return False
+
     async def close(self) -> None:
         await cancel_and_wait(self._load_task)
         if self.record is not None:
@@ -128,6 +148,10 @@ class Worker:
 
     # ------------------------------------------------------------------ endpoints
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        if self.draining:
+            raise ServiceUnavailableError(f"worker {self.instance_id} is draining", code="draining")
+        self._in_flight += 1
+        self._idle.clear()
         first = True
         try:
             async for out in self.engine.generate(request):
@@ -140,8 +164,14 @@ class Worker:
         except Exception as exc:  # an engine bug fails one request, not the worker
             log.exception("engine failed on request %s", request.request_id)
             raise EngineError(f"engine failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     async def _info(self, _: Empty) -> AsyncIterator[InstanceRecord]:
+        if self.draining:  # frontends that probe addresses drop a draining worker
+            raise ServiceUnavailableError(f"worker {self.instance_id} is draining", code="draining")
         assert self.record is not None
         yield self.record
 
