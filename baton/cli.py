@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frontend_args(serve)
     _add_engine_args(serve)
     serve.add_argument("--workers", type=int, default=ServeConfig().num_workers)
+    serve.add_argument("-f", "--file", default=None, metavar="GRAPH.yaml",
+                       help="run a graph (see docs/graphs.md) as supervised local processes")
+    serve.add_argument("--logs", default=None, metavar="DIR",
+                       help="with -f: folder for the per-process logs (default: a temp folder)")
 
     worker = sub.add_parser("worker", help="one worker serving the TCP request plane")
     _add_engine_args(worker)
@@ -220,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "trace":
             return _trace(args)
+        if args.command == "serve" and args.file:
+            from baton.graph import GraphStartError, load_graph, run_graph
+
+            graph = load_graph(args.file)  # a ValueError here is answered below (exit 2)
+            try:
+                return _run(lambda stop: run_graph(graph, stop, log_dir=args.logs))
+            except GraphStartError as exc:
+                print(f"baton serve: {exc}", file=sys.stderr)
+                return 1
         if args.command == "serve":
             config = ServeConfig(
                 frontend=_frontend_config(args),

@@ -94,6 +94,9 @@ class RouterConfig:
     seed: int | None = None
     unhealthy_cooldown_s: float = 5.0
     """How long a worker that failed a call is kept out of rotation."""
+    health_timeout_s: float = 3.0
+    """A worker whose feed (a batch at least every load interval) is silent this long is
+    taken out of rotation until it answers again."""
     # -- KV-aware routing (mode "kv")
     kv: KvRouterConfig = field(default_factory=KvRouterConfig)
     kv_events: bool = True

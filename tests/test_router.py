@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from baton.config import RouterConfig
 from baton.errors import ServiceUnavailableError
-from baton.protocol import EngineOutput, GenerateRequest, SamplingParams
+from baton.protocol import (
+    EngineOutput,
+    FeedRequest,
+    GenerateRequest,
+    LoadMetrics,
+    SamplingParams,
+    WorkerEvents,
+)
 from baton.router import LeastLoadedSelector, RandomSelector, RoundRobinSelector, WorkerPool
 from baton.runtime import EndpointServer, InstanceRecord, MemoryDiscovery, Runtime
 
@@ -46,11 +55,20 @@ async def echo(req):
     yield EngineOutput(token_ids=[7], finish_reason="length", worker_id=1)
 
 
+async def feed(req):
+    """A worker's events feed: its load, as a heartbeat."""
+    load = LoadMetrics(worker_id=1, active_blocks=0, total_blocks=8, num_running=0, num_waiting=0)
+    while True:
+        yield WorkerEvents(worker_id=1, last_event_id=-1, load=load)
+        await asyncio.sleep(0.05)
+
+
 async def test_pool_moves_on_from_an_unreachable_worker_and_keeps_it_out_of_rotation():
     now = [0.0]
     async with Runtime(MemoryDiscovery()) as rt:
         endpoints = EndpointServer()
         endpoints.add("generate", echo, GenerateRequest, EngineOutput)
+        endpoints.add("events", feed, FeedRequest, WorkerEvents)
         good = rt.serve_local(1, endpoints)
         pool = WorkerPool("m", rt.client, RouterConfig(unhealthy_cooldown_s=5), clock=lambda: now[0])
         pool.add(record(0, "tcp://127.0.0.1:1"))  # nothing listens there

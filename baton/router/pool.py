@@ -116,24 +116,31 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ feeds
     async def _follow(self, worker_id: int) -> None:
-        """Follows a worker's feed, re-opening it after a gap or a transport failure."""
+        """Follows a worker's feed, re-opening it after a gap or a failure. The feed is also
+        the worker's heartbeat: silent for ``health_timeout_s``, the worker leaves the
+        rotation; its next batch brings it back."""
         while worker_id in self.instances:
             address = self.instances[worker_id].address
+            request = FeedRequest(kv_events=self.policy.wants_kv_events)
             try:
-                request = FeedRequest(kv_events=self.policy.wants_kv_events)
                 async with contextlib.aclosing(
                     self._client.stream(address, "events", request, WorkerEvents)
                 ) as feed:
-                    async for batch in feed:
-                        self.loads[worker_id] = batch.load
-                        if not self.policy.on_events(batch):
-                            log.warning("KV event gap from worker %d: re-syncing", worker_id)
-                            break
-                    else:
-                        await asyncio.sleep(_FEED_RETRY_S)
-            except BatonError as exc:
-                log.debug("feed of worker %d failed: %s", worker_id, exc)
-                await asyncio.sleep(_FEED_RETRY_S)
+                    await self._consume(worker_id, feed)
+            except (BatonError, TimeoutError) as exc:
+                self.mark_down(worker_id, f"its feed failed: {exc or 'no heartbeat'}")
+            await asyncio.sleep(_FEED_RETRY_S)
+
+    async def _consume(self, worker_id: int, feed: AsyncIterator[WorkerEvents]) -> None:
+        while True:
+            async with asyncio.timeout(self.config.health_timeout_s):
+                batch = await anext(feed)
+            if self._down_until.pop(worker_id, None) is not None:
+                log.info("worker %d is answering again", worker_id)
+            self.loads[worker_id] = batch.load
+            if not self.policy.on_events(batch):
+                log.warning("KV event gap from worker %d: re-syncing", worker_id)
+                return
 
     # ------------------------------------------------------------------ requests
     async def generate(
