@@ -16,12 +16,12 @@ import pytest
 from baton.graph import (
     Graph,
     GraphStartError,
-    find_nats_server,
     load_graph,
     parse_graph,
     plan,
     run_graph,
 )
+from baton.graph.schema import find_nats_server
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -1,0 +1,5 @@
+import sys
+
+from baton.graph.supervisor import main
+
+sys.exit(main())
