@@ -78,6 +78,8 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--router-prefill-load-scale", type=float, default=r.kv.prefill_load_scale)
     g.add_argument("--router-decode-active-request-weight", type=float,
                    default=r.kv.decode_active_request_weight)
+    g.add_argument("--router-replica-sync", action="store_true",
+                   help="KV routers of several frontends share their active-request load")
     g.add_argument("--kv-block-size", type=int, default=None,
                    help="block size the KV router hashes with (default: the workers')")
     g.add_argument("--active-decode-blocks-threshold", type=float, default=None,
@@ -127,7 +129,7 @@ def _router_config(a: argparse.Namespace) -> RouterConfig:
     )
     return RouterConfig(
         mode=a.router, seed=a.router_seed, kv=kv, kv_events=not a.no_kv_events,
-        ttl_s=a.router_ttl_s, block_size=a.kv_block_size,
+        ttl_s=a.router_ttl_s, block_size=a.kv_block_size, replica_sync=a.router_replica_sync,
         active_decode_blocks_threshold=a.active_decode_blocks_threshold,
         active_prefill_tokens_threshold=a.active_prefill_tokens_threshold,
         overload_status=a.overload_status,

@@ -105,6 +105,8 @@ class RouterConfig:
     """Approximate mode: how long a routed prefix is assumed to stay cached."""
     block_size: int | None = None
     """KV block size the router hashes with; None takes the first worker's."""
+    replica_sync: bool = False
+    """Share active-request load with other frontends' KV routers over the event plane."""
     # -- overload
     active_decode_blocks_threshold: float | None = None
     """A worker whose KV usage is above this fraction is busy (None: no limit)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -18,7 +19,7 @@ from baton.config import RouterConfig
 from baton.errors import NotFoundError
 from baton.preprocess import ModelCard, Tokenizer, resolve_model
 from baton.router import WorkerPool
-from baton.router.kv_router import KvRouter
+from baton.router.kv_router import KvRouter, RouterSyncEvent
 from baton.router.metrics import RouterMetrics
 from baton.router.policy import BusyThresholds, RoutingPolicy, SimplePolicy
 from baton.router.selectors import make_selector
@@ -58,6 +59,7 @@ class ModelRegistry:
         self.models: dict[str, ModelEntry] = {}
         self._owner: dict[int, str] = {}
         self._task: asyncio.Task[None] | None = None
+        self._sync_tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
@@ -69,6 +71,8 @@ class ModelRegistry:
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        for task in self._sync_tasks:
+            await cancel_and_wait(task)
         for entry in self.models.values():
             await entry.pool.close()
 
@@ -131,8 +135,27 @@ class ModelRegistry:
         if cfg.mode != "kv":
             return SimplePolicy(make_selector(cfg.mode, cfg.seed))
         metrics = RouterMetrics(self._registry, model) if self._registry is not None else None
-        return KvRouter(cfg.kv, block_size=cfg.block_size, use_kv_events=cfg.kv_events,
-                        ttl_s=cfg.ttl_s, metrics=metrics)
+        router = KvRouter(cfg.kv, block_size=cfg.block_size, use_kv_events=cfg.kv_events,
+                          ttl_s=cfg.ttl_s, metrics=metrics)
+        if cfg.replica_sync:
+            self._sync_replicas(model, router)
+        return router
+
+    def _sync_replicas(self, model: str, router: KvRouter) -> None:
+        """Shares this router's active requests with the other replicas, and theirs with it."""
+        subject = f"{self._namespace}.router_sync.{re.sub(r'[^A-Za-z0-9_-]', '_', model)}"
+        events = self._runtime.events
+        sub = events.subscribe(subject, RouterSyncEvent)
+        router.sync_sink = lambda event: events.publish(subject, event)
+
+        async def follow() -> None:
+            try:
+                async for event in sub:
+                    router.apply_sync(event)
+            finally:
+                sub.close()
+
+        self._sync_tasks.append(asyncio.get_running_loop().create_task(follow()))
 
     def _load(self, record: InstanceRecord) -> ModelEntry | None:
         try:

@@ -16,10 +16,15 @@ and forgets them ``ttl_s`` after their last use.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
+from typing import Literal
+
+import msgspec
 
 from baton.kv.events import KvEvent, KvRemoved, KvStored, StoredBlock
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
@@ -34,8 +39,27 @@ from baton.runtime import InstanceRecord
 log = logging.getLogger(__name__)
 
 
+class RouterSyncEvent(msgspec.Struct, kw_only=True, array_like=True):
+    """What one router replica tells the others about its active requests."""
+
+    router_id: str
+    kind: Literal["add", "prefill", "free"]
+    request_id: str
+    worker_id: int = 0
+    seq_hashes: list[int] = []
+    isl_tokens: int = 0
+    overlap_blocks: int = 0
+    track_prefill_tokens: bool = True
+    assume_kv_reuse: bool = True
+
+
 class KvRouter:
-    """A ``RoutingPolicy``. One per model; pure apart from its metrics and logs."""
+    """A ``RoutingPolicy``. One per model; pure apart from its metrics and logs.
+
+    Replica sync: with a ``sync_sink``, every request this router adds, sees prefilled or
+    frees is published as a ``RouterSyncEvent``; ``apply_sync`` applies other replicas'
+    events to this router's load view (each keeps its own KV index, fed by the same feeds).
+    """
 
     def __init__(
         self,
@@ -60,6 +84,8 @@ class KvRouter:
         self.index = KvIndex()
         self.sequences = ActiveSequences(block_size) if block_size else None
         self.last_decision: RoutingDecision | None = None
+        self.router_id = os.urandom(6).hex()
+        self.sync_sink: Callable[[RouterSyncEvent], None] | None = None
         self._last_event_id: dict[int, int] = {}
         # -- approximate mode: (expires_at, worker, seq hash) and each block's latest expiry
         self._expiry_heap: list[tuple[float, int, int]] = []
@@ -144,6 +170,13 @@ class KvRouter:
         )
         if not self.use_kv_events:
             self._predict(decision.worker_id, local, seq, now)
+        if self.sync_sink is not None:
+            self.sync_sink(RouterSyncEvent(
+                router_id=self.router_id, kind="add", request_id=request.request_id,
+                worker_id=decision.worker_id, seq_hashes=seq, isl_tokens=isl,
+                overlap_blocks=decision.overlap_blocks,
+                track_prefill_tokens=config.track_prefill_tokens,
+                assume_kv_reuse=config.assume_kv_reuse))
         self.last_decision = decision
         if log.isEnabledFor(logging.DEBUG):
             log.debug("routing %s: %s", request.request_id, "; ".join(decision.formulas()))
@@ -154,10 +187,34 @@ class KvRouter:
     def on_first_output(self, request_id: str) -> None:
         if self.sequences is not None:
             self.sequences.mark_prefill_completed(request_id)
+        self._sync("prefill", request_id)
 
     def on_finish(self, request_id: str) -> None:
         if self.sequences is not None:
             self.sequences.free(request_id)
+        self._sync("free", request_id)
+
+    def _sync(self, kind: Literal["prefill", "free"], request_id: str) -> None:
+        if self.sync_sink is not None:
+            self.sync_sink(RouterSyncEvent(router_id=self.router_id, kind=kind,
+                                           request_id=request_id))
+
+    def apply_sync(self, event: RouterSyncEvent) -> None:
+        """Applies another replica's request event to this router's load view."""
+        if event.router_id == self.router_id or self.sequences is None:
+            return
+        rid = f"{event.router_id}:{event.request_id}"
+        if event.kind == "add":
+            with contextlib.suppress(ValueError):  # a duplicate (replayed) add
+                self.sequences.add_request(
+                    rid, event.worker_id, event.seq_hashes, event.isl_tokens,
+                    event.overlap_blocks, self._clock(),
+                    track_prefill_tokens=event.track_prefill_tokens,
+                    assume_kv_reuse=event.assume_kv_reuse)
+        elif event.kind == "prefill":
+            self.sequences.mark_prefill_completed(rid)
+        else:
+            self.sequences.free(rid)
 
     # ------------------------------------------------------------------ approximate mode
     def _predict(self, worker_id: int, local: list[int], seq: list[int], now: float) -> None:
