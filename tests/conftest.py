@@ -141,11 +141,14 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[
     return {name: _LOOP_FACTORIES[name] for name in names}
 
 
-def baton_process(*args: str, ready: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
-    """Starts ``python -m baton ARGS`` and waits for a stderr line matching ``ready``."""
+def baton_process(
+    *args: str, ready: str, prefix: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[str], re.Match[str]]:
+    """Starts ``[prefix...] python -m baton ARGS`` and waits for a stderr line matching
+    ``ready``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "baton", *args],
+        [*prefix, sys.executable, "-m", "baton", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
     assert proc.stderr is not None
