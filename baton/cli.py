@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", type=int, default=None)
     worker.add_argument("--drain-timeout-s", type=float, default=_W.drain_timeout_s,
                         help="on SIGTERM, how long in-flight requests may still run")
+    worker.add_argument("--max-waiting-requests", type=int, default=_W.max_waiting_requests,
+                        help="refuse new requests while this many wait in the engine")
     _add_distributed_args(worker)
 
     router = sub.add_parser("router", help="the KV router alone, serving decisions over TCP")
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             wconfig = _worker_config(args, host=args.host, port=args.port,
                                      worker_id=args.worker_id, namespace=args.namespace,
-                                     drain_timeout_s=args.drain_timeout_s)
+                                     drain_timeout_s=args.drain_timeout_s,
+                                     max_waiting_requests=args.max_waiting_requests)
             return _run(lambda stop: launch.run_worker(
                 wconfig, stop, nats=args.nats, lease_ttl_s=args.lease_ttl_s))
         if not args.worker and not args.nats:

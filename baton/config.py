@@ -55,6 +55,9 @@ class WorkerConfig:
     """Load metrics are published on the event plane at most this often."""
     drain_timeout_s: float = 30.0
     """On SIGTERM, how long in-flight requests may run before the worker exits anyway."""
+    max_waiting_requests: int = 1024
+    """A worker refuses new requests (frontends try another, then answer 529) while this
+    many are waiting in its engine: no unbounded queue."""
 
 
 @dataclass(frozen=True)

@@ -97,13 +97,14 @@ def serve_config(
     router: str = "round-robin",
     speedup_ratio: float = 0.0,
     router_options: dict[str, Any] | None = None,
+    worker_options: dict[str, Any] | None = None,
     **scheduler: Any,
 ) -> ServeConfig:
     engine = EngineConfig(scheduler=SchedulerConfig(**scheduler), speedup_ratio=speedup_ratio)
     router_config = RouterConfig(mode=router, **(router_options or {}))  # type: ignore[arg-type]
     return ServeConfig(
         frontend=FrontendConfig(port=0, router=router_config),
-        worker=WorkerConfig(engine=engine, load_interval_s=0.05),
+        worker=WorkerConfig(engine=engine, load_interval_s=0.05, **(worker_options or {})),
         num_workers=workers,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import random
 import statistics
@@ -228,3 +229,25 @@ def test_pinning_an_unknown_worker_is_a_400(server):
     body = {"model": "baton-tiny", "prompt": "hi", "max_tokens": 1, "baton": {"worker_id": 999}}
     code, _, payload = post(f"{server.base_url}/v1/completions", body)
     assert code == 400 and payload["error"]["param"] == "baton.worker_id"
+
+
+def test_a_full_worker_queue_is_answered_529_not_queued_without_bound(make_server):
+    srv = make_server(workers=1, speedup_ratio=1.0, max_num_seqs=1,
+                      worker_options={"max_waiting_requests": 1})
+    client = client_for(srv)
+    sched = srv.workers[0].engine.scheduler
+    running = client.completions.create(model="baton-tiny", prompt="a", max_tokens=500, stream=True)
+    next(iter(running))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post, f"{srv.base_url}/v1/completions",
+                              {"model": "baton-tiny", "prompt": "b", "max_tokens": 5})
+        assert srv.wait_until(lambda: sched.num_waiting == 1)
+        code, headers, payload = post(f"{srv.base_url}/v1/completions",
+                                      {"model": "baton-tiny", "prompt": "c", "max_tokens": 2})
+        assert code == 529 and headers["Retry-After"] == "1"
+        assert payload["error"]["type"] == "overloaded_error"
+        running.close()
+        assert waiting.result(30)[0] == 200
+    code, _, _ = post(f"{srv.base_url}/v1/completions",
+                      {"model": "baton-tiny", "prompt": "d", "max_tokens": 2})
+    assert code == 200

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from baton.config import RouterConfig
 from baton.errors import (
@@ -170,13 +170,13 @@ class WorkerPool:
             )
         free = [w for w in healthy if not self.thresholds.is_busy(self.loads.get(w))]
         if not free:
-            err = OverloadedError(
-                f"all {len(healthy)} workers serving {self.model!r} are busy; retry later",
-                code="overloaded",
-            )
-            err.status = self.config.overload_status
-            raise err
+            self._overloaded(f"all {len(healthy)} workers serving {self.model!r} are busy")
         return free
+
+    def _overloaded(self, why: str) -> NoReturn:
+        err = OverloadedError(f"{why}; retry later", code="overloaded")
+        err.status = self.config.overload_status
+        raise err
 
     def _candidates(self, hints: RouteHints | None, tried: set[int]) -> list[int]:
         pinned = hints.worker_id if hints is not None else None
@@ -194,9 +194,12 @@ class WorkerPool:
     ) -> tuple[int, AsyncIterator[EngineOutput], EngineOutput]:
         """Picks a worker and waits for its first delta, moving on from unreachable ones."""
         tried: set[int] = set()
+        refused = 0
         while True:
             candidates = self._candidates(hints, tried)
             if not candidates:
+                if refused:
+                    self._overloaded(f"{refused} workers serving {self.model!r} are full")
                 raise ServiceUnavailableError(
                     f"no reachable worker is serving model {self.model!r}", code="no_workers"
                 )
@@ -209,15 +212,22 @@ class WorkerPool:
                     self.instances[worker_id].address, "generate", request, EngineOutput
                 )
                 first = await anext(stream)
+            except OverloadedError:
+                self._undo(worker_id, request.request_id)  # full, not unhealthy: next one
+                refused += 1
+                continue
             except (TransportError, ServiceUnavailableError) as exc:
                 self._undo(worker_id, request.request_id)  # unreachable or draining: next one
                 self.mark_down(worker_id, str(exc))
                 continue
             except RemoteError as exc:
                 self._undo(worker_id, request.request_id)
-                if exc.status != 503:
+                if exc.kind == "OverloadedError":
+                    refused += 1
+                elif exc.status == 503:
+                    self.mark_down(worker_id, exc.message)
+                else:
                     raise
-                self.mark_down(worker_id, exc.message)
                 continue
             except StopAsyncIteration:
                 self._undo(worker_id, request.request_id)

@@ -30,7 +30,7 @@ import msgspec
 
 from baton.config import WorkerConfig
 from baton.engine.base import Engine
-from baton.errors import BatonError, EngineError, ServiceUnavailableError
+from baton.errors import BatonError, EngineError, OverloadedError, ServiceUnavailableError
 from baton.kv.events import KvEvent
 from baton.protocol import (
     Empty,
@@ -150,6 +150,10 @@ class Worker:
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
         if self.draining:
             raise ServiceUnavailableError(f"worker {self.instance_id} is draining", code="draining")
+        if self.engine.load().num_waiting >= self.config.max_waiting_requests:
+            raise OverloadedError(
+                f"worker {self.instance_id} has {self.config.max_waiting_requests} requests "
+                "waiting", code="worker_overloaded")
         self._in_flight += 1
         self._idle.clear()
         first = True

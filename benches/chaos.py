@@ -1,0 +1,472 @@
+"""Chaos: workers killed and restarted under load; are any requests lost?
+
+What is measured
+    A graph of one frontend and ``--workers`` simulated workers on its own nats-server runs
+    under a closed loop of streaming chat completions while, every ``--kill-interval-s``,
+    a random live worker gets SIGKILL (its whole process group, as the supervisor does);
+    the supervisor restarts it. Per request the client records TTFT, completion, finish
+    reason, ``usage.completion_tokens`` vs ``max_tokens`` (``ignore_eos``, so they must be
+    equal) and whether the stream was well formed. The goal: zero lost requests.
+
+    * failed: HTTP status other than 200, a client/transport error or timeout, or an
+      ``{"error": ...}`` event in the stream.
+    * malformed: status 200 and no error event, but a ``data:`` line that is not JSON, not
+      exactly one non-null ``finish_reason``, no ``usage``, ``completion_tokens`` !=
+      ``max_tokens``, or the stream does not end with ``data: [DONE]``.
+    * lost = failed + malformed. The exit status is 1 when any request was lost.
+
+    Migrations are read from the frontend's ``baton_frontend_migrations_total`` at the end;
+    the client also counts streams whose chunks named more than one ``baton.worker_id``.
+
+How
+    The graph is built in code (``parse_graph``) and run in this process (``Graph``), with
+    ``lease_ttl_s`` small so killed workers leave discovery quickly, and a short restart
+    backoff. Load: aiohttp + uvloop, ``--concurrency`` tasks, bounded by ``--requests`` and
+    ``--max-seconds``; prompts share one of a few prefixes (so the KV router has overlap to
+    route by) plus a unique tail; ``max_tokens`` uniform in [--min-tokens, --max-tokens].
+
+    .venv/bin/python benches/chaos.py                       # 2,000 requests, ~2-3 min
+    .venv/bin/python benches/chaos.py --requests 200 --max-seconds 60   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+try:
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover - orjson is optional
+    _loads = json.loads
+
+from baton.graph import Graph, parse_graph
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+         "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee "
+         "zulu river stone cloud ember frost grove harbor island jungle lantern meadow").split()
+
+
+@dataclass
+class Record:
+    index: int
+    max_tokens: int
+    start: float = 0.0
+    end: float = 0.0
+    ttft: float | None = None
+    max_gap: float = 0.0
+    status: int | None = None
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    completion_tokens: int | None = None
+    content_chunks: int = 0
+    worker_ids: list[str] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def malformed(self) -> bool:
+        return not self.failed and bool(self.problems)
+
+    @property
+    def completed(self) -> bool:
+        return not self.failed and not self.problems
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 1)
+
+
+# ------------------------------------------------------------------------------- the load
+
+
+def _prompt(rng: random.Random, prefixes: list[str]) -> str:
+    tail = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 48)))
+    return f"{rng.choice(prefixes)} {tail} {rng.getrandbits(48):x}"
+
+
+_BAD = object()
+
+
+def _parse(raw: bytes) -> object:
+    try:
+        return _loads(raw)
+    except ValueError:
+        return _BAD
+
+
+def _has_content(chunk: object) -> bool:
+    return isinstance(chunk, dict) and any(
+        (c.get("delta") or {}).get("content") for c in chunk.get("choices") or ())
+
+
+def _check_stream(rec: Record, events: list[tuple[bytes, object]]) -> None:
+    """Fills ``rec`` from the SSE body's ``data:`` payloads (raw, parsed), in order."""
+    saw_done = False
+    usage = None
+    for raw, chunk in events:
+        if saw_done:
+            rec.problems.append("data after [DONE]")
+            break
+        if raw == b"[DONE]":
+            saw_done = True
+            continue
+        if chunk is _BAD:
+            rec.problems.append(f"not JSON: {raw[:80]!r}")
+            continue
+        if not isinstance(chunk, dict):
+            rec.problems.append(f"not an object: {raw[:80]!r}")
+            continue
+        if "error" in chunk:
+            rec.error = f"error event: {json.dumps(chunk['error'])[:300]}"
+            continue
+        wid = (chunk.get("baton") or {}).get("worker_id")
+        if wid is None:
+            rec.problems.append("chunk without baton.worker_id")
+        elif not rec.worker_ids or rec.worker_ids[-1] != str(wid):
+            rec.worker_ids.append(str(wid))
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if (choice.get("delta") or {}).get("content"):
+                rec.content_chunks += 1
+            if choice.get("finish_reason") is not None:
+                rec.finish_reasons.append(choice["finish_reason"])
+    if rec.error is not None:
+        return
+    if not saw_done:
+        rec.problems.append("no data: [DONE] at the end")
+    rec.done = saw_done
+    if len(rec.finish_reasons) != 1:
+        rec.problems.append(f"{len(rec.finish_reasons)} finish reasons")
+    if usage is None:
+        rec.problems.append("no usage")
+    else:
+        rec.completion_tokens = usage.get("completion_tokens")
+        if rec.completion_tokens != rec.max_tokens:
+            rec.problems.append(f"completion_tokens {rec.completion_tokens} != max_tokens "
+                                f"{rec.max_tokens}")
+
+
+async def _one(session: aiohttp.ClientSession, url: str, model: str, rec: Record, prompt: str,
+               t0: float) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": rec.max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    rec.start = time.perf_counter() - t0
+    events: list[tuple[bytes, object]] = []
+    last: float | None = None
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            rec.status = resp.status
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                return
+            async for line in resp.content:
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                now = time.perf_counter() - t0
+                payload = line[5:].strip()
+                chunk = None if payload == b"[DONE]" else _parse(payload)
+                events.append((payload, chunk))
+                if _has_content(chunk):
+                    if rec.ttft is None:
+                        rec.ttft = now - rec.start
+                    if last is not None:
+                        rec.max_gap = max(rec.max_gap, now - last)
+                    last = now
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        rec.end = time.perf_counter() - t0
+    if rec.error is None:
+        _check_stream(rec, events)
+
+
+async def _load(url: str, model: str, args: argparse.Namespace, records: list[Record],
+                t0: float) -> None:
+    rng = random.Random(args.seed)
+    prefixes = [" ".join(rng.choice(WORDS) for _ in range(args.prefix_words))
+                for _ in range(8)]
+    deadline = time.monotonic() + args.max_seconds
+    counter = iter(range(args.requests))
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout_s)
+
+    async def loop(session: aiohttp.ClientSession) -> None:
+        for i in counter:
+            if time.monotonic() >= deadline:
+                return
+            rec = Record(i, rng.randint(args.min_tokens, args.max_tokens))
+            records.append(rec)
+            await _one(session, url, model, rec, _prompt(rng, prefixes), t0)
+
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(loop(session) for _ in range(args.concurrency)))
+
+
+# ------------------------------------------------------------------------------ the chaos
+
+
+async def _chaos(graph: Graph, args: argparse.Namespace, kills: list[dict], t0: float,
+                 stop: asyncio.Event) -> None:
+    rng = random.Random(args.seed + 1)
+    workers = [p for p in graph.supervisor.processes if p.spec.group == "worker"]
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), args.kill_interval_s)
+            return
+        except TimeoutError:
+            pass
+        live = [p for p in workers if p.is_ready and p.pid is not None]
+        if len(live) < 2:  # never kill the last one: that tests nothing but an outage
+            kills.append({"t": round(time.perf_counter() - t0, 2), "skipped": True,
+                          "live": len(live)})
+            continue
+        victim = rng.choice(live)
+        try:
+            os.killpg(victim.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        kills.append({"t": round(time.perf_counter() - t0, 2), "worker": victim.spec.name,
+                      "pid": victim.pid, "live_before": len(live)})
+
+
+async def _migrations(session: aiohttp.ClientSession, url: str) -> float | None:
+    try:
+        async with session.get(url + "/metrics") as resp:
+            text = await resp.text()
+    except aiohttp.ClientError:
+        return None
+    total = None
+    for line in text.splitlines():
+        if line.startswith("baton_frontend_migrations_total"):
+            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def _graph_config(args: argparse.Namespace):
+    return parse_graph({
+        "namespace": f"baton-chaos-{os.getpid()}",
+        "nats": {"start": True},
+        "lease_ttl_s": args.lease_ttl_s,
+        "engine": {"speedup_ratio": args.speedup_ratio, "block_size": 16},
+        "frontends": [{"port": 0, "router": args.router,
+                       "args": ["--migration-limit", str(args.migration_limit)]}],
+        "workers": [{"name": "agg", "count": args.workers}],
+        "supervision": {"backoff_initial_s": 0.5, "backoff_max_s": args.backoff_max_s},
+    })
+
+
+async def run(args: argparse.Namespace) -> dict:
+    run_dir = Path(args.logs or tempfile.mkdtemp(prefix="baton-chaos-"))
+    events: list[str] = []
+    t0 = time.perf_counter()
+
+    def report(msg: str) -> None:
+        line = f"{time.perf_counter() - t0:8.2f}s {msg}"
+        events.append(line)
+        if args.verbose:
+            print(f"chaos graph: {line}", file=sys.stderr, flush=True)
+
+    records: list[Record] = []
+    kills: list[dict] = []
+    graph = Graph(_graph_config(args), log_dir=run_dir, report=report)
+    async with graph:
+        url = graph.frontend_urls[0]
+        print(f"chaos: graph up in {time.perf_counter() - t0:.1f} s, frontend {url}, "
+              f"logs in {run_dir}", file=sys.stderr, flush=True)
+        t_load = time.perf_counter()
+        stop = asyncio.Event()
+        chaos = asyncio.create_task(_chaos(graph, args, kills, t0, stop))
+        try:
+            await _load(url, args.model, args, records, t0)
+        finally:
+            stop.set()
+            await chaos
+        load_s = time.perf_counter() - t_load
+        async with aiohttp.ClientSession() as session:
+            migrations = await _migrations(session, url)
+        workers = [p for p in graph.supervisor.processes if p.spec.group == "worker"]
+        restarts = sum(p.num_restarts for p in workers)
+        others = {p.spec.name: p.num_restarts for p in graph.supervisor.processes
+                  if p.spec.group != "worker" and p.num_restarts}
+        all_pids = graph.supervisor.all_pids()
+    leftovers = [pid for pid in all_pids if _alive(pid)]
+    (run_dir / "chaos-events.log").write_text("\n".join(events) + "\n")
+    return _summary(args, records, kills, migrations, restarts, others, load_s, run_dir,
+                    leftovers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (not yet reaped by anyone) is not running
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _summary(args, records, kills, migrations, restarts, others, load_s, run_dir,
+             leftovers) -> dict:
+    completed = [r for r in records if r.completed]
+    failed = [r for r in records if r.failed]
+    malformed = [r for r in records if r.malformed]
+    ttfts = [r.ttft for r in completed if r.ttft is not None]
+    e2e = [r.end - r.start for r in completed]
+    gaps = [r.max_gap for r in completed]
+    moved = [r for r in records if len(r.worker_ids) > 1]
+    summary = {
+        "sent": len(records),
+        "completed": len(completed),
+        "failed": len(failed),
+        "malformed": len(malformed),
+        "lost": len(failed) + len(malformed),
+        "migrations_frontend_metric": migrations,
+        "streams_on_2plus_workers": len(moved),
+        "kills": sum(1 for k in kills if not k.get("skipped")),
+        "kills_skipped": sum(1 for k in kills if k.get("skipped")),
+        "worker_restarts": restarts,
+        "other_restarts": others,
+        "ttft_p50_ms": _ms(percentile(ttfts, 50)),
+        "ttft_p99_ms": _ms(percentile(ttfts, 99)),
+        "ttft_max_ms": _ms(max(ttfts, default=None)),
+        "ttft_p50_migrated_ms": _ms(percentile([r.ttft for r in moved if r.ttft], 50)),
+        "e2e_p50_ms": _ms(percentile(e2e, 50)),
+        "e2e_p99_ms": _ms(percentile(e2e, 99)),
+        "max_stall_p99_ms": _ms(percentile(gaps, 99)),
+        "max_stall_max_ms": _ms(max(gaps, default=None)),
+        "load_seconds": round(load_s, 1),
+        "req_per_s": round(len(completed) / load_s, 2) if load_s else None,
+        "output_tokens": sum(r.completion_tokens or 0 for r in completed),
+    }
+    return {
+        "bench": "chaos",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "config": vars(args),
+        "run_dir": str(run_dir),
+        "summary": summary,
+        "leftover_pids": leftovers,
+        "kills": kills,
+        "lost": [asdict(r) for r in failed + malformed],
+        "migrated": [asdict(r) for r in moved],
+    }
+
+
+def _print(result: dict) -> None:
+    s = result["summary"]
+    rows = [
+        ("sent", s["sent"]), ("completed", s["completed"]), ("failed", s["failed"]),
+        ("malformed", s["malformed"]), ("lost", s["lost"]),
+        ("migrated (frontend metric)", s["migrations_frontend_metric"]),
+        ("streams served by 2+ workers", s["streams_on_2plus_workers"]),
+        ("worker kills (SIGKILL)", s["kills"]), ("worker restarts", s["worker_restarts"]),
+        ("TTFT p50 / p99 / max ms", f"{s['ttft_p50_ms']} / {s['ttft_p99_ms']} / "
+                                    f"{s['ttft_max_ms']}"),
+        ("TTFT p50 of migrated streams ms", s["ttft_p50_migrated_ms"]),
+        ("end-to-end p50 / p99 ms", f"{s['e2e_p50_ms']} / {s['e2e_p99_ms']}"),
+        ("longest stall per stream p99 / max ms", f"{s['max_stall_p99_ms']} / "
+                                                  f"{s['max_stall_max_ms']}"),
+        ("load seconds", s["load_seconds"]), ("completed req/s", s["req_per_s"]),
+    ]
+    if s["kills_skipped"]:
+        rows.append(("kills skipped (< 2 workers up)", s["kills_skipped"]))
+    if s["other_restarts"]:
+        rows.append(("non-worker restarts", s["other_restarts"]))
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{'metric':<{width}}  value\n{'-' * width}  -----")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    for r in result["lost"][:20]:
+        what = r["error"] or "; ".join(r["problems"])
+        print(f"LOST request {r['index']} at {r['start']:.2f}s (workers {r['worker_ids']}): "
+              f"{what}")
+    if result["leftover_pids"]:
+        print(f"LEFTOVER processes: {result['leftover_pids']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--max-seconds", type=float, default=300.0,
+                   help="no new request after this many seconds of load")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--router", default="kv", choices=["kv", "round-robin", "random",
+                                                      "least-loaded"])
+    p.add_argument("--kill-interval-s", type=float, default=3.0)
+    p.add_argument("--speedup-ratio", type=float, default=1.0)
+    p.add_argument("--min-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--prefix-words", type=int, default=64,
+                   help="length of the 8 shared prompt prefixes")
+    p.add_argument("--lease-ttl-s", type=float, default=3.0)
+    p.add_argument("--migration-limit", type=int, default=3)
+    p.add_argument("--backoff-max-s", type=float, default=2.0,
+                   help="supervisor restart backoff cap")
+    p.add_argument("--request-timeout-s", type=float, default=60.0)
+    p.add_argument("--model", default="baton-tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logs", default=None, help="run directory (default: a new temp dir)")
+    p.add_argument("--out", default="bench-results/chaos.json")
+    p.add_argument("-v", "--verbose", action="store_true", help="print supervisor events")
+    args = p.parse_args(argv)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is in the project venv
+        result = asyncio.run(run(args))
+    else:
+        result = uvloop.run(run(args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    _print(result)
+    print(f"\nJSON: {out}; logs: {result['run_dir']}")
+    return 1 if result["summary"]["lost"] or result["leftover_pids"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
