@@ -94,3 +94,11 @@ class WorkerEvents(msgspec.Struct, kw_only=True, omit_defaults=True):
     load: LoadMetrics
     snapshot: list[KvStored] | None = None
     events: list[KvEvent] = []
+
+
+class ModelFiles(msgspec.Struct, kw_only=True):
+    """A model folder's small files (tokenizer, configs, chat template; never weights), so
+    a frontend on another host can load the model card a worker serves."""
+
+    name: str
+    files: dict[str, bytes]

@@ -95,3 +95,31 @@ def test_killing_the_worker_gives_clients_a_clean_error_not_a_hang(worker_and_fr
         client.chat.completions.create(model="baton-tiny", messages=MESSAGES, max_tokens=3)
     assert info.value.status_code == 503
     assert info.value.body["type"] == "service_unavailable"
+
+
+def test_a_frontend_without_the_model_folder_fetches_the_card_from_the_worker(tmp_path):
+    """As on another host: the worker's model folder does not exist where the frontend runs."""
+    import shutil
+
+    from tests.test_preprocess import write_word_level_model
+
+    folder = write_word_level_model(tmp_path / "words-model")
+    worker, match = baton_process("worker", "--port", "0", "--speedup-ratio", "0",
+                                  "--model", str(folder), ready=r"listening on (tcp://\S+)")
+    frontend = None
+    try:
+        shutil.rmtree(folder)
+        frontend, fmatch = baton_process("frontend", "--port", "0", "--worker", match.group(1),
+                                         ready=r"http://127\.0\.0\.1:(\d+)")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{fmatch.group(1)}/v1", api_key="x",
+                               max_retries=0)
+        assert [m.id for m in client.models.list()] == ["words-model"]
+        resp = client.chat.completions.create(
+            model="words-model", messages=[{"role": "user", "content": "w1 w2 w3"}], max_tokens=4)
+        assert resp.usage.prompt_tokens == 5  # <|user|> w1 w2 w3 <|assistant|>
+        assert len(resp.choices[0].message.content.split()) == 4
+    finally:
+        for proc in (frontend, worker):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)

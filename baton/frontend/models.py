@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from baton.config import RouterConfig
 from baton.errors import NotFoundError
-from baton.preprocess import ModelCard, Tokenizer, resolve_model
+from baton.preprocess import ModelCard, ModelNotFoundError, Tokenizer, resolve_model
+from baton.protocol import Empty, ModelFiles
 from baton.router import WorkerPool
 from baton.router.kv_router import KvRouter, RouterSyncEvent
 from baton.router.metrics import RouterMetrics
@@ -60,12 +63,13 @@ class ModelRegistry:
         self._owner: dict[int, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._sync_tasks: list[asyncio.Task[None]] = []
+        self._cache_dir: tempfile.TemporaryDirectory[str] | None = None
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
         for record in self._runtime.discovery.snapshot():  # known now: ready before serving
             if self._is_worker(record):
-                self._add(record)
+                await self._add(record)
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="model-registry")
 
     async def close(self) -> None:
@@ -73,6 +77,8 @@ class ModelRegistry:
         self._task = None
         for task in self._sync_tasks:
             await cancel_and_wait(task)
+        if self._cache_dir is not None:
+            self._cache_dir.cleanup()
         for entry in self.models.values():
             await entry.pool.close()
 
@@ -96,7 +102,7 @@ class ModelRegistry:
             if not self._is_worker(record):
                 continue
             if event.kind == "put":
-                self._add(record)
+                await self._add(record)
             else:
                 self._remove(record.instance_id)
 
@@ -107,10 +113,10 @@ class ModelRegistry:
             and record.endpoint == WORKER_ENDPOINT
         )
 
-    def _add(self, record: InstanceRecord) -> None:
+    async def _add(self, record: InstanceRecord) -> None:
         entry = self.models.get(record.model)
         if entry is None:
-            entry = self._load(record)
+            entry = await self._load(record)
             if entry is None:
                 return
         if entry.pool.instances.get(record.instance_id) == record:
@@ -157,9 +163,10 @@ class ModelRegistry:
 
         self._sync_tasks.append(asyncio.get_running_loop().create_task(follow()))
 
-    def _load(self, record: InstanceRecord) -> ModelEntry | None:
+    async def _load(self, record: InstanceRecord) -> ModelEntry | None:
         try:
-            card = ModelCard.load(resolve_model(record.model_path or record.model), name=record.model)
+            folder = await self._model_folder(record)
+            card = ModelCard.load(folder, name=record.model)
             tokenizer = Tokenizer(card)
         except Exception:
             log.exception("cannot load model %r advertised by worker %d", record.model,
@@ -169,3 +176,20 @@ class ModelRegistry:
                           policy=self._policy(record.model), thresholds=self.thresholds)
         entry = self.models[record.model] = ModelEntry(record.model, card, tokenizer, pool)
         return entry
+
+    async def _model_folder(self, record: InstanceRecord) -> Path:
+        """The model folder the worker advertises, or, when this host does not have it (a
+        worker on another host), a private copy of the worker's model files."""
+        try:
+            return resolve_model(record.model_path or record.model)
+        except ModelNotFoundError:
+            pass
+        files = await self._runtime.client.unary(record.address, "model_files", Empty(), ModelFiles)
+        if self._cache_dir is None:
+            self._cache_dir = tempfile.TemporaryDirectory(prefix="baton-models-")
+        folder = Path(self._cache_dir.name) / re.sub(r"[^A-Za-z0-9_.-]", "_", files.name)
+        folder.mkdir(exist_ok=True)
+        for name, data in files.files.items():
+            (folder / Path(name).name).write_bytes(data)
+        log.info("model %r fetched from worker %d", record.model, record.instance_id)
+        return folder

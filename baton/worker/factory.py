@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from baton.config import WorkerConfig
 from baton.engine.mock import SimulatedEngine
 from baton.preprocess import ModelCard, Tokenizer, resolve_model
+from baton.protocol import ModelFiles
 from baton.runtime import Runtime
 from baton.worker.worker import Worker
 
@@ -21,8 +24,26 @@ def build_engine(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
     return SimulatedEngine(config.engine, vocab=vocab)
 
 
+MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
+MAX_MODEL_FILE_BYTES = 64 * 1024 * 1024
+
+
+def read_model_files(folder: Path, name: str) -> ModelFiles:
+    """The small files of a model folder (what a model card needs), read once."""
+    files = {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES
+        and p.stat().st_size <= MAX_MODEL_FILE_BYTES
+    }
+    return ModelFiles(name=name, files=files)
+
+
 def build_worker(config: WorkerConfig, runtime: Runtime, *, instance_id: int | None = None) -> Worker:
-    card = ModelCard.load(resolve_model(config.model), name=config.model_name)
+    folder = resolve_model(config.model)
+    card = ModelCard.load(folder, name=config.model_name)
     engine = build_engine(config, card)
     worker_id = instance_id if instance_id is not None else config.worker_id
-    return Worker(config, runtime, engine, model_name=card.name, instance_id=worker_id)
+    worker = Worker(config, runtime, engine, model_name=card.name, instance_id=worker_id)
+    worker.model_files = read_model_files(folder, card.name)
+    return worker

@@ -38,6 +38,7 @@ from baton.protocol import (
     FeedRequest,
     GenerateRequest,
     LoadMetrics,
+    ModelFiles,
     WorkerEvents,
 )
 from baton.runtime import EndpointServer, InstanceRecord, MemoryEventPlane, Runtime
@@ -79,6 +80,9 @@ class Worker:
         self.endpoints.add("info", self._info, Empty, InstanceRecord)
         self.endpoints.add("load", self._load, Empty, LoadMetrics)
         self.endpoints.add("events", self._events, FeedRequest, WorkerEvents)
+        self.endpoints.add("model_files", self._model_files, Empty, ModelFiles)
+        self.model_files = ModelFiles(name=model_name, files={})
+        """Set by ``build_worker`` from the model folder; served to remote frontends."""
         self.record: InstanceRecord | None = None
         self._local_address: str | None = None
         self._kv_subject = kv_events_subject(config.namespace, self.instance_id)
@@ -178,6 +182,9 @@ class Worker:
             raise ServiceUnavailableError(f"worker {self.instance_id} is draining", code="draining")
         assert self.record is not None
         yield self.record
+
+    async def _model_files(self, _: Empty) -> AsyncIterator[ModelFiles]:
+        yield self.model_files
 
     async def _load(self, _: Empty) -> AsyncIterator[LoadMetrics]:
         yield self.load_metrics()
