@@ -54,53 +54,39 @@ class Discovery(Protocol):
 _WATCH_QUEUE_LIMIT = 10_000
 
 
-class MemoryDiscovery:
-    """In-process discovery: a dict of records and a bounded queue per watcher.
+class Watchers:
+    """The watchers of one discovery backend: a bounded queue each.
 
-    Overflow policy: a watcher that falls ``_WATCH_QUEUE_LIMIT`` events behind is dropped
-    (its iterator ends with an error), since it can no longer know the true state.
+    Overflow policy: a watcher that falls ``_WATCH_QUEUE_LIMIT`` events behind is ended
+    (its iterator stops), since it can no longer know the true state.
     """
 
     def __init__(self) -> None:
-        self._records: dict[int, InstanceRecord] = {}
-        self._watchers: set[asyncio.Queue[DiscoveryEvent | None]] = set()
-        self._closed = False
+        self._queues: set[asyncio.Queue[DiscoveryEvent | None]] = set()
 
-    async def register(self, record: InstanceRecord) -> None:
-        self._records[record.instance_id] = record
-        self._publish(DiscoveryEvent("put", record))
-
-    async def deregister(self, instance_id: int) -> None:
-        record = self._records.pop(instance_id, None)
-        if record is not None:
-            self._publish(DiscoveryEvent("delete", record))
-
-    def snapshot(self) -> list[InstanceRecord]:
-        return list(self._records.values())
-
-    async def watch(self) -> AsyncIterator[DiscoveryEvent]:
+    async def watch(self, current: list[InstanceRecord]) -> AsyncIterator[DiscoveryEvent]:
+        """``current`` as puts, then every published change."""
         queue: asyncio.Queue[DiscoveryEvent | None] = asyncio.Queue(_WATCH_QUEUE_LIMIT)
-        self._watchers.add(queue)
+        self._queues.add(queue)
         try:
-            for record in list(self._records.values()):
+            for record in current:
                 yield DiscoveryEvent("put", record)
             while (event := await queue.get()) is not None:
                 yield event
         finally:
-            self._watchers.discard(queue)
+            self._queues.discard(queue)
 
-    async def close(self) -> None:
-        self._closed = True
-        for queue in list(self._watchers):
-            self._end(queue)
-
-    def _publish(self, event: DiscoveryEvent) -> None:
-        for queue in list(self._watchers):
+    def publish(self, event: DiscoveryEvent) -> None:
+        for queue in list(self._queues):
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
-                self._watchers.discard(queue)
+                self._queues.discard(queue)
                 self._end(queue)
+
+    def close(self) -> None:
+        for queue in list(self._queues):
+            self._end(queue)
 
     @staticmethod
     def _end(queue: asyncio.Queue[DiscoveryEvent | None]) -> None:
@@ -110,3 +96,29 @@ class MemoryDiscovery:
                 return
             except asyncio.QueueFull:
                 queue.get_nowait()
+
+
+class MemoryDiscovery:
+    """In-process discovery: a dict of records and its ``Watchers``."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, InstanceRecord] = {}
+        self._watchers = Watchers()
+
+    async def register(self, record: InstanceRecord) -> None:
+        self._records[record.instance_id] = record
+        self._watchers.publish(DiscoveryEvent("put", record))
+
+    async def deregister(self, instance_id: int) -> None:
+        record = self._records.pop(instance_id, None)
+        if record is not None:
+            self._watchers.publish(DiscoveryEvent("delete", record))
+
+    def snapshot(self) -> list[InstanceRecord]:
+        return list(self._records.values())
+
+    def watch(self) -> AsyncIterator[DiscoveryEvent]:
+        return self._watchers.watch(self.snapshot())
+
+    async def close(self) -> None:
+        self._watchers.close()

@@ -36,12 +36,20 @@ class EventPlane(Protocol):
     async def close(self) -> None: ...
 
 
-class MemorySubscription:
-    def __init__(self, plane: MemoryEventPlane, subject: str, limit: int) -> None:
-        self._plane = plane
+class QueueSubscription:
+    """A subscription's bounded queue. Overflow policy: when full, the newest event is
+    dropped and counted in ``dropped``."""
+
+    def __init__(self, subject: str, limit: int) -> None:
         self.subject = subject
         self.queue: asyncio.Queue[Any] = asyncio.Queue(limit)
         self.dropped = 0
+
+    def offer(self, event: Any) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
 
     def __aiter__(self) -> Self:
         return self
@@ -55,6 +63,12 @@ class MemorySubscription:
             batch.append(self.queue.get_nowait())
         return batch
 
+
+class MemorySubscription(QueueSubscription):
+    def __init__(self, plane: MemoryEventPlane, subject: str, limit: int) -> None:
+        super().__init__(subject, limit)
+        self._plane = plane
+
     def close(self) -> None:
         self._plane._subscriptions.get(self.subject, set()).discard(self)
 
@@ -66,10 +80,7 @@ class MemoryEventPlane:
 
     def publish(self, subject: str, event: Any) -> None:
         for sub in self._subscriptions.get(subject, ()):
-            try:
-                sub.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                sub.dropped += 1
+            sub.offer(event)
 
     def subscribe(self, subject: str, kind: type | None = None) -> MemorySubscription:
         """``kind`` is ignored: events are passed through as published objects."""

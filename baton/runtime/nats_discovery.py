@@ -39,13 +39,12 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from baton.runtime.discovery import DiscoveryEvent, InstanceRecord
+from baton.runtime.discovery import DiscoveryEvent, InstanceRecord, Watchers
 from baton.runtime.nats_events import NatsConnection
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-_WATCH_QUEUE_LIMIT = 10_000
 _INVALID = re.compile(r"[^-_=/a-zA-Z0-9]")
 _STREAM_CONFIG_CONFLICT = 10058  # "stream name already in use with a different configuration"
 
@@ -85,7 +84,7 @@ class NatsDiscovery:
         # -- the cache (written by the watcher only) and its watchers
         self._cache: dict[str, InstanceRecord] = {}
         self._deadlines: dict[str, float] = {}  # key -> monotonic time it is dropped unless put
-        self._watchers: set[asyncio.Queue[DiscoveryEvent | None]] = set()
+        self._watchers = Watchers()
         # -- tasks
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -123,15 +122,8 @@ class NatsDiscovery:
 
     async def watch(self) -> AsyncIterator[DiscoveryEvent]:
         await self.start()
-        queue: asyncio.Queue[DiscoveryEvent | None] = asyncio.Queue(_WATCH_QUEUE_LIMIT)
-        self._watchers.add(queue)
-        try:
-            for record in list(self._cache.values()):
-                yield DiscoveryEvent("put", record)
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            self._watchers.discard(queue)
+        async for event in self._watchers.watch(self.snapshot()):
+            yield event
 
     async def close(self) -> None:
         """Stops the tasks, deletes this process's own records (graceful shutdown), ends the
@@ -142,8 +134,7 @@ class NatsDiscovery:
                 async with asyncio.timeout(1.0):
                     await self.deregister(instance_id)
         await self._stop_watch()
-        for queue in list(self._watchers):
-            _end(queue)
+        self._watchers.close()
         await self.connection.close()
 
     async def __aenter__(self) -> Self:
@@ -254,14 +245,7 @@ class NatsDiscovery:
             self._remove(key)
 
     def _emit(self, event: DiscoveryEvent) -> None:
-        """Overflow policy: a watcher ``_WATCH_QUEUE_LIMIT`` events behind is ended (as in
-        ``MemoryDiscovery``): it can no longer know the true state."""
-        for queue in list(self._watchers):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                self._watchers.discard(queue)
-                _end(queue)
+        self._watchers.publish(event)
 
     # -- heartbeat and reconnection
 
@@ -310,10 +294,3 @@ def _decode(value: bytes | None) -> InstanceRecord | None:
         return None
 
 
-def _end(queue: asyncio.Queue[DiscoveryEvent | None]) -> None:
-    while True:
-        try:
-            queue.put_nowait(None)
-            return
-        except asyncio.QueueFull:
-            queue.get_nowait()

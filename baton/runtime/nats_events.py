@@ -49,6 +49,7 @@ from nats.aio.subscription import Subscription as _NatsSub
 
 from baton.kv.events import KvEvent
 from baton.protocol import LoadMetrics
+from baton.runtime.events import QueueSubscription
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -116,33 +117,19 @@ class NatsConnection:
             await self._nc.close()
 
 
-class NatsSubscription:
+class NatsSubscription(QueueSubscription):
     """One subject's events, decoded, in a bounded queue (full: the newest is dropped)."""
 
     def __init__(self, plane: NatsEventPlane, subject: str, kind: type | None, limit: int) -> None:
+        super().__init__(subject, limit)
         self._plane = plane
-        self.subject = subject
         self._decoder: msgspec.msgpack.Decoder[Any] = (
             msgspec.msgpack.Decoder(kind) if kind is not None else msgspec.msgpack.Decoder()
         )
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(limit)
-        self.dropped = 0
         self.num_undecodable = 0
         self.closed = False
         self._registered = asyncio.Event()
         self._nats_sub: _NatsSub | None = None
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Any:
-        return await self.queue.get()
-
-    async def next_batch(self, limit: int) -> list[Any]:
-        batch = [await self.queue.get()]
-        while len(batch) < limit and not self.queue.empty():
-            batch.append(self.queue.get_nowait())
-        return batch
 
     async def wait_registered(self, timeout_s: float = 5.0) -> None:
         """Returns once the server has processed this SUB: from then on, events published by
@@ -164,10 +151,7 @@ class NatsSubscription:
             self.num_undecodable += 1
             log.warning("undecodable event on %s: %s", msg.subject, exc)
             return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
+        self.offer(event)
 
 
 _Op = tuple[str, Any, bytes]  # ("pub", subject, payload) | ("sub"/"unsub", subscription, b"")
