@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_args(router)
 
     _add_trace_parser(sub)
+    _add_bench_parser(sub)
 
     frontend = sub.add_parser("frontend", help="the HTTP frontend for workers in other processes")
     _add_frontend_args(frontend)
@@ -197,6 +198,48 @@ def _add_trace_parser(sub: Any) -> None:
         synth.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     synth.add_argument("--block-size", type=int, default=d.block_size)
     synth.add_argument("--seed", type=int, default=d.seed)
+
+
+def _add_bench_parser(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="replay a Mooncake trace against an OpenAI-compatible URL")
+    bench.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--model", required=True, help="model name sent in each request")
+    bench.add_argument("--trace", required=True, help="Mooncake JSONL file")
+    bench.add_argument("--tokenizer", default=None, metavar="MODEL_OR_PATH",
+                       help="tokenizer for prompt synthesis (default: --model as a built-in "
+                            "name or local folder)")
+    bench.add_argument("--block-size", type=int, default=512, help="tokens per trace hash id")
+    bench.add_argument("--speedup", type=float, default=1.0, help="divide arrival times by this")
+    bench.add_argument("--max-concurrency", type=int, default=None)
+    bench.add_argument("--max-requests", type=int, default=None)
+    bench.add_argument("--goodput", default=None, metavar="ttft_ms=X,itl_ms=Y",
+                       help="SLA for goodput; keys ttft_ms, itl_ms, tpot_ms, e2e_ms")
+    bench.add_argument("--chat", action="store_true",
+                       help="send prompt text to /v1/chat/completions instead of token ids")
+    bench.add_argument("--timeout-s", type=float, default=600.0, help="per-request limit")
+    bench.add_argument("--out", default=None, metavar="DIR",
+                       help="write summary.json and records.csv here")
+    bench.add_argument("--no-progress", action="store_true")
+
+
+def _bench(a: argparse.Namespace) -> int:
+    import uvloop
+
+    from baton.bench import parse_goodput, run_bench
+    from baton.preprocess import ModelNotFoundError
+
+    goodput = parse_goodput(a.goodput) if a.goodput else None  # ValueError -> exit 2 in main
+    try:
+        summary = uvloop.run(run_bench(
+            a.url, a.model, a.trace, tokenizer=a.tokenizer, block_size=a.block_size,
+            speedup=a.speedup, max_concurrency=a.max_concurrency, max_requests=a.max_requests,
+            goodput=goodput, use_chat=a.chat, timeout_s=a.timeout_s, out_dir=a.out,
+            show_progress=not a.no_progress,
+        ))
+    except ModelNotFoundError as exc:
+        print(f"baton bench: {exc}; give --tokenizer MODEL_OR_PATH", file=sys.stderr)
+        return 2
+    return 1 if summary.num_errors == summary.num_requests else 0
 
 
 def _trace(a: argparse.Namespace) -> int:
@@ -228,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "trace":
             return _trace(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "serve" and args.file:
             from baton.graph import GraphStartError, load_graph, run_graph
 

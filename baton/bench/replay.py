@@ -1,0 +1,218 @@
+"""The replay client: sends a trace's requests to an OpenAI-compatible server at their arrival
+times and records what came back.
+
+Owns ``replay`` (one aiohttp session; request ``i`` is sent at ``timestamp_i / speedup`` after
+the run starts, measured from the trace's first timestamp, or later when ``max_concurrency``
+requests are already in flight) and ``run_bench`` (trace file in, table on stdout,
+``summary.json`` (summary + records) and ``records.csv`` out). Requests stream ``/v1/completions``
+with the prompt as token ids (exact on any server that accepts token-id prompts), or with
+``use_chat`` the prompt text as one user message to ``/v1/chat/completions``. Every request
+asks for ``max_tokens = output_length`` with ``ignore_eos`` and ``stream_options.include_usage``.
+A content chunk is one whose text (or ``delta.content``) is non-empty; ``completion_tokens`` is
+the server's usage count, or the number of content chunks when it reports none. Failures (HTTP
+status, an SSE ``error`` event, a broken or timed-out stream) become records with ``ok=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
+from baton.bench.report import ProgressBar, format_table, write_csv, write_json
+from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_trace
+
+DEFAULT_CONNECTIONS = 256
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+
+class _ReplayError(Exception):
+    """A failure the server reported (HTTP status or SSE error event)."""
+
+
+async def replay(
+    base_url: str,
+    model: str,
+    requests: Sequence[TraceRequest],
+    *,
+    prompts: PromptBuilder,
+    speedup: float = 1.0,
+    max_concurrency: int | None = None,
+    max_requests: int | None = None,
+    timeout_s: float = 600.0,
+    use_chat: bool = False,
+    progress: Callable[[RequestRecord], None] | None = None,
+) -> list[RequestRecord]:
+    """Replay ``requests`` (in the order given) and return one record per request sent."""
+    if speedup <= 0:
+        raise ValueError(f"speedup must be positive, got {speedup}")
+    chosen = list(requests[:max_requests] if max_requests is not None else requests)
+    if not chosen:
+        return []
+    path = "/v1/chat/completions" if use_chat else "/v1/completions"
+    url = base_url.rstrip("/") + path
+    limit = max_concurrency or DEFAULT_CONNECTIONS
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    connector = aiohttp.TCPConnector(limit=limit)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    t0_ms = min(r.timestamp for r in chosen)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tasks: list[asyncio.Task[RequestRecord]] = []
+        for index, request in enumerate(chosen):
+            at_s = (request.timestamp - t0_ms) / 1000.0 / speedup
+            await asyncio.sleep(max(0.0, start + at_s - loop.time()))
+            record = RequestRecord(index=index, scheduled_at_s=at_s)
+            try:
+                body = _body(model, request, prompts, use_chat)
+            except ValueError as exc:  # hash_ids too few for input_length
+                record.error = f"trace: {exc}"
+                send: Any = _unsent(record)
+            else:
+                send = _send(session, url, body, record, start, gate)
+            tasks.append(asyncio.create_task(_reported(send, progress)))
+        return list(await asyncio.gather(*tasks))
+
+
+async def _reported(
+    send: Any, progress: Callable[[RequestRecord], None] | None
+) -> RequestRecord:
+    record: RequestRecord = await send
+    if progress is not None:
+        progress(record)
+    return record
+
+
+async def _unsent(record: RequestRecord) -> RequestRecord:
+    return record
+
+
+def _body(model: str, request: TraceRequest, prompts: PromptBuilder, use_chat: bool) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.output_length,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if use_chat:
+        body["messages"] = [{"role": "user", "content": prompts.text(request)}]
+    else:
+        body["prompt"] = prompts.token_ids(request)
+    return _encode(body)
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    record: RequestRecord,
+    start: float,
+    gate: asyncio.Semaphore | None,
+) -> RequestRecord:
+    if gate is None:
+        return await _stream(session, url, body, record, start)
+    async with gate:
+        return await _stream(session, url, body, record, start)
+
+
+async def _stream(
+    session: aiohttp.ClientSession, url: str, body: bytes, record: RequestRecord, start: float
+) -> RequestRecord:
+    loop = asyncio.get_running_loop()
+    record.sent_at_s = loop.time() - start
+    chunk_times: list[float] = []
+    try:
+        async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+            if resp.status != 200:
+                text = (await resp.text(errors="replace"))[:500]
+                raise _ReplayError(f"HTTP {resp.status}: {text}")
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                if _on_event(record, _decode(data)):
+                    chunk_times.append(loop.time() - start)
+        record.ok = True
+    except (_ReplayError, aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
+        record.error = str(exc) or type(exc).__name__
+        if not isinstance(exc, _ReplayError):
+            record.error = f"{type(exc).__name__}: {record.error}"
+    record.end_at_s = loop.time() - start
+    if chunk_times:
+        record.first_token_at_s = chunk_times[0]
+        record.itl_s = [b - a for a, b in itertools.pairwise(chunk_times)]
+    if record.ok and record.completion_tokens == 0:  # the server reported no usage
+        record.completion_tokens = len(chunk_times)
+    return record
+
+
+def _on_event(record: RequestRecord, event: Any) -> bool:
+    """Apply one SSE payload to ``record``; True when it carried content."""
+    if not isinstance(event, dict):
+        raise _ReplayError(f"unexpected SSE payload: {str(event)[:200]}")
+    if event.get("error"):
+        raise _ReplayError(f"SSE error: {_encode(event['error']).decode()[:500]}")
+    usage = event.get("usage")
+    if usage:
+        record.prompt_tokens = usage.get("prompt_tokens") or record.prompt_tokens
+        record.completion_tokens = usage.get("completion_tokens") or 0
+        details = usage.get("prompt_tokens_details") or {}
+        record.cached_tokens = details.get("cached_tokens")
+    return any(_content(c) for c in event.get("choices") or ())
+
+
+def _content(choice: dict[str, Any]) -> bool:
+    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+
+
+async def run_bench(
+    url: str,
+    model: str,
+    trace_path: str | Path,
+    *,
+    tokenizer: str | None = None,
+    block_size: int = DEFAULT_TRACE_BLOCK_SIZE,
+    speedup: float = 1.0,
+    max_concurrency: int | None = None,
+    max_requests: int | None = None,
+    goodput: Goodput | None = None,
+    use_chat: bool = False,
+    timeout_s: float = 600.0,
+    out_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> BenchSummary:
+    """Replay a trace file, print the summary table, and write the outputs to ``out_dir``."""
+    from baton.preprocess import ModelCard, Tokenizer
+
+    requests = load_trace(trace_path)
+    prompts = PromptBuilder(Tokenizer(ModelCard.load(tokenizer or model)), block_size=block_size)
+    total = min(len(requests), max_requests) if max_requests is not None else len(requests)
+    bar = ProgressBar(total) if show_progress else None
+    t0 = time.perf_counter()
+    records = await replay(
+        url, model, requests, prompts=prompts, speedup=speedup, max_concurrency=max_concurrency,
+        max_requests=max_requests, timeout_s=timeout_s, use_chat=use_chat, progress=bar,
+    )
+    if bar is not None:
+        bar.close()
+    summary = summarize(records, run_duration_s(records) or time.perf_counter() - t0, goodput)
+    print(format_table(summary), file=sys.stdout, flush=True)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "summary.json", summary, records)
+        write_csv(out / "records.csv", records)
+    return summary
