@@ -201,7 +201,8 @@ def _add_trace_parser(sub: Any) -> None:
 
 
 def _add_bench_parser(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="replay a Mooncake trace against an OpenAI-compatible URL")
+    bench = sub.add_parser("bench", help="replay a Mooncake trace against an OpenAI-compatible "
+                           "URL (and: baton bench compare RUN_DIR... [--plot PNG])")
     bench.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     bench.add_argument("--model", required=True, help="model name sent in each request")
     bench.add_argument("--trace", required=True, help="Mooncake JSONL file")
@@ -242,6 +243,26 @@ def _bench(a: argparse.Namespace) -> int:
     return 1 if summary.num_errors == summary.num_requests else 0
 
 
+def _bench_compare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="baton bench compare",
+                                     description="benchmark runs side by side")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders from baton bench --out")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also draw the runs' latency distributions, overlaid")
+    a = parser.parse_args(argv)
+    from baton.bench import format_comparison, load_run, plot_runs
+
+    try:
+        runs = [load_run(r) for r in a.runs]
+    except ValueError as exc:
+        print(f"baton bench compare: {exc}", file=sys.stderr)
+        return 2
+    print(format_comparison(runs))
+    if a.plot:
+        print(f"wrote {plot_runs(runs, a.plot)}", file=sys.stderr)
+    return 0
+
+
 def _trace(a: argparse.Namespace) -> int:
     from baton.trace import analyze, format_stats, load_trace, save_trace, synthesize_with
 
@@ -262,6 +283,9 @@ def _worker_config(a: argparse.Namespace, **extra: Any) -> WorkerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "compare"]:
+        return _bench_compare(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

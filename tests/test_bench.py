@@ -186,3 +186,27 @@ def _run(coro):
     import asyncio
 
     return asyncio.run(coro)
+
+
+def test_bench_compare_prints_runs_side_by_side_and_plots_them(tmp_path):
+    import subprocess
+    import sys
+
+    from baton.bench.metrics import RequestRecord, summarize
+    from baton.bench.report import write_json
+
+    for name, ttft in (("fast", 0.01), ("slow", 0.05)):
+        records = [RequestRecord(index=i, scheduled_at_s=0.0, sent_at_s=0.0,
+                                 first_token_at_s=ttft, itl_s=[0.002, 0.003], end_at_s=ttft + 0.005,
+                                 prompt_tokens=100, completion_tokens=3, cached_tokens=50,
+                                 ok=True, error=None) for i in range(4)]
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / "summary.json", summarize(records, 1.0, None), records)
+    png = tmp_path / "cmp.png"
+    out = subprocess.run([sys.executable, "-m", "baton", "bench", "compare", str(tmp_path / "fast"),
+                          str(tmp_path / "slow"), "--plot", str(png)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    ttft_row = next(line for line in out.splitlines() if line.strip().startswith("TTFT avg"))
+    assert [cell.strip() for cell in ttft_row.split("|")[1:]] == ["10.00", "50.00"]
+    assert "prompt cache hit rate (%)" in out and "50.00" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

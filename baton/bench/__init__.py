@@ -3,13 +3,15 @@
 Owns the replay client (``replay``, ``run_bench``: streaming requests at the trace's arrival
 times, prompts synthesized by ``baton.trace.PromptBuilder`` so equal hash ids share token
 blocks), the statistics (``RequestRecord``, ``summarize``, ``Goodput``; pure) and the output
-(``format_table``, ``write_json``, ``write_csv``, ``ProgressBar``). It talks only to the URL it
+(``format_table``, ``write_json``, ``write_csv``, ``ProgressBar``; ``format_comparison`` and
+``plot_runs`` for several runs). It talks only to the URL it
 is given and never starts servers. Metric definitions are in ``baton.bench.metrics`` and
 ``docs/bench.md``.
 """
 
 from __future__ import annotations
 
+from baton.bench.compare import Run, format_comparison, load_run, plot_runs
 from baton.bench.metrics import (
     BenchSummary,
     Goodput,
@@ -28,10 +30,14 @@ __all__ = [
     "Goodput",
     "ProgressBar",
     "RequestRecord",
+    "Run",
     "Stat",
+    "format_comparison",
     "format_table",
+    "load_run",
     "parse_goodput",
     "percentile",
+    "plot_runs",
     "replay",
     "run_bench",
     "run_duration_s",

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from baton.bench.compare import Run, plot_runs
 from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
 from baton.bench.report import ProgressBar, format_table, write_csv, write_json
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_trace
@@ -215,4 +216,5 @@ async def run_bench(
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", summary, records)
         write_csv(out / "records.csv", records)
+        plot_runs([Run(out.name, summary, records)], out / "distributions.png")
     return summary
