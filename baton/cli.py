@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_trace_parser(sub)
     _add_bench_parser(sub)
+    _add_sim_parser(sub)
 
     frontend = sub.add_parser("frontend", help="the HTTP frontend for workers in other processes")
     _add_frontend_args(frontend)
@@ -221,6 +222,54 @@ def _add_bench_parser(sub: Any) -> None:
     bench.add_argument("--out", default=None, metavar="DIR",
                        help="write summary.json and records.csv here")
     bench.add_argument("--no-progress", action="store_true")
+
+
+def _add_sim_parser(sub: Any) -> None:
+    sim = sub.add_parser("sim", help="simulate a deployment on a virtual clock; reports like bench")
+    sim.add_argument("--trace", required=True, help="Mooncake JSONL file")
+    sim.add_argument("--workers", type=int, default=1)
+    sim.add_argument("--router", choices=ROUTER_MODES, default="round-robin")
+    sim.add_argument("--seed", type=int, default=0)
+    k = KvRouterConfig()
+    sim.add_argument("--router-temperature", type=float, default=k.temperature)
+    sim.add_argument("--router-overlap-score-credit", type=float, default=k.overlap_score_credit)
+    sim.add_argument("--router-prefill-load-scale", type=float, default=k.prefill_load_scale)
+    sim.add_argument("--router-decode-active-request-weight", type=float,
+                     default=k.decode_active_request_weight)
+    sim.add_argument("--block-size", type=int, default=64)
+    sim.add_argument("--num-blocks", type=int, default=_S.num_blocks)
+    sim.add_argument("--max-num-seqs", type=int, default=_S.max_num_seqs)
+    sim.add_argument("--max-num-batched-tokens", type=int, default=_S.max_num_batched_tokens)
+    sim.add_argument("--arrival-speedup", type=float, default=1.0)
+    sim.add_argument("--max-requests", type=int, default=None)
+    sim.add_argument("--trace-block-size", type=int, default=512)
+    sim.add_argument("--kv-event-delay-s", type=float, default=0.0)
+    sim.add_argument("--goodput", default=None, metavar="ttft_ms=X,itl_ms=Y")
+    sim.add_argument("--out", default=None, metavar="DIR")
+
+
+def _sim(a: argparse.Namespace) -> int:
+    from baton.bench import parse_goodput
+    from baton.sim import SimConfig, run_sim
+
+    config = SimConfig(
+        num_workers=a.workers, router=a.router, seed=a.seed,
+        kv_router=KvRouterConfig(
+            temperature=a.router_temperature,
+            overlap_score_credit=a.router_overlap_score_credit,
+            prefill_load_scale=a.router_prefill_load_scale,
+            decode_active_request_weight=a.router_decode_active_request_weight,
+        ),
+        scheduler=SchedulerConfig(
+            num_blocks=a.num_blocks, block_size=a.block_size, max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
+        ),
+        arrival_speedup=a.arrival_speedup, max_requests=a.max_requests,
+        trace_block_size=a.trace_block_size, kv_event_delay_s=a.kv_event_delay_s,
+    )  # a ValueError on bad values -> exit 2 in main
+    goodput = parse_goodput(a.goodput) if a.goodput else None
+    run_sim(a.trace, config, a.out, goodput=goodput)
+    return 0
 
 
 def _bench(a: argparse.Namespace) -> int:
@@ -297,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             return _trace(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "sim":
+            return _sim(args)
         if args.command == "serve" and args.file:
             from baton.graph import GraphStartError, load_graph, run_graph
 

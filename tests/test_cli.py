@@ -52,3 +52,19 @@ def test_trace_analyze_and_synth_commands(tmp_path):
                     "--num-requests", "20", "--seed", "3"],
                    capture_output=True, text=True, timeout=60, check=True)
     assert len(synth.read_text().splitlines()) == 20
+
+
+def test_sim_command_writes_a_report_bench_compare_can_read(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    lines = [{"timestamp": 10 * i, "input_length": 600, "output_length": 4, "hash_ids": [0, i]}
+             for i in range(6)]
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "simrun"
+    subprocess.run([sys.executable, "-m", "baton", "sim", "--trace", str(trace), "--workers", "2",
+                    "--router", "kv", "--out", str(out)],
+                   capture_output=True, text=True, timeout=120, check=True)
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert summary["num_requests"] == 6 and summary["num_errors"] == 0
+    table = subprocess.run([sys.executable, "-m", "baton", "bench", "compare", str(out)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "simrun" in table

@@ -1,0 +1,168 @@
+"""The deployment simulator: determinism, conservation, exact timing, and routing effects."""
+
+from __future__ import annotations
+
+import pytest
+
+from baton.config import KvRouterConfig
+from baton.engine.scheduler import SchedulerConfig
+from baton.engine.timing import PolynomialTiming
+from baton.sim import Cluster, SimConfig, SimPromptBuilder, run_sim
+from baton.trace import TraceRequest, save_trace
+
+SMALL_ENGINE = SchedulerConfig(num_blocks=256, block_size=16, max_num_seqs=8,
+                               max_num_batched_tokens=512)
+
+
+def _trace(num_groups: int = 6, per_group: int = 6, gap_ms: int = 40) -> list[TraceRequest]:
+    """Groups of requests sharing a 4-block (trace blocks of 64 tokens) prefix, interleaved."""
+    requests = []
+    next_id = 1000
+    for k in range(per_group):
+        for g in range(num_groups):
+            shared = [g * 10 + j for j in range(4)]
+            own = [next_id]
+            next_id += 1
+            requests.append(TraceRequest(
+                timestamp=(k * num_groups + g) * gap_ms, input_length=5 * 64 - 7,
+                output_length=(g + k) % 5 + 1, hash_ids=shared + own,
+            ))
+    return requests
+
+
+def _config(**kw: object) -> SimConfig:
+    base: dict[str, object] = {"num_workers": 3, "scheduler": SMALL_ENGINE,
+                               "trace_block_size": 64, "check_invariants": True}
+    base.update(kw)
+    return SimConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("router", ["round-robin", "random", "least-loaded", "kv"])
+def test_deterministic(router: str) -> None:
+    trace = _trace()
+    a = Cluster(_config(router=router)).run(trace)
+    b = Cluster(_config(router=router)).run(trace)
+    assert a == b
+    assert all(r.ok for r in a)
+
+
+@pytest.mark.parametrize("router", ["round-robin", "kv"])
+def test_conservation(router: str) -> None:
+    trace = _trace()
+    # a burst of long decodes into a tiny pool forces preemptions
+    trace += [TraceRequest(timestamp=3 + i, input_length=200, output_length=60,
+                           hash_ids=[500 + 4 * i + j for j in range(4)]) for i in range(12)]
+    trace.append(TraceRequest(timestamp=50, input_length=100, output_length=0, hash_ids=[7, 8]))
+    engine = SchedulerConfig(num_blocks=40, block_size=16, max_num_seqs=8,
+                             max_num_batched_tokens=256)
+    cluster = Cluster(_config(router=router, scheduler=engine, kv_event_delay_s=0.01))
+    records = cluster.run(trace)
+    assert len(records) == len(trace)
+    for rec, req in zip(records, trace, strict=True):
+        assert rec.ok, rec.error
+        assert rec.completion_tokens == max(1, req.output_length)
+        assert rec.prompt_tokens == req.input_length
+        assert len(rec.itl_s) == rec.completion_tokens - 1
+        assert rec.first_token_at_s is not None
+        assert rec.sent_at_s <= rec.first_token_at_s <= rec.end_at_s
+    assert cluster.num_preemptions > 0
+    for worker in cluster.workers:
+        sched = worker.scheduler
+        assert not sched.has_work and worker.step is None
+        assert sched.pool.num_used_blocks == 0
+        sched.check_invariants()
+    assert all(v == 0 for v in cluster.in_flight.values())
+    if cluster.router is not None:
+        assert cluster.router.sequences is not None
+
+
+def test_single_request_timing_is_the_polynomial() -> None:
+    timing = PolynomialTiming()
+    engine = SchedulerConfig(num_blocks=64, block_size=16, max_num_seqs=4,
+                             max_num_batched_tokens=1024)
+    prompt, out = 300, 5
+    trace = [TraceRequest(timestamp=0, input_length=prompt, output_length=out, hash_ids=[1])]
+    cluster = Cluster(SimConfig(num_workers=1, scheduler=engine, trace_block_size=512))
+    (rec,) = cluster.run(trace)
+    assert rec.ok and rec.cached_tokens == 0
+    assert rec.ttft_s == pytest.approx(timing.prefill_ms(prompt) / 1000, rel=1e-12)
+    total = engine.num_blocks * engine.block_size
+    expected = []
+    for k in range(1, out):  # decode step k computes token prompt + k (the (k)th output)
+        blocks = -(-(prompt + k) // engine.block_size)
+        expected.append(timing.step_ms(0, 1, blocks * engine.block_size, total) / 1000)
+    assert rec.itl_s == pytest.approx(expected, rel=1e-9)
+    assert rec.end_at_s == pytest.approx(rec.first_token_at_s + sum(expected), rel=1e-12)
+
+
+def test_kv_routing_beats_round_robin_on_prefix_hits() -> None:
+    trace = _trace(num_groups=7, per_group=6)  # 7 groups on 3 workers: round-robin scatters
+
+    def hit_rate(router: str) -> float:
+        recs = Cluster(_config(router=router, num_workers=3)).run(trace)
+        return sum(r.cached_tokens or 0 for r in recs) / sum(r.prompt_tokens for r in recs)
+
+    kv = hit_rate("kv")
+    rr = hit_rate("round-robin")
+    assert kv > rr + 0.1, (kv, rr)
+
+
+def test_unfittable_and_bad_trace_requests_are_errors() -> None:
+    engine = SchedulerConfig(num_blocks=4, block_size=16, max_num_seqs=4,
+                             max_num_batched_tokens=64)
+    trace = [
+        TraceRequest(timestamp=0, input_length=500, output_length=2, hash_ids=[1]),
+        TraceRequest(timestamp=1, input_length=20, output_length=2, hash_ids=[2]),
+        TraceRequest(timestamp=2, input_length=1000, output_length=2, hash_ids=[3]),
+    ]
+    for router in ("kv", "least-loaded"):
+        cluster = Cluster(SimConfig(num_workers=2, router=router, scheduler=engine,
+                                    trace_block_size=512))
+        bad, good, short = cluster.run(trace)
+        assert not bad.ok and "KV cache" in (bad.error or "")
+        assert good.ok and good.completion_tokens == 2
+        assert not short.ok and (short.error or "").startswith("trace:")
+        assert all(v == 0 for v in cluster.in_flight.values())
+
+
+def test_arrival_speedup_and_max_requests() -> None:
+    trace = _trace()
+    recs = Cluster(_config(arrival_speedup=4.0, max_requests=10)).run(trace)
+    assert len(recs) == 10
+    assert [r.scheduled_at_s for r in recs] == [t.timestamp / 4000 for t in trace[:10]]
+
+
+def test_prompts_share_blocks_by_hash_id() -> None:
+    p = SimPromptBuilder(block_size=8, seed=3)
+    a = p.token_ids(TraceRequest(timestamp=0, input_length=20, output_length=1, hash_ids=[5, 6, 7]))
+    b = p.token_ids(TraceRequest(timestamp=0, input_length=12, output_length=1, hash_ids=[5, 9]))
+    assert len(a) == 20 and len(b) == 12
+    assert a[:8] == b[:8] and a[8:12] != b[8:12]
+    assert p.block(6) == SimPromptBuilder(block_size=8, seed=3).block(6)
+    assert p.block(6) != SimPromptBuilder(block_size=8, seed=4).block(6)
+    with pytest.raises(ValueError):
+        p.token_ids(TraceRequest(timestamp=0, input_length=20, output_length=1, hash_ids=[5]))
+
+
+def test_run_sim_writes_bench_outputs(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from baton.bench import load_run
+
+    path = tmp_path / "trace.jsonl"
+    save_trace(path, _trace(num_groups=2, per_group=3))
+    config = _config(router="kv", kv_router=KvRouterConfig(overlap_score_credit=2.0))
+    summary, records = run_sim(path, config, tmp_path / "out")
+    assert summary.num_requests == len(records) == 6 and summary.num_errors == 0
+    assert "Prompt Cache Hit Rate" in capsys.readouterr().out
+    run = load_run(tmp_path / "out")
+    assert run.records == records
+    assert (tmp_path / "out" / "records.csv").exists()
+    assert (tmp_path / "out" / "distributions.png").exists()
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        SimConfig(num_workers=0)
+    with pytest.raises(ValueError):
+        SimConfig(router="nope")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SimConfig(arrival_speedup=0)
