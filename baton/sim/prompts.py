@@ -13,6 +13,7 @@ import random
 from array import array
 
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
+from baton.trace.prompts import assemble_token_ids
 
 DEFAULT_VOCAB_SIZE = 65536
 
@@ -46,14 +47,4 @@ class SimPromptBuilder:
 
     def token_ids(self, request: TraceRequest) -> list[int]:
         """Exactly ``input_length`` ids; raises ValueError if ``hash_ids`` are too few."""
-        needed = -(-request.input_length // self.block_size)
-        if len(request.hash_ids) < needed:
-            raise ValueError(
-                f"hash_ids has {len(request.hash_ids)} ids, input_length {request.input_length} "
-                f"needs {needed} blocks of {self.block_size}"
-            )
-        ids: list[int] = []
-        for hash_id in request.hash_ids[:needed]:
-            ids.extend(self.block(hash_id))
-        del ids[request.input_length :]
-        return ids
+        return assemble_token_ids(request, self.block_size, self.block)

@@ -21,6 +21,7 @@ stay shared but block boundaries move.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from baton.preprocess import Tokenizer
 from baton.trace.mooncake import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
@@ -50,16 +51,7 @@ class PromptBuilder:
 
     def token_ids(self, request: TraceRequest) -> list[int]:
         """Exactly ``input_length`` ids; raises ValueError if ``hash_ids`` are too few."""
-        needed = -(-request.input_length // self.block_size)
-        if len(request.hash_ids) < needed:
-            raise ValueError(
-                f"hash_ids has {len(request.hash_ids)} ids, input_length {request.input_length} "
-                f"needs {needed} blocks of {self.block_size}"
-            )
-        ids: list[int] = []
-        for hash_id in request.hash_ids[:needed]:
-            ids.extend(self.block(hash_id))
-        return ids[: request.input_length]
+        return assemble_token_ids(request, self.block_size, self.block)
 
     def text(self, request: TraceRequest) -> str:
         """A prompt whose encoding by the same tokenizer is ``token_ids(request)``."""
@@ -113,3 +105,22 @@ def _unstable_tokens(tokenizer: Tokenizer, safe: list[int], rng: random.Random) 
         if enc.ids != seq:
             bad.update(seq)
     return bad
+
+
+def assemble_token_ids(
+    request: TraceRequest, block_size: int, block: Callable[[int], list[int]]
+) -> list[int]:
+    """A request's ``input_length`` prompt ids: ``block(hash_id)`` for each of its blocks
+    (so equal hash ids give equal blocks), the last one cut to length. Raises ValueError
+    if ``hash_ids`` are too few for ``input_length``."""
+    needed = -(-request.input_length // block_size)
+    if len(request.hash_ids) < needed:
+        raise ValueError(
+            f"hash_ids has {len(request.hash_ids)} ids, input_length {request.input_length} "
+            f"needs {needed} blocks of {block_size}"
+        )
+    ids: list[int] = []
+    for hash_id in request.hash_ids[:needed]:
+        ids.extend(block(hash_id))
+    del ids[request.input_length :]
+    return ids
