@@ -26,9 +26,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from baton.bench.compare import Run, plot_runs
 from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
-from baton.bench.report import ProgressBar, format_table, write_csv, write_json
+from baton.bench.report import ProgressBar, format_table, write_run
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_trace
 
 DEFAULT_CONNECTIONS = 256
@@ -212,9 +211,5 @@ async def run_bench(
     summary = summarize(records, run_duration_s(records) or time.perf_counter() - t0, goodput)
     print(format_table(summary), file=sys.stdout, flush=True)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "summary.json", summary, records)
-        write_csv(out / "records.csv", records)
-        plot_runs([Run(out.name, summary, records)], out / "distributions.png")
+        write_run(out_dir, summary, records)
     return summary

@@ -16,6 +16,7 @@ from typing import TextIO
 
 import msgspec
 
+from baton.bench.compare import Run, plot_runs
 from baton.bench.metrics import BenchSummary, RequestRecord
 
 _COLUMNS = ("avg", "min", "max", "p99", "p90", "p50", "std")
@@ -77,6 +78,17 @@ def write_json(path: str | Path, summary: BenchSummary, records: list[RequestRec
     """``{"summary": ..., "records": [...]}``, times in records in seconds since the start."""
     body = {"summary": summary, "records": records}
     Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(body), indent=2))
+
+
+def write_run(out_dir: str | Path, summary: BenchSummary, records: list[RequestRecord]) -> Path:
+    """A run folder, as ``baton bench --out`` and ``baton sim --out`` write it (and
+    ``baton bench compare`` reads it): summary.json, records.csv, distributions.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary, records)
+    write_csv(out / "records.csv", records)
+    plot_runs([Run(out.name, summary, records)], out / "distributions.png")
+    return out
 
 
 def write_csv(path: str | Path, records: list[RequestRecord]) -> None:

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from baton.bench.compare import Run, plot_runs
 from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
-from baton.bench.report import format_table, write_csv, write_json
+from baton.bench.report import format_table, write_run
 from baton.config import KvRouterConfig
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -326,9 +325,5 @@ def run_sim(
             file=sys.stderr, flush=True,
         )
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "summary.json", summary, records)
-        write_csv(out / "records.csv", records)
-        plot_runs([Run(out.name, summary, records)], out / "distributions.png")
+        write_run(out_dir, summary, records)
     return summary, records
