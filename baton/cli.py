@@ -73,11 +73,7 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
                    help="KV router: predict caches from routing decisions (approximate mode)")
     g.add_argument("--router-ttl-s", type=float, default=r.ttl_s,
                    help="approximate mode: seconds a routed prefix is assumed cached")
-    g.add_argument("--router-temperature", type=float, default=r.kv.temperature)
-    g.add_argument("--router-overlap-score-credit", type=float, default=r.kv.overlap_score_credit)
-    g.add_argument("--router-prefill-load-scale", type=float, default=r.kv.prefill_load_scale)
-    g.add_argument("--router-decode-active-request-weight", type=float,
-                   default=r.kv.decode_active_request_weight)
+    _add_kv_weight_args(g)
     g.add_argument("--router-replica-sync", action="store_true",
                    help="KV routers of several frontends share their active-request load")
     g.add_argument("--kv-block-size", type=int, default=None,
@@ -119,14 +115,28 @@ def _frontend_config(a: argparse.Namespace) -> FrontendConfig:
     )
 
 
-def _router_config(a: argparse.Namespace) -> RouterConfig:
-    kv = KvRouterConfig(
+def _add_kv_weight_args(g: Any) -> None:
+    """The KV router's cost weights, for every command that routes (serve, frontend, sim)."""
+    k = KvRouterConfig()
+    g.add_argument("--router-temperature", type=float, default=k.temperature)
+    g.add_argument("--router-overlap-score-credit", type=float, default=k.overlap_score_credit)
+    g.add_argument("--router-prefill-load-scale", type=float, default=k.prefill_load_scale)
+    g.add_argument("--router-decode-active-request-weight", type=float,
+                   default=k.decode_active_request_weight)
+
+
+def _kv_router_config(a: argparse.Namespace, *, seed: int | None) -> KvRouterConfig:
+    return KvRouterConfig(
         overlap_score_credit=a.router_overlap_score_credit,
         prefill_load_scale=a.router_prefill_load_scale,
         decode_active_request_weight=a.router_decode_active_request_weight,
         temperature=a.router_temperature,
-        seed=a.router_seed,
+        seed=seed,
     )
+
+
+def _router_config(a: argparse.Namespace) -> RouterConfig:
+    kv = _kv_router_config(a, seed=a.router_seed)
     return RouterConfig(
         mode=a.router, seed=a.router_seed, kv=kv, kv_events=not a.no_kv_events,
         ttl_s=a.router_ttl_s, block_size=a.kv_block_size, replica_sync=a.router_replica_sync,
@@ -230,12 +240,7 @@ def _add_sim_parser(sub: Any) -> None:
     sim.add_argument("--workers", type=int, default=1)
     sim.add_argument("--router", choices=ROUTER_MODES, default="round-robin")
     sim.add_argument("--seed", type=int, default=0)
-    k = KvRouterConfig()
-    sim.add_argument("--router-temperature", type=float, default=k.temperature)
-    sim.add_argument("--router-overlap-score-credit", type=float, default=k.overlap_score_credit)
-    sim.add_argument("--router-prefill-load-scale", type=float, default=k.prefill_load_scale)
-    sim.add_argument("--router-decode-active-request-weight", type=float,
-                     default=k.decode_active_request_weight)
+    _add_kv_weight_args(sim)
     sim.add_argument("--block-size", type=int, default=64)
     sim.add_argument("--num-blocks", type=int, default=_S.num_blocks)
     sim.add_argument("--max-num-seqs", type=int, default=_S.max_num_seqs)
@@ -254,12 +259,7 @@ def _sim(a: argparse.Namespace) -> int:
 
     config = SimConfig(
         num_workers=a.workers, router=a.router, seed=a.seed,
-        kv_router=KvRouterConfig(
-            temperature=a.router_temperature,
-            overlap_score_credit=a.router_overlap_score_credit,
-            prefill_load_scale=a.router_prefill_load_scale,
-            decode_active_request_weight=a.router_decode_active_request_weight,
-        ),
+        kv_router=_kv_router_config(a, seed=None),
         scheduler=SchedulerConfig(
             num_blocks=a.num_blocks, block_size=a.block_size, max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens,
