@@ -121,3 +121,24 @@ class RemoteError(BatonError):
         super().__init__(message)
         self.kind = kind
         self.status = status
+
+
+_REMOTE_KINDS: dict[str, type[BatonError]] = {
+    cls.__name__: cls
+    for cls in (InvalidRequestError, NotFoundError, ServiceUnavailableError, OverloadedError,
+                EngineError)
+}
+"""Per-request errors a handler on the other side of the request plane may raise, rebuilt
+as themselves so callers handle an in-process and a remote failure alike."""
+
+
+def from_remote(kind: str, message: str, status: int, code: str | None = None) -> BatonError:
+    """The error a remote handler raised: its own class when it is a known per-request
+    error, otherwise a ``RemoteError`` carrying its kind."""
+    cls = _REMOTE_KINDS.get(kind)
+    if cls is None:
+        return RemoteError(kind, message, status)
+    err = cls(message)
+    err.status = status
+    err.code = code
+    return err

@@ -8,7 +8,7 @@ import contextlib
 import msgspec
 import pytest
 
-from baton.errors import PeerGoneError, RemoteError, TransportError
+from baton.errors import OverloadedError, PeerGoneError, RemoteError, TransportError
 from baton.runtime import EndpointServer, MemoryDiscovery, Runtime
 from baton.runtime.discovery import InstanceRecord
 
@@ -31,6 +31,7 @@ class CountingService:
         self.endpoints = EndpointServer()
         self.endpoints.add("count", self.count, Count, Item)
         self.endpoints.add("boom", self.boom, Count, Item)
+        self.endpoints.add("full", self.full, Count, Item)
 
     async def count(self, req: Count):
         self.started += 1
@@ -41,6 +42,10 @@ class CountingService:
                 yield Item(i)
         finally:
             self.closed += 1
+
+    async def full(self, req: Count):
+        raise OverloadedError("no room", code="worker_overloaded")
+        yield Item(0)
 
     async def boom(self, req: Count):
         yield Item(0)
@@ -101,6 +106,17 @@ async def test_tcp_handler_error_arrives_as_remote_error(runtime):
     assert info.value.status == 404
     # the connection survived both failures
     assert len(await collect(runtime.client.stream(server.address, "count", Count(2), Item))) == 2
+
+
+async def test_tcp_carries_the_error_taxonomy_like_an_in_process_call(runtime):
+    svc = CountingService()
+    server = await runtime.serve_tcp(svc.endpoints, "127.0.0.1", 0)
+    local = runtime.serve_local(9, svc.endpoints)
+    for address in (server.address, local):
+        with pytest.raises(OverloadedError) as info:
+            await collect(runtime.client.stream(address, "full", Count(1), Item))
+        assert (info.value.status, info.value.code, info.value.message) == (
+            529, "worker_overloaded", "no room")
 
 
 async def test_tcp_peer_that_goes_away_fails_open_streams_and_new_calls(runtime):

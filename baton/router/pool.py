@@ -220,14 +220,11 @@ class WorkerPool:
                 self._undo(worker_id, request.request_id)  # unreachable or draining: next one
                 self.mark_down(worker_id, str(exc))
                 continue
-            except RemoteError as exc:
+            except RemoteError as exc:  # another failure of the worker's own calls
                 self._undo(worker_id, request.request_id)
-                if exc.kind == "OverloadedError":
-                    refused += 1
-                elif exc.status == 503:
-                    self.mark_down(worker_id, exc.message)
-                else:
+                if exc.status != 503:
                     raise
+                self.mark_down(worker_id, exc.message)
                 continue
             except StopAsyncIteration:
                 self._undo(worker_id, request.request_id)

@@ -36,8 +36,10 @@ class End(msgspec.Struct, tag="end", array_like=True):
 class Fail(msgspec.Struct, tag="fail", array_like=True):
     stream_id: int
     kind: str
+    """The error's class name (``errors.from_remote`` rebuilds known ones) or a label."""
     message: str
     status: int = 500
+    code: str | None = None
 
 
 Frame = Call | Cancel | Data | End | Fail

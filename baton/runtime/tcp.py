@@ -1,6 +1,8 @@
 """The TCP request plane: a multiplexed streaming RPC over length-prefixed msgpack frames.
 
-``TcpServer`` serves an ``EndpointServer``; each ``Call`` runs as a task owned by its
+``TcpServer`` serves an ``EndpointServer``; a handler's ``BatonError`` crosses as its kind,
+message, status and code, and the client raises it again as its own class
+(``errors.from_remote``); each ``Call`` runs as a task owned by its
 connection, cancelled by a ``Cancel`` frame or when the connection drops. ``TcpClientPool``
 keeps up to ``pool_size`` connections per address and spreads streams over them; when a
 peer disappears every open stream on it fails with ``PeerGoneError`` and new calls get a
@@ -23,7 +25,7 @@ from typing import Any, Self
 
 import msgspec
 
-from baton.errors import BatonError, PeerGoneError, RemoteError, TransportError
+from baton.errors import BatonError, PeerGoneError, RemoteError, TransportError, from_remote
 from baton.runtime.endpoint import EndpointServer, EndpointSpec
 from baton.runtime.frames import (
     Call,
@@ -133,9 +135,9 @@ class _ServerConnection(asyncio.Protocol):
         except msgspec.ValidationError as exc:
             self._write(Fail(sid, "invalid_request", str(exc), 400))
         except RemoteError as exc:
-            self._write(Fail(sid, exc.kind, exc.message, exc.status))
+            self._write(Fail(sid, exc.kind, exc.message, exc.status, exc.code))
         except BatonError as exc:
-            self._write(Fail(sid, type(exc).__name__, exc.message, exc.status))
+            self._write(Fail(sid, type(exc).__name__, exc.message, exc.status, exc.code))
         except Exception as exc:  # a handler bug must not take the connection down
             log.exception("endpoint %s failed", call.endpoint)
             self._write(Fail(sid, "internal", f"{type(exc).__name__}: {exc}", 500))
@@ -302,7 +304,7 @@ class TcpClientPool:
                     return
                 elif isinstance(frame, Fail):
                     finished = True
-                    raise RemoteError(frame.kind, frame.message, frame.status)
+                    raise from_remote(frame.kind, frame.message, frame.status, frame.code)
                 else:
                     finished = True
                     raise frame
