@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover - orjson is optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _model import prompt_words  # noqa: E402
 
+from baton.bench.replay import sse_data
+
 
 @dataclass
 class Record:
@@ -101,12 +103,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes) -> 
                 rec.error = f"http {resp.status}"
                 await resp.read()
             else:
-                async for line in resp.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        break
+                async for data in sse_data(resp.content):
                     last = _on_event(rec, data, last)
     except Exception as exc:  # noqa: BLE001 - every failure is an error record
         rec.error = type(exc).__name__

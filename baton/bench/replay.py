@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +137,7 @@ async def _stream(
             if resp.status != 200:
                 text = (await resp.text(errors="replace"))[:500]
                 raise _ReplayError(f"HTTP {resp.status}: {text}")
-            async for line in resp.content:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
+            async for data in sse_data(resp.content):
                 if _on_event(record, _decode(data)):
                     chunk_times.append(loop.time() - start)
         record.ok = True
@@ -157,6 +152,17 @@ async def _stream(
     if record.ok and record.completion_tokens == 0:  # the server reported no usage
         record.completion_tokens = len(chunk_times)
     return record
+
+
+async def sse_data(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The payloads of a server-sent event stream's ``data:`` lines, up to ``[DONE]``."""
+    async for line in lines:
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield data
 
 
 def _on_event(record: RequestRecord, event: Any) -> bool:
