@@ -16,7 +16,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from baton.config import (
+    DISAGG_POLICIES,
     ROUTER_MODES,
+    DisaggConfig,
     EngineConfig,
     FrontendConfig,
     KvRouterConfig,
@@ -31,14 +33,16 @@ _E = EngineConfig()
 _S = SchedulerConfig()
 _F = FrontendConfig()
 _W = WorkerConfig()
+_D = DisaggConfig()
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=["mock"], default="mock",
-                   help="engine backend (mock = the simulated engine)")
+    g.add_argument("--engine", choices=["mock", "hf"], default=_E.kind,
+                   help="mock = the simulated engine; hf = a transformers model on CPU")
     g.add_argument("--model", default=_W.model,
-                   help="built-in model name or a local HF-style model folder")
+                   help="built-in model name, a local HF-style model folder, or with --engine hf "
+                        "baton-tiny-llama / smollm2 (built or converted once, then cached)")
     g.add_argument("--model-name", default=None, help="name served to clients")
     g.add_argument("--speedup-ratio", type=float, default=_E.speedup_ratio,
                    help="divide simulated step time by this; 0 = no simulated delay")
@@ -51,6 +55,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preemption-mode", choices=["lifo", "fifo"], default=_S.preemption_mode)
     g.add_argument("--timing-profile", default=None,
                    help="JSON profile replacing the polynomial timing model")
+    g.add_argument("--kv-cache-bytes", type=int, default=_E.kv_cache_bytes,
+                   help="hf engine: KV cache size in bytes (caps --num-blocks)")
+    g.add_argument("--num-threads", type=int, default=None, help="hf engine: torch threads")
+    g.add_argument("--kv-transfer", choices=["inproc", "tcp", "shm"], default=_E.kv_transfer,
+                   help="how decode workers fetch KV from prefill workers: inproc (one process; "
+                        "the default of serve), tcp (the default of worker) or shm (one host)")
+    g.add_argument("--kv-transfer-timeout-s", type=float, default=_E.kv_transfer_timeout_s,
+                   help="a slower KV fetch fails and the decode worker prefills locally")
+    g.add_argument("--kv-transfer-gbps", type=float, default=_E.kv_transfer_gbps,
+                   help="mock engine: modelled KV transfer bandwidth in GB/s")
 
 
 def _add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +101,17 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=_F.max_body_bytes)
     g.add_argument("--migration-limit", type=int, default=_F.migration_limit,
                    help="times a stream whose worker dies moves to another worker (0: never)")
+    g.add_argument("--disagg-policy", choices=DISAGG_POLICIES, default=_D.policy,
+                   help="which requests of a disaggregated model skip the prefill pool: never "
+                        "(always), short uncached prompts (isl), when it is busy (load), either")
+    g.add_argument("--max-local-prefill-tokens", type=int, default=_D.max_local_prefill_tokens,
+                   help="isl: prefill locally below this many uncached prompt tokens ...")
+    g.add_argument("--max-local-prefill-ratio", type=float, default=_D.max_local_prefill_ratio,
+                   help="... and below this uncached share of the prompt")
+    g.add_argument("--prefill-busy-tokens", type=int, default=_D.prefill_busy_tokens,
+                   help="load: a prefill worker with more active prefill tokens is busy")
+    g.add_argument("--prefill-busy-waiting", type=int, default=_D.prefill_busy_waiting,
+                   help="load: a prefill worker with more waiting requests is busy")
 
 
 def _engine_config(a: argparse.Namespace) -> EngineConfig:
@@ -100,7 +125,10 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         preemption_mode=a.preemption_mode,
     )
     return EngineConfig(
-        scheduler=scheduler, speedup_ratio=a.speedup_ratio, timing_profile=a.timing_profile
+        kind=a.engine, scheduler=scheduler, speedup_ratio=a.speedup_ratio,
+        timing_profile=a.timing_profile, kv_cache_bytes=a.kv_cache_bytes,
+        num_threads=a.num_threads, kv_transfer=a.kv_transfer,
+        kv_transfer_timeout_s=a.kv_transfer_timeout_s, kv_transfer_gbps=a.kv_transfer_gbps,
     )
 
 
@@ -112,6 +140,11 @@ def _frontend_config(a: argparse.Namespace) -> FrontendConfig:
         max_body_bytes=a.max_body_bytes,
         migration_limit=a.migration_limit,
         router=_router_config(a),
+        disagg=DisaggConfig(
+            policy=a.disagg_policy, max_local_prefill_tokens=a.max_local_prefill_tokens,
+            max_local_prefill_ratio=a.max_local_prefill_ratio,
+            prefill_busy_tokens=a.prefill_busy_tokens, prefill_busy_waiting=a.prefill_busy_waiting,
+        ),
     )
 
 
@@ -154,7 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="frontend + simulated workers in one process")
     _add_frontend_args(serve)
     _add_engine_args(serve)
-    serve.add_argument("--workers", type=int, default=ServeConfig().num_workers)
+    sc = ServeConfig()
+    serve.set_defaults(kv_transfer="inproc")
+    serve.add_argument("--workers", type=int, default=sc.num_workers)
+    serve.add_argument("--disagg", action="store_true",
+                       help="disaggregated: --prefill-workers and --decode-workers instead")
+    serve.add_argument("--prefill-workers", type=int, default=sc.num_prefill_workers)
+    serve.add_argument("--decode-workers", type=int, default=sc.num_decode_workers)
     serve.add_argument("-f", "--file", default=None, metavar="GRAPH.yaml",
                        help="run a graph (see docs/graphs.md) as supervised local processes")
     serve.add_argument("--logs", default=None, metavar="DIR",
@@ -165,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default=_W.host)
     worker.add_argument("--port", type=int, default=_W.port, help="0 = any free port")
     worker.add_argument("--worker-id", type=int, default=None)
+    worker.add_argument("--role", choices=["agg", "prefill", "decode"], default=_W.role,
+                        help="prefill and decode workers form a disaggregated model's two pools")
     worker.add_argument("--drain-timeout-s", type=float, default=_W.drain_timeout_s,
                         help="on SIGTERM, how long in-flight requests may still run")
     worker.add_argument("--max-waiting-requests", type=int, default=_W.max_waiting_requests,
@@ -362,11 +403,15 @@ def main(argv: list[str] | None = None) -> int:
                 frontend=_frontend_config(args),
                 worker=_worker_config(args),
                 num_workers=args.workers,
+                disagg=args.disagg,
+                num_prefill_workers=args.prefill_workers,
+                num_decode_workers=args.decode_workers,
             )
             return _run(lambda stop: launch.run_serve(config, stop))
         if args.command == "worker":
             wconfig = _worker_config(args, host=args.host, port=args.port,
                                      worker_id=args.worker_id, namespace=args.namespace,
+                                     role=args.role,
                                      drain_timeout_s=args.drain_timeout_s,
                                      max_waiting_requests=args.max_waiting_requests)
             return _run(lambda stop: launch.run_worker(

@@ -13,6 +13,9 @@ from typing import Any, Literal
 from baton.engine.scheduler import SchedulerConfig
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
+EngineKind = Literal["mock", "hf"]
+WorkerRole = Literal["agg", "prefill", "decode"]
+KvTransferMode = Literal["inproc", "tcp", "shm"]
 ROUTER_MODES: tuple[str, ...] = ("round-robin", "random", "least-loaded", "kv")
 
 
@@ -23,16 +26,37 @@ def _require(ok: bool, name: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The simulated engine: its scheduler and KV pool, and its timing model."""
+    """An engine: its scheduler and KV pool, the simulated engine's timing model, the
+    transformers engine's threads, and how KV moves between prefill and decode workers."""
 
+    kind: EngineKind = "mock"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speedup_ratio: float = 1.0
     """Simulated step time is divided by this; 0 means no simulated delay at all."""
     timing_profile: str | None = None
     """A JSON profile that replaces the default polynomial timing model."""
+    kv_cache_bytes: int = 1 << 30
+    """The transformers engine's KV cache size; it caps ``scheduler.num_blocks``."""
+    num_threads: int | None = None
+    """Torch threads of the transformers engine (None: torch's default)."""
+    # -- KV transfer (disaggregated serving)
+    kv_transfer: KvTransferMode = "tcp"
+    """How decode workers fetch KV: ``tcp`` (bulk TCP), ``shm`` (TCP handshake, shared-memory
+    copy on one host) or ``inproc`` (workers in one process)."""
+    kv_transfer_timeout_s: float = 10.0
+    """A KV pull that takes longer fails; the decode worker then prefills locally."""
+    kv_hold_timeout_s: float = 30.0
+    """A prefill worker frees held KV blocks nobody fetched after this long."""
+    kv_transfer_gbps: float = 64.0
+    """The simulated engine's modelled KV transfer bandwidth, GB/s."""
 
     def __post_init__(self) -> None:
+        _require(self.kind in ("mock", "hf"), "engine", "mock or hf")
         _require(self.speedup_ratio >= 0, "speedup_ratio", "must be >= 0 (0 = no delay)")
+        _require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
+        _require(self.kv_transfer in ("inproc", "tcp", "shm"), "kv_transfer", "inproc, tcp or shm")
+        for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "kv_transfer_gbps"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
 
     @property
     def block_size(self) -> int:
@@ -47,6 +71,8 @@ class WorkerConfig:
     model_name: str | None = None
     """Name served to clients; defaults to the model folder's name."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    role: WorkerRole = "agg"
+    """``prefill`` and ``decode`` workers form the two pools of disaggregated serving."""
     namespace: str = "baton"
     host: str = "127.0.0.1"
     port: int = 0
@@ -130,6 +156,38 @@ class RouterConfig:
         _require(self.overload_status in (503, 529), "overload_status", "503 or 529")
 
 
+DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
+DISAGG_POLICIES: tuple[str, ...] = ("always", "isl", "load", "isl_or_load")
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    """When a model has prefill workers: which requests skip them (conditional
+    disaggregation). ``always`` sends every request to a prefill worker first; ``isl``
+    prefills locally on the decode worker when the prompt's uncached part is short;
+    ``load`` when the prefill pool is busy; ``isl_or_load`` when either holds."""
+
+    policy: DisaggPolicy = "always"
+    max_local_prefill_tokens: int = 2048
+    """``isl``: local when prompt tokens minus those cached on the decode worker are below
+    this (strictly) ..."""
+    max_local_prefill_ratio: float = 0.7
+    """... and their share of the prompt is below this (strictly)."""
+    prefill_busy_tokens: int = 8192
+    """``load``: the prefill pool is busy when its least-loaded worker has more active
+    prefill tokens than this ..."""
+    prefill_busy_waiting: int = 4
+    """... or more waiting requests than this."""
+
+    def __post_init__(self) -> None:
+        _require(self.policy in DISAGG_POLICIES, "disagg_policy", ", ".join(DISAGG_POLICIES))
+        _require(self.max_local_prefill_tokens >= 0, "max_local_prefill_tokens", "must be >= 0")
+        _require(0.0 <= self.max_local_prefill_ratio <= 1.0, "max_local_prefill_ratio",
+                 "must be 0..1")
+        _require(self.prefill_busy_tokens >= 0, "prefill_busy_tokens", "must be >= 0")
+        _require(self.prefill_busy_waiting >= 0, "prefill_busy_waiting", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class FrontendConfig:
     host: str = "127.0.0.1"
@@ -138,6 +196,7 @@ class FrontendConfig:
     retry_after_s: int = 1
     namespace: str = "baton"
     router: RouterConfig = field(default_factory=RouterConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
     probe_interval_s: float = 2.0
     """How often ``--worker`` addresses are probed for their info."""
     migration_limit: int = 3
@@ -153,11 +212,23 @@ class FrontendConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """``baton serve``: a frontend and N workers in one process."""
+    """``baton serve``: a frontend and N workers in one process; with ``disagg``, P prefill
+    and D decode workers instead."""
 
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     num_workers: int = 2
+    disagg: bool = False
+    num_prefill_workers: int = 1
+    num_decode_workers: int = 1
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "workers", "must be >= 1")
+        _require(self.num_prefill_workers >= 1, "prefill_workers", "must be >= 1")
+        _require(self.num_decode_workers >= 1, "decode_workers", "must be >= 1")
+
+    def roles(self) -> list[WorkerRole]:
+        """The role of each in-process worker, in start order."""
+        if not self.disagg:
+            return ["agg"] * self.num_workers
+        return ["prefill"] * self.num_prefill_workers + ["decode"] * self.num_decode_workers

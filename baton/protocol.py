@@ -37,12 +37,44 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ``min_tokens`` outputs."""
 
 
-class GenerateRequest(msgspec.Struct, kw_only=True):
-    """One tokenized request for an engine."""
+class KvTransferParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a prefilled prompt's KV cache waits for its decode worker, and how to fetch it.
+
+    A prefill worker returns this with its (only) output; the frontend passes it on to the
+    decode worker, which pulls the blocks it lacks and acknowledges, so that the prefill
+    worker frees them (it also frees them after a timeout).
+    """
+
+    transfer_id: str
+    worker_id: int
+    """The prefill worker holding the blocks."""
+    address: str
+    """Its KV transfer server: ``inproc://NAME`` in this process, else ``tcp://HOST:PORT``."""
+    block_ids: list[int]
+    """The source blocks, in sequence order: block ``i`` holds tokens ``i*block_size...``."""
+    num_tokens: int
+    """Leading prompt tokens whose KV the blocks hold."""
+    block_size: int
+    block_bytes: int
+    layout: str = ""
+    """The KV layout (model shape and dtype); a receiver with another layout refuses."""
+    shm_name: str | None = None
+    """The source's shared-memory segment, when it has one (same-host zero-copy reads)."""
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One tokenized request for an engine.
+
+    Disaggregated serving adds one of two fields: ``hold_kv`` on the prefill leg (keep the
+    prompt's KV blocks after the output and return ``KvTransferParams``), ``remote_kv`` on
+    the decode leg (fetch the prompt's KV from there instead of computing it).
+    """
 
     request_id: str
     token_ids: list[int]
     sampling: SamplingParams
+    hold_kv: bool = False
+    remote_kv: KvTransferParams | None = None
 
 
 class EngineOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -57,6 +89,8 @@ class EngineOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     cached_tokens: int | None = None
     worker_id: int | None = None
     error: str | None = None
+    kv_transfer: KvTransferParams | None = None
+    """On the last output of a ``hold_kv`` request: where its KV blocks wait."""
 
 
 class LoadMetrics(msgspec.Struct, kw_only=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -27,12 +28,14 @@ log = logging.getLogger(__name__)
 
 @contextlib.asynccontextmanager
 async def embedded(config: ServeConfig):
-    """A frontend and ``config.num_workers`` simulated workers in this process."""
+    """A frontend and its workers in this process (aggregated, or prefill + decode pools
+    handing KV over in memory)."""
     async with Runtime(MemoryDiscovery()) as runtime:
         workers: list[Worker] = []
         try:
-            for i in range(config.num_workers):
-                worker = build_worker(config.worker, runtime, instance_id=i)
+            for i, role in enumerate(config.roles()):
+                wconfig = dataclasses.replace(config.worker, role=role)
+                worker = build_worker(wconfig, runtime, instance_id=i)
                 await worker.start()
                 workers.append(worker)
             async with Frontend(config.frontend, runtime) as frontend:
@@ -45,8 +48,11 @@ async def embedded(config: ServeConfig):
 
 async def run_serve(config: ServeConfig, stop: asyncio.Event) -> None:
     async with embedded(config) as (frontend, workers):
+        kind = "simulated" if config.worker.engine.kind == "mock" else "transformers"
+        shape = (f"{config.num_prefill_workers} prefill + {config.num_decode_workers} decode"
+                 if config.disagg else str(len(workers)))
         print(
-            f"baton: serving {workers[0].model_name!r} with {len(workers)} simulated workers "
+            f"baton: serving {workers[0].model_name!r} with {shape} {kind} workers "
             f"on http://{config.frontend.host}:{frontend.port}",
             file=sys.stderr, flush=True,
         )

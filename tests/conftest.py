@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from baton.config import EngineConfig, FrontendConfig, RouterConfig, ServeConfig, WorkerConfig
+from baton.config import (
+    DisaggConfig,
+    EngineConfig,
+    FrontendConfig,
+    RouterConfig,
+    ServeConfig,
+    WorkerConfig,
+)
 from baton.engine.scheduler import SchedulerConfig
 from baton.serve import embedded
 
@@ -98,14 +105,24 @@ def serve_config(
     speedup_ratio: float = 0.0,
     router_options: dict[str, Any] | None = None,
     worker_options: dict[str, Any] | None = None,
+    engine_options: dict[str, Any] | None = None,
+    disagg: tuple[int, int] | None = None,
+    disagg_options: dict[str, Any] | None = None,
     **scheduler: Any,
 ) -> ServeConfig:
-    engine = EngineConfig(scheduler=SchedulerConfig(**scheduler), speedup_ratio=speedup_ratio)
+    """``disagg=(P, D)`` starts P prefill and D decode workers instead of ``workers``."""
+    engine_options = {"kv_transfer": "inproc", **(engine_options or {})}
+    engine = EngineConfig(scheduler=SchedulerConfig(**scheduler), speedup_ratio=speedup_ratio,
+                          **engine_options)
     router_config = RouterConfig(mode=router, **(router_options or {}))  # type: ignore[arg-type]
     return ServeConfig(
-        frontend=FrontendConfig(port=0, router=router_config),
-        worker=WorkerConfig(engine=engine, load_interval_s=0.05, **(worker_options or {})),
+        frontend=FrontendConfig(port=0, router=router_config,
+                                disagg=DisaggConfig(**(disagg_options or {}))),
+        worker=WorkerConfig(engine=engine, **{"load_interval_s": 0.05, **(worker_options or {})}),
         num_workers=workers,
+        disagg=disagg is not None,
+        num_prefill_workers=disagg[0] if disagg else 1,
+        num_decode_workers=disagg[1] if disagg else 1,
     )
 
 

@@ -35,7 +35,7 @@ def graph(**overrides: Any) -> dict[str, Any]:
     (graph(colour="blue"), "colour"),
     (graph(workers=[{"name": "a", "cuont": 2}]), r"workers\[0\]\.cuont"),
     (graph(workers=[{"name": "a", "count": 0}]), r"workers\[0\]\.count"),
-    (graph(workers=[{"name": "a", "role": "prefill"}]), r"workers\[0\]\.role"),
+    (graph(workers=[{"name": "a", "role": "encode"}]), r"workers\[0\]\.role"),
     (graph(workers=[{"count": 1}]), r"workers\[0\]\.name"),
     (graph(engine={"speedup": 2}), r"engine\.speedup"),
     (graph(engine={"num_blocks": "many"}), r"engine\.num_blocks"),

@@ -331,9 +331,9 @@ def test_config_validation_names_the_field(field: str, value: object) -> None:
 
 def test_finish_reasons_map_from_finished_statuses_only() -> None:
     assert [s.finish_reason for s in RequestStatus] == [
-        None, None, None, "stop", "length", "cancelled"
+        None, None, None, None, "stop", "length", "cancelled"
     ]
-    assert [s.is_finished for s in RequestStatus] == [False, False, False, True, True, True]
+    assert [s.is_finished for s in RequestStatus] == [False] * 4 + [True] * 3
 
 
 

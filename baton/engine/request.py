@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from baton.kv.block_pool import KVBlock
 from baton.kv.hashing import LocalBlockHash, SequenceHash, extend_block_hashes
-from baton.protocol import FinishReason, SamplingParams
+from baton.protocol import FinishReason, KvTransferParams, SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
@@ -22,13 +22,15 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH = 4
-    FINISHED_ABORTED = 5
+    LOADING_KV = 3
+    """Admitted with blocks, waiting for its prompt's KV from a prefill worker."""
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
 
     @property
     def is_finished(self) -> bool:
-        return self > RequestStatus.PREEMPTED
+        return self >= RequestStatus.FINISHED_STOPPED
 
     @property
     def finish_reason(self) -> FinishReason | None:
@@ -51,6 +53,10 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    hold_kv: bool = False
+    """Prefill leg of a disaggregated request: keep the KV blocks when it finishes."""
+    remote_kv: KvTransferParams | None = None
+    """Decode leg: load the prompt's KV from here at admission instead of computing it."""
     # -- progress
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

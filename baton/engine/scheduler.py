@@ -9,6 +9,14 @@ recomputed later from scratch, helped by the prefix cache.
 It never sleeps, samples or does I/O: the engine shell alternates ``schedule()`` ->
 (simulate or run the step) -> ``update_from_output(output, sampled)``, passing one sampled
 token for each id in ``output.requests_needing_sample``.
+
+Disaggregated serving adds two lifecycles. A ``hold_kv`` request (the prefill leg) keeps its
+blocks when it finishes, in ``held``, until the shell calls ``release_held`` (its decode worker
+has copied them). A ``remote_kv`` request (the decode leg) is admitted with blocks for the
+part of its prompt that its own prefix cache lacks and waits in ``loading`` (status
+``LOADING_KV``) while the shell copies that KV in (``output.kv_loads``); ``finish_kv_load``
+then makes it a running request with everything but its last prompt token computed, or, when
+the load failed, with only its local prefix hits computed (a local prefill, the fallback).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from baton.engine.base import EngineLoad
 from baton.engine.request import Request, RequestStatus
 from baton.kv.block_pool import BlockPool, KVBlock
 from baton.kv.events import KvEvent
-from baton.protocol import FinishReason
+from baton.protocol import FinishReason, KvTransferParams
 
 PreemptionMode = Literal["lifo", "fifo"]
 
@@ -49,6 +57,17 @@ class SchedulerConfig:
             raise ValueError(f"preemption_mode must be 'lifo' or 'fifo', got {self.preemption_mode!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class KvLoad:
+    """Copy the remote blocks ``src_block_ids`` of a request into its blocks ``dst_block_ids``."""
+
+    request_id: str
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
+    num_tokens: int
+    """Prompt tokens computed once the load is done."""
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
     """What one step computes. ``num_scheduled_tokens`` keeps scheduling order."""
@@ -63,6 +82,8 @@ class SchedulerOutput:
     """Token capacity of the blocks held by requests after this step's allocations."""
     num_kv_tokens_total: int
     preempted: list[str]
+    kv_loads: list[KvLoad] = field(default_factory=list)
+    """Remote KV to copy in: requests admitted into ``LOADING_KV`` by this schedule."""
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -90,6 +111,7 @@ class _StepBuilder:
     budget: int
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
+    kv_loads: list[KvLoad] = field(default_factory=list)
 
     def add(self, req: Request, num_tokens: int) -> None:
         self.num_scheduled_tokens[req.request_id] = num_tokens
@@ -112,6 +134,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: dict[str, Request] = {}
+        """Admitted, waiting for remote KV. An aborted one stays until its load ends."""
+        self.held: dict[str, Request] = {}
+        """Finished ``hold_kv`` requests whose blocks wait for ``release_held``."""
         # -- bookkeeping
         self._next_arrival = 0
         self._in_flight: SchedulerOutput | None = None
@@ -131,16 +157,45 @@ class Scheduler:
         self.waiting.append(req)
 
     def abort_request(self, request_id: str) -> bool:
-        """Finish a waiting or running request as aborted and free its blocks at once."""
+        """Finish a request as aborted and free its blocks at once, except while its KV is
+        loading: those blocks are freed when the load ends (``finish_kv_load``)."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return False
-        if req in self.running:
+            return self.release_held(request_id)
+        if req.status is RequestStatus.LOADING_KV:
+            req.status = RequestStatus.FINISHED_ABORTED
+        elif req in self.running:
             self.running.remove(req)
+            self._release(req, RequestStatus.FINISHED_ABORTED)
         else:
             self.waiting.remove(req)
-        self._release(req, RequestStatus.FINISHED_ABORTED)
+            self._release(req, RequestStatus.FINISHED_ABORTED)
         return True
+
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks a finished ``hold_kv`` request kept. False if none are held."""
+        req = self.held.pop(request_id, None)
+        if req is None:
+            return False
+        self.pool.free(req.blocks)
+        req.blocks = []
+        return True
+
+    def finish_kv_load(self, request_id: str, ok: bool) -> None:
+        """A ``LOADING_KV`` request's copy ended. With ``ok`` its prompt (but the last
+        token) counts as computed; otherwise only its local prefix hits do, and the rest is
+        prefilled here. A request aborted meanwhile just frees its blocks."""
+        req = self.loading.pop(request_id)
+        params, req.remote_kv = req.remote_kv, None
+        if req.status is not RequestStatus.LOADING_KV:  # aborted while loading
+            self._release(req, req.status)
+            return
+        if ok and params is not None:
+            req.num_computed_tokens = max(req.num_computed_tokens, self._remote_tokens(req, params))
+            self._commit_full_blocks(req)
+        req.status = RequestStatus.RUNNING
+        req.is_prefilling = True
+        self.running.append(req)
 
     def _validate_fits(self, req: Request) -> None:
         # The longest sequence ever computed is prompt + max_tokens - 1 (the final token is
@@ -218,10 +273,45 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _admit_waiting(self, step: _StepBuilder) -> None:
-        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
-            if not self._try_admit(self.waiting[0], step):
+        while self.waiting and step.budget > 0 and self._num_admitted < self.config.max_num_seqs:
+            req = self.waiting[0]
+            admit = self._try_admit_remote if req.remote_kv is not None else self._try_admit
+            if not admit(req, step):
                 break
             self.waiting.popleft()
+
+    @property
+    def _num_admitted(self) -> int:
+        return len(self.running) + len(self.loading)
+
+    def _try_admit_remote(self, req: Request, step: _StepBuilder) -> bool:
+        """Admit a decode leg into ``LOADING_KV`` with blocks for the prompt KV it will copy
+        in (past its prefix hits). Uses no token budget: nothing is computed yet."""
+        assert req.remote_kv is not None
+        hits = self._cached_prefix(req)
+        num_remote = self._remote_tokens(req, req.remote_kv)
+        needed = max(0, _cdiv(num_remote, self.config.block_size) - len(hits))
+        num_hits_in_free_queue = sum(1 for b in hits if b.ref_cnt == 0)
+        if not self.pool.can_allocate(needed + num_hits_in_free_queue):
+            return False
+        self.pool.touch(hits)
+        req.blocks = hits + self.pool.allocate(needed)
+        req.num_committed_blocks = len(hits)
+        req.num_computed_tokens = len(hits) * self.config.block_size
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.num_computed_tokens
+        req.status = RequestStatus.LOADING_KV
+        self.loading[req.request_id] = req
+        src = req.remote_kv.block_ids[len(hits):len(req.blocks)]
+        dst = [b.block_id for b in req.blocks[len(hits):len(hits) + len(src)]]
+        step.kv_loads.append(KvLoad(req.request_id, src, dst, num_remote))
+        return True
+
+    @staticmethod
+    def _remote_tokens(req: Request, params: KvTransferParams) -> int:
+        """Prompt tokens a decode leg takes from the remote KV: never its last one, which it
+        computes itself for the logits of its first output token."""
+        return max(0, min(params.num_tokens, req.num_prompt_tokens - 1))
 
     def _try_admit(self, req: Request, step: _StepBuilder) -> bool:
         """Admit ``req`` with its prefix-cache hits, if its first chunk fits budget and blocks."""
@@ -275,6 +365,7 @@ class Scheduler:
             num_kv_tokens_in_use=self.pool.num_used_blocks * self.config.block_size,
             num_kv_tokens_total=self.config.num_blocks * self.config.block_size,
             preempted=step.preempted,
+            kv_loads=step.kv_loads,
         )
 
     # ---- results ------------------------------------------------------------------------
@@ -315,7 +406,11 @@ class Scheduler:
         if status is not None:
             self.running.remove(req)
             del self.requests[req.request_id]
-            self._release(req, status)
+            if req.hold_kv:
+                req.status = status
+                self.held[req.request_id] = req
+            else:
+                self._release(req, status)
         first = req.num_output_tokens == 1
         return StepResult(
             request_id=req.request_id,
@@ -345,6 +440,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
+        """Whether a step would do something (loading requests wait for their copy)."""
         return bool(self.running or self.waiting)
 
     def load(self) -> EngineLoad:
@@ -365,10 +461,12 @@ class Scheduler:
         self.pool.check_invariants()
         running_ids = [r.request_id for r in self.running]
         waiting_ids = [r.request_id for r in self.waiting]
-        all_ids = running_ids + waiting_ids
+        loading_ids = [r for r, req in self.loading.items() if not req.status.is_finished]
+        all_ids = running_ids + waiting_ids + loading_ids
         _check(len(set(all_ids)) == len(all_ids), "a request is queued twice")
         _check(set(all_ids) == set(self.requests), "queues and request table disagree")
-        _check(len(self.running) <= self.config.max_num_seqs, "more running than max_num_seqs")
+        _check(self._num_admitted <= self.config.max_num_seqs, "more admitted than max_num_seqs")
+        _check(not set(self.held) & set(self.requests), "a held request is still live")
         for req in self.waiting:
             _check(req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), "bad status")
             _check(not req.blocks and req.num_computed_tokens == 0, "waiting request holds KV")
@@ -380,8 +478,10 @@ class Scheduler:
         scheduled = self._in_flight.num_scheduled_tokens if self._in_flight else {}
         covered = req.num_computed_tokens + scheduled.get(req.request_id, 0)
         _check(req.status is RequestStatus.RUNNING, f"{req.request_id} running with bad status")
+        # A decode leg may hold blocks past what it computed (KV it failed to load).
         _check(
-            len(req.blocks) == _cdiv(covered, self.config.block_size),
+            _cdiv(covered, self.config.block_size) <= len(req.blocks)
+            <= max(1, _cdiv(req.num_tokens, self.config.block_size)),
             f"{req.request_id}: {len(req.blocks)} blocks for {covered} tokens",
         )
         _check(req.num_committed_blocks <= len(req.blocks), "committed more blocks than held")
@@ -389,7 +489,7 @@ class Scheduler:
 
     def _check_ref_counts(self) -> None:
         refs: dict[int, int] = {}
-        for req in self.running:
+        for req in [*self.running, *self.loading.values(), *self.held.values()]:
             for block in req.blocks:
                 refs[block.block_id] = refs.get(block.block_id, 0) + 1
         for block in self.pool.blocks:

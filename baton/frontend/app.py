@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from baton.config import DisaggConfig
 from baton.errors import (
     BatonError,
     MethodNotAllowedError,
@@ -67,12 +68,14 @@ class FrontendApp:
         *,
         max_body_bytes: int,
         migration_limit: int = 0,
+        disagg: DisaggConfig | None = None,
     ) -> None:
         self.serving = serving
         self.models = models
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.migration_limit = migration_limit
+        self.disagg = disagg or DisaggConfig()
         self.draining = False
         self.num_streams = 0
         self.idle = asyncio.Event()
@@ -143,7 +146,7 @@ class FrontendApp:
     async def _serve(self, receive: Receive, send: Send, endpoint: str, p: Prepared) -> None:
         model = p.entry.name
         m = self.metrics.model(model)
-        gen = Generation(p, m, migration_limit=self.migration_limit)
+        gen = Generation(p, m, migration_limit=self.migration_limit, disagg=self.disagg)
         task = asyncio.current_task()
         assert task is not None
         watch = _DisconnectWatch(receive, task)

@@ -44,7 +44,7 @@ class Frontend:
         self.serving = OpenAIServing(self.models, self.metrics)
         self.app = FrontendApp(
             self.serving, self.models, self.metrics, max_body_bytes=config.max_body_bytes,
-            migration_limit=config.migration_limit,
+            migration_limit=config.migration_limit, disagg=config.disagg,
         )
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task[None] | None = None

@@ -50,6 +50,14 @@ class FrontendMetrics:
         self.disconnects = Counter(
             "baton_frontend_client_disconnects", "Requests whose client went away.", ["model"],
             registry=r)
+        self.prefill_remote = Counter(
+            "baton_frontend_prefill_remote", "Requests prefilled on a prefill worker.",
+            ["model"], registry=r)
+        self.prefill_local = Counter(
+            "baton_frontend_prefill_local",
+            "Requests of a disaggregated model prefilled on their decode worker, by reason "
+            "(short_prompt, prefill_busy, or fallback after a failed remote prefill).",
+            ["model", "reason"], registry=r)
 
         self._models: dict[str, ModelMetrics] = {}
         self._requests: dict[tuple[str, str, str], Any] = {}
@@ -68,6 +76,9 @@ class FrontendMetrics:
                 cached_tokens=self.cached_tokens.labels(name),
                 disconnects=self.disconnects.labels(name),
                 migrations=self.migrations.labels(name),
+                prefill_remote=self.prefill_remote.labels(name),
+                prefill_local={reason: self.prefill_local.labels(name, reason)
+                               for reason in ("short_prompt", "prefill_busy", "fallback")},
             )
         return m
 
@@ -95,3 +106,5 @@ class ModelMetrics:
     cached_tokens: Any
     disconnects: Any
     migrations: Any
+    prefill_remote: Any
+    prefill_local: dict[str, Any]

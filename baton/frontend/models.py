@@ -41,6 +41,12 @@ class ModelEntry:
     card: ModelCard
     tokenizer: Tokenizer
     pool: WorkerPool
+    """Workers that generate: aggregated ones, or the decode pool of a disaggregated model."""
+    prefill: WorkerPool | None = None
+    """The prefill pool, once a prefill worker of this model appears."""
+
+    def pool_for(self, role: str) -> WorkerPool | None:
+        return self.prefill if role == "prefill" else self.pool
 
 
 class ModelRegistry:
@@ -60,7 +66,8 @@ class ModelRegistry:
             router.active_decode_blocks_threshold, router.active_prefill_tokens_threshold
         )
         self.models: dict[str, ModelEntry] = {}
-        self._owner: dict[int, str] = {}
+        self._owner: dict[int, tuple[str, str]] = {}
+        """Worker id -> (model, role)."""
         self._task: asyncio.Task[None] | None = None
         self._sync_tasks: list[asyncio.Task[None]] = []
         self._cache_dir: tempfile.TemporaryDirectory[str] | None = None
@@ -81,6 +88,8 @@ class ModelRegistry:
             self._cache_dir.cleanup()
         for entry in self.models.values():
             await entry.pool.close()
+            if entry.prefill is not None:
+                await entry.prefill.close()
 
     def get(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
@@ -119,31 +128,43 @@ class ModelRegistry:
             entry = await self._load(record)
             if entry is None:
                 return
-        if entry.pool.instances.get(record.instance_id) == record:
+        if record.role == "prefill" and entry.prefill is None:
+            entry.prefill = self._pool(record.model, "prefill")
+        pool = entry.pool_for(record.role)
+        assert pool is not None
+        if pool.instances.get(record.instance_id) == record:
             return  # the discovery snapshot repeats what start() already added
         old = self._owner.get(record.instance_id)
-        if old is not None and old != record.model:
+        if old is not None and old != (record.model, record.role):
             self._remove(record.instance_id)
-        if not entry.pool.add(record):
+        if not pool.add(record):
             return
-        self._owner[record.instance_id] = record.model
-        log.info("worker %d serves %s at %s", record.instance_id, record.model, record.address)
+        self._owner[record.instance_id] = (record.model, record.role)
+        log.info("%s worker %d serves %s at %s", record.role, record.instance_id, record.model,
+                 record.address)
         self.ready.set()
 
     def _remove(self, instance_id: int) -> None:
-        name = self._owner.pop(instance_id, None)
-        if name is not None and name in self.models:
-            self.models[name].pool.remove(instance_id)
-            log.info("worker %d left %s", instance_id, name)
+        owner = self._owner.pop(instance_id, None)
+        if owner is None or owner[0] not in self.models:
+            return
+        pool = self.models[owner[0]].pool_for(owner[1])
+        if pool is not None:
+            pool.remove(instance_id)
+            log.info("%s worker %d left %s", owner[1], instance_id, owner[0])
 
-    def _policy(self, model: str) -> RoutingPolicy:
+    def _policy(self, model: str, role: str) -> RoutingPolicy:
+        """The generating pool's policy carries the router metrics and replica sync; a prefill
+        pool's is a plain one of the same mode."""
         cfg = self._router
         if cfg.mode != "kv":
             return SimplePolicy(make_selector(cfg.mode, cfg.seed))
-        metrics = RouterMetrics(self._registry, model) if self._registry is not None else None
+        main = role != "prefill"
+        metrics = (RouterMetrics(self._registry, model)
+                   if self._registry is not None and main else None)
         router = KvRouter(cfg.kv, block_size=cfg.block_size, use_kv_events=cfg.kv_events,
                           ttl_s=cfg.ttl_s, metrics=metrics)
-        if cfg.replica_sync:
+        if cfg.replica_sync and main:
             self._sync_replicas(model, router)
         return router
 
@@ -172,10 +193,13 @@ class ModelRegistry:
             log.exception("cannot load model %r advertised by worker %d", record.model,
                           record.instance_id)
             return None
-        pool = WorkerPool(record.model, self._runtime.client, self._router,
-                          policy=self._policy(record.model), thresholds=self.thresholds)
-        entry = self.models[record.model] = ModelEntry(record.model, card, tokenizer, pool)
+        entry = ModelEntry(record.model, card, tokenizer, self._pool(record.model, "decode"))
+        self.models[record.model] = entry
         return entry
+
+    def _pool(self, model: str, role: str) -> WorkerPool:
+        return WorkerPool(model, self._runtime.client, self._router,
+                          policy=self._policy(model, role), thresholds=self.thresholds)
 
     async def _model_folder(self, record: InstanceRecord) -> Path:
         """The model folder the worker advertises, or, when this host does not have it (a

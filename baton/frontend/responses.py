@@ -31,7 +31,12 @@ def usage(gen: Generation) -> dict[str, Any]:
 
 
 def baton_ext(gen: Generation) -> dict[str, Any]:
-    return {"worker_id": gen.worker_id}
+    """``worker_id`` generated the output; a disaggregated model's requests also name their
+    ``prefill_worker_id`` (None when prefilled locally) and ``decode_worker_id``."""
+    if gen.prepared.entry.prefill is None:
+        return {"worker_id": gen.worker_id}
+    return {"worker_id": gen.worker_id, "prefill_worker_id": gen.prefill_worker_id,
+            "decode_worker_id": gen.worker_id}
 
 
 class ChunkWriter:

@@ -3,7 +3,10 @@
 1. ``prepare_chat`` / ``prepare_completion`` check the request against what Baton and the
    model support, render the chat template, tokenize, check the context length and build the
    engine's ``SamplingParams``;
-2. ``Generation.run`` sends the tokens to a worker through the model's ``WorkerPool``;
+2. ``Generation.run`` sends the tokens to a worker through the model's ``WorkerPool``; when
+   the model has a prefill pool, it first decides (conditional disaggregation) whether a
+   prefill worker computes the prompt's KV, which the decode worker then fetches; a failed
+   remote prefill falls back to prefilling on the decode worker;
 3. each engine delta is detokenized incrementally and checked against stop strings; text
    past a stop string is never emitted and the worker's stream is closed at once (which
    cancels the sequence on the worker).
@@ -24,7 +27,9 @@ from typing import Literal
 
 import msgspec
 
+from baton.config import DisaggConfig
 from baton.errors import (
+    BatonError,
     ContextLengthError,
     EngineError,
     InvalidRequestError,
@@ -35,7 +40,15 @@ from baton.frontend.metrics import FrontendMetrics, ModelMetrics
 from baton.frontend.models import ModelEntry, ModelRegistry
 from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
-from baton.protocol import EngineOutput, FinishReason, GenerateRequest, SamplingParams
+from baton.protocol import (
+    EngineOutput,
+    FinishReason,
+    GenerateRequest,
+    KvTransferParams,
+    SamplingParams,
+)
+from baton.router import WorkerPool
+from baton.router.disagg import decide
 from baton.router.kv_selector import RouterOverrides
 from baton.router.policy import RouteHints
 
@@ -65,10 +78,12 @@ class Generation:
     prepared: Prepared
     metrics: ModelMetrics
     migration_limit: int = 0
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
     migrations: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     worker_id: int | None = None
+    prefill_worker_id: int | None = None
     first_token_at: float | None = None
 
     @property
@@ -117,6 +132,8 @@ class Generation:
         failure: TransportError | None = None
         while True:
             request = _continuation(p, generated, self.migrations)
+            if not generated and p.entry.prefill is not None and p.entry.prefill.instances:
+                request = await self._prefill_remotely(request)
             try:
                 async with contextlib.aclosing(p.entry.pool.generate(request, p.route)) as outs:
                     async for out in outs:
@@ -138,6 +155,50 @@ class Generation:
                 log.warning("request %s: %s; continuing on another worker after %d tokens "
                             "(migration %d of %d)", p.request_id, exc.message, len(generated),
                             self.migrations, self.migration_limit)
+
+
+    async def _prefill_remotely(self, request: GenerateRequest) -> GenerateRequest:
+        """The decode leg of ``request``: with the KV a prefill worker computed for it, or,
+        when conditional disaggregation keeps it local or the remote prefill fails, as is."""
+        entry = self.prepared.entry
+        assert entry.prefill is not None
+        decision = decide(
+            self.disagg, prompt_tokens=len(request.token_ids),
+            cached_tokens=entry.pool.cached_tokens(request),
+            prefill_loads=[entry.prefill.loads.get(w) for w in entry.prefill.healthy()],
+        )
+        if not decision.remote:
+            self.metrics.prefill_local[decision.reason].inc()
+            return request
+        try:
+            params = await self._prefill(entry.prefill, request)
+        except BatonError as exc:
+            self.prefill_worker_id = None
+            self.metrics.prefill_local["fallback"].inc()
+            log.warning("request %s: remote prefill failed (%s); prefilling on the decode "
+                        "worker", request.request_id, exc.message)
+            return request
+        self.metrics.prefill_remote.inc()
+        return msgspec.structs.replace(request, remote_kv=params)
+
+    async def _prefill(self, pool: WorkerPool, request: GenerateRequest) -> KvTransferParams:
+        """Runs the prefill leg (one output token, KV held) and returns where its KV waits."""
+        s = request.sampling
+        leg = GenerateRequest(
+            request_id=f"{request.request_id}-prefill", token_ids=request.token_ids,
+            sampling=msgspec.structs.replace(s, max_tokens=1, min_tokens=0), hold_kv=True,
+        )
+        params: KvTransferParams | None = None
+        async with contextlib.aclosing(pool.generate(leg)) as outs:
+            async for out in outs:
+                if out.worker_id is not None:
+                    self.prefill_worker_id = out.worker_id
+                if out.finish_reason == "error":
+                    raise EngineError(out.error or "the prefill worker failed")
+                params = out.kv_transfer or params
+        if params is None:
+            raise EngineError(f"prefill worker {self.prefill_worker_id} returned no KV")
+        return params
 
 
 def _continuation(p: Prepared, generated: list[int], attempt: int) -> GenerateRequest:

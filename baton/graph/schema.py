@@ -20,13 +20,15 @@ from typing import Any, Literal
 
 from baton.config import ROUTER_MODES
 
-ROLES = ("agg",)
+ROLES = ("agg", "prefill", "decode")
 Group = Literal["nats", "worker", "router", "frontend"]
 STOP_ORDER: tuple[Group, ...] = ("frontend", "router", "worker", "nats")
 ENGINE_KEYS: dict[str, type] = {
     "speedup_ratio": float, "block_size": int, "num_blocks": int, "max_num_seqs": int,
     "max_num_batched_tokens": int, "preemption_mode": str, "timing_profile": str,
-    "prefix_caching": bool, "chunked_prefill": bool,
+    "prefix_caching": bool, "chunked_prefill": bool, "engine": str, "kv_transfer": str,
+    "kv_cache_bytes": int, "num_threads": int, "kv_transfer_timeout_s": float,
+    "kv_transfer_gbps": float,
 }
 """Engine settings a graph may give, each becoming the ``baton worker`` flag of that name."""
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -91,7 +93,8 @@ class WorkerPoolSpec:
     name: str
     count: int = 1
     role: str = "agg"
-    """Only aggregated workers (prefill and decode in one) exist so far."""
+    """``agg`` workers prefill and decode; ``prefill`` and ``decode`` pools of one model
+    serve it disaggregated."""
     engine: tuple[tuple[str, Any], ...] = ()
     """Overrides of the graph's engine settings for this pool."""
     args: tuple[str, ...] = ()
@@ -266,8 +269,8 @@ def plan(config: GraphConfig, nats_url: str) -> list[ProcessSpec]:
     specs: list[ProcessSpec] = []
     for pool in config.workers:
         engine = _engine_args(dict(config.engine) | dict(pool.engine))
-        argv = (*baton, "worker", "--port", "0", "--model", config.model, *engine, *common,
-                *pool.args)
+        argv = (*baton, "worker", "--port", "0", "--model", config.model, "--role", pool.role,
+                *engine, *common, *pool.args)
         specs += [ProcessSpec(f"worker-{pool.name}-{i}", "worker", argv,
                               r"baton worker (?P<id>\S+) listening on (?P<address>\S+)", pool.name)
                   for i in range(pool.count)]

@@ -10,6 +10,7 @@ the one lookup needed to turn ``eos_token`` into an id.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ DEFAULT_CONTEXT_LENGTH = 4096
 # above this is treated as "unknown" rather than as a real context length.
 _MAX_SANE_CONTEXT = 1 << 24
 _DTYPE_BYTES = {
+    "float64": 8,
+    "double": 8,
     "float32": 4,
     "float": 4,
     "float16": 2,
@@ -49,19 +52,42 @@ def builtin_models() -> list[str]:
     return sorted(p.name for p in BUILTIN_MODELS_DIR.iterdir() if p.is_dir())
 
 
-def resolve_model(spec: str) -> Path:
-    """Map a built-in model name or a filesystem path to a model folder holding tokenizer.json.
+def cache_dir() -> Path:
+    """Where prepared models live: ``$BATON_CACHE_DIR/models`` or ``~/.cache/baton/models``.
 
-    Built-in names win over a same-named relative path. Raises ``ModelNotFoundError``.
+    The transformers engine builds or converts models into it (``baton.engine.hf.models``).
     """
-    builtin = BUILTIN_MODELS_DIR / spec
-    folder = builtin if spec in builtin_models() else Path(spec).expanduser()
+    root = os.environ.get("BATON_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "baton"
+    return base / "models"
+
+
+def resolve_model(spec: str) -> Path:
+    """Map a model name or a filesystem path to a model folder holding tokenizer.json.
+
+    Names are looked up among the built-in models, then among the prepared models in
+    ``cache_dir()``; both win over a same-named relative path. Raises ``ModelNotFoundError``.
+    """
+    folder = _named_model(spec) or Path(spec).expanduser()
     if not folder.is_dir():
         known = ", ".join(builtin_models())
-        raise ModelNotFoundError(spec, f"not a built-in model ({known}) nor a directory")
+        raise ModelNotFoundError(
+            spec,
+            f"not a built-in model ({known}), a prepared model in {cache_dir()} nor a directory",
+        )
     if not (folder / "tokenizer.json").is_file():
         raise ModelNotFoundError(spec, f"{folder} has no tokenizer.json")
     return folder
+
+
+def _named_model(spec: str) -> Path | None:
+    if spec in builtin_models():
+        return BUILTIN_MODELS_DIR / spec
+    if spec and "/" not in spec and spec not in (".", ".."):
+        prepared = cache_dir() / spec
+        if prepared.is_dir():
+            return prepared
+    return None
 
 
 @dataclass(frozen=True)

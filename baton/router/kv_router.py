@@ -184,6 +184,17 @@ class KvRouter:
             self.metrics.observe(decision, time.perf_counter() - started)
         return decision.worker_id
 
+    def peek(self, request: GenerateRequest, candidates: list[int]) -> tuple[int, int]:
+        """The worker ``choose`` would pick now and the prompt tokens it caches, without
+        recording anything (conditional disaggregation asks before routing)."""
+        assert self.block_size is not None and self.sequences is not None
+        seq = compute_sequence_hashes(compute_local_hashes(request.token_ids, self.block_size))
+        isl = len(request.token_ids)
+        overlaps = self.index.find_matches(seq).scores
+        loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
+        decision = self.selector.select(candidates, overlaps, loads, isl, self.block_size, None)
+        return decision.worker_id, min(isl, decision.overlap_blocks * self.block_size)
+
     def on_first_output(self, request_id: str) -> None:
         if self.sequences is not None:
             self.sequences.mark_prefill_completed(request_id)

@@ -34,6 +34,11 @@ class RoutingPolicy(Protocol):
         hints: RouteHints | None = None,
     ) -> int: ...
 
+    def peek(self, request: GenerateRequest, candidates: list[int]) -> tuple[int, int] | None:
+        """The worker a choice would pick now and the prompt tokens it caches, recording
+        nothing; None when the policy cannot say without choosing."""
+        ...
+
     def on_first_output(self, request_id: str) -> None: ...
 
     def on_finish(self, request_id: str) -> None: ...
@@ -64,6 +69,9 @@ class SimplePolicy:
         hints: RouteHints | None = None,
     ) -> int:
         return self._selector.select(candidates, in_flight)
+
+    def peek(self, request: GenerateRequest, candidates: list[int]) -> tuple[int, int] | None:
+        return None  # a load-balancing choice knows nothing of caches
 
     def on_first_output(self, request_id: str) -> None:
         pass

@@ -161,6 +161,15 @@ class WorkerPool:
             self.policy.on_finish(rid)
             await stream.aclose()  # type: ignore[attr-defined]
 
+    def cached_tokens(self, request: GenerateRequest) -> int:
+        """Prompt tokens cached on the worker the policy would pick now (0 when unknown)."""
+        try:
+            candidates = self.eligible()
+        except (ServiceUnavailableError, OverloadedError):
+            return 0
+        peek = self.policy.peek(request, candidates)
+        return peek[1] if peek is not None else 0
+
     def eligible(self) -> list[int]:
         """Healthy workers that are not busy; raises when there are none."""
         healthy = self.healthy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from baton.config import WorkerConfig
+from baton.engine.base import Engine
 from baton.engine.mock import SimulatedEngine
 from baton.preprocess import ModelCard, Tokenizer, resolve_model
 from baton.protocol import ModelFiles
@@ -12,7 +13,16 @@ from baton.runtime import Runtime
 from baton.worker.worker import Worker
 
 
-def build_engine(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
+def build_engine(config: WorkerConfig, card: ModelCard) -> Engine:
+    """The configured engine over the model in ``card.path``."""
+    if config.engine.kind == "hf":
+        from baton.engine.hf.engine import HfEngine  # imports torch: only when asked for
+
+        return HfEngine(config.engine, card.path)
+    return _simulated(config, card)
+
+
+def _simulated(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
     """The simulated engine draws output tokens from the vocabulary minus special tokens and
     minus byte fragments that do not decode to text on their own (so its output is readable)."""
     raw = Tokenizer(card).raw
@@ -21,7 +31,7 @@ def build_engine(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
         t for t in range(card.vocab_size)
         if t not in special and "\ufffd" not in raw.decode([t], skip_special_tokens=False)
     ]
-    return SimulatedEngine(config.engine, vocab=vocab)
+    return SimulatedEngine(config.engine, vocab=vocab, kv_bytes_per_token=card.kv_bytes_per_token)
 
 
 MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
@@ -39,11 +49,21 @@ def read_model_files(folder: Path, name: str) -> ModelFiles:
     return ModelFiles(name=name, files=files)
 
 
+def model_folder(config: WorkerConfig) -> Path:
+    """The model folder; the transformers engine first builds or converts its models."""
+    if config.engine.kind == "hf":
+        from baton.engine.hf.models import prepare_model
+
+        return prepare_model(config.model)
+    return resolve_model(config.model)
+
+
 def build_worker(config: WorkerConfig, runtime: Runtime, *, instance_id: int | None = None) -> Worker:
-    folder = resolve_model(config.model)
+    folder = model_folder(config)
     card = ModelCard.load(folder, name=config.model_name)
     engine = build_engine(config, card)
     worker_id = instance_id if instance_id is not None else config.worker_id
     worker = Worker(config, runtime, engine, model_name=card.name, instance_id=worker_id)
+    worker.model_path = str(folder)
     worker.model_files = read_model_files(folder, card.name)
     return worker

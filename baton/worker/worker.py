@@ -81,6 +81,8 @@ class Worker:
         self.endpoints.add("load", self._load, Empty, LoadMetrics)
         self.endpoints.add("events", self._events, FeedRequest, WorkerEvents)
         self.endpoints.add("model_files", self._model_files, Empty, ModelFiles)
+        self.model_path = config.model
+        """The model folder frontends on this host load the tokenizer from."""
         self.model_files = ModelFiles(name=model_name, files={})
         """Set by ``build_worker`` from the model folder; served to remote frontends."""
         self.record: InstanceRecord | None = None
@@ -112,7 +114,8 @@ class Worker:
             endpoint=GENERATE,
             address=address,
             model=self.model_name,
-            model_path=self.config.model,
+            model_path=self.model_path,
+            role=self.config.role,
             block_size=self.engine.block_size,
         )
         await self.runtime.discovery.register(self.record)

@@ -1,0 +1,316 @@
+"""The engine shell every backend shares: requests in, step loop, outputs and KV out.
+
+``EngineCore`` owns the pure ``Scheduler`` and one ``Executor``, the part that differs per
+backend: the simulated engine's executor sleeps for a timing model and draws tokens, the
+transformers engine's runs the model over the paged KV cache. One owned task runs the loop:
+
+1. wait until some request is waiting or running;
+2. ``schedule()`` a batch (continuous batching, chunked prefill, preemption) and start the
+   KV loads of newly admitted decode legs;
+3. ``await executor.execute(...)`` for the sampled tokens;
+4. ``update_from_output``, hand the deltas to the requests' mailboxes, publish KV events;
+5. when steps cost no time at all, yield to the event loop every ``_BURST_S``.
+
+Disaggregation (see ``scheduler.py`` for the states): a ``hold_kv`` request's blocks are
+handed to this engine's ``KvTransferServer`` when it finishes and its last output carries the
+``KvTransferParams``; they are freed when the decode worker acknowledges (or after the hold
+timeout). A ``remote_kv`` request's missing blocks are pulled with the ``KvTransferClient``;
+a failed or timed-out pull falls back to prefilling locally, invisibly to the client.
+
+Each request has one mailbox; when its consumer falls behind, deltas are merged rather than
+queued (the overflow policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+from baton.config import EngineConfig
+from baton.engine.base import EngineLoad, KvEventSink
+from baton.engine.request import Request
+from baton.engine.scheduler import KvLoad, Scheduler, SchedulerOutput, StepResult
+from baton.errors import InvalidRequestError
+from baton.kv.events import KvStored
+from baton.kv.store import BlockStore
+from baton.kv.transfer import KvTransferClient, KvTransferError, KvTransferServer
+from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams
+from baton.runtime.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+_BURST_S = 0.002
+"""With steps that cost no time, steps run back to back for this long before the loop yields
+to consumers (their deltas merge meanwhile), as a real engine's output batches per step."""
+
+
+class Executor(Protocol):
+    """What runs a scheduled step: a timing model or a real model."""
+
+    store: BlockStore
+    """Where the KV blocks' bytes live (0-byte blocks when nothing real is computed)."""
+    layout: str
+    """The KV layout; two engines can exchange blocks only when theirs are equal."""
+
+    def begin(self, request: GenerateRequest) -> None:
+        """A request arrives (e.g. seed its sampler)."""
+
+    async def execute(self, output: SchedulerOutput, scheduler: Scheduler) -> Mapping[str, int]:
+        """Runs one step; one sampled token per id in ``output.requests_needing_sample``."""
+        ...
+
+    def transfer_seconds(self, num_tokens: int) -> float:
+        """Extra modelled time a KV load of ``num_tokens`` tokens takes (0 when real)."""
+        ...
+
+    def forget(self, request_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Mailbox:
+    """The undelivered output of one request (merged deltas) and its consumer's waiter."""
+
+    __slots__ = ("pending", "ready")
+
+    def __init__(self) -> None:
+        self.pending: EngineOutput | None = None
+        self.ready = asyncio.Event()
+
+    def put(self, result: StepResult, kv_transfer: KvTransferParams | None = None) -> None:
+        if self.pending is None:
+            self.pending = EngineOutput(
+                token_ids=list(result.new_token_ids),
+                finish_reason=result.finish_reason,
+                cached_tokens=result.num_cached_tokens,
+            )
+        else:
+            self.pending.token_ids.extend(result.new_token_ids)
+            self.pending.finish_reason = result.finish_reason
+        self.pending.kv_transfer = kv_transfer
+        self.ready.set()
+
+    async def take(self) -> EngineOutput:
+        await self.ready.wait()
+        self.ready.clear()
+        out, self.pending = self.pending, None
+        assert out is not None
+        return out
+
+
+class EngineCore:
+    """An ``Engine``: the scheduler, an executor and the KV transfer. See the module docstring."""
+
+    def __init__(self, config: EngineConfig, executor: Executor, *, name: str = "engine") -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.executor = executor
+        self._scheduler = Scheduler(config.scheduler)
+        self._name = name
+        self._mailboxes: dict[str, _Mailbox] = {}
+        # -- KV transfer
+        self._transfer_server: KvTransferServer | None = None
+        self._transfer_client: KvTransferClient | None = None
+        self._loads: dict[str, asyncio.Task[None]] = {}
+        self.num_kv_loads_failed = 0
+        # -- loop
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._kv_sink: KvEventSink | None = None
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        mode = self.config.kv_transfer
+        self._transfer_server = KvTransferServer(
+            self.executor.store, name=f"{self._name}-{id(self):x}", tcp=mode != "inproc",
+            hold_timeout_s=self.config.kv_hold_timeout_s,
+        )
+        await self._transfer_server.start()
+        self._transfer_client = KvTransferClient(
+            timeout_s=self.config.kv_transfer_timeout_s, use_shm=mode == "shm"
+        )
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+        for task in list(self._loads.values()):
+            await cancel_and_wait(task)
+        if self._transfer_client is not None:
+            await self._transfer_client.close()
+        if self._transfer_server is not None:
+            await self._transfer_server.close()
+        self.executor.close()
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        self._kv_sink = sink
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        rid = request.request_id
+        if rid in self._mailboxes:
+            raise ValueError(f"request id {rid!r} is already running")
+        mailbox = self._mailboxes[rid] = _Mailbox()
+        finished = False
+        try:
+            self._add(request)
+            self._wakeup.set()
+            while not finished:
+                out = await mailbox.take()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            del self._mailboxes[rid]
+            self.executor.forget(rid)
+            if not finished:
+                self._abort(rid)
+
+    def _add(self, request: GenerateRequest) -> None:
+        req = Request(request.request_id, list(request.token_ids), request.sampling,
+                      hold_kv=request.hold_kv, remote_kv=self._usable(request.remote_kv))
+        try:
+            self._scheduler.add_request(req)
+        except ValueError as exc:  # can never fit this engine's KV cache or step budget
+            raise InvalidRequestError(str(exc), param="messages") from None
+        self.executor.begin(request)
+
+    def _usable(self, params: KvTransferParams | None) -> KvTransferParams | None:
+        """The remote KV if this engine can take it; otherwise None (prefill locally)."""
+        if params is None:
+            return None
+        store = self.executor.store
+        if (params.layout, params.block_size, params.block_bytes) != (
+            self.executor.layout, self.block_size, store.block_bytes
+        ):
+            log.warning("remote KV from worker %d has layout %r (block %d, %d B), this engine "
+                        "%r (block %d, %d B): prefilling locally", params.worker_id, params.layout,
+                        params.block_size, params.block_bytes, self.executor.layout,
+                        self.block_size, store.block_bytes)
+            self._spawn_release(params)
+            return None
+        return params
+
+    def _abort(self, rid: str) -> None:
+        load = self._loads.get(rid)
+        if load is not None:
+            load.cancel()  # its finally frees the blocks once no copy can write them
+        if self._transfer_server is not None:
+            self._transfer_server.release(rid)
+        if self._scheduler.abort_request(rid):
+            self._publish_kv_events()
+            self._wakeup.set()
+
+    def kv_snapshot(self) -> tuple[int, list[KvStored]]:
+        return self._scheduler.pool.snapshot()
+
+    def load(self) -> EngineLoad:
+        return self._scheduler.load()
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The pure core, for inspection (tests assert on its block pool)."""
+        return self._scheduler
+
+    # ------------------------------------------------------------------ step loop
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        slice_start = loop.time()
+        while True:
+            if not self._scheduler.has_work:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                slice_start = loop.time()
+                continue
+            output = self._scheduler.schedule()
+            for load in output.kv_loads:
+                self._start_load(load)
+            if output.is_empty:  # nothing computable: KV loads or held blocks must end first
+                self._scheduler.update_from_output(output, {})
+                if not output.kv_loads:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                continue
+            sampled = await self.executor.execute(output, self._scheduler)
+            self._finish_step(output, sampled)
+            if loop.time() - slice_start >= _BURST_S:
+                await asyncio.sleep(0)  # let consumers and new requests in
+                slice_start = loop.time()
+
+    def _finish_step(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> None:
+        for result in self._scheduler.update_from_output(output, sampled):
+            rid = result.request_id
+            params = None
+            if result.finish_reason is not None and rid in self._scheduler.held:
+                params = self._hold(rid)
+            mailbox = self._mailboxes.get(rid)
+            if mailbox is not None:
+                mailbox.put(result, params)
+            elif params is not None:  # its consumer left during the step
+                self._abort(rid)
+        self._publish_kv_events()
+        self.num_steps += 1
+
+    def _publish_kv_events(self) -> None:
+        events = self._scheduler.take_kv_events()
+        if events and self._kv_sink is not None:
+            self._kv_sink(events)
+
+    # ------------------------------------------------------------------ KV transfer
+    def _hold(self, rid: str) -> KvTransferParams:
+        """Hands a finished prefill leg's blocks to the transfer server."""
+        assert self._transfer_server is not None
+        req = self._scheduler.held[rid]
+        block_ids = [b.block_id for b in req.blocks]
+        self._transfer_server.hold(rid, block_ids, lambda: self._release_held(rid))
+        return KvTransferParams(
+            transfer_id=rid, worker_id=self._scheduler.worker_id,
+            address=self._transfer_server.address, block_ids=block_ids,
+            num_tokens=req.num_computed_tokens, block_size=self.block_size,
+            block_bytes=self.executor.store.block_bytes, layout=self.executor.layout,
+            shm_name=self.executor.store.shm_name,
+        )
+
+    def _release_held(self, rid: str) -> None:
+        if self._scheduler.release_held(rid):
+            self._publish_kv_events()
+            self._wakeup.set()  # freed blocks may admit waiting requests
+
+    def _start_load(self, load: KvLoad) -> None:
+        params = self._scheduler.loading[load.request_id].remote_kv
+        assert params is not None
+        self._loads[load.request_id] = asyncio.get_running_loop().create_task(
+            self._load(load, params), name=f"kv-load-{load.request_id}"
+        )
+
+    async def _load(self, load: KvLoad, params: KvTransferParams) -> None:
+        ok = False
+        try:
+            assert self._transfer_client is not None
+            await self._transfer_client.pull(
+                params, load.src_block_ids, self.executor.store, load.dst_block_ids
+            )
+            delay = self.executor.transfer_seconds(load.num_tokens)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            ok = True
+        except KvTransferError as exc:
+            self.num_kv_loads_failed += 1
+            log.warning("request %s: KV transfer from worker %d failed (%s); prefilling "
+                        "locally", load.request_id, params.worker_id, exc.message)
+        finally:
+            del self._loads[load.request_id]
+            self._scheduler.finish_kv_load(load.request_id, ok)
+            self._publish_kv_events()
+            self._wakeup.set()
+
+    def _spawn_release(self, params: KvTransferParams) -> None:
+        client = self._transfer_client
+        if client is not None:
+            task = asyncio.get_running_loop().create_task(client.release(params))
+            self._loads[f"release-{params.transfer_id}"] = task
+            task.add_done_callback(lambda _: self._loads.pop(f"release-{params.transfer_id}", None))

@@ -1,0 +1,101 @@
+"""The transformers engine (``--engine hf``): a real causal LM on the shared engine shell.
+
+The scheduler, block pool, prefix cache, chunked prefill, preemption and KV transfer are the
+same code as the simulated engine's (``core.py``); only the executor differs: it hands each
+step's requests to a ``PagedModelRunner``, which runs the model over the paged KV cache in
+this engine's ``BlockStore``. Forward passes run on one dedicated thread so the event loop
+keeps serving while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from baton.config import EngineConfig
+from baton.engine.core import EngineCore
+from baton.engine.hf.runner import ForwardItem, PagedModelRunner
+from baton.engine.request import Request
+from baton.engine.scheduler import Scheduler, SchedulerOutput
+from baton.protocol import GenerateRequest
+
+
+class HfExecutor:
+    """Runs scheduled steps through a ``PagedModelRunner`` on a private thread."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+        block_size = config.block_size
+        per_block = PagedModelRunner.kv_bytes_per_block(model_dir, block_size)
+        self.num_blocks = max(
+            1, min(config.scheduler.num_blocks, config.kv_cache_bytes // per_block)
+        )
+        self.runner = PagedModelRunner(
+            model_dir,
+            num_blocks=self.num_blocks,
+            block_size=block_size,
+            shared=config.kv_transfer == "shm",
+            num_threads=config.num_threads,
+        )
+        self.store = self.runner.store
+        self.layout = self.runner.layout
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-forward")
+
+    def begin(self, request: GenerateRequest) -> None:
+        pass
+
+    async def execute(self, output: SchedulerOutput, scheduler: Scheduler) -> Mapping[str, int]:
+        items = _forward_items(output, scheduler)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self.runner.execute, items)
+
+    def transfer_seconds(self, num_tokens: int) -> float:
+        return 0.0
+
+    def forget(self, request_id: str) -> None:
+        self.runner.forget(request_id)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.runner.close()
+
+
+def _forward_items(output: SchedulerOutput, scheduler: Scheduler) -> list[ForwardItem]:
+    needing_sample = set(output.requests_needing_sample)
+    items = []
+    for rid, num_new in output.num_scheduled_tokens.items():
+        req = scheduler.requests[rid]
+        start = req.num_computed_tokens
+        sample = req.sampling if rid in needing_sample else None
+        items.append(
+            ForwardItem(
+                request_id=rid,
+                token_ids=req.all_token_ids[start : start + num_new],
+                start=start,
+                block_ids=[b.block_id for b in req.blocks],
+                sample=sample,
+                banned=_banned(req) if sample is not None else (),
+            )
+        )
+    return items
+
+
+def _banned(req: Request) -> tuple[int, ...]:
+    """Stop tokens cannot be drawn before ``min_tokens`` outputs (as in vLLM)."""
+    s = req.sampling
+    if s.ignore_eos or req.num_output_tokens >= s.min_tokens:
+        return ()
+    return s.stop_token_ids
+
+
+class HfEngine(EngineCore):
+    """The engine shell over an ``HfExecutor``; its pool is capped by ``kv_cache_bytes``."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+        executor = HfExecutor(config, model_dir)
+        scheduler = dataclasses.replace(config.scheduler, num_blocks=executor.num_blocks)
+        super().__init__(
+            dataclasses.replace(config, scheduler=scheduler), executor, name="hf-engine"
+        )

@@ -1,0 +1,275 @@
+"""A transformers causal LM whose KV cache lives in paged blocks of a ``BlockStore``.
+
+The store's buffer is viewed as one tensor ``[num_blocks, layers, 2, kv_heads, block_size,
+head_dim]`` (2 = keys, values); block ``b`` holds the KV of tokens ``i*block_size ...`` of a
+request whose ``i``-th block is ``b``. The blocks are the only KV state: for each
+``ForwardItem`` the runner gathers positions ``[0, start)`` from the item's blocks into a
+transformers ``DynamicCache``, runs the model on the new tokens, and scatters their K/V back
+into the blocks at positions ``[start, start + len)``. A request whose leading blocks were
+computed by another request (a prefix-cache hit) or copied in from another process (a KV
+transfer) therefore continues exactly as if it had computed them itself; the runner only
+ever writes the positions it computes, so shared leading blocks are read-only to it.
+
+Sampling is greedy at temperature 0, else temperature plus top-p. The draw for the token at
+position ``p`` comes from the request's generator reseeded with ``(seed, p)``, where the seed is
+``SamplingParams.seed`` or, without one, derived from the request id: a seeded request samples
+the same tokens whether its steps ran here, on another worker, or were recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baton.engine.hf.models import offline_transformers
+from baton.kv.store import BlockStore
+from baton.protocol import SamplingParams
+
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily (argmax, first index on ties)."""
+
+_SEED_MASK = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardItem:
+    """One request's share of a step: compute ``token_ids`` at positions ``start...``."""
+
+    request_id: str
+    token_ids: list[int]
+    """The new tokens to compute this step."""
+    start: int
+    """Position of ``token_ids[0]``: tokens already computed, whose KV is in the blocks."""
+    block_ids: list[int]
+    """The request's blocks in order, covering at least ``start + len(token_ids)`` tokens."""
+    sample: SamplingParams | None
+    """How to pick the next token; None when none is needed (a middle prefill chunk)."""
+    banned: tuple[int, ...] = ()
+    """Tokens the next token must not be (stop tokens before ``min_tokens`` outputs)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KvShape:
+    """The per-token KV layout of a model, read from its config."""
+
+    model_type: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> KvShape:
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
+        dtype = getattr(torch, str(dtype_name))
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype_name!r} in the model config")
+        return cls(
+            model_type=str(config.get("model_type", "?")),
+            layers=config["num_hidden_layers"],
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            dtype=dtype,
+        )
+
+    def block_bytes(self, block_size: int) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.layers * 2 * self.kv_heads * block_size * self.head_dim * itemsize
+
+    def layout(self, block_size: int) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"{self.model_type} L{self.layers} H{self.kv_heads} D{self.head_dim} "
+            f"{dtype} bs{block_size}"
+        )
+
+
+class PagedModelRunner:
+    """Runs forward passes of one model over a paged KV block store. See the module docstring."""
+
+    store: BlockStore
+    block_bytes: int
+    layout: str
+    """The KV layout (model shape, dtype, block size): equal strings mean blocks can be copied
+    byte for byte between two runners."""
+    vocab_size: int
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        num_blocks: int,
+        block_size: int,
+        shared: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)  # process-wide
+        self.block_size = block_size
+        self.model = _load_model(model_dir)
+        self._cache_class = offline_transformers().DynamicCache
+        config = self.model.config.to_dict()
+        self.shape = replace(KvShape.from_config(config), dtype=self.model.dtype)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.layout = self.shape.layout(block_size)
+        self.block_bytes = self.shape.block_bytes(block_size)
+        self.store = BlockStore(num_blocks, self.block_bytes, shared=shared)
+        self.kv: torch.Tensor | None = self._view_store()
+        self._generators: dict[str, torch.Generator] = {}
+
+    @staticmethod
+    def kv_bytes_per_block(model_dir: Path, block_size: int) -> int:
+        """Bytes of one KV block, read from config.json alone (no weights are loaded)."""
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        return KvShape.from_config(config).block_bytes(block_size)
+
+    def execute(self, items: list[ForwardItem]) -> dict[str, int]:
+        """Run each item's forward pass; the sampled token of each item that asked for one."""
+        sampled: dict[str, int] = {}
+        with torch.inference_mode():
+            for item in items:
+                logits = self._forward(item)
+                if item.sample is not None:
+                    sampled[item.request_id] = self._sample(item, logits)
+        return sampled
+
+    def forget(self, request_id: str) -> None:
+        """Drop the request's sampling state (call when it finishes or is aborted)."""
+        self._generators.pop(request_id, None)
+
+    def close(self) -> None:
+        """Drop the model and the KV view, and close the store."""
+        self.kv = None
+        self.model = None
+        self._generators.clear()
+        self.store.close()
+
+    def _view_store(self) -> torch.Tensor:
+        shape = self.shape
+        flat = torch.frombuffer(self.store.buffer, dtype=shape.dtype)
+        return flat.view(
+            self.store.num_blocks, shape.layers, 2, shape.kv_heads, self.block_size, shape.head_dim
+        )
+
+    def _forward(self, item: ForwardItem) -> torch.Tensor:
+        """Logits of the item's last token; its new K/V are written to its blocks."""
+        end = self._check(item)
+        cache = self._gather(item.block_ids, item.start)
+        out = self.model(
+            input_ids=torch.tensor([item.token_ids]),
+            position_ids=torch.arange(item.start, end).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._scatter(cache, item.block_ids, item.start, end)
+        return out.logits[0, -1]
+
+    def _check(self, item: ForwardItem) -> int:
+        end = item.start + len(item.token_ids)
+        if not item.token_ids or item.start < 0:
+            raise ValueError(f"{item.request_id}: no tokens to compute (start {item.start})")
+        if len(item.block_ids) * self.block_size < end:
+            raise ValueError(
+                f"{item.request_id}: {len(item.block_ids)} blocks of {self.block_size} "
+                f"cannot hold {end} tokens"
+            )
+        if not all(0 <= block < self.store.num_blocks for block in item.block_ids):
+            raise ValueError(f"{item.request_id}: block ids out of range: {item.block_ids}")
+        return end
+
+    def _gather(self, block_ids: list[int], start: int) -> Any:
+        """A DynamicCache holding the KV of positions ``[0, start)`` read from the blocks."""
+        cache = self._cache_class(config=self.model.config)
+        if start == 0:
+            return cache
+        tokens = self._read_tokens(block_ids[: math.ceil(start / self.block_size)])
+        for layer, entry in enumerate(cache.layers):
+            keys, values = tokens[layer, 0, :, :, :start], tokens[layer, 1, :, :, :start]
+            entry.lazy_initialization(keys, values)
+            entry.keys, entry.values = keys, values  # as update() would, minus a copy
+        return cache
+
+    def _read_tokens(self, block_ids: list[int]) -> torch.Tensor:
+        """The blocks' KV in one copy, as ``[layers, 2, 1, kv_heads, tokens, head_dim]``."""
+        assert self.kv is not None, "the runner is closed"
+        shape = self.shape
+        size = (shape.layers, 2, 1, shape.kv_heads, len(block_ids), self.block_size, shape.head_dim)
+        out = torch.empty(size, dtype=shape.dtype)
+        for i, block in enumerate(block_ids):
+            out[:, :, 0, :, i].copy_(self.kv[block])
+        return out.view(shape.layers, 2, 1, shape.kv_heads, -1, shape.head_dim)
+
+    def _scatter(self, cache: Any, block_ids: list[int], start: int, end: int) -> None:
+        """Write the cache's K/V of positions ``[start, end)`` into the blocks."""
+        assert self.kv is not None, "the runner is closed"
+        new = torch.stack(
+            [
+                torch.stack((layer.keys[0, :, start:], layer.values[0, :, start:]))
+                for layer in cache.layers
+            ]
+        )  # [L, 2, H, n, D]
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_ids)[positions // self.block_size]
+        self.kv[blocks, :, :, :, positions % self.block_size] = new.permute(3, 0, 1, 2, 4)
+
+    def _sample(self, item: ForwardItem, logits: torch.Tensor) -> int:
+        params = item.sample
+        assert params is not None
+        if item.banned:
+            logits = logits.clone()
+            logits[list(item.banned)] = -math.inf
+        if params.temperature < GREEDY_TEMPERATURE:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            probs = _top_p(probs, params.top_p)
+        position = item.start + len(item.token_ids)
+        generator = self._generator(item.request_id)
+        generator.manual_seed(_mix(_base_seed(item.request_id, params.seed), position))
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _generator(self, request_id: str) -> torch.Generator:
+        generator = self._generators.get(request_id)
+        if generator is None:
+            generator = self._generators[request_id] = torch.Generator()
+        return generator
+
+
+def _load_model(model_dir: Path) -> Any:
+    transformers = offline_transformers()
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype="auto")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the most likely tokens whose mass reaches ``top_p`` (at least one)."""
+    sorted_probs, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely ones
+    sorted_probs[1:][before[1:] >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def _base_seed(request_id: str, seed: int | None) -> int:
+    if seed is not None:
+        return seed & _SEED_MASK
+    digest = hashlib.sha256(request_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & _SEED_MASK
+
+
+def _mix(seed: int, position: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & _SEED_MASK

@@ -1,0 +1,110 @@
+"""Where KV block contents live: ``num_blocks`` fixed-size byte blocks in one buffer.
+
+The block pool decides *which* block holds what; a ``BlockStore`` holds the bytes. Block ``i``
+occupies ``buffer[i * block_bytes : (i + 1) * block_bytes]``. An engine views the buffer as
+its KV tensor (the transformers engine lays it out ``[num_blocks, layers, 2, kv_heads,
+block_size, head_dim]``); the KV transfer reads and writes whole blocks as bytes. With
+``shared=True`` the buffer is a named shared-memory segment, so another process on the host
+can copy blocks straight out of it (the ``shm`` transfer backend).
+
+A store whose ``block_bytes`` is 0 (the simulated engine's) holds nothing: reads return empty
+bytes and writes check only the length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+_OWN_SEGMENTS: set[str] = set()
+"""Shared segments created by this process (attaching to one of them must not unregister it
+from the resource tracker, which unlinks it if the process dies without closing it)."""
+
+
+class BlockStore:
+    """Fixed-size byte blocks in private memory or a named shared-memory segment."""
+
+    def __init__(self, num_blocks: int, block_bytes: int, *, shared: bool = False) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        if block_bytes < 0:
+            raise ValueError(f"block_bytes must be >= 0, got {block_bytes}")
+        self.num_blocks = num_blocks
+        self.block_bytes = block_bytes
+        size = num_blocks * block_bytes
+        self._shm: shared_memory.SharedMemory | None = None
+        if shared and size:
+            self._shm = shared_memory.SharedMemory(create=True, size=size)
+            _OWN_SEGMENTS.add(self._shm.name)
+            self.buffer = self._shm.buf[:size]
+        else:
+            self.buffer = memoryview(bytearray(size))
+        self._blocks = np.frombuffer(self.buffer, dtype=np.uint8).reshape(num_blocks, block_bytes)
+
+    @property
+    def shm_name(self) -> str | None:
+        """The shared-memory segment's name, or None for private memory."""
+        return self._shm.name if self._shm is not None else None
+
+    def read(self, block_ids: Sequence[int]) -> memoryview:
+        """A contiguous copy of the given blocks, in order."""
+        return _bytes_of(self._blocks[np.asarray(block_ids, dtype=np.int64)])
+
+    def write(self, block_ids: Sequence[int], data: bytes | bytearray | memoryview) -> None:
+        """Overwrites the given blocks with ``data`` (their contents back to back)."""
+        expected = len(block_ids) * self.block_bytes
+        if len(data) != expected:
+            raise ValueError(f"{len(block_ids)} blocks need {expected} bytes, got {len(data)}")
+        if expected:
+            src = np.frombuffer(data, dtype=np.uint8).reshape(len(block_ids), self.block_bytes)
+            self._blocks[np.asarray(block_ids, dtype=np.int64)] = src
+
+    def close(self) -> None:
+        """Releases the buffer (and unlinks the shared segment). The store is unusable after."""
+        self._blocks = np.empty((0, self.block_bytes), dtype=np.uint8)
+        with contextlib.suppress(BufferError):  # an engine's tensor may still view it
+            self.buffer.release()
+        if self._shm is not None:
+            _OWN_SEGMENTS.discard(self._shm.name)
+            with contextlib.suppress(BufferError):
+                self._shm.close()
+            with contextlib.suppress(FileNotFoundError):
+                self._shm.unlink()
+            self._shm = None
+
+
+class SharedBlocks:
+    """A read-only attachment to another process's shared ``BlockStore`` (the ``shm``
+    transfer backend's receiving side)."""
+
+    def __init__(self, name: str, num_blocks: int, block_bytes: int) -> None:
+        self._shm = shared_memory.SharedMemory(name=name, create=False)
+        if self._shm.name not in _OWN_SEGMENTS:
+            # Attaching registers the segment with this process's resource tracker, which
+            # would unlink it at exit; its owner unlinks it, not us.
+            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+        size = num_blocks * block_bytes
+        if self._shm.size < size:
+            self._shm.close()
+            raise ValueError(f"segment {name!r} holds {self._shm.size} bytes, expected {size}")
+        self.block_bytes = block_bytes
+        self._view = self._shm.buf[:size]
+        self.buffer = self._view
+        """The segment's blocks, read-only by convention."""
+        self._blocks = np.frombuffer(self._view, dtype=np.uint8).reshape(num_blocks, block_bytes)
+
+    def read(self, block_ids: Sequence[int]) -> memoryview:
+        return _bytes_of(self._blocks[np.asarray(block_ids, dtype=np.int64)])
+
+    def close(self) -> None:
+        self._blocks = np.empty((0, self.block_bytes), dtype=np.uint8)
+        with contextlib.suppress(BufferError):
+            self._view.release()
+            self._shm.close()
+
+
+def _bytes_of(blocks: np.ndarray) -> memoryview:
+    return memoryview(blocks.reshape(-1))
