@@ -8,21 +8,45 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
+
 from tests.conftest import baton_process
+
+
+def chat(port: str, model: str = "baton-tiny", content: str = "hi") -> dict:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}],
+                       "max_tokens": 3}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
 
 
 def test_baton_serve_answers_and_stops_cleanly_on_sigint():
     proc, match = baton_process("serve", "--port", "0", ready=r"http://127\.0\.0\.1:(\d+)")
     try:
-        base = f"http://127.0.0.1:{match.group(1)}"
-        body = json.dumps({"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}],
-                           "max_tokens": 3}).encode()
-        req = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert json.load(r)["usage"]["completion_tokens"] == 3
+        assert chat(match.group(1))["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("engine", [("--engine", "mock"), ("--engine", "hf", "--model",
+                                                           "baton-tiny-llama")])
+def test_baton_serve_disagg_answers_through_a_prefill_and_a_decode_worker(engine):
+    proc, match = baton_process("serve", "--port", "0", "--disagg", "--prefill-workers", "1",
+                                "--decode-workers", "2", "--speedup-ratio", "0", *engine,
+                                ready=r"1 prefill \+ 2 decode .* http://127\.0\.0\.1:(\d+)")
+    try:
+        model = engine[-1] if engine[1] == "hf" else "baton-tiny"
+        body = chat(match.group(1), model, "relay " * 40)
+        assert body["usage"]["completion_tokens"] == 3
+        assert body["baton"]["prefill_worker_id"] == 0
+        assert body["baton"]["decode_worker_id"] in (1, 2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -92,3 +92,16 @@ def test_smollm2_disaggregated_knows_the_capital_of_france(make_server) -> None:
         max_tokens=20, temperature=0)
     assert "Paris" in resp.choices[0].message.content
     assert ext(resp) == {"worker_id": 1, "prefill_worker_id": 0, "decode_worker_id": 1}
+
+
+@pytest.mark.parametrize("backend", ["tcp", "shm"])
+def test_kv_moves_over_tcp_and_shared_memory(make_server, backend: str) -> None:
+    agg = client_for(hf_server(make_server, workers=1))
+    srv = hf_server(make_server, disagg=(1, 1), engine={"kv_transfer": backend})
+    disagg = client_for(srv)
+    for tokens in prompts(6, seed=1):
+        d = complete(disagg, tokens)
+        assert d.choices[0].text == complete(agg, tokens).choices[0].text
+    assert srv.workers[0].engine.executor.store.shm_name is not None or backend == "tcp"
+    assert srv.workers[1].engine.num_kv_loads_failed == 0
+    assert srv.wait_until(lambda: pools_idle(srv))

@@ -254,3 +254,25 @@ def test_banned_tokens_are_never_drawn(runner: PagedModelRunner) -> None:
     top = runner.execute([ForwardItem("a", [5, 6, 7], 0, [1], GREEDY)])["a"]
     banned = ForwardItem("b", [5, 6, 7], 0, [2], GREEDY, banned=(top,))
     assert runner.execute([banned])["b"] != top
+
+
+def test_decodes_batched_in_one_forward_equal_decodes_run_alone(tiny_dir: Path) -> None:
+    """Three requests with contexts of 5, 23 and 40 tokens: their decode steps run as one
+    padded batch give the tokens (and, in float64, the logits) of running each alone."""
+    prompts = [list(range(100, 105)), list(range(200, 223)), list(range(300, 340))]
+    tokens: dict[str, list[int]] = {}
+    for batched in (False, True):
+        r = PagedModelRunner(tiny_dir, num_blocks=64, block_size=BLOCK_SIZE)
+        blocks = {f"r{i}": [i * 8 + b for b in range(8)] for i in range(3)}
+        seqs = {f"r{i}": list(p) for i, p in enumerate(prompts)}
+        out = r.execute([ForwardItem(rid, seqs[rid], 0, blocks[rid], GREEDY) for rid in seqs])
+        for _ in range(6):
+            for rid, tok in out.items():
+                seqs[rid].append(tok)
+            items = [ForwardItem(rid, [seqs[rid][-1]], len(seqs[rid]) - 1, blocks[rid], GREEDY)
+                     for rid in seqs]
+            out = r.execute(items) if batched else {
+                k: v for item in items for k, v in r.execute([item]).items()}
+        tokens[str(batched)] = [t for rid in sorted(seqs) for t in seqs[rid]]
+        r.close()
+    assert tokens["True"] == tokens["False"]

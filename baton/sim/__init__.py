@@ -1,7 +1,7 @@
 """``baton sim``: a discrete-event simulation of a deployment on a virtual clock.
 
 Drives the live cores (router, scheduler, block pool, timing model) without sockets, asyncio
-or sleeps, and reports like ``baton bench``. See ``docs/sim.md``.
+or sleeps, aggregated or disaggregated, and reports like ``baton bench``. See ``docs/sim.md``.
 """
 
 from __future__ import annotations
@@ -11,19 +11,36 @@ from baton.sim.cluster import (
     ROUTER_MODES,
     Cluster,
     SimConfig,
-    SimWorker,
+    SimReport,
     run_sim,
+    sim_report,
     simulate,
 )
+from baton.sim.disagg import (
+    DEFAULT_KV_TRANSFER_GBPS,
+    LLAMA3_8B_KV_BYTES_PER_TOKEN,
+    DisaggStats,
+    SimRoute,
+    transfer_seconds,
+)
+from baton.sim.pool import SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
 
 __all__ = [
+    "DEFAULT_KV_TRANSFER_GBPS",
     "DEFAULT_SIM_BLOCK_SIZE",
+    "LLAMA3_8B_KV_BYTES_PER_TOKEN",
     "ROUTER_MODES",
     "Cluster",
+    "DisaggStats",
     "SimConfig",
+    "SimPool",
     "SimPromptBuilder",
+    "SimReport",
+    "SimRoute",
     "SimWorker",
     "run_sim",
+    "sim_report",
     "simulate",
+    "transfer_seconds",
 ]

@@ -14,10 +14,19 @@ Events, processed in (time, sequence number) order:
   engine, whose shell sleeps ``d`` before ``update_from_output``). The worker then schedules
   its next step at once, or goes idle;
 - KV events (only with ``kv_event_delay_s > 0``): a step's KV events reach the router's index
-  after that delay; with 0 they are applied when the step completes.
+  after that delay; with 0 they are applied when the step completes;
+- KV load done (disaggregated only): a decode leg's copy of the blocks it lacked ends.
 
-At equal times, pending heap events (step completions, KV events) are handled before arrivals.
-Sampled tokens are always id 1 with ``ignore_eos``, so every request runs to
+Disaggregated (``SimConfig.disagg``), as live serving does it (``docs/disagg.md``): at arrival
+``decide`` (conditional disaggregation) looks at the decode pool's cached tokens and the
+prefill workers' loads. A local request goes to a decode worker as is; a remote one first runs
+a prefill leg (``hold_kv``, one token, dropped) on a prefill worker; when it finishes, the
+decode leg (``remote_kv`` naming the held blocks) is routed to a decode worker, whose
+scheduler admits it into ``LOADING_KV`` and reports a ``KvLoad``; the load ends
+``transfer_seconds`` later, the decode leg runs and the prefill worker frees the held blocks.
+
+At equal times, pending heap events (step completions, KV events, loads) are handled before
+arrivals. Sampled tokens are always id 1 with ``ignore_eos``, so every request runs to
 ``max(1, output_length)`` tokens. Records use the same ``RequestRecord`` as ``baton bench``,
 with times in virtual seconds since the first arrival.
 """
@@ -34,17 +43,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import msgspec
+
 from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
 from baton.bench.report import format_table, write_run
-from baton.config import KvRouterConfig
+from baton.config import DisaggConfig, KvRouterConfig
 from baton.engine.request import Request
-from baton.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from baton.engine.scheduler import KvLoad, SchedulerConfig, SchedulerOutput, StepResult
 from baton.engine.timing import PolynomialTiming, TimingModel
 from baton.kv.events import KvEvent
-from baton.protocol import GenerateRequest, SamplingParams
+from baton.protocol import SamplingParams
+from baton.router.disagg import decide
 from baton.router.kv_router import KvRouter
-from baton.router.selectors import WorkerSelector, make_selector
-from baton.runtime.discovery import InstanceRecord
+from baton.sim.disagg import (
+    DEFAULT_KV_TRANSFER_GBPS,
+    LLAMA3_8B_KV_BYTES_PER_TOKEN,
+    DisaggStats,
+    SimRoute,
+    held_kv_params,
+    transfer_seconds,
+)
+from baton.sim.pool import PoolRole, SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest, load_trace
 
@@ -59,6 +78,7 @@ SAMPLED_TOKEN = 1
 
 _STEP = 0
 _KV = 1
+_LOAD = 2
 
 
 def _default_scheduler() -> SchedulerConfig:
@@ -67,9 +87,11 @@ def _default_scheduler() -> SchedulerConfig:
 
 @dataclass(frozen=True)
 class SimConfig:
-    """One simulated deployment: identical workers behind one router."""
+    """One simulated deployment: identical workers behind one router, or (``disagg``) a
+    prefill pool and a decode pool, each behind its own router of the same mode."""
 
     num_workers: int = 1
+    """Aggregated workers (unused with ``disagg``)."""
     router: SimRouterMode = "round-robin"
     kv_router: KvRouterConfig = field(default_factory=KvRouterConfig)
     scheduler: SchedulerConfig = field(default_factory=_default_scheduler)
@@ -84,6 +106,19 @@ class SimConfig:
     """Virtual delay between a step's completion and its KV events reaching the router."""
     check_invariants: bool = False
     """Run ``Scheduler.check_invariants()`` after every step (slow; for tests)."""
+    # -- disaggregated serving
+    disagg: bool = False
+    num_prefill_workers: int = 1
+    num_decode_workers: int = 1
+    disagg_config: DisaggConfig = field(default_factory=DisaggConfig)
+    """Which requests prefill on their decode worker (conditional disaggregation)."""
+    kv_bytes_per_token: int = LLAMA3_8B_KV_BYTES_PER_TOKEN
+    """KV cache bytes per token, all layers (default: Llama-3-8B in fp16, 128 KiB)."""
+    kv_transfer_gbps: float = DEFAULT_KV_TRANSFER_GBPS
+    """Bandwidth of one KV load from a prefill to a decode worker, GB/s."""
+    step_time_scale: tuple[float, ...] | None = None
+    """One factor per worker, in worker id order (prefill workers first with ``disagg``),
+    multiplying its modelled step times: 3.0 is a straggler three times slower. None: all 1."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_workers, int) or self.num_workers < 1:
@@ -98,68 +133,116 @@ class SimConfig:
             raise ValueError(f"trace_block_size must be positive, got {self.trace_block_size}")
         if not (math.isfinite(self.kv_event_delay_s) and self.kv_event_delay_s >= 0):
             raise ValueError(f"kv_event_delay_s must be >= 0, got {self.kv_event_delay_s}")
+        self._validate_disagg()
+        self._validate_step_time_scale()
 
+    def _validate_disagg(self) -> None:
+        for name in ("num_prefill_workers", "num_decode_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_bytes_per_token < 0:
+            raise ValueError(f"kv_bytes_per_token must be >= 0, got {self.kv_bytes_per_token}")
+        if not (math.isfinite(self.kv_transfer_gbps) and self.kv_transfer_gbps > 0):
+            raise ValueError(f"kv_transfer_gbps must be positive, got {self.kv_transfer_gbps}")
 
-class SimWorker:
-    """One simulated engine: a scheduler and the step in flight, if any."""
+    def _validate_step_time_scale(self) -> None:
+        scales = self.step_time_scale
+        if scales is None:
+            return
+        if len(scales) != self.total_workers:
+            raise ValueError(f"step_time_scale needs one factor per worker ({self.total_workers}),"
+                             f" got {len(scales)}")
+        if not all(math.isfinite(s) and s > 0 for s in scales):
+            raise ValueError(f"step_time_scale factors must be positive, got {scales}")
 
-    __slots__ = ("busy_s", "num_steps", "scheduler", "step", "worker_id")
-
-    def __init__(self, worker_id: int, config: SchedulerConfig) -> None:
-        self.worker_id = worker_id
-        self.scheduler = Scheduler(config, worker_id=worker_id)
-        self.step: SchedulerOutput | None = None
-        self.num_steps = 0
-        self.busy_s = 0.0
-        """Virtual seconds spent in steps."""
+    @property
+    def total_workers(self) -> int:
+        if self.disagg:
+            return self.num_prefill_workers + self.num_decode_workers
+        return self.num_workers
 
 
 class _Live:
-    __slots__ = ("last_token_at", "record", "worker_id")
+    """A request between arrival and its last token; ``leg`` while it is disaggregated."""
 
-    def __init__(self, record: RequestRecord, worker_id: int) -> None:
+    __slots__ = ("last_token_at", "leg", "record")
+
+    def __init__(self, record: RequestRecord) -> None:
         self.record = record
-        self.worker_id = worker_id
         self.last_token_at = 0.0
+        self.leg: _RemoteLeg | None = None
+
+
+class _RemoteLeg:
+    """A remotely prefilled request: its decode leg, to send when the prefill ends, and the
+    prefill worker that holds its KV until the decode worker has loaded it."""
+
+    __slots__ = ("decode", "route", "source")
+
+    def __init__(self, decode: Request, source: SimWorker, route: SimRoute) -> None:
+        self.decode = decode
+        self.source = source
+        self.route = route
 
 
 class Cluster:
-    """The event loop over ``num_workers`` simulated workers and one router. One ``run`` per
-    instance (the workers' caches and the router's state carry over otherwise)."""
+    """The event loop over the simulated workers and their routers. One ``run`` per instance
+    (the workers' caches and the routers' state carry over otherwise)."""
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.now = 0.0
-        self.workers = [SimWorker(i, config.scheduler) for i in range(config.num_workers)]
-        self.in_flight: dict[int, int] = dict.fromkeys(range(config.num_workers), 0)
         self.num_preemptions = 0
-        self.router: KvRouter | None = None
-        self.selector: WorkerSelector | None = None
-        block_size = config.scheduler.block_size
-        if config.router == "kv":
-            kv_config = config.kv_router
-            if kv_config.seed is None:
-                kv_config = replace(kv_config, seed=config.seed)
-            self.router = KvRouter(kv_config, block_size=block_size, clock=lambda: self.now)
-            for worker in self.workers:
-                record = InstanceRecord(
-                    instance_id=worker.worker_id, namespace="sim", component="backend",
-                    endpoint="generate", address=f"sim://{worker.worker_id}",
-                    model="sim", block_size=block_size,
-                )
-                if not self.router.accepts(record):  # pragma: no cover - same block size
-                    raise RuntimeError(f"router refused simulated worker {worker.worker_id}")
+        self.prefill: SimPool | None = None
+        """The prefill pool (``disagg`` only)."""
+        if config.disagg:
+            num_prefill = config.num_prefill_workers
+            self.prefill = self._pool("prefill", 0, num_prefill)
+            self.decode = self._pool("decode", num_prefill, config.num_decode_workers)
         else:
-            self.selector = make_selector(config.router, config.seed)
-        self._candidates = list(range(config.num_workers))
+            self.decode = self._pool("agg", 0, config.num_workers)
+        """The pool that generates: the aggregated workers or the decode pool."""
+        self.pools = [p for p in (self.prefill, self.decode) if p is not None]
+        self.workers = [w for pool in self.pools for w in pool.workers]
+        self.routes: dict[int, SimRoute] = {}
+        """Disaggregated only: how each request (by record index) was served."""
         self._prompts = SimPromptBuilder(config.trace_block_size, seed=config.seed)
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
         self._live: dict[str, _Live] = {}
 
+    def _pool(self, role: PoolRole, first_id: int, count: int) -> SimPool:
+        cfg = self.config
+        kv_config = cfg.kv_router
+        if kv_config.seed is None:
+            kv_config = replace(kv_config, seed=cfg.seed)
+        scales = cfg.step_time_scale or (1.0,) * cfg.total_workers
+        return SimPool(
+            role, range(first_id, first_id + count), cfg.scheduler, router=cfg.router,
+            kv_router=kv_config, seed=cfg.seed,
+            step_time_scales=scales[first_id:first_id + count], clock=lambda: self.now,
+        )
+
+    @property
+    def router(self) -> KvRouter | None:
+        """The KV router of the generating pool (None with a load-balancing router)."""
+        return self.decode.router
+
+    @property
+    def in_flight(self) -> dict[int, int]:
+        """Requests routed to each worker and not finished there, over all pools."""
+        return {wid: n for pool in self.pools for wid, n in pool.in_flight.items()}
+
     @property
     def num_steps(self) -> int:
         return sum(w.num_steps for w in self.workers)
+
+    def disagg_stats(self) -> DisaggStats | None:
+        if self.prefill is None:
+            return None
+        return DisaggStats.from_routes(self.routes.values(), self.config.scheduler.block_size,
+                                       self.config.kv_bytes_per_token)
 
     # ------------------------------------------------------------------ the loop
     def run(self, requests: Sequence[TraceRequest]) -> list[RequestRecord]:
@@ -185,8 +268,10 @@ class Cluster:
                 self.now = at
                 if kind == _STEP:
                     self._step_done(payload)  # type: ignore[arg-type]
+                elif kind == _KV:
+                    self._apply_kv_events(*payload)  # type: ignore[misc]
                 else:
-                    self._apply_kv_events(payload)  # type: ignore[arg-type]
+                    self._load_done(*payload)  # type: ignore[misc]
             elif i < n:
                 at, index = arrivals[i]
                 i += 1
@@ -198,6 +283,7 @@ class Cluster:
             raise RuntimeError(f"{len(self._live)} requests never finished")
         return records  # type: ignore[return-value]
 
+    # ------------------------------------------------------------------ arrivals
     def _arrive(self, index: int, trace: TraceRequest) -> RequestRecord:
         now = self.now
         record = RequestRecord(index=index, scheduled_at_s=now, sent_at_s=now, end_at_s=now)
@@ -206,47 +292,156 @@ class Cluster:
         except ValueError as exc:  # hash_ids too few for input_length
             record.error = f"trace: {exc}"
             return record
-        rid = f"sim-{index}"
         sampling = SamplingParams(max_tokens=max(1, trace.output_length), ignore_eos=True)
-        worker = self.workers[self._route(rid, tokens, sampling)]
-        try:
-            worker.scheduler.add_request(Request(rid, tokens, sampling))
-        except ValueError as exc:  # can never fit this engine's KV cache or step budget
-            record.error = str(exc)
-            if self.router is not None:
-                self.router.on_finish(rid)
+        request = Request(f"sim-{index}", tokens, sampling)
+        live = _Live(record)
+        if self.prefill is None:
+            self._submit_local(live, request)
             return record
-        record.prompt_tokens = len(tokens)
-        self.in_flight[worker.worker_id] += 1
-        self._live[rid] = _Live(record, worker.worker_id)
-        if worker.step is None:
-            self._start_step(worker)
+        route = self.routes[index] = self._decide(request)
+        if not (route.remote and self._submit_prefill(live, request, route)):
+            worker = self._submit_local(live, request)
+            route.decode_worker_id = worker.worker_id if worker is not None else None
         return record
 
-    def _route(self, rid: str, tokens: list[int], sampling: SamplingParams) -> int:
-        if self.router is not None:
-            request = GenerateRequest(request_id=rid, token_ids=tokens, sampling=sampling)
-            return self.router.choose(request, self._candidates, self.in_flight)
-        assert self.selector is not None
-        return self.selector.select(self._candidates, self.in_flight)
+    def _submit_local(self, live: _Live, request: Request) -> SimWorker | None:
+        """Queues ``request`` on a worker of the generating pool (None: it can never fit)."""
+        try:
+            worker = self._enqueue(self.decode, request)
+        except ValueError as exc:  # can never fit this engine's KV cache or step budget
+            live.record.error = str(exc)
+            return None
+        live.record.prompt_tokens = len(request.prompt_token_ids)
+        self._live[request.request_id] = live
+        self._wake(worker)
+        return worker
 
+    def _enqueue(self, pool: SimPool, request: Request) -> SimWorker:
+        """Routes ``request`` in ``pool`` and queues it on the chosen worker. Raises
+        ValueError (the router forgets it) if that worker could never fit it."""
+        worker = pool.route(request)
+        try:
+            worker.scheduler.add_request(request)
+        except ValueError:
+            pool.forget(request.request_id)
+            raise
+        pool.in_flight[worker.worker_id] += 1
+        return worker
+
+    def _wake(self, worker: SimWorker) -> None:
+        if worker.step is None and worker.scheduler.has_work:
+            self._start_step(worker)
+
+    # ------------------------------------------------------------------ disaggregation
+    def _decide(self, request: Request) -> SimRoute:
+        assert self.prefill is not None
+        decision = decide(
+            self.config.disagg_config, prompt_tokens=len(request.prompt_token_ids),
+            cached_tokens=self.decode.cached_tokens(request), prefill_loads=self.prefill.loads(),
+        )
+        return SimRoute(decision.reason, len(request.prompt_token_ids))
+
+    def _submit_prefill(self, live: _Live, request: Request, route: SimRoute) -> bool:
+        """Queues the prefill leg of ``request`` on a prefill worker; False (a ``fallback``)
+        when it could never fit one."""
+        assert self.prefill is not None
+        sampling = msgspec.structs.replace(request.sampling, max_tokens=1, min_tokens=0)
+        prefill_leg = Request(request.request_id, request.prompt_token_ids, sampling, hold_kv=True)
+        try:
+            source = self._enqueue(self.prefill, prefill_leg)
+        except ValueError:
+            route.reason = "fallback"
+            return False
+        route.prefill_worker_id = source.worker_id
+        live.record.prompt_tokens = len(request.prompt_token_ids)
+        live.leg = _RemoteLeg(request, source, route)
+        self._live[request.request_id] = live
+        self._wake(source)
+        return True
+
+    def _prefills_done(self, worker: SimWorker, results: list[StepResult]) -> None:
+        """Prefill legs finished on ``worker`` (their one token is dropped): send each decode
+        leg, with the held KV as ``remote_kv``, to the decode pool."""
+        pool = worker.pool
+        router = pool.router
+        for result in results:
+            rid = result.request_id
+            pool.in_flight[worker.worker_id] -= 1
+            if router is not None:
+                router.on_first_output(rid)
+                router.on_finish(rid)
+            live = self._live[rid]
+            leg = live.leg
+            assert leg is not None and result.finish_reason is not None
+            leg.route.prefill_cached_tokens = result.num_cached_tokens
+            decode = leg.decode
+            decode.remote_kv = held_kv_params(worker.scheduler, rid)
+            try:
+                target = self._enqueue(self.decode, decode)
+            except ValueError as exc:  # the decode leg can never fit a decode worker
+                live.record.error = str(exc)
+                del self._live[rid]
+                worker.scheduler.release_held(rid)
+                continue
+            leg.route.decode_worker_id = target.worker_id
+            self._wake(target)
+
+    def _start_loads(self, worker: SimWorker, loads: list[KvLoad]) -> None:
+        cfg = self.config
+        for load in loads:
+            leg = self._live[load.request_id].leg
+            assert leg is not None
+            num_blocks = len(load.src_block_ids)
+            seconds = transfer_seconds(num_blocks, cfg.scheduler.block_size,
+                                       cfg.kv_bytes_per_token, cfg.kv_transfer_gbps)
+            leg.route.transfer_blocks = num_blocks
+            leg.route.transfer_s = seconds
+            heapq.heappush(self._heap, (self.now + seconds, next(self._seq), _LOAD,
+                                        (worker, load.request_id)))
+
+    def _load_done(self, worker: SimWorker, request_id: str) -> None:
+        """A decode leg's KV is in: it runs on ``worker``; its prefill worker frees the KV."""
+        worker.scheduler.finish_kv_load(request_id, ok=True)
+        leg = self._live[request_id].leg
+        assert leg is not None
+        source = leg.source
+        source.scheduler.release_held(request_id)
+        for w in (worker, source):
+            self._publish_kv_events(w)
+            if self.config.check_invariants:
+                w.scheduler.check_invariants()
+            self._wake(w)
+
+    # ------------------------------------------------------------------ steps
     def _start_step(self, worker: SimWorker) -> None:
         sched = worker.scheduler
         out = sched.schedule()
-        if out.is_empty:  # pragma: no cover - the scheduler always progresses when it has work
-            raise RuntimeError(f"worker {worker.worker_id}: scheduler made no progress")
+        if out.kv_loads:
+            self._start_loads(worker, out.kv_loads)
+        if out.is_empty:
+            self._idle(worker, out)
+            return
         self.num_preemptions += len(out.preempted)
         step_ms = self.config.timing.step_ms(
             out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
             out.num_kv_tokens_total,
         )
-        duration = step_ms / 1000.0
+        duration = step_ms * worker.step_time_scale / 1000.0
         worker.step = out
         worker.busy_s += duration
         heapq.heappush(self._heap, (self.now + duration, next(self._seq), _STEP, worker))
 
+    def _idle(self, worker: SimWorker, out: SchedulerOutput) -> None:
+        """Nothing computable: admitted requests wait for their KV, or blocks held for (or
+        loading into) disaggregated requests keep waiting ones out. A KV load's end wakes
+        the worker."""
+        sched = worker.scheduler
+        sched.update_from_output(out, {})
+        self.num_preemptions += len(out.preempted)
+        if not (sched.loading or sched.held):  # pragma: no cover - a scheduler bug
+            raise RuntimeError(f"worker {worker.worker_id}: scheduler made no progress")
+
     def _step_done(self, worker: SimWorker) -> None:
-        now = self.now
         sched = worker.scheduler
         out = worker.step
         assert out is not None
@@ -254,14 +449,21 @@ class Cluster:
         worker.num_steps += 1
         sampled = dict.fromkeys(out.requests_needing_sample, SAMPLED_TOKEN)
         results = sched.update_from_output(out, sampled)
-        events = sched.take_kv_events()
-        if events and self.router is not None:
-            delay = self.config.kv_event_delay_s
-            if delay > 0:
-                heapq.heappush(self._heap, (now + delay, next(self._seq), _KV, events))
-            else:
-                self._apply_kv_events(events)
-        router = self.router
+        self._publish_kv_events(worker)
+        if worker.pool is self.prefill:
+            self._prefills_done(worker, results)
+        else:
+            self._tokens_done(worker, results)
+        if self.config.check_invariants:
+            sched.check_invariants()
+        if sched.has_work:
+            self._start_step(worker)
+
+    def _tokens_done(self, worker: SimWorker, results: list[StepResult]) -> None:
+        """Output tokens of a generating worker's step, into the requests' records."""
+        now = self.now
+        pool = worker.pool
+        router = pool.router
         live_map = self._live
         for result in results:
             live = live_map[result.request_id]
@@ -279,17 +481,25 @@ class Cluster:
                 record.end_at_s = now
                 record.ok = True
                 del live_map[result.request_id]
-                self.in_flight[worker.worker_id] -= 1
+                pool.in_flight[worker.worker_id] -= 1
                 if router is not None:
                     router.on_finish(result.request_id)
-        if self.config.check_invariants:
-            sched.check_invariants()
-        if sched.has_work:
-            self._start_step(worker)
 
-    def _apply_kv_events(self, events: list[KvEvent]) -> None:
-        assert self.router is not None
-        apply = self.router.index.apply_event
+    def _publish_kv_events(self, worker: SimWorker) -> None:
+        """Hands the worker's pending KV events to its pool's router (dropped without one)."""
+        events = worker.scheduler.take_kv_events()
+        router = worker.pool.router
+        if events and router is not None:
+            delay = self.config.kv_event_delay_s
+            if delay > 0:
+                heapq.heappush(self._heap, (self.now + delay, next(self._seq), _KV,
+                                            (router, events)))
+            else:
+                self._apply_kv_events(router, events)
+
+    @staticmethod
+    def _apply_kv_events(router: KvRouter, events: list[KvEvent]) -> None:
+        apply = router.index.apply_event
         for event in events:
             apply(event)
 
@@ -297,6 +507,36 @@ class Cluster:
 def simulate(requests: Sequence[TraceRequest], config: SimConfig) -> list[RequestRecord]:
     """Run ``requests`` through a fresh ``Cluster``."""
     return Cluster(config).run(requests)
+
+
+class SimReport(msgspec.Struct, kw_only=True):
+    """What ``run_sim`` adds to a run folder as ``sim.json``: the simulator's own counts."""
+
+    num_steps: int
+    num_preemptions: int
+    virtual_s: float
+    wall_s: float
+    busy: dict[str, float]
+    """Per pool role: the share of virtual time its workers spent in steps (mean)."""
+    disagg: DisaggStats | None = None
+
+
+def sim_report(cluster: Cluster, wall_s: float) -> SimReport:
+    span = cluster.now or 1.0
+    busy: dict[str, float] = {p.role: p.busy_s / (span * len(p.workers)) for p in cluster.pools}
+    return SimReport(num_steps=cluster.num_steps, num_preemptions=cluster.num_preemptions,
+                     virtual_s=cluster.now, wall_s=wall_s, busy=busy,
+                     disagg=cluster.disagg_stats())
+
+
+def _format_report(report: SimReport, num_records: int) -> str:
+    busy = ", ".join(f"{role} {100 * share:.0f}%" for role, share in report.busy.items())
+    line = (f"simulated {num_records} requests, {report.num_steps} steps, "
+            f"{report.num_preemptions} preemptions, {report.virtual_s:.1f} s virtual "
+            f"in {report.wall_s:.1f} s wall; busy: {busy}")
+    if report.disagg is not None:
+        line += "\n" + report.disagg.format()
+    return line
 
 
 def run_sim(
@@ -307,23 +547,19 @@ def run_sim(
     goodput: Goodput | None = None,
     quiet: bool = False,
 ) -> tuple[BenchSummary, list[RequestRecord]]:
-    """Simulate a trace file, print the ``baton bench`` table (plus a line of simulator
-    statistics on stderr), and write ``summary.json``, ``records.csv`` and
-    ``distributions.png`` to ``out_dir`` as ``baton bench --out`` does."""
+    """Simulate a trace file, print the ``baton bench`` table (plus simulator statistics on
+    stderr), and write ``summary.json``, ``records.csv`` and ``distributions.png`` to
+    ``out_dir`` as ``baton bench --out`` does, and ``sim.json`` (``SimReport``)."""
     requests = load_trace(trace_path)
     cluster = Cluster(config)
     started = time.perf_counter()
     records = cluster.run(requests)
-    wall_s = time.perf_counter() - started
+    report = sim_report(cluster, time.perf_counter() - started)
     summary = summarize(records, run_duration_s(records), goodput)
     if not quiet:
         print(format_table(summary), file=sys.stdout, flush=True)
-        print(
-            f"simulated {len(records)} requests, {cluster.num_steps} steps, "
-            f"{cluster.num_preemptions} preemptions, {cluster.now:.1f} s virtual "
-            f"in {wall_s:.1f} s wall",
-            file=sys.stderr, flush=True,
-        )
+        print(_format_report(report, len(records)), file=sys.stderr, flush=True)
     if out_dir is not None:
-        write_run(out_dir, summary, records)
+        out = write_run(out_dir, summary, records)
+        (out / "sim.json").write_bytes(msgspec.json.format(msgspec.json.encode(report)))
     return summary, records

@@ -134,10 +134,22 @@ class PagedModelRunner:
         return KvShape.from_config(config).block_bytes(block_size)
 
     def execute(self, items: list[ForwardItem]) -> dict[str, int]:
-        """Run each item's forward pass; the sampled token of each item that asked for one."""
+        """Run the items' forward passes: single-token decodes batched into one forward,
+        every other item (prefill chunks) alone. The sampled token of each item that asked
+        for one."""
+        decodes = [it for it in items if len(it.token_ids) == 1 and it.start > 0]
+        if len(decodes) < 2:
+            decodes = []
+        batched = {id(it) for it in decodes}
         sampled: dict[str, int] = {}
         with torch.inference_mode():
+            if decodes:
+                for item, logits in zip(decodes, self._forward_decodes(decodes), strict=True):
+                    if item.sample is not None:
+                        sampled[item.request_id] = self._sample(item, logits)
             for item in items:
+                if id(item) in batched:
+                    continue
                 logits = self._forward(item)
                 if item.sample is not None:
                     sampled[item.request_id] = self._sample(item, logits)
@@ -174,6 +186,41 @@ class PagedModelRunner:
         )
         self._scatter(cache, item.block_ids, item.start, end)
         return out.logits[0, -1]
+
+    def _forward_decodes(self, items: list[ForwardItem]) -> torch.Tensor:
+        """One forward for several one-token items of different context lengths: their KV is
+        right-padded to the longest, padding masked out, each at its own position. Logits
+        ``[len(items), vocab]``; each item's new K/V is written to its blocks."""
+        for item in items:
+            self._check(item)
+        shape, longest = self.shape, max(item.start for item in items)
+        kv = torch.zeros(shape.layers, 2, len(items), shape.kv_heads, longest, shape.head_dim,
+                         dtype=shape.dtype)
+        mask = torch.zeros(len(items), longest + 1, dtype=torch.long)
+        mask[:, longest] = 1
+        for row, item in enumerate(items):
+            tokens = self._read_tokens(item.block_ids[: math.ceil(item.start / self.block_size)])
+            kv[:, :, row, :, : item.start] = tokens[:, :, 0, :, : item.start]
+            mask[row, : item.start] = 1
+        cache = self._cache_class(config=self.model.config)
+        for layer, entry in enumerate(cache.layers):
+            entry.lazy_initialization(kv[layer, 0], kv[layer, 1])
+            entry.keys, entry.values = kv[layer, 0], kv[layer, 1]
+        out = self.model(
+            input_ids=torch.tensor([item.token_ids for item in items]),
+            position_ids=torch.tensor([[item.start] for item in items]),
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        assert self.kv is not None, "the runner is closed"
+        for row, item in enumerate(items):
+            new = torch.stack([torch.stack((layer.keys[row, :, longest], layer.values[row, :, longest]))
+                               for layer in cache.layers])  # [L, 2, H, D]
+            block = item.block_ids[item.start // self.block_size]
+            self.kv[block, :, :, :, item.start % self.block_size] = new
+        return out.logits[:, -1]
 
     def _check(self, item: ForwardItem) -> int:
         end = item.start + len(item.token_ids)

@@ -1,0 +1,131 @@
+"""Simulated workers and the pools they form, each pool behind its own router.
+
+An aggregated deployment is one pool (role ``agg``); a disaggregated one is a ``prefill`` pool
+and a ``decode`` pool, as live serving keeps one ``WorkerPool`` per role. A pool routes with a
+``KvRouter`` in ``kv`` mode (fed by its own workers' KV events only) and otherwise with a
+load-balancing selector over its in-flight counts. Nothing here knows about time or events:
+``Cluster`` drives the workers' schedulers and tells the pool's router what happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
+
+from baton.config import KvRouterConfig
+from baton.engine.request import Request
+from baton.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from baton.protocol import GenerateRequest, LoadMetrics
+from baton.router.kv_router import KvRouter
+from baton.router.selectors import WorkerSelector, make_selector
+from baton.runtime.discovery import InstanceRecord
+
+PoolRole = Literal["agg", "prefill", "decode"]
+
+
+class SimWorker:
+    """One simulated engine: a scheduler, the step in flight (if any) and its pool."""
+
+    __slots__ = ("busy_s", "num_steps", "pool", "scheduler", "step", "step_time_scale",
+                 "worker_id")
+
+    def __init__(
+        self, worker_id: int, config: SchedulerConfig, pool: SimPool, step_time_scale: float = 1.0
+    ) -> None:
+        self.worker_id = worker_id
+        self.scheduler = Scheduler(config, worker_id=worker_id)
+        self.pool = pool
+        self.step: SchedulerOutput | None = None
+        self.step_time_scale = step_time_scale
+        """Multiplies the timing model's step time (above 1: a straggler)."""
+        self.num_steps = 0
+        self.busy_s = 0.0
+        """Virtual seconds spent in steps."""
+
+    def load_metrics(self) -> LoadMetrics:
+        """The load this worker would report to a frontend right now."""
+        load = self.scheduler.load()
+        return LoadMetrics(
+            worker_id=self.worker_id, active_blocks=load.active_blocks,
+            total_blocks=load.total_blocks, num_running=load.num_running,
+            num_waiting=load.num_waiting, active_prefill_tokens=load.active_prefill_tokens,
+        )
+
+
+class SimPool:
+    """The workers of one role and their router."""
+
+    def __init__(
+        self,
+        role: PoolRole,
+        worker_ids: Sequence[int],
+        scheduler: SchedulerConfig,
+        *,
+        router: str,
+        kv_router: KvRouterConfig,
+        seed: int,
+        step_time_scales: Sequence[float],
+        clock: Callable[[], float],
+    ) -> None:
+        self.role = role
+        self.workers = [
+            SimWorker(wid, scheduler, self, scale)
+            for wid, scale in zip(worker_ids, step_time_scales, strict=True)
+        ]
+        self.by_id = {w.worker_id: w for w in self.workers}
+        self.candidates = list(worker_ids)
+        self.in_flight: dict[int, int] = dict.fromkeys(worker_ids, 0)
+        self.router: KvRouter | None = None
+        self.selector: WorkerSelector | None = None
+        if router == "kv":
+            self.router = _kv_router(kv_router, scheduler.block_size, self.workers, clock)
+        else:
+            self.selector = make_selector(router, seed)
+
+    def route(self, request: Request) -> SimWorker:
+        """The worker ``request`` goes to; a KV router records the decision."""
+        if self.router is not None:
+            wid = self.router.choose(_generate(request), self.candidates, self.in_flight)
+            return self.by_id[wid]
+        assert self.selector is not None
+        return self.by_id[self.selector.select(self.candidates, self.in_flight)]
+
+    def cached_tokens(self, request: Request) -> int:
+        """Prompt tokens cached on the worker the router would pick now, without recording
+        anything (0 with a load-balancing router, which knows no caches)."""
+        if self.router is None:
+            return 0
+        return self.router.peek(_generate(request), self.candidates)[1]
+
+    def loads(self) -> Iterator[LoadMetrics]:
+        """Every worker's current load (lazily: the disaggregation policy may not ask)."""
+        return (w.load_metrics() for w in self.workers)
+
+    def forget(self, request_id: str) -> None:
+        """A routed request never reached its worker: the router drops it."""
+        if self.router is not None:
+            self.router.on_finish(request_id)
+
+    @property
+    def busy_s(self) -> float:
+        return sum(w.busy_s for w in self.workers)
+
+
+def _generate(request: Request) -> GenerateRequest:
+    return GenerateRequest(request_id=request.request_id, token_ids=request.prompt_token_ids,
+                           sampling=request.sampling)
+
+
+def _kv_router(
+    config: KvRouterConfig, block_size: int, workers: list[SimWorker], clock: Callable[[], float]
+) -> KvRouter:
+    router = KvRouter(config, block_size=block_size, clock=clock)
+    for worker in workers:
+        record = InstanceRecord(
+            instance_id=worker.worker_id, namespace="sim", component="backend",
+            endpoint="generate", address=f"sim://{worker.worker_id}", model="sim",
+            block_size=block_size,
+        )
+        if not router.accepts(record):  # pragma: no cover - same block size
+            raise RuntimeError(f"router refused simulated worker {worker.worker_id}")
+    return router
