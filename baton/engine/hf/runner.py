@@ -126,6 +126,7 @@ class PagedModelRunner:
         self.store = BlockStore(num_blocks, self.block_bytes, shared=shared)
         self.kv: torch.Tensor | None = self._view_store()
         self._generators: dict[str, torch.Generator] = {}
+        self._scratch_buffer = torch.empty(0, dtype=self.shape.dtype)
 
     @staticmethod
     def kv_bytes_per_block(model_dir: Path, block_size: int) -> int:
@@ -163,6 +164,7 @@ class PagedModelRunner:
         """Drop the model and the KV view, and close the store."""
         self.kv = None
         self.model = None
+        self._scratch_buffer = torch.empty(0)
         self._generators.clear()
         self.store.close()
 
@@ -194,13 +196,12 @@ class PagedModelRunner:
         for item in items:
             self._check(item)
         shape, longest = self.shape, max(item.start for item in items)
-        kv = torch.zeros(shape.layers, 2, len(items), shape.kv_heads, longest, shape.head_dim,
-                         dtype=shape.dtype)
+        size = (shape.layers, 2, len(items), shape.kv_heads, longest, shape.head_dim)
+        kv = self._scratch(math.prod(size)).view(size)
         mask = torch.zeros(len(items), longest + 1, dtype=torch.long)
         mask[:, longest] = 1
         for row, item in enumerate(items):
-            tokens = self._read_tokens(item.block_ids[: math.ceil(item.start / self.block_size)])
-            kv[:, :, row, :, : item.start] = tokens[:, :, 0, :, : item.start]
+            self._read_into(kv[:, :, row], item.block_ids, item.start)
             mask[row, : item.start] = 1
         cache = self._cache_class(config=self.model.config)
         for layer, entry in enumerate(cache.layers):
@@ -240,22 +241,37 @@ class PagedModelRunner:
         cache = self._cache_class(config=self.model.config)
         if start == 0:
             return cache
-        tokens = self._read_tokens(block_ids[: math.ceil(start / self.block_size)])
+        shape = self.shape
+        size = (shape.layers, 2, 1, shape.kv_heads, start, shape.head_dim)
+        tokens = self._scratch(math.prod(size)).view(size)
+        self._read_into(tokens[:, :, 0], block_ids, start)
         for layer, entry in enumerate(cache.layers):
-            keys, values = tokens[layer, 0, :, :, :start], tokens[layer, 1, :, :, :start]
+            keys, values = tokens[layer, 0], tokens[layer, 1]
             entry.lazy_initialization(keys, values)
             entry.keys, entry.values = keys, values  # as update() would, minus a copy
         return cache
 
-    def _read_tokens(self, block_ids: list[int]) -> torch.Tensor:
-        """The blocks' KV in one copy, as ``[layers, 2, 1, kv_heads, tokens, head_dim]``."""
+    def _scratch(self, numel: int) -> torch.Tensor:
+        """A reused buffer for batched KV: a fresh one per step would page-fault on every
+        first touch (that cost more than the copies themselves)."""
+        if self._scratch_buffer.numel() < numel:
+            self._scratch_buffer = torch.empty(numel, dtype=self.shape.dtype)
+        return self._scratch_buffer[:numel]
+
+    def _read_into(self, out: torch.Tensor, block_ids: list[int], start: int) -> None:
+        """Copies the KV of positions ``[0, start)`` into ``out`` (``[layers, 2, kv_heads,
+        T, head_dim]``, T >= start) straight from the blocks; positions past the blocks read
+        are zeroed (masked out, but they must be finite), the rest of the last block is
+        stale but finite KV."""
         assert self.kv is not None, "the runner is closed"
-        shape = self.shape
-        size = (shape.layers, 2, 1, shape.kv_heads, len(block_ids), self.block_size, shape.head_dim)
-        out = torch.empty(size, dtype=shape.dtype)
-        for i, block in enumerate(block_ids):
-            out[:, :, 0, :, i].copy_(self.kv[block])
-        return out.view(shape.layers, 2, 1, shape.kv_heads, -1, shape.head_dim)
+        size, length = self.block_size, out.shape[3]
+        num_blocks = math.ceil(start / size)
+        for i, block in enumerate(block_ids[:num_blocks]):
+            lo = i * size
+            hi = min(lo + size, length)
+            out[:, :, :, lo:hi].copy_(self.kv[block][:, :, :, : hi - lo])
+        if num_blocks * size < length:
+            out[:, :, :, num_blocks * size :].zero_()
 
     def _scatter(self, cache: Any, block_ids: list[int], start: int, end: int) -> None:
         """Write the cache's K/V of positions ``[start, end)`` into the blocks."""
@@ -266,9 +282,14 @@ class PagedModelRunner:
                 for layer in cache.layers
             ]
         )  # [L, 2, H, n, D]
-        positions = torch.arange(start, end)
-        blocks = torch.tensor(block_ids)[positions // self.block_size]
-        self.kv[blocks, :, :, :, positions % self.block_size] = new.permute(3, 0, 1, 2, 4)
+        size, pos = self.block_size, start
+        while pos < end:  # one slice copy per block touched (index_put is far slower)
+            offset = pos % size
+            take = min(size - offset, end - pos)
+            self.kv[block_ids[pos // size], :, :, :, offset : offset + take] = (
+                new[:, :, :, pos - start : pos - start + take]
+            )
+            pos += take
 
     def _sample(self, item: ForwardItem, logits: torch.Tensor) -> int:
         params = item.sample
