@@ -21,7 +21,7 @@ HF = {"kind": "hf", "num_threads": 1}
 
 def hf_server(make_server, **kwargs):
     return make_server(engine_options=HF | kwargs.pop("engine", {}),
-                       worker_options={"model": MODEL}, block_size=16,
+                       worker_options={"model": MODEL}, block_size=16, num_blocks=512,
                        max_num_batched_tokens=64, **kwargs)
 
 

@@ -291,15 +291,8 @@ class Scheduler:
         hits = self._cached_prefix(req)
         num_remote = self._remote_tokens(req, req.remote_kv)
         needed = max(0, _cdiv(num_remote, self.config.block_size) - len(hits))
-        num_hits_in_free_queue = sum(1 for b in hits if b.ref_cnt == 0)
-        if not self.pool.can_allocate(needed + num_hits_in_free_queue):
+        if not self._claim_blocks(req, hits, needed):
             return False
-        self.pool.touch(hits)
-        req.blocks = hits + self.pool.allocate(needed)
-        req.num_committed_blocks = len(hits)
-        req.num_computed_tokens = len(hits) * self.config.block_size
-        if req.num_cached_tokens is None:
-            req.num_cached_tokens = req.num_computed_tokens
         req.status = RequestStatus.LOADING_KV
         self.loading[req.request_id] = req
         src = req.remote_kv.block_ids[len(hits):len(req.blocks)]
@@ -323,19 +316,26 @@ class Scheduler:
                 return False
             num_new = step.budget
         needed = _cdiv(num_cached + num_new, self.config.block_size) - len(hits)
+        if not self._claim_blocks(req, hits, needed):
+            return False
+        req.is_prefilling = True
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        step.add(req, num_new)
+        return True
+
+    def _claim_blocks(self, req: Request, hits: list[KVBlock], needed: int) -> bool:
+        """Give ``req`` its prefix-cache hits plus ``needed`` new blocks, with the hits counted
+        as computed; False (nothing changed) when the pool lacks room."""
         num_hits_in_free_queue = sum(1 for b in hits if b.ref_cnt == 0)
         if not self.pool.can_allocate(needed + num_hits_in_free_queue):
             return False
         self.pool.touch(hits)
         req.blocks = hits + self.pool.allocate(needed)
         req.num_committed_blocks = len(hits)
-        req.num_computed_tokens = num_cached
+        req.num_computed_tokens = len(hits) * self.config.block_size
         if req.num_cached_tokens is None:
-            req.num_cached_tokens = num_cached
-        req.is_prefilling = True
-        req.status = RequestStatus.RUNNING
-        self.running.append(req)
-        step.add(req, num_new)
+            req.num_cached_tokens = req.num_computed_tokens
         return True
 
     def _cached_prefix(self, req: Request) -> list[KVBlock]:

