@@ -302,7 +302,7 @@ def ratios(summary: dict[str, dict], peers: dict[str, dict]) -> dict[str, dict[s
 def ratio_lines(ratio: dict[str, dict[str, float]]) -> list[str]:
     return [f"{b} " + ", ".join(
         f"{r:.2f}x " + ("of the socket ceiling" if p == "socket" else PEER_LABELS[p])
-        for p, r in per_peer.items()) for b, per_peer in ratio.items()]
+        for p, r in per_peer.items()) for b, per_peer in ratio.items() if per_peer]
 
 
 def table(summary: dict[str, dict], peers: dict[str, dict], args: argparse.Namespace) -> str:
