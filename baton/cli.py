@@ -63,8 +63,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the default of serve), tcp (the default of worker) or shm (one host)")
     g.add_argument("--kv-transfer-timeout-s", type=float, default=_E.kv_transfer_timeout_s,
                    help="a slower KV fetch fails and the decode worker prefills locally")
-    g.add_argument("--kv-transfer-gbps", type=float, default=_E.kv_transfer_gbps,
-                   help="mock engine: modelled KV transfer bandwidth in GB/s")
+    _add_kv_transfer_gbps_arg(g)
 
 
 def _add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +100,16 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=_F.max_body_bytes)
     g.add_argument("--migration-limit", type=int, default=_F.migration_limit,
                    help="times a stream whose worker dies moves to another worker (0: never)")
+    _add_disagg_policy_args(g)
+
+
+def _add_kv_transfer_gbps_arg(g: Any) -> None:
+    g.add_argument("--kv-transfer-gbps", type=float, default=_E.kv_transfer_gbps,
+                   help="mock engine and sim: modelled KV transfer bandwidth in GB/s")
+
+
+def _add_disagg_policy_args(g: Any) -> None:
+    """Conditional disaggregation (``DisaggConfig``), for every command that routes."""
     g.add_argument("--disagg-policy", choices=DISAGG_POLICIES, default=_D.policy,
                    help="which requests of a disaggregated model skip the prefill pool: never "
                         "(always), short uncached prompts (isl), when it is busy (load), either")
@@ -112,6 +121,23 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
                    help="load: a prefill worker with more active prefill tokens is busy")
     g.add_argument("--prefill-busy-waiting", type=int, default=_D.prefill_busy_waiting,
                    help="load: a prefill worker with more waiting requests is busy")
+
+
+def _add_disagg_pool_args(p: argparse.ArgumentParser) -> None:
+    """The two pools of a disaggregated deployment (serve, sim)."""
+    sc = ServeConfig()
+    p.add_argument("--disagg", action="store_true",
+                   help="disaggregated: --prefill-workers and --decode-workers instead")
+    p.add_argument("--prefill-workers", type=int, default=sc.num_prefill_workers)
+    p.add_argument("--decode-workers", type=int, default=sc.num_decode_workers)
+
+
+def _disagg_config(a: argparse.Namespace) -> DisaggConfig:
+    return DisaggConfig(
+        policy=a.disagg_policy, max_local_prefill_tokens=a.max_local_prefill_tokens,
+        max_local_prefill_ratio=a.max_local_prefill_ratio,
+        prefill_busy_tokens=a.prefill_busy_tokens, prefill_busy_waiting=a.prefill_busy_waiting,
+    )
 
 
 def _engine_config(a: argparse.Namespace) -> EngineConfig:
@@ -140,11 +166,7 @@ def _frontend_config(a: argparse.Namespace) -> FrontendConfig:
         max_body_bytes=a.max_body_bytes,
         migration_limit=a.migration_limit,
         router=_router_config(a),
-        disagg=DisaggConfig(
-            policy=a.disagg_policy, max_local_prefill_tokens=a.max_local_prefill_tokens,
-            max_local_prefill_ratio=a.max_local_prefill_ratio,
-            prefill_busy_tokens=a.prefill_busy_tokens, prefill_busy_waiting=a.prefill_busy_waiting,
-        ),
+        disagg=_disagg_config(a),
     )
 
 
@@ -190,10 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = ServeConfig()
     serve.set_defaults(kv_transfer="inproc")
     serve.add_argument("--workers", type=int, default=sc.num_workers)
-    serve.add_argument("--disagg", action="store_true",
-                       help="disaggregated: --prefill-workers and --decode-workers instead")
-    serve.add_argument("--prefill-workers", type=int, default=sc.num_prefill_workers)
-    serve.add_argument("--decode-workers", type=int, default=sc.num_decode_workers)
+    _add_disagg_pool_args(serve)
     serve.add_argument("-f", "--file", default=None, metavar="GRAPH.yaml",
                        help="run a graph (see docs/graphs.md) as supervised local processes")
     serve.add_argument("--logs", default=None, metavar="DIR",
@@ -279,9 +298,16 @@ def _add_sim_parser(sub: Any) -> None:
     sim = sub.add_parser("sim", help="simulate a deployment on a virtual clock; reports like bench")
     sim.add_argument("--trace", required=True, help="Mooncake JSONL file")
     sim.add_argument("--workers", type=int, default=1)
+    _add_disagg_pool_args(sim)
     sim.add_argument("--router", choices=ROUTER_MODES, default="round-robin")
     sim.add_argument("--seed", type=int, default=0)
     _add_kv_weight_args(sim)
+    d = sim.add_argument_group("disaggregation (with --disagg)")
+    _add_disagg_policy_args(d)
+    _add_kv_transfer_gbps_arg(d)
+    d.add_argument("--kv-bytes-per-token", type=int, default=None,
+                   help="KV cache bytes per token over all layers (default: 131072, "
+                        "Llama-3-8B in fp16)")
     sim.add_argument("--block-size", type=int, default=64)
     sim.add_argument("--num-blocks", type=int, default=_S.num_blocks)
     sim.add_argument("--max-num-seqs", type=int, default=_S.max_num_seqs)
@@ -290,13 +316,24 @@ def _add_sim_parser(sub: Any) -> None:
     sim.add_argument("--max-requests", type=int, default=None)
     sim.add_argument("--trace-block-size", type=int, default=512)
     sim.add_argument("--kv-event-delay-s", type=float, default=0.0)
+    sim.add_argument("--step-time-scale", type=_floats, default=None, metavar="F,F,...",
+                     help="per worker (prefill workers first with --disagg), a factor on its "
+                          "step times: 1,1,1,3 makes the fourth a straggler 3x slower")
     sim.add_argument("--goodput", default=None, metavar="ttft_ms=X,itl_ms=Y")
     sim.add_argument("--out", default=None, metavar="DIR")
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    """``1,1,2.5`` -> (1.0, 1.0, 2.5), for argparse."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _sim(a: argparse.Namespace) -> int:
     from baton.bench import parse_goodput
-    from baton.sim import SimConfig, run_sim
+    from baton.sim import LLAMA3_8B_KV_BYTES_PER_TOKEN, SimConfig, run_sim
 
     config = SimConfig(
         num_workers=a.workers, router=a.router, seed=a.seed,
@@ -307,6 +344,12 @@ def _sim(a: argparse.Namespace) -> int:
         ),
         arrival_speedup=a.arrival_speedup, max_requests=a.max_requests,
         trace_block_size=a.trace_block_size, kv_event_delay_s=a.kv_event_delay_s,
+        disagg=a.disagg, num_prefill_workers=a.prefill_workers,
+        num_decode_workers=a.decode_workers, disagg_config=_disagg_config(a),
+        kv_bytes_per_token=(LLAMA3_8B_KV_BYTES_PER_TOKEN if a.kv_bytes_per_token is None
+                            else a.kv_bytes_per_token),
+        kv_transfer_gbps=a.kv_transfer_gbps,
+        step_time_scale=a.step_time_scale,
     )  # a ValueError on bad values -> exit 2 in main
     goodput = parse_goodput(a.goodput) if a.goodput else None
     run_sim(a.trace, config, a.out, goodput=goodput)

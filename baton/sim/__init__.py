@@ -11,9 +11,6 @@ from baton.sim.cluster import (
     ROUTER_MODES,
     Cluster,
     SimConfig,
-    SimReport,
-    run_sim,
-    sim_report,
     simulate,
 )
 from baton.sim.disagg import (
@@ -25,6 +22,7 @@ from baton.sim.disagg import (
 )
 from baton.sim.pool import SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
+from baton.sim.report import SimReport, run_sim, sim_report
 
 __all__ = [
     "DEFAULT_KV_TRANSFER_GBPS",

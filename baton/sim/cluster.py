@@ -36,17 +36,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 import msgspec
 
-from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
-from baton.bench.report import format_table, write_run
+from baton.bench.metrics import RequestRecord
 from baton.config import DisaggConfig, KvRouterConfig
 from baton.engine.request import Request
 from baton.engine.scheduler import KvLoad, SchedulerConfig, SchedulerOutput, StepResult
@@ -65,7 +61,7 @@ from baton.sim.disagg import (
 )
 from baton.sim.pool import PoolRole, SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
-from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest, load_trace
+from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
 
 SimRouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
 ROUTER_MODES: tuple[str, ...] = ("round-robin", "random", "least-loaded", "kv")
@@ -194,14 +190,11 @@ class Cluster:
         self.config = config
         self.now = 0.0
         self.num_preemptions = 0
-        self.prefill: SimPool | None = None
-        """The prefill pool (``disagg`` only)."""
-        if config.disagg:
-            num_prefill = config.num_prefill_workers
-            self.prefill = self._pool("prefill", 0, num_prefill)
-            self.decode = self._pool("decode", num_prefill, config.num_decode_workers)
-        else:
-            self.decode = self._pool("agg", 0, config.num_workers)
+        num_prefill = config.num_prefill_workers if config.disagg else 0
+        self.prefill = self._pool("prefill", 0, num_prefill) if config.disagg else None
+        """The prefill pool (``disagg`` only): worker ids ``0..P-1``."""
+        self.decode = (self._pool("decode", num_prefill, config.num_decode_workers)
+                       if config.disagg else self._pool("agg", 0, config.num_workers))
         """The pool that generates: the aggregated workers or the decode pool."""
         self.pools = [p for p in (self.prefill, self.decode) if p is not None]
         self.workers = [w for pool in self.pools for w in pool.workers]
@@ -211,6 +204,8 @@ class Cluster:
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
         self._live: dict[str, _Live] = {}
+        self._step_ms = config.timing.step_ms
+        self._check_invariants = config.check_invariants
 
     def _pool(self, role: PoolRole, first_id: int, count: int) -> SimPool:
         cfg = self.config
@@ -261,8 +256,8 @@ class Cluster:
         heap = self._heap
         pop = heapq.heappop
         i, n = 0, len(arrivals)
+        next_arrival = arrivals[0][0]
         while True:
-            next_arrival = arrivals[i][0] if i < n else math.inf
             if heap and heap[0][0] <= next_arrival:
                 at, _, kind, payload = pop(heap)
                 self.now = at
@@ -275,6 +270,7 @@ class Cluster:
             elif i < n:
                 at, index = arrivals[i]
                 i += 1
+                next_arrival = arrivals[i][0] if i < n else math.inf
                 self.now = at
                 records[index] = self._arrive(index, chosen[index])
             else:
@@ -407,8 +403,8 @@ class Cluster:
         source = leg.source
         source.scheduler.release_held(request_id)
         for w in (worker, source):
-            self._publish_kv_events(w)
-            if self.config.check_invariants:
+            self._publish_kv_events(w, w.scheduler.take_kv_events())
+            if self._check_invariants:
                 w.scheduler.check_invariants()
             self._wake(w)
 
@@ -422,7 +418,7 @@ class Cluster:
             self._idle(worker, out)
             return
         self.num_preemptions += len(out.preempted)
-        step_ms = self.config.timing.step_ms(
+        step_ms = self._step_ms(
             out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
             out.num_kv_tokens_total,
         )
@@ -442,27 +438,23 @@ class Cluster:
             raise RuntimeError(f"worker {worker.worker_id}: scheduler made no progress")
 
     def _step_done(self, worker: SimWorker) -> None:
+        """A step's results: output tokens into the requests' records (inlined: this runs
+        once per step), or on a prefill worker the decode legs to send."""
+        now = self.now
         sched = worker.scheduler
         out = worker.step
         assert out is not None
         worker.step = None
         worker.num_steps += 1
-        sampled = dict.fromkeys(out.requests_needing_sample, SAMPLED_TOKEN)
-        results = sched.update_from_output(out, sampled)
-        self._publish_kv_events(worker)
-        if worker.pool is self.prefill:
-            self._prefills_done(worker, results)
-        else:
-            self._tokens_done(worker, results)
-        if self.config.check_invariants:
-            sched.check_invariants()
-        if sched.has_work:
-            self._start_step(worker)
-
-    def _tokens_done(self, worker: SimWorker, results: list[StepResult]) -> None:
-        """Output tokens of a generating worker's step, into the requests' records."""
-        now = self.now
+        results = sched.update_from_output(
+            out, dict.fromkeys(out.requests_needing_sample, SAMPLED_TOKEN))
+        events = sched.take_kv_events()
+        if events:
+            self._publish_kv_events(worker, events)
         pool = worker.pool
+        if pool is self.prefill:
+            self._prefills_done(worker, results)
+            results = []
         router = pool.router
         live_map = self._live
         for result in results:
@@ -484,10 +476,13 @@ class Cluster:
                 pool.in_flight[worker.worker_id] -= 1
                 if router is not None:
                     router.on_finish(result.request_id)
+        if self._check_invariants:
+            sched.check_invariants()
+        if sched.has_work:
+            self._start_step(worker)
 
-    def _publish_kv_events(self, worker: SimWorker) -> None:
-        """Hands the worker's pending KV events to its pool's router (dropped without one)."""
-        events = worker.scheduler.take_kv_events()
+    def _publish_kv_events(self, worker: SimWorker, events: list[KvEvent]) -> None:
+        """Hands a worker's KV events to its pool's router (dropped without one)."""
         router = worker.pool.router
         if events and router is not None:
             delay = self.config.kv_event_delay_s
@@ -507,59 +502,3 @@ class Cluster:
 def simulate(requests: Sequence[TraceRequest], config: SimConfig) -> list[RequestRecord]:
     """Run ``requests`` through a fresh ``Cluster``."""
     return Cluster(config).run(requests)
-
-
-class SimReport(msgspec.Struct, kw_only=True):
-    """What ``run_sim`` adds to a run folder as ``sim.json``: the simulator's own counts."""
-
-    num_steps: int
-    num_preemptions: int
-    virtual_s: float
-    wall_s: float
-    busy: dict[str, float]
-    """Per pool role: the share of virtual time its workers spent in steps (mean)."""
-    disagg: DisaggStats | None = None
-
-
-def sim_report(cluster: Cluster, wall_s: float) -> SimReport:
-    span = cluster.now or 1.0
-    busy: dict[str, float] = {p.role: p.busy_s / (span * len(p.workers)) for p in cluster.pools}
-    return SimReport(num_steps=cluster.num_steps, num_preemptions=cluster.num_preemptions,
-                     virtual_s=cluster.now, wall_s=wall_s, busy=busy,
-                     disagg=cluster.disagg_stats())
-
-
-def _format_report(report: SimReport, num_records: int) -> str:
-    busy = ", ".join(f"{role} {100 * share:.0f}%" for role, share in report.busy.items())
-    line = (f"simulated {num_records} requests, {report.num_steps} steps, "
-            f"{report.num_preemptions} preemptions, {report.virtual_s:.1f} s virtual "
-            f"in {report.wall_s:.1f} s wall; busy: {busy}")
-    if report.disagg is not None:
-        line += "\n" + report.disagg.format()
-    return line
-
-
-def run_sim(
-    trace_path: str | Path,
-    config: SimConfig,
-    out_dir: str | Path | None = None,
-    *,
-    goodput: Goodput | None = None,
-    quiet: bool = False,
-) -> tuple[BenchSummary, list[RequestRecord]]:
-    """Simulate a trace file, print the ``baton bench`` table (plus simulator statistics on
-    stderr), and write ``summary.json``, ``records.csv`` and ``distributions.png`` to
-    ``out_dir`` as ``baton bench --out`` does, and ``sim.json`` (``SimReport``)."""
-    requests = load_trace(trace_path)
-    cluster = Cluster(config)
-    started = time.perf_counter()
-    records = cluster.run(requests)
-    report = sim_report(cluster, time.perf_counter() - started)
-    summary = summarize(records, run_duration_s(records), goodput)
-    if not quiet:
-        print(format_table(summary), file=sys.stdout, flush=True)
-        print(_format_report(report, len(records)), file=sys.stderr, flush=True)
-    if out_dir is not None:
-        out = write_run(out_dir, summary, records)
-        (out / "sim.json").write_bytes(msgspec.json.format(msgspec.json.encode(report)))
-    return summary, records
