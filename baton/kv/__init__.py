@@ -1,7 +1,7 @@
-"""KV cache bookkeeping shared by engines and routers: block hashing (Dynamo compatible), the
-block pool with its prefix cache, and the KV events that describe the cache to routers.
-
-Everything here is pure and synchronous: no I/O, no clock, no asyncio.
+"""The KV cache shared by engines and routers: block hashing (Dynamo compatible), the block
+pool with its prefix cache, and the KV events that describe the cache to routers (pure and
+synchronous: no I/O, no clock, no asyncio); where block bytes live (``store.py``) and how they
+move between workers (``transfer.py``, asyncio; import it from there).
 """
 
 from __future__ import annotations
