@@ -295,7 +295,8 @@ def _add_bench_parser(sub: Any) -> None:
 
 
 def _add_sim_parser(sub: Any) -> None:
-    sim = sub.add_parser("sim", help="simulate a deployment on a virtual clock; reports like bench")
+    sim = sub.add_parser("sim", help="simulate a deployment on a virtual clock; reports like bench "
+                         "(and: baton sim sweep, where disaggregation pays off)")
     sim.add_argument("--trace", required=True, help="Mooncake JSONL file")
     sim.add_argument("--workers", type=int, default=1)
     _add_disagg_pool_args(sim)
@@ -354,6 +355,65 @@ def _sim(a: argparse.Namespace) -> int:
     goodput = parse_goodput(a.goodput) if a.goodput else None
     run_sim(a.trace, config, a.out, goodput=goodput)
     return 0
+
+
+def _sim_sweep(argv: list[str]) -> int:
+    from baton.bench import parse_goodput
+    from baton.sim.sweep import SweepConfig
+    from baton.sim.sweep_report import run_command
+
+    d = SweepConfig()
+    p = argparse.ArgumentParser(prog="baton sim sweep", description="agg vs every P:D split "
+                                "over an ISL x OSL x load grid (docs/sim.md)")
+    p.add_argument("--isl", type=_ints, default=d.isl, metavar="N,N,...")
+    p.add_argument("--osl", type=_ints, default=d.osl, metavar="N,N,...")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--loads", type=_floats, default=d.loads, metavar="X,X,...",
+                      help="multiples of N aggregated workers' modelled capacity")
+    load.add_argument("--rates", type=_floats, default=None, metavar="R,R,...",
+                      help="requests/s to the whole deployment, instead of --loads")
+    p.add_argument("--workers", type=int, default=d.num_workers, help="N = P + D")
+    p.add_argument("--requests", type=int, default=d.num_requests, help="per grid point")
+    p.add_argument("--shared-prefix", type=float, default=d.shared_prefix,
+                   help="fraction of each prompt shared within its prefix group")
+    p.add_argument("--prefix-groups", type=int, default=d.prefix_groups)
+    p.add_argument("--router", choices=ROUTER_MODES, default=d.router)
+    _add_disagg_policy_args(p)
+    p.add_argument("--kv-transfer-gbps", type=_floats, default=d.kv_transfer_gbps,
+                   metavar="G,G,...", help="one scenario per bandwidth")
+    p.add_argument("--kv-bytes-per-token", type=int, default=d.kv_bytes_per_token)
+    p.add_argument("--straggler", type=float, default=None, metavar="FACTOR",
+                   help="one worker's steps FACTOR x slower: in the prefill, then the decode pool")
+    p.add_argument("--goodput", default=None, metavar="ttft_ms=X,itl_ms=Y",
+                   help="the SLA (default ttft_ms=1000,itl_ms=40)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="simulations in parallel processes (default: one per CPU)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write sweep.json, runs.csv, points.csv and heatmap.png here")
+    a = p.parse_args(argv)
+    try:
+        config = SweepConfig(
+            isl=a.isl, osl=a.osl, loads=None if a.rates else a.loads, rates=a.rates,
+            num_workers=a.workers, num_requests=a.requests, shared_prefix=a.shared_prefix,
+            prefix_groups=a.prefix_groups, router=a.router, disagg_config=_disagg_config(a),
+            kv_transfer_gbps=a.kv_transfer_gbps, kv_bytes_per_token=a.kv_bytes_per_token,
+            straggler_factor=a.straggler, sla=parse_goodput(a.goodput) if a.goodput else d.sla, seed=a.seed,
+        )
+        if a.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {a.jobs}")
+    except ValueError as exc:
+        p.error(str(exc))
+    run_command(config, a.out, jobs=a.jobs)
+    return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """``256,1024`` -> (256, 1024), for argparse."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _bench(a: argparse.Namespace) -> int:
@@ -419,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "compare"]:
         return _bench_compare(argv[2:])
+    if argv[:2] == ["sim", "sweep"]:
+        return _sim_sweep(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
