@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import random
+import statistics
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -21,6 +24,7 @@ from baton.bench import (
     run_bench,
     summarize,
 )
+from baton.bench.metrics import pstdev
 from baton.preprocess import ModelCard, Tokenizer, resolve_model
 from baton.trace import PromptBuilder, TraceRequest, save_trace
 
@@ -50,6 +54,37 @@ def test_percentiles_interpolate_linearly() -> None:
     assert percentile([100.0, 300.0, 200.0], 90) == approx(280.0)
     assert percentile([100.0, 300.0, 200.0], 99) == approx(298.0)
     assert percentile([7.0], 99) == 7.0
+
+
+def _random_samples(rng: random.Random, kind: int) -> list[float]:
+    n = rng.randint(1, 50)
+    draws = {
+        0: lambda: rng.random(),
+        1: lambda: rng.uniform(-1e6, 1e6),
+        2: lambda: rng.choice([1.5, 2.25, 3.0, 1e-3]),  # few distinct values, as in a sim
+        3: lambda: math.ldexp(rng.random(), rng.randint(-200, 200)),
+        4: lambda: 1.0 + rng.randint(0, 3) * 2**-52,  # differences in the last bit
+        5: lambda: float(rng.randint(0, 10**6)),
+        6: lambda: rng.choice([1e300, -1e300, 1e-300, 0.0]),
+    }
+    return [draws[kind]() for _ in range(n)]
+
+
+def test_pstdev_is_exactly_statistics_pstdev() -> None:
+    rng = random.Random(7)
+    for i in range(1400):
+        values = _random_samples(rng, i % 7)
+        assert pstdev(values) == statistics.pstdev(values), values
+    assert pstdev([3, 1, 2]) == statistics.pstdev([3, 1, 2])
+    for odd in ([], [1.0, math.inf], [math.nan]):  # left to statistics, errors included
+        assert _outcome(pstdev, odd) == _outcome(statistics.pstdev, odd)
+
+
+def _outcome(f: Callable[[list[float]], float], values: list[float]) -> object:
+    try:
+        return repr(f(values))
+    except Exception as exc:  # noqa: BLE001 - comparing which error
+        return type(exc)
 
 
 def test_summarize_hand_built_records() -> None:

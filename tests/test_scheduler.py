@@ -12,7 +12,7 @@ from baton.engine.request import Request, RequestStatus
 from baton.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 from baton.kv.events import KvEvent, KvStored, StoredBlock
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
-from baton.protocol import SamplingParams
+from baton.protocol import KvTransferParams, SamplingParams
 
 EOS = 2
 
@@ -380,3 +380,92 @@ def test_a_random_workload_under_pressure_keeps_every_invariant(mode: str, chunk
     assert all(num_results[rid] == max_tokens[rid] for rid in finished)
     assert sched.pool.num_used_blocks == 0
     assert preempted, "the workload should have forced preemptions"
+
+
+# ---- the decode fast path -------------------------------------------------------------------
+
+
+def _shape(out: SchedulerOutput) -> tuple[object, ...]:
+    """Everything a step's output says, scheduling order included."""
+    return (list(out.num_scheduled_tokens.items()), out.requests_needing_sample,
+            out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
+            out.num_kv_tokens_total, out.preempted, out.kv_loads)
+
+
+def _random_request(rng: random.Random, i: int) -> Request:
+    """A request of a random kind: plain, a prefill leg (``hold_kv``) or a decode leg."""
+    tokens = prompt(rng.choice([0, 4, 8]), start=1) + prompt(rng.randint(1, 12), start=1000 * i)
+    sampling = SamplingParams(max_tokens=rng.randint(1, 40), min_tokens=rng.randint(0, 3),
+                              stop_token_ids=(EOS,), ignore_eos=rng.random() < 0.3)
+    kind = rng.random()
+    req = Request(f"r{i}", tokens, sampling, hold_kv=kind < 0.15)
+    if kind > 0.75:
+        num_blocks = -(-len(tokens) // 8)
+        req.remote_kv = KvTransferParams(
+            transfer_id="t", worker_id=9, address="inproc://x", block_ids=list(range(num_blocks)),
+            num_tokens=len(tokens), block_size=8, block_bytes=0)
+    return req
+
+
+class _Twins:
+    """The same workload on a scheduler with the decode fast path and one without."""
+
+    def __init__(self, **config: object) -> None:
+        self.fast, self.general = make_scheduler(**config), make_scheduler(**config)
+        self.general._decode_fast_path = False
+        self.fast_steps = 0
+        self.preemptions = 0
+        schedule_decodes = self.fast._schedule_decodes
+
+        def counting() -> SchedulerOutput | None:
+            out = schedule_decodes()
+            self.fast_steps += out is not None
+            return out
+
+        self.fast._schedule_decodes = counting  # type: ignore[method-assign]
+
+    def both(self, action: Callable[[Scheduler], object]) -> object:
+        a, b = action(self.fast), action(self.general)
+        assert a == b
+        return a
+
+    def step(self, rng: random.Random) -> None:
+        out_fast, out_general = self.fast.schedule(), self.general.schedule()
+        assert _shape(out_fast) == _shape(out_general)
+        self.preemptions += len(out_fast.preempted)
+        sampled = {rid: rng.choice([EOS, 7, 7, 7]) for rid in out_fast.requests_needing_sample}
+        results = self.fast.update_from_output(out_fast, sampled)
+        assert results == self.general.update_from_output(out_general, sampled)
+        for load in out_fast.kv_loads:
+            ok = rng.random() < 0.8
+            self.both(lambda s, rid=load.request_id, ok=ok: s.finish_kv_load(rid, ok))
+        for rid in list(self.fast.held):  # some stay held a while; all when nothing runs
+            if out_fast.is_empty or rng.random() < 0.3:
+                self.both(lambda s, rid=rid: s.release_held(rid))
+        self.both(lambda s: s.take_kv_events())
+        self.both(lambda s: s.load())
+        self.fast.check_invariants()
+
+
+@pytest.mark.parametrize("mode", ["lifo", "fifo"])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_the_decode_fast_path_gives_the_same_steps_results_and_kv_events(
+    mode: str, chunked: bool
+) -> None:
+    rng = random.Random(f"fast-path-{mode}-{chunked}")
+    twins = _Twins(num_blocks=16, block_size=8, max_num_batched_tokens=64, max_num_seqs=6,
+                   preemption_mode=mode, enable_chunked_prefill=chunked)
+    for i in range(120):
+        twins.both(lambda s, i=i: s.add_request(_random_request(random.Random(i), i)))
+        if rng.random() < 0.05:
+            victim = f"r{rng.randrange(i + 1)}"
+            twins.both(lambda s, rid=victim: s.abort_request(rid))
+        for _ in range(rng.randint(0, 8)):
+            twins.step(rng)
+    for _ in range(2000):
+        if not twins.fast.has_work:
+            break
+        twins.step(rng)
+    assert not twins.fast.has_work and twins.fast.pool.num_used_blocks == 0
+    assert twins.fast_steps > 100, "the fast path should have been taken"
+    assert twins.preemptions > 0, "the workload should have forced preemptions"

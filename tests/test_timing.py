@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from baton.engine.timing import PolynomialTiming, ProfileTiming, TimingModel, sleep_seconds
+from baton.engine.timing import (
+    PolynomialTiming,
+    ProfileTiming,
+    TimingModel,
+    _PhaseTiming,
+    sleep_seconds,
+)
 
 PROFILE: dict[str, Any] = {
     "prefill": {"tokens": [100, 1000], "ms": [10, 50]},
@@ -41,6 +47,18 @@ def test_polynomial_decode_is_clamped_to_one_millisecond() -> None:
 def test_polynomial_step_is_prefill_plus_decode() -> None:
     model: TimingModel = PolynomialTiming()
     assert model.step_ms(1000, 2, 500, 1000) == pytest.approx(32.1058589 + 26.31)
+
+
+@pytest.mark.parametrize(
+    "model", [PolynomialTiming(), PolynomialTiming(prefill_a2=1e-3, prefill_a0=-5.0,
+                                                   decode_b0=-3.0, min_decode_ms=0.0)])
+def test_polynomial_step_ms_is_exactly_prefill_ms_plus_decode_ms(model: PolynomialTiming) -> None:
+    for tokens in (0, 1, 17, 4096, 100_000):
+        for decoding in (0, 1, 8):
+            for in_use, total in ((0, 100), (37, 100), (100, 100), (5, 0)):
+                inlined = model.step_ms(tokens, decoding, in_use, total)
+                phases = _PhaseTiming.step_ms(model, tokens, decoding, in_use, total)
+                assert repr(inlined) == repr(phases)
 
 
 @pytest.mark.parametrize(

@@ -96,10 +96,11 @@ class Request:
         return self.num_tokens - self.num_computed_tokens
 
     def append_output(self, token_id: int, block_size: int) -> None:
-        """Append one sampled token and hash any block it completes."""
+        """Append one sampled token and hash the block it completes, if any."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
-        self.update_block_hashes(block_size)
+        if len(self.all_token_ids) >= (len(self.block_hashes) + 1) * block_size:
+            self.update_block_hashes(block_size)  # otherwise no block is full and unhashed
 
     def update_block_hashes(self, block_size: int) -> None:
         """Extend ``block_hashes`` to cover every full block of the tokens so far."""

@@ -86,6 +86,24 @@ class PolynomialTiming(_PhaseTiming):
         raw = self.decode_b2 * usage * usage + self.decode_b1 * usage + self.decode_b0
         return max(self.min_decode_ms, raw)
 
+    def step_ms(
+        self,
+        num_prefill_tokens: int,
+        num_decode_requests: int,
+        kv_tokens_in_use: int,
+        kv_tokens_total: int,
+    ) -> float:
+        """``_PhaseTiming.step_ms`` with ``prefill_ms``, ``decode_ms`` and ``kv_usage``
+        inlined, the same operations in the same order: the simulator calls it every step."""
+        decode = 0.0
+        if num_decode_requests > 0:
+            p = kv_tokens_in_use / kv_tokens_total if kv_tokens_total > 0 else 1.0
+            decode = max(self.min_decode_ms,
+                         self.decode_b2 * p * p + self.decode_b1 * p + self.decode_b0)
+        t = num_prefill_tokens
+        prefill = self.prefill_a2 * t * t + self.prefill_a1 * t + self.prefill_a0 if t > 0 else 0.0
+        return prefill + decode
+
 
 @dataclass(frozen=True, slots=True)
 class ProfileTiming(_PhaseTiming):

@@ -147,14 +147,29 @@ class BlockPool:
         A block already registered, or content another block is registered under, is left
         alone and emits nothing.
         """
-        if not self.enable_prefix_caching or block.block_hash is not None:
-            return False
-        if seq_hash in self._cached:
-            return False
-        block.block_hash, block.local_hash, block.parent_hash = seq_hash, local_hash, parent_seq_hash
-        self._cached[seq_hash] = block
-        self._queue_stored(block)
-        return True
+        num_cached = len(self._cached)
+        self.cache_full_blocks([block], [seq_hash], [local_hash], parent_seq_hash)
+        return len(self._cached) > num_cached
+
+    def cache_full_blocks(
+        self,
+        blocks: Sequence[KVBlock],
+        seq_hashes: Sequence[SequenceHash],
+        local_hashes: Sequence[LocalBlockHash],
+        parent_seq_hash: SequenceHash | None,
+    ) -> None:
+        """``cache_full_block`` for consecutive blocks of one sequence, in order:
+        ``parent_seq_hash`` is the sequence hash of the block before the first."""
+        if not self.enable_prefix_caching:
+            return
+        cached = self._cached
+        for block, seq_hash, local_hash in zip(blocks, seq_hashes, local_hashes, strict=True):
+            if block.block_hash is None and seq_hash not in cached:
+                block.block_hash, block.local_hash = seq_hash, local_hash
+                block.parent_hash = parent_seq_hash
+                cached[seq_hash] = block
+                self._queue_stored(seq_hash, local_hash, parent_seq_hash)
+            parent_seq_hash = seq_hash
 
     def clear(self) -> None:
         """Forget every cached hash (blocks in use stay allocated) and report ``KvCleared``."""
@@ -169,13 +184,15 @@ class BlockPool:
         """Pop ``n`` blocks from the head of the free queue, evicting cached ones."""
         if n > len(self._free):
             raise NoFreeBlocksError(n, len(self._free))
-        out: list[KVBlock] = []
-        for _ in range(n):
-            _, block = self._free.popitem(last=False)
+        popitem = self._free.popitem
+        out = [popitem(last=False)[1] for _ in range(n)]
+        evicted: list[SequenceHash] = []
+        for block in out:
             if block.block_hash is not None:
-                self._evict(block)
+                evicted.append(self._uncache(block))
             block.ref_cnt = 1
-            out.append(block)
+        if evicted:
+            self._queue_removed(evicted)
         return out
 
     def free(self, blocks: Sequence[KVBlock]) -> None:
@@ -191,16 +208,20 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
-    def _evict(self, block: KVBlock) -> None:
-        assert block.block_hash is not None
-        del self._cached[block.block_hash]
-        self._queue_removed(block.block_hash)
-        block.forget_hash()
+    def _uncache(self, block: KVBlock) -> SequenceHash:
+        """Evict a cached block: forget its hash, which is returned."""
+        seq_hash = block.block_hash
+        assert seq_hash is not None
+        del self._cached[seq_hash]
+        block.block_hash = block.local_hash = block.parent_hash = None
+        return seq_hash
 
     # ---- events -------------------------------------------------------------------------
 
     def take_events(self) -> list[KvEvent]:
         """Drain the queued events, numbering them from this pool's counter."""
+        if not self._events:
+            return []  # most steps fill no block and evict none
         out = [KvEvent(self._next_event_id + i, data, self.worker_id) for i, data in
                enumerate(self._events)]
         self._next_event_id += len(out)
@@ -244,21 +265,22 @@ class BlockPool:
             depth = depth + 1 if depth >= 0 else -1
         return memo[seq_hash]
 
-    def _queue_stored(self, block: KVBlock) -> None:
-        assert block.block_hash is not None and block.local_hash is not None
-        stored = StoredBlock(block.block_hash, block.local_hash)
+    def _queue_stored(
+        self, seq_hash: SequenceHash, local_hash: LocalBlockHash, parent: SequenceHash | None
+    ) -> None:
+        stored = StoredBlock(seq_hash, local_hash)
         last = self._events[-1] if self._events else None
-        if isinstance(last, KvStored) and last.blocks[-1].block_hash == block.parent_hash:
+        if isinstance(last, KvStored) and last.blocks[-1].block_hash == parent:
             last.blocks.append(stored)
         else:
-            self._events.append(KvStored(block.parent_hash, [stored]))
+            self._events.append(KvStored(parent, [stored]))
 
-    def _queue_removed(self, seq_hash: SequenceHash) -> None:
+    def _queue_removed(self, seq_hashes: list[SequenceHash]) -> None:
         last = self._events[-1] if self._events else None
         if isinstance(last, KvRemoved):
-            last.block_hashes.append(seq_hash)
+            last.block_hashes.extend(seq_hashes)
         else:
-            self._events.append(KvRemoved([seq_hash]))
+            self._events.append(KvRemoved(seq_hashes))
 
     # ---- invariants ---------------------------------------------------------------------
 

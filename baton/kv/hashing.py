@@ -99,5 +99,6 @@ def extend_block_hashes(
     start = num_hashed * block_size
     if len(tokens) - start < block_size:
         return [], []
-    local = compute_local_hashes(tokens[start:], block_size, seed)
+    # no copy of a whole prompt (start 0): those run to many thousands of tokens
+    local = compute_local_hashes(tokens[start:] if start else tokens, block_size, seed)
     return local, compute_sequence_hashes(local, seed, parent=last_seq_hash)

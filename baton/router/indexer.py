@@ -202,12 +202,15 @@ class KvIndex:
     def removed(self, worker_id: int, block_hashes: Iterable[int]) -> bool:
         """Blocks evicted by ``worker_id``; each takes its held descendants with it."""
         worker = self._workers.get(worker_id)
+        held, children = self._workers_of.get, self._children
         for external in block_hashes:
             seq = worker.resolve(external) if worker else external
-            if worker and self._workers_of.get(seq, 0) & worker.bit:
-                self._drop_subtree(worker, seq)
-            else:
+            if not (worker and held(seq, 0) & worker.bit):
                 self.counters.unknown_removals += 1
+            elif seq in children:
+                self._drop_subtree(worker, seq)
+            else:  # no children: the common case, as engines evict a sequence's tail first
+                self._drop_block(worker, seq)
         self.counters.events_applied += 1
         return True
 

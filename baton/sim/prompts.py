@@ -13,7 +13,7 @@ import random
 from array import array
 
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
-from baton.trace.prompts import assemble_token_ids
+from baton.trace.prompts import num_blocks_needed
 
 DEFAULT_VOCAB_SIZE = 65536
 
@@ -34,17 +34,32 @@ class SimPromptBuilder:
         self.block_size = block_size
         self.seed = seed
         self.vocab_size = vocab_size
+        self._rng = random.Random()
 
     def block(self, hash_id: int) -> list[int]:
         """The full ``block_size``-token block that ``hash_id`` names."""
-        rng = random.Random(f"baton-sim:{self.seed}:{hash_id}")
+        return self._ids(self._block_bytes(hash_id))
+
+    def token_ids(self, request: TraceRequest) -> list[int]:
+        """Exactly ``input_length`` ids; raises ValueError if ``hash_ids`` are too few.
+
+        The blocks as ``assemble_token_ids`` would join them (the last one cut to length),
+        but joined as bytes and turned into ints once: prompts run to thousands of tokens."""
+        needed = num_blocks_needed(request, self.block_size)
+        data = b"".join(map(self._block_bytes, request.hash_ids[:needed]))
+        return self._ids(data[: 2 * request.input_length])
+
+    def _block_bytes(self, hash_id: int) -> bytes:
+        """A block's ids as native-endian uint16 bytes; ``seed`` on a kept ``Random`` sets
+        the state that ``Random(same seed)`` would start from."""
+        rng = self._rng
+        rng.seed(f"baton-sim:{self.seed}:{hash_id}")
+        return rng.randbytes(2 * self.block_size)
+
+    def _ids(self, data: bytes) -> list[int]:
         ids = array("H")
-        ids.frombytes(rng.randbytes(2 * self.block_size))
+        ids.frombytes(data)
         if self.vocab_size == 65536:
             return ids.tolist()
         v = self.vocab_size
         return [i % v for i in ids]
-
-    def token_ids(self, request: TraceRequest) -> list[int]:
-        """Exactly ``input_length`` ids; raises ValueError if ``hash_ids`` are too few."""
-        return assemble_token_ids(request, self.block_size, self.block)

@@ -113,14 +113,21 @@ def assemble_token_ids(
     """A request's ``input_length`` prompt ids: ``block(hash_id)`` for each of its blocks
     (so equal hash ids give equal blocks), the last one cut to length. Raises ValueError
     if ``hash_ids`` are too few for ``input_length``."""
+    needed = num_blocks_needed(request, block_size)
+    ids: list[int] = []
+    for hash_id in request.hash_ids[:needed]:
+        ids.extend(block(hash_id))
+    del ids[request.input_length :]
+    return ids
+
+
+def num_blocks_needed(request: TraceRequest, block_size: int) -> int:
+    """How many of ``hash_ids`` a request's ``input_length`` covers; raises ValueError if it
+    has fewer."""
     needed = -(-request.input_length // block_size)
     if len(request.hash_ids) < needed:
         raise ValueError(
             f"hash_ids has {len(request.hash_ids)} ids, input_length {request.input_length} "
             f"needs {needed} blocks of {block_size}"
         )
-    ids: list[int] = []
-    for hash_id in request.hash_ids[:needed]:
-        ids.extend(block(hash_id))
-    del ids[request.input_length :]
-    return ids
+    return needed
