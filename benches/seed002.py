@@ -32,7 +32,6 @@ from pathlib import Path
 
 from baton.trace import TraceRequest, analyze, load_trace, save_trace, synthesize
 
-SOURCE = "/work/shared/data/traces/conversation_trace.jsonl"
 MAX_ISL = 110_000
 NUM_REQUESTS = 10_000
 
@@ -275,7 +274,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/seed002")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("traces")
-    t.add_argument("--source", default=SOURCE)
+    t.add_argument("--source", required=True,
+                   help="the Mooncake conversation_trace.jsonl to synthesize from")
     t.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run")
     r.add_argument("--speedup", type=float, nargs="+", default=[1.0])

@@ -361,8 +361,8 @@ def machine() -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", type=Path,
-                   default=Path("/work/shared/data/traces/conversation_trace.jsonl"))
+    p.add_argument("--source", type=Path, required=True,
+                   help="the Mooncake conversation_trace.jsonl (its first --requests are used)")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--max-isl", type=int, default=8192)
     p.add_argument("--configs", default="rr2,kv2,kv4,kv2-s2",
