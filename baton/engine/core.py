@@ -114,6 +114,7 @@ class EngineCore:
         self._transfer_server: KvTransferServer | None = None
         self._transfer_client: KvTransferClient | None = None
         self._loads: dict[str, asyncio.Task[None]] = {}
+        self._releases: set[asyncio.Task[None]] = set()
         self.num_kv_loads_failed = 0
         # -- loop
         self._wakeup = asyncio.Event()
@@ -139,7 +140,7 @@ class EngineCore:
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        for task in list(self._loads.values()):
+        for task in [*self._loads.values(), *self._releases]:
             await cancel_and_wait(task)
         if self._transfer_client is not None:
             await self._transfer_client.close()
@@ -312,5 +313,5 @@ class EngineCore:
         client = self._transfer_client
         if client is not None:
             task = asyncio.get_running_loop().create_task(client.release(params))
-            self._loads[f"release-{params.transfer_id}"] = task
-            task.add_done_callback(lambda _: self._loads.pop(f"release-{params.transfer_id}", None))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)

@@ -27,10 +27,15 @@ from typing import Literal
 import msgspec
 
 from baton.kv.events import KvEvent, KvRemoved, KvStored, StoredBlock
-from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
+from baton.kv.hashing import (
+    LocalBlockHash,
+    SequenceHash,
+    compute_local_hashes,
+    compute_sequence_hashes,
+)
 from baton.protocol import GenerateRequest, WorkerEvents
 from baton.router.indexer import KvIndex
-from baton.router.kv_selector import KvRouterConfig, KvSelector, RoutingDecision
+from baton.router.kv_selector import KvRouterConfig, KvSelector, RouterOverrides, RoutingDecision
 from baton.router.metrics import RouterMetrics
 from baton.router.policy import RouteHints
 from baton.router.sequences import ActiveSequences
@@ -154,14 +159,10 @@ class KvRouter:
         started = time.perf_counter()
         now = self._clock()
         self._expire(now)
-        assert self.block_size is not None and self.sequences is not None
-        local = compute_local_hashes(request.token_ids, self.block_size)
-        seq = compute_sequence_hashes(local)
-        isl = len(request.token_ids)
-        overlaps = self.index.find_matches(seq).scores
-        loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
+        assert self.sequences is not None
         overrides = hints.overrides if hints is not None else None
-        decision = self.selector.select(candidates, overlaps, loads, isl, self.block_size, overrides)
+        local, seq, decision = self._decide(request, candidates, overrides)
+        isl = len(request.token_ids)
         config = self.config.with_overrides(overrides)
         self.sequences.add_request(
             request.request_id, decision.worker_id, seq, isl, decision.overlap_blocks, now,
@@ -187,13 +188,24 @@ class KvRouter:
     def peek(self, request: GenerateRequest, candidates: list[int]) -> tuple[int, int]:
         """The worker ``choose`` would pick now and the prompt tokens it caches, without
         recording anything (conditional disaggregation asks before routing)."""
+        _, _, decision = self._decide(request, candidates, None)
+        assert self.block_size is not None
+        isl = len(request.token_ids)
+        return decision.worker_id, min(isl, decision.overlap_blocks * self.block_size)
+
+    def _decide(
+        self, request: GenerateRequest, candidates: list[int], overrides: RouterOverrides | None
+    ) -> tuple[list[LocalBlockHash], list[SequenceHash], RoutingDecision]:
+        """The request's local and sequence hashes and the selector's decision over the
+        candidates' overlaps and potential loads (nothing recorded)."""
         assert self.block_size is not None and self.sequences is not None
-        seq = compute_sequence_hashes(compute_local_hashes(request.token_ids, self.block_size))
+        local = compute_local_hashes(request.token_ids, self.block_size)
+        seq = compute_sequence_hashes(local)
         isl = len(request.token_ids)
         overlaps = self.index.find_matches(seq).scores
         loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
-        decision = self.selector.select(candidates, overlaps, loads, isl, self.block_size, None)
-        return decision.worker_id, min(isl, decision.overlap_blocks * self.block_size)
+        decision = self.selector.select(candidates, overlaps, loads, isl, self.block_size, overrides)
+        return local, seq, decision
 
     def on_first_output(self, request_id: str) -> None:
         if self.sequences is not None:

@@ -203,10 +203,7 @@ class PagedModelRunner:
         for row, item in enumerate(items):
             self._read_into(kv[:, :, row], item.block_ids, item.start)
             mask[row, : item.start] = 1
-        cache = self._cache_class(config=self.model.config)
-        for layer, entry in enumerate(cache.layers):
-            entry.lazy_initialization(kv[layer, 0], kv[layer, 1])
-            entry.keys, entry.values = kv[layer, 0], kv[layer, 1]
+        cache = self._cache_over(kv)
         out = self.model(
             input_ids=torch.tensor([item.token_ids for item in items]),
             position_ids=torch.tensor([[item.start] for item in items]),
@@ -238,17 +235,21 @@ class PagedModelRunner:
 
     def _gather(self, block_ids: list[int], start: int) -> Any:
         """A DynamicCache holding the KV of positions ``[0, start)`` read from the blocks."""
-        cache = self._cache_class(config=self.model.config)
         if start == 0:
-            return cache
+            return self._cache_class(config=self.model.config)
         shape = self.shape
         size = (shape.layers, 2, 1, shape.kv_heads, start, shape.head_dim)
         tokens = self._scratch(math.prod(size)).view(size)
         self._read_into(tokens[:, :, 0], block_ids, start)
+        return self._cache_over(tokens)
+
+    def _cache_over(self, kv: torch.Tensor) -> Any:
+        """A DynamicCache whose layer ``i`` holds ``kv[i, 0]`` / ``kv[i, 1]`` (``[layers, 2,
+        batch, kv_heads, tokens, head_dim]``) without a copy, as ``update()`` would leave it."""
+        cache = self._cache_class(config=self.model.config)
         for layer, entry in enumerate(cache.layers):
-            keys, values = tokens[layer, 0], tokens[layer, 1]
-            entry.lazy_initialization(keys, values)
-            entry.keys, entry.values = keys, values  # as update() would, minus a copy
+            entry.lazy_initialization(kv[layer, 0], kv[layer, 1])
+            entry.keys, entry.values = kv[layer, 0], kv[layer, 1]
         return cache
 
     def _scratch(self, numel: int) -> torch.Tensor:
