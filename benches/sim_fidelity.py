@@ -22,17 +22,16 @@ How
     * Variants of the live server: ``plain`` (``baton serve`` as shipped; ``--repeats`` runs),
       ``instrumented`` (the same, with timing hooks on every engine step, written to
       ``steps-*.json``; used to measure the per-step overhead and to fit a sim with that
-      overhead added), ``anchored`` (a diagnostic monkeypatch of the simulated executor
-      that sleeps until ``previous deadline + step time`` instead of ``now + step time``;
-      the fix proposed in docs/sim-fidelity.md) and ``noyield`` (the shipped executor, but the
-      engine loop never yields explicitly between steps, so the consumers of a step's
-      tokens run during the next step's sleep). Patched servers run through this file's
-      ``_serve`` mode; no project code is changed.
+      overhead added), ``unanchored`` (the simulated executor before its step deadlines: a
+      step sleeps ``now + step time`` instead of ``previous deadline + step time``, so the
+      shell's CPU between steps adds to every step; the behaviour docs/sim-fidelity.md
+      measured first) and ``noyield`` (``unanchored``, and the engine loop never yields
+      explicitly between steps). Patched servers run through this file's ``_serve`` mode.
     * ``--burners N`` runs N busy-loop processes beside each live run (controlled CPU
       contention on top of whatever else the machine is doing; ``other_cores`` records it).
 
-    .venv/bin/python benches/sim_fidelity.py                      # 4 configs, ~35 min
-    .venv/bin/python benches/sim_fidelity.py --configs rr2 --repeats 1 --variants plain
+    .venv/bin/python benches/sim_fidelity.py --source $TRACE            # 4 configs, ~35 min
+    .venv/bin/python benches/sim_fidelity.py --source $TRACE --configs rr2 --variants plain
 """
 
 from __future__ import annotations
@@ -136,8 +135,8 @@ def server_cmd(cfg: Config, a: argparse.Namespace, port: int, variant: str,
                steps: Path) -> list[str]:
     if variant == "plain":
         return [*BATON, *serve_args(cfg, a, port)]
-    hooks = ["--steps", str(steps)] + {"anchored": ["--anchored"],
-                                       "noyield": ["--no-yield"]}.get(variant, [])
+    hooks = ["--steps", str(steps)] + {"unanchored": ["--unanchored"],
+                                       "noyield": ["--unanchored", "--no-yield"]}.get(variant, [])
     return [sys.executable, str(Path(__file__).resolve()), "_serve", *hooks, "--",
             *serve_args(cfg, a, port)]
 
@@ -368,11 +367,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", default="rr2,kv2,kv4,kv2-s2",
                    help=f"names ({', '.join(f'{k}={v}' for k, v in CONFIGS.items())}) or "
                         "W:ROUTER:ARRIVAL_SPEEDUP:ENGINE_SPEEDUP specs, comma-separated")
-    p.add_argument("--variants", default="plain,instrumented,anchored",
+    p.add_argument("--variants", default="plain,unanchored",
                    type=lambda s: [v for v in s.split(",") if v])
     p.add_argument("--repeats", type=int, default=3, help="plain live runs per config")
     p.add_argument("--patched-repeats", type=int, default=1,
-                   help="instrumented / anchored / noyield live runs per config")
+                   help="instrumented / unanchored / noyield live runs per config")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=16384)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -381,7 +380,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="busy-loop processes running beside each live run (CPU contention)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "sim-fidelity")
     a = p.parse_args(argv)
-    bad = set(a.variants) - {"plain", "instrumented", "anchored", "noyield"}
+    bad = set(a.variants) - {"plain", "instrumented", "unanchored", "noyield"}
     if bad:
         p.error(f"unknown variants {sorted(bad)}")
     return a
@@ -411,16 +410,20 @@ def main() -> int:
 
 
 def serve_patched(argv: list[str]) -> int:
-    """``_serve --steps FILE [--anchored] [--no-yield] -- <baton serve args>``: ``baton
-    serve`` in this process with per-step timing hooks (and, with ``--anchored``, the
-    proposed executor; with ``--no-yield``, no explicit yield between steps)."""
+    """``_serve --steps FILE [--unanchored] [--no-yield] -- <baton serve args>``: ``baton
+    serve`` in this process with per-step timing hooks (and, with ``--unanchored``, steps
+    timed from when they start; with ``--no-yield``, no explicit yield between steps)."""
     sep = argv.index("--")
     p = argparse.ArgumentParser(prog="sim_fidelity.py _serve")
     p.add_argument("--steps", type=Path, required=True)
-    p.add_argument("--anchored", action="store_true")
+    p.add_argument("--unanchored", action="store_true")
     p.add_argument("--no-yield", action="store_true")
     opts = p.parse_args(argv[:sep])
-    install_hooks(opts.steps, anchored=opts.anchored)
+    install_hooks(opts.steps)
+    if opts.unanchored:  # every step's deadline is now + its modelled time
+        from baton.engine import mock
+
+        mock.step_deadline = lambda _previous, delay, now: (now + delay, 0.0)
     if opts.no_yield:  # no explicit yield between steps: the step's own sleep is the yield
         from baton.engine import core
 
@@ -431,7 +434,7 @@ def serve_patched(argv: list[str]) -> int:
     return baton_main()
 
 
-def install_hooks(path: Path, *, anchored: bool) -> None:
+def install_hooks(path: Path) -> None:
     """Records, per engine step: (engine, execute start, execute end, _finish_step end,
     modelled ms, prefill tokens, decode requests, schedule() seconds, has_work after)."""
     import atexit
@@ -452,7 +455,7 @@ def install_hooks(path: Path, *, anchored: bool) -> None:
         sched_s[id(self)] = clock() - t
         return out
 
-    execute = anchored_execute if anchored else mock.SimulatedExecutor.execute
+    execute = mock.SimulatedExecutor.execute
 
     async def timed_execute(self, output, scheduler):  # type: ignore[no-untyped-def]
         t0, ms0 = clock(), self.simulated_ms
@@ -467,34 +470,11 @@ def install_hooks(path: Path, *, anchored: bool) -> None:
         original_finish(self, output, sampled)
         t0, t1, ms, npf, nd, st = self.executor._hook_last
         busy = self._scheduler.has_work
-        self.executor._hook_busy = busy
         steps.append((id(self), t0, t1, clock(), ms, npf, nd, st, busy))
 
     Scheduler.schedule = schedule
     mock.SimulatedExecutor.execute = timed_execute
     core.EngineCore._finish_step = finish_step
-
-
-async def anchored_execute(self, output, scheduler):  # type: ignore[no-untyped-def]
-    """The proposed ``SimulatedExecutor.execute``: when the engine went on without idling,
-    the step ends at the previous step's deadline plus its modelled time (never before now),
-    so the shell's own CPU between steps (scheduling, outputs, the consumers it yields to) is
-    absorbed by the sleep instead of added to it."""
-    import asyncio
-
-    from baton.engine.timing import sleep_seconds
-
-    step_ms = self._timing.step_ms(output.num_prefill_tokens, output.num_decode_requests,
-                                   output.num_kv_tokens_in_use, self._kv_tokens_total)
-    self.simulated_ms += step_ms
-    now = time.perf_counter()
-    prev = getattr(self, "_deadline", None)
-    start = prev if prev is not None and getattr(self, "_hook_busy", False) else now
-    deadline = max(start + sleep_seconds(step_ms, self.config.speedup_ratio), now)
-    self._deadline = deadline
-    if deadline > now:
-        await asyncio.sleep(deadline - now)
-    return {rid: self._draw(rid) for rid in output.requests_needing_sample}
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
 from baton.config import EngineConfig
-from baton.engine.mock import SimulatedEngine
+from baton.engine.mock import SimulatedEngine, step_deadline
 from baton.engine.scheduler import SchedulerConfig
 from baton.engine.timing import PolynomialTiming
 from baton.errors import InvalidRequestError
@@ -139,3 +140,34 @@ async def test_worker_publishes_kv_events_and_load_on_the_event_plane():
                 metrics = await asyncio.wait_for(anext(load), 2)
                 assert isinstance(metrics, LoadMetrics) and metrics.worker_id == 77
                 assert metrics.num_running == 1 and metrics.active_blocks > 0
+
+
+def test_step_deadline_follows_the_previous_deadline_and_never_ends_in_the_past():
+    assert step_deadline(None, 0.020, 5.0) == (5.020, 0.0)  # after idling: from now
+    assert step_deadline(5.020, 0.020, 5.025) == (pytest.approx(5.040), 0.0)  # overhead absorbed
+    deadline, late = step_deadline(5.020, 0.020, 5.050)  # overhead longer than the step
+    assert deadline == 5.050 and late == pytest.approx(0.010)
+
+
+async def test_shell_time_between_steps_overlaps_the_modelled_step_time():
+    """A consumer that blocks the loop for half a decode step after each token does not
+    lengthen the steps (it would by ~40 % if each step slept its full modelled time from
+    'now')."""
+    config = EngineConfig(scheduler=SchedulerConfig(block_size=16, num_blocks=64),
+                          speedup_ratio=0.1)  # prefill step ~170 ms, decode steps ~82 ms
+    engine = SimulatedEngine(config, vocab=VOCAB)
+    await engine.start()
+    try:
+        started = time.perf_counter()
+        async for _ in engine.generate(request("a", list(range(1, 40)), max_tokens=8)):
+            time.sleep(0.04)  # the shell's CPU, blocking the loop
+        wall = time.perf_counter() - started
+        modelled_s = engine.simulated_ms / 1000 / config.speedup_ratio
+        assert engine.num_steps == 8
+        assert wall < 1.2 * modelled_s
+        first = engine._sim.late_steps
+        await asyncio.sleep(0.3)  # idle: the next step starts its own clock, it is not late
+        await run(engine, request("b", list(range(1, 40)), max_tokens=2))
+        assert engine._sim.late_steps == first == 0
+    finally:
+        await engine.close()

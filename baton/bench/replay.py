@@ -3,7 +3,8 @@ times and records what came back.
 
 Owns ``replay`` (one aiohttp session; request ``i`` is sent at ``timestamp_i / speedup`` after
 the run starts, measured from the trace's first timestamp, or later when ``max_concurrency``
-requests are already in flight) and ``run_bench`` (trace file in, table on stdout,
+requests are already in flight; request bodies are built up to ``_LOOKAHEAD_S`` ahead of their
+send time, so a burst of arrivals leaves together; times are ``time.perf_counter``) and ``run_bench`` (trace file in, table on stdout,
 ``summary.json`` (summary + records) and ``records.csv`` out). Requests stream ``/v1/completions``
 with the prompt as token ids (exact on any server that accepts token-id prompts), or with
 ``use_chat`` the prompt text as one user message to ``/v1/chat/completions``. Every request
@@ -31,6 +32,8 @@ from baton.bench.report import ProgressBar, format_table, write_run
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_trace
 
 DEFAULT_CONNECTIONS = 256
+_LOOKAHEAD_S = 1.0
+"""Bodies are built this far ahead of their send time (a 6k-token prompt takes ~1 ms)."""
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
@@ -65,18 +68,21 @@ async def replay(
     connector = aiohttp.TCPConnector(limit=limit)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     t0_ms = min(r.timestamp for r in chosen)
+    times = [(r.timestamp - t0_ms) / 1000.0 / speedup for r in chosen]
+    bodies: dict[int, bytes | ValueError] = {}
+    built = 0
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        start = time.perf_counter()
         tasks: list[asyncio.Task[RequestRecord]] = []
-        for index, request in enumerate(chosen):
-            at_s = (request.timestamp - t0_ms) / 1000.0 / speedup
-            await asyncio.sleep(max(0.0, start + at_s - loop.time()))
+        for index, at_s in enumerate(times):
+            while built < len(chosen) and times[built] <= at_s + _LOOKAHEAD_S:
+                bodies[built] = _body_or_error(model, chosen[built], prompts, use_chat)
+                built += 1
+            await asyncio.sleep(max(0.0, start + at_s - time.perf_counter()))
             record = RequestRecord(index=index, scheduled_at_s=at_s)
-            try:
-                body = _body(model, request, prompts, use_chat)
-            except ValueError as exc:  # hash_ids too few for input_length
-                record.error = f"trace: {exc}"
+            body = bodies.pop(index)
+            if isinstance(body, ValueError):  # hash_ids too few for input_length
+                record.error = f"trace: {body}"
                 send: Any = _unsent(record)
             else:
                 send = _send(session, url, body, record, start, gate)
@@ -95,6 +101,15 @@ async def _reported(
 
 async def _unsent(record: RequestRecord) -> RequestRecord:
     return record
+
+
+def _body_or_error(
+    model: str, request: TraceRequest, prompts: PromptBuilder, use_chat: bool
+) -> bytes | ValueError:
+    try:
+        return _body(model, request, prompts, use_chat)
+    except ValueError as exc:
+        return exc
 
 
 def _body(model: str, request: TraceRequest, prompts: PromptBuilder, use_chat: bool) -> bytes:
@@ -129,8 +144,8 @@ async def _send(
 async def _stream(
     session: aiohttp.ClientSession, url: str, body: bytes, record: RequestRecord, start: float
 ) -> RequestRecord:
-    loop = asyncio.get_running_loop()
-    record.sent_at_s = loop.time() - start
+    clock = time.perf_counter
+    record.sent_at_s = clock() - start
     chunk_times: list[float] = []
     try:
         async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
@@ -139,13 +154,13 @@ async def _stream(
                 raise _ReplayError(f"HTTP {resp.status}: {text}")
             async for data in sse_data(resp.content):
                 if _on_event(record, _decode(data)):
-                    chunk_times.append(loop.time() - start)
+                    chunk_times.append(clock() - start)
         record.ok = True
     except (_ReplayError, aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
         record.error = str(exc) or type(exc).__name__
         if not isinstance(exc, _ReplayError):
             record.error = f"{type(exc).__name__}: {record.error}"
-    record.end_at_s = loop.time() - start
+    record.end_at_s = clock() - start
     if chunk_times:
         record.first_token_at_s = chunk_times[0]
         record.itl_s = [b - a for a, b in itertools.pairwise(chunk_times)]

@@ -65,6 +65,9 @@ class Executor(Protocol):
         """Extra modelled time a KV load of ``num_tokens`` tokens takes (0 when real)."""
         ...
 
+    def idle(self) -> None:
+        """The engine ran out of computable work and waits (a modelled clock restarts)."""
+
     def forget(self, request_id: str) -> None: ...
 
     def close(self) -> None: ...
@@ -223,8 +226,7 @@ class EngineCore:
         slice_start = loop.time()
         while True:
             if not self._scheduler.has_work:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._wait_for_work()
                 slice_start = loop.time()
                 continue
             output = self._scheduler.schedule()
@@ -233,14 +235,18 @@ class EngineCore:
             if output.is_empty:  # nothing computable: KV loads or held blocks must end first
                 self._scheduler.update_from_output(output, {})
                 if not output.kv_loads:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                    await self._wait_for_work()
                 continue
             sampled = await self.executor.execute(output, self._scheduler)
             self._finish_step(output, sampled)
             if loop.time() - slice_start >= _BURST_S:
                 await asyncio.sleep(0)  # let consumers and new requests in
                 slice_start = loop.time()
+
+    async def _wait_for_work(self) -> None:
+        self.executor.idle()
+        self._wakeup.clear()
+        await self._wakeup.wait()
 
     def _finish_step(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> None:
         for result in self._scheduler.update_from_output(output, sampled):

@@ -1,6 +1,6 @@
 """The simulated engine (``--engine mock``): the real scheduler and block pool on a modelled clock.
 
-Its executor runs no model: a step sleeps for the timing model's step time divided by
+Its executor runs no model: a step lasts the timing model's step time divided by
 ``speedup_ratio`` (with no delay at all, steps run back to back; see ``core.py``) and each due
 request's next token is drawn uniformly from the model's vocabulary, special tokens excluded,
 from a generator seeded by the request's ``seed`` (or, without one, by its prompt), so the same
@@ -10,12 +10,21 @@ Its KV blocks hold no bytes, but disaggregation works as with a real engine: pre
 hold blocks, decode legs load them through the same transfer handshake, and a load takes the
 modelled time ``tokens x kv_bytes_per_token / kv_transfer_gbps`` (divided by
 ``speedup_ratio``) on top.
+
+Step deadlines: while the engine keeps working, a step ends at the previous step's deadline
+plus its modelled time, not at "now" plus it, so the shell's own CPU between steps
+(scheduling, handing out tokens, the consumers the loop yields to, a late timer) overlaps the
+modelled time instead of adding to it, and the live engine tracks its timing model as
+``baton sim`` does (docs/sim-fidelity.md). When that CPU exceeds a step's modelled time the
+step ends late; ``late_steps`` counts those and a warning says so at most every 10 s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 from array import array
 from collections.abc import Mapping, Sequence
 
@@ -27,6 +36,10 @@ from baton.engine.scheduler import Scheduler, SchedulerOutput
 from baton.engine.timing import PolynomialTiming, ProfileTiming, TimingModel, sleep_seconds
 from baton.kv.store import BlockStore
 from baton.protocol import GenerateRequest
+
+log = logging.getLogger(__name__)
+
+_LATE_WARNING_S = 10.0
 
 
 class SimulatedExecutor:
@@ -52,13 +65,15 @@ class SimulatedExecutor:
         self._rngs: dict[str, random.Random] = {}
         self.simulated_ms = 0.0
         """Sum of modelled step times (before ``speedup_ratio``): the engine's virtual clock."""
+        self.late_steps = 0
+        """Steps that ended after their deadline: the engine fell behind its timing model."""
+        self._deadline: float | None = None
+        self._warned_at = -_LATE_WARNING_S
 
     def begin(self, request: GenerateRequest) -> None:
         self._rngs[request.request_id] = random.Random(_seed_for(request))
 
     async def execute(self, output: SchedulerOutput, scheduler: Scheduler) -> Mapping[str, int]:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         step_ms = self._timing.step_ms(
             output.num_prefill_tokens,
             output.num_decode_requests,
@@ -68,8 +83,31 @@ class SimulatedExecutor:
         self.simulated_ms += step_ms
         delay = sleep_seconds(step_ms, self.config.speedup_ratio)
         if delay > 0:
-            await asyncio.sleep(max(0.0, delay - (loop.time() - started)))
+            await self._sleep_until_deadline(delay)
         return {rid: self._draw(rid) for rid in output.requests_needing_sample}
+
+    def idle(self) -> None:
+        self._deadline = None  # the next step starts its own clock
+
+    async def _sleep_until_deadline(self, delay: float) -> None:
+        now = time.perf_counter()
+        self._deadline, late_s = step_deadline(self._deadline, delay, now)
+        if late_s > 0:
+            self._note_late(late_s)
+        if self._deadline > now:
+            await asyncio.sleep(self._deadline - now)
+
+    def _note_late(self, behind_s: float) -> None:
+        self.late_steps += 1
+        now = time.monotonic()
+        if now - self._warned_at >= _LATE_WARNING_S:
+            self._warned_at = now
+            log.warning(
+                "simulated engine behind its timing model: the work between two steps took %.1f ms "
+                "more than the modelled step (%d late steps so far); this host cannot keep up "
+                "with --speedup-ratio %g",
+                behind_s * 1000, self.late_steps, self.config.speedup_ratio,
+            )
 
     def transfer_seconds(self, num_tokens: int) -> float:
         seconds = num_tokens * self._kv_bytes_per_token / (self.config.kv_transfer_gbps * 1e9)
@@ -100,6 +138,19 @@ class SimulatedEngine(EngineCore):
     @property
     def simulated_ms(self) -> float:
         return self._sim.simulated_ms
+
+
+def step_deadline(previous: float | None, delay: float, now: float) -> tuple[float, float]:
+    """When a step of ``delay`` seconds that starts at ``now`` ends, and how late that is.
+
+    After another step (``previous`` is its deadline) it ends at ``previous + delay``; after
+    an idle period (``previous`` is None) at ``now + delay``. It never ends before ``now``: a
+    deadline already passed is moved to ``now`` and the difference returned as lateness.
+    """
+    deadline = (now if previous is None else previous) + delay
+    if deadline < now:
+        return now, now - deadline
+    return deadline, 0.0
 
 
 def _seed_for(request: GenerateRequest) -> int:

@@ -54,6 +54,9 @@ class HfExecutor:
     def transfer_seconds(self, num_tokens: int) -> float:
         return 0.0
 
+    def idle(self) -> None:
+        pass
+
     def forget(self, request_id: str) -> None:
         self.runner.forget(request_id)
 
