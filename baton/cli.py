@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -50,9 +51,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=_S.block_size, help="tokens per KV block")
     g.add_argument("--max-num-seqs", type=int, default=_S.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=_S.max_num_batched_tokens)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--preemption-mode", choices=["lifo", "fifo"], default=_S.preemption_mode)
+    _add_scheduler_switches(g)
     g.add_argument("--timing-profile", default=None,
                    help="JSON profile replacing the polynomial timing model")
     g.add_argument("--kv-cache-bytes", type=int, default=_E.kv_cache_bytes,
@@ -64,6 +63,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-transfer-timeout-s", type=float, default=_E.kv_transfer_timeout_s,
                    help="a slower KV fetch fails and the decode worker prefills locally")
     _add_kv_transfer_gbps_arg(g)
+
+
+def _add_scheduler_switches(g: Any) -> None:
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--preemption-mode", choices=["lifo", "fifo"], default=_S.preemption_mode)
 
 
 def _add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -130,6 +135,25 @@ def _add_disagg_pool_args(p: argparse.ArgumentParser) -> None:
                    help="disaggregated: --prefill-workers and --decode-workers instead")
     p.add_argument("--prefill-workers", type=int, default=sc.num_prefill_workers)
     p.add_argument("--decode-workers", type=int, default=sc.num_decode_workers)
+    g = p.add_argument_group("prefill pool (with --disagg; default: as the other workers)")
+    g.add_argument("--prefill-num-blocks", type=int, default=None)
+    g.add_argument("--prefill-max-num-seqs", type=int, default=None)
+    g.add_argument("--prefill-max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--prefill-prefix-caching", choices=["on", "off"], default=None)
+
+
+def _prefill_scheduler(a: argparse.Namespace, base: SchedulerConfig) -> SchedulerConfig | None:
+    """The prefill pool's scheduler: ``base`` with the ``--prefill-*`` flags given; None when
+    no flag is given."""
+    changes: dict[str, Any] = {
+        name: value for name, value in (
+            ("num_blocks", a.prefill_num_blocks), ("max_num_seqs", a.prefill_max_num_seqs),
+            ("max_num_batched_tokens", a.prefill_max_num_batched_tokens),
+        ) if value is not None
+    }
+    if a.prefill_prefix_caching is not None:
+        changes["enable_prefix_caching"] = a.prefill_prefix_caching == "on"
+    return dataclasses.replace(base, **changes) if changes else None
 
 
 def _disagg_config(a: argparse.Namespace) -> DisaggConfig:
@@ -140,8 +164,8 @@ def _disagg_config(a: argparse.Namespace) -> DisaggConfig:
     )
 
 
-def _engine_config(a: argparse.Namespace) -> EngineConfig:
-    scheduler = SchedulerConfig(
+def _scheduler_config(a: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
         num_blocks=a.num_blocks,
         block_size=a.block_size,
         max_num_seqs=a.max_num_seqs,
@@ -150,8 +174,11 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=not a.no_chunked_prefill,
         preemption_mode=a.preemption_mode,
     )
+
+
+def _engine_config(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        kind=a.engine, scheduler=scheduler, speedup_ratio=a.speedup_ratio,
+        kind=a.engine, scheduler=_scheduler_config(a), speedup_ratio=a.speedup_ratio,
         timing_profile=a.timing_profile, kv_cache_bytes=a.kv_cache_bytes,
         num_threads=a.num_threads, kv_transfer=a.kv_transfer,
         kv_transfer_timeout_s=a.kv_transfer_timeout_s, kv_transfer_gbps=a.kv_transfer_gbps,
@@ -313,6 +340,7 @@ def _add_sim_parser(sub: Any) -> None:
     sim.add_argument("--num-blocks", type=int, default=_S.num_blocks)
     sim.add_argument("--max-num-seqs", type=int, default=_S.max_num_seqs)
     sim.add_argument("--max-num-batched-tokens", type=int, default=_S.max_num_batched_tokens)
+    _add_scheduler_switches(sim)
     sim.add_argument("--arrival-speedup", type=float, default=1.0)
     sim.add_argument("--max-requests", type=int, default=None)
     sim.add_argument("--trace-block-size", type=int, default=512)
@@ -336,13 +364,11 @@ def _sim(a: argparse.Namespace) -> int:
     from baton.bench import parse_goodput
     from baton.sim import LLAMA3_8B_KV_BYTES_PER_TOKEN, SimConfig, run_sim
 
+    scheduler = _scheduler_config(a)
     config = SimConfig(
         num_workers=a.workers, router=a.router, seed=a.seed,
         kv_router=_kv_router_config(a, seed=None),
-        scheduler=SchedulerConfig(
-            num_blocks=a.num_blocks, block_size=a.block_size, max_num_seqs=a.max_num_seqs,
-            max_num_batched_tokens=a.max_num_batched_tokens,
-        ),
+        scheduler=scheduler, prefill_scheduler=_prefill_scheduler(a, scheduler),
         arrival_speedup=a.arrival_speedup, max_requests=a.max_requests,
         trace_block_size=a.trace_block_size, kv_event_delay_s=a.kv_event_delay_s,
         disagg=a.disagg, num_prefill_workers=a.prefill_workers,
@@ -511,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                 disagg=args.disagg,
                 num_prefill_workers=args.prefill_workers,
                 num_decode_workers=args.decode_workers,
+                prefill_scheduler=_prefill_scheduler(args, _scheduler_config(args)),
             )
             return _run(lambda stop: launch.run_serve(config, stop))
         if args.command == "worker":

@@ -221,11 +221,24 @@ class ServeConfig:
     disagg: bool = False
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
+    prefill_scheduler: SchedulerConfig | None = None
+    """The prefill workers' scheduler (same block size as the others); None: the workers'."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "workers", "must be >= 1")
         _require(self.num_prefill_workers >= 1, "prefill_workers", "must be >= 1")
         _require(self.num_decode_workers >= 1, "decode_workers", "must be >= 1")
+        prefill = self.prefill_scheduler
+        _require(prefill is None or prefill.block_size == self.worker.engine.block_size,
+                 "prefill_scheduler", "must have the decode workers' block size")
+
+    def worker_config(self, role: WorkerRole) -> WorkerConfig:
+        """The configuration of an in-process worker of ``role``."""
+        config = replace(self.worker, role=role)
+        if role == "prefill" and self.prefill_scheduler is not None:
+            engine = replace(config.engine, scheduler=self.prefill_scheduler)
+            config = replace(config, engine=engine)
+        return config
 
     def roles(self) -> list[WorkerRole]:
         """The role of each in-process worker, in start order."""

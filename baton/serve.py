@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -34,8 +33,7 @@ async def embedded(config: ServeConfig):
         workers: list[Worker] = []
         try:
             for i, role in enumerate(config.roles()):
-                wconfig = dataclasses.replace(config.worker, role=role)
-                worker = build_worker(wconfig, runtime, instance_id=i)
+                worker = build_worker(config.worker_config(role), runtime, instance_id=i)
                 await worker.start()
                 workers.append(worker)
             async with Frontend(config.frontend, runtime) as frontend:

@@ -10,14 +10,13 @@ Steps (each a subcommand; every file goes under ``--work``, default /tmp/seed002
 Traces (all from Mooncake's conversation_trace.jsonl, seed 0, x16 prefixes, x10 prompts,
 ISL <= 110,000, 10,000 requests):
 
-- ``synth.jsonl``: ``baton trace synth --max-isl 110000``. Baton redraws a rejected request in
-  the same arrival slot, so this trace spans ~49 min instead of Dynamo's ~85 min.
-- ``dynamo.jsonl``: the same synthesis without ``--max-isl`` (20,000 requests), then requests
-  over 110,000 tokens dropped with their arrival slot kept and the first 10,000 kept: Dynamo's
-  filtering (``continue`` inside the slot loop). This is the trace the simulations replay.
+- ``dynamo.jsonl``: ``baton trace synth --max-isl 110000``. Like Dynamo's synthesizer it drops a
+  request over the limit and leaves its arrival slot empty; ``traces`` checks that the trace
+  equals the unfiltered synthesis of 20,000 requests minus the requests over 110,000 tokens
+  (timestamps and lengths). This is the trace the simulations replay.
 - ``dynamo-nocache.jsonl``: ``dynamo.jsonl`` with every request's hash ids made unique, so no
   request can reuse another's KV: the exemplar's aggregated workers run with
-  ``enable_block_reuse: false``, and ``baton sim`` has no switch for prefix caching.
+  ``enable_block_reuse: false`` (the same simulation as ``baton sim --no-prefix-caching``).
 """
 
 from __future__ import annotations
@@ -76,12 +75,15 @@ def _baton() -> str:
 
 
 # ------------------------------------------------------------------ traces
-def dynamo_filtered(requests: list[TraceRequest], max_isl: int, n: int) -> list[TraceRequest]:
-    """Drop requests over ``max_isl`` keeping the others' timestamps (Dynamo's filter)."""
-    kept = [r for r in requests if r.input_length <= max_isl]
-    if len(kept) < n:
-        raise SystemExit(f"only {len(kept)} requests <= {max_isl}; synthesize more")
-    return kept[:n]
+def check_dynamo_filter(filtered: list[TraceRequest], unfiltered: list[TraceRequest]) -> None:
+    """``filtered`` must be ``unfiltered`` minus the requests over ``MAX_ISL`` (Dynamo's
+    filter: a rejected request's slot stays empty), compared on timestamps and lengths."""
+    def key(r: TraceRequest) -> tuple[int, int, int]:
+        return r.timestamp, r.input_length, r.output_length
+
+    kept = [key(r) for r in unfiltered if r.input_length <= MAX_ISL][: len(filtered)]
+    if kept != [key(r) for r in filtered]:
+        raise SystemExit("the --max-isl trace is not the filtered unfiltered draw")
 
 
 def without_sharing(requests: list[TraceRequest]) -> list[TraceRequest]:
@@ -94,35 +96,23 @@ def without_sharing(requests: list[TraceRequest]) -> list[TraceRequest]:
     return out
 
 
-def dynamo_context_split(requests: list[TraceRequest], core_max_id: int) -> tuple[float, float]:
-    """Mean tokens from the core (shared-prefix) tree and from unique prompts, as Dynamo's
-    synthesizer reports them (``context_len`` / ``unique_user_prompt_len``)."""
-    ctx = sum(sum(1 for h in r.hash_ids if h <= core_max_id) * 512 for r in requests)
-    total = sum(r.input_length for r in requests)
-    return ctx / len(requests), (total - ctx) / len(requests)
-
-
 def cmd_traces(a: argparse.Namespace) -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     source = load_trace(a.source)
     knobs = {"prefix_len_multiplier": 16, "prompt_len_multiplier": 10, "seed": a.seed}
-    synth = synthesize(source, num_requests=NUM_REQUESTS, max_isl=MAX_ISL, **knobs)
-    save_trace(work / "synth.jsonl", synth)
-    dyn = dynamo_filtered(synthesize(source, num_requests=2 * NUM_REQUESTS, **knobs),
-                          MAX_ISL, NUM_REQUESTS)
+    dyn = synthesize(source, num_requests=NUM_REQUESTS, max_isl=MAX_ISL, **knobs)
+    check_dynamo_filter(dyn, synthesize(source, num_requests=2 * NUM_REQUESTS, **knobs))
     save_trace(work / "dynamo.jsonl", dyn)
     save_trace(work / "dynamo-nocache.jsonl", without_sharing(dyn))
-    core_max = max(h for r in source for h in r.hash_ids) * 16 + 15
-    rows = _stats_rows({"synth.jsonl": synth, "dynamo.jsonl": dyn}, core_max)
+    rows = _stats_rows({"dynamo.jsonl": dyn})
     text = "\n".join(rows)
     (work / "trace-stats.md").write_text(text + "\n")
     print(text)
 
 
-def _stats_rows(traces: dict[str, list[TraceRequest]], core_max: int) -> list[str]:
+def _stats_rows(traces: dict[str, list[TraceRequest]]) -> list[str]:
     stats = {name: analyze(reqs) for name, reqs in traces.items()}
-    split = {name: dynamo_context_split(reqs, core_max) for name, reqs in traces.items()}
     names = list(traces)
     rows = ["| statistic | NVIDIA (Dynamo datagen) | " + " | ".join(f"`{n}`" for n in names) + " |",
             "|---|---:|" + "---:|" * len(names)]
@@ -138,13 +128,13 @@ def _stats_rows(traces: dict[str, list[TraceRequest]], core_max: int) -> list[st
                        ("token-level hit rate %", "token_hit_rate")):
         vals = [f"{100 * getattr(stats[n], key):.1f}" for n in names]
         rows.append(f"| {label} | {SEED_STATS[key]} | " + " | ".join(vals) + " |")
-    rows += _split_rows(stats, split, names)
+    rows += _split_rows(stats, names)
     vals = [f"{stats[n].duration_s / 60:.1f} ({stats[n].arrival_rate:.2f} req/s)" for n in names]
     rows.append("| span, min (arrival rate) | ~85 (~1.96) | " + " | ".join(vals) + " |")
     return rows
 
 
-def _split_rows(stats: dict, split: dict, names: list[str]) -> list[str]:
+def _split_rows(stats: dict, names: list[str]) -> list[str]:
     rows = []
     for label, key in (
         ("shared context tok/req, baton (ids seen twice)", "shared_context_tokens_mean"),
@@ -156,7 +146,8 @@ def _split_rows(stats: dict, split: dict, names: list[str]) -> list[str]:
     rows.append(f"| shared prefix ratio %, baton | {SEED_STATS['shared_prefix_ratio']} | "
                 + " | ".join(vals) + " |")
     vals = [f"{ctx:,.0f} / {uniq:,.0f} ({100 * ctx / stats[n].isl_mean:.1f} %)"
-            for n in names for ctx, uniq in [split[n]]]
+            for n in names for ctx, uniq in [(stats[n].synth_context_tokens_mean,
+                                               stats[n].synth_unique_prompt_tokens_mean)]]
     rows.append("| context / unique prompt tok/req (ratio), core-tree split "
                 "| 22,400 / 16,786 (57.2 %) | " + " | ".join(vals) + " |")
     return rows

@@ -138,3 +138,18 @@ def test_serve_config_refuses_empty_pools(role_count) -> None:
 
     with pytest.raises(ValueError, match="prefill_workers"):
         ServeConfig(disagg=True, num_prefill_workers=role_count[0])
+
+
+def test_serve_config_gives_prefill_workers_their_own_scheduler() -> None:
+    from dataclasses import replace
+
+    from baton.config import ServeConfig
+
+    base = ServeConfig().worker.engine.scheduler
+    prefill = replace(base, max_num_seqs=4, enable_prefix_caching=False)
+    config = ServeConfig(disagg=True, prefill_scheduler=prefill)
+    assert config.worker_config("prefill").engine.scheduler == prefill
+    assert config.worker_config("prefill").role == "prefill"
+    assert config.worker_config("decode").engine.scheduler == base
+    with pytest.raises(ValueError, match="prefill_scheduler"):
+        ServeConfig(disagg=True, prefill_scheduler=replace(base, block_size=base.block_size * 2))

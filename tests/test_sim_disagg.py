@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 
@@ -211,6 +212,27 @@ def test_requests_that_cannot_fit_are_errors_and_leak_nothing() -> None:
     _assert_drained(cluster)
 
 
+def test_the_prefill_pool_can_have_its_own_scheduler() -> None:
+    """Prefix caching off on the prefill workers only: they compute the shared prefixes every
+    time (busier), the decode workers do exactly what they did before."""
+    trace = _groups()
+    base = Cluster(_config())
+    base.run(trace)
+    no_reuse = replace(SMALL_ENGINE, enable_prefix_caching=False, max_num_seqs=4)
+    split = Cluster(_config(prefill_scheduler=no_reuse))
+    records = split.run(trace)
+    assert [w.scheduler.config for w in split.workers] == [no_reuse] * 2 + [SMALL_ENGINE] * 2
+    assert all(r.ok for r in records)
+    for before, after in zip(base.workers, split.workers, strict=True):
+        if after in split.prefill.workers:
+            assert after.busy_s > 1.1 * before.busy_s
+        else:
+            assert after.busy_s == before.busy_s
+    _assert_drained(split)
+    with pytest.raises(ValueError, match="block_size"):
+        _config(prefill_scheduler=replace(SMALL_ENGINE, block_size=32))
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
         _config(num_prefill_workers=0)
@@ -236,7 +258,8 @@ def test_sim_command_disaggregated(tmp_path, capsys) -> None:  # type: ignore[no
                  "--max-local-prefill-ratio", "0.5", "--kv-transfer-gbps", "8",
                  "--kv-bytes-per-token", "65536", "--block-size", "16", "--num-blocks", "256",
                  "--trace-block-size", "64", "--step-time-scale", "1,1,2",
-                 "--out", str(out)]) == 0
+                 "--prefill-max-num-seqs", "4", "--prefill-prefix-caching", "off",
+                 "--no-chunked-prefill", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "remote prefills" in err and "busy: prefill" in err
     run = load_run(out)
@@ -244,3 +267,18 @@ def test_sim_command_disaggregated(tmp_path, capsys) -> None:  # type: ignore[no
     report = json.loads((out / "sim.json").read_text())
     assert report["disagg"]["num_remote"] + sum(report["disagg"]["num_local"].values()) == 6
     assert set(report["busy"]) == {"prefill", "decode"}
+
+
+def test_sim_command_takes_the_engine_switches_of_serve(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from baton.bench import load_run
+
+    path = tmp_path / "trace.jsonl"
+    save_trace(path, _groups(num_groups=2, per_group=3))
+    cached = {}
+    for switch in ([], ["--no-prefix-caching"]):
+        out = tmp_path / f"run{len(switch)}"
+        assert main(["sim", "--trace", str(path), "--workers", "2", "--block-size", "16",
+                     "--num-blocks", "256", "--trace-block-size", "64", *switch,
+                     "--out", str(out)]) == 0
+        cached[bool(switch)] = sum(r.cached_tokens or 0 for r in load_run(out).records)
+    assert cached[False] > 0 and cached[True] == 0

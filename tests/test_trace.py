@@ -59,16 +59,21 @@ def test_save_then_load_returns_the_same_requests(tmp_path: Path) -> None:
     assert load_trace(tmp_path / "t.jsonl") == trace
 
 
-def test_load_ignores_blank_lines_and_synthesizer_extra_fields(tmp_path: Path) -> None:
+def test_load_skips_blank_lines_reads_synthesizer_fields_and_ignores_others(
+    tmp_path: Path,
+) -> None:
     line = {
         "timestamp": 5,
         "input_length": 3,
         "output_length": 2,
         "hash_ids": [9],
         "context_len": 0,
+        "unique_user_prompt_len": 3,
+        "session_id": "x",
     }
     (tmp_path / "t.jsonl").write_text(json.dumps(line) + "\n\n")
-    assert load_trace(tmp_path / "t.jsonl") == [req(5, 3, 2, [9])]
+    (got,) = load_trace(tmp_path / "t.jsonl")
+    assert got == TraceRequest(5, 3, 2, [9], context_len=0, unique_user_prompt_len=3)
 
 
 def test_a_bad_line_raises_value_error_naming_its_line_number(tmp_path: Path) -> None:
@@ -99,6 +104,7 @@ def test_analyze_matches_hand_computed_numbers() -> None:
     assert s.mean_request_hit_rate == pytest.approx((0 + 2 / 3 + 1 / 2 + 0) / 4)
     # ids 1 and 2 repeat: contexts 1000 (all repeated), 1024, 512, 0
     assert s.shared_prefix_ratio == (1000 + 1024 + 512) / 3200
+    assert s.synth_context_tokens_mean is None  # not a synthesized trace
     assert s.timestamps_sorted and s.length_mismatches == 0
 
 
@@ -136,6 +142,37 @@ def test_prefix_len_multiplier_lengthens_shared_prefixes() -> None:
 def test_isl_filter_is_respected() -> None:
     out = synthesize(shared_trace(), num_requests=300, min_isl=5 * BS, max_isl=6 * BS)
     assert all(5 * BS <= r.input_length <= 6 * BS for r in out)
+
+
+def test_synthesized_requests_carry_the_synthesizers_context_split(tmp_path: Path) -> None:
+    """context_len = core-tree blocks x block size (the source's shared 4-block prompts, x4
+    with prefix_len_multiplier 4); the trace's own repeated-id split differs (a core path
+    drawn once is unique there)."""
+    out = synthesize(shared_trace(), num_requests=300, prefix_len_multiplier=4)
+    assert all(r.context_len + r.unique_user_prompt_len == r.input_length for r in out)
+    assert {r.context_len for r in out} == {16 * BS}
+    path = tmp_path / "t.jsonl"
+    save_trace(path, out)
+    assert load_trace(path) == out
+    s = analyze(out)
+    assert s.synth_context_tokens_mean == 16 * BS
+    assert s.synth_unique_prompt_tokens_mean == pytest.approx(s.isl_mean - 16 * BS)
+    save_trace(path, [req(0, 10, 1, [1])])
+    assert json.loads(path.read_text()) == {"timestamp": 0, "input_length": 10,
+                                             "output_length": 1, "hash_ids": [1]}
+
+
+def test_isl_filter_thins_arrivals_instead_of_compressing_them() -> None:
+    """As Dynamo's synthesizer: a filtered-out request leaves its arrival slot empty, so the
+    filtered trace is the unfiltered draw minus the requests outside the range."""
+    source = shared_trace()
+    unfiltered = synthesize(source, num_requests=600)
+    limit = sorted(r.input_length for r in unfiltered)[len(unfiltered) // 2]
+    filtered = synthesize(source, num_requests=200, max_isl=limit)
+    kept = [r for r in unfiltered if r.input_length <= limit][:200]
+    assert len(kept) == 200 and len(kept) < len(unfiltered) // 2 + 50
+    key = [(r.timestamp, r.input_length, r.output_length) for r in filtered]
+    assert key == [(r.timestamp, r.input_length, r.output_length) for r in kept]
 
 
 def test_speedup_compresses_timestamps() -> None:

@@ -334,26 +334,35 @@ class KvIndex:
             kids.append(child)
 
     def _drop_subtree(self, worker: _Worker, seq: int) -> None:
-        workers_of, children, bit = self._workers_of, self._children, worker.bit
+        """Takes ``seq`` and its descendants held by ``worker`` out of its coverage. The hot
+        loop of removals: single-child chains are followed without the stack."""
+        workers_of, children, bit, named = self._workers_of, self._children, worker.bit, worker.seq_to_ext
         keep, stack, dropped = ~bit, [seq], 0
         while stack:
             seq = stack.pop()
-            kids = children.get(seq)
-            if kids is None:
-                pass
-            elif isinstance(kids, int):
-                if workers_of[kids] & bit:
-                    stack.append(kids)
-            else:
-                stack += [c for c in kids if workers_of[c] & bit]
-            mask = workers_of[seq] & keep
-            if mask:
-                workers_of[seq] = mask
-            else:
-                del workers_of[seq]
-                self._unlink(seq)
-            dropped += 1
-            worker.forget(seq)
+            while True:
+                mask = workers_of[seq] & keep
+                if mask:
+                    workers_of[seq] = mask
+                else:
+                    del workers_of[seq]
+                    self._unlink(seq)
+                dropped += 1
+                if named:
+                    worker.forget(seq)
+                kids = children.get(seq)
+                if kids is None:
+                    break
+                if kids.__class__ is int:
+                    if not workers_of[kids] & bit:
+                        break
+                    seq = kids
+                else:
+                    held = [c for c in kids if workers_of[c] & bit]
+                    if not held:
+                        break
+                    seq = held.pop()
+                    stack += held
         worker.num_blocks -= dropped
 
     def _drop_all(self, worker: _Worker) -> None:

@@ -106,6 +106,8 @@ class SimConfig:
     disagg: bool = False
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
+    prefill_scheduler: SchedulerConfig | None = None
+    """The prefill workers' scheduler (same block size as ``scheduler``); None: ``scheduler``."""
     disagg_config: DisaggConfig = field(default_factory=DisaggConfig)
     """Which requests prefill on their decode worker (conditional disaggregation)."""
     kv_bytes_per_token: int = LLAMA3_8B_KV_BYTES_PER_TOKEN
@@ -137,6 +139,10 @@ class SimConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        prefill = self.prefill_scheduler
+        if prefill is not None and prefill.block_size != self.scheduler.block_size:
+            raise ValueError(f"prefill_scheduler.block_size ({prefill.block_size}) must equal "
+                             f"scheduler.block_size ({self.scheduler.block_size}): KV moves in blocks")
         if self.kv_bytes_per_token < 0:
             raise ValueError(f"kv_bytes_per_token must be >= 0, got {self.kv_bytes_per_token}")
         if not (math.isfinite(self.kv_transfer_gbps) and self.kv_transfer_gbps > 0):
@@ -213,8 +219,11 @@ class Cluster:
         if kv_config.seed is None:
             kv_config = replace(kv_config, seed=cfg.seed)
         scales = cfg.step_time_scale or (1.0,) * cfg.total_workers
+        scheduler = cfg.scheduler
+        if role == "prefill" and cfg.prefill_scheduler is not None:
+            scheduler = cfg.prefill_scheduler
         return SimPool(
-            role, range(first_id, first_id + count), cfg.scheduler, router=cfg.router,
+            role, range(first_id, first_id + count), scheduler, router=cfg.router,
             kv_router=kv_config, seed=cfg.seed,
             step_time_scales=scales[first_id:first_id + count], clock=lambda: self.now,
         )

@@ -3,8 +3,10 @@
 Owns ``TraceRequest`` (the four fields every Mooncake trace has), ``load_trace`` and
 ``save_trace``. A line is ``{"timestamp": ms, "input_length": n, "output_length": m,
 "hash_ids": [...]}`` where each hash id names one ``DEFAULT_TRACE_BLOCK_SIZE``-token block and
-equal ids at the same position mean a reusable prefix. Extra fields (``context_len``,
-``unique_user_prompt_len`` written by synthesizers) are ignored on read and not written back.
+equal ids at the same position mean a reusable prefix. Synthesized traces (Dynamo's and
+``baton trace synth``) add ``context_len`` and ``unique_user_prompt_len``, the synthesizer's
+split of the input into tokens from its shared prefix tree and the appended unique prompt; they
+are read when present and written only when set. Other extra fields are ignored.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ DEFAULT_TRACE_BLOCK_SIZE = 512
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class TraceRequest(msgspec.Struct, frozen=True):
+class TraceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     """One request of a trace: arrival time (ms since trace start), lengths and block ids."""
 
     timestamp: NonNegative
     input_length: NonNegative
     output_length: NonNegative
     hash_ids: list[int]
+    context_len: NonNegative | None = None
+    unique_user_prompt_len: NonNegative | None = None
 
 
 _decoder = msgspec.json.Decoder(TraceRequest)

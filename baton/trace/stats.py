@@ -14,10 +14,15 @@ evicts and is filled in trace order:
   all input tokens.
 - ``mean_request_hit_rate``: per request, leading seen blocks / its blocks, averaged over
   requests with blocks (Dynamo's ``analyze`` and ``aiperf analyze-trace`` report this one).
-- ``shared_context_tokens_mean`` / ``unique_prompt_tokens_mean``: Dynamo's split of a request
-  into context (its ids referenced more than once anywhere in the trace, x block_size; the whole
-  input when all are) and unique prompt (the rest); ``shared_prefix_ratio`` = mean context /
-  mean input length.
+- ``shared_context_tokens_mean`` / ``unique_prompt_tokens_mean``: the split Dynamo's
+  ``datagen analyze`` prints for any trace: context = a request's ids referenced more than once
+  anywhere in the trace, x block_size (the whole input when all are), unique prompt = the rest;
+  ``shared_prefix_ratio`` = mean context / mean input length.
+- ``synth_context_tokens_mean`` / ``synth_unique_prompt_tokens_mean``: for a synthesized trace
+  (every request has ``context_len``), the synthesizer's own split: tokens drawn from its shared
+  prefix tree vs the appended unique prompt. The statistics published with Dynamo's synthesized
+  traces are this split; a core-tree path drawn only once counts as context here and as unique
+  prompt above. None for other traces.
 - Percentiles are nearest-rank on the sorted values at index ``round(q/100 * (n-1))``.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import itertools
 import statistics
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 from baton.trace.mooncake import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
@@ -56,6 +62,8 @@ class TraceStats:
     shared_context_tokens_mean: float
     unique_prompt_tokens_mean: float
     shared_prefix_ratio: float
+    synth_context_tokens_mean: float | None
+    synth_unique_prompt_tokens_mean: float | None
     timestamps_sorted: bool
     length_mismatches: int  # requests whose len(hash_ids) != ceil(input_length / block_size)
 
@@ -117,11 +125,21 @@ def analyze(requests: list[TraceRequest], block_size: int = DEFAULT_TRACE_BLOCK_
             i - c for i, c in zip(isl, context, strict=True)
         ),
         shared_prefix_ratio=_ratio(sum(context), sum(isl)),
+        synth_context_tokens_mean=_mean_if_all(r.context_len for r in requests),
+        synth_unique_prompt_tokens_mean=_mean_if_all(r.unique_user_prompt_len for r in requests),
         timestamps_sorted=all(a <= b for a, b in itertools.pairwise(stamps)),
         length_mismatches=sum(
             len(r.hash_ids) != -(-r.input_length // block_size) for r in requests
         ),
     )
+
+
+def _mean_if_all(values: Iterable[int | None]) -> float | None:
+    """The mean of ``values``, or None when any is missing."""
+    present = list(values)
+    if any(v is None for v in present):
+        return None
+    return statistics.fmean(present)  # type: ignore[arg-type]
 
 
 def _rate(count: float, duration_s: float) -> float:
@@ -184,6 +202,8 @@ def format_stats(stats: TraceStats) -> str:
 
 
 def _format_value(name: str, value: object) -> str:
+    if value is None:
+        return "-"
     if name in _PERCENT:
         return f"{100 * float(value):.2f} %"  # type: ignore[arg-type]
     if isinstance(value, bool):

@@ -29,10 +29,13 @@ sampled unique-prompt lengths (rounded, at least 1 block). ``prefix_root_multipl
 each request's ids by ``randint(0, k-1) * (largest id + 1)``, making k disjoint copies of the tree.
 
 Differences from Dynamo, on purpose: the tree is keyed by path (an id reused under two parents
-makes two nodes, where Dynamo rejects the trace); a request outside ``min_isl``/``max_isl`` is
-redrawn in the same arrival slot (Dynamo drops the slot), and fresh ids are allocated only for
-kept requests, so they stay consecutive; ``min_osl``/``max_osl`` clip and every output length is
-at least 1. Output requests carry only the four Mooncake fields.
+makes two nodes, where Dynamo rejects the trace); fresh ids are allocated only for kept
+requests, so they stay consecutive; ``min_osl``/``max_osl`` clip and every output length is at
+least 1. As in Dynamo, a request outside ``min_isl``/``max_isl`` is dropped and its arrival slot
+stays empty, so the filter thins the arrivals rather than compressing them (the trace spans the
+time an unfiltered trace of the same draws would). Like Dynamo's, output requests carry
+``context_len`` (core-tree blocks x block_size, capped at the input length) and
+``unique_user_prompt_len`` (the rest) beside the four Mooncake fields.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+
+import msgspec
 
 from baton.trace.mooncake import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
 
@@ -306,27 +311,36 @@ class _Sampler:
 
     def run(self) -> list[TraceRequest]:
         out: list[TraceRequest] = []
-        timestamp = 0
+        timestamp, misses = 0, 0
         while len(out) < self.config.num_requests:
             burst = self.rng.choice(self.model.per_timestamp)
-            for _ in range(min(burst, self.config.num_requests - len(out))):
-                out.append(self._request(timestamp))
+            for _ in range(burst):
+                if len(out) == self.config.num_requests:
+                    break
+                request = self._request(timestamp)
+                if request is not None:
+                    out.append(request)
+                    misses = 0
+                elif (misses := misses + 1) >= _MAX_REJECTIONS:
+                    raise ValueError(
+                        f"min_isl {self.config.min_isl} / max_isl {self.config.max_isl}: no "
+                        f"acceptable request in {_MAX_REJECTIONS} draws"
+                    )
             timestamp += round(self.rng.choice(self.model.deltas) / self.config.speedup_ratio)
         return self._spread_over_roots(out)
 
-    def _request(self, timestamp: int) -> TraceRequest:
-        for _ in range(_MAX_REJECTIONS):
-            core, prompt_blocks = self._walk()
-            blocks = len(core) + prompt_blocks
-            isl = self._input_length(blocks, prompt_blocks > 0)
-            if self._isl_allowed(isl):
-                ids = core + list(range(self.next_id, self.next_id + prompt_blocks))
-                self.next_id += prompt_blocks
-                return TraceRequest(timestamp, isl, self._output_length(), ids)
-        raise ValueError(
-            f"min_isl {self.config.min_isl} / max_isl {self.config.max_isl}: no acceptable "
-            f"request in {_MAX_REJECTIONS} draws"
-        )
+    def _request(self, timestamp: int) -> TraceRequest | None:
+        """The request drawn for one arrival slot, or None when its ISL is filtered out."""
+        core, prompt_blocks = self._walk()
+        blocks = len(core) + prompt_blocks
+        isl = self._input_length(blocks, prompt_blocks > 0)
+        osl = self._output_length()  # drawn either way: filtering thins an unfiltered draw
+        if not self._isl_allowed(isl):
+            return None
+        ids = core + list(range(self.next_id, self.next_id + prompt_blocks))
+        self.next_id += prompt_blocks
+        context = min(isl, len(core) * self.config.block_size)
+        return TraceRequest(timestamp, isl, osl, ids, context, isl - context)
 
     def _walk(self) -> tuple[list[int], int]:
         """Core ids along a sampled path, and the unique-prompt length (0 if none)."""
@@ -366,5 +380,4 @@ class _Sampler:
 
     @staticmethod
     def _offset(request: TraceRequest, offset: int) -> TraceRequest:
-        ids = [h + offset for h in request.hash_ids]
-        return TraceRequest(request.timestamp, request.input_length, request.output_length, ids)
+        return msgspec.structs.replace(request, hash_ids=[h + offset for h in request.hash_ids])
