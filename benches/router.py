@@ -45,7 +45,7 @@ from pathlib import Path
 
 import msgspec
 
-from baton.kv.events import KvEvent, KvRemoved, KvStored, StoredBlock
+from baton.kv.events import KvEvent, KvRemoved, KvStored
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
 from baton.router.indexer import KvIndex
 
@@ -156,9 +156,9 @@ def baton_events(wl: Workload, docs: Docs) -> list[KvEvent]:
     events, next_id = [], dict.fromkeys(wl.worker_ids, 0)
     for worker, doc, start, end in wl.segments:
         seq, local = docs.seq[doc], docs.local[doc]
-        blocks = [StoredBlock(seq[i], local[i]) for i in range(start, end)]
         parent = seq[start - 1] if start else None
-        events.append(KvEvent(next_id[worker], KvStored(parent, blocks), worker))
+        stored = KvStored(parent, seq[start:end], local[start:end])
+        events.append(KvEvent(next_id[worker], stored, worker))
         next_id[worker] += 1
     return events
 
@@ -174,7 +174,8 @@ def dynamo_json(events: list[KvEvent]) -> list[tuple[int, bytes]]:
     for e in events:
         if isinstance(e.data, KvStored):
             blocks = [
-                {"block_hash": b.block_hash, "tokens_hash": b.tokens_hash} for b in e.data.blocks
+                {"block_hash": b, "tokens_hash": t}
+                for b, t in zip(e.data.block_hashes, e.data.tokens_hashes, strict=True)
             ]
             data: dict = {"stored": {"parent_hash": e.data.parent_hash, "blocks": blocks}}
         else:

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from baton.kv.block_pool import BlockPool, KVBlock, NoFreeBlocksError
-from baton.kv.events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
+from baton.kv.events import KvCleared, KvEvent, KvRemoved, KvStored
 from baton.kv.hashing import LocalBlockHash, SequenceHash
 
 
@@ -31,7 +31,7 @@ def commit(pool: BlockPool, blocks: Sequence[KVBlock], seq_hashes: Sequence[int]
 
 
 def stored(parent: int | None, *seq_hashes: int) -> KvStored:
-    return KvStored(parent, [StoredBlock(h, h + 1000) for h in seq_hashes])
+    return KvStored(parent, list(seq_hashes), [h + 1000 for h in seq_hashes])
 
 
 def test_fresh_pool_allocates_blocks_in_id_order(pool: BlockPool) -> None:
@@ -201,3 +201,9 @@ def test_kv_events_round_trip_through_msgpack(data: KvStored | KvRemoved | KvCle
 def test_kv_event_tags_are_stored_removed_cleared() -> None:
     as_arrays = msgspec.to_builtins([stored(None, 1), KvRemoved([1]), KvCleared()])
     assert [a[0] for a in as_arrays] == ["stored", "removed", "cleared"]
+
+
+def test_a_stored_event_with_unequal_hash_lists_is_refused_on_decode() -> None:
+    wire = msgspec.msgpack.encode(["stored", 1, [11, 12], [111]])
+    with pytest.raises(msgspec.ValidationError, match="2 block_hashes but 1 tokens_hashes"):
+        msgspec.msgpack.decode(wire, type=KvStored)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import pytest
 
-from baton.kv.events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
+from baton.kv.events import KvCleared, KvEvent, KvRemoved, KvStored
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
 from baton.router.indexer import KvIndex
 
@@ -19,6 +20,22 @@ def same(seq: int) -> int:
     return seq
 
 
+class Blk(NamedTuple):
+    """One stored block, as tests like to write them."""
+
+    block_hash: int
+    tokens_hash: int
+
+
+def stored_event(parent: int | None, blocks: Sequence[Blk]) -> KvStored:
+    return KvStored(parent, [b.block_hash for b in blocks], [b.tokens_hash for b in blocks])
+
+
+def store(index: KvIndex, worker: int, parent: int | None, blocks: Sequence[Blk]) -> bool:
+    event = stored_event(parent, blocks)
+    return index.stored(worker, parent, event.block_hashes, event.tokens_hashes)
+
+
 def vllm_style(seq: int) -> int:
     """An engine's own deterministic block id, unrelated to Baton's sequence hash."""
     return (seq * 0x9E3779B97F4A7C15 + 12345) % (1 << 63)
@@ -26,10 +43,10 @@ def vllm_style(seq: int) -> int:
 
 def chain(
     locals_: Sequence[int], parent: int | None = None, name: Callable[[int], int] = same
-) -> tuple[list[StoredBlock], list[int]]:
+) -> tuple[list[Blk], list[int]]:
     """Blocks with tokens hashes ``locals_`` after sequence hash ``parent``, and their seq hashes."""
     seqs = compute_sequence_hashes(locals_, parent=parent)
-    return [StoredBlock(name(s), h) for s, h in zip(seqs, locals_, strict=True)], list(seqs)
+    return [Blk(name(s), h) for s, h in zip(seqs, locals_, strict=True)], list(seqs)
 
 
 def seqs_of(*locals_: int) -> list[int]:
@@ -52,7 +69,7 @@ def scores(index: KvIndex, seqs: Sequence[int]) -> dict[int, int]:
 
 def test_removing_a_middle_block_keeps_only_the_prefix_before_it(index: KvIndex) -> None:
     blocks, s = chain([1, 2, 3])
-    index.stored(0, None, blocks)
+    store(index, 0, None, blocks)
     assert scores(index, s) == {0: 3}
     index.removed(0, [s[1]])
     assert scores(index, s) == {0: 1}
@@ -61,7 +78,7 @@ def test_removing_a_middle_block_keeps_only_the_prefix_before_it(index: KvIndex)
 
 def test_removing_the_leaf_keeps_the_rest(index: KvIndex) -> None:
     blocks, s = chain([1, 2, 3])
-    index.stored(0, None, blocks)
+    store(index, 0, None, blocks)
     index.removed(0, [s[2]])
     assert scores(index, s) == {0: 2}
 
@@ -70,18 +87,18 @@ def test_removing_the_root_drops_its_child_and_restoring_the_root_does_not_bring
     index: KvIndex,
 ) -> None:
     blocks, s = chain([1, 2])
-    index.stored(0, None, blocks)
+    store(index, 0, None, blocks)
     index.removed(0, [s[0]])
     assert scores(index, s) == {} and index.num_blocks == 0
-    index.stored(0, None, blocks[:1])
+    store(index, 0, None, blocks[:1])
     assert scores(index, s) == {0: 1}
 
 
 def test_a_branch_matches_only_after_its_parent(index: KvIndex) -> None:
     blocks, s = chain([1, 2, 3])
-    index.stored(0, None, blocks)
+    store(index, 0, None, blocks)
     branch, b = chain([5], parent=s[0])
-    assert index.stored(0, s[0], branch)
+    assert store(index, 0, s[0], branch)
     assert scores(index, [s[0], b[0]]) == {0: 2}
     assert scores(index, seqs_of(5)) == {}
     assert index.tree_size(0) == 4
@@ -91,7 +108,7 @@ def test_real_token_hashes_chain_exactly_like_the_engine(index: KvIndex) -> None
     tokens = list(range(1, 65))
     local = compute_local_hashes(tokens, 16)
     seqs = compute_sequence_hashes(local)
-    index.stored(3, None, [StoredBlock(s, h) for s, h in zip(seqs, local, strict=True)])
+    store(index, 3, None, [Blk(s, h) for s, h in zip(seqs, local, strict=True)])
     assert scores(index, seqs) == {3: 4}
     assert scores(index, compute_sequence_hashes(compute_local_hashes(tokens[16:], 16))) == {}
 
@@ -107,14 +124,14 @@ def test_router_scenario_longest_prefix_then_tie_with_tree_sizes(
     ab, _ = chain([A, B], name=name)
     acd, acd_s = chain([A, C, D], name=name)
     ace, _ = chain([A, C, E], name=name)
-    index.stored(a, None, ab)
-    index.stored(a, None, acd)
-    index.stored(b, None, ace)
+    store(index, a, None, ab)
+    store(index, a, None, acd)
+    store(index, b, None, ace)
     assert index.counters.duplicate_blocks == 1  # A, stored twice by a
     first = index.find_matches(seqs_of(A, C, D, F))
     assert first.scores == {a: 3, b: 2}
     # the request went to a, which then cached F after D (in its own names)
-    index.stored(a, name(acd_s[2]), chain([F], parent=acd_s[2], name=name)[0])
+    store(index, a, name(acd_s[2]), chain([F], parent=acd_s[2], name=name)[0])
     second = index.find_matches(seqs_of(A, C, G))
     assert second.scores == {a: 2, b: 2}
     assert second.tree_sizes == {a: 5, b: 3}  # a: A B C D F, b: A C E
@@ -123,10 +140,10 @@ def test_router_scenario_longest_prefix_then_tie_with_tree_sizes(
 
 def test_engine_names_resolve_parents_and_removals_per_worker(index: KvIndex) -> None:
     blocks, s = chain([A, B, C], name=vllm_style)
-    index.stored(1, None, blocks)
-    index.stored(2, None, chain([A, B, C])[0])  # same content, Baton names
-    assert index.stored(1, vllm_style(s[1]), chain([D], parent=s[1], name=vllm_style)[0])
-    assert not index.stored(2, vllm_style(s[1]), chain([D], parent=s[1])[0])  # not its name
+    store(index, 1, None, blocks)
+    store(index, 2, None, chain([A, B, C])[0])  # same content, Baton names
+    assert store(index, 1, vllm_style(s[1]), chain([D], parent=s[1], name=vllm_style)[0])
+    assert not store(index, 2, vllm_style(s[1]), chain([D], parent=s[1])[0])  # not its name
     index.removed(1, [vllm_style(s[1])])
     assert scores(index, s) == {1: 1, 2: 3}
     index.removed(2, [s[1]])
@@ -138,43 +155,43 @@ def test_engine_names_resolve_parents_and_removals_per_worker(index: KvIndex) ->
 
 def test_a_store_after_a_parent_the_worker_lacks_is_skipped_and_counted(index: KvIndex) -> None:
     blocks, s = chain([A, B])
-    index.stored(1, None, blocks)
+    store(index, 1, None, blocks)
     child, _ = chain([C], parent=s[1])
-    assert not index.stored(2, s[1], child)  # worker 1 holds the parent, worker 2 does not
-    assert not index.stored(1, 999, child)
+    assert not store(index, 2, s[1], child)  # worker 1 holds the parent, worker 2 does not
+    assert not store(index, 1, 999, child)
     assert index.counters.parent_missing == 2 and index.counters.events_skipped == 2
     assert index.tree_size(2) == 0 and index.num_blocks == 2
 
 
 def test_a_duplicate_store_is_a_counted_no_op(index: KvIndex) -> None:
     blocks, s = chain([A, B, C])
-    index.stored(1, None, blocks)
-    assert index.stored(1, None, blocks)
+    store(index, 1, None, blocks)
+    assert store(index, 1, None, blocks)
     assert index.counters.duplicate_blocks == 3
     assert index.tree_size(1) == 3 and scores(index, s) == {1: 3}
 
 
 def test_a_self_referencing_store_is_skipped(index: KvIndex) -> None:
     blocks, s = chain([A])
-    index.stored(1, None, blocks)
-    assert not index.stored(1, s[0], [StoredBlock(s[0], B)])
-    assert not index.stored(1, None, [StoredBlock(7, A), StoredBlock(7, B)])
+    store(index, 1, None, blocks)
+    assert not store(index, 1, s[0], [Blk(s[0], B)])
+    assert not store(index, 1, None, [Blk(7, A), Blk(7, B)])
     assert index.counters.invalid_sequence == 2 and index.tree_size(1) == 1
-    bad = [StoredBlock(7, A), StoredBlock(8, B), StoredBlock(8, C)]  # rolled back, not half-applied
-    assert not index.stored(2, None, bad)
+    bad = [Blk(7, A), Blk(8, B), Blk(8, C)]  # rolled back, not half-applied
+    assert not store(index, 2, None, bad)
     assert index.tree_size(2) == 0 and index.num_blocks == 1
 
 
 def test_unknown_removals_are_counted_not_errors(index: KvIndex) -> None:
-    index.stored(1, None, chain([A])[0])
+    store(index, 1, None, chain([A])[0])
     assert index.removed(1, [12345]) and index.removed(9, [1])
     assert index.counters.unknown_removals == 2 and index.tree_size(1) == 1
 
 
 def test_clearing_a_worker_keeps_the_others(index: KvIndex) -> None:
     blocks, s = chain([A, B, C])
-    index.stored(1, None, blocks)
-    index.stored(2, None, blocks[:2])
+    store(index, 1, None, blocks)
+    store(index, 2, None, blocks[:2])
     index.apply_event(KvEvent(5, KvCleared(), worker_id=1))
     assert scores(index, s) == {2: 2}
     assert index.num_blocks == 2 and index.tree_size(1) == 0 and index.workers() == [1, 2]
@@ -182,10 +199,10 @@ def test_clearing_a_worker_keeps_the_others(index: KvIndex) -> None:
 
 def test_a_removed_workers_slot_is_reused_without_leaking_its_blocks(index: KvIndex) -> None:
     blocks, s = chain([A, B])
-    index.stored(7, None, blocks)
-    index.stored(9, None, blocks[:1])
+    store(index, 7, None, blocks)
+    store(index, 9, None, blocks[:1])
     index.remove_worker(7)
-    index.stored(1 << 62, None, chain([C])[0])
+    store(index, 1 << 62, None, chain([C])[0])
     assert index._workers[1 << 62].slot == 0  # the freed slot
     assert scores(index, s) == {9: 1}
     assert index.workers() == [9, 1 << 62] and index.num_blocks == 2
@@ -196,9 +213,9 @@ def test_apply_event_dispatches_on_the_event_type(index: KvIndex) -> None:
     assert (
         index.apply_events(
             [
-                KvEvent(0, KvStored(None, blocks), worker_id=4),
+                KvEvent(0, stored_event(None, blocks), worker_id=4),
                 KvEvent(1, KvRemoved([s[1]]), worker_id=4),
-                KvEvent(2, KvStored(s[1], chain([C], parent=s[1])[0]), worker_id=4),
+                KvEvent(2, stored_event(s[1], chain([C], parent=s[1])[0]), worker_id=4),
             ]
         )
         == 2
@@ -209,7 +226,7 @@ def test_apply_event_dispatches_on_the_event_type(index: KvIndex) -> None:
 
 def test_queries_with_no_blocks_or_no_holders_score_nothing(index: KvIndex) -> None:
     assert index.find_matches([]).scores == {}
-    index.stored(1, None, chain([A])[0])
+    store(index, 1, None, chain([A])[0])
     assert index.find_matches(seqs_of(B, A), early_exit=True).scores == {}
 
 
@@ -233,7 +250,9 @@ def test_a_dump_rebuilds_identical_matches_in_a_fresh_index() -> None:
     fresh = KvIndex()
     for worker in index.workers():
         for stored in index.dump(worker):
-            assert fresh.stored(worker, stored.parent_hash, stored.blocks)
+            assert fresh.stored(
+                worker, stored.parent_hash, stored.block_hashes, stored.tokens_hashes
+            )
     fresh.check_invariants()
     assert fresh.num_blocks == index.num_blocks
     for _ in range(300):
@@ -303,7 +322,7 @@ def random_op(rng: random.Random, index: KvIndex, ref: Reference, num_workers: i
         if rng.random() < 0.05:  # a parent this worker does not hold
             parent = seqs_of(rng.randrange(8))[0]
         blocks, seqs = chain([rng.randrange(4) for _ in range(rng.randint(1, 5))], parent, name)
-        index.stored(worker, None if parent is None else name(parent), blocks)
+        store(index, worker, None if parent is None else name(parent), blocks)
         ref.store(worker, parent, seqs)
     elif roll < 0.97:
         victims = rng.sample(held, min(len(held), rng.randint(1, 3))) + [rng.getrandbits(63)]
@@ -332,3 +351,8 @@ def random_query(rng: random.Random, ref: Reference) -> list[int]:
         extra = [rng.randrange(4) for _ in range(rng.randint(0, 4))]
         return path + compute_sequence_hashes(extra, parent=path[-1])
     return seqs_of(*[rng.randrange(4) for _ in range(rng.randint(1, 12))])
+
+
+def test_a_store_with_unequal_hash_lists_is_skipped(index: KvIndex) -> None:
+    assert not index.stored(1, None, [1, 2], [A])
+    assert index.counters.invalid_sequence == 1 and index.num_blocks == 0

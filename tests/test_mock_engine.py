@@ -70,10 +70,10 @@ async def test_kv_events_are_numbered_and_carry_dynamo_compatible_hashes(engine)
     prompt = list(range(1, 101))
     await run(engine, request("a", prompt, max_tokens=1))
     assert [e.event_id for e in events] == list(range(len(events)))
-    stored = [b for e in events if isinstance(e.data, KvStored) for b in e.data.blocks]
+    stored = [e.data for e in events if isinstance(e.data, KvStored)]
     local = compute_local_hashes(prompt, 16)
-    assert [b.tokens_hash for b in stored[:6]] == local
-    assert [b.block_hash for b in stored[:6]] == compute_sequence_hashes(local)
+    assert [h for e in stored for h in e.tokens_hashes][:6] == local
+    assert [h for e in stored for h in e.block_hashes][:6] == compute_sequence_hashes(local)
     assert events[0].data.parent_hash is None
 
 

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 
 from baton.config import EngineConfig, FrontendConfig, WorkerConfig
 from baton.frontend import Frontend
-from baton.kv.events import KvEvent, KvRemoved, KvStored, StoredBlock
+from baton.kv.events import KvEvent, KvRemoved, KvStored
 from baton.protocol import LoadMetrics
 from baton.runtime import (
     DiscoveryEvent,
@@ -139,7 +139,7 @@ async def test_closing_deletes_own_records_but_not_other_processes(
 
 
 def kv_event(event_id: int) -> KvEvent:
-    return KvEvent(event_id, KvStored(None, [StoredBlock(event_id, event_id + 100)]), worker_id=7)
+    return KvEvent(event_id, KvStored(None, [event_id], [event_id + 100]), worker_id=7)
 
 
 async def test_kv_events_and_load_metrics_arrive_typed_on_another_connection(

@@ -10,7 +10,7 @@ import pytest
 from baton.engine.base import EngineLoad
 from baton.engine.request import Request, RequestStatus
 from baton.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, StepResult
-from baton.kv.events import KvEvent, KvStored, StoredBlock
+from baton.kv.events import KvEvent, KvStored
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
 from baton.protocol import KvTransferParams, SamplingParams
 
@@ -116,7 +116,7 @@ def test_a_repeated_prompt_hits_the_cache_except_its_last_token() -> None:
     hashes = compute_sequence_hashes(compute_local_hashes(prompt(16), 4))
     locals_ = compute_local_hashes(prompt(16), 4)
     assert sched.take_kv_events() == [
-        KvEvent(0, KvStored(None, [StoredBlock(h, loc) for h, loc in zip(hashes, locals_, strict=True)]))
+        KvEvent(0, KvStored(None, list(hashes), list(locals_)))
     ]
 
     again = make_request("r2", prompt(16), max_tokens=2)

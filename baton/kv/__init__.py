@@ -7,7 +7,7 @@ move between workers (``transfer.py``, asyncio; import it from there).
 from __future__ import annotations
 
 from baton.kv.block_pool import BlockPool, KVBlock, NoFreeBlocksError
-from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored, StoredBlock
+from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored
 from baton.kv.hashing import (
     XXH3_SEED,
     BlockSize,
@@ -31,7 +31,6 @@ __all__ = [
     "LocalBlockHash",
     "NoFreeBlocksError",
     "SequenceHash",
-    "StoredBlock",
     "compute_local_hashes",
     "compute_sequence_hashes",
     "extend_block_hashes",

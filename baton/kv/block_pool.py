@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored, StoredBlock
+from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored
 from baton.kv.hashing import LocalBlockHash, SequenceHash
 
 
@@ -239,11 +239,10 @@ class BlockPool:
         for seq_hash in sorted((h for h, d in depth.items() if d >= 0), key=depth.__getitem__):
             block = self._cached[seq_hash]
             assert block.local_hash is not None
-            stored = StoredBlock(seq_hash, block.local_hash)
-            if events and events[-1].blocks[-1].block_hash == block.parent_hash:
-                events[-1].blocks.append(stored)
+            if events and events[-1].block_hashes[-1] == block.parent_hash:
+                events[-1].append(seq_hash, block.local_hash)
             else:
-                events.append(KvStored(block.parent_hash, [stored]))
+                events.append(KvStored(block.parent_hash, [seq_hash], [block.local_hash]))
         return self._next_event_id + len(self._events) - 1, events
 
     def _depth(self, seq_hash: SequenceHash, memo: dict[SequenceHash, int]) -> int:
@@ -268,12 +267,11 @@ class BlockPool:
     def _queue_stored(
         self, seq_hash: SequenceHash, local_hash: LocalBlockHash, parent: SequenceHash | None
     ) -> None:
-        stored = StoredBlock(seq_hash, local_hash)
         last = self._events[-1] if self._events else None
-        if isinstance(last, KvStored) and last.blocks[-1].block_hash == parent:
-            last.blocks.append(stored)
+        if isinstance(last, KvStored) and last.block_hashes[-1] == parent:
+            last.append(seq_hash, local_hash)
         else:
-            self._events.append(KvStored(parent, [stored]))
+            self._events.append(KvStored(parent, [seq_hash], [local_hash]))
 
     def _queue_removed(self, seq_hashes: list[SequenceHash]) -> None:
         last = self._events[-1] if self._events else None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from baton.kv.events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
+from baton.kv.events import KvCleared, KvEvent, KvRemoved, KvStored
 from baton.kv.hashing import XXH3_SEED
 
 __all__ = ["IndexCounters", "KvIndex", "OverlapScores"]
@@ -148,12 +148,13 @@ class KvIndex:
         n = len(seq_hashes)
         scores: dict[int, int] = {}
         mask = get(seq_hashes[0], 0) if n else 0
-        pos = 0  # every worker in ``mask`` holds blocks 0..pos
+        pos, gap = 0, 1  # every worker in ``mask`` holds blocks 0..pos
         while mask:
-            pos = _last_with_mask(seq_hashes, get, mask, pos, n)
-            nxt = get(seq_hashes[pos + 1], 0) & mask if pos + 1 < n else 0
-            self._score(scores, mask & ~nxt, pos + 1)
-            mask, pos = nxt, pos + 1
+            end, after = _last_with_mask(seq_hashes, get, mask, pos, n, gap)
+            nxt = after & mask
+            self._score(scores, mask & ~nxt, end + 1)
+            gap = max(1, end - pos)  # the next drop is likely about as far
+            mask, pos = nxt, end + 1
         workers = self._workers
         return OverlapScores(scores, {w: workers[w].num_blocks for w in scores})
 
@@ -172,7 +173,8 @@ class KvIndex:
         """Applies one event; False when it was skipped (see ``counters``)."""
         data = event.data
         if isinstance(data, KvStored):
-            ok = self.stored(event.worker_id, data.parent_hash, data.blocks)
+            ok = self.stored(event.worker_id, data.parent_hash, data.block_hashes,
+                             data.tokens_hashes)
         elif isinstance(data, KvRemoved):
             ok = self.removed(event.worker_id, data.block_hashes)
         else:
@@ -185,33 +187,58 @@ class KvIndex:
         return sum(self.apply_event(e) for e in events)
 
     def stored(
-        self, worker_id: int, parent_hash: int | None, blocks: Sequence[StoredBlock]
+        self,
+        worker_id: int,
+        parent_hash: int | None,
+        block_hashes: Sequence[int],
+        tokens_hashes: Sequence[int],
     ) -> bool:
-        """A chain of blocks cached by ``worker_id`` after its block ``parent_hash`` (None = root)."""
+        """A chain of blocks cached by ``worker_id`` after its block ``parent_hash`` (None = root):
+        block ``i`` is the worker's ``block_hashes[i]`` with local hash ``tokens_hashes[i]``."""
         worker = self._worker(worker_id)
         parent = None if parent_hash is None else worker.resolve(parent_hash)
         if parent is not None and not self._workers_of.get(parent, 0) & worker.bit:
             self.counters.parent_missing += 1
             return self._skip()
-        if not self._insert(worker, parent, parent_hash, blocks):
+        if len(block_hashes) != len(tokens_hashes) or not self._insert(
+            worker, parent, parent_hash, block_hashes, tokens_hashes
+        ):
             self.counters.invalid_sequence += 1
             return self._skip()
         self.counters.events_applied += 1
         return True
 
     def removed(self, worker_id: int, block_hashes: Iterable[int]) -> bool:
-        """Blocks evicted by ``worker_id``; each takes its held descendants with it."""
+        """Blocks evicted by ``worker_id``; each takes its held descendants with it (so a
+        chain listed root first goes in one walk; its later blocks count as unknown)."""
+        hashes = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
         worker = self._workers.get(worker_id)
-        held, children = self._workers_of.get, self._children
-        for external in block_hashes:
-            seq = worker.resolve(external) if worker else external
-            if not (worker and held(seq, 0) & worker.bit):
-                self.counters.unknown_removals += 1
-            elif seq in children:
-                self._drop_subtree(worker, seq)
-            else:  # no children: the common case, as engines evict a sequence's tail first
-                self._drop_block(worker, seq)
         self.counters.events_applied += 1
+        if worker is None:
+            self.counters.unknown_removals += len(hashes)
+            return True
+        ext_to_seq = worker.ext_to_seq
+        seqs = [ext_to_seq.get(h, h) for h in hashes] if ext_to_seq else hashes
+        workers_of, children, named = self._workers_of, self._children, worker.seq_to_ext
+        bit, dropped, unknown = worker.bit, 0, 0
+        for seq in seqs:
+            mask = workers_of.get(seq, 0)
+            if not mask & bit:
+                unknown += 1
+            elif seq in children:  # it has children (maybe held by this worker)
+                self._drop_subtree(worker, seq)
+            else:  # a leaf: the common case, as engines evict a sequence's tail first
+                mask ^= bit  # held: xor clears it (and avoids a negative-int and)
+                if mask:
+                    workers_of[seq] = mask
+                else:
+                    del workers_of[seq]
+                    self._unlink(seq)
+                dropped += 1
+                if named:
+                    worker.forget(seq)
+        worker.num_blocks -= dropped
+        self.counters.unknown_removals += unknown
         return True
 
     def cleared(self, worker_id: int) -> bool:
@@ -243,16 +270,16 @@ class KvIndex:
         events = []
         while starts:
             parent, seq = starts.pop()
-            chain = []
+            chain = KvStored(None if parent is None else worker.seq_to_ext.get(parent, parent),
+                             [], [])
             while True:
-                chain.append(StoredBlock(worker.seq_to_ext.get(seq, seq), self._local(seq)))
+                chain.append(worker.seq_to_ext.get(seq, seq), self._local(seq))
                 kids = [c for c in self._kids(seq) if c in held]
                 if not kids:
                     break
                 starts.extend((seq, c) for c in kids[1:])
                 seq = kids[0]
-            ext_parent = None if parent is None else worker.seq_to_ext.get(parent, parent)
-            events.append(KvStored(ext_parent, chain))
+            events.append(chain)
         return events
 
     def _local(self, seq: int) -> int:
@@ -290,9 +317,10 @@ class KvIndex:
         worker: _Worker,
         parent: int | None,
         parent_hash: int | None,
-        blocks: Sequence[StoredBlock],
+        block_hashes: Sequence[int],
+        tokens_hashes: Sequence[int],
     ) -> bool:
-        """Chains and inserts ``blocks``; False (and nothing changed) if one names its parent.
+        """Chains and inserts the blocks; False (and nothing changed) if one names its parent.
 
         The hot loop of ingestion, so hashing, validation and linking are inlined. A worker's
         held blocks in a chain are a prefix of it, so the blocks this call adds are the chain
@@ -301,8 +329,7 @@ class KvIndex:
         workers_of, link_of, setdefault = self._workers_of, self._link_of, self._children.setdefault
         pack, xxh3, seed = _PAIR.pack, _xxh3, XXH3_SEED
         bit, prev, prev_ext, added, first_new = worker.bit, parent, parent_hash, 0, 0
-        for block in blocks:
-            local, ext = block.tokens_hash, block.block_hash
+        for local, ext in zip(tokens_hashes, block_hashes, strict=True):  # checked equal
             seq = local if prev is None else xxh3(pack(prev, local), seed)
             if seq == prev or ext == prev_ext:
                 worker.num_blocks += added
@@ -323,7 +350,7 @@ class KvIndex:
                     worker.name(seq, ext)
             prev, prev_ext = seq, ext
         worker.num_blocks += added
-        self.counters.duplicate_blocks += len(blocks) - added
+        self.counters.duplicate_blocks += len(block_hashes) - added
         return True
 
     def _add_child(self, parent: int, child: int) -> None:
@@ -337,11 +364,11 @@ class KvIndex:
         """Takes ``seq`` and its descendants held by ``worker`` out of its coverage. The hot
         loop of removals: single-child chains are followed without the stack."""
         workers_of, children, bit, named = self._workers_of, self._children, worker.bit, worker.seq_to_ext
-        keep, stack, dropped = ~bit, [seq], 0
+        stack, dropped = [seq], 0  # every block pushed is held: xor clears its bit
         while stack:
             seq = stack.pop()
             while True:
-                mask = workers_of[seq] & keep
+                mask = workers_of[seq] ^ bit
                 if mask:
                     workers_of[seq] = mask
                 else:
@@ -435,20 +462,32 @@ class KvIndex:
 
 
 def _last_with_mask(
-    seq_hashes: Sequence[int], get: Callable[[int, int], int], mask: int, pos: int, n: int
-) -> int:
-    """Last index >= ``pos`` whose holder mask is still ``mask`` (it is at ``pos``)."""
-    good, step = pos, 1
-    bad = pos + 1
-    while bad < n and get(seq_hashes[bad], 0) == mask:
+    seq_hashes: Sequence[int],
+    get: Callable[[int, int], int],
+    mask: int,
+    pos: int,
+    n: int,
+    guess: int,
+) -> tuple[int, int]:
+    """The last index ``end >= pos`` whose holder mask is still ``mask`` (it is at ``pos``),
+    and the mask at ``end + 1`` (0 past the end). Probes ``pos + guess`` first, then gallops
+    (doubling) or bisects from there: O(log gap) lookups, fewer when the guess is close."""
+    good, step = pos, guess
+    bad = min(pos + step, n)
+    while bad < n:
+        value = get(seq_hashes[bad], 0)
+        if value != mask:
+            break
         good = bad
         step *= 2
-        bad = pos + step
-    bad = min(bad, n)
+        bad = min(pos + step, n)
+    else:
+        value = 0  # ran off the end: nothing holds past it
     while bad - good > 1:
         mid = (good + bad) // 2
-        if get(seq_hashes[mid], 0) == mask:
+        found = get(seq_hashes[mid], 0)
+        if found == mask:
             good = mid
         else:
-            bad = mid
-    return good
+            bad, value = mid, found
+    return good, value

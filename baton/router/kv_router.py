@@ -26,7 +26,7 @@ from typing import Literal
 
 import msgspec
 
-from baton.kv.events import KvEvent, KvRemoved, KvStored, StoredBlock
+from baton.kv.events import KvEvent, KvRemoved, KvStored
 from baton.kv.hashing import (
     LocalBlockHash,
     SequenceHash,
@@ -244,8 +244,7 @@ class KvRouter:
         """Records the request's blocks as cached on ``worker_id`` until ``now + ttl_s``."""
         if not seq:
             return
-        blocks = [StoredBlock(s, t) for s, t in zip(seq, local, strict=True)]
-        self.index.apply_event(KvEvent(0, KvStored(None, blocks), worker_id))
+        self.index.apply_event(KvEvent(0, KvStored(None, list(seq), list(local)), worker_id))
         expires = now + self.ttl_s
         for s in seq:
             self._expires_at[(worker_id, s)] = expires
