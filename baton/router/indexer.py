@@ -219,8 +219,7 @@ class KvIndex:
             return True
         ext_to_seq = worker.ext_to_seq
         seqs = [ext_to_seq.get(h, h) for h in hashes] if ext_to_seq else hashes
-        workers_of, children, named = self._workers_of, self._children, worker.seq_to_ext
-        bit, dropped, unknown = worker.bit, 0, 0
+        workers_of, children, bit, unknown = self._workers_of, self._children, worker.bit, 0
         for seq in seqs:
             mask = workers_of.get(seq, 0)
             if not mask & bit:
@@ -228,16 +227,7 @@ class KvIndex:
             elif seq in children:  # it has children (maybe held by this worker)
                 self._drop_subtree(worker, seq)
             else:  # a leaf: the common case, as engines evict a sequence's tail first
-                mask ^= bit  # held: xor clears it (and avoids a negative-int and)
-                if mask:
-                    workers_of[seq] = mask
-                else:
-                    del workers_of[seq]
-                    self._unlink(seq)
-                dropped += 1
-                if named:
-                    worker.forget(seq)
-        worker.num_blocks -= dropped
+                self._drop_block(worker, seq)
         self.counters.unknown_removals += unknown
         return True
 
@@ -398,7 +388,7 @@ class KvIndex:
             self._drop_block(worker, seq)
 
     def _drop_block(self, worker: _Worker, seq: int) -> None:
-        mask = self._workers_of[seq] & ~worker.bit
+        mask = self._workers_of[seq] ^ worker.bit  # held: xor clears it (no negative-int and)
         if mask:
             self._workers_of[seq] = mask
         else:
