@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from baton.config import (
+    DEFAULT_SERVING_ROUTER,
     DISAGG_POLICIES,
     ROUTER_MODES,
     DisaggConfig,
@@ -84,7 +85,7 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("frontend")
     g.add_argument("--host", default=_F.host)
     g.add_argument("--port", type=int, default=_F.port)
-    g.add_argument("--router", choices=ROUTER_MODES, default=RouterConfig().mode)
+    g.add_argument("--router", choices=ROUTER_MODES, default=DEFAULT_SERVING_ROUTER)
     g.add_argument("--router-seed", type=int, default=None)
     r = RouterConfig()
     g.add_argument("--no-kv-events", action="store_true",
@@ -327,7 +328,7 @@ def _add_sim_parser(sub: Any) -> None:
     sim.add_argument("--trace", required=True, help="Mooncake JSONL file")
     sim.add_argument("--workers", type=int, default=1)
     _add_disagg_pool_args(sim)
-    sim.add_argument("--router", choices=ROUTER_MODES, default="round-robin")
+    sim.add_argument("--router", choices=ROUTER_MODES, default=DEFAULT_SERVING_ROUTER)
     sim.add_argument("--seed", type=int, default=0)
     _add_kv_weight_args(sim)
     d = sim.add_argument_group("disaggregation (with --disagg)")

@@ -17,6 +17,10 @@ EngineKind = Literal["mock", "hf"]
 WorkerRole = Literal["agg", "prefill", "decode"]
 KvTransferMode = Literal["inproc", "tcp", "shm"]
 ROUTER_MODES: tuple[str, ...] = ("round-robin", "random", "least-loaded", "kv")
+DEFAULT_SERVING_ROUTER: RouterMode = "kv"
+"""The router ``baton serve``, ``baton frontend``, graph frontends and ``baton sim`` use unless
+told otherwise. KV-aware: on both Mooncake traces it beats round-robin (docs/sim.md). A bare
+``RouterConfig()`` stays round-robin, the mode that needs no KV events."""
 
 
 def _require(ok: bool, name: str, message: str) -> None:

@@ -101,6 +101,7 @@ class BatonStack(Stack):
         self._spawn([*self.cmd, "serve", "--host", "127.0.0.1", "--port", str(port),
                      "--model", str(self.model_dir), "--model-name", MODEL_NAME,
                      "--workers", "2", "--speedup-ratio", "0", "--block-size", "16",
+                     "--router", "round-robin",  # as Dynamo's side; --baton-args may override
                      *self.extra_args],
                     "baton.log")
         log = self.workdir / "baton.log"

@@ -18,7 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from baton.config import ROUTER_MODES
+from baton.config import DEFAULT_SERVING_ROUTER, ROUTER_MODES
 
 ROLES = ("agg", "prefill", "decode")
 Group = Literal["nats", "worker", "router", "frontend"]
@@ -67,7 +67,7 @@ class FrontendSpec:
     host: str = "127.0.0.1"
     port: int = 8000
     """0 = any free port (a restarted frontend then gets a new one)."""
-    router: str = "round-robin"
+    router: str = DEFAULT_SERVING_ROUTER
     args: tuple[str, ...] = ()
     """Extra ``baton frontend`` flags."""
 
