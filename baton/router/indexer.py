@@ -139,8 +139,8 @@ class KvIndex:
     def find_matches(self, seq_hashes: Sequence[int], *, early_exit: bool = False) -> OverlapScores:
         """Each worker's number of contiguous leading blocks of ``seq_hashes`` held.
 
-        Gallops then bisects to every point where the holder mask shrinks: O(drops x log n)
-        dict lookups. ``early_exit`` is accepted for Dynamo parity; when one worker remains
+        Searches for every point where the holder mask shrinks, probing first as far ahead as
+        the previous drop was, then galloping or bisecting: O(drops x log n) dict lookups. ``early_exit`` is accepted for Dynamo parity; when one worker remains
         its search is finished anyway (it costs O(log n)), so scores are always exact.
         """
         del early_exit
