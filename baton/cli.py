@@ -53,8 +53,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=_S.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=_S.max_num_batched_tokens)
     _add_scheduler_switches(g)
-    g.add_argument("--timing-profile", default=None,
-                   help="JSON profile replacing the polynomial timing model")
+    _add_timing_profile_arg(g)
     g.add_argument("--kv-cache-bytes", type=int, default=_E.kv_cache_bytes,
                    help="hf engine: KV cache size in bytes (caps --num-blocks)")
     g.add_argument("--num-threads", type=int, default=None, help="hf engine: torch threads")
@@ -64,6 +63,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-transfer-timeout-s", type=float, default=_E.kv_transfer_timeout_s,
                    help="a slower KV fetch fails and the decode worker prefills locally")
     _add_kv_transfer_gbps_arg(g)
+
+
+def _add_timing_profile_arg(g: Any) -> None:
+    g.add_argument("--timing-profile", default=None,
+                   help="JSON profile replacing the polynomial timing model "
+                        "(docs/timing-model.md)")
 
 
 def _add_scheduler_switches(g: Any) -> None:
@@ -342,6 +347,7 @@ def _add_sim_parser(sub: Any) -> None:
     sim.add_argument("--max-num-seqs", type=int, default=_S.max_num_seqs)
     sim.add_argument("--max-num-batched-tokens", type=int, default=_S.max_num_batched_tokens)
     _add_scheduler_switches(sim)
+    _add_timing_profile_arg(sim)
     sim.add_argument("--arrival-speedup", type=float, default=1.0)
     sim.add_argument("--max-requests", type=int, default=None)
     sim.add_argument("--trace-block-size", type=int, default=512)
@@ -363,13 +369,15 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _sim(a: argparse.Namespace) -> int:
     from baton.bench import parse_goodput
+    from baton.engine.timing import PolynomialTiming, ProfileTiming
     from baton.sim import LLAMA3_8B_KV_BYTES_PER_TOKEN, SimConfig, run_sim
 
     scheduler = _scheduler_config(a)
+    timing = ProfileTiming.from_file(a.timing_profile) if a.timing_profile else PolynomialTiming()
     config = SimConfig(
         num_workers=a.workers, router=a.router, seed=a.seed,
         kv_router=_kv_router_config(a, seed=None),
-        scheduler=scheduler, prefill_scheduler=_prefill_scheduler(a, scheduler),
+        scheduler=scheduler, prefill_scheduler=_prefill_scheduler(a, scheduler), timing=timing,
         arrival_speedup=a.arrival_speedup, max_requests=a.max_requests,
         trace_block_size=a.trace_block_size, kv_event_delay_s=a.kv_event_delay_s,
         disagg=a.disagg, num_prefill_workers=a.prefill_workers,
@@ -566,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
             fconfig, args.worker, stop, nats=args.nats, lease_ttl_s=args.lease_ttl_s))
     except ValueError as exc:  # invalid configuration
         print(f"baton {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that is not there, a port in use
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"baton {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

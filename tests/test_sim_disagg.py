@@ -282,3 +282,23 @@ def test_sim_command_takes_the_engine_switches_of_serve(tmp_path) -> None:  # ty
                      "--out", str(out)]) == 0
         cached[bool(switch)] = sum(r.cached_tokens or 0 for r in load_run(out).records)
     assert cached[False] > 0 and cached[True] == 0
+
+
+def test_sim_command_takes_a_timing_profile_and_answers_missing_files(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from baton.bench import load_run
+
+    path = tmp_path / "trace.jsonl"
+    save_trace(path, _groups(num_groups=2, per_group=2))
+    profile = tmp_path / "profile.json"
+    base = ["sim", "--trace", str(path), "--workers", "2", "--block-size", "16",
+            "--num-blocks", "256", "--trace-block-size", "64"]
+    e2e = {}
+    for decode_ms in (5, 50):
+        profile.write_text(json.dumps({"prefill": {"tokens": [1, 1000], "ms": [1, 10]},
+                                       "decode": {"kv_usage": [0, 1], "ms": [decode_ms] * 2}}))
+        out = tmp_path / f"run{decode_ms}"
+        assert main([*base, "--timing-profile", str(profile), "--out", str(out)]) == 0
+        e2e[decode_ms] = _mean_e2e(load_run(out).records)
+    assert e2e[50] > 3 * e2e[5]
+    assert main([*base, "--timing-profile", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: No such file or directory" in capsys.readouterr().err
