@@ -196,11 +196,14 @@ class Cluster:
         self.config = config
         self.now = 0.0
         self.num_preemptions = 0
-        num_prefill = config.num_prefill_workers if config.disagg else 0
-        self.prefill = self._pool("prefill", 0, num_prefill) if config.disagg else None
+        self.prefill: SimPool | None = None
         """The prefill pool (``disagg`` only): worker ids ``0..P-1``."""
-        self.decode = (self._pool("decode", num_prefill, config.num_decode_workers)
-                       if config.disagg else self._pool("agg", 0, config.num_workers))
+        if config.disagg:
+            num_prefill = config.num_prefill_workers
+            self.prefill = self._pool("prefill", 0, num_prefill)
+            self.decode = self._pool("decode", num_prefill, config.num_decode_workers)
+        else:
+            self.decode = self._pool("agg", 0, config.num_workers)
         """The pool that generates: the aggregated workers or the decode pool."""
         self.pools = [p for p in (self.prefill, self.decode) if p is not None]
         self.workers = [w for pool in self.pools for w in pool.workers]
@@ -241,6 +244,11 @@ class Cluster:
     @property
     def num_steps(self) -> int:
         return sum(w.num_steps for w in self.workers)
+
+    def busy_shares(self) -> dict[str, float]:
+        """Per pool role: the share of virtual time its workers spent in steps (mean)."""
+        span = self.now or 1.0
+        return {p.role: p.busy_s / (span * len(p.workers)) for p in self.pools}
 
     def disagg_stats(self) -> DisaggStats | None:
         if self.prefill is None:

@@ -36,10 +36,8 @@ class SimReport(msgspec.Struct, kw_only=True):
 
 def sim_report(cluster: Cluster, wall_s: float) -> SimReport:
     """The report of a ``cluster`` that has run (``wall_s``: how long that took)."""
-    span = cluster.now or 1.0
-    busy: dict[str, float] = {p.role: p.busy_s / (span * len(p.workers)) for p in cluster.pools}
     return SimReport(num_steps=cluster.num_steps, num_preemptions=cluster.num_preemptions,
-                     virtual_s=cluster.now, wall_s=wall_s, busy=busy,
+                     virtual_s=cluster.now, wall_s=wall_s, busy=cluster.busy_shares(),
                      disagg=cluster.disagg_stats())
 
 

@@ -371,8 +371,6 @@ def run_result(
     n = config.num_workers
     summary = summarize(records, run_duration_s(records), config.sla)
     goodput = summary.goodput or 0.0
-    span = cluster.now or 1.0
-    busy = {p.role: p.busy_s / (span * len(p.workers)) for p in cluster.pools}
     stats = cluster.disagg_stats()
     ttft, itl = summary.ttft_ms, summary.itl_ms
     ttft_p50, ttft_p90 = (None, None) if ttft is None else (ttft.p50, ttft.p90)
@@ -387,7 +385,7 @@ def run_result(
         duration_s=summary.duration_s, goodput_rps=goodput, goodput_per_worker=goodput / n,
         request_throughput_rps=summary.request_throughput,
         ttft_p50_ms=ttft_p50, ttft_p90_ms=ttft_p90, itl_avg_ms=itl_avg, itl_p90_ms=itl_p90,
-        busy=busy, num_remote=None if stats is None else stats.num_remote,
+        busy=cluster.busy_shares(), num_remote=None if stats is None else stats.num_remote,
         mean_transfer_ms=None if stats is None else stats.mean_transfer_ms,
     )
 
