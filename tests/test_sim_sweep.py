@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from baton.bench.metrics import Goodput, RequestRecord
+from baton.bench.metrics import Goodput, RequestRecord, run_duration_s, summarize
 from baton.cli import main
 from baton.engine.scheduler import SchedulerConfig
 from baton.sim.sweep import (
@@ -19,7 +19,6 @@ from baton.sim.sweep import (
     Scenario,
     SweepConfig,
     agg_capacity_rps,
-    goodput_per_worker,
     grid_points,
     layouts,
     poisson_trace,
@@ -126,8 +125,9 @@ def test_goodput_per_worker_by_hand() -> None:
         _record(2.0, None, [], 2.0, ok=False),  # failed
     ]
     sla = Goodput(ttft_ms=1000, itl_ms=40)
-    # 2 requests meet; the run lasts from 0.0 to 2.5 s; 2 workers.
-    assert goodput_per_worker(records, sla, 2) == pytest.approx(2 / 2.5 / 2)
+    # 2 requests meet; the run lasts from 0.0 to 2.5 s; 2 workers (run_result's computation).
+    goodput = summarize(records, run_duration_s(records), sla).goodput
+    assert goodput is not None and goodput / 2 == pytest.approx(2 / 2.5 / 2)
 
 
 def test_lone_request_goodput_by_hand() -> None:

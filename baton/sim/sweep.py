@@ -347,13 +347,6 @@ class RunResult(msgspec.Struct, kw_only=True):
     mean_transfer_ms: float | None = None
 
 
-def goodput_per_worker(records: Sequence[RequestRecord], sla: Goodput, num_workers: int) -> float:
-    """Requests/s meeting ``sla`` (over the run's duration), per worker."""
-    records = list(records)
-    goodput = summarize(records, run_duration_s(records), sla).goodput or 0.0
-    return goodput / num_workers
-
-
 def simulate_layout(
     config: SweepConfig, point: GridPoint, layout: Layout, scenario: Scenario
 ) -> RunResult:
