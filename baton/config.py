@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from baton.checks import require
 from baton.engine.scheduler import SchedulerConfig
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
@@ -21,11 +22,6 @@ DEFAULT_SERVING_ROUTER: RouterMode = "kv"
 """The router ``baton serve``, ``baton frontend``, graph frontends and ``baton sim`` use unless
 told otherwise. KV-aware: on both Mooncake traces it beats round-robin (docs/sim.md). A bare
 ``RouterConfig()`` stays round-robin, the mode that needs no KV events."""
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
 
 
 @dataclass(frozen=True)
@@ -55,12 +51,12 @@ class EngineConfig:
     """The simulated engine's modelled KV transfer bandwidth, GB/s."""
 
     def __post_init__(self) -> None:
-        _require(self.kind in ("mock", "hf"), "engine", "mock or hf")
-        _require(self.speedup_ratio >= 0, "speedup_ratio", "must be >= 0 (0 = no delay)")
-        _require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
-        _require(self.kv_transfer in ("inproc", "tcp", "shm"), "kv_transfer", "inproc, tcp or shm")
+        require(self.kind in ("mock", "hf"), "engine", "mock or hf")
+        require(self.speedup_ratio >= 0, "speedup_ratio", "must be >= 0 (0 = no delay)")
+        require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
+        require(self.kv_transfer in ("inproc", "tcp", "shm"), "kv_transfer", "inproc, tcp or shm")
         for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "kv_transfer_gbps"):
-            _require(getattr(self, name) > 0, name, "must be > 0")
+            require(getattr(self, name) > 0, name, "must be > 0")
 
     @property
     def block_size(self) -> int:
@@ -111,7 +107,7 @@ class KvRouterConfig:
         for name in ("overlap_score_credit", "overlap_score_credit_decay", "prefill_load_scale",
                      "decode_active_request_weight", "temperature"):
             value = getattr(self, name)
-            _require(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0")
+            require(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0")
 
     def with_overrides(self, overrides: Any) -> KvRouterConfig:
         """This config with every field that ``overrides`` sets replaced."""
@@ -149,15 +145,15 @@ class RouterConfig:
     """HTTP status when every worker is busy (Dynamo answers 529; 503 is the alternative)."""
 
     def __post_init__(self) -> None:
-        _require(self.mode in ROUTER_MODES, "router", f"one of {', '.join(ROUTER_MODES)}")
-        _require(self.unhealthy_cooldown_s >= 0, "unhealthy_cooldown_s", "must be >= 0")
-        _require(self.ttl_s > 0, "router_ttl_s", "must be > 0")
-        _require(self.block_size is None or self.block_size >= 1, "block_size", "must be >= 1")
+        require(self.mode in ROUTER_MODES, "router", f"one of {', '.join(ROUTER_MODES)}")
+        require(self.unhealthy_cooldown_s >= 0, "unhealthy_cooldown_s", "must be >= 0")
+        require(self.ttl_s > 0, "router_ttl_s", "must be > 0")
+        require(self.block_size is None or self.block_size >= 1, "block_size", "must be >= 1")
         t = self.active_decode_blocks_threshold
-        _require(t is None or 0.0 <= t <= 1.0, "active_decode_blocks_threshold", "must be 0..1")
+        require(t is None or 0.0 <= t <= 1.0, "active_decode_blocks_threshold", "must be 0..1")
         t2 = self.active_prefill_tokens_threshold
-        _require(t2 is None or t2 >= 0, "active_prefill_tokens_threshold", "must be >= 0")
-        _require(self.overload_status in (503, 529), "overload_status", "503 or 529")
+        require(t2 is None or t2 >= 0, "active_prefill_tokens_threshold", "must be >= 0")
+        require(self.overload_status in (503, 529), "overload_status", "503 or 529")
 
 
 DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
@@ -184,12 +180,12 @@ class DisaggConfig:
     """... or more waiting requests than this."""
 
     def __post_init__(self) -> None:
-        _require(self.policy in DISAGG_POLICIES, "disagg_policy", ", ".join(DISAGG_POLICIES))
-        _require(self.max_local_prefill_tokens >= 0, "max_local_prefill_tokens", "must be >= 0")
-        _require(0.0 <= self.max_local_prefill_ratio <= 1.0, "max_local_prefill_ratio",
-                 "must be 0..1")
-        _require(self.prefill_busy_tokens >= 0, "prefill_busy_tokens", "must be >= 0")
-        _require(self.prefill_busy_waiting >= 0, "prefill_busy_waiting", "must be >= 0")
+        require(self.policy in DISAGG_POLICIES, "disagg_policy", ", ".join(DISAGG_POLICIES))
+        require(self.max_local_prefill_tokens >= 0, "max_local_prefill_tokens", "must be >= 0")
+        require(0.0 <= self.max_local_prefill_ratio <= 1.0, "max_local_prefill_ratio",
+                "must be 0..1")
+        require(self.prefill_busy_tokens >= 0, "prefill_busy_tokens", "must be >= 0")
+        require(self.prefill_busy_waiting >= 0, "prefill_busy_waiting", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -209,9 +205,9 @@ class FrontendConfig:
     """On SIGTERM, how long open streams may run before the frontend exits anyway."""
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port <= 65535, "port", "must be 0..65535")
-        _require(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
-        _require(self.migration_limit >= 0, "migration_limit", "must be >= 0")
+        require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        require(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+        require(self.migration_limit >= 0, "migration_limit", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -229,12 +225,12 @@ class ServeConfig:
     """The prefill workers' scheduler (same block size as the others); None: the workers'."""
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "workers", "must be >= 1")
-        _require(self.num_prefill_workers >= 1, "prefill_workers", "must be >= 1")
-        _require(self.num_decode_workers >= 1, "decode_workers", "must be >= 1")
+        require(self.num_workers >= 1, "workers", "must be >= 1")
+        require(self.num_prefill_workers >= 1, "prefill_workers", "must be >= 1")
+        require(self.num_decode_workers >= 1, "decode_workers", "must be >= 1")
         prefill = self.prefill_scheduler
-        _require(prefill is None or prefill.block_size == self.worker.engine.block_size,
-                 "prefill_scheduler", "must have the decode workers' block size")
+        require(prefill is None or prefill.block_size == self.worker.engine.block_size,
+                "prefill_scheduler", "must have the decode workers' block size")
 
     def worker_config(self, role: WorkerRole) -> WorkerConfig:
         """The configuration of an in-process worker of ``role``."""

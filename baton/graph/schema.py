@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from baton.checks import is_int, require
 from baton.config import DEFAULT_SERVING_ROUTER, ROUTER_MODES
 
 ROLES = ("agg", "prefill", "decode")
@@ -38,15 +39,6 @@ class GraphStartError(RuntimeError):
     """A process of the graph exited or stayed silent before printing its ready line."""
 
 
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # ---------------------------------------------------------------------------- schema
 
 
@@ -58,8 +50,8 @@ class NatsSpec:
     start: bool = True
 
     def __post_init__(self) -> None:
-        _require((self.url is None) == self.start, "url", "give a URL or {start: true}, not both")
-        _require(self.url is None or str(self.url).startswith("nats://"), "url", "must be nats://...")
+        require((self.url is None) == self.start, "url", "give a URL or {start: true}, not both")
+        require(self.url is None or str(self.url).startswith("nats://"), "url", "must be nats://...")
 
 
 @dataclass(frozen=True)
@@ -72,8 +64,8 @@ class FrontendSpec:
     """Extra ``baton frontend`` flags."""
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.port) and 0 <= self.port <= 65535, "port", "must be 0..65535")
-        _require(self.router in ROUTER_MODES, "router", f"one of {', '.join(ROUTER_MODES)}")
+        require(is_int(self.port) and 0 <= self.port <= 65535, "port", "must be 0..65535")
+        require(self.router in ROUTER_MODES, "router", f"one of {', '.join(ROUTER_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -85,7 +77,7 @@ class RouterSpec:
     args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.port) and 0 <= self.port <= 65535, "port", "must be 0..65535")
+        require(is_int(self.port) and 0 <= self.port <= 65535, "port", "must be 0..65535")
 
 
 @dataclass(frozen=True)
@@ -101,9 +93,9 @@ class WorkerPoolSpec:
     """Extra ``baton worker`` flags."""
 
     def __post_init__(self) -> None:
-        _require(bool(_NAME.match(str(self.name))), "name", "letters, digits, '_' and '-' only")
-        _require(_is_int(self.count) and self.count >= 1, "count", "must be an integer >= 1")
-        _require(self.role in ROLES, "role", f"one of {', '.join(ROLES)}")
+        require(bool(_NAME.match(str(self.name))), "name", "letters, digits, '_' and '-' only")
+        require(is_int(self.count) and self.count >= 1, "count", "must be an integer >= 1")
+        require(self.role in ROLES, "role", f"one of {', '.join(ROLES)}")
 
 
 @dataclass(frozen=True)
@@ -118,9 +110,9 @@ class SupervisionSpec:
 
     def __post_init__(self) -> None:
         for name in ("ready_timeout_s", "grace_s", "backoff_max_s"):
-            _require(getattr(self, name) > 0, name, "must be > 0")
-        _require(0 <= self.backoff_initial_s <= self.backoff_max_s, "backoff_initial_s",
-                 "must be 0..backoff_max_s")
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(0 <= self.backoff_initial_s <= self.backoff_max_s, "backoff_initial_s",
+                "must be 0..backoff_max_s")
 
 
 @dataclass(frozen=True)
@@ -136,11 +128,11 @@ class GraphConfig:
     supervision: SupervisionSpec = field(default_factory=SupervisionSpec)
 
     def __post_init__(self) -> None:
-        _require(bool(_NAME.match(str(self.namespace))), "namespace", "letters, digits, '_', '-'")
-        _require(self.lease_ttl_s > 0, "lease_ttl_s", "must be > 0")
-        _require(len(self.workers) >= 1, "workers", "at least one pool")
+        require(bool(_NAME.match(str(self.namespace))), "namespace", "letters, digits, '_', '-'")
+        require(self.lease_ttl_s > 0, "lease_ttl_s", "must be > 0")
+        require(len(self.workers) >= 1, "workers", "at least one pool")
         names = [pool.name for pool in self.workers]
-        _require(len(set(names)) == len(names), "workers", "pool names must be unique")
+        require(len(set(names)) == len(names), "workers", "pool names must be unique")
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -156,15 +148,15 @@ def _at(where: str) -> Iterator[None]:
 
 
 def _mapping(raw: Any, where: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
-    _require(isinstance(raw, Mapping), where, "must be a mapping")
+    require(isinstance(raw, Mapping), where, "must be a mapping")
     for key in raw:
-        _require(key in allowed, str(key) if where == "graph" else f"{where}.{key}",
-                 f"unknown key (expected one of {', '.join(allowed)})")
+        require(key in allowed, str(key) if where == "graph" else f"{where}.{key}",
+                f"unknown key (expected one of {', '.join(allowed)})")
     return raw
 
 
 def _strings(raw: Any, where: str) -> tuple[str, ...]:
-    _require(isinstance(raw, list), where, "must be a list of strings")
+    require(isinstance(raw, list), where, "must be a list of strings")
     return tuple(str(item) for item in raw)
 
 
@@ -175,7 +167,7 @@ def _engine(raw: Any, where: str) -> tuple[tuple[str, Any], ...]:
         ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
         if kind is float:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
-        _require(ok, f"{where}.{key}", f"must be a {kind.__name__}")
+        require(ok, f"{where}.{key}", f"must be a {kind.__name__}")
     return tuple(sorted(items.items()))
 
 
@@ -184,7 +176,7 @@ def _section(cls: type, raw: Any, where: str, lists: tuple[str, ...] = ("args",)
     values = dict(_mapping(raw, where, keys))
     for f in fields(cls):
         if f.default is MISSING and f.default_factory is MISSING:
-            _require(f.name in values, f"{where}.{f.name}", "required")
+            require(f.name in values, f"{where}.{f.name}", "required")
     for key in lists:
         if key in values:
             values[key] = _strings(values[key], f"{where}.{key}")
@@ -202,14 +194,14 @@ def _nats(raw: Any) -> NatsSpec:
 
 
 def _list(cls: type, raw: Any, where: str) -> tuple[Any, ...]:
-    _require(isinstance(raw, list), where, "must be a list")
+    require(isinstance(raw, list), where, "must be a list")
     return tuple(_section(cls, item, f"{where}[{i}]") for i, item in enumerate(raw))
 
 
 def parse_graph(raw: Any) -> GraphConfig:
     """Builds a ``GraphConfig`` from parsed YAML; a ValueError names the offending field."""
     top = dict(_mapping(raw, "graph", tuple(GraphConfig.__dataclass_fields__)))
-    _require("workers" in top, "workers", "required (a list of worker pools)")
+    require("workers" in top, "workers", "required (a list of worker pools)")
     top["workers"] = _list(WorkerPoolSpec, top["workers"], "workers")
     for key, cls in (("frontends", FrontendSpec), ("routers", RouterSpec)):
         if key in top:

@@ -31,6 +31,7 @@ from typing import Literal
 import msgspec
 
 from baton.bench.metrics import Goodput, RequestRecord, meets, run_duration_s, summarize
+from baton.checks import is_int, require_value
 from baton.config import DisaggConfig
 from baton.engine.scheduler import SchedulerConfig
 from baton.engine.timing import PolynomialTiming, TimingModel
@@ -148,41 +149,32 @@ class SweepConfig:
             values = getattr(self, name)
             if values is not None:
                 _check_values(name, values, integer=False)
-        _require(_is_int(self.num_workers) and self.num_workers >= 2, "workers",
-                 self.num_workers, "must be an integer >= 2 (a P:D split needs two workers)")
-        _require(_is_int(self.num_requests) and self.num_requests >= 1, "requests",
-                 self.num_requests, "must be a positive integer")
-        _require(0.0 <= self.shared_prefix < 1.0, "shared_prefix", self.shared_prefix,
-                 "must be in [0, 1)")
-        _require(_is_int(self.prefix_groups) and self.prefix_groups >= 1, "prefix_groups",
-                 self.prefix_groups, "must be a positive integer")
-        _require(self.router in ROUTER_MODES, "router", self.router,
-                 f"must be one of {', '.join(ROUTER_MODES)}")
+        require_value(is_int(self.num_workers) and self.num_workers >= 2, "workers",
+                      self.num_workers, "must be an integer >= 2 (a P:D split needs two workers)")
+        require_value(is_int(self.num_requests) and self.num_requests >= 1, "requests",
+                      self.num_requests, "must be a positive integer")
+        require_value(0.0 <= self.shared_prefix < 1.0, "shared_prefix", self.shared_prefix,
+                      "must be in [0, 1)")
+        require_value(is_int(self.prefix_groups) and self.prefix_groups >= 1, "prefix_groups",
+                      self.prefix_groups, "must be a positive integer")
+        require_value(self.router in ROUTER_MODES, "router", self.router,
+                      f"must be one of {', '.join(ROUTER_MODES)}")
         factor = self.straggler_factor
-        _require(factor is None or (math.isfinite(factor) and factor >= 1.0), "straggler",
-                 factor, "must be a factor >= 1 (its steps take that many times longer)")
-        _require(self.kv_bytes_per_token >= 0, "kv_bytes_per_token", self.kv_bytes_per_token,
-                 "must be >= 0")
-        _require(self.trace_block_size >= 1, "trace_block_size", self.trace_block_size,
-                 "must be >= 1")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require(ok: bool, name: str, value: object, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} {rule}, got {value!r}")
+        require_value(factor is None or (math.isfinite(factor) and factor >= 1.0), "straggler",
+                      factor, "must be a factor >= 1 (its steps take that many times longer)")
+        require_value(self.kv_bytes_per_token >= 0, "kv_bytes_per_token", self.kv_bytes_per_token,
+                      "must be >= 0")
+        require_value(self.trace_block_size >= 1, "trace_block_size", self.trace_block_size,
+                      "must be >= 1")
 
 
 def _check_values(name: str, values: Sequence[float], *, integer: bool) -> None:
-    _require(len(values) > 0, name, values, "needs at least one value")
+    require_value(len(values) > 0, name, values, "needs at least one value")
     kind = "positive integers" if integer else "positive numbers"
     for v in values:
-        ok = _is_int(v) if integer else isinstance(v, int | float) and math.isfinite(v)
-        _require(ok and v > 0, name, tuple(values), f"must be {kind}")
-    _require(len(set(values)) == len(values), name, tuple(values), "has a value twice")
+        ok = is_int(v) if integer else isinstance(v, int | float) and math.isfinite(v)
+        require_value(ok and v > 0, name, tuple(values), f"must be {kind}")
+    require_value(len(set(values)) == len(values), name, tuple(values), "has a value twice")
 
 
 def layouts(num_workers: int) -> list[Layout]:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from baton.checks import require_value
 from baton.trace.mooncake import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
 
 _MAX_REJECTIONS = 10_000
@@ -71,38 +72,33 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.num_requests >= 0, "num_requests", self.num_requests, "must be >= 0")
+        require_value(self.num_requests >= 0, "num_requests", self.num_requests, "must be >= 0")
         for name in (
             "prefix_len_multiplier",
             "prompt_len_multiplier",
             "osl_multiplier",
             "speedup_ratio",
         ):
-            _require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+            require_value(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         root = self.prefix_root_multiplier
-        _require(
+        require_value(
             isinstance(root, int) and root >= 1,
             "prefix_root_multiplier",
             root,
             "must be an int >= 1",
         )
-        _require(self.block_size >= 1, "block_size", self.block_size, "must be >= 1")
+        require_value(self.block_size >= 1, "block_size", self.block_size, "must be >= 1")
         _check_range("isl", self.min_isl, self.max_isl)
         _check_range("osl", self.min_osl, self.max_osl)
 
 
-def _require(ok: bool, name: str, value: object, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} {rule}, got {value!r}")
-
-
 def _check_range(what: str, low: int | None, high: int | None) -> None:
     if low is not None:
-        _require(low >= 0, f"min_{what}", low, "must be >= 0")
+        require_value(low >= 0, f"min_{what}", low, "must be >= 0")
     if high is not None:
-        _require(high >= 1, f"max_{what}", high, "must be >= 1")
+        require_value(high >= 1, f"max_{what}", high, "must be >= 1")
     if low is not None and high is not None:
-        _require(low <= high, f"min_{what}", low, f"must be <= max_{what} ({high})")
+        require_value(low <= high, f"min_{what}", low, f"must be <= max_{what} ({high})")
 
 
 @dataclass(eq=False)
