@@ -308,8 +308,9 @@ def run_key(layout: Layout, scenario: Scenario) -> tuple[object, ...]:
     return (layout.name, scenario)
 
 
-class RunResult(msgspec.Struct, kw_only=True):
-    """One layout at one grid point under one scenario."""
+class ResultCell(msgspec.Struct, kw_only=True):
+    """Where a result sits: its grid point and its scenario (the first fields of a run's and
+    of a point's result)."""
 
     isl: int
     osl: int
@@ -318,6 +319,15 @@ class RunResult(msgspec.Struct, kw_only=True):
     kv_transfer_gbps: float
     straggler: StragglerPool
     straggler_factor: float
+
+    @property
+    def scenario(self) -> Scenario:
+        return Scenario(self.kv_transfer_gbps, self.straggler, self.straggler_factor)
+
+
+class RunResult(ResultCell, kw_only=True):
+    """One layout at one grid point under one scenario."""
+
     layout: str
     num_prefill: int
     num_decode: int
@@ -378,16 +388,9 @@ def run_result(
 # ------------------------------------------------------------------ per point
 
 
-class PointResult(msgspec.Struct, kw_only=True):
+class PointResult(ResultCell, kw_only=True):
     """The verdict of one grid point under one scenario."""
 
-    isl: int
-    osl: int
-    rate_rps: float
-    load: float | None
-    kv_transfer_gbps: float
-    straggler: StragglerPool
-    straggler_factor: float
     goodput_per_worker: dict[str, float]
     """Per layout name, in layout order."""
     winner: str | None
@@ -416,10 +419,9 @@ def summarize_point(runs: Sequence[RunResult]) -> PointResult:
         raise ValueError("summarize_point needs the agg run first, then the splits")
     winner, disagg = best_of(runs), best_of(splits)
     a, d = agg.goodput_per_worker, disagg.goodput_per_worker
+    cell = {name: getattr(agg, name) for name in ResultCell.__struct_fields__}
     return PointResult(
-        isl=agg.isl, osl=agg.osl, rate_rps=agg.rate_rps, load=agg.load,
-        kv_transfer_gbps=agg.kv_transfer_gbps, straggler=agg.straggler,
-        straggler_factor=agg.straggler_factor,
+        **cell,
         goodput_per_worker={r.layout: r.goodput_per_worker for r in runs},
         winner=winner.layout if winner.goodput_per_worker > 0 else None,
         winner_goodput_per_worker=winner.goodput_per_worker, agg_goodput_per_worker=a,

@@ -24,7 +24,6 @@ import numpy as np
 from baton.sim.sweep import (
     PointResult,
     RunResult,
-    Scenario,
     SweepConfig,
     SweepResult,
     layouts,
@@ -37,10 +36,6 @@ MAX_COLOUR_RATIO = 16.0
 
 
 # ------------------------------------------------------------------ terminal
-
-
-def _scenario_of(p: PointResult | RunResult) -> Scenario:
-    return Scenario(p.kv_transfer_gbps, p.straggler, p.straggler_factor)
 
 
 def _sla_text(config: SweepConfig) -> str:
@@ -63,7 +58,7 @@ def format_table(result: SweepResult) -> str:
     names = [layout.name for layout in layouts(config.num_workers)]
     lines = [format_header(config)]
     for scenario in scenarios(config):
-        rows = [p for p in result.points if _scenario_of(p) == scenario]
+        rows = [p for p in result.points if p.scenario == scenario]
         lines += ["", f"== {scenario.label} ==", *_table(rows, names)]
     return "\n".join(lines)
 
@@ -84,7 +79,7 @@ def _table(points: Sequence[PointResult], names: Sequence[str]) -> list[str]:
 
 def format_progress(done: int, total: int, run: RunResult, wall_s: float) -> str:
     """One stderr line per finished simulation."""
-    where = "" if run.layout == "agg" else f" [{_scenario_of(run).label}]"
+    where = "" if run.layout == "agg" else f" [{run.scenario.label}]"
     return (f"[{done}/{total}] isl {run.isl} osl {run.osl} rate {run.rate_rps:.2f}/s "
             f"{run.layout}{where}: goodput/worker {run.goodput_per_worker:.3f} "
             f"({run.num_met}/{run.num_requests} within SLA, {wall_s:.1f} s)")
@@ -197,7 +192,7 @@ def plot_heatmap(result: SweepResult, path: str | Path) -> Path:
     for r, scenario in enumerate(rows):
         for c, key in enumerate(cols):
             points = [p for p in result.points
-                      if _scenario_of(p) == scenario and _in_panel(p, key)]
+                      if p.scenario == scenario and _in_panel(p, key)]
             image = _panel(axes[r][c], points, config, norm, cmap)
             kind, value = key
             title = f"load {value:g}" if kind == "load" else f"{value:g} req/s"
