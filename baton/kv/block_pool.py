@@ -168,7 +168,7 @@ class BlockPool:
                 block.block_hash, block.local_hash = seq_hash, local_hash
                 block.parent_hash = parent_seq_hash
                 cached[seq_hash] = block
-                self._queue_stored(seq_hash, local_hash, parent_seq_hash)
+                _append_stored(self._events, parent_seq_hash, seq_hash, local_hash)
             parent_seq_hash = seq_hash
 
     def clear(self) -> None:
@@ -239,10 +239,7 @@ class BlockPool:
         for seq_hash in sorted((h for h, d in depth.items() if d >= 0), key=depth.__getitem__):
             block = self._cached[seq_hash]
             assert block.local_hash is not None
-            if events and events[-1].block_hashes[-1] == block.parent_hash:
-                events[-1].append(seq_hash, block.local_hash)
-            else:
-                events.append(KvStored(block.parent_hash, [seq_hash], [block.local_hash]))
+            _append_stored(events, block.parent_hash, seq_hash, block.local_hash)
         return self._next_event_id + len(self._events) - 1, events
 
     def _depth(self, seq_hash: SequenceHash, memo: dict[SequenceHash, int]) -> int:
@@ -263,15 +260,6 @@ class BlockPool:
             memo[h] = depth
             depth = depth + 1 if depth >= 0 else -1
         return memo[seq_hash]
-
-    def _queue_stored(
-        self, seq_hash: SequenceHash, local_hash: LocalBlockHash, parent: SequenceHash | None
-    ) -> None:
-        last = self._events[-1] if self._events else None
-        if isinstance(last, KvStored) and last.block_hashes[-1] == parent:
-            last.append(seq_hash, local_hash)
-        else:
-            self._events.append(KvStored(parent, [seq_hash], [local_hash]))
 
     def _queue_removed(self, seq_hashes: list[SequenceHash]) -> None:
         last = self._events[-1] if self._events else None
@@ -299,3 +287,18 @@ class BlockPool:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise AssertionError(message)
+
+
+def _append_stored(
+    events: list[KvStored] | list[KvEventData],
+    parent: SequenceHash | None,
+    seq_hash: SequenceHash,
+    local_hash: LocalBlockHash,
+) -> None:
+    """Extends the last event when it is a stored chain ending at ``parent``; otherwise starts
+    a new stored event (queued events and snapshots both chain consecutive blocks)."""
+    last = events[-1] if events else None
+    if isinstance(last, KvStored) and last.block_hashes[-1] == parent:
+        last.append(seq_hash, local_hash)
+    else:
+        events.append(KvStored(parent, [seq_hash], [local_hash]))
