@@ -359,12 +359,21 @@ def _add_sim_parser(sub: Any) -> None:
     sim.add_argument("--out", default=None, metavar="DIR")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    """``1,1,2.5`` -> (1.0, 1.0, 2.5), for argparse."""
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _comma_separated(convert: Callable[[str], Any], kind: str) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type: ``"1,1,2.5"`` -> each item converted, as a tuple."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(convert(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind}, got {text!r}") from None
+
+    return parse
+
+
+_floats = _comma_separated(float, "numbers")
+_ints = _comma_separated(int, "integers")
 
 
 def _sim(a: argparse.Namespace) -> int:
@@ -441,14 +450,6 @@ def _sim_sweep(argv: list[str]) -> int:
         p.error(str(exc))
     run_command(config, a.out, jobs=a.jobs)
     return 0
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    """``256,1024`` -> (256, 1024), for argparse."""
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _bench(a: argparse.Namespace) -> int:
