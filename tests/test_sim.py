@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from baton.bench.metrics import RequestRecord
 from baton.config import KvRouterConfig
 from baton.engine.scheduler import SchedulerConfig
 from baton.engine.timing import PolynomialTiming
@@ -46,6 +47,19 @@ def test_deterministic(router: str) -> None:
     assert all(r.ok for r in a)
 
 
+def assert_served(records: list[RequestRecord], trace: list[TraceRequest]) -> None:
+    """Every request of ``trace`` succeeded with exactly its prompt and output tokens, one ITL
+    gap per output token after the first, its first token between its send and its end."""
+    assert len(records) == len(trace)
+    for rec, req in zip(records, trace, strict=True):
+        assert rec.ok, rec.error
+        assert rec.completion_tokens == max(1, req.output_length)
+        assert rec.prompt_tokens == req.input_length
+        assert len(rec.itl_s) == rec.completion_tokens - 1
+        assert rec.first_token_at_s is not None
+        assert rec.sent_at_s <= rec.first_token_at_s <= rec.end_at_s
+
+
 @pytest.mark.parametrize("router", ["round-robin", "kv"])
 def test_conservation(router: str) -> None:
     trace = _trace()
@@ -57,14 +71,7 @@ def test_conservation(router: str) -> None:
                              max_num_batched_tokens=256)
     cluster = Cluster(_config(router=router, scheduler=engine, kv_event_delay_s=0.01))
     records = cluster.run(trace)
-    assert len(records) == len(trace)
-    for rec, req in zip(records, trace, strict=True):
-        assert rec.ok, rec.error
-        assert rec.completion_tokens == max(1, req.output_length)
-        assert rec.prompt_tokens == req.input_length
-        assert len(rec.itl_s) == rec.completion_tokens - 1
-        assert rec.first_token_at_s is not None
-        assert rec.sent_at_s <= rec.first_token_at_s <= rec.end_at_s
+    assert_served(records, trace)
     assert cluster.num_preemptions > 0
     for worker in cluster.workers:
         sched = worker.scheduler
