@@ -442,7 +442,8 @@ def _sim_sweep(argv: list[str]) -> int:
             num_workers=a.workers, num_requests=a.requests, shared_prefix=a.shared_prefix,
             prefix_groups=a.prefix_groups, router=a.router, disagg_config=_disagg_config(a),
             kv_transfer_gbps=a.kv_transfer_gbps, kv_bytes_per_token=a.kv_bytes_per_token,
-            straggler_factor=a.straggler, sla=parse_goodput(a.goodput) if a.goodput else d.sla, seed=a.seed,
+            straggler_factor=a.straggler, seed=a.seed,
+            sla=parse_goodput(a.goodput) if a.goodput else d.sla,
         )
         if a.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {a.jobs}")

@@ -4,8 +4,9 @@ times and records what came back.
 Owns ``replay`` (one aiohttp session; request ``i`` is sent at ``timestamp_i / speedup`` after
 the run starts, measured from the trace's first timestamp, or later when ``max_concurrency``
 requests are already in flight; request bodies are built up to ``_LOOKAHEAD_S`` ahead of their
-send time, so a burst of arrivals leaves together; times are ``time.perf_counter``) and ``run_bench`` (trace file in, table on stdout,
-``summary.json`` (summary + records) and ``records.csv`` out). Requests stream ``/v1/completions``
+send time, so a burst of arrivals leaves together; times are ``time.perf_counter``) and
+``run_bench`` (trace file in, table on stdout, ``summary.json`` (summary + records) and
+``records.csv`` out). Requests stream ``/v1/completions``
 with the prompt as token ids (exact on any server that accepts token-id prompts), or with
 ``use_chat`` the prompt text as one user message to ``/v1/chat/completions``. Every request
 asks for ``max_tokens = output_length`` with ``ignore_eos`` and ``stream_options.include_usage``.

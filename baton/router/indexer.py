@@ -140,8 +140,9 @@ class KvIndex:
         """Each worker's number of contiguous leading blocks of ``seq_hashes`` held.
 
         Searches for every point where the holder mask shrinks, probing first as far ahead as
-        the previous drop was, then galloping or bisecting: O(drops x log n) dict lookups. ``early_exit`` is accepted for Dynamo parity; when one worker remains
-        its search is finished anyway (it costs O(log n)), so scores are always exact.
+        the previous drop was, then galloping or bisecting: O(drops x log n) dict lookups.
+        ``early_exit`` is accepted for Dynamo parity; when one worker remains its search is
+        finished anyway (it costs O(log n)), so scores are always exact.
         """
         del early_exit
         get = self._workers_of.get
@@ -353,7 +354,8 @@ class KvIndex:
     def _drop_subtree(self, worker: _Worker, seq: int) -> None:
         """Takes ``seq`` and its descendants held by ``worker`` out of its coverage. The hot
         loop of removals: single-child chains are followed without the stack."""
-        workers_of, children, bit, named = self._workers_of, self._children, worker.bit, worker.seq_to_ext
+        workers_of, children = self._workers_of, self._children
+        bit, named = worker.bit, worker.seq_to_ext
         stack, dropped = [seq], 0  # every block pushed is held: xor clears its bit
         while stack:
             seq = stack.pop()

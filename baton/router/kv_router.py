@@ -204,7 +204,8 @@ class KvRouter:
         isl = len(request.token_ids)
         overlaps = self.index.find_matches(seq).scores
         loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
-        decision = self.selector.select(candidates, overlaps, loads, isl, self.block_size, overrides)
+        decision = self.selector.select(
+            candidates, overlaps, loads, isl, self.block_size, overrides)
         return local, seq, decision
 
     def on_first_output(self, request_id: str) -> None:
@@ -244,7 +245,7 @@ class KvRouter:
         """Records the request's blocks as cached on ``worker_id`` until ``now + ttl_s``."""
         if not seq:
             return
-        self.index.apply_event(KvEvent(0, KvStored(None, list(seq), list(local)), worker_id))
+        self.index.apply_event(KvEvent(0, KvStored(None, seq, local), worker_id))
         expires = now + self.ttl_s
         for s in seq:
             self._expires_at[(worker_id, s)] = expires

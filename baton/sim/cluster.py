@@ -142,7 +142,8 @@ class SimConfig:
         prefill = self.prefill_scheduler
         if prefill is not None and prefill.block_size != self.scheduler.block_size:
             raise ValueError(f"prefill_scheduler.block_size ({prefill.block_size}) must equal "
-                             f"scheduler.block_size ({self.scheduler.block_size}): KV moves in blocks")
+                             f"scheduler.block_size ({self.scheduler.block_size}): KV moves "
+                             "in blocks")
         if self.kv_bytes_per_token < 0:
             raise ValueError(f"kv_bytes_per_token must be >= 0, got {self.kv_bytes_per_token}")
         if not (math.isfinite(self.kv_transfer_gbps) and self.kv_transfer_gbps > 0):

@@ -173,7 +173,8 @@ def _cell_text(point: PointResult, ratio: float) -> str:
 def plot_heatmap(result: SweepResult, path: str | Path) -> Path:
     """Best split / agg goodput per worker over ISL x OSL: rows of panels are scenarios,
     columns loads (or rates); colour on a log scale centred at 1 (blue: a P:D split wins,
-    red: agg wins, grey: nothing meets the SLA); each cell names its winner, then the best split and its ratio."""
+    red: agg wins, grey: nothing meets the SLA); each cell names its winner, then the best
+    split and its ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
