@@ -1,61 +1,110 @@
-"""Baton's configuration tree: frozen dataclasses, validated when built, defaults declared once.
+"""Baton's configuration tree: frozen dataclasses, validated when built.
 
-The CLI builds these from flags (reading its defaults from the fields here) and environment
-variables are read only there. Components take their own section, never the whole tree.
+Every setting is declared once, here, with ``setting()`` (its default and help) or nested
+with ``section()``; the CLI's flags, the graph schema's engine keys and the simulator's
+configuration are derived from these declarations, and the kinds of things (router modes,
+engine kinds, roles, transfer modes) are spelled once, as the ``Literal`` types below.
+Components take their own section, never the whole tree. Environment variables are read
+only by the CLI (a setting names the one it may be defaulted from).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from baton.checks import require
-from baton.engine.scheduler import SchedulerConfig
+from baton.settings import check_choices, section, setting
 
-RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
+RouterMode = Literal["kv", "round-robin", "random", "least-loaded"]
 EngineKind = Literal["mock", "hf"]
 WorkerRole = Literal["agg", "prefill", "decode"]
 KvTransferMode = Literal["inproc", "tcp", "shm"]
-ROUTER_MODES: tuple[str, ...] = ("round-robin", "random", "least-loaded", "kv")
-DEFAULT_SERVING_ROUTER: RouterMode = "kv"
-"""The router ``baton serve``, ``baton frontend``, graph frontends and ``baton sim`` use unless
-told otherwise. KV-aware: on both Mooncake traces it beats round-robin (docs/sim.md). A bare
-``RouterConfig()`` stays round-robin, the mode that needs no KV events."""
+DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
+PreemptionMode = Literal["lifo", "fifo"]
+
+
+def _positive_ints(config: object, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                f"must be a positive integer, got {value!r}")
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Scheduler and KV cache sizing. Defaults are Dynamo's mocker defaults, except the block
+    size: 16 tokens, vLLM's default (the mocker uses 64)."""
+
+    num_blocks: int = setting(16384, "KV blocks per worker")
+    block_size: int = setting(16, "tokens per KV block")
+    max_num_seqs: int = setting(256, "requests in one step at most")
+    max_num_batched_tokens: int = setting(8192, "tokens computed in one step at most")
+    enable_prefix_caching: bool = setting(True, "reuse cached prompt blocks",
+                                          flag="prefix-caching")
+    enable_chunked_prefill: bool = setting(True, "split long prompts over several steps",
+                                           flag="chunked-prefill")
+    preemption_mode: PreemptionMode = setting(
+        "lifo", "which running request gives its blocks back when they run out: the newest "
+        "(lifo) or the oldest (fifo)")
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens")
+        check_choices(self)
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """The simulated engine's clock: its timing model and its modelled KV transfers (the live
+    mock engine and ``baton sim`` alike)."""
+
+    speedup_ratio: float = setting(
+        1.0, "divide simulated step time by this; 0 = no simulated delay")
+    profile: str | None = setting(
+        None, "JSON profile replacing the polynomial timing model (docs/timing-model.md)",
+        flag="timing-profile", metavar="JSON", default_help="the polynomial")
+    kv_transfer_gbps: float = setting(64.0, "modelled KV transfer bandwidth, GB/s")
+    kv_bytes_per_token: int | None = setting(
+        None, "modelled KV cache bytes per token over all layers",
+        default_help="the model's; in baton sim 131072, Llama-3-8B in fp16")
+
+    def __post_init__(self) -> None:
+        require(self.speedup_ratio >= 0, "speedup_ratio", "must be >= 0 (0 = no delay)")
+        require(math.isfinite(self.kv_transfer_gbps) and self.kv_transfer_gbps > 0,
+                "kv_transfer_gbps", "must be > 0")
+        require(self.kv_bytes_per_token is None or self.kv_bytes_per_token >= 0,
+                "kv_bytes_per_token", "must be >= 0")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """An engine: its scheduler and KV pool, the simulated engine's timing model, the
-    transformers engine's threads, and how KV moves between prefill and decode workers."""
+    """An engine: its scheduler and KV pool, the simulated engine's timing, the transformers
+    engine's memory and threads, and how KV moves between prefill and decode workers."""
 
-    kind: EngineKind = "mock"
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    speedup_ratio: float = 1.0
-    """Simulated step time is divided by this; 0 means no simulated delay at all."""
-    timing_profile: str | None = None
-    """A JSON profile that replaces the default polynomial timing model."""
-    kv_cache_bytes: int = 1 << 30
-    """The transformers engine's KV cache size; it caps ``scheduler.num_blocks``."""
-    num_threads: int | None = None
-    """Torch threads of the transformers engine (None: torch's default)."""
-    # -- KV transfer (disaggregated serving)
-    kv_transfer: KvTransferMode = "tcp"
-    """How decode workers fetch KV: ``tcp`` (bulk TCP), ``shm`` (TCP handshake, shared-memory
-    copy on one host) or ``inproc`` (workers in one process)."""
-    kv_transfer_timeout_s: float = 10.0
-    """A KV pull that takes longer fails; the decode worker then prefills locally."""
-    kv_hold_timeout_s: float = 30.0
-    """A prefill worker frees held KV blocks nobody fetched after this long."""
-    kv_transfer_gbps: float = 64.0
-    """The simulated engine's modelled KV transfer bandwidth, GB/s."""
+    kind: EngineKind = setting("mock", "mock = the simulated engine; hf = a transformers "
+                               "model on CPU", flag="engine")
+    scheduler: SchedulerConfig = section(SchedulerConfig)
+    timing: TimingConfig = section(TimingConfig)
+    kv_cache_bytes: int = setting(1 << 30, "hf engine: KV cache size in bytes (caps "
+                                  "--num-blocks)")
+    num_threads: int | None = setting(None, "hf engine: torch threads",
+                                      default_help="torch's default")
+    kv_transfer: KvTransferMode = setting(
+        "tcp", "how decode workers fetch KV from prefill workers: tcp (bulk TCP), shm (TCP "
+        "handshake, shared-memory copy on one host) or inproc (workers in one process)")
+    kv_transfer_timeout_s: float = setting(
+        10.0, "a slower KV fetch fails and the decode worker prefills locally")
+    kv_hold_timeout_s: float = setting(
+        30.0, "a prefill worker frees held KV blocks nobody fetched after this long")
 
     def __post_init__(self) -> None:
-        require(self.kind in ("mock", "hf"), "engine", "mock or hf")
-        require(self.speedup_ratio >= 0, "speedup_ratio", "must be >= 0 (0 = no delay)")
+        check_choices(self)
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
-        require(self.kv_transfer in ("inproc", "tcp", "shm"), "kv_transfer", "inproc, tcp or shm")
-        for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "kv_transfer_gbps"):
+        for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
 
     @property
@@ -63,45 +112,90 @@ class EngineConfig:
         return self.scheduler.block_size
 
 
+# ----------------------------------------------------------------------------- runtime
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a process finds the others: in-process only, NATS, or a list of worker addresses."""
+
+    namespace: str = setting("baton", "discovery and event subjects are scoped to this")
+    nats: str | None = setting(
+        None, "discovery and events on NATS", env="BATON_NATS", metavar="nats://HOST:PORT",
+        default_help="$BATON_NATS, else this process only")
+    lease_ttl_s: float = setting(
+        10.0, "NATS discovery: a process that stops heartbeating expires after this")
+    workers: tuple[str, ...] = setting(
+        (), "a worker's request-plane address (repeatable)", flag="worker", repeat=True,
+        metavar="tcp://HOST:PORT", default_help="none")
+    probe_interval_s: float = setting(2.0, "how often --worker addresses are probed")
+
+    def __post_init__(self) -> None:
+        require(self.nats is None or self.nats.startswith("nats://"), "nats",
+                "must be nats://HOST:PORT")
+        require(self.lease_ttl_s >= 1.0, "lease_ttl_s", "must be >= 1 (a NATS TTL)")
+        require(self.probe_interval_s > 0, "probe_interval_s", "must be > 0")
+
+
+# ------------------------------------------------------------------------------ worker
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """One worker process or in-process worker."""
 
-    model: str = "baton-tiny"
-    model_name: str | None = None
-    """Name served to clients; defaults to the model folder's name."""
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    role: WorkerRole = "agg"
-    """``prefill`` and ``decode`` workers form the two pools of disaggregated serving."""
-    namespace: str = "baton"
-    host: str = "127.0.0.1"
-    port: int = 0
-    worker_id: int | None = None
-    load_interval_s: float = 0.1
-    """Load metrics are published on the event plane at most this often."""
-    drain_timeout_s: float = 30.0
-    """On SIGTERM, how long in-flight requests may run before the worker exits anyway."""
-    max_waiting_requests: int = 1024
-    """A worker refuses new requests (frontends try another, then answer 529) while this
-    many are waiting in its engine: no unbounded queue."""
+    model: str = setting(
+        "baton-tiny", "built-in model name, a local HF-style model folder, or with --engine hf "
+        "baton-tiny-llama / smollm2 (built or converted once, then cached)")
+    model_name: str | None = setting(None, "name served to clients",
+                                     default_help="the model folder's name")
+    cache_dir: str | None = setting(
+        None, "where converted models are kept (in DIR/models)", env="BATON_CACHE_DIR",
+        metavar="DIR", default_help="$BATON_CACHE_DIR, else ~/.cache/baton")
+    engine: EngineConfig = section(EngineConfig)
+    role: WorkerRole = setting(
+        "agg", "prefill and decode workers form a disaggregated model's two pools")
+    host: str = setting("127.0.0.1", "address the request plane listens on")
+    port: int = setting(0, "request-plane port; 0 = any free port")
+    worker_id: int | None = setting(None, "this worker's id in discovery",
+                                    default_help="a random one")
+    load_interval_s: float = setting(
+        0.1, "load metrics are published on the event plane at most this often")
+    drain_timeout_s: float = setting(
+        30.0, "on SIGTERM, how long in-flight requests may still run")
+    max_waiting_requests: int = setting(
+        1024, "refuse new requests while this many wait in the engine (frontends try "
+        "another worker, then answer 529)")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        require(self.load_interval_s > 0, "load_interval_s", "must be > 0")
+        require(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
+
+
+# ------------------------------------------------------------------------------ router
 
 
 @dataclass(frozen=True)
 class KvRouterConfig:
-    """Weights of the cost function and the picker's temperature (Dynamo's defaults)."""
+    """Weights of the KV router's cost function and the picker's temperature (Dynamo's
+    defaults)."""
 
-    overlap_score_credit: float = 1.0
-    """Prefill blocks forgiven per cached overlap block."""
-    overlap_score_credit_decay: float = 0.0
-    """Shrinks the credit of workers whose prefill backlog exceeds the least-loaded one's."""
-    prefill_load_scale: float = 1.0
-    decode_active_request_weight: float = 0.0
-    temperature: float = 0.0
-    """0 picks the cheapest worker; above 0 samples a softmax over normalised costs."""
-    track_prefill_tokens: bool = True
-    assume_kv_reuse: bool = True
-    """False: every request block counts as new decode load (e.g. disaggregated decode)."""
-    seed: int | None = None
+    overlap_score_credit: float = setting(1.0, "prefill blocks forgiven per cached block")
+    overlap_score_credit_decay: float = setting(
+        0.0, "shrinks the credit of workers whose prefill backlog exceeds the least-loaded "
+        "one's")
+    prefill_load_scale: float = setting(1.0, "weight of the blocks left to prefill")
+    decode_active_request_weight: float = setting(
+        0.0, "cost added per active request on a worker")
+    temperature: float = setting(
+        0.0, "0 picks the cheapest worker; above 0 samples a softmax over normalised costs")
+    track_prefill_tokens: bool = setting(
+        True, "count other requests' queued prefill tokens as load")
+    assume_kv_reuse: bool = setting(
+        True, "count cached blocks once; off: every request block is new decode load (e.g. "
+        "disaggregated decode)")
 
     def __post_init__(self) -> None:
         for name in ("overlap_score_credit", "overlap_score_credit_decay", "prefill_load_scale",
@@ -119,45 +213,51 @@ class KvRouterConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    mode: RouterMode = "round-robin"
-    seed: int | None = None
-    unhealthy_cooldown_s: float = 5.0
-    """How long a worker that failed a call is kept out of rotation."""
-    health_timeout_s: float = 3.0
-    """A worker whose feed (a batch at least every load interval) is silent this long is
-    taken out of rotation until it answers again."""
+    """How a frontend (or the standalone router) picks a worker."""
+
+    mode: RouterMode = setting(
+        "kv", "kv = KV-aware (it beats round-robin on both Mooncake traces, docs/sim.md); "
+        "round-robin, random, least-loaded ignore the caches", flag="router")
+    seed: int | None = setting(None, "seeds the random choices", flag="router-seed",
+                               default_help="unseeded")
+    unhealthy_cooldown_s: float = setting(
+        5.0, "how long a worker that failed a call is kept out of rotation")
+    health_timeout_s: float = setting(
+        3.0, "a worker whose feed is silent this long leaves the rotation until it answers")
     # -- KV-aware routing (mode "kv")
-    kv: KvRouterConfig = field(default_factory=KvRouterConfig)
-    kv_events: bool = True
-    """False: the approximate mode, predicting caches from the router's own decisions."""
-    ttl_s: float = 120.0
-    """Approximate mode: how long a routed prefix is assumed to stay cached."""
-    block_size: int | None = None
-    """KV block size the router hashes with; None takes the first worker's."""
-    replica_sync: bool = False
-    """Share active-request load with other frontends' KV routers over the event plane."""
+    kv: KvRouterConfig = section(KvRouterConfig, prefix="router-")
+    kv_events: bool = setting(
+        True, "follow the workers' KV events; off: predict caches from routing decisions "
+        "(approximate mode)")
+    ttl_s: float = setting(
+        120.0, "approximate mode: seconds a routed prefix is assumed cached",
+        flag="router-ttl-s")
+    block_size: int | None = setting(
+        None, "KV block size the router hashes with", flag="router-block-size",
+        default_help="the first worker's")
+    replica_sync: bool = setting(
+        False, "KV routers of several frontends share their active-request load",
+        flag="router-replica-sync")
     # -- overload
-    active_decode_blocks_threshold: float | None = None
-    """A worker whose KV usage is above this fraction is busy (None: no limit)."""
-    active_prefill_tokens_threshold: int | None = None
-    """A worker with more active prefill tokens than this is busy (None: no limit)."""
-    overload_status: int = 529
-    """HTTP status when every worker is busy (Dynamo answers 529; 503 is the alternative)."""
+    active_decode_blocks_threshold: float | None = setting(
+        None, "a worker above this KV usage fraction is busy", default_help="no limit")
+    active_prefill_tokens_threshold: int | None = setting(
+        None, "a worker with more active prefill tokens than this is busy",
+        default_help="no limit")
+    overload_status: Literal[503, 529] = setting(
+        529, "HTTP status when every worker is busy (Dynamo answers 529; 503 is the "
+        "alternative)")
 
     def __post_init__(self) -> None:
-        require(self.mode in ROUTER_MODES, "router", f"one of {', '.join(ROUTER_MODES)}")
+        check_choices(self)
         require(self.unhealthy_cooldown_s >= 0, "unhealthy_cooldown_s", "must be >= 0")
+        require(self.health_timeout_s > 0, "health_timeout_s", "must be > 0")
         require(self.ttl_s > 0, "router_ttl_s", "must be > 0")
         require(self.block_size is None or self.block_size >= 1, "block_size", "must be >= 1")
         t = self.active_decode_blocks_threshold
         require(t is None or 0.0 <= t <= 1.0, "active_decode_blocks_threshold", "must be 0..1")
         t2 = self.active_prefill_tokens_threshold
         require(t2 is None or t2 >= 0, "active_prefill_tokens_threshold", "must be >= 0")
-        require(self.overload_status in (503, 529), "overload_status", "503 or 529")
-
-
-DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
-DISAGG_POLICIES: tuple[str, ...] = ("always", "isl", "load", "isl_or_load")
 
 
 @dataclass(frozen=True)
@@ -167,20 +267,21 @@ class DisaggConfig:
     prefills locally on the decode worker when the prompt's uncached part is short;
     ``load`` when the prefill pool is busy; ``isl_or_load`` when either holds."""
 
-    policy: DisaggPolicy = "always"
-    max_local_prefill_tokens: int = 2048
-    """``isl``: local when prompt tokens minus those cached on the decode worker are below
-    this (strictly) ..."""
-    max_local_prefill_ratio: float = 0.7
-    """... and their share of the prompt is below this (strictly)."""
-    prefill_busy_tokens: int = 8192
-    """``load``: the prefill pool is busy when its least-loaded worker has more active
-    prefill tokens than this ..."""
-    prefill_busy_waiting: int = 4
-    """... or more waiting requests than this."""
+    policy: DisaggPolicy = setting(
+        "always", "which requests of a disaggregated model skip the prefill pool: none "
+        "(always), short uncached prompts (isl), all while it is busy (load), either",
+        flag="disagg-policy")
+    max_local_prefill_tokens: int = setting(
+        2048, "isl: prefill locally below this many uncached prompt tokens ...")
+    max_local_prefill_ratio: float = setting(
+        0.7, "... and below this uncached share of the prompt")
+    prefill_busy_tokens: int = setting(
+        8192, "load: a prefill worker with more active prefill tokens is busy ...")
+    prefill_busy_waiting: int = setting(
+        4, "... or one with more waiting requests")
 
     def __post_init__(self) -> None:
-        require(self.policy in DISAGG_POLICIES, "disagg_policy", ", ".join(DISAGG_POLICIES))
+        check_choices(self)
         require(self.max_local_prefill_tokens >= 0, "max_local_prefill_tokens", "must be >= 0")
         require(0.0 <= self.max_local_prefill_ratio <= 1.0, "max_local_prefill_ratio",
                 "must be 0..1")
@@ -189,20 +290,35 @@ class DisaggConfig:
 
 
 @dataclass(frozen=True)
+class RouterServiceConfig:
+    """``baton router``: the KV router alone, serving decisions on the request plane."""
+
+    host: str = setting("127.0.0.1", "address the router listens on")
+    port: int = setting(0, "port; 0 = any free port")
+    router: RouterConfig = section(RouterConfig)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        require(self.router.mode == "kv", "router",
+                "the standalone router is the KV router (kv)")
+
+
+# ---------------------------------------------------------------------------- frontend
+
+
+@dataclass(frozen=True)
 class FrontendConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 8 * 1024 * 1024
-    retry_after_s: int = 1
-    namespace: str = "baton"
-    router: RouterConfig = field(default_factory=RouterConfig)
-    disagg: DisaggConfig = field(default_factory=DisaggConfig)
-    probe_interval_s: float = 2.0
-    """How often ``--worker`` addresses are probed for their info."""
-    migration_limit: int = 3
-    """How many times a stream whose worker dies is continued on another worker."""
-    drain_timeout_s: float = 30.0
-    """On SIGTERM, how long open streams may run before the frontend exits anyway."""
+    """The HTTP frontend: where it listens, how it routes, how it survives failures."""
+
+    host: str = setting("127.0.0.1", "address the HTTP server listens on")
+    port: int = setting(8000, "HTTP port; 0 = any free port")
+    max_body_bytes: int = setting(8 * 1024 * 1024, "larger request bodies get 413")
+    router: RouterConfig = section(RouterConfig)
+    disagg: DisaggConfig = section(DisaggConfig)
+    migration_limit: int = setting(
+        3, "times a stream whose worker dies moves to another worker (0: never)")
+    drain_timeout_s: float = setting(
+        30.0, "on SIGTERM, how long open streams may run before the frontend exits anyway")
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", "must be 0..65535")
@@ -210,38 +326,61 @@ class FrontendConfig:
         require(self.migration_limit >= 0, "migration_limit", "must be >= 0")
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """``baton serve``: a frontend and N workers in one process; with ``disagg``, P prefill
-    and D decode workers instead."""
+# ------------------------------------------------------------------- deployment shape
 
-    frontend: FrontendConfig = field(default_factory=FrontendConfig)
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-    num_workers: int = 2
-    disagg: bool = False
-    num_prefill_workers: int = 1
-    num_decode_workers: int = 1
-    prefill_scheduler: SchedulerConfig | None = None
-    """The prefill workers' scheduler (same block size as the others); None: the workers'."""
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    """The workers of one deployment (``baton serve``, ``baton sim``): N aggregated workers, or
+    ``disaggregated`` P prefill and D decode workers."""
+
+    num_workers: int = setting(2, "aggregated workers", flag="workers")
+    disaggregated: bool = setting(
+        False, "disaggregated: --prefill-workers and --decode-workers instead", flag="disagg")
+    num_prefill_workers: int = setting(1, "prefill workers (with --disagg)",
+                                       flag="prefill-workers")
+    num_decode_workers: int = setting(1, "decode workers (with --disagg)",
+                                      flag="decode-workers")
+    prefill_scheduler: SchedulerConfig | None = setting(
+        None, "the prefill workers' scheduler (same block size as the others); None: the "
+        "other workers'", cli=False)
+    """The CLI sets it from ``--prefill-num-blocks`` and the like (``cli/args.py``)."""
 
     def __post_init__(self) -> None:
-        require(self.num_workers >= 1, "workers", "must be >= 1")
-        require(self.num_prefill_workers >= 1, "prefill_workers", "must be >= 1")
-        require(self.num_decode_workers >= 1, "decode_workers", "must be >= 1")
+        _positive_ints(self, "num_workers", "num_prefill_workers", "num_decode_workers")
+
+    def roles(self) -> list[WorkerRole]:
+        """The role of each worker, in start (and worker id) order: prefill workers first."""
+        if not self.disaggregated:
+            return ["agg"] * self.num_workers
+        return ["prefill"] * self.num_prefill_workers + ["decode"] * self.num_decode_workers
+
+    def scheduler_for(self, role: WorkerRole, base: SchedulerConfig) -> SchedulerConfig:
+        """The scheduler of a worker of ``role`` whose pool's default is ``base``."""
+        if role == "prefill" and self.prefill_scheduler is not None:
+            return self.prefill_scheduler
+        return base
+
+    def check_block_size(self, base: SchedulerConfig) -> None:
         prefill = self.prefill_scheduler
-        require(prefill is None or prefill.block_size == self.worker.engine.block_size,
-                "prefill_scheduler", "must have the decode workers' block size")
+        require(prefill is None or prefill.block_size == base.block_size, "prefill_scheduler",
+                "its block_size must equal the other workers' (KV moves in blocks)")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``baton serve``: a frontend and its workers in one process."""
+
+    frontend: FrontendConfig = section(FrontendConfig)
+    worker: WorkerConfig = section(lambda: WorkerConfig(engine=EngineConfig(kv_transfer="inproc")))
+    """In one process KV moves in memory (``inproc``); a ``baton worker`` uses ``tcp``."""
+    pools: PoolsConfig = section(PoolsConfig)
+
+    def __post_init__(self) -> None:
+        self.pools.check_block_size(self.worker.engine.scheduler)
 
     def worker_config(self, role: WorkerRole) -> WorkerConfig:
         """The configuration of an in-process worker of ``role``."""
-        config = replace(self.worker, role=role)
-        if role == "prefill" and self.prefill_scheduler is not None:
-            engine = replace(config.engine, scheduler=self.prefill_scheduler)
-            config = replace(config, engine=engine)
-        return config
-
-    def roles(self) -> list[WorkerRole]:
-        """The role of each in-process worker, in start order."""
-        if not self.disagg:
-            return ["agg"] * self.num_workers
-        return ["prefill"] * self.num_prefill_workers + ["decode"] * self.num_decode_workers
+        scheduler = self.pools.scheduler_for(role, self.worker.engine.scheduler)
+        return replace(self.worker, role=role,
+                       engine=replace(self.worker.engine, scheduler=scheduler))

@@ -18,6 +18,12 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 aborted by its client (``cancelled``) or failed inside the engine (``error``)."""
 
 
+WORKER_COMPONENT = "backend"
+"""The discovery component every worker registers under ..."""
+GENERATE_ENDPOINT = "generate"
+"""... with its ``generate`` endpoint (``GenerateRequest`` → ``EngineOutput`` stream)."""
+
+
 class Empty(msgspec.Struct):
     """The request of endpoints that take no arguments."""
 

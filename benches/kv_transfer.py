@@ -46,8 +46,8 @@ sys.path.insert(0, str(HERE.parent))
 from _procs import stop  # noqa: E402
 
 from baton.kv.store import BlockStore  # noqa: E402
-from baton.kv.transfer import KvTransferClient, KvTransferServer  # noqa: E402
 from baton.protocol import KvTransferParams  # noqa: E402
+from baton.transfer import KvTransferClient, KvTransferServer  # noqa: E402
 
 try:
     import zmq

@@ -13,7 +13,7 @@ How
       baton-tiny's 32768-token context and client-side prompt synthesis stays cheap.
       Arrival times are kept; output lengths are kept.
     * Config ``W:ROUTER:A:S``: W workers, router, arrival speedup A, engine speedup S. The
-      live side runs ``baton serve --speedup-ratio S`` and ``baton bench --speedup A*S``; the
+      live side runs ``baton serve --speedup-ratio S`` and ``baton bench --arrival-speedup A*S``; the
       sim runs ``--arrival-speedup A*S --step-time-scale 1/S,...``: the same time-compressed
       experiment, so latencies compare directly (and every modelled duration is S times
       shorter, while the live stack's CPU per step is not).
@@ -143,8 +143,8 @@ def server_cmd(cfg: Config, a: argparse.Namespace, port: int, variant: str,
 
 def bench_cmd(cfg: Config, url: str, trace: Path, out: Path) -> list[str]:
     return [*BATON, "bench", "--url", url, "--model", MODEL, "--trace", str(trace),
-            "--block-size", str(TRACE_BLOCK), "--speedup", f"{cfg.bench_speedup:g}",
-            "--out", str(out), "--no-progress"]
+            "--trace-block-size", str(TRACE_BLOCK), "--arrival-speedup",
+            f"{cfg.bench_speedup:g}", "--out", str(out), "--no-progress"]
 
 
 # ---------------------------------------------------------------------------- runs
@@ -257,7 +257,7 @@ def step_overhead(path: Path, speedup: float = 1.0) -> dict:
 def sim_with_overhead(cfg: Config, a: argparse.Namespace, trace: Path, out: Path,
                       fit: list[float]) -> None:
     """``baton sim``'s model plus the fitted live per-step overhead, via the Python API."""
-    from baton.engine.scheduler import SchedulerConfig
+    from baton.config import PoolsConfig, RouterConfig, SchedulerConfig
     from baton.engine.timing import PolynomialTiming
     from baton.sim import SimConfig
     from baton.sim import run_sim as api_run_sim
@@ -272,7 +272,8 @@ def sim_with_overhead(cfg: Config, a: argparse.Namespace, trace: Path, out: Path
             return base.step_ms(t, nd, used, total) + extra
 
     config = SimConfig(
-        num_workers=cfg.workers, router=cfg.router, timing=Overhead(),
+        pools=PoolsConfig(num_workers=cfg.workers), router=RouterConfig(mode=cfg.router),
+        timing_model=Overhead(),
         scheduler=SchedulerConfig(num_blocks=a.num_blocks, block_size=a.block_size,
                                   max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens),

@@ -24,12 +24,14 @@ from baton.config import (
     DisaggConfig,
     EngineConfig,
     FrontendConfig,
+    PoolsConfig,
     RouterConfig,
+    SchedulerConfig,
     ServeConfig,
+    TimingConfig,
     WorkerConfig,
 )
-from baton.engine.scheduler import SchedulerConfig
-from baton.serve import embedded
+from baton.graph.embedded import embedded
 
 T = TypeVar("T")
 
@@ -112,17 +114,17 @@ def serve_config(
 ) -> ServeConfig:
     """``disagg=(P, D)`` starts P prefill and D decode workers instead of ``workers``."""
     engine_options = {"kv_transfer": "inproc", **(engine_options or {})}
-    engine = EngineConfig(scheduler=SchedulerConfig(**scheduler), speedup_ratio=speedup_ratio,
-                          **engine_options)
+    engine = EngineConfig(scheduler=SchedulerConfig(**scheduler),
+                          timing=TimingConfig(speedup_ratio=speedup_ratio), **engine_options)
     router_config = RouterConfig(mode=router, **(router_options or {}))  # type: ignore[arg-type]
+    pools = PoolsConfig(num_workers=workers, disaggregated=disagg is not None,
+                        num_prefill_workers=disagg[0] if disagg else 1,
+                        num_decode_workers=disagg[1] if disagg else 1)
     return ServeConfig(
         frontend=FrontendConfig(port=0, router=router_config,
                                 disagg=DisaggConfig(**(disagg_options or {}))),
         worker=WorkerConfig(engine=engine, **{"load_interval_s": 0.05, **(worker_options or {})}),
-        num_workers=workers,
-        disagg=disagg is not None,
-        num_prefill_workers=disagg[0] if disagg else 1,
-        num_decode_workers=disagg[1] if disagg else 1,
+        pools=pools,
     )
 
 

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from baton.bench import (
+    BenchConfig,
     Goodput,
     ProgressBar,
     RequestRecord,
@@ -166,10 +167,10 @@ def trace_requests() -> list[TraceRequest]:
 def test_run_bench_replays_a_trace_and_writes_outputs(make_server, tmp_path, capsys) -> None:
     srv = make_server(workers=2, router="kv")
     save_trace(tmp_path / "trace.jsonl", trace_requests())
+    config = BenchConfig(trace_block_size=BLOCK, max_concurrency=4, timeout_s=30)
     summary = _run(run_bench(
-        srv.base_url, "baton-tiny", tmp_path / "trace.jsonl", block_size=BLOCK,
-        max_concurrency=4, goodput=parse_goodput("ttft_ms=60000"), out_dir=tmp_path / "out",
-        timeout_s=30,
+        srv.base_url, "baton-tiny", tmp_path / "trace.jsonl", config,
+        goodput=parse_goodput("ttft_ms=60000"), out_dir=tmp_path / "out",
     ))
     assert "Time to First Token (ms)" in capsys.readouterr().out
     assert summary.num_errors == 0 and summary.num_requests == len(TRACE)
@@ -197,8 +198,8 @@ def test_replay_counts_chunks_serves_chat_and_records_http_errors(make_server) -
     srv = make_server(workers=1)
     prompts = PromptBuilder(Tokenizer(ModelCard.load(resolve_model("baton-tiny"))), BLOCK)
     requests = trace_requests()[:3]
-    records = _run(replay(srv.base_url, "baton-tiny", requests, prompts=prompts, speedup=10.0,
-                          max_requests=2, max_concurrency=1))
+    config = BenchConfig(arrival_speedup=10.0, max_requests=2, max_concurrency=1)
+    records = _run(replay(srv.base_url, "baton-tiny", requests, prompts=prompts, config=config))
     assert [r.index for r in records] == [0, 1]
     for record, request in zip(records, requests[:2], strict=True):
         assert record.ok and record.completion_tokens == request.output_length
@@ -206,7 +207,8 @@ def test_replay_counts_chunks_serves_chat_and_records_http_errors(make_server) -
         assert len(record.itl_s) == record.completion_tokens - 1
     assert records[1].sent_at_s >= records[0].end_at_s  # max_concurrency=1 serializes
 
-    chat = _run(replay(srv.base_url, "baton-tiny", requests[:1], prompts=prompts, use_chat=True))
+    chat = _run(replay(srv.base_url, "baton-tiny", requests[:1], prompts=prompts,
+                       config=BenchConfig(chat=True)))
     assert chat[0].ok and chat[0].completion_tokens == requests[0].output_length
     assert chat[0].prompt_tokens >= requests[0].input_length  # plus the chat template
 

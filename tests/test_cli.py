@@ -56,7 +56,7 @@ def test_invalid_configuration_is_a_clear_error_not_a_traceback():
     out = subprocess.run([sys.executable, "-m", "baton", "serve", "--workers", "0"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert "workers: must be >= 1" in out.stderr
+    assert "num_workers: must be a positive integer, got 0" in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -134,22 +134,23 @@ def test_a_lost_kv_transfer_falls_back_to_local_prefill(make_server) -> None:
 
 @pytest.mark.parametrize("role_count", [(0, 1)])
 def test_serve_config_refuses_empty_pools(role_count) -> None:
-    from baton.config import ServeConfig
+    from baton.config import PoolsConfig
 
-    with pytest.raises(ValueError, match="prefill_workers"):
-        ServeConfig(disagg=True, num_prefill_workers=role_count[0])
+    with pytest.raises(ValueError, match="num_prefill_workers"):
+        PoolsConfig(disaggregated=True, num_prefill_workers=role_count[0])
 
 
 def test_serve_config_gives_prefill_workers_their_own_scheduler() -> None:
     from dataclasses import replace
 
-    from baton.config import ServeConfig
+    from baton.config import PoolsConfig, ServeConfig
 
     base = ServeConfig().worker.engine.scheduler
     prefill = replace(base, max_num_seqs=4, enable_prefix_caching=False)
-    config = ServeConfig(disagg=True, prefill_scheduler=prefill)
+    config = ServeConfig(pools=PoolsConfig(disaggregated=True, prefill_scheduler=prefill))
     assert config.worker_config("prefill").engine.scheduler == prefill
     assert config.worker_config("prefill").role == "prefill"
     assert config.worker_config("decode").engine.scheduler == base
     with pytest.raises(ValueError, match="prefill_scheduler"):
-        ServeConfig(disagg=True, prefill_scheduler=replace(base, block_size=base.block_size * 2))
+        ServeConfig(pools=PoolsConfig(disaggregated=True, prefill_scheduler=replace(
+            base, block_size=base.block_size * 2)))

@@ -62,7 +62,7 @@ def test_plan_gives_each_pool_its_merged_engine_flags():
     specs = plan(config, "nats://127.0.0.1:1")
     assert [s.name for s in specs] == ["worker-a-0", "worker-a-1", "frontend-0"]
     worker = " ".join(specs[0].argv)
-    assert "--speedup-ratio 2 " in worker and "--no-prefix-caching" in worker
+    assert "--speedup-ratio 2.0 " in worker and "--no-prefix-caching" in worker
     assert "--router kv" in " ".join(specs[2].argv)
 
 

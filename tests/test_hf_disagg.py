@@ -77,7 +77,7 @@ def test_a_transfer_cut_mid_stream_falls_back_to_local_prefill(make_server) -> N
 
 def test_smollm2_disaggregated_knows_the_capital_of_france(make_server) -> None:
     pytest.importorskip("gguf", reason="converting SmolLM2 needs the hf extra")
-    from baton.engine.hf.models import smollm2_gguf
+    from baton.engine.hf.models import prepare_model, smollm2_gguf
 
     try:
         smollm2_gguf()
@@ -85,6 +85,7 @@ def test_smollm2_disaggregated_knows_the_capital_of_france(make_server) -> None:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"SmolLM2 is not installed: {exc}")
+    prepare_model("smollm2")  # converted once (~40 s on a new machine), before the server starts
     srv = make_server(engine_options=HF | {"kv_cache_bytes": 64 << 20},
                       worker_options={"model": "smollm2"}, block_size=16, disagg=(1, 1))
     resp = client_for(srv).chat.completions.create(

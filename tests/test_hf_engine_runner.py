@@ -36,9 +36,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BATON_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return prepare_model("baton-tiny-llama")
+    return prepare_model("baton-tiny-llama", tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +114,15 @@ def sha256(path: Path) -> str:
 
 
 def test_tiny_llama_builds_the_same_bytes_and_loads_as_a_card(
-    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("BATON_CACHE_DIR", str(tmp_path))
-    again = prepare_model("baton-tiny-llama")
+    again = prepare_model("baton-tiny-llama", tmp_path)
     assert again == tmp_path / "models" / "baton-tiny-llama"
     assert sha256(again / "model.safetensors") == sha256(tiny_dir / "model.safetensors")
-    assert prepare_model("baton-tiny-llama") == again  # cached
+    assert prepare_model("baton-tiny-llama", tmp_path) == again  # cached
 
-    assert resolve_model("baton-tiny-llama") == again  # a frontend finds it by name
-    card = ModelCard.load("baton-tiny-llama")
+    assert resolve_model("baton-tiny-llama", tmp_path) == again  # found by name
+    card = ModelCard.load("baton-tiny-llama", cache_dir=tmp_path)
     tokenizer = Tokenizer(card)
     assert card.eos_token_ids[0] == tokenizer.raw.token_to_id("<|im_end|>")
     assert card.vocab_size == 4096 and card.context_length == 4096

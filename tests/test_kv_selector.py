@@ -119,14 +119,15 @@ def test_zero_temperature_ties_are_randomized():
 
 
 def test_a_tie_is_recorded_with_the_number_of_tied_workers():
-    decision = KvSelector(KvRouterConfig(seed=1)).select(
+    decision = KvSelector(KvRouterConfig(), seed=1).select(
         [1, 2, 3], {}, equal_loads([1, 2, 3]), 64, BS
     )
     assert decision.is_tie and decision.num_tied == 3
 
 
-def picks_for(config: KvRouterConfig, candidates: list[int], loads: dict[int, PotentialLoad]):
-    sel = KvSelector(config)
+def picks_for(config: KvRouterConfig, candidates: list[int], loads: dict[int, PotentialLoad],
+              seed: int):
+    sel = KvSelector(config, seed=seed)
     overlaps = {w: w % 3 for w in reversed(candidates)}
     return [sel.select(candidates, overlaps, loads, 64, BS).worker_id for _ in range(60)]
 
@@ -134,22 +135,22 @@ def picks_for(config: KvRouterConfig, candidates: list[int], loads: dict[int, Po
 def test_seeded_selector_is_stable_for_ties_and_temperature_sampling():
     tied_forward = equal_loads([1, 2, 3, 4])
     tied_backward = dict(reversed(tied_forward.items()))
-    config = KvRouterConfig(seed=42, overlap_score_credit=0.0)
-    first = picks_for(config, [1, 2, 3, 4], tied_forward)
-    assert first == picks_for(config, [4, 2, 3, 1], tied_backward)
+    config = KvRouterConfig(overlap_score_credit=0.0)
+    first = picks_for(config, [1, 2, 3, 4], tied_forward, 42)
+    assert first == picks_for(config, [4, 2, 3, 1], tied_backward, 42)
     assert len(set(first)) > 1
 
     varied = {1: load(2), 2: load(5), 3: load(7), 4: load(3)}
-    hot = KvRouterConfig(seed=42, temperature=0.7)
-    sampled = picks_for(hot, [1, 2, 3, 4], varied)
-    assert sampled == picks_for(hot, [3, 1, 4, 2], dict(reversed(varied.items())))
+    hot = KvRouterConfig(temperature=0.7)
+    sampled = picks_for(hot, [1, 2, 3, 4], varied, 42)
+    assert sampled == picks_for(hot, [3, 1, 4, 2], dict(reversed(varied.items())), 42)
     assert len(set(sampled)) > 1
-    assert sampled != picks_for(KvRouterConfig(seed=7, temperature=0.7), [1, 2, 3, 4], varied)
+    assert sampled != picks_for(hot, [1, 2, 3, 4], varied, 7)
 
 
 def test_an_injected_rng_drives_the_choice():
-    a = KvSelector(KvRouterConfig(seed=1), rng=random.Random(5))
-    b = KvSelector(KvRouterConfig(seed=2), rng=random.Random(5))
+    a = KvSelector(KvRouterConfig(), seed=1, rng=random.Random(5))
+    b = KvSelector(KvRouterConfig(), seed=2, rng=random.Random(5))
     loads = equal_loads([1, 2, 3])
     assert [a.select([1, 2, 3], {}, loads, 64, BS).worker_id for _ in range(30)] == [
         b.select([1, 2, 3], {}, loads, 64, BS).worker_id for _ in range(30)
@@ -171,7 +172,7 @@ def test_softmax_sample_orders_extreme_finite_costs():
 
 def test_softmax_at_low_temperature_almost_always_picks_the_cheapest_worker():
     loads = {1: load(100), 2: load(1)}
-    sel = KvSelector(KvRouterConfig(seed=3, temperature=0.1))
+    sel = KvSelector(KvRouterConfig(temperature=0.1), seed=3)
     picks = Counter(sel.select([1, 2], {}, loads, 64, BS).worker_id for _ in range(500))
     assert picks[2] >= 495
     assert sel.select([1, 2], {}, loads, 64, BS).sampled
@@ -197,7 +198,7 @@ def warm_cluster() -> tuple[dict[int, int], dict[int, PotentialLoad]]:
 
 def select_warm(warm_cluster, overrides: RouterOverrides | None = None) -> int:
     overlaps, loads = warm_cluster
-    sel = KvSelector(KvRouterConfig(seed=0))
+    sel = KvSelector(KvRouterConfig(), seed=0)
     return sel.select([1, 2], overlaps, loads, 4 * BS, BS, overrides).worker_id
 
 
@@ -225,7 +226,7 @@ def test_each_per_request_override_flips_the_choice_to_the_cold_worker(warm_clus
 
 def test_a_temperature_override_samples_without_changing_the_router(warm_cluster):
     overlaps, loads = warm_cluster
-    sel = KvSelector(KvRouterConfig(seed=0))
+    sel = KvSelector(KvRouterConfig(), seed=0)
     hot = RouterOverrides(temperature=5.0)
     picks = {sel.select([1, 2], overlaps, loads, 4 * BS, BS, hot).worker_id for _ in range(100)}
     assert picks == {1, 2}
@@ -234,9 +235,9 @@ def test_a_temperature_override_samples_without_changing_the_router(warm_cluster
 
 
 def test_overrides_replace_only_the_fields_they_set():
-    base = KvRouterConfig(prefill_load_scale=2.0, seed=9)
+    base = KvRouterConfig(prefill_load_scale=2.0)
     merged = base.with_overrides(RouterOverrides(overlap_score_credit=0.0))
-    assert merged == KvRouterConfig(overlap_score_credit=0.0, prefill_load_scale=2.0, seed=9)
+    assert merged == KvRouterConfig(overlap_score_credit=0.0, prefill_load_scale=2.0)
     assert base.with_overrides(None) is base
     assert base.with_overrides(RouterOverrides()) == base
 

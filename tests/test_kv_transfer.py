@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from baton.errors import TransportError
-from baton.kv import transfer
 from baton.kv.store import BlockStore
-from baton.kv.transfer import KvTransferClient, KvTransferError, KvTransferServer
 from baton.protocol import KvTransferParams
+from baton.transfer import KvTransferClient, KvTransferError, KvTransferServer
+from baton.transfer import client as transfer_client
 
 EVENT_LOOPS = ("asyncio", "uvloop")
 BACKENDS = ("inproc", "tcp", "shm")
@@ -331,7 +331,7 @@ async def test_shm_falls_back_to_tcp(make_rig: MakeRig, monkeypatch: pytest.Monk
     def unreachable(*args: object) -> None:
         raise FileNotFoundError("segment on another host")
 
-    monkeypatch.setattr(transfer, "SharedBlocks", unreachable)
+    monkeypatch.setattr(transfer_client, "SharedBlocks", unreachable)
     rig = await make_rig(16, 50_000)
     dst = marked_store(16, 50_000)
     for k in range(2):  # the second pull skips the shm attempt

@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from baton.config import EngineConfig
+from baton.config import EngineConfig, SchedulerConfig, TimingConfig
 from baton.engine.mock import SimulatedEngine, step_deadline
-from baton.engine.scheduler import SchedulerConfig
 from baton.engine.timing import PolynomialTiming
 from baton.errors import InvalidRequestError
 from baton.kv.events import KvStored
@@ -21,7 +20,7 @@ VOCAB = list(range(10, 500))
 
 
 def make_engine(**scheduler) -> SimulatedEngine:
-    config = EngineConfig(scheduler=SchedulerConfig(**scheduler), speedup_ratio=0.0)
+    config = EngineConfig(scheduler=SchedulerConfig(**scheduler), timing=TimingConfig(speedup_ratio=0.0))
     return SimulatedEngine(config, vocab=VOCAB)
 
 
@@ -127,7 +126,7 @@ async def test_worker_publishes_kv_events_and_load_on_the_event_plane():
     from baton.runtime import MemoryDiscovery, Runtime
     from baton.worker import build_worker
 
-    config = WorkerConfig(engine=EngineConfig(speedup_ratio=1.0), load_interval_s=0.01)
+    config = WorkerConfig(engine=EngineConfig(timing=TimingConfig(speedup_ratio=1.0)), load_interval_s=0.01)
     async with Runtime(MemoryDiscovery()) as rt:
         kv = rt.events.subscribe("baton.kv_events.77")
         load = rt.events.subscribe("baton.load")
@@ -154,7 +153,7 @@ async def test_shell_time_between_steps_overlaps_the_modelled_step_time():
     does not lengthen the steps (they would take ~28 % longer if each slept its full modelled
     time from 'now')."""
     config = EngineConfig(scheduler=SchedulerConfig(block_size=16, num_blocks=64),
-                          speedup_ratio=0.1)  # prefill step ~170 ms, decode steps ~82 ms
+                          timing=TimingConfig(speedup_ratio=0.1))  # prefill ~170 ms, decode ~82 ms
     engine = SimulatedEngine(config, vocab=VOCAB)
     await engine.start()
     try:
@@ -162,7 +161,7 @@ async def test_shell_time_between_steps_overlaps_the_modelled_step_time():
         async for _ in engine.generate(request("a", list(range(1, 40)), max_tokens=8)):
             time.sleep(0.03)  # the shell's CPU, blocking the loop
         wall = time.perf_counter() - started
-        modelled_s = engine.simulated_ms / 1000 / config.speedup_ratio
+        modelled_s = engine.simulated_ms / 1000 / config.timing.speedup_ratio
         assert engine.num_steps == 8
         assert wall < 1.15 * modelled_s
         first = engine._sim.late_steps

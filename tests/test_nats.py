@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import pytest
 from nats.aio.client import Client
 
-from baton.config import EngineConfig, FrontendConfig, WorkerConfig
+from baton.config import EngineConfig, FrontendConfig, TimingConfig, WorkerConfig
 from baton.frontend import Frontend
 from baton.kv.events import KvEvent, KvRemoved, KvStored
 from baton.protocol import LoadMetrics
@@ -26,6 +27,7 @@ from baton.runtime import (
     connect_nats,
 )
 from baton.worker import build_worker
+from baton.worker.worker import SUBJECT_KINDS
 from tests.nats_fixture import NATS_SERVER_BIN, NatsServer, nats_server_fixture  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
@@ -138,6 +140,11 @@ async def test_closing_deletes_own_records_but_not_other_processes(
     await b.close()
 
 
+def event_plane(nc: Client, **options: Any) -> NatsEventPlane:
+    """A plane that decodes the worker's subjects (KV events, load) to their types."""
+    return NatsEventPlane(nc, subject_kinds=SUBJECT_KINDS, **options)
+
+
 def kv_event(event_id: int) -> KvEvent:
     return KvEvent(event_id, KvStored(None, [event_id], [event_id + 100]), worker_id=7)
 
@@ -145,7 +152,7 @@ def kv_event(event_id: int) -> KvEvent:
 async def test_kv_events_and_load_metrics_arrive_typed_on_another_connection(
     connections: tuple[Client, Client],
 ) -> None:
-    pub, sub_plane = NatsEventPlane(connections[0]), NatsEventPlane(connections[1])
+    pub, sub_plane = NatsEventPlane(connections[0]), event_plane(connections[1])
     kv_sub = sub_plane.subscribe("t.kv_events.7")  # type from the subject
     load_sub = sub_plane.subscribe("t.load")
     removed_sub = sub_plane.subscribe("custom", kind=KvEvent)  # type given explicitly
@@ -167,7 +174,7 @@ async def test_kv_events_and_load_metrics_arrive_typed_on_another_connection(
 async def test_an_unregistered_subject_decodes_as_plain_msgpack(
     connections: tuple[Client, Client],
 ) -> None:
-    plane = NatsEventPlane(connections[0])
+    plane = event_plane(connections[0])
     sub = plane.subscribe("t.other")
     plane.publish("t.other", {"a": [1, 2]})
     async with asyncio.timeout(2.0):
@@ -176,7 +183,7 @@ async def test_an_unregistered_subject_decodes_as_plain_msgpack(
 
 
 async def test_next_batch_returns_every_queued_event(connections: tuple[Client, Client]) -> None:
-    plane = NatsEventPlane(connections[0])
+    plane = event_plane(connections[0])
     sub = plane.subscribe("t.kv_events.7")
     for i in range(5):
         plane.publish("t.kv_events.7", kv_event(i))
@@ -188,7 +195,7 @@ async def test_next_batch_returns_every_queued_event(connections: tuple[Client, 
 async def test_a_subscription_made_before_a_publish_on_the_same_plane_never_misses_it(
     connections: tuple[Client, Client],
 ) -> None:
-    plane = NatsEventPlane(connections[0])
+    plane = event_plane(connections[0])
     subs = []
     for i in range(50):  # subscribe, then publish at once, with no await in between
         subs.append(plane.subscribe(f"t.kv_events.{i}"))
@@ -202,7 +209,7 @@ async def test_a_subscription_made_before_a_publish_on_the_same_plane_never_miss
 async def test_a_full_subscription_drops_the_newest_events_and_counts_them(
     connections: tuple[Client, Client],
 ) -> None:
-    plane = NatsEventPlane(connections[0], queue_limit=3)
+    plane = event_plane(connections[0], queue_limit=3)
     sub = plane.subscribe("t.kv_events.7")
     for i in range(5):
         plane.publish("t.kv_events.7", kv_event(i))
@@ -215,7 +222,7 @@ async def test_after_a_server_restart_records_come_back_and_events_flow_again(
     nats_server: NatsServer, connections: tuple[Client, Client],
 ) -> None:
     a, b = discovery(connections[0]), discovery(connections[1])
-    plane_a, plane_b = NatsEventPlane(connections[0]), NatsEventPlane(connections[1])
+    plane_a, plane_b = event_plane(connections[0]), event_plane(connections[1])
     await a.register(record())
     events = b.watch()
     assert await next_event(events, 2.0) == DiscoveryEvent("put", record())
@@ -252,10 +259,11 @@ async def test_a_frontend_discovers_a_tcp_worker_through_nats_and_serves_a_reque
 ) -> None:
     worker_nc, frontend_nc = connections
     worker_rt = Runtime(NatsDiscovery(worker_nc, namespace="baton", lease_ttl_s=LEASE_S),
-                        events=NatsEventPlane(worker_nc))
+                        events=event_plane(worker_nc))
     frontend_rt = Runtime(NatsDiscovery(frontend_nc, namespace="baton", lease_ttl_s=LEASE_S),
-                          events=NatsEventPlane(frontend_nc))
-    worker = build_worker(WorkerConfig(engine=EngineConfig(speedup_ratio=0.0)), worker_rt)
+                          events=event_plane(frontend_nc))
+    worker = build_worker(WorkerConfig(engine=EngineConfig(timing=TimingConfig(speedup_ratio=0.0))),
+                          worker_rt)
     await worker.start(tcp=True)
     await frontend_rt.discovery.start()  # type: ignore[attr-defined]
     frontend = Frontend(FrontendConfig(port=0), frontend_rt)

@@ -9,7 +9,13 @@ import random
 import aiohttp
 import pytest
 
-from baton.config import EngineConfig, FrontendConfig, KvRouterConfig, RouterConfig, WorkerConfig
+from baton.config import (
+    EngineConfig,
+    FrontendConfig,
+    RouterConfig,
+    TimingConfig,
+    WorkerConfig,
+)
 from baton.frontend import Frontend
 from baton.runtime import MemoryDiscovery, Runtime
 from baton.worker import build_worker
@@ -30,8 +36,8 @@ async def first_chunk_worker(session: aiohttp.ClientSession, port: int, tokens: 
 async def bursts(replica_sync: bool) -> list[tuple[int, int]]:
     """Each round: a new 2,000-token prefix sent to frontend A, then (while A's request is
     still in prefill) the same prefix to frontend B; returns the two workers chosen."""
-    router = RouterConfig(mode="kv", replica_sync=replica_sync, kv=KvRouterConfig(seed=7))
-    engine = EngineConfig(speedup_ratio=1.0)
+    router = RouterConfig(mode="kv", replica_sync=replica_sync, seed=7)
+    engine = EngineConfig(timing=TimingConfig(speedup_ratio=1.0))
     rng = random.Random(0)
     async with Runtime(MemoryDiscovery()) as rt:
         workers = [build_worker(WorkerConfig(engine=engine), rt, instance_id=i) for i in (1, 2)]

@@ -70,7 +70,7 @@ async def test_pool_moves_on_from_an_unreachable_worker_and_keeps_it_out_of_rota
         endpoints.add("generate", echo, GenerateRequest, EngineOutput)
         endpoints.add("events", feed, FeedRequest, WorkerEvents)
         good = rt.serve_local(1, endpoints)
-        pool = WorkerPool("m", rt.client, RouterConfig(unhealthy_cooldown_s=5), clock=lambda: now[0])
+        pool = WorkerPool("m", rt.client, RouterConfig(mode="round-robin", unhealthy_cooldown_s=5), clock=lambda: now[0])
         pool.add(record(0, "tcp://127.0.0.1:1"))  # nothing listens there
         pool.add(record(1, good))
         for _ in range(3):
@@ -84,7 +84,7 @@ async def test_pool_moves_on_from_an_unreachable_worker_and_keeps_it_out_of_rota
 
 async def test_pool_with_no_reachable_worker_raises_service_unavailable():
     async with Runtime(MemoryDiscovery()) as rt:
-        pool = WorkerPool("m", rt.client, RouterConfig())
+        pool = WorkerPool("m", rt.client, RouterConfig(mode="round-robin"))
         with pytest.raises(ServiceUnavailableError):
             [o async for o in pool.generate(REQ)]
         pool.add(record(0, "tcp://127.0.0.1:1"))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from baton.bench.metrics import RequestRecord
-from baton.config import KvRouterConfig
-from baton.engine.scheduler import SchedulerConfig
+from baton.config import KvRouterConfig, PoolsConfig, RouterConfig, SchedulerConfig
 from baton.engine.timing import PolynomialTiming
 from baton.sim import Cluster, SimConfig, SimPromptBuilder, run_sim
 from baton.trace import TraceRequest, save_trace
@@ -31,11 +30,14 @@ def _trace(num_groups: int = 6, per_group: int = 6, gap_ms: int = 40) -> list[Tr
     return requests
 
 
-def _config(**kw: object) -> SimConfig:
-    base: dict[str, object] = {"num_workers": 3, "scheduler": SMALL_ENGINE,
-                               "trace_block_size": 64, "check_invariants": True}
+def _config(*, router: str = "round-robin", num_workers: int = 3,
+            kv: KvRouterConfig | None = None, **kw: object) -> SimConfig:
+    base: dict[str, object] = {"scheduler": SMALL_ENGINE, "trace_block_size": 64,
+                               "check_invariants": True}
     base.update(kw)
-    return SimConfig(**base)  # type: ignore[arg-type]
+    return SimConfig(pools=PoolsConfig(num_workers=num_workers),  # type: ignore[arg-type]
+                     router=RouterConfig(mode=router, kv=kv or KvRouterConfig()),  # type: ignore[arg-type]
+                     **base)
 
 
 @pytest.mark.parametrize("router", ["round-robin", "random", "least-loaded", "kv"])
@@ -89,7 +91,7 @@ def test_single_request_timing_is_the_polynomial() -> None:
                              max_num_batched_tokens=1024)
     prompt, out = 300, 5
     trace = [TraceRequest(timestamp=0, input_length=prompt, output_length=out, hash_ids=[1])]
-    cluster = Cluster(SimConfig(num_workers=1, scheduler=engine, trace_block_size=512))
+    cluster = Cluster(_config(num_workers=1, scheduler=engine, trace_block_size=512))
     (rec,) = cluster.run(trace)
     assert rec.ok and rec.cached_tokens == 0
     assert rec.ttft_s == pytest.approx(timing.prefill_ms(prompt) / 1000, rel=1e-12)
@@ -123,8 +125,8 @@ def test_unfittable_and_bad_trace_requests_are_errors() -> None:
         TraceRequest(timestamp=2, input_length=1000, output_length=2, hash_ids=[3]),
     ]
     for router in ("kv", "least-loaded"):
-        cluster = Cluster(SimConfig(num_workers=2, router=router, scheduler=engine,
-                                    trace_block_size=512))
+        cluster = Cluster(_config(num_workers=2, router=router, scheduler=engine,
+                                  trace_block_size=512))
         bad, good, short = cluster.run(trace)
         assert not bad.ok and "KV cache" in (bad.error or "")
         assert good.ok and good.completion_tokens == 2
@@ -156,7 +158,7 @@ def test_run_sim_writes_bench_outputs(tmp_path, capsys) -> None:  # type: ignore
 
     path = tmp_path / "trace.jsonl"
     save_trace(path, _trace(num_groups=2, per_group=3))
-    config = _config(router="kv", kv_router=KvRouterConfig(overlap_score_credit=2.0))
+    config = _config(router="kv", kv=KvRouterConfig(overlap_score_credit=2.0))
     summary, records = run_sim(path, config, tmp_path / "out")
     assert summary.num_requests == len(records) == 6 and summary.num_errors == 0
     assert "Prompt Cache Hit Rate" in capsys.readouterr().out
@@ -167,9 +169,9 @@ def test_run_sim_writes_bench_outputs(tmp_path, capsys) -> None:  # type: ignore
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError):
-        SimConfig(num_workers=0)
-    with pytest.raises(ValueError):
-        SimConfig(router="nope")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_workers"):
+        _config(num_workers=0)
+    with pytest.raises(ValueError, match="mode"):
+        _config(router="nope")
+    with pytest.raises(ValueError, match="arrival_speedup"):
         SimConfig(arrival_speedup=0)

@@ -11,8 +11,7 @@ import pytest
 
 from baton.bench.metrics import RequestRecord
 from baton.cli import main
-from baton.config import DisaggConfig
-from baton.engine.scheduler import SchedulerConfig
+from baton.config import DisaggConfig, PoolsConfig, RouterConfig, SchedulerConfig, TimingConfig
 from baton.sim import Cluster, SimConfig, transfer_seconds
 from baton.trace import TraceRequest, save_trace
 from tests.test_sim import assert_served
@@ -39,14 +38,24 @@ def _groups(num_groups: int = 4, per_group: int = 5, gap_ms: int = 30,
     return requests
 
 
-def _config(policy: str = "always", **kw: object) -> SimConfig:
+POOL_KEYS = ("num_workers", "num_prefill_workers", "num_decode_workers", "prefill_scheduler")
+TIMING_KEYS = ("kv_transfer_gbps", "kv_bytes_per_token")
+
+
+def _config(policy: str = "always", *, router: str = "round-robin", disaggregated: bool = True,
+            **kw: object) -> SimConfig:
+    """2 prefill + 2 decode workers on ``SMALL_ENGINE``; pool and timing settings by name."""
+    pools = {"num_prefill_workers": 2, "num_decode_workers": 2} | {
+        k: kw.pop(k) for k in POOL_KEYS if k in kw}
+    timing = {k: kw.pop(k) for k in TIMING_KEYS if k in kw}
     base: dict[str, object] = {
-        "disagg": True, "num_prefill_workers": 2, "num_decode_workers": 2,
         "scheduler": SMALL_ENGINE, "trace_block_size": TRACE_BLOCK, "check_invariants": True,
-        "disagg_config": DisaggConfig(policy=policy),  # type: ignore[arg-type]
+        "disagg": DisaggConfig(policy=policy),  # type: ignore[arg-type]
     }
     base.update(kw)
-    return SimConfig(**base)  # type: ignore[arg-type]
+    return SimConfig(pools=PoolsConfig(disaggregated=disaggregated, **pools),  # type: ignore[arg-type]
+                     router=RouterConfig(mode=router),  # type: ignore[arg-type]
+                     timing=TimingConfig(**timing), **base)  # type: ignore[arg-type]
 
 
 def _assert_drained(cluster: Cluster) -> None:
@@ -93,7 +102,7 @@ def test_conservation(router: str, policy: str, delay: float) -> None:
     engine = SchedulerConfig(num_blocks=40, block_size=16, max_num_seqs=8,
                              max_num_batched_tokens=256)
     cluster = Cluster(_config(policy, router=router, scheduler=engine, kv_event_delay_s=delay,
-                              disagg_config=DisaggConfig(policy=policy, prefill_busy_waiting=1)))
+                              disagg=DisaggConfig(policy=policy, prefill_busy_waiting=1)))
     records = cluster.run(trace)
     assert_served(records, trace)
     assert len(cluster.routes) == len(trace)
@@ -171,7 +180,7 @@ def test_isl_without_a_kv_router_sees_no_cache() -> None:
 def test_load_prefills_locally_when_every_prefill_worker_is_busy() -> None:
     burst = [TraceRequest(timestamp=0, input_length=400, output_length=2,
                           hash_ids=[10 * i + j for j in range(7)]) for i in range(12)]
-    config = _config("load", disagg_config=DisaggConfig(policy="load", prefill_busy_tokens=100))
+    config = _config("load", disagg=DisaggConfig(policy="load", prefill_busy_tokens=100))
     cluster = Cluster(config)
     records = cluster.run(burst)
     reasons = [cluster.routes[i].reason for i in range(len(burst))]
@@ -184,7 +193,7 @@ def test_load_prefills_locally_when_every_prefill_worker_is_busy() -> None:
 @pytest.mark.parametrize("disagg", [False, True])
 def test_a_straggler_makes_latency_worse(disagg: bool) -> None:
     trace = _groups(num_groups=4, per_group=6, gap_ms=20)
-    kw: dict[str, object] = {"disagg": disagg, "num_workers": 4, "router": "round-robin"}
+    kw: dict[str, object] = {"disaggregated": disagg, "num_workers": 4, "router": "round-robin"}
     even = Cluster(_config(**kw)).run(trace)
     slow = Cluster(_config(**kw, step_time_scale=(1.0, 1.0, 1.0, 4.0))).run(trace)
     assert _mean_e2e(slow) > 1.2 * _mean_e2e(even)
@@ -239,8 +248,9 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="one factor per worker"):
         _config(step_time_scale=(1.0, 2.0))
     with pytest.raises(ValueError):
-        SimConfig(num_workers=2, step_time_scale=(1.0, 0.0))
-    assert SimConfig(num_workers=2, step_time_scale=(1.0, 3.0)).total_workers == 2
+        _config(disaggregated=False, num_workers=2, step_time_scale=(1.0, 0.0))
+    assert _config(disaggregated=False, num_workers=2,
+                   step_time_scale=(1.0, 3.0)).total_workers == 2
 
 
 def test_sim_command_disaggregated(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -254,7 +264,7 @@ def test_sim_command_disaggregated(tmp_path, capsys) -> None:  # type: ignore[no
                  "--max-local-prefill-ratio", "0.5", "--kv-transfer-gbps", "8",
                  "--kv-bytes-per-token", "65536", "--block-size", "16", "--num-blocks", "256",
                  "--trace-block-size", "64", "--step-time-scale", "1,1,2",
-                 "--prefill-max-num-seqs", "4", "--prefill-prefix-caching", "off",
+                 "--prefill-max-num-seqs", "4", "--no-prefill-prefix-caching",
                  "--no-chunked-prefill", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "remote prefills" in err and "busy: prefill" in err

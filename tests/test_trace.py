@@ -178,7 +178,7 @@ def test_isl_filter_thins_arrivals_instead_of_compressing_them() -> None:
 def test_speedup_compresses_timestamps() -> None:
     source = shared_trace()
     slow = synthesize(source, num_requests=300)
-    fast = synthesize(source, num_requests=300, speedup_ratio=10)
+    fast = synthesize(source, num_requests=300, arrival_speedup=10)
     assert fast[-1].timestamp == pytest.approx(slow[-1].timestamp / 10, rel=0.05)
     assert [r.timestamp for r in fast] == sorted(r.timestamp for r in fast)
 
@@ -195,8 +195,8 @@ def test_root_multiplier_makes_disjoint_copies_of_the_tree() -> None:
 
 
 def test_bad_knobs_raise_value_errors_naming_the_field() -> None:
-    with pytest.raises(ValueError, match="speedup_ratio"):
-        synthesize(shared_trace(), num_requests=1, speedup_ratio=0)
+    with pytest.raises(ValueError, match="arrival_speedup"):
+        synthesize(shared_trace(), num_requests=1, arrival_speedup=0)
     with pytest.raises(ValueError, match="min_isl"):
         synthesize(shared_trace(), num_requests=1, min_isl=10, max_isl=5)
 

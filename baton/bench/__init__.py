@@ -22,10 +22,11 @@ from baton.bench.metrics import (
     run_duration_s,
     summarize,
 )
-from baton.bench.replay import replay, run_bench
+from baton.bench.replay import BenchConfig, replay, run_bench
 from baton.bench.report import ProgressBar, format_table, write_csv, write_json
 
 __all__ = [
+    "BenchConfig",
     "BenchSummary",
     "Goodput",
     "ProgressBar",

@@ -1,14 +1,15 @@
 """The replay client: sends a trace's requests to an OpenAI-compatible server at their arrival
 times and records what came back.
 
-Owns ``replay`` (one aiohttp session; request ``i`` is sent at ``timestamp_i / speedup`` after
+Owns ``BenchConfig``, ``replay`` (one aiohttp session; request ``i`` is sent at
+``timestamp_i / arrival_speedup`` after
 the run starts, measured from the trace's first timestamp, or later when ``max_concurrency``
 requests are already in flight; request bodies are built up to ``_LOOKAHEAD_S`` ahead of their
 send time, so a burst of arrivals leaves together; times are ``time.perf_counter``) and
 ``run_bench`` (trace file in, table on stdout, ``summary.json`` (summary + records) and
 ``records.csv`` out). Requests stream ``/v1/completions``
 with the prompt as token ids (exact on any server that accepts token-id prompts), or with
-``use_chat`` the prompt text as one user message to ``/v1/chat/completions``. Every request
+``chat`` the prompt text as one user message to ``/v1/chat/completions``. Every request
 asks for ``max_tokens = output_length`` with ``ignore_eos`` and ``stream_options.include_usage``.
 A content chunk is one whose text (or ``delta.content``) is non-empty; ``completion_tokens`` is
 the server's usage count, or the number of content chunks when it reports none. Failures (HTTP
@@ -22,6 +23,7 @@ import itertools
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import msgspec
 
 from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
 from baton.bench.report import ProgressBar, format_table, write_run
+from baton.settings import setting
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_trace
 
 DEFAULT_CONNECTIONS = 256
@@ -43,33 +46,49 @@ class _ReplayError(Exception):
     """A failure the server reported (HTTP status or SSE error event)."""
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """How ``baton bench`` replays a trace."""
+
+    tokenizer: str | None = setting(
+        None, "tokenizer for prompt synthesis", metavar="MODEL_OR_PATH",
+        default_help="--model as a built-in name or local folder")
+    trace_block_size: int = setting(DEFAULT_TRACE_BLOCK_SIZE, "tokens per trace hash id")
+    arrival_speedup: float = setting(1.0, "divide the trace's arrival times by this")
+    max_concurrency: int | None = setting(None, "requests in flight at most",
+                                          default_help="no limit")
+    max_requests: int | None = setting(None, "replay only the first N requests",
+                                       default_help="all")
+    chat: bool = setting(False, "send prompt text to /v1/chat/completions instead of token "
+                         "ids to /v1/completions")
+    timeout_s: float = setting(600.0, "per-request limit")
+
+    def __post_init__(self) -> None:
+        if not self.arrival_speedup > 0:
+            raise ValueError(f"arrival_speedup must be positive, got {self.arrival_speedup}")
+
+
 async def replay(
     base_url: str,
     model: str,
     requests: Sequence[TraceRequest],
     *,
     prompts: PromptBuilder,
-    speedup: float = 1.0,
-    max_concurrency: int | None = None,
-    max_requests: int | None = None,
-    timeout_s: float = 600.0,
-    use_chat: bool = False,
+    config: BenchConfig | None = None,
     progress: Callable[[RequestRecord], None] | None = None,
 ) -> list[RequestRecord]:
     """Replay ``requests`` (in the order given) and return one record per request sent."""
-    if speedup <= 0:
-        raise ValueError(f"speedup must be positive, got {speedup}")
-    chosen = list(requests[:max_requests] if max_requests is not None else requests)
+    cfg = config or BenchConfig()
+    chosen = list(requests[:cfg.max_requests] if cfg.max_requests is not None else requests)
     if not chosen:
         return []
-    path = "/v1/chat/completions" if use_chat else "/v1/completions"
-    url = base_url.rstrip("/") + path
-    limit = max_concurrency or DEFAULT_CONNECTIONS
-    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    connector = aiohttp.TCPConnector(limit=limit)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    use_chat = cfg.chat
+    url = base_url.rstrip("/") + ("/v1/chat/completions" if use_chat else "/v1/completions")
+    gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    connector = aiohttp.TCPConnector(limit=cfg.max_concurrency or DEFAULT_CONNECTIONS)
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
     t0_ms = min(r.timestamp for r in chosen)
-    times = [(r.timestamp - t0_ms) / 1000.0 / speedup for r in chosen]
+    times = [(r.timestamp - t0_ms) / 1000.0 / cfg.arrival_speedup for r in chosen]
     bodies: dict[int, bytes | ValueError] = {}
     built = 0
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -204,30 +223,23 @@ async def run_bench(
     url: str,
     model: str,
     trace_path: str | Path,
+    config: BenchConfig | None = None,
     *,
-    tokenizer: str | None = None,
-    block_size: int = DEFAULT_TRACE_BLOCK_SIZE,
-    speedup: float = 1.0,
-    max_concurrency: int | None = None,
-    max_requests: int | None = None,
     goodput: Goodput | None = None,
-    use_chat: bool = False,
-    timeout_s: float = 600.0,
     out_dir: str | Path | None = None,
     show_progress: bool = True,
 ) -> BenchSummary:
     """Replay a trace file, print the summary table, and write the outputs to ``out_dir``."""
     from baton.preprocess import ModelCard, Tokenizer
 
+    cfg = config or BenchConfig()
     requests = load_trace(trace_path)
-    prompts = PromptBuilder(Tokenizer(ModelCard.load(tokenizer or model)), block_size=block_size)
-    total = min(len(requests), max_requests) if max_requests is not None else len(requests)
-    bar = ProgressBar(total) if show_progress else None
+    card = ModelCard.load(cfg.tokenizer or model)
+    prompts = PromptBuilder(Tokenizer(card), block_size=cfg.trace_block_size)
+    limit = cfg.max_requests
+    bar = ProgressBar(min(len(requests), limit or len(requests))) if show_progress else None
     t0 = time.perf_counter()
-    records = await replay(
-        url, model, requests, prompts=prompts, speedup=speedup, max_concurrency=max_concurrency,
-        max_requests=max_requests, timeout_s=timeout_s, use_chat=use_chat, progress=bar,
-    )
+    records = await replay(url, model, requests, prompts=prompts, config=cfg, progress=bar)
     if bar is not None:
         bar.close()
     summary = summarize(records, run_duration_s(records) or time.perf_counter() - t0, goodput)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from baton.engine.request import Request, RequestStatus
 from baton.engine.scheduler import (
     Scheduler,
-    SchedulerConfig,
     SchedulerOutput,
     StepResult,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "Request",
     "RequestStatus",
     "Scheduler",
-    "SchedulerConfig",
     "SchedulerOutput",
     "StepResult",
     "TimingModel",

@@ -35,9 +35,9 @@ from baton.engine.scheduler import KvLoad, Scheduler, SchedulerOutput, StepResul
 from baton.errors import InvalidRequestError
 from baton.kv.events import KvStored
 from baton.kv.store import BlockStore
-from baton.kv.transfer import KvTransferClient, KvTransferError, KvTransferServer
 from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams
 from baton.runtime.tasks import cancel_and_wait
+from baton.transfer import KvTransferClient, KvTransferError, KvTransferServer
 
 log = logging.getLogger(__name__)
 

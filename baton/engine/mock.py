@@ -33,7 +33,7 @@ import xxhash
 from baton.config import EngineConfig
 from baton.engine.core import EngineCore
 from baton.engine.scheduler import Scheduler, SchedulerOutput
-from baton.engine.timing import PolynomialTiming, ProfileTiming, TimingModel, sleep_seconds
+from baton.engine.timing import sleep_seconds, timing_model
 from baton.kv.store import BlockStore
 from baton.protocol import GenerateRequest
 
@@ -54,14 +54,11 @@ class SimulatedExecutor:
             raise ValueError("the simulated engine needs a non-empty vocabulary to draw from")
         self.config = config
         self.store = BlockStore(config.scheduler.num_blocks, 0)
-        self._timing: TimingModel = (
-            ProfileTiming.from_file(config.timing_profile)
-            if config.timing_profile
-            else PolynomialTiming()
-        )
+        self._timing = timing_model(config.timing.profile)
         self._vocab = list(vocab)
         self._kv_tokens_total = config.scheduler.num_blocks * config.block_size
-        self._kv_bytes_per_token = kv_bytes_per_token
+        modelled = config.timing.kv_bytes_per_token
+        self._kv_bytes_per_token = kv_bytes_per_token if modelled is None else modelled
         self._rngs: dict[str, random.Random] = {}
         self.simulated_ms = 0.0
         """Sum of modelled step times (before ``speedup_ratio``): the engine's virtual clock."""
@@ -81,7 +78,7 @@ class SimulatedExecutor:
             self._kv_tokens_total,
         )
         self.simulated_ms += step_ms
-        delay = sleep_seconds(step_ms, self.config.speedup_ratio)
+        delay = sleep_seconds(step_ms, self.config.timing.speedup_ratio)
         if delay > 0:
             await self._sleep_until_deadline(delay)
         return {rid: self._draw(rid) for rid in output.requests_needing_sample}
@@ -106,12 +103,13 @@ class SimulatedExecutor:
                 "simulated engine behind its timing model: the work between two steps took %.1f ms "
                 "more than the modelled step (%d late steps so far); this host cannot keep up "
                 "with --speedup-ratio %g",
-                behind_s * 1000, self.late_steps, self.config.speedup_ratio,
+                behind_s * 1000, self.late_steps, self.config.timing.speedup_ratio,
             )
 
     def transfer_seconds(self, num_tokens: int) -> float:
-        seconds = num_tokens * self._kv_bytes_per_token / (self.config.kv_transfer_gbps * 1e9)
-        return sleep_seconds(seconds * 1000.0, self.config.speedup_ratio)
+        timing = self.config.timing
+        seconds = num_tokens * self._kv_bytes_per_token / (timing.kv_transfer_gbps * 1e9)
+        return sleep_seconds(seconds * 1000.0, timing.speedup_ratio)
 
     def forget(self, request_id: str) -> None:
         self._rngs.pop(request_id, None)

@@ -24,42 +24,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import msgspec
 
+from baton.config import SchedulerConfig
 from baton.engine.base import EngineLoad
 from baton.engine.request import Request, RequestStatus
 from baton.kv.block_pool import BlockPool, KVBlock
 from baton.kv.events import KvEvent
 from baton.protocol import FinishReason, KvTransferParams
 
-PreemptionMode = Literal["lifo", "fifo"]
-
 _RUNNING = RequestStatus.RUNNING
 """For the per-request loops: reading an enum member off its class is slow on Python 3.11."""
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    """Scheduler and KV cache sizing. Defaults are Dynamo's mocker defaults, except the block
-    size: 16 tokens, vLLM's default (the mocker uses 64)."""
-
-    num_blocks: int = 16384
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    preemption_mode: PreemptionMode = "lifo"
-
-    def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.preemption_mode not in ("lifo", "fifo"):
-            raise ValueError(f"preemption_mode must be 'lifo' or 'fifo', got {self.preemption_mode!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +65,6 @@ class SchedulerOutput(msgspec.Struct):
     preempted: list[str]
     kv_loads: list[KvLoad] = msgspec.field(default_factory=list)
     """Remote KV to copy in: requests admitted into ``LOADING_KV`` by this schedule."""
-
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens.values())
 
     @property
     def is_empty(self) -> bool:

@@ -155,6 +155,12 @@ class ProfileTiming(_PhaseTiming):
         return _interpolate(self.decode_kv_usage, self.decode_ms_points, usage, False)
 
 
+def timing_model(profile: str | None) -> TimingModel:
+    """The profile in the JSON file ``profile`` (``TimingConfig.profile``), else the
+    polynomial."""
+    return ProfileTiming.from_file(profile) if profile else PolynomialTiming()
+
+
 def sleep_seconds(step_ms: float, speedup_ratio: float) -> float:
     """Wall-clock seconds to sleep for a step; 0 when ``speedup_ratio`` is 0 (no delay)."""
     if speedup_ratio < 0:

@@ -33,7 +33,6 @@ from baton.errors import (
     ServiceUnavailableError,
 )
 from baton.frontend.metrics import FrontendMetrics
-from baton.frontend.models import ModelRegistry
 from baton.frontend.protocol import (
     BusyThresholdUpdate,
     ChatCompletionRequest,
@@ -42,6 +41,7 @@ from baton.frontend.protocol import (
 )
 from baton.frontend.responses import DONE, ChunkWriter, full_response, sse
 from baton.frontend.serving import Generation, OpenAIServing, Prepared
+from baton.router.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import uvicorn
 from baton.config import FrontendConfig
 from baton.frontend.app import FrontendApp
 from baton.frontend.metrics import FrontendMetrics
-from baton.frontend.models import ModelRegistry
 from baton.frontend.serving import OpenAIServing
+from baton.router.registry import ModelRegistry
 from baton.runtime import Runtime
 from baton.runtime.tasks import cancel_and_wait
 
@@ -38,9 +38,7 @@ class Frontend:
         self.config = config
         self.runtime = runtime
         self.metrics = FrontendMetrics()
-        self.models = ModelRegistry(
-            runtime, config.router, config.namespace, registry=self.metrics.registry
-        )
+        self.models = ModelRegistry(runtime, config.router, registry=self.metrics.registry)
         self.serving = OpenAIServing(self.models, self.metrics)
         self.app = FrontendApp(
             self.serving, self.models, self.metrics, max_body_bytes=config.max_body_bytes,

@@ -37,7 +37,6 @@ from baton.errors import (
     TransportError,
 )
 from baton.frontend.metrics import FrontendMetrics, ModelMetrics
-from baton.frontend.models import ModelEntry, ModelRegistry
 from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
 from baton.protocol import (
@@ -51,6 +50,7 @@ from baton.router import WorkerPool
 from baton.router.disagg import decide
 from baton.router.kv_selector import RouterOverrides
 from baton.router.policy import RouteHints
+from baton.router.registry import ModelEntry, ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,12 @@
-"""Graphs: a YAML description of a Baton deployment (``schema``), run as supervised local
-processes (``supervisor``). ``baton serve -f FILE`` and ``python -m baton.graph FILE`` run one.
+"""Graphs: deployments of Baton's components. ``embedded`` is the one-process graph
+``baton serve`` runs; a YAML graph (``schema``) runs as supervised local processes on NATS
+(``supervisor``; ``baton serve -f FILE``).
 """
 
+from baton.graph.embedded import embedded, run_serve
 from baton.graph.schema import (
     ENGINE_KEYS,
+    EngineSection,
     FrontendSpec,
     GraphConfig,
     GraphStartError,
@@ -12,6 +15,7 @@ from baton.graph.schema import (
     RouterSpec,
     SupervisionSpec,
     WorkerPoolSpec,
+    engine_args,
     load_graph,
     parse_graph,
     plan,
@@ -19,7 +23,8 @@ from baton.graph.schema import (
 from baton.graph.supervisor import Graph, ManagedProcess, Supervisor, run_graph
 
 __all__ = [
-    "ENGINE_KEYS", "FrontendSpec", "Graph", "GraphConfig", "GraphStartError", "ManagedProcess",
-    "NatsSpec", "ProcessSpec", "RouterSpec", "SupervisionSpec", "Supervisor", "WorkerPoolSpec",
-    "load_graph", "parse_graph", "plan", "run_graph",
+    "ENGINE_KEYS", "EngineSection", "FrontendSpec", "Graph", "GraphConfig", "GraphStartError",
+    "ManagedProcess", "NatsSpec", "ProcessSpec", "RouterSpec", "SupervisionSpec", "Supervisor",
+    "WorkerPoolSpec", "embedded", "engine_args", "load_graph", "parse_graph", "plan",
+    "run_graph", "run_serve",
 ]

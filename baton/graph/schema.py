@@ -1,38 +1,45 @@
 """The graph schema: a YAML description of a Baton deployment, and its plan.
 
-``GraphConfig`` is the schema (frozen dataclasses, validated when built; an unknown key is
-an error naming it). ``plan`` turns a graph into ``ProcessSpec``s (command lines and the
-line each process prints when ready) and does no I/O. Every process is
-``python -m baton ...``, so a graph runs exactly what a person would run by hand.
+``GraphConfig`` is the schema: msgspec structs that parsed YAML is converted into
+(``msgspec.convert``: an unknown key, a missing one or a bad value is a ``ValueError`` that
+names the field, ``workers[0].count: ...``). The ``engine`` section is derived from
+``EngineConfig``: its keys are the ``baton worker`` engine flags (``block_size``,
+``prefix_caching``, ...) with the same types, so a setting added to the engine is a graph key
+at once. Defaults come from the config tree. ``plan`` turns a graph into ``ProcessSpec``s
+(command lines and the line each process prints when ready) and does no I/O. Every process
+is ``python -m baton ...``, so a graph runs exactly what a person would run by hand.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import socket
 import sys
-from collections.abc import Iterator, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from baton.checks import is_int, require
-from baton.config import DEFAULT_SERVING_ROUTER, ROUTER_MODES
+import msgspec
 
-ROLES = ("agg", "prefill", "decode")
+from baton.config import (
+    EngineConfig,
+    FrontendConfig,
+    RouterConfig,
+    RouterMode,
+    RouterServiceConfig,
+    RuntimeConfig,
+    WorkerConfig,
+    WorkerRole,
+)
+from baton.settings import Field, SectionField, optional_inner, walk
+
 Group = Literal["nats", "worker", "router", "frontend"]
 STOP_ORDER: tuple[Group, ...] = ("frontend", "router", "worker", "nats")
-ENGINE_KEYS: dict[str, type] = {
-    "speedup_ratio": float, "block_size": int, "num_blocks": int, "max_num_seqs": int,
-    "max_num_batched_tokens": int, "preemption_mode": str, "timing_profile": str,
-    "prefix_caching": bool, "chunked_prefill": bool, "engine": str, "kv_transfer": str,
-    "kv_cache_bytes": int, "num_threads": int, "kv_transfer_timeout_s": float,
-    "kv_transfer_gbps": float,
-}
-"""Engine settings a graph may give, each becoming the ``baton worker`` flag of that name."""
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME = r"^[A-Za-z0-9_-]+$"
+Name = Annotated[str, msgspec.Meta(pattern=_NAME)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class GraphStartError(RuntimeError):
@@ -42,177 +49,115 @@ class GraphStartError(RuntimeError):
 # ---------------------------------------------------------------------------- schema
 
 
-@dataclass(frozen=True)
-class NatsSpec:
+def _engine_keys(cls: type, prefix: str = "") -> Iterator[tuple[str, Field]]:
+    for item in walk(cls):
+        if isinstance(item, SectionField):
+            yield from _engine_keys(item.type, prefix + item.section.prefix)
+        elif item.setting.cli:
+            yield (prefix + item.flag).replace("-", "_"), item
+
+
+ENGINE_KEYS: dict[str, Field] = dict(_engine_keys(EngineConfig))
+"""The keys of a graph's ``engine`` section: each is the ``baton worker`` flag of that name
+(``--block-size``; a bool ``prefix_caching: false`` is ``--no-prefix-caching``)."""
+
+EngineSection = msgspec.defstruct(
+    "EngineSection",
+    [(key, optional_inner(f.type) | None, None) for key, f in ENGINE_KEYS.items()],
+    forbid_unknown_fields=True, frozen=True, omit_defaults=True,
+)
+"""Engine settings a graph gives; None keeps the worker's default."""
+
+
+class NatsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Either the URL of an existing server, or ``start``: run our own nats-server."""
 
     url: str | None = None
     start: bool = True
 
     def __post_init__(self) -> None:
-        require((self.url is None) == self.start, "url", "give a URL or {start: true}, not both")
-        require(self.url is None or str(self.url).startswith("nats://"), "url", "must be nats://...")
+        if (self.url is None) != self.start:
+            raise ValueError("url: give a URL or {start: true}, not both")
+        if self.url is not None and not self.url.startswith("nats://"):
+            raise ValueError("url: must be nats://HOST:PORT")
 
 
-@dataclass(frozen=True)
-class FrontendSpec:
-    host: str = "127.0.0.1"
-    port: int = 8000
+class FrontendSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    host: str = FrontendConfig.host
+    port: Port = FrontendConfig.port
     """0 = any free port (a restarted frontend then gets a new one)."""
-    router: str = DEFAULT_SERVING_ROUTER
+    router: RouterMode = RouterConfig.mode
     args: tuple[str, ...] = ()
     """Extra ``baton frontend`` flags."""
 
-    def __post_init__(self) -> None:
-        require(is_int(self.port) and 0 <= self.port <= 65535, "port", "must be 0..65535")
-        require(self.router in ROUTER_MODES, "router", f"one of {', '.join(ROUTER_MODES)}")
 
-
-@dataclass(frozen=True)
-class RouterSpec:
+class RouterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """A standalone ``baton router`` (the KV router serving decisions over TCP)."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
+    host: str = RouterServiceConfig.host
+    port: Port = RouterServiceConfig.port
     args: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        require(is_int(self.port) and 0 <= self.port <= 65535, "port", "must be 0..65535")
 
-
-@dataclass(frozen=True)
-class WorkerPoolSpec:
-    name: str
-    count: int = 1
-    role: str = "agg"
+class WorkerPoolSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    name: Name
+    count: Annotated[int, msgspec.Meta(ge=1)] = 1
+    role: WorkerRole = "agg"
     """``agg`` workers prefill and decode; ``prefill`` and ``decode`` pools of one model
     serve it disaggregated."""
-    engine: tuple[tuple[str, Any], ...] = ()
+    engine: EngineSection = msgspec.field(default_factory=EngineSection)  # type: ignore[valid-type]  # built by defstruct
     """Overrides of the graph's engine settings for this pool."""
     args: tuple[str, ...] = ()
     """Extra ``baton worker`` flags."""
 
-    def __post_init__(self) -> None:
-        require(bool(_NAME.match(str(self.name))), "name", "letters, digits, '_' and '-' only")
-        require(is_int(self.count) and self.count >= 1, "count", "must be an integer >= 1")
-        require(self.role in ROLES, "role", f"one of {', '.join(ROLES)}")
 
-
-@dataclass(frozen=True)
-class SupervisionSpec:
-    ready_timeout_s: float = 30.0
+class SupervisionSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    ready_timeout_s: Seconds = 30.0
     """A process that prints no ready line in this long fails the start."""
-    grace_s: float = 10.0
+    grace_s: Seconds = 10.0
     """Between SIGTERM and SIGKILL when stopping."""
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 10.0
+    backoff_initial_s: Annotated[float, msgspec.Meta(ge=0)] = 0.5
+    backoff_max_s: Seconds = 10.0
     """Restart delays double from the initial one up to this; a run this long resets them."""
 
     def __post_init__(self) -> None:
-        for name in ("ready_timeout_s", "grace_s", "backoff_max_s"):
-            require(getattr(self, name) > 0, name, "must be > 0")
-        require(0 <= self.backoff_initial_s <= self.backoff_max_s, "backoff_initial_s",
-                "must be 0..backoff_max_s")
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError("backoff_initial_s: must be at most backoff_max_s")
 
 
-@dataclass(frozen=True)
-class GraphConfig:
-    workers: tuple[WorkerPoolSpec, ...]
-    namespace: str = "baton"
-    nats: NatsSpec = field(default_factory=NatsSpec)
-    model: str = "baton-tiny"
-    lease_ttl_s: float = 10.0
-    engine: tuple[tuple[str, Any], ...] = ()
+class GraphConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    workers: Annotated[tuple[WorkerPoolSpec, ...], msgspec.Meta(min_length=1)]
+    namespace: Annotated[str, msgspec.Meta(pattern=_NAME)] = RuntimeConfig.namespace
+    nats: NatsSpec | str = msgspec.field(default_factory=NatsSpec)
+    """``nats://HOST:PORT`` is short for ``{url: nats://HOST:PORT, start: false}``."""
+    model: str = WorkerConfig.model
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=1)] = RuntimeConfig.lease_ttl_s
+    engine: EngineSection = msgspec.field(default_factory=EngineSection)  # type: ignore[valid-type]  # built by defstruct
     frontends: tuple[FrontendSpec, ...] = ()
     routers: tuple[RouterSpec, ...] = ()
-    supervision: SupervisionSpec = field(default_factory=SupervisionSpec)
+    supervision: SupervisionSpec = msgspec.field(default_factory=SupervisionSpec)
 
     def __post_init__(self) -> None:
-        require(bool(_NAME.match(str(self.namespace))), "namespace", "letters, digits, '_', '-'")
-        require(self.lease_ttl_s > 0, "lease_ttl_s", "must be > 0")
-        require(len(self.workers) >= 1, "workers", "at least one pool")
         names = [pool.name for pool in self.workers]
-        require(len(set(names)) == len(names), "workers", "pool names must be unique")
+        if len(set(names)) != len(names):
+            raise ValueError("workers: pool names must be unique")
+        if isinstance(self.nats, str) and not self.nats.startswith("nats://"):
+            raise ValueError("nats.url: must be nats://HOST:PORT")
+
+    @property
+    def nats_spec(self) -> NatsSpec:
+        return NatsSpec(url=self.nats, start=False) if isinstance(self.nats, str) else self.nats
 
 
 # ---------------------------------------------------------------------------- parsing
 
 
-@contextlib.contextmanager
-def _at(where: str) -> Iterator[None]:
-    """Prefixes the field named by a ValueError with where it sits (``workers[0].count``)."""
-    try:
-        yield
-    except ValueError as exc:
-        raise ValueError(f"{where}.{exc}") from None
-
-
-def _mapping(raw: Any, where: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
-    require(isinstance(raw, Mapping), where, "must be a mapping")
-    for key in raw:
-        require(key in allowed, str(key) if where == "graph" else f"{where}.{key}",
-                f"unknown key (expected one of {', '.join(allowed)})")
-    return raw
-
-
-def _strings(raw: Any, where: str) -> tuple[str, ...]:
-    require(isinstance(raw, list), where, "must be a list of strings")
-    return tuple(str(item) for item in raw)
-
-
-def _engine(raw: Any, where: str) -> tuple[tuple[str, Any], ...]:
-    items = _mapping(raw, where, tuple(ENGINE_KEYS))
-    for key, value in items.items():
-        kind = ENGINE_KEYS[key]
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is float:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        require(ok, f"{where}.{key}", f"must be a {kind.__name__}")
-    return tuple(sorted(items.items()))
-
-
-def _section(cls: type, raw: Any, where: str, lists: tuple[str, ...] = ("args",)) -> Any:
-    keys = tuple(cls.__dataclass_fields__)
-    values = dict(_mapping(raw, where, keys))
-    for f in fields(cls):
-        if f.default is MISSING and f.default_factory is MISSING:
-            require(f.name in values, f"{where}.{f.name}", "required")
-    for key in lists:
-        if key in values:
-            values[key] = _strings(values[key], f"{where}.{key}")
-    if "engine" in values:
-        values["engine"] = _engine(values["engine"], f"{where}.engine")
-    with _at(where):
-        return cls(**values)
-
-
-def _nats(raw: Any) -> NatsSpec:
-    if isinstance(raw, str):
-        with _at("nats"):
-            return NatsSpec(url=raw, start=False)
-    return _section(NatsSpec, raw, "nats", lists=())
-
-
-def _list(cls: type, raw: Any, where: str) -> tuple[Any, ...]:
-    require(isinstance(raw, list), where, "must be a list")
-    return tuple(_section(cls, item, f"{where}[{i}]") for i, item in enumerate(raw))
-
-
 def parse_graph(raw: Any) -> GraphConfig:
     """Builds a ``GraphConfig`` from parsed YAML; a ValueError names the offending field."""
-    top = dict(_mapping(raw, "graph", tuple(GraphConfig.__dataclass_fields__)))
-    require("workers" in top, "workers", "required (a list of worker pools)")
-    top["workers"] = _list(WorkerPoolSpec, top["workers"], "workers")
-    for key, cls in (("frontends", FrontendSpec), ("routers", RouterSpec)):
-        if key in top:
-            top[key] = _list(cls, top[key], key)
-    if "nats" in top:
-        top["nats"] = _nats(top["nats"])
-    if "engine" in top:
-        top["engine"] = _engine(top["engine"], "engine")
-    if "supervision" in top:
-        top["supervision"] = _section(SupervisionSpec, top["supervision"], "supervision", ())
-    return GraphConfig(**top)
+    try:
+        return msgspec.convert(raw, GraphConfig)
+    except msgspec.ValidationError as exc:
+        raise _field_error(str(exc)) from None
 
 
 def load_graph(path: str | Path) -> GraphConfig:
@@ -228,11 +173,59 @@ def load_graph(path: str | Path) -> GraphConfig:
     return parse_graph(raw)
 
 
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_OWN = re.compile(r"^(?P<field>[A-Za-z_][\w.]*): (?P<message>.*)$", re.S)
+
+
+def _field_error(text: str) -> ValueError:
+    """msgspec's ``Expected ... - at `$.workers[0].count``` as ``workers[0].count: ...``."""
+    match = _AT.match(text)
+    assert match is not None  # the pattern matches any text
+    message, path = match["message"], (match["path"] or "").lstrip(".")
+    if key := re.match(r"Object contains unknown field `([^`]+)`", message):
+        path = _join(path, key[1])
+        message = f"unknown key (expected one of {', '.join(_keys_at(path))})"
+    elif key := re.match(r"Object missing required field `([^`]+)`", message):
+        path, message = _join(path, key[1]), "required"
+    elif own := _OWN.match(message):  # a __post_init__ check names its own field
+        path, message = _join(path, own["field"]), own["message"]
+    else:
+        message = message[:1].lower() + message[1:]
+    return ValueError(f"{path or 'graph'}: {message}")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _keys_at(path: str) -> list[str]:
+    """The keys of the section that holds the last key of ``path``."""
+    struct = msgspec.inspect.type_info(GraphConfig)
+    for name in re.findall(r"[A-Za-z_]\w*", path)[:-1]:
+        field = next(f for f in struct.fields if f.encode_name == name)
+        inner = _struct_type(field.type)
+        assert inner is not None  # a path msgspec reported runs through sections
+        struct = inner
+    return [f.encode_name for f in struct.fields]
+
+
+def _struct_type(info: msgspec.inspect.Type) -> msgspec.inspect.StructType | None:
+    """The section type ``info`` holds: itself, or through a tuple, a union or metadata."""
+    if isinstance(info, msgspec.inspect.StructType):
+        return info
+    if isinstance(info, msgspec.inspect.Metadata):
+        return _struct_type(info.type)
+    if isinstance(info, msgspec.inspect.VarTupleType):
+        return _struct_type(info.item_type)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return next((s for t in info.types if (s := _struct_type(t)) is not None), None)
+    return None
+
+
 # ---------------------------------------------------------------------------- plan
 
 
-@dataclass(frozen=True)
-class ProcessSpec:
+class ProcessSpec(msgspec.Struct, frozen=True):
     name: str
     """Unique in the graph; also the log file's name."""
     group: Group
@@ -242,14 +235,18 @@ class ProcessSpec:
     pool: str | None = None
 
 
-def _engine_args(settings: Mapping[str, Any]) -> list[str]:
+def engine_args(*sections: Any) -> list[str]:
+    """``baton worker`` flags for the engine sections given (later ones win)."""
+    merged: dict[str, Any] = {}
+    for section in sections:
+        merged |= {k: v for k, v in msgspec.structs.asdict(section).items() if v is not None}
     args: list[str] = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if ENGINE_KEYS[key] is bool:
-            args += [] if value else ["--no-" + key.replace("_", "-")]
+    for key, value in merged.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
         else:
-            args += [flag, str(value)]
+            args += [f"--{flag}", str(value)]
     return args
 
 
@@ -260,9 +257,8 @@ def plan(config: GraphConfig, nats_url: str) -> list[ProcessSpec]:
               "--lease-ttl-s", str(config.lease_ttl_s))
     specs: list[ProcessSpec] = []
     for pool in config.workers:
-        engine = _engine_args(dict(config.engine) | dict(pool.engine))
         argv = (*baton, "worker", "--port", "0", "--model", config.model, "--role", pool.role,
-                *engine, *common, *pool.args)
+                *engine_args(config.engine, pool.engine), *common, *pool.args)
         specs += [ProcessSpec(f"worker-{pool.name}-{i}", "worker", argv,
                               r"baton worker (?P<id>\S+) listening on (?P<address>\S+)", pool.name)
                   for i in range(pool.count)]
@@ -288,7 +284,8 @@ def find_nats_server() -> str | None:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def nats_spec(binary: str, port: int, store_dir: Path) -> ProcessSpec:

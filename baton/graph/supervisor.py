@@ -6,7 +6,6 @@ unexpectedly, and on ``close`` stops frontends, then routers, then workers, then
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -207,7 +206,7 @@ class Graph:
         self.config = config
         self.run_dir = Path(log_dir or tempfile.mkdtemp(prefix="baton-graph-"))
         self.supervisor = Supervisor(config.supervision, self.run_dir, report)
-        self.nats_url = config.nats.url or ""
+        self.nats_url = config.nats_spec.url or ""
         self._report = report
 
     @property
@@ -228,7 +227,7 @@ class Graph:
         await self.supervisor.close()
 
     async def _start(self) -> None:
-        if self.config.nats.start:
+        if self.config.nats_spec.start:
             await self._start_nats()
         specs = plan(self.config, self.nats_url)
         workers = await self.supervisor.start_group([s for s in specs if s.group == "worker"])
@@ -269,29 +268,3 @@ async def run_graph(graph: str | Path | GraphConfig, stop: asyncio.Event, *,
         stopped.cancel()
         await asyncio.gather(starting, stopped, return_exceptions=True)
         await running.supervisor.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m baton.graph")
-    parser.add_argument("file", help="graph YAML")
-    parser.add_argument("--logs", default=None, help="folder for per-process logs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_graph(args.file)
-    except ValueError as exc:
-        print(f"baton graph: {exc}", file=sys.stderr)
-        return 2
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await run_graph(config, stop, log_dir=args.logs)
-
-    try:
-        asyncio.run(runner())
-    except GraphStartError as exc:
-        print(f"baton graph: {exc}", file=sys.stderr)
-        return 1
-    return 0

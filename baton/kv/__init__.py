@@ -1,7 +1,8 @@
 """The KV cache shared by engines and routers: block hashing (Dynamo compatible), the block
-pool with its prefix cache, and the KV events that describe the cache to routers (pure and
-synchronous: no I/O, no clock, no asyncio); where block bytes live (``store.py``) and how they
-move between workers (``transfer.py``, asyncio; import it from there).
+pool with its prefix cache, the KV events that describe the cache to routers, and where
+block bytes live (``store.py``, with the block copy helpers). Pure and synchronous: no
+asyncio, no sockets, no clock, no runtime (a test enforces it). Moving blocks between
+workers is ``baton.transfer``'s job; KV tiers (host memory, disk) will live here.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ block_size, head_dim]``); the KV transfer reads and writes whole blocks as bytes
 can copy blocks straight out of it (the ``shm`` transfer backend).
 
 A store whose ``block_bytes`` is 0 (the simulated engine's) holds nothing: reads return empty
-bytes and writes check only the length.
+bytes and writes check only the length. ``copy_blocks`` copies blocks between stores, one
+memcpy per run of consecutive ids (``block_runs``).
 """
 
 from __future__ import annotations
@@ -125,3 +126,35 @@ def _check_shm_room(size: int) -> None:
 
 def _bytes_of(blocks: np.ndarray) -> memoryview:
     return memoryview(blocks.reshape(-1))
+
+
+def block_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """``ids`` as (first id, length) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for block_id in ids:
+        if runs and runs[-1][0] + runs[-1][1] == block_id:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block_id, 1))
+    return runs
+
+
+def _paired_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """(first source id, first destination id, length) runs consecutive on both sides."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+def copy_blocks(
+    src: BlockStore | SharedBlocks, src_ids: list[int], dst: BlockStore, dst_ids: list[int]
+) -> None:
+    """Copies blocks between stores, one memcpy per run (faster than numpy's gather and
+    scatter, which copy twice, down to 4 KiB blocks)."""
+    bb = dst.block_bytes
+    for s, d, count in _paired_runs(src_ids, dst_ids) if bb else ():
+        dst.buffer[d * bb : (d + count) * bb] = src.buffer[s * bb : (s + count) * bb]

@@ -10,7 +10,6 @@ the one lookup needed to turn ``eos_token`` into an id.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,39 +51,40 @@ def builtin_models() -> list[str]:
     return sorted(p.name for p in BUILTIN_MODELS_DIR.iterdir() if p.is_dir())
 
 
-def cache_dir() -> Path:
-    """Where prepared models live: ``$BATON_CACHE_DIR/models`` or ``~/.cache/baton/models``.
+def models_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where prepared models live: ``CACHE_DIR/models``, by default ``~/.cache/baton/models``
+    (the CLI's ``--cache-dir``, from ``$BATON_CACHE_DIR``, moves it).
 
     The transformers engine builds or converts models into it (``baton.engine.hf.models``).
     """
-    root = os.environ.get("BATON_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "baton"
+    base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "baton"
     return base / "models"
 
 
-def resolve_model(spec: str) -> Path:
+def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
     """Map a model name or a filesystem path to a model folder holding tokenizer.json.
 
     Names are looked up among the built-in models, then among the prepared models in
-    ``cache_dir()``; both win over a same-named relative path. Raises ``ModelNotFoundError``.
+    ``models_dir(cache_dir)``; both win over a same-named relative path. Raises
+    ``ModelNotFoundError``.
     """
-    folder = _named_model(spec) or Path(spec).expanduser()
+    folder = _named_model(spec, models_dir(cache_dir)) or Path(spec).expanduser()
     if not folder.is_dir():
         known = ", ".join(builtin_models())
         raise ModelNotFoundError(
-            spec,
-            f"not a built-in model ({known}), a prepared model in {cache_dir()} nor a directory",
+            spec, f"not a built-in model ({known}), a prepared model in "
+            f"{models_dir(cache_dir)} nor a directory",
         )
     if not (folder / "tokenizer.json").is_file():
         raise ModelNotFoundError(spec, f"{folder} has no tokenizer.json")
     return folder
 
 
-def _named_model(spec: str) -> Path | None:
+def _named_model(spec: str, prepared_dir: Path) -> Path | None:
     if spec in builtin_models():
         return BUILTIN_MODELS_DIR / spec
     if spec and "/" not in spec and spec not in (".", ".."):
-        prepared = cache_dir() / spec
+        prepared = prepared_dir / spec
         if prepared.is_dir():
             return prepared
     return None
@@ -109,9 +109,11 @@ class ModelCard:
         return self.path / "tokenizer.json"
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None) -> ModelCard:
-        """Read a model folder (or a built-in model name) into a card."""
-        folder = resolve_model(str(path))
+    def load(
+        cls, path: str | Path, name: str | None = None, *, cache_dir: str | Path | None = None
+    ) -> ModelCard:
+        """Read a model folder (or a built-in or prepared model's name) into a card."""
+        folder = resolve_model(str(path), cache_dir)
         config = _read_json(folder / "config.json")
         tok_config = _read_json(folder / "tokenizer_config.json")
         gen_config = _read_json(folder / "generation_config.json")

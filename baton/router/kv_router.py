@@ -26,6 +26,7 @@ from typing import Literal
 
 import msgspec
 
+from baton.config import RouterConfig
 from baton.kv.events import KvEvent, KvRemoved, KvStored
 from baton.kv.hashing import (
     LocalBlockHash,
@@ -35,7 +36,7 @@ from baton.kv.hashing import (
 )
 from baton.protocol import GenerateRequest, WorkerEvents
 from baton.router.indexer import KvIndex
-from baton.router.kv_selector import KvRouterConfig, KvSelector, RouterOverrides, RoutingDecision
+from baton.router.kv_selector import KvSelector, RouterOverrides, RoutingDecision
 from baton.router.metrics import RouterMetrics
 from baton.router.policy import RouteHints
 from baton.router.sequences import ActiveSequences
@@ -68,26 +69,25 @@ class KvRouter:
 
     def __init__(
         self,
-        config: KvRouterConfig,
+        config: RouterConfig,
         *,
-        block_size: int | None = None,
-        use_kv_events: bool = True,
-        ttl_s: float = 120.0,
         expiry_s: float = 300.0,
         metrics: RouterMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
-        self.block_size = block_size
-        self.use_kv_events = use_kv_events
-        self.wants_kv_events = use_kv_events
-        self.ttl_s = ttl_s
+        self.config = config.kv
+        """The cost weights; a request may override them (``RouterOverrides``)."""
+        self.block_size = config.block_size
+        """None until the first worker joins: then that worker's."""
+        self.use_kv_events = config.kv_events
+        self.wants_kv_events = config.kv_events
+        self.ttl_s = config.ttl_s
         self.expiry_s = expiry_s
         self.metrics = metrics
         self._clock = clock
-        self.selector = KvSelector(config)
+        self.selector = KvSelector(config.kv, seed=config.seed)
         self.index = KvIndex()
-        self.sequences = ActiveSequences(block_size) if block_size else None
+        self.sequences = ActiveSequences(self.block_size) if self.block_size else None
         self.last_decision: RoutingDecision | None = None
         self.router_id = os.urandom(6).hex()
         self.sync_sink: Callable[[RouterSyncEvent], None] | None = None

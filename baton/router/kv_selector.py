@@ -144,9 +144,11 @@ class RoutingDecision:
 class KvSelector:
     """Scores candidates with the cost function above and picks one."""
 
-    def __init__(self, config: KvRouterConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: KvRouterConfig, *, seed: int | None = None, rng: random.Random | None = None
+    ) -> None:
         self.config = config
-        self._rng = rng if rng is not None else random.Random(config.seed)
+        self._rng = rng if rng is not None else random.Random(seed)
 
     def select(
         self,

@@ -31,14 +31,15 @@ from baton.errors import (
     TransportError,
 )
 from baton.protocol import (
+    GENERATE_ENDPOINT,
     EngineOutput,
     FeedRequest,
     GenerateRequest,
     LoadMetrics,
     WorkerEvents,
 )
-from baton.router.policy import BusyThresholds, RouteHints, RoutingPolicy, SimplePolicy
-from baton.router.selectors import make_selector
+from baton.router.factory import make_policy
+from baton.router.policy import BusyThresholds, RouteHints, RoutingPolicy
 from baton.runtime import InstanceRecord, RequestClient
 from baton.runtime.tasks import cancel_and_wait
 
@@ -60,7 +61,7 @@ class WorkerPool:
     ) -> None:
         self.model = model
         self.config = config
-        self.policy: RoutingPolicy = policy or SimplePolicy(make_selector(config.mode, config.seed))
+        self.policy: RoutingPolicy = policy or make_policy(config, clock=clock)
         self.thresholds = thresholds or BusyThresholds()
         self._client = client
         self._clock = clock
@@ -218,7 +219,7 @@ class WorkerPool:
             stream: Any = None
             try:
                 stream = self._client.stream(
-                    self.instances[worker_id].address, "generate", request, EngineOutput
+                    self.instances[worker_id].address, GENERATE_ENDPOINT, request, EngineOutput
                 )
                 first = await anext(stream)
             except OverloadedError:

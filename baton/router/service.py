@@ -9,18 +9,22 @@ effects. Like ``KvRouter`` itself, it only decides: it never forwards a request.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator
 
 import msgspec
 
+from baton.config import RouterServiceConfig, RuntimeConfig
 from baton.errors import InvalidRequestError
-from baton.frontend.models import ModelEntry, ModelRegistry
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
 from baton.protocol import GenerateRequest, SamplingParams
 from baton.router.kv_router import KvRouter
 from baton.router.kv_selector import RouterOverrides
 from baton.router.policy import RouteHints
+from baton.router.registry import ModelEntry, ModelRegistry
 from baton.runtime import EndpointServer
+from baton.runtime.process import describe_discovery, open_runtime
 
 
 class RouteRequest(msgspec.Struct, kw_only=True):
@@ -118,3 +122,21 @@ class RouterService:
         assert router.block_size is not None
         seq = compute_sequence_hashes(compute_local_hashes(query.token_ids, router.block_size))
         yield OverlapScores(block_size=router.block_size, scores=router.index.find_matches(seq).scores)
+
+
+async def run_router(
+    config: RouterServiceConfig, runtime_config: RuntimeConfig, stop: asyncio.Event
+) -> None:
+    """``baton router``: follows the workers' feeds and serves decisions over TCP until
+    ``stop`` is set."""
+    async with open_runtime(runtime_config, name="baton-router") as runtime:
+        models = ModelRegistry(runtime, config.router)
+        await models.start()
+        try:
+            service = RouterService(models)
+            server = await runtime.serve_tcp(service.endpoints, config.host, config.port)
+            print(f"baton router listening on {server.address} for "
+                  f"{describe_discovery(runtime_config)}", file=sys.stderr, flush=True)
+            await stop.wait()
+        finally:
+            await models.close()

@@ -67,7 +67,7 @@ class NatsDiscovery:
         nc_or_url: Client | str,
         *,
         namespace: str,
-        lease_ttl_s: float = 10.0,
+        lease_ttl_s: float,
         heartbeat_s: float | None = None,
     ) -> None:
         if lease_ttl_s < 1.0:

@@ -5,10 +5,10 @@ Owns: ``connect_nats`` (a client configured to reconnect forever), ``NatsEventPl
 need every event detect gaps by event id and re-sync, as the worker feed does).
 
 Wire format: every event is msgspec msgpack. A subscriber decodes with the ``kind`` it passes
-to ``subscribe``; without one, the subject decides (``subject_kinds``, by default
-``DEFAULT_SUBJECT_KINDS``: ``<ns>.kv_events.<worker>`` carries ``KvEvent``, ``<ns>.load``
-carries ``LoadMetrics``); any other subject decodes as untyped msgpack (dicts, lists,
-scalars; ``bytes`` published as is come back as ``bytes``).
+to ``subscribe``; without one, the subject decides, by the ``subject_kinds`` the plane was
+given (regex → message type; the runtime knows no message types of its own: the worker's
+are ``baton.worker.SUBJECT_KINDS``); any other subject decodes as untyped msgpack (dicts,
+lists, scalars; ``bytes`` published as is come back as ``bytes``).
 
 Ordering and the subscription guarantee. ``publish`` and ``subscribe`` are synchronous, but
 nats-py's are coroutines, so both go through one owned FIFO of operations drained by one
@@ -47,19 +47,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as _NatsSub
 
-from baton.kv.events import KvEvent
-from baton.protocol import LoadMetrics
 from baton.runtime.events import QueueSubscription
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SUBJECT_KINDS: tuple[tuple[str, type], ...] = (
-    (r"\.kv_events\.[^.]+$", KvEvent),
-    (r"(^|\.)load$", LoadMetrics),
-)
-"""Subject regex → type of the events on it, used when ``subscribe`` gets no ``kind``."""
-
 
 async def connect_nats(url: str, *, name: str, reconnect_time_wait_s: float = 0.25) -> Client:
     """A nats-py client that reconnects forever, ``reconnect_time_wait_s`` between tries, and
@@ -95,10 +86,6 @@ class NatsConnection:
         self._nc = None if isinstance(nc_or_url, str) else nc_or_url
         self._name = name
         self._lock = asyncio.Lock()
-
-    @property
-    def is_owned(self) -> bool:
-        return self._url is not None
 
     async def get(self) -> Client:
         async with self._lock:
@@ -166,7 +153,7 @@ class NatsEventPlane:
         *,
         queue_limit: int = 10_000,
         outbound_limit: int = 65_536,
-        subject_kinds: Sequence[tuple[str, type]] = DEFAULT_SUBJECT_KINDS,
+        subject_kinds: Sequence[tuple[str, type]] = (),
     ) -> None:
         self.connection = NatsConnection(nc_or_url, name="baton-events")
         self._queue_limit = queue_limit

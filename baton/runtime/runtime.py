@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Self
 
+from baton.config import RuntimeConfig
 from baton.errors import TransportError
 from baton.runtime.discovery import Discovery
 from baton.runtime.endpoint import EndpointServer
@@ -60,9 +61,12 @@ class Runtime:
         discovery: Discovery,
         *,
         events: EventPlane | None = None,
+        namespace: str = RuntimeConfig.namespace,
         tcp_pool_size: int = 2,
     ) -> None:
         self.discovery = discovery
+        self.namespace = namespace
+        """Scopes what components register and the subjects they publish on."""
         self.events: EventPlane = events if events is not None else MemoryEventPlane()
         self._local: dict[str, EndpointServer] = {}
         self._tcp_servers: list[TcpServer] = []

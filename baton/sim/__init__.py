@@ -6,29 +6,16 @@ or sleeps, aggregated or disaggregated, and reports like ``baton bench``. See ``
 
 from __future__ import annotations
 
-from baton.sim.cluster import (
-    DEFAULT_SIM_BLOCK_SIZE,
-    ROUTER_MODES,
-    Cluster,
-    SimConfig,
-    simulate,
-)
-from baton.sim.disagg import (
-    DEFAULT_KV_TRANSFER_GBPS,
-    LLAMA3_8B_KV_BYTES_PER_TOKEN,
-    DisaggStats,
-    SimRoute,
-    transfer_seconds,
-)
+from baton.sim.cluster import Cluster, simulate
+from baton.sim.config import DEFAULT_SIM_BLOCK_SIZE, LLAMA3_8B_KV_BYTES_PER_TOKEN, SimConfig
+from baton.sim.disagg import DisaggStats, SimRoute, transfer_seconds
 from baton.sim.pool import SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
 from baton.sim.report import SimReport, run_sim, sim_report
 
 __all__ = [
-    "DEFAULT_KV_TRANSFER_GBPS",
     "DEFAULT_SIM_BLOCK_SIZE",
     "LLAMA3_8B_KV_BYTES_PER_TOKEN",
-    "ROUTER_MODES",
     "Cluster",
     "DisaggStats",
     "SimConfig",

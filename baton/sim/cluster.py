@@ -17,7 +17,7 @@ Events, processed in (time, sequence number) order:
   after that delay; with 0 they are applied when the step completes;
 - KV load done (disaggregated only): a decode leg's copy of the blocks it lacked ends.
 
-Disaggregated (``SimConfig.disagg``), as live serving does it (``docs/disagg.md``): at arrival
+Disaggregated (``SimConfig.pools.disaggregated``), as live serving does it (``docs/disagg.md``): at arrival
 ``decide`` (conditional disaggregation) looks at the decode pool's cached tokens and the
 prefill workers' loads. A local request goes to a decode worker as is; a remote one first runs
 a prefill leg (``hold_kv``, one token, dropped) on a prefill worker; when it finishes, the
@@ -37,37 +37,22 @@ import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import msgspec
 
 from baton.bench.metrics import RequestRecord
-from baton.config import DisaggConfig, KvRouterConfig
+from baton.config import WorkerRole
 from baton.engine.request import Request
-from baton.engine.scheduler import KvLoad, SchedulerConfig, SchedulerOutput, StepResult
-from baton.engine.timing import PolynomialTiming, TimingModel
+from baton.engine.scheduler import KvLoad, SchedulerOutput, StepResult
 from baton.kv.events import KvEvent
 from baton.protocol import SamplingParams
 from baton.router.disagg import decide
 from baton.router.kv_router import KvRouter
-from baton.sim.disagg import (
-    DEFAULT_KV_TRANSFER_GBPS,
-    LLAMA3_8B_KV_BYTES_PER_TOKEN,
-    DisaggStats,
-    SimRoute,
-    held_kv_params,
-    transfer_seconds,
-)
-from baton.sim.pool import PoolRole, SimPool, SimWorker
+from baton.sim.config import SimConfig
+from baton.sim.disagg import DisaggStats, SimRoute, held_kv_params, transfer_seconds
+from baton.sim.pool import SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
-from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
-
-SimRouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
-ROUTER_MODES: tuple[str, ...] = ("round-robin", "random", "least-loaded", "kv")
-DEFAULT_SIM_BLOCK_SIZE = 64
-"""The simulator's default KV block size: Dynamo mocker's 64 rather than the engine's 16,
-so long traces hash and index four times fewer blocks."""
+from baton.trace import TraceRequest
 
 SAMPLED_TOKEN = 1
 """Every sampled token; content does not matter with ``ignore_eos``."""
@@ -75,95 +60,6 @@ SAMPLED_TOKEN = 1
 _STEP = 0
 _KV = 1
 _LOAD = 2
-
-
-def _default_scheduler() -> SchedulerConfig:
-    return SchedulerConfig(block_size=DEFAULT_SIM_BLOCK_SIZE)
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """One simulated deployment: identical workers behind one router, or (``disagg``) a
-    prefill pool and a decode pool, each behind its own router of the same mode."""
-
-    num_workers: int = 1
-    """Aggregated workers (unused with ``disagg``)."""
-    router: SimRouterMode = "round-robin"
-    kv_router: KvRouterConfig = field(default_factory=KvRouterConfig)
-    scheduler: SchedulerConfig = field(default_factory=_default_scheduler)
-    timing: TimingModel = field(default_factory=PolynomialTiming)
-    arrival_speedup: float = 1.0
-    seed: int = 0
-    """Seeds the random / least-loaded selectors, the KV selector (unless ``kv_router.seed``
-    is set) and the prompt token ids."""
-    max_requests: int | None = None
-    trace_block_size: int = DEFAULT_TRACE_BLOCK_SIZE
-    kv_event_delay_s: float = 0.0
-    """Virtual delay between a step's completion and its KV events reaching the router."""
-    check_invariants: bool = False
-    """Run ``Scheduler.check_invariants()`` after every step (slow; for tests)."""
-    # -- disaggregated serving
-    disagg: bool = False
-    num_prefill_workers: int = 1
-    num_decode_workers: int = 1
-    prefill_scheduler: SchedulerConfig | None = None
-    """The prefill workers' scheduler (same block size as ``scheduler``); None: ``scheduler``."""
-    disagg_config: DisaggConfig = field(default_factory=DisaggConfig)
-    """Which requests prefill on their decode worker (conditional disaggregation)."""
-    kv_bytes_per_token: int = LLAMA3_8B_KV_BYTES_PER_TOKEN
-    """KV cache bytes per token, all layers (default: Llama-3-8B in fp16, 128 KiB)."""
-    kv_transfer_gbps: float = DEFAULT_KV_TRANSFER_GBPS
-    """Bandwidth of one KV load from a prefill to a decode worker, GB/s."""
-    step_time_scale: tuple[float, ...] | None = None
-    """One factor per worker, in worker id order (prefill workers first with ``disagg``),
-    multiplying its modelled step times: 3.0 is a straggler three times slower. None: all 1."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_workers, int) or self.num_workers < 1:
-            raise ValueError(f"num_workers must be a positive integer, got {self.num_workers!r}")
-        if self.router not in ROUTER_MODES:
-            raise ValueError(f"router must be one of {', '.join(ROUTER_MODES)}, got {self.router!r}")
-        if not (math.isfinite(self.arrival_speedup) and self.arrival_speedup > 0):
-            raise ValueError(f"arrival_speedup must be positive, got {self.arrival_speedup}")
-        if self.max_requests is not None and self.max_requests < 0:
-            raise ValueError(f"max_requests must be >= 0, got {self.max_requests}")
-        if self.trace_block_size <= 0:
-            raise ValueError(f"trace_block_size must be positive, got {self.trace_block_size}")
-        if not (math.isfinite(self.kv_event_delay_s) and self.kv_event_delay_s >= 0):
-            raise ValueError(f"kv_event_delay_s must be >= 0, got {self.kv_event_delay_s}")
-        self._validate_disagg()
-        self._validate_step_time_scale()
-
-    def _validate_disagg(self) -> None:
-        for name in ("num_prefill_workers", "num_decode_workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        prefill = self.prefill_scheduler
-        if prefill is not None and prefill.block_size != self.scheduler.block_size:
-            raise ValueError(f"prefill_scheduler.block_size ({prefill.block_size}) must equal "
-                             f"scheduler.block_size ({self.scheduler.block_size}): KV moves "
-                             "in blocks")
-        if self.kv_bytes_per_token < 0:
-            raise ValueError(f"kv_bytes_per_token must be >= 0, got {self.kv_bytes_per_token}")
-        if not (math.isfinite(self.kv_transfer_gbps) and self.kv_transfer_gbps > 0):
-            raise ValueError(f"kv_transfer_gbps must be positive, got {self.kv_transfer_gbps}")
-
-    def _validate_step_time_scale(self) -> None:
-        scales = self.step_time_scale
-        if scales is None:
-            return
-        if len(scales) != self.total_workers:
-            raise ValueError(f"step_time_scale needs one factor per worker ({self.total_workers}),"
-                             f" got {len(scales)}")
-        if not all(math.isfinite(s) and s > 0 for s in scales):
-            raise ValueError(f"step_time_scale factors must be positive, got {scales}")
-
-    @property
-    def total_workers(self) -> int:
-        if self.disagg:
-            return self.num_prefill_workers + self.num_decode_workers
-        return self.num_workers
 
 
 class _Live:
@@ -199,12 +95,13 @@ class Cluster:
         self.num_preemptions = 0
         self.prefill: SimPool | None = None
         """The prefill pool (``disagg`` only): worker ids ``0..P-1``."""
-        if config.disagg:
-            num_prefill = config.num_prefill_workers
+        pools = config.pools
+        if pools.disaggregated:
+            num_prefill = pools.num_prefill_workers
             self.prefill = self._pool("prefill", 0, num_prefill)
-            self.decode = self._pool("decode", num_prefill, config.num_decode_workers)
+            self.decode = self._pool("decode", num_prefill, pools.num_decode_workers)
         else:
-            self.decode = self._pool("agg", 0, config.num_workers)
+            self.decode = self._pool("agg", 0, pools.num_workers)
         """The pool that generates: the aggregated workers or the decode pool."""
         self.pools = [p for p in (self.prefill, self.decode) if p is not None]
         self.workers = [w for pool in self.pools for w in pool.workers]
@@ -214,21 +111,14 @@ class Cluster:
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
         self._live: dict[str, _Live] = {}
-        self._step_ms = config.timing.step_ms
+        self._step_ms = config.model().step_ms
         self._check_invariants = config.check_invariants
 
-    def _pool(self, role: PoolRole, first_id: int, count: int) -> SimPool:
+    def _pool(self, role: WorkerRole, first_id: int, count: int) -> SimPool:
         cfg = self.config
-        kv_config = cfg.kv_router
-        if kv_config.seed is None:
-            kv_config = replace(kv_config, seed=cfg.seed)
         scales = cfg.step_time_scale or (1.0,) * cfg.total_workers
-        scheduler = cfg.scheduler
-        if role == "prefill" and cfg.prefill_scheduler is not None:
-            scheduler = cfg.prefill_scheduler
         return SimPool(
-            role, range(first_id, first_id + count), scheduler, router=cfg.router,
-            kv_router=kv_config, seed=cfg.seed,
+            role, range(first_id, first_id + count), cfg.scheduler_for(role), cfg.router_for(),
             step_time_scales=scales[first_id:first_id + count], clock=lambda: self.now,
         )
 
@@ -350,7 +240,7 @@ class Cluster:
     def _decide(self, request: Request) -> SimRoute:
         assert self.prefill is not None
         decision = decide(
-            self.config.disagg_config, prompt_tokens=len(request.prompt_token_ids),
+            self.config.disagg, prompt_tokens=len(request.prompt_token_ids),
             cached_tokens=self.decode.cached_tokens(request), prefill_loads=self.prefill.loads(),
         )
         return SimRoute(decision.reason, len(request.prompt_token_ids))
@@ -407,7 +297,7 @@ class Cluster:
             assert leg is not None
             num_blocks = len(load.src_block_ids)
             seconds = transfer_seconds(num_blocks, cfg.scheduler.block_size,
-                                       cfg.kv_bytes_per_token, cfg.kv_transfer_gbps)
+                                       cfg.kv_bytes_per_token, cfg.timing.kv_transfer_gbps)
             leg.route.transfer_blocks = num_blocks
             leg.route.transfer_s = seconds
             heapq.heappush(self._heap, (self.now + seconds, next(self._seq), _LOAD,

@@ -24,10 +24,6 @@ import msgspec
 from baton.engine.scheduler import Scheduler
 from baton.protocol import KvTransferParams
 
-LLAMA3_8B_KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2
-"""131072 B: K and V for 32 layers x 8 KV heads x head dim 128 in fp16 (Llama-3-8B, GQA)."""
-DEFAULT_KV_TRANSFER_GBPS = 64.0
-"""As Dynamo's mocker (and ``EngineConfig.kv_transfer_gbps``)."""
 SIM_KV_LAYOUT = "simulated"
 
 RouteReason = Literal["remote", "short_prompt", "prefill_busy", "fallback"]

@@ -1,8 +1,9 @@
 """Simulated workers and the pools they form, each pool behind its own router.
 
 An aggregated deployment is one pool (role ``agg``); a disaggregated one is a ``prefill`` pool
-and a ``decode`` pool, as live serving keeps one ``WorkerPool`` per role. A pool routes with a
-``KvRouter`` in ``kv`` mode (fed by its own workers' KV events only) and otherwise with a
+and a ``decode`` pool, as live serving keeps one ``WorkerPool`` per role. A pool routes with
+the policy live serving builds from the same ``RouterConfig`` (``make_policy``): a
+``KvRouter`` in ``kv`` mode (fed by its own workers' KV events only), otherwise a
 load-balancing selector over its in-flight counts. Nothing here knows about time or events:
 ``Cluster`` drives the workers' schedulers and tells the pool's router what happened.
 """
@@ -10,17 +11,14 @@ load-balancing selector over its in-flight counts. Nothing here knows about time
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
 
-from baton.config import KvRouterConfig
+from baton.config import RouterConfig, SchedulerConfig, WorkerRole
 from baton.engine.request import Request
-from baton.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from baton.protocol import GenerateRequest, LoadMetrics
+from baton.engine.scheduler import Scheduler, SchedulerOutput
+from baton.protocol import GENERATE_ENDPOINT, WORKER_COMPONENT, GenerateRequest, LoadMetrics
+from baton.router.factory import make_policy
 from baton.router.kv_router import KvRouter
-from baton.router.selectors import WorkerSelector, make_selector
 from baton.runtime.discovery import InstanceRecord
-
-PoolRole = Literal["agg", "prefill", "decode"]
 
 
 class SimWorker:
@@ -57,13 +55,11 @@ class SimPool:
 
     def __init__(
         self,
-        role: PoolRole,
+        role: WorkerRole,
         worker_ids: Sequence[int],
         scheduler: SchedulerConfig,
+        router: RouterConfig,
         *,
-        router: str,
-        kv_router: KvRouterConfig,
-        seed: int,
         step_time_scales: Sequence[float],
         clock: Callable[[], float],
     ) -> None:
@@ -75,27 +71,24 @@ class SimPool:
         self.by_id = {w.worker_id: w for w in self.workers}
         self.candidates = list(worker_ids)
         self.in_flight: dict[int, int] = dict.fromkeys(worker_ids, 0)
-        self.router: KvRouter | None = None
-        self.selector: WorkerSelector | None = None
-        if router == "kv":
-            self.router = _kv_router(kv_router, scheduler.block_size, self.workers, clock)
-        else:
-            self.selector = make_selector(router, seed)
+        self.policy = make_policy(router, clock=clock)
+        for worker in self.workers:
+            if not self.policy.accepts(_record(worker, scheduler.block_size)):
+                raise ValueError(f"the router refused simulated worker {worker.worker_id}: "
+                                 "its block size differs from --router-block-size")
+        self.router = self.policy if isinstance(self.policy, KvRouter) else None
+        """The KV router (None with a load-balancing policy): ``Cluster`` feeds it."""
 
     def route(self, request: Request) -> SimWorker:
         """The worker ``request`` goes to; a KV router records the decision."""
-        if self.router is not None:
-            wid = self.router.choose(_generate(request), self.candidates, self.in_flight)
-            return self.by_id[wid]
-        assert self.selector is not None
-        return self.by_id[self.selector.select(self.candidates, self.in_flight)]
+        wid = self.policy.choose(_generate(request), self.candidates, self.in_flight)
+        return self.by_id[wid]
 
     def cached_tokens(self, request: Request) -> int:
         """Prompt tokens cached on the worker the router would pick now, without recording
         anything (0 with a load-balancing router, which knows no caches)."""
-        if self.router is None:
-            return 0
-        return self.router.peek(_generate(request), self.candidates)[1]
+        peeked = self.policy.peek(_generate(request), self.candidates)
+        return 0 if peeked is None else peeked[1]
 
     def loads(self) -> Iterator[LoadMetrics]:
         """Every worker's current load (lazily: the disaggregation policy may not ask)."""
@@ -103,8 +96,7 @@ class SimPool:
 
     def forget(self, request_id: str) -> None:
         """A routed request never reached its worker: the router drops it."""
-        if self.router is not None:
-            self.router.on_finish(request_id)
+        self.policy.on_finish(request_id)
 
     @property
     def busy_s(self) -> float:
@@ -116,16 +108,10 @@ def _generate(request: Request) -> GenerateRequest:
                            sampling=request.sampling)
 
 
-def _kv_router(
-    config: KvRouterConfig, block_size: int, workers: list[SimWorker], clock: Callable[[], float]
-) -> KvRouter:
-    router = KvRouter(config, block_size=block_size, clock=clock)
-    for worker in workers:
-        record = InstanceRecord(
-            instance_id=worker.worker_id, namespace="sim", component="backend",
-            endpoint="generate", address=f"sim://{worker.worker_id}", model="sim",
-            block_size=block_size,
-        )
-        if not router.accepts(record):  # pragma: no cover - same block size
-            raise RuntimeError(f"router refused simulated worker {worker.worker_id}")
-    return router
+def _record(worker: SimWorker, block_size: int) -> InstanceRecord:
+    """What the worker would register in discovery."""
+    return InstanceRecord(
+        instance_id=worker.worker_id, namespace="sim", component=WORKER_COMPONENT,
+        endpoint=GENERATE_ENDPOINT, address=f"sim://{worker.worker_id}", model="sim",
+        block_size=block_size,
+    )

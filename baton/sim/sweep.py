@@ -25,24 +25,18 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import msgspec
 
 from baton.bench.metrics import Goodput, RequestRecord, meets, run_duration_s, summarize
 from baton.checks import is_int, require_value
-from baton.config import DisaggConfig
-from baton.engine.scheduler import SchedulerConfig
-from baton.engine.timing import PolynomialTiming, TimingModel
-from baton.sim.cluster import (
-    DEFAULT_SIM_BLOCK_SIZE,
-    ROUTER_MODES,
-    Cluster,
-    SimConfig,
-    SimRouterMode,
-)
-from baton.sim.disagg import DEFAULT_KV_TRANSFER_GBPS, LLAMA3_8B_KV_BYTES_PER_TOKEN
+from baton.config import DisaggConfig, PoolsConfig, RouterMode, SchedulerConfig, TimingConfig
+from baton.engine.timing import TimingModel, timing_model
+from baton.settings import check_choices, section, setting
+from baton.sim.cluster import Cluster
+from baton.sim.config import DEFAULT_SIM_BLOCK_SIZE, SimConfig
 from baton.trace import TraceRequest
 
 StragglerPool = Literal["none", "prefill", "decode"]
@@ -51,12 +45,10 @@ StragglerPool = Literal["none", "prefill", "decode"]
 ARRIVAL_SPEEDUP = 1000.0
 """Synthetic timestamps are in microseconds; the simulator divides ms by this."""
 DEFAULT_SLA = Goodput(ttft_ms=1000.0, itl_ms=40.0)
+DEFAULT_LOADS = (0.5, 1.0)
+"""Load factors when neither loads nor rates are given."""
 DEFAULT_TRACE_BLOCK_SIZE = 64
 """Tokens per hash id of the synthetic traces: fine enough for a shared-prefix fraction."""
-
-
-def _default_scheduler() -> SchedulerConfig:
-    return SchedulerConfig(block_size=DEFAULT_SIM_BLOCK_SIZE)
 
 
 def _default_sla() -> Goodput:
@@ -98,7 +90,7 @@ class Layout:
 class Scenario:
     """The conditions every layout of a point runs under."""
 
-    kv_transfer_gbps: float = DEFAULT_KV_TRANSFER_GBPS
+    kv_transfer_gbps: float = TimingConfig.kv_transfer_gbps
     straggler: StragglerPool = "none"
     straggler_factor: float = 1.0
 
@@ -114,37 +106,43 @@ class Scenario:
 class SweepConfig:
     """The grid, the deployment and the SLA of one sweep."""
 
-    isl: tuple[int, ...] = (256, 1024, 4096, 8192)
-    osl: tuple[int, ...] = (32, 128, 512)
-    loads: tuple[float, ...] | None = (0.5, 1.0)
-    """Load factors (multiples of ``agg_capacity_rps`` x N); None when ``rates`` are given."""
-    rates: tuple[float, ...] | None = None
-    """Request rates (requests/s to the whole deployment), instead of ``loads``."""
-    num_workers: int = 4
-    num_requests: int = 300
-    """Requests per trace (per grid point)."""
-    shared_prefix: float = 0.0
-    """Fraction of every prompt (whole trace blocks) shared with its prefix group."""
-    prefix_groups: int = 4
-    router: SimRouterMode = "least-loaded"
-    disagg_config: DisaggConfig = field(default_factory=DisaggConfig)
-    kv_transfer_gbps: tuple[float, ...] = (DEFAULT_KV_TRANSFER_GBPS,)
-    """One scenario per bandwidth."""
-    kv_bytes_per_token: int = LLAMA3_8B_KV_BYTES_PER_TOKEN
-    straggler_factor: float | None = None
-    """Set: each bandwidth runs two scenarios, the straggler in the prefill and in the decode
-    pool (aggregated layouts: worker 0 in both)."""
+    isl: tuple[int, ...] = setting((256, 1024, 4096, 8192), "prompt lengths of the grid")
+    osl: tuple[int, ...] = setting((32, 128, 512), "output lengths of the grid")
+    loads: tuple[float, ...] | None = setting(
+        None, "offered loads: multiples of N aggregated workers' modelled capacity",
+        default_help="0.5,1.0 unless --rates")
+    rates: tuple[float, ...] | None = setting(
+        None, "offered loads as requests/s to the whole deployment, instead of --loads",
+        default_help="none")
+    num_workers: int = setting(4, "N = P + D", flag="workers")
+    num_requests: int = setting(300, "requests per grid point", flag="requests")
+    shared_prefix: float = setting(
+        0.0, "fraction of each prompt (whole trace blocks) shared within its prefix group")
+    prefix_groups: int = setting(4, "prefix groups of the synthetic traces")
+    router: RouterMode = setting("least-loaded", "every pool's router")
+    disagg: DisaggConfig = section(DisaggConfig)
+    kv_transfer_gbps: tuple[float, ...] = setting(
+        (TimingConfig.kv_transfer_gbps,), "KV transfer bandwidths, GB/s: one scenario each")
+    straggler_factor: float | None = setting(
+        None, "one worker's steps FACTOR x slower, in the prefill, then in the decode pool "
+        "(two scenarios per bandwidth)", flag="straggler", metavar="FACTOR",
+        default_help="no straggler")
     sla: Goodput = field(default_factory=_default_sla)
-    scheduler: SchedulerConfig = field(default_factory=_default_scheduler)
-    timing: TimingModel = field(default_factory=PolynomialTiming)
-    trace_block_size: int = DEFAULT_TRACE_BLOCK_SIZE
-    seed: int = 0
+    """Not a setting: the CLI's ``--goodput`` sets it."""
+    scheduler: SchedulerConfig = section(lambda: SchedulerConfig(block_size=DEFAULT_SIM_BLOCK_SIZE))
+    timing: TimingConfig = section(TimingConfig)
+    """Its ``kv_transfer_gbps`` is replaced by each scenario's."""
+    trace_block_size: int = setting(DEFAULT_TRACE_BLOCK_SIZE, "tokens per hash id of the "
+                                    "synthetic traces")
+    seed: int = setting(0, "seeds the traces and the routers")
+    timing_model: TimingModel | None = None
+    """Not a setting: a model that replaces the one ``timing.profile`` names."""
 
     def __post_init__(self) -> None:
         _check_values("isl", self.isl, integer=True)
         _check_values("osl", self.osl, integer=True)
-        if (self.loads is None) == (self.rates is None):
-            raise ValueError("give either loads or rates (not both, not neither)")
+        if self.loads is not None and self.rates is not None:
+            raise ValueError("give either loads or rates, not both")
         for name in ("loads", "rates", "kv_transfer_gbps"):
             values = getattr(self, name)
             if values is not None:
@@ -157,15 +155,23 @@ class SweepConfig:
                       "must be in [0, 1)")
         require_value(is_int(self.prefix_groups) and self.prefix_groups >= 1, "prefix_groups",
                       self.prefix_groups, "must be a positive integer")
-        require_value(self.router in ROUTER_MODES, "router", self.router,
-                      f"must be one of {', '.join(ROUTER_MODES)}")
+        check_choices(self)
         factor = self.straggler_factor
         require_value(factor is None or (math.isfinite(factor) and factor >= 1.0), "straggler",
                       factor, "must be a factor >= 1 (its steps take that many times longer)")
-        require_value(self.kv_bytes_per_token >= 0, "kv_bytes_per_token", self.kv_bytes_per_token,
-                      "must be >= 0")
         require_value(self.trace_block_size >= 1, "trace_block_size", self.trace_block_size,
                       "must be >= 1")
+
+    @property
+    def load_factors(self) -> tuple[float, ...]:
+        """The loads of the grid: ``loads``, or ``DEFAULT_LOADS`` (none with ``rates``)."""
+        if self.rates is not None:
+            return ()
+        return self.loads if self.loads is not None else DEFAULT_LOADS
+
+    def model(self) -> TimingModel:
+        """The timing model every simulation of the sweep steps with."""
+        return self.timing_model or timing_model(self.timing.profile)
 
 
 def _check_values(name: str, values: Sequence[float], *, integer: bool) -> None:
@@ -200,8 +206,8 @@ def grid_points(config: SweepConfig) -> list[GridPoint]:
                 points.extend(GridPoint(isl, osl, r) for r in config.rates)
                 continue
             capacity = config.num_workers * agg_capacity_rps(
-                isl, osl, config.scheduler, config.timing)
-            points.extend(GridPoint(isl, osl, x * capacity, x) for x in config.loads or ())
+                isl, osl, config.scheduler, config.model())
+            points.extend(GridPoint(isl, osl, x * capacity, x) for x in config.load_factors)
     return points
 
 
@@ -288,15 +294,15 @@ def step_time_scale(layout: Layout, scenario: Scenario) -> tuple[float, ...] | N
 
 def sim_config(config: SweepConfig, layout: Layout, scenario: Scenario) -> SimConfig:
     """The simulator's configuration for one layout under one scenario."""
+    pools = PoolsConfig(
+        num_workers=layout.num_prefill + layout.num_decode, disaggregated=layout.disagg,
+        num_prefill_workers=max(1, layout.num_prefill), num_decode_workers=layout.num_decode)
     return SimConfig(
-        num_workers=layout.num_prefill + layout.num_decode, router=config.router,
-        scheduler=config.scheduler, timing=config.timing, arrival_speedup=ARRIVAL_SPEEDUP,
-        seed=config.seed, trace_block_size=config.trace_block_size, disagg=layout.disagg,
-        num_prefill_workers=max(1, layout.num_prefill),
-        num_decode_workers=layout.num_decode, disagg_config=config.disagg_config,
-        kv_bytes_per_token=config.kv_bytes_per_token,
-        kv_transfer_gbps=scenario.kv_transfer_gbps,
-        step_time_scale=step_time_scale(layout, scenario),
+        pools=pools, router=replace(SimConfig().router, mode=config.router),
+        scheduler=config.scheduler, disagg=config.disagg,
+        timing=replace(config.timing, kv_transfer_gbps=scenario.kv_transfer_gbps),
+        timing_model=config.timing_model, arrival_speedup=ARRIVAL_SPEEDUP, seed=config.seed,
+        trace_block_size=config.trace_block_size, step_time_scale=step_time_scale(layout, scenario),
     )
 
 

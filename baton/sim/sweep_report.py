@@ -45,7 +45,7 @@ def _sla_text(config: SweepConfig) -> str:
 
 def format_header(config: SweepConfig) -> str:
     """One line: what was swept and under which SLA."""
-    policy = config.disagg_config.policy
+    policy = config.disagg.policy
     return (f"baton sim sweep: {config.num_workers} workers, router {config.router}, "
             f"disagg policy {policy}, {config.num_requests} requests per point, "
             f"SLA {_sla_text(config)}; goodput per worker in requests/s")
@@ -153,7 +153,7 @@ def _panel_keys(result: SweepResult) -> list[tuple[str, float]]:
     config = result.config
     if config.rates is not None:
         return [("rate", r) for r in config.rates]
-    return [("load", x) for x in config.loads or ()]
+    return [("load", x) for x in config.load_factors]
 
 
 def _in_panel(point: PointResult, key: tuple[str, float]) -> bool:

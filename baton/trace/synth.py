@@ -20,7 +20,7 @@ Algorithm:
    Output length is sampled from the source x ``osl_multiplier``.
 6. Arrivals: at each timestamp a number of requests drawn from the source's
    requests-per-timestamp distribution arrive, then time advances by a sampled positive source
-   inter-arrival delta divided by ``speedup_ratio`` (rounded, in ms).
+   inter-arrival delta divided by ``arrival_speedup`` (rounded, in ms).
 
 Knobs: ``prefix_len_multiplier`` > 1 turns each core id ``x`` into ``ceil(m)`` ids
 ``x*ceil(m) .. x*ceil(m)+ceil(m)-1`` (shared prefixes get ``ceil(m)`` times longer); < 1 keeps the
@@ -45,10 +45,12 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
 from baton.checks import require_value
+from baton.settings import setting
 from baton.trace.mooncake import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
 
 _MAX_REJECTIONS = 10_000
@@ -58,18 +60,23 @@ _END = -2  # transition: the request ends here
 
 @dataclass(frozen=True)
 class SynthConfig:
+    """What to synthesize (``baton trace synth``); the knobs are Dynamo's, see above."""
+
     num_requests: int
-    prefix_len_multiplier: float = 1.0
-    prefix_root_multiplier: int = 1
-    prompt_len_multiplier: float = 1.0
-    osl_multiplier: float = 1.0
-    speedup_ratio: float = 1.0
-    min_isl: int | None = None
-    max_isl: int | None = None
-    min_osl: int | None = None
-    max_osl: int | None = None
-    block_size: int = DEFAULT_TRACE_BLOCK_SIZE
-    seed: int = 0
+    """Not a setting (no default): the CLI's required ``--num-requests``."""
+    prefix_len_multiplier: float = setting(1.0, "scale the shared prefixes' lengths")
+    prefix_root_multiplier: int = setting(1, "k disjoint copies of the prefix tree")
+    prompt_len_multiplier: float = setting(1.0, "scale the unique prompts' lengths")
+    osl_multiplier: float = setting(1.0, "scale the output lengths")
+    arrival_speedup: float = setting(1.0, "divide the inter-arrival times by this")
+    min_isl: int | None = setting(None, "drop requests with fewer input tokens",
+                                  default_help="no limit")
+    max_isl: int | None = setting(None, "drop requests with more input tokens",
+                                  default_help="no limit")
+    min_osl: int | None = setting(None, "clip output lengths below", default_help="no limit")
+    max_osl: int | None = setting(None, "clip output lengths above", default_help="no limit")
+    trace_block_size: int = setting(DEFAULT_TRACE_BLOCK_SIZE, "tokens per hash id")
+    seed: int = setting(0, "seeds every draw")
 
     def __post_init__(self) -> None:
         require_value(self.num_requests >= 0, "num_requests", self.num_requests, "must be >= 0")
@@ -77,7 +84,7 @@ class SynthConfig:
             "prefix_len_multiplier",
             "prompt_len_multiplier",
             "osl_multiplier",
-            "speedup_ratio",
+            "arrival_speedup",
         ):
             require_value(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         root = self.prefix_root_multiplier
@@ -87,7 +94,8 @@ class SynthConfig:
             root,
             "must be an int >= 1",
         )
-        require_value(self.block_size >= 1, "block_size", self.block_size, "must be >= 1")
+        require_value(self.trace_block_size >= 1, "trace_block_size", self.trace_block_size,
+                      "must be >= 1")
         _check_range("isl", self.min_isl, self.max_isl)
         _check_range("osl", self.min_osl, self.max_osl)
 
@@ -125,38 +133,10 @@ class _Model:
     deltas: list[int]
 
 
-def synthesize(
-    requests: list[TraceRequest],
-    *,
-    num_requests: int,
-    prefix_len_multiplier: float = 1.0,
-    prefix_root_multiplier: int = 1,
-    prompt_len_multiplier: float = 1.0,
-    osl_multiplier: float = 1.0,
-    speedup_ratio: float = 1.0,
-    min_isl: int | None = None,
-    max_isl: int | None = None,
-    min_osl: int | None = None,
-    max_osl: int | None = None,
-    block_size: int = DEFAULT_TRACE_BLOCK_SIZE,
-    seed: int = 0,
-) -> list[TraceRequest]:
-    """``num_requests`` new requests shaped like ``requests``; the same inputs give the same output."""
-    config = SynthConfig(
-        num_requests=num_requests,
-        prefix_len_multiplier=prefix_len_multiplier,
-        prefix_root_multiplier=prefix_root_multiplier,
-        prompt_len_multiplier=prompt_len_multiplier,
-        osl_multiplier=osl_multiplier,
-        speedup_ratio=speedup_ratio,
-        min_isl=min_isl,
-        max_isl=max_isl,
-        min_osl=min_osl,
-        max_osl=max_osl,
-        block_size=block_size,
-        seed=seed,
-    )
-    return synthesize_with(requests, config)
+def synthesize(requests: list[TraceRequest], **settings: Any) -> list[TraceRequest]:
+    """``num_requests`` new requests shaped like ``requests`` (``settings`` are
+    ``SynthConfig``'s); the same inputs give the same output."""
+    return synthesize_with(requests, SynthConfig(**settings))
 
 
 def synthesize_with(requests: list[TraceRequest], config: SynthConfig) -> list[TraceRequest]:
@@ -184,7 +164,7 @@ def _learn(requests: list[TraceRequest], config: SynthConfig) -> _Model:
         root=root,
         max_id=_scaled_max_id(largest, config.prefix_len_multiplier),
         prompt_lengths=_scale_prompts(prompt_lengths, config.prompt_len_multiplier),
-        last_block_fill=_last_block_fill(requests, config.block_size),
+        last_block_fill=_last_block_fill(requests, config.trace_block_size),
         output_lengths=[r.output_length for r in requests],
         per_timestamp=list(Counter(stamps).values()),
         deltas=[b - a for a, b in itertools.pairwise(stamps) if b > a] or [0],
@@ -322,7 +302,7 @@ class _Sampler:
                         f"min_isl {self.config.min_isl} / max_isl {self.config.max_isl}: no "
                         f"acceptable request in {_MAX_REJECTIONS} draws"
                     )
-            timestamp += round(self.rng.choice(self.model.deltas) / self.config.speedup_ratio)
+            timestamp += round(self.rng.choice(self.model.deltas) / self.config.arrival_speedup)
         return self._spread_over_roots(out)
 
     def _request(self, timestamp: int) -> TraceRequest | None:
@@ -335,7 +315,7 @@ class _Sampler:
             return None
         ids = core + list(range(self.next_id, self.next_id + prompt_blocks))
         self.next_id += prompt_blocks
-        context = min(isl, len(core) * self.config.block_size)
+        context = min(isl, len(core) * self.config.trace_block_size)
         return TraceRequest(timestamp, isl, osl, ids, context, isl - context)
 
     def _walk(self) -> tuple[list[int], int]:
@@ -352,8 +332,8 @@ class _Sampler:
 
     def _input_length(self, blocks: int, has_prompt: bool) -> int:
         if not has_prompt:
-            return blocks * self.config.block_size
-        return (blocks - 1) * self.config.block_size + self.rng.choice(self.model.last_block_fill)
+            return blocks * self.config.trace_block_size
+        return (blocks - 1) * self.config.trace_block_size + self.rng.choice(self.model.last_block_fill)
 
     def _isl_allowed(self, isl: int) -> bool:
         low, high = self.config.min_isl, self.config.max_isl

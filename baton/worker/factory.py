@@ -54,8 +54,8 @@ def model_folder(config: WorkerConfig) -> Path:
     if config.engine.kind == "hf":
         from baton.engine.hf.models import prepare_model
 
-        return prepare_model(config.model)
-    return resolve_model(config.model)
+        return prepare_model(config.model, config.cache_dir)
+    return resolve_model(config.model, config.cache_dir)
 
 
 def build_worker(config: WorkerConfig, runtime: Runtime, *, instance_id: int | None = None) -> Worker:

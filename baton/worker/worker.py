@@ -12,8 +12,8 @@ Endpoints:
   in event ids re-opens the feed and starts again from a snapshot.
 
 KV events go out on the event plane under ``{namespace}.kv_events.{worker_id}``, stamped
-with this worker's id; ``LoadMetrics`` under ``{namespace}.load`` whenever they change, at most every
-``load_interval_s``. A failure inside the engine ends that request's stream with an error;
+with this worker's id; ``LoadMetrics`` under ``{namespace}.load`` whenever they change, at most
+every ``load_interval_s`` (``SUBJECT_KINDS`` says which type each subject carries). A failure inside the engine ends that request's stream with an error;
 it never takes the worker down.
 """
 
@@ -33,6 +33,8 @@ from baton.engine.base import Engine
 from baton.errors import BatonError, EngineError, OverloadedError, ServiceUnavailableError
 from baton.kv.events import KvEvent
 from baton.protocol import (
+    GENERATE_ENDPOINT,
+    WORKER_COMPONENT,
     Empty,
     EngineOutput,
     FeedRequest,
@@ -46,8 +48,14 @@ from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-COMPONENT = "backend"
-GENERATE = "generate"
+
+
+SUBJECT_KINDS: tuple[tuple[str, type], ...] = (
+    (r"\.kv_events\.[^.]+$", KvEvent),
+    (r"(^|\.)load$", LoadMetrics),
+)
+"""Subject regex → the message type a worker publishes on it (for an event plane that
+decodes by subject)."""
 
 
 def kv_events_subject(namespace: str, worker_id: int) -> str:
@@ -76,7 +84,7 @@ class Worker:
         self.model_name = model_name
         self.instance_id = instance_id if instance_id is not None else new_instance_id()
         self.endpoints = EndpointServer()
-        self.endpoints.add(GENERATE, self._generate, GenerateRequest, EngineOutput)
+        self.endpoints.add(GENERATE_ENDPOINT, self._generate, GenerateRequest, EngineOutput)
         self.endpoints.add("info", self._info, Empty, InstanceRecord)
         self.endpoints.add("load", self._load, Empty, LoadMetrics)
         self.endpoints.add("events", self._events, FeedRequest, WorkerEvents)
@@ -87,10 +95,10 @@ class Worker:
         """Set by ``build_worker`` from the model folder; served to remote frontends."""
         self.record: InstanceRecord | None = None
         self._local_address: str | None = None
-        self._kv_subject = kv_events_subject(config.namespace, self.instance_id)
+        self._kv_subject = kv_events_subject(runtime.namespace, self.instance_id)
         self._local_events = MemoryEventPlane()
         """Feeds read this in-process bus, so they never depend on a remote event plane."""
-        self._load_subject = f"{config.namespace}.load"
+        self._load_subject = f"{runtime.namespace}.load"
         self._load_task: asyncio.Task[None] | None = None
         self.num_kv_events = 0
         # -- drain
@@ -109,9 +117,9 @@ class Worker:
             address = server.address
         self.record = InstanceRecord(
             instance_id=self.instance_id,
-            namespace=self.config.namespace,
-            component=COMPONENT,
-            endpoint=GENERATE,
+            namespace=self.runtime.namespace,
+            component=WORKER_COMPONENT,
+            endpoint=GENERATE_ENDPOINT,
             address=address,
             model=self.model_name,
             model_path=self.model_path,

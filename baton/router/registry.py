@@ -1,4 +1,5 @@
-"""The models a frontend serves, learned from discovery.
+"""The models served, learned from discovery: routing state for the frontend and the
+standalone router alike.
 
 ``ModelRegistry`` owns one task that follows discovery: a worker that appears with a model
 name adds itself to that model's ``WorkerPool`` (the model's card and tokenizer are loaded
@@ -20,19 +21,16 @@ from prometheus_client import CollectorRegistry
 from baton.config import RouterConfig
 from baton.errors import NotFoundError
 from baton.preprocess import ModelCard, ModelNotFoundError, Tokenizer, resolve_model
-from baton.protocol import Empty, ModelFiles
-from baton.router import WorkerPool
+from baton.protocol import GENERATE_ENDPOINT, WORKER_COMPONENT, Empty, ModelFiles
+from baton.router.factory import make_policy
 from baton.router.kv_router import KvRouter, RouterSyncEvent
 from baton.router.metrics import RouterMetrics
-from baton.router.policy import BusyThresholds, RoutingPolicy, SimplePolicy
-from baton.router.selectors import make_selector
+from baton.router.policy import BusyThresholds, RoutingPolicy
+from baton.router.pool import WorkerPool
 from baton.runtime import InstanceRecord, Runtime
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-
-WORKER_COMPONENT = "backend"
-WORKER_ENDPOINT = "generate"
 
 
 @dataclass(slots=True)
@@ -54,13 +52,11 @@ class ModelRegistry:
         self,
         runtime: Runtime,
         router: RouterConfig,
-        namespace: str,
         *,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._runtime = runtime
         self._router = router
-        self._namespace = namespace
         self._registry = registry
         self.thresholds = BusyThresholds(
             router.active_decode_blocks_threshold, router.active_prefill_tokens_threshold
@@ -117,9 +113,9 @@ class ModelRegistry:
 
     def _is_worker(self, record: InstanceRecord) -> bool:
         return (
-            record.namespace == self._namespace
+            record.namespace == self._runtime.namespace
             and record.component == WORKER_COMPONENT
-            and record.endpoint == WORKER_ENDPOINT
+            and record.endpoint == GENERATE_ENDPOINT
         )
 
     async def _add(self, record: InstanceRecord) -> None:
@@ -156,21 +152,17 @@ class ModelRegistry:
     def _policy(self, model: str, role: str) -> RoutingPolicy:
         """The generating pool's policy carries the router metrics and replica sync; a prefill
         pool's is a plain one of the same mode."""
-        cfg = self._router
-        if cfg.mode != "kv":
-            return SimplePolicy(make_selector(cfg.mode, cfg.seed))
         main = role != "prefill"
         metrics = (RouterMetrics(self._registry, model)
                    if self._registry is not None and main else None)
-        router = KvRouter(cfg.kv, block_size=cfg.block_size, use_kv_events=cfg.kv_events,
-                          ttl_s=cfg.ttl_s, metrics=metrics)
-        if cfg.replica_sync and main:
-            self._sync_replicas(model, router)
-        return router
+        policy = make_policy(self._router, metrics=metrics)
+        if isinstance(policy, KvRouter) and self._router.replica_sync and main:
+            self._sync_replicas(model, policy)
+        return policy
 
     def _sync_replicas(self, model: str, router: KvRouter) -> None:
         """Shares this router's active requests with the other replicas, and theirs with it."""
-        subject = f"{self._namespace}.router_sync.{re.sub(r'[^A-Za-z0-9_-]', '_', model)}"
+        subject = f"{self._runtime.namespace}.router_sync.{re.sub(r'[^A-Za-z0-9_-]', '_', model)}"
         events = self._runtime.events
         sub = events.subscribe(subject, RouterSyncEvent)
         router.sync_sink = lambda event: events.publish(subject, event)

@@ -1,4 +1,4 @@
-"""Workers named on the command line (``baton frontend --worker tcp://HOST:PORT``).
+"""Discovery from a list of addresses (``baton frontend --worker tcp://HOST:PORT``).
 
 One owned task asks each address for its ``info`` every ``probe_interval_s`` and keeps the
 runtime's discovery in step: a worker that answers is registered (under the address that
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Self
 
 import msgspec
 
-from baton.config import FrontendConfig
 from baton.errors import BatonError
 from baton.protocol import Empty
-from baton.runtime import InstanceRecord, Runtime
+from baton.runtime.discovery import InstanceRecord
+from baton.runtime.runtime import Runtime
 from baton.runtime.tasks import cancel_and_wait
 from baton.runtime.tcp import parse_tcp_address
 
@@ -24,16 +25,18 @@ log = logging.getLogger(__name__)
 
 
 class StaticWorkers:
-    def __init__(self, runtime: Runtime, addresses: list[str], config: FrontendConfig) -> None:
+    def __init__(self, runtime: Runtime, addresses: Sequence[str], interval_s: float) -> None:
         for address in addresses:
             parse_tcp_address(address)  # fail fast on a typo
         self._runtime = runtime
-        self._addresses = addresses
-        self._interval = config.probe_interval_s
+        self._addresses = list(addresses)
+        self._interval = interval_s
         self._known: dict[str, InstanceRecord] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
+        if not self._addresses:
+            return self
         await self.probe_all()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="static-workers")
         return self

@@ -1,5 +1,0 @@
-import sys
-
-from baton.graph.supervisor import main
-
-sys.exit(main())

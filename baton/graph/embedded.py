@@ -1,0 +1,48 @@
+"""The one-process graph ``baton serve`` runs: a frontend and its workers in this process
+(aggregated, or prefill and decode pools handing KV over in memory), on in-process
+discovery. Shut down in order: the frontend first (drain), then the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+
+from baton.config import ServeConfig
+from baton.frontend import Frontend
+from baton.runtime import MemoryDiscovery, Runtime
+from baton.worker import Worker, build_worker
+
+
+@contextlib.asynccontextmanager
+async def embedded(config: ServeConfig) -> AsyncIterator[tuple[Frontend, list[Worker]]]:
+    """The frontend and its started workers, until the block exits."""
+    async with Runtime(MemoryDiscovery()) as runtime:
+        workers: list[Worker] = []
+        try:
+            for i, role in enumerate(config.pools.roles()):
+                worker = build_worker(config.worker_config(role), runtime, instance_id=i)
+                await worker.start()
+                workers.append(worker)
+            async with Frontend(config.frontend, runtime) as frontend:
+                await asyncio.wait_for(frontend.models.ready.wait(), 10)
+                yield frontend, workers
+        finally:
+            for worker in workers:
+                await worker.close()
+
+
+async def run_serve(config: ServeConfig, stop: asyncio.Event) -> None:
+    """Serves until ``stop`` is set."""
+    async with embedded(config) as (frontend, workers):
+        kind = "simulated" if config.worker.engine.kind == "mock" else "transformers"
+        pools = config.pools
+        shape = (f"{pools.num_prefill_workers} prefill + {pools.num_decode_workers} decode"
+                 if pools.disaggregated else str(len(workers)))
+        print(
+            f"baton: serving {workers[0].model_name!r} with {shape} {kind} workers "
+            f"on http://{config.frontend.host}:{frontend.port}",
+            file=sys.stderr, flush=True,
+        )
+        await stop.wait()
