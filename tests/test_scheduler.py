@@ -10,7 +10,8 @@ import pytest
 from baton.config import SchedulerConfig
 from baton.engine.base import EngineLoad
 from baton.engine.request import Request, RequestStatus
-from baton.engine.scheduler import Scheduler, SchedulerOutput, StepResult
+from baton.engine.scheduler import Scheduler
+from baton.engine.step import SchedulerOutput, StepResult
 from baton.kv.events import KvEvent, KvStored
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
 from baton.protocol import KvTransferParams, SamplingParams

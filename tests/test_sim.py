@@ -171,7 +171,7 @@ def test_run_sim_writes_bench_outputs(tmp_path, capsys) -> None:  # type: ignore
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="num_workers"):
         _config(num_workers=0)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="router: one of"):
         _config(router="nope")
     with pytest.raises(ValueError, match="arrival_speedup"):
         SimConfig(arrival_speedup=0)

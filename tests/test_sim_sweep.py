@@ -13,20 +13,22 @@ from baton.bench.metrics import Goodput, RequestRecord, run_duration_s, summariz
 from baton.cli import main
 from baton.config import SchedulerConfig
 from baton.sim.sweep import (
+    RunResult,
+    run_sweep,
+    simulate_layout,
+    step_time_scale,
+    summarize_point,
+)
+from baton.sim.sweep_grid import (
     GridPoint,
     Layout,
-    RunResult,
     Scenario,
     SweepConfig,
     agg_capacity_rps,
     grid_points,
     layouts,
     poisson_trace,
-    run_sweep,
     scenarios,
-    simulate_layout,
-    step_time_scale,
-    summarize_point,
 )
 from baton.sim.sweep_report import colour_span, format_table, ratio_for_colour, write_sweep
 

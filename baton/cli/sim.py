@@ -44,7 +44,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _add_sweep_parser(sub: Any) -> None:
-    from baton.sim.sweep import DEFAULT_SLA, SweepConfig
+    from baton.sim.sweep_grid import DEFAULT_SLA, SweepConfig
 
     p = command(sub, "sweep", "agg vs every P:D split over an ISL x OSL x load grid "
                 "(docs/sim.md)")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     from baton.bench import parse_goodput
-    from baton.sim.sweep import SweepConfig
+    from baton.sim.sweep_grid import SweepConfig
     from baton.sim.sweep_report import run_command
 
     config = build(SweepConfig(), args, exclude=SWEEP_EXCLUDE)

@@ -31,7 +31,8 @@ from typing import Protocol
 from baton.config import EngineConfig
 from baton.engine.base import EngineLoad, KvEventSink
 from baton.engine.request import Request
-from baton.engine.scheduler import KvLoad, Scheduler, SchedulerOutput, StepResult
+from baton.engine.scheduler import Scheduler
+from baton.engine.step import KvLoad, SchedulerOutput, StepResult
 from baton.errors import InvalidRequestError
 from baton.kv.events import KvStored
 from baton.kv.store import BlockStore

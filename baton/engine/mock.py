@@ -32,7 +32,8 @@ import xxhash
 
 from baton.config import EngineConfig
 from baton.engine.core import EngineCore
-from baton.engine.scheduler import Scheduler, SchedulerOutput
+from baton.engine.scheduler import Scheduler
+from baton.engine.step import SchedulerOutput
 from baton.engine.timing import sleep_seconds, timing_model
 from baton.kv.store import BlockStore
 from baton.protocol import GenerateRequest

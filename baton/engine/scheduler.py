@@ -23,79 +23,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-
-import msgspec
 
 from baton.config import SchedulerConfig
 from baton.engine.base import EngineLoad
 from baton.engine.request import Request, RequestStatus
+from baton.engine.step import KvLoad, SchedulerOutput, StepBuilder, StepResult
 from baton.kv.block_pool import BlockPool, KVBlock
 from baton.kv.events import KvEvent
-from baton.protocol import FinishReason, KvTransferParams
+from baton.protocol import KvTransferParams
 
 _RUNNING = RequestStatus.RUNNING
 """For the per-request loops: reading an enum member off its class is slow on Python 3.11."""
-
-
-@dataclass(frozen=True, slots=True)
-class KvLoad:
-    """Copy the remote blocks ``src_block_ids`` of a request into its blocks ``dst_block_ids``."""
-
-    request_id: str
-    src_block_ids: list[int]
-    dst_block_ids: list[int]
-    num_tokens: int
-    """Prompt tokens computed once the load is done."""
-
-
-class SchedulerOutput(msgspec.Struct):
-    """What one step computes. ``num_scheduled_tokens`` keeps scheduling order. (A msgspec
-    struct rather than a dataclass: built once per step, and three times cheaper to build.)"""
-
-    num_scheduled_tokens: dict[str, int]
-    requests_needing_sample: list[str]
-    """Requests whose step reaches their last token: the caller samples one token for each."""
-    num_prefill_tokens: int
-    """Tokens of requests not yet sampled since admission (prompt/recompute): prefill T."""
-    num_decode_requests: int
-    num_kv_tokens_in_use: int
-    """Token capacity of the blocks held by requests after this step's allocations."""
-    num_kv_tokens_total: int
-    preempted: list[str]
-    kv_loads: list[KvLoad] = msgspec.field(default_factory=list)
-    """Remote KV to copy in: requests admitted into ``LOADING_KV`` by this schedule."""
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.num_scheduled_tokens
-
-
-class StepResult(msgspec.Struct):
-    """One request's new token(s) from a step; ``num_cached_tokens`` on its first result only.
-    (A msgspec struct: one is built per request per step.)"""
-
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: FinishReason | None = None
-    num_cached_tokens: int | None = None
-
-
-@dataclass(slots=True)
-class _StepBuilder:
-    """Scratch state of one ``schedule()`` call."""
-
-    budget: int
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    preempted: list[str] = field(default_factory=list)
-    kv_loads: list[KvLoad] = field(default_factory=list)
-
-    def add(self, req: Request, num_tokens: int) -> None:
-        self.num_scheduled_tokens[req.request_id] = num_tokens
-        self.budget -= num_tokens
-
-    def unschedule(self, req: Request) -> None:
-        self.budget += self.num_scheduled_tokens.pop(req.request_id, 0)
 
 
 class Scheduler:
@@ -208,7 +146,7 @@ class Scheduler:
         return output
 
     def _schedule_general(self) -> SchedulerOutput:
-        step = _StepBuilder(budget=self.config.max_num_batched_tokens)
+        step = StepBuilder(budget=self.config.max_num_batched_tokens)
         # 1. Running requests first, preempting others when blocks run out.
         self._schedule_running(step)
         # 2. Admit waiting requests, unless this step had to preempt (blocks are scarce).
@@ -242,7 +180,7 @@ class Scheduler:
             scheduled, list(scheduled), num_prefill_tokens, len(scheduled) - num_prefill_tokens
         )
 
-    def _schedule_running(self, step: _StepBuilder) -> None:
+    def _schedule_running(self, step: StepBuilder) -> None:
         block_size = self.config.block_size
         for req in list(self.running):
             if step.budget <= 0:
@@ -259,7 +197,7 @@ class Scheduler:
                     or self._allocate_or_preempt(req, num_new, step)):
                 step.add(req, num_new)
 
-    def _allocate_or_preempt(self, req: Request, num_new: int, step: _StepBuilder) -> bool:
+    def _allocate_or_preempt(self, req: Request, num_new: int, step: StepBuilder) -> bool:
         """Give ``req`` blocks for ``num_new`` more tokens, preempting as needed.
         False if ``req`` itself had to be preempted."""
         needed = self._num_new_blocks(req, req.num_computed_tokens + num_new)
@@ -271,7 +209,7 @@ class Scheduler:
         req.blocks.extend(self.pool.allocate(needed))
         return True
 
-    def _preempt(self, req: Request, step: _StepBuilder) -> None:
+    def _preempt(self, req: Request, step: StepBuilder) -> None:
         """Free ``req``'s blocks and send it to the front of waiting for a full recompute."""
         self.running.remove(req)
         step.unschedule(req)
@@ -285,7 +223,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
 
-    def _admit_waiting(self, step: _StepBuilder) -> None:
+    def _admit_waiting(self, step: StepBuilder) -> None:
         while self.waiting and step.budget > 0 and self._num_admitted < self.config.max_num_seqs:
             req = self.waiting[0]
             admit = self._try_admit_remote if req.remote_kv is not None else self._try_admit
@@ -297,7 +235,7 @@ class Scheduler:
     def _num_admitted(self) -> int:
         return len(self.running) + len(self.loading)
 
-    def _try_admit_remote(self, req: Request, step: _StepBuilder) -> bool:
+    def _try_admit_remote(self, req: Request, step: StepBuilder) -> bool:
         """Admit a decode leg into ``LOADING_KV`` with blocks for the prompt KV it will copy
         in (past its prefix hits). Uses no token budget: nothing is computed yet."""
         assert req.remote_kv is not None
@@ -319,7 +257,7 @@ class Scheduler:
         computes itself for the logits of its first output token."""
         return max(0, min(params.num_tokens, req.num_prompt_tokens - 1))
 
-    def _try_admit(self, req: Request, step: _StepBuilder) -> bool:
+    def _try_admit(self, req: Request, step: StepBuilder) -> bool:
         """Admit ``req`` with its prefix-cache hits, if its first chunk fits budget and blocks."""
         hits = self._cached_prefix(req)
         num_cached = len(hits) * self.config.block_size
@@ -359,7 +297,7 @@ class Scheduler:
     def _num_new_blocks(self, req: Request, num_tokens: int) -> int:
         return max(0, _cdiv(num_tokens, self.config.block_size) - len(req.blocks))
 
-    def _make_output(self, step: _StepBuilder) -> SchedulerOutput:
+    def _make_output(self, step: StepBuilder) -> SchedulerOutput:
         needing_sample: list[str] = []
         num_prefill_tokens = num_decode_requests = 0
         for request_id, num_new in step.num_scheduled_tokens.items():

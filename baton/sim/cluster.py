@@ -43,7 +43,7 @@ import msgspec
 from baton.bench.metrics import RequestRecord
 from baton.config import WorkerRole
 from baton.engine.request import Request
-from baton.engine.scheduler import KvLoad, SchedulerOutput, StepResult
+from baton.engine.step import KvLoad, SchedulerOutput, StepResult
 from baton.kv.events import KvEvent
 from baton.protocol import SamplingParams
 from baton.router.disagg import decide

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 from baton.config import RouterConfig, SchedulerConfig, WorkerRole
 from baton.engine.request import Request
-from baton.engine.scheduler import Scheduler, SchedulerOutput
+from baton.engine.scheduler import Scheduler
+from baton.engine.step import SchedulerOutput
 from baton.protocol import GENERATE_ENDPOINT, WORKER_COMPONENT, GenerateRequest, LoadMetrics
 from baton.router.factory import make_policy
 from baton.router.kv_router import KvRouter

@@ -21,15 +21,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from baton.sim.sweep import (
-    PointResult,
-    RunResult,
-    SweepConfig,
-    SweepResult,
-    layouts,
-    run_sweep,
-    scenarios,
-)
+from baton.sim.sweep import PointResult, RunResult, SweepResult, run_sweep
+from baton.sim.sweep_grid import SweepConfig, layouts, scenarios
 
 MAX_COLOUR_RATIO = 16.0
 """The heat map's colour scale spans at most 1/16 .. 16; beyond, cells saturate."""

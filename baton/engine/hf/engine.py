@@ -19,7 +19,8 @@ from baton.config import EngineConfig
 from baton.engine.core import EngineCore
 from baton.engine.hf.runner import ForwardItem, PagedModelRunner
 from baton.engine.request import Request
-from baton.engine.scheduler import Scheduler, SchedulerOutput
+from baton.engine.scheduler import Scheduler
+from baton.engine.step import SchedulerOutput
 from baton.protocol import GenerateRequest
 
 

@@ -1,0 +1,75 @@
+"""What one engine step computes and yields: the scheduler's side of its contract with the
+engine shell (``schedule()`` -> ``SchedulerOutput`` -> run the step -> ``update_from_output``
+-> ``StepResult``s). Pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from baton.protocol import FinishReason
+
+if TYPE_CHECKING:
+    from baton.engine.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class KvLoad:
+    """Copy the remote blocks ``src_block_ids`` of a request into its blocks ``dst_block_ids``."""
+
+    request_id: str
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
+    num_tokens: int
+    """Prompt tokens computed once the load is done."""
+
+
+class SchedulerOutput(msgspec.Struct):
+    """What one step computes. ``num_scheduled_tokens`` keeps scheduling order. (A msgspec
+    struct rather than a dataclass: built once per step, and three times cheaper to build.)"""
+
+    num_scheduled_tokens: dict[str, int]
+    requests_needing_sample: list[str]
+    """Requests whose step reaches their last token: the caller samples one token for each."""
+    num_prefill_tokens: int
+    """Tokens of requests not yet sampled since admission (prompt/recompute): prefill T."""
+    num_decode_requests: int
+    num_kv_tokens_in_use: int
+    """Token capacity of the blocks held by requests after this step's allocations."""
+    num_kv_tokens_total: int
+    preempted: list[str]
+    kv_loads: list[KvLoad] = msgspec.field(default_factory=list)
+    """Remote KV to copy in: requests admitted into ``LOADING_KV`` by this schedule."""
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+class StepResult(msgspec.Struct):
+    """One request's new token(s) from a step; ``num_cached_tokens`` on its first result only.
+    (A msgspec struct: one is built per request per step.)"""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class StepBuilder:
+    """Scratch state of one ``schedule()`` call."""
+
+    budget: int
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    preempted: list[str] = field(default_factory=list)
+    kv_loads: list[KvLoad] = field(default_factory=list)
+
+    def add(self, req: Request, num_tokens: int) -> None:
+        self.num_scheduled_tokens[req.request_id] = num_tokens
+        self.budget -= num_tokens
+
+    def unschedule(self, req: Request) -> None:
+        self.budget += self.num_scheduled_tokens.pop(req.request_id, 0)
