@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from baton.cli.args import add_settings, build, command
+
+if TYPE_CHECKING:
+    from baton.bench import BenchConfig
 
 
 def add_parser(sub: Any) -> None:
@@ -35,16 +38,22 @@ def add_parser(sub: Any) -> None:
     compare.set_defaults(run=run_compare)
 
 
+def config_from(args: argparse.Namespace) -> BenchConfig:
+    from baton.bench import BenchConfig
+
+    return build(BenchConfig(), args)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from baton.bench import BenchConfig, parse_goodput, run_bench
+    from baton.bench import parse_goodput, run_bench
     from baton.preprocess import ModelNotFoundError
 
     missing = [f"--{name}" for name in ("url", "model", "trace") if getattr(args, name) is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or: baton bench compare)")
-    config = build(BenchConfig(), args)
+    config = config_from(args)
     goodput = parse_goodput(args.goodput) if args.goodput else None  # ValueError -> exit 2
     try:
         summary = uvloop.run(run_bench(args.url, args.model, args.trace, config,

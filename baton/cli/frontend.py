@@ -17,18 +17,20 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def runtime_config(args: argparse.Namespace, command: str) -> RuntimeConfig:
-    """The runtime of a process that follows workers: NATS or ``--worker`` addresses."""
-    config = build(RuntimeConfig(), args)
+def config_from(args: argparse.Namespace) -> tuple[FrontendConfig, RuntimeConfig]:
+    return build(FrontendConfig(), args), build(RuntimeConfig(), args)
+
+
+def require_workers(config: RuntimeConfig, command: str) -> None:
+    """A process that follows workers needs NATS or ``--worker`` addresses."""
     if not config.workers and config.nats is None:
         raise ValueError(f"give --nats URL or at least one --worker tcp://HOST:PORT ({command} "
                          "follows workers in other processes)")
-    return config
 
 
 def run(args: argparse.Namespace) -> int:
-    config = build(FrontendConfig(), args)
-    runtime = runtime_config(args, "the frontend")
+    config, runtime = config_from(args)
+    require_workers(runtime, "the frontend")
     from baton.frontend.run import run_frontend
 
     return run_until_signalled(lambda stop: run_frontend(config, runtime, stop))

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from baton.cli.args import add_settings, build, command
-from baton.cli.frontend import runtime_config
+from baton.cli.frontend import require_workers
 from baton.cli.signals import run_until_signalled
 from baton.config import RouterServiceConfig, RuntimeConfig
 
@@ -18,9 +18,13 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def config_from(args: argparse.Namespace) -> tuple[RouterServiceConfig, RuntimeConfig]:
+    return build(RouterServiceConfig(), args, exclude=("router.mode",)), build(RuntimeConfig(), args)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = build(RouterServiceConfig(), args, exclude=("router.mode",))
-    runtime = runtime_config(args, "the router")
+    config, runtime = config_from(args)
+    require_workers(runtime, "the router")
     from baton.router.service import run_router
 
     return run_until_signalled(lambda stop: run_router(config, runtime, stop))

@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from baton.cli.args import add_settings, build, command
 from baton.cli.serve import add_pools, build_pools
+
+if TYPE_CHECKING:
+    from baton.sim import SimConfig
+    from baton.sim.sweep_grid import SweepConfig
 
 SIM_EXCLUDE = (
     "timing.speedup_ratio",  # a virtual clock needs no speed-up
@@ -59,29 +63,41 @@ def _add_sweep_parser(sub: Any) -> None:
     p.set_defaults(run=run_sweep)
 
 
-def run(args: argparse.Namespace) -> int:
-    from baton.bench import parse_goodput
-    from baton.sim import SimConfig, run_sim
+def config_from(args: argparse.Namespace) -> SimConfig:
+    from baton.sim import SimConfig
 
-    if args.trace is None:
-        raise ValueError("--trace is required (or: baton sim sweep)")
     defaults = SimConfig()
     scheduler = build(defaults.scheduler, args)
     pools = build_pools(defaults.pools, args, scheduler)
-    config = build(defaults, args, exclude=SIM_EXCLUDE, pools=pools)  # ValueError -> exit 2
+    return build(defaults, args, exclude=SIM_EXCLUDE, pools=pools)
+
+
+def sweep_config_from(args: argparse.Namespace) -> SweepConfig:
+    from baton.bench import parse_goodput
+    from baton.sim.sweep_grid import SweepConfig
+
+    config = build(SweepConfig(), args, exclude=SWEEP_EXCLUDE)
+    if args.goodput:
+        config = dataclasses.replace(config, sla=parse_goodput(args.goodput))
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from baton.bench import parse_goodput
+    from baton.sim import run_sim
+
+    if args.trace is None:
+        raise ValueError("--trace is required (or: baton sim sweep)")
+    config = config_from(args)  # a ValueError on bad values -> exit 2 in main
     goodput = parse_goodput(args.goodput) if args.goodput else None
     run_sim(args.trace, config, args.out, goodput=goodput)
     return 0
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from baton.bench import parse_goodput
-    from baton.sim.sweep_grid import SweepConfig
     from baton.sim.sweep_report import run_command
 
-    config = build(SweepConfig(), args, exclude=SWEEP_EXCLUDE)
-    if args.goodput:
-        config = dataclasses.replace(config, sla=parse_goodput(args.goodput))
+    config = sweep_config_from(args)
     if args.jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {args.jobs}")
     run_command(config, args.out, jobs=args.jobs)

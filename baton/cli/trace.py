@@ -7,12 +7,10 @@ import sys
 from typing import Any
 
 from baton.cli.args import add_settings, build, command
-from baton.trace import DEFAULT_TRACE_BLOCK_SIZE
+from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, SynthConfig
 
 
 def add_parser(sub: Any) -> None:
-    from baton.trace import SynthConfig
-
     trace = command(sub, "trace", "Mooncake-format request traces: analyze, synthesize")
     tsub = trace.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     analyze = command(tsub, "analyze", "print a trace's statistics")
@@ -37,10 +35,14 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_synth(args: argparse.Namespace) -> int:
-    from baton.trace import SynthConfig, load_trace, save_trace, synthesize_with
+def synth_config_from(args: argparse.Namespace) -> SynthConfig:
+    return build(SynthConfig(num_requests=args.num_requests), args)
 
-    config = build(SynthConfig(num_requests=args.num_requests), args)
+
+def run_synth(args: argparse.Namespace) -> int:
+    from baton.trace import load_trace, save_trace, synthesize_with
+
+    config = synth_config_from(args)
     requests = synthesize_with(load_trace(args.source), config)
     save_trace(args.output, requests)
     print(f"wrote {len(requests)} requests to {args.output}", file=sys.stderr)

@@ -20,9 +20,12 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def config_from(args: argparse.Namespace) -> tuple[WorkerConfig, RuntimeConfig]:
+    return build(WorkerConfig(), args), build(RuntimeConfig(), args, exclude=RUNTIME_EXCLUDE)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = build(WorkerConfig(), args)
-    runtime = build(RuntimeConfig(), args, exclude=RUNTIME_EXCLUDE)
+    config, runtime = config_from(args)
     from baton.worker.run import run_worker
 
     return run_until_signalled(lambda stop: run_worker(config, runtime, stop))
