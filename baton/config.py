@@ -351,9 +351,13 @@ class PoolsConfig:
 
     def roles(self) -> list[WorkerRole]:
         """The role of each worker, in start (and worker id) order: prefill workers first."""
+        roles: list[WorkerRole]
         if not self.disaggregated:
-            return ["agg"] * self.num_workers
-        return ["prefill"] * self.num_prefill_workers + ["decode"] * self.num_decode_workers
+            roles = ["agg"] * self.num_workers
+        else:
+            roles = ["prefill"] * self.num_prefill_workers
+            roles += ["decode"] * self.num_decode_workers
+        return roles
 
     def scheduler_for(self, role: WorkerRole, base: SchedulerConfig) -> SchedulerConfig:
         """The scheduler of a worker of ``role`` whose pool's default is ``base``."""

@@ -66,12 +66,12 @@ def setting(
 ) -> T:
     """A config field with its default and help (``default`` must be immutable)."""
     meta = Setting(help, flag, env, metavar, default_help, repeat, cli)
-    return dataclasses.field(default=default, metadata={_SETTING: meta})  # type: ignore[no-any-return]  # a Field stands in for the default, as dataclasses.field's does
+    return dataclasses.field(default=default, metadata={_SETTING: meta})
 
 
 def section(factory: Callable[[], T], *, prefix: str = "") -> T:
     """A nested config built by ``factory`` by default."""
-    return dataclasses.field(default_factory=factory, metadata={_SECTION: Section(prefix)})  # type: ignore[no-any-return]  # as in setting()
+    return dataclasses.field(default_factory=factory, metadata={_SECTION: Section(prefix)})
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,7 @@ async def _stream(
     return record
 
 
-async def sse_data(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def sse_data(lines: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
     """The payloads of a server-sent event stream's ``data:`` lines, up to ``[DONE]``."""
     async for line in lines:
         if not line.startswith(b"data:"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Protocol
 
 from baton.config import EngineConfig
@@ -156,7 +156,7 @@ class EngineCore:
         self._kv_sink = sink
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineOutput, None]:
         rid = request.request_id
         if rid in self._mailboxes:
             raise ValueError(f"request id {rid!r} is already running")

@@ -66,7 +66,6 @@ class Request:
     """Prompt tokens served from the prefix cache at the first admission (None before it)."""
     is_prefilling: bool = False
     """Admitted and not yet sampled since that admission (prompt or recompute tokens)."""
-    arrival_index: int = -1
     num_preemptions: int = 0
     # -- KV cache
     blocks: list[KVBlock] = field(default_factory=list)

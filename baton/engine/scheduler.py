@@ -54,7 +54,6 @@ class Scheduler:
         self.held: dict[str, Request] = {}
         """Finished ``hold_kv`` requests whose blocks wait for ``release_held``."""
         # -- bookkeeping
-        self._next_arrival = 0
         self._in_flight: SchedulerOutput | None = None
         self._decode_fast_path = True
         """Take ``_schedule_decodes`` when it applies (tests turn it off to compare)."""
@@ -66,8 +65,6 @@ class Scheduler:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request_id {req.request_id!r}")
         self._validate_fits(req)
-        req.arrival_index = self._next_arrival
-        self._next_arrival += 1
         req.status = RequestStatus.WAITING
         req.update_block_hashes(self.config.block_size)
         self.requests[req.request_id] = req

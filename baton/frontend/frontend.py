@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Generator
 from typing import Self
 
 import uvicorn
@@ -29,7 +30,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
     """uvicorn without its own signal handling: the process's owner decides when to stop."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def,override]
+    def capture_signals(self) -> Generator[None, None, None]:
         yield
 
 

@@ -21,9 +21,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 
@@ -37,7 +37,7 @@ from baton.errors import (
     TransportError,
 )
 from baton.frontend.metrics import FrontendMetrics, ModelMetrics
-from baton.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from baton.frontend.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
 from baton.protocol import (
     EngineOutput,
@@ -90,7 +90,7 @@ class Generation:
     def prompt_tokens(self) -> int:
         return len(self.prepared.token_ids)
 
-    async def run(self) -> AsyncIterator[tuple[list[str], FinishReason | None]]:
+    async def run(self) -> AsyncGenerator[tuple[list[str], FinishReason | None], None]:
         """Yields, per engine delta, the text of each of its tokens (one piece per token,
         empty pieces dropped) and the finish reason; the last item has a finish reason."""
         p = self.prepared
@@ -123,7 +123,7 @@ class Generation:
                     yield pieces, None
         raise EngineError("the worker's stream ended without a finish reason")
 
-    async def _outputs(self) -> AsyncIterator[EngineOutput]:
+    async def _outputs(self) -> AsyncGenerator[EngineOutput, None]:
         """The engine's deltas. When the serving worker goes away mid-stream, the request
         moves to another worker with its prompt plus the tokens generated so far, at most
         ``migration_limit`` times; the consumer sees one continuous stream."""
@@ -346,9 +346,9 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return [s for s in items if s]
 
 
-def _message_dict(index: int, message: object) -> dict[str, object]:
-    role = message.role  # type: ignore[attr-defined]
-    content = message.content  # type: ignore[attr-defined]
+def _message_dict(index: int, message: ChatMessage) -> dict[str, object]:
+    role = message.role
+    content = message.content
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -360,20 +360,20 @@ def _message_dict(index: int, message: object) -> dict[str, object]:
             texts.append(part.text)
         content = "".join(texts)
     out: dict[str, object] = {"role": role, "content": content or ""}
-    if message.name is not None:  # type: ignore[attr-defined]
-        out["name"] = message.name  # type: ignore[attr-defined]
+    if message.name is not None:
+        out["name"] = message.name
     return out
 
 
 def _completion_tokens(entry: ModelEntry, prompt: str | list[object]) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # type: ignore[assignment]
+        prompt = prompt[0]
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return entry.tokenizer.encode(prompt)
     if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids: list[int] = prompt  # type: ignore[assignment]
+        ids = cast(list[int], prompt)  # checked just above
         vocab = entry.card.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:

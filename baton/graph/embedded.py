@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from baton.config import ServeConfig
 from baton.frontend import Frontend
@@ -16,7 +16,7 @@ from baton.worker import Worker, build_worker
 
 
 @contextlib.asynccontextmanager
-async def embedded(config: ServeConfig) -> AsyncIterator[tuple[Frontend, list[Worker]]]:
+async def embedded(config: ServeConfig) -> AsyncGenerator[tuple[Frontend, list[Worker]], None]:
     """The frontend and its started workers, until the block exits."""
     async with Runtime(MemoryDiscovery()) as runtime:
         workers: list[Worker] = []

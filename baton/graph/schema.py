@@ -200,7 +200,8 @@ def _join(path: str, name: str) -> str:
 
 def _keys_at(path: str) -> list[str]:
     """The keys of the section that holds the last key of ``path``."""
-    struct = msgspec.inspect.type_info(GraphConfig)
+    struct = _struct_type(msgspec.inspect.type_info(GraphConfig))
+    assert struct is not None
     for name in re.findall(r"[A-Za-z_]\w*", path)[:-1]:
         field = next(f for f in struct.fields if f.encode_name == name)
         inner = _struct_type(field.type)

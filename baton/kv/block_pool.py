@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored
 from baton.kv.hashing import LocalBlockHash, SequenceHash
@@ -266,7 +267,7 @@ class BlockPool:
         if isinstance(last, KvRemoved):
             last.block_hashes.extend(seq_hashes)
         else:
-            self._events.append(KvRemoved(seq_hashes))
+            self._events.append(KvRemoved(cast(list[int], seq_hashes)))
 
     # ---- invariants ---------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ class BlockStore:
             _check_shm_room(size)
             self._shm = shared_memory.SharedMemory(create=True, size=size)
             _OWN_SEGMENTS.add(self._shm.name)
-            self.buffer = self._shm.buf[:size]
+            self.buffer = _segment(self._shm)[:size]
         else:
             self.buffer = memoryview(bytearray(size))
         self._blocks = np.frombuffer(self.buffer, dtype=np.uint8).reshape(num_blocks, block_bytes)
@@ -88,13 +88,13 @@ class SharedBlocks:
         if self._shm.name not in _OWN_SEGMENTS:
             # Attaching registers the segment with this process's resource tracker, which
             # would unlink it at exit; its owner unlinks it, not us.
-            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]  # the tracker keys segments by the private name
         size = num_blocks * block_bytes
         if self._shm.size < size:
             self._shm.close()
             raise ValueError(f"segment {name!r} holds {self._shm.size} bytes, expected {size}")
         self.block_bytes = block_bytes
-        self._view = self._shm.buf[:size]
+        self._view = _segment(self._shm)[:size]
         self.buffer = self._view
         """The segment's blocks, read-only by convention."""
         self._blocks = np.frombuffer(self._view, dtype=np.uint8).reshape(num_blocks, block_bytes)
@@ -125,7 +125,13 @@ def _check_shm_room(size: int) -> None:
 
 
 def _bytes_of(blocks: np.ndarray) -> memoryview:
-    return memoryview(blocks.reshape(-1))
+    return blocks.reshape(-1).data
+
+
+def _segment(shm: shared_memory.SharedMemory) -> memoryview:
+    """The segment's buffer (None only once it is closed)."""
+    assert shm.buf is not None
+    return shm.buf
 
 
 def block_runs(ids: list[int]) -> list[tuple[int, int]]:

@@ -377,7 +377,7 @@ class KvIndex:
                         break
                     seq = kids
                 else:
-                    held = [c for c in kids if workers_of[c] & bit]
+                    held = [c for c in kids if workers_of[c] & bit]  # type: ignore[union-attr]  # a list: the __class__ check above (faster than isinstance here) ruled out int
                     if not held:
                         break
                     seq = held.pop()

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 
@@ -170,11 +170,11 @@ class KvRouter:
             assume_kv_reuse=config.assume_kv_reuse,
         )
         if not self.use_kv_events:
-            self._predict(decision.worker_id, local, seq, now)
+            self._predict(decision.worker_id, cast(list[int], local), cast(list[int], seq), now)
         if self.sync_sink is not None:
             self.sync_sink(RouterSyncEvent(
                 router_id=self.router_id, kind="add", request_id=request.request_id,
-                worker_id=decision.worker_id, seq_hashes=seq, isl_tokens=isl,
+                worker_id=decision.worker_id, seq_hashes=cast(list[int], seq), isl_tokens=isl,
                 overlap_blocks=decision.overlap_blocks,
                 track_prefill_tokens=config.track_prefill_tokens,
                 assume_kv_reuse=config.assume_kv_reuse))

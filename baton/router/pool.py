@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, NoReturn
 
 from baton.config import RouterConfig
@@ -146,7 +146,7 @@ class WorkerPool:
     # ------------------------------------------------------------------ requests
     async def generate(
         self, request: GenerateRequest, hints: RouteHints | None = None
-    ) -> AsyncIterator[EngineOutput]:
+    ) -> AsyncGenerator[EngineOutput, None]:
         worker_id, stream, first = await self._open(request, hints)
         rid = request.request_id
         try:
@@ -160,7 +160,7 @@ class WorkerPool:
         finally:
             self.in_flight[worker_id] -= 1
             self.policy.on_finish(rid)
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     def cached_tokens(self, request: GenerateRequest) -> int:
         """Prompt tokens cached on the worker the policy would pick now (0 when unknown)."""
@@ -201,7 +201,7 @@ class WorkerPool:
 
     async def _open(
         self, request: GenerateRequest, hints: RouteHints | None
-    ) -> tuple[int, AsyncIterator[EngineOutput], EngineOutput]:
+    ) -> tuple[int, AsyncGenerator[EngineOutput, None], EngineOutput]:
         """Picks a worker and waits for its first delta, moving on from unreachable ones."""
         tried: set[int] = set()
         refused = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 
@@ -88,7 +88,7 @@ class RouterService:
         assert isinstance(entry.pool.policy, KvRouter), "the router service runs in kv mode"
         return entry, entry.pool.policy
 
-    async def _route(self, req: RouteRequest) -> AsyncIterator[RouteDecision]:
+    async def _route(self, req: RouteRequest) -> AsyncGenerator[RouteDecision, None]:
         entry, router = self._entry(req.model)
         overrides = RouterOverrides(
             overlap_score_credit=req.overlap_score_credit,
@@ -109,15 +109,15 @@ class RouterService:
             costs={c.worker_id: c.cost for c in decision.candidates},
         )
 
-    async def _mark_prefill(self, ref: RequestRef) -> AsyncIterator[Ack]:
+    async def _mark_prefill(self, ref: RequestRef) -> AsyncGenerator[Ack, None]:
         self._entry(ref.model)[1].on_first_output(ref.request_id)
         yield Ack()
 
-    async def _mark_free(self, ref: RequestRef) -> AsyncIterator[Ack]:
+    async def _mark_free(self, ref: RequestRef) -> AsyncGenerator[Ack, None]:
         self._entry(ref.model)[1].on_finish(ref.request_id)
         yield Ack()
 
-    async def _overlap_scores(self, query: TokensQuery) -> AsyncIterator[OverlapScores]:
+    async def _overlap_scores(self, query: TokensQuery) -> AsyncGenerator[OverlapScores, None]:
         _, router = self._entry(query.model)
         assert router.block_size is not None
         seq = compute_sequence_hashes(compute_local_hashes(query.token_ids, router.block_size))

@@ -8,7 +8,7 @@ one-process backend; the NATS backend implements the same ``Discovery`` protocol
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -64,7 +64,7 @@ class Watchers:
     def __init__(self) -> None:
         self._queues: set[asyncio.Queue[DiscoveryEvent | None]] = set()
 
-    async def watch(self, current: list[InstanceRecord]) -> AsyncIterator[DiscoveryEvent]:
+    async def watch(self, current: list[InstanceRecord]) -> AsyncGenerator[DiscoveryEvent, None]:
         """``current`` as puts, then every published change."""
         queue: asyncio.Queue[DiscoveryEvent | None] = asyncio.Queue(_WATCH_QUEUE_LIMIT)
         self._queues.add(queue)

@@ -7,13 +7,13 @@ Cancellation is the consumer closing the iterator: the handler's ``finally`` blo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from baton.errors import RemoteError
 
-Handler = Callable[[Any], AsyncIterator[Any]]
+Handler = Callable[[Any], AsyncGenerator[Any, None]]
 
 
 @dataclass(frozen=True, slots=True)

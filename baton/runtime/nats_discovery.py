@@ -30,7 +30,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Self
 
 import msgspec
@@ -120,7 +120,7 @@ class NatsDiscovery:
     def snapshot(self) -> list[InstanceRecord]:
         return list(self._cache.values())
 
-    async def watch(self) -> AsyncIterator[DiscoveryEvent]:
+    async def watch(self) -> AsyncGenerator[DiscoveryEvent, None]:
         await self.start()
         async for event in self._watchers.watch(self.snapshot()):
             yield event
@@ -194,7 +194,7 @@ class NatsDiscovery:
             fresh = await _initial_state(watcher)
         except BaseException:
             with contextlib.suppress(nats.errors.Error):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
             raise
         self._resync(fresh)
         self._kv_watcher = watcher
@@ -205,7 +205,7 @@ class NatsDiscovery:
         self._watch_task = None
         if self._kv_watcher is not None:
             with contextlib.suppress(nats.errors.Error):
-                await self._kv_watcher.stop()
+                await self._kv_watcher.stop()  # type: ignore[no-untyped-call]  # as above
             self._kv_watcher = None
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
@@ -278,7 +278,7 @@ class NatsDiscovery:
 async def _initial_state(watcher: KeyValue.KeyWatcher) -> dict[str, InstanceRecord]:
     """The records a fresh watch delivers before its end-of-initial-state marker."""
     fresh: dict[str, InstanceRecord] = {}
-    while (entry := await watcher.updates(timeout=5.0)) is not None:
+    while (entry := await watcher.updates(timeout=5.0)) is not None:  # type: ignore[no-untyped-call]  # nats-py
         if entry.operation not in (KV_DEL, KV_PURGE) and (record := _decode(entry.value)):
             fresh[entry.key] = record
         else:

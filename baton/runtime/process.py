@@ -4,7 +4,7 @@ worker addresses probed into discovery."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from baton.config import RuntimeConfig
 from baton.runtime.discovery import MemoryDiscovery
@@ -15,7 +15,7 @@ from baton.runtime.static import StaticWorkers
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(config: RuntimeConfig, *, name: str) -> AsyncIterator[Runtime]:
+async def open_runtime(config: RuntimeConfig, *, name: str) -> AsyncGenerator[Runtime, None]:
     """This process's runtime (``name`` labels its NATS connection); with ``config.workers``,
     those addresses are probed into its discovery for as long as it is open."""
     async with _base_runtime(config, name) as runtime, StaticWorkers(
@@ -32,7 +32,7 @@ def describe_discovery(config: RuntimeConfig) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _base_runtime(config: RuntimeConfig, name: str) -> AsyncIterator[Runtime]:
+async def _base_runtime(config: RuntimeConfig, name: str) -> AsyncGenerator[Runtime, None]:
     if config.nats is None:
         async with Runtime(MemoryDiscovery(), namespace=config.namespace) as runtime:
             yield runtime

@@ -9,7 +9,7 @@ and closes them on exit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Self
 
 from baton.config import RuntimeConfig
@@ -33,7 +33,7 @@ class RequestClient:
 
     def stream(
         self, address: str, endpoint: str, request: object, response_type: type
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         if address.startswith("inproc://"):
             server = self._local.get(address)
             if server is None:
@@ -48,7 +48,7 @@ class RequestClient:
             async for item in items:
                 return item
         finally:
-            await items.aclose()  # type: ignore[attr-defined]
+            await items.aclose()
         raise TransportError(f"{endpoint} at {address} answered nothing", address=address)
 
 

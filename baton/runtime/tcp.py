@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Self
 
 import msgspec
@@ -76,7 +76,7 @@ class _ServerConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio.Transport  # uvloop's is not a subclass
         self._owner._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -119,9 +119,10 @@ class _ServerConnection(asyncio.Protocol):
         if call.stream_id in self._tasks:
             self._write(Fail(call.stream_id, "protocol_error", "duplicate stream id", 400))
             return
+        sid = call.stream_id
         task = asyncio.get_running_loop().create_task(self._serve(call))
-        self._tasks[call.stream_id] = task
-        task.add_done_callback(lambda _t, sid=call.stream_id: self._tasks.pop(sid, None))
+        self._tasks[sid] = task
+        task.add_done_callback(lambda _: self._tasks.pop(sid, None))
 
     async def _serve(self, call: Call) -> None:
         sid = call.stream_id
@@ -227,7 +228,7 @@ class _ClientConnection(asyncio.Protocol):
         return len(self._streams)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -237,10 +238,10 @@ class _ClientConnection(asyncio.Protocol):
             self.close()
             return
         for frame in frames:
-            stream = self._streams.get(frame.stream_id)  # type: ignore[union-attr]
+            stream = self._streams.get(frame.stream_id)
             if stream is None:
                 continue  # a stream we already cancelled
-            stream.push(frame)  # type: ignore[arg-type]
+            stream.push(frame)  # type: ignore[arg-type]  # a server sends only Data, End and Fail
             if len(stream.frames) > _STREAM_HIGH_WATER and not self._paused:
                 self._paused = True
                 assert self._transport is not None
@@ -288,7 +289,7 @@ class TcpClientPool:
 
     async def stream(
         self, address: str, endpoint: str, request: object, response_type: type
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         conn = await self._connection(address)
         sid, stream = conn.open(endpoint, encode_payload(request))
         decoder = _decoder(response_type)

@@ -169,12 +169,12 @@ class Cluster:
             if heap and heap[0][0] <= next_arrival:
                 at, _, kind, payload = pop(heap)
                 self.now = at
-                if kind == _STEP:
-                    self._step_done(payload)  # type: ignore[arg-type]
+                if kind == _STEP:  # each kind of event has its own payload:
+                    self._step_done(payload)  # type: ignore[arg-type]  # a SimWorker
                 elif kind == _KV:
-                    self._apply_kv_events(*payload)  # type: ignore[misc]
+                    self._apply_kv_events(*payload)  # type: ignore[misc]  # (router, events)
                 else:
-                    self._load_done(*payload)  # type: ignore[misc]
+                    self._load_done(*payload)  # type: ignore[misc]  # (worker, request id)
             elif i < n:
                 at, index = arrivals[i]
                 i += 1
@@ -185,7 +185,7 @@ class Cluster:
                 break
         if self._live:  # pragma: no cover - would be a scheduler bug
             raise RuntimeError(f"{len(self._live)} requests never finished")
-        return records  # type: ignore[return-value]
+        return records  # type: ignore[return-value]  # every slot is filled: each index arrives once
 
     # ------------------------------------------------------------------ arrivals
     def _arrive(self, index: int, trace: TraceRequest) -> RequestRecord:

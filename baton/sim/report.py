@@ -17,7 +17,8 @@ import msgspec
 
 from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
 from baton.bench.report import format_table, write_run
-from baton.sim.cluster import Cluster, SimConfig
+from baton.sim.cluster import Cluster
+from baton.sim.config import SimConfig
 from baton.sim.disagg import DisaggStats
 from baton.trace import load_trace
 

@@ -183,7 +183,7 @@ def scenarios(config: SweepConfig) -> list[Scenario]:
 
 def grid_points(config: SweepConfig) -> list[GridPoint]:
     """Every (isl, osl, load or rate), ISL outermost, in the order given."""
-    points = []
+    points: list[GridPoint] = []
     for isl in config.isl:
         for osl in config.osl:
             if config.rates is not None:

@@ -191,6 +191,7 @@ def plot_heatmap(result: SweepResult, path: str | Path) -> Path:
             kind, value = key
             title = f"load {value:g}" if kind == "load" else f"{value:g} req/s"
             axes[r][c].set_title(f"{scenario.label}\n{title}", fontsize=9)
+    assert image is not None  # a grid has at least one panel
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8,
                        label="best P:D / agg")
     ticks = _colour_ticks(span)

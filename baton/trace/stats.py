@@ -136,10 +136,9 @@ def analyze(requests: list[TraceRequest], block_size: int = DEFAULT_TRACE_BLOCK_
 
 def _mean_if_all(values: Iterable[int | None]) -> float | None:
     """The mean of ``values``, or None when any is missing."""
-    present = list(values)
-    if any(v is None for v in present):
-        return None
-    return statistics.fmean(present)  # type: ignore[arg-type]
+    given = list(values)
+    present = [v for v in given if v is not None]
+    return statistics.fmean(present) if len(present) == len(given) else None
 
 
 def _rate(count: float, duration_s: float) -> float:
@@ -204,8 +203,8 @@ def format_stats(stats: TraceStats) -> str:
 def _format_value(name: str, value: object) -> str:
     if value is None:
         return "-"
-    if name in _PERCENT:
-        return f"{100 * float(value):.2f} %"  # type: ignore[arg-type]
+    if name in _PERCENT and isinstance(value, int | float):
+        return f"{100 * float(value):.2f} %"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):

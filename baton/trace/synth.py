@@ -45,7 +45,7 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -320,14 +320,14 @@ class _Sampler:
 
     def _walk(self) -> tuple[list[int], int]:
         """Core ids along a sampled path, and the unique-prompt length (0 if none)."""
-        node, core = self.model.root, []
+        node, core = self.model.root, list[int]()
         while True:
             (step,) = self.rng.choices(node.targets, cum_weights=node.cum_weights)
             if step == _END:
                 return core, 0
             if step == _CACHE_END:
                 return core, self.rng.choice(self.model.prompt_lengths)
-            node = step  # type: ignore[assignment]
+            node = cast(_Node, step)  # the other targets are the two int markers
             core.extend(node.ids)
 
     def _input_length(self, blocks: int, has_prompt: bool) -> int:

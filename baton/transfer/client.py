@@ -109,7 +109,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
 
     # -- asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio.Transport
 
     def get_buffer(self, sizehint: int) -> memoryview | bytearray:
         if self._reply is not None and self._sink is not None:

@@ -203,7 +203,7 @@ class _ServerConnection(asyncio.Protocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self._transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[union-attr]
+        self._transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[union-attr]  # set on the line above
         self._server._connections.add(self)
 
     def data_received(self, data: bytes) -> None:

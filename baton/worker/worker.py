@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Self
 
 import msgspec
@@ -100,7 +100,6 @@ class Worker:
         """Feeds read this in-process bus, so they never depend on a remote event plane."""
         self._load_subject = f"{runtime.namespace}.load"
         self._load_task: asyncio.Task[None] | None = None
-        self.num_kv_events = 0
         # -- drain
         self.draining = False
         self._in_flight = 0
@@ -162,7 +161,7 @@ class Worker:
         await self.close()
 
     # ------------------------------------------------------------------ endpoints
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
+    async def _generate(self, request: GenerateRequest) -> AsyncGenerator[EngineOutput, None]:
         if self.draining:
             raise ServiceUnavailableError(f"worker {self.instance_id} is draining", code="draining")
         if self.engine.load().num_waiting >= self.config.max_waiting_requests:
@@ -188,19 +187,19 @@ class Worker:
             if not self._in_flight:
                 self._idle.set()
 
-    async def _info(self, _: Empty) -> AsyncIterator[InstanceRecord]:
+    async def _info(self, _: Empty) -> AsyncGenerator[InstanceRecord, None]:
         if self.draining:  # frontends that probe addresses drop a draining worker
             raise ServiceUnavailableError(f"worker {self.instance_id} is draining", code="draining")
         assert self.record is not None
         yield self.record
 
-    async def _model_files(self, _: Empty) -> AsyncIterator[ModelFiles]:
+    async def _model_files(self, _: Empty) -> AsyncGenerator[ModelFiles, None]:
         yield self.model_files
 
-    async def _load(self, _: Empty) -> AsyncIterator[LoadMetrics]:
+    async def _load(self, _: Empty) -> AsyncGenerator[LoadMetrics, None]:
         yield self.load_metrics()
 
-    async def _events(self, req: FeedRequest) -> AsyncIterator[WorkerEvents]:
+    async def _events(self, req: FeedRequest) -> AsyncGenerator[WorkerEvents, None]:
         if not req.kv_events:
             while True:
                 yield WorkerEvents(worker_id=self.instance_id, last_event_id=-1,
@@ -241,4 +240,3 @@ class Worker:
             event.worker_id = self.instance_id
             self._local_events.publish(self._kv_subject, event)
             self.runtime.events.publish(self._kv_subject, event)
-        self.num_kv_events += len(events)

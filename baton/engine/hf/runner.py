@@ -187,7 +187,8 @@ class PagedModelRunner:
             logits_to_keep=1,
         )
         self._scatter(cache, item.block_ids, item.start, end)
-        return out.logits[0, -1]
+        logits: torch.Tensor = out.logits
+        return logits[0, -1]
 
     def _forward_decodes(self, items: list[ForwardItem]) -> torch.Tensor:
         """One forward for several one-token items of different context lengths: their KV is
@@ -218,7 +219,8 @@ class PagedModelRunner:
                                for layer in cache.layers])  # [L, 2, H, D]
             block = item.block_ids[item.start // self.block_size]
             self.kv[block, :, :, :, item.start % self.block_size] = new
-        return out.logits[:, -1]
+        logits: torch.Tensor = out.logits
+        return logits[:, -1]
 
     def _check(self, item: ForwardItem) -> int:
         end = item.start + len(item.token_ids)
