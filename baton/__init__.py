@@ -1,8 +1,9 @@
 """Baton: distributed LLM inference serving.
 
-The package is split by concept: ``kv`` (block hashing, the block pool), ``engine`` (scheduler,
-timing model, simulated engine), ``preprocess`` (tokenizer, chat template, detokenizer, stop
-strings), ``runtime`` (discovery, request plane), ``worker``, ``router`` and ``frontend``.
+The packages follow the layers of ``docs/architecture.md``: foundations (``config``,
+``settings``, ``errors``), pure cores (``kv``, ``protocol``, ``preprocess``, ``trace``), the
+``runtime`` (discovery, event and request planes), components (``transfer``, ``engine``,
+``router``), shells (``worker``, ``frontend``, ``graph``, ``bench``, ``sim``) and the ``cli``.
 See ``docs/structure.md`` for the module map.
 """
 

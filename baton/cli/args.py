@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, get_args, get_origin
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin
 
 from baton.settings import Field, SectionField, optional_inner, walk
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,52 +76,45 @@ def command(sub: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentP
 
 def add_settings(
     group: Any,
-    defaults: object,
+    defaults: DataclassInstance,
     *,
     prefix: str = "",
     exclude: Iterable[str] = (),
 ) -> None:
     """One flag per setting of ``defaults``' class and of its sections, but those named in
     ``exclude`` (a section's as ``engine.kind``); ``build`` must get the same ``exclude``."""
-    for item, value, flag_prefix in _flagged(defaults, prefix, exclude):
-        _add_flag(group, item, flag_prefix, _env_default(item, value))
+    for item, value, inner in _members(defaults, exclude):
+        if isinstance(item, SectionField):
+            add_settings(group, value, prefix=prefix + item.section.prefix, exclude=inner)
+        else:
+            _add_flag(group, item, prefix, _env_default(item, value))
 
 
 def build(defaults: C, args: argparse.Namespace, *, prefix: str = "",
           exclude: Iterable[str] = (), **fixed: Any) -> C:
     """``defaults`` with every setting ``add_settings`` made a flag for replaced by the flag's
     value in ``args``, and the fields in ``fixed`` by theirs (built once, validated once)."""
-    skip = set(exclude) | set(fixed)
     changes: dict[str, Any] = dict(fixed)
-    for item in walk(type(defaults)):
-        if item.name in skip:
-            continue
-        value = getattr(defaults, item.name)
+    for item, value, inner in _members(defaults, {*exclude, *fixed}):
         if isinstance(item, SectionField):
-            inner = _inner(skip, item.name)
             changes[item.name] = build(value, args, prefix=prefix + item.section.prefix,
                                        exclude=inner)
-        elif item.setting.cli:
+        else:
             changes[item.name] = getattr(args, dest(item, prefix))
-    return dataclasses.replace(defaults, **changes)  # type: ignore[type-var]  # a config dataclass
+    return dataclasses.replace(defaults, **changes)
 
 
-def _flagged(defaults: object, prefix: str, exclude: Iterable[str]) -> Iterable[tuple[Field, Any, str]]:
-    """(setting, its default, its flag prefix) for every setting that gets a flag."""
+def _members(
+    defaults: DataclassInstance, exclude: Iterable[str]
+) -> Iterator[tuple[Field | SectionField, Any, set[str]]]:
+    """The sections and CLI settings of ``defaults`` not excluded: each with its default and
+    the exclusions inside it (``engine.kind`` is ``kind`` inside ``engine``)."""
     skip = set(exclude)
     for item in walk(type(defaults)):
-        if item.name in skip:
+        if item.name in skip or (isinstance(item, Field) and not item.setting.cli):
             continue
-        value = getattr(defaults, item.name)
-        if isinstance(item, SectionField):
-            yield from _flagged(value, prefix + item.section.prefix, _inner(skip, item.name))
-        elif item.setting.cli:
-            yield item, value, prefix
-
-
-def _inner(skip: set[str], section: str) -> set[str]:
-    """The exclusions inside ``section`` (``engine.kind`` -> ``kind``)."""
-    return {s.split(".", 1)[1] for s in skip if s.startswith(section + ".")}
+        inner = {s.split(".", 1)[1] for s in skip if s.startswith(item.name + ".")}
+        yield item, getattr(defaults, item.name), inner
 
 
 def add_overrides(group: Any, cls: type, names: Iterable[str], *, prefix: str, note: str) -> None:

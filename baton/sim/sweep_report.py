@@ -16,11 +16,12 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import numpy as np
 
+from baton.config import WorkerRole
 from baton.sim.sweep import PointResult, RunResult, SweepResult, run_sweep
 from baton.sim.sweep_grid import SweepConfig, layouts, scenarios
 
@@ -97,7 +98,7 @@ def write_sweep(out_dir: str | Path, result: SweepResult) -> list[Path]:
 def _flat_run(run: RunResult) -> dict[str, Any]:
     row = msgspec.structs.asdict(run)
     busy = row.pop("busy")
-    for role in ("agg", "prefill", "decode"):
+    for role in get_args(WorkerRole):
         row[f"busy_{role}"] = busy.get(role)
     return row
 
