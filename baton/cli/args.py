@@ -28,11 +28,14 @@ C = TypeVar("C", bound="DataclassInstance")
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every option's default; None as the setting's ``default_help`` (or "none"),
-    tuples comma-separated; a required option shows none."""
+    tuples comma-separated. A required option has none to show (nor one whose help says it is
+    required: ``--trace`` of ``baton sim``, which ``baton sim sweep`` does without)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default" in text or action.required or not action.option_strings:
+        if "(default" in text or "(required" in text or action.required:
+            return text
+        if not action.option_strings:
             return text
         if action.default is argparse.SUPPRESS:
             return text

@@ -17,10 +17,11 @@ def add_parser(sub: Any) -> None:
     from baton.bench import BenchConfig
 
     p = command(sub, "bench", "replay a Mooncake trace against an OpenAI-compatible URL")
-    p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000 "
-                   "(required)")
-    p.add_argument("--model", default=None, help="model name sent in each request (required)")
-    p.add_argument("--trace", default=None, help="Mooncake JSONL file (required)")
+    p.add_argument("--url", default=None,
+                   help="server base URL, e.g. http://127.0.0.1:8000 (required but for compare)")
+    p.add_argument("--model", default=None,
+                   help="model name sent in each request (required but for compare)")
+    p.add_argument("--trace", default=None, help="Mooncake JSONL file (required but for compare)")
     add_settings(p, BenchConfig())
     p.add_argument("--goodput", default=None, metavar="ttft_ms=X,itl_ms=Y",
                    help="SLA for goodput; keys ttft_ms, itl_ms, tpot_ms, e2e_ms (default: none)")

@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
     from baton.sim.config import SimConfig
 
     p = command(sub, "sim", "simulate a deployment on a virtual clock; reports like bench")
-    p.add_argument("--trace", default=None, help="Mooncake JSONL file (required)")
+    p.add_argument("--trace", default=None, help="Mooncake JSONL file (required but for sweep)")
     defaults = SimConfig()
     add_pools(p, defaults.pools)
     add_settings(p.add_argument_group("simulation"), defaults,
