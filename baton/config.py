@@ -23,6 +23,8 @@ WorkerRole = Literal["agg", "prefill", "decode"]
 KvTransferMode = Literal["inproc", "tcp", "shm"]
 DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
 PreemptionMode = Literal["lifo", "fifo"]
+NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+"""The URL schemes a NATS client connects with."""
 
 
 def _positive_ints(config: object, *names: str) -> None:
@@ -131,8 +133,8 @@ class RuntimeConfig:
     probe_interval_s: float = setting(2.0, "how often --worker addresses are probed")
 
     def __post_init__(self) -> None:
-        require(self.nats is None or self.nats.startswith("nats://"), "nats",
-                "must be nats://HOST:PORT")
+        require(self.nats is None or self.nats.startswith(NATS_SCHEMES), "nats",
+                f"must be nats://HOST:PORT (or {', '.join(NATS_SCHEMES[1:])}), got {self.nats!r}")
         require(self.lease_ttl_s >= 1.0, "lease_ttl_s", "must be >= 1 (a NATS TTL)")
         require(self.probe_interval_s > 0, "probe_interval_s", "must be > 0")
 

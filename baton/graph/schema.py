@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from baton.config import (
+    NATS_SCHEMES,
     EngineConfig,
     FrontendConfig,
     RouterConfig,
@@ -78,7 +79,7 @@ class NatsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     def __post_init__(self) -> None:
         if (self.url is None) != self.start:
             raise ValueError("url: give a URL or {start: true}, not both")
-        if self.url is not None and not self.url.startswith("nats://"):
+        if self.url is not None and not self.url.startswith(NATS_SCHEMES):
             raise ValueError("url: must be nats://HOST:PORT")
 
 
@@ -141,7 +142,7 @@ class GraphConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         names = [pool.name for pool in self.workers]
         if len(set(names)) != len(names):
             raise ValueError("workers: pool names must be unique")
-        if isinstance(self.nats, str) and not self.nats.startswith("nats://"):
+        if isinstance(self.nats, str) and not self.nats.startswith(NATS_SCHEMES):
             raise ValueError("nats.url: must be nats://HOST:PORT")
 
     @property
