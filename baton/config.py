@@ -23,6 +23,7 @@ WorkerRole = Literal["agg", "prefill", "decode"]
 KvTransferMode = Literal["inproc", "tcp", "shm"]
 DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
 PreemptionMode = Literal["lifo", "fifo"]
+FaultMode = Literal["raise", "hang"]
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 """The URL schemes a NATS client connects with."""
 
@@ -102,11 +103,21 @@ class EngineConfig:
         10.0, "a slower KV fetch fails and the decode worker prefills locally")
     kv_hold_timeout_s: float = setting(
         30.0, "a prefill worker frees held KV blocks nobody fetched after this long")
+    step_timeout_s: float = setting(
+        120.0, "an engine step running longer than this is a fault: its requests move to "
+        "other workers and the engine is restarted")
+    # -- fault injection, for tests and chaos runs
+    fault_on_token: int | None = setting(
+        None, "testing: the engine faults on the first step computing a request whose prompt "
+        "holds this token id", default_help="never")
+    fault_mode: FaultMode = setting(
+        "raise", "testing: how --fault-on-token faults: the step raises, or hangs until the "
+        "step timeout")
 
     def __post_init__(self) -> None:
         check_choices(self)
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
-        for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s"):
+        for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "step_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
 
     @property

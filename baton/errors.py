@@ -111,6 +111,20 @@ class PeerGoneError(TransportError):
     """The peer closed the connection while a stream was open."""
 
 
+class WorkerFaultError(TransportError):
+    """The worker's engine failed (or is being restarted): the request may continue on
+    another worker, as when the worker's process dies."""
+
+    def __init__(self, message: str, *, address: str = ""):
+        super().__init__(message, address=address)
+        self.code = "worker_fault"
+
+
+class StreamTimeoutError(TransportError):
+    """A stream missed its deadline (no first token, or no next token, in time): handled as
+    a worker that went away."""
+
+
 class RemoteError(BatonError):
     """A handler on the other side of the request plane raised; carries its kind."""
 
@@ -126,7 +140,7 @@ class RemoteError(BatonError):
 _REMOTE_KINDS: dict[str, type[BatonError]] = {
     cls.__name__: cls
     for cls in (InvalidRequestError, NotFoundError, ServiceUnavailableError, OverloadedError,
-                EngineError)
+                EngineError, WorkerFaultError)
 }
 """Per-request errors a handler on the other side of the request plane may raise, rebuilt
 as themselves so callers handle an in-process and a remote failure alike."""

@@ -9,12 +9,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 
-def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    """Runs ``main(stop)`` on uvloop; the first SIGINT or SIGTERM sets ``stop`` (a graceful
-    drain), a second one exits at once with code 70."""
+def run_until_signalled(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]],
+) -> int:
+    """Runs ``main(stop)`` on uvloop and returns its exit code (None: 0); the first SIGINT or
+    SIGTERM sets ``stop`` (a graceful drain), a second one exits at once with code 70."""
     import uvloop
 
-    async def runner() -> None:
+    async def runner() -> int | None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -25,7 +27,6 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        await main(stop)
+        return await main(stop)
 
-    uvloop.run(runner())
-    return 0
+    return uvloop.run(runner()) or 0

@@ -2,7 +2,9 @@
 
 An engine turns a tokenized ``GenerateRequest`` into a stream of ``EngineOutput`` deltas.
 Closing the stream early aborts the request and frees its KV blocks. KV events and load go
-out through the callbacks the owner passes in; the engine does no networking of its own.
+out through the callbacks the owner passes in; the engine does no networking of its own. An
+engine that fails sets ``fault``, ends its streams with ``WorkerFaultError``, refuses new
+requests and calls its fault handler once: its owner replaces it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from baton.kv.events import KvEvent, KvStored
 from baton.protocol import EngineOutput, GenerateRequest
 
 KvEventSink = Callable[[Sequence[KvEvent]], None]
+FaultHandler = Callable[[BaseException], None]
 
 
 class EngineLoad(msgspec.Struct, kw_only=True):
@@ -28,6 +31,7 @@ class EngineLoad(msgspec.Struct, kw_only=True):
 
 class Engine(Protocol):
     block_size: int
+    fault: BaseException | None
 
     async def start(self) -> None: ...
 
@@ -38,6 +42,8 @@ class Engine(Protocol):
     def load(self) -> EngineLoad: ...
 
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None: ...
+
+    def set_fault_handler(self, handler: FaultHandler | None) -> None: ...
 
     def kv_snapshot(self) -> tuple[int, list[KvStored]]:
         """The prefix cache as stored events and the id of the last event it includes."""

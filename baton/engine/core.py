@@ -19,6 +19,13 @@ a failed or timed-out pull falls back to prefilling locally, invisibly to the cl
 
 Each request has one mailbox; when its consumer falls behind, deltas are merged rather than
 queued (the overflow policy).
+
+Faults: a step that raises, or that runs longer than ``step_timeout_s`` (a watchdog task
+checks; a stuck forward pass cannot be interrupted, only abandoned), ends the loop. Every
+request the engine held then fails with ``WorkerFaultError`` (frontends continue it on another
+worker, as after a process death), new requests are refused, and the owner's fault handler
+is called: the worker leaves discovery and restarts its engine. ``--fault-on-token`` injects
+such a fault for tests and chaos runs.
 """
 
 from __future__ import annotations
@@ -29,11 +36,11 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Protocol
 
 from baton.config import EngineConfig
-from baton.engine.base import EngineLoad, KvEventSink
+from baton.engine.base import EngineLoad, FaultHandler, KvEventSink
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import KvLoad, SchedulerOutput, StepResult
-from baton.errors import InvalidRequestError
+from baton.errors import InvalidRequestError, WorkerFaultError
 from baton.kv.events import KvStored
 from baton.kv.store import BlockStore
 from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams
@@ -74,13 +81,19 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-class _Mailbox:
-    """The undelivered output of one request (merged deltas) and its consumer's waiter."""
+class EngineFault(RuntimeError):
+    """An engine step failed: injected (``--fault-on-token``) or past its ``step_timeout_s``."""
 
-    __slots__ = ("pending", "ready")
+
+class _Mailbox:
+    """The undelivered output of one request (merged deltas), its consumer's waiter, and the
+    error that ends it when the engine fails (after what was already produced)."""
+
+    __slots__ = ("error", "pending", "ready")
 
     def __init__(self) -> None:
         self.pending: EngineOutput | None = None
+        self.error: WorkerFaultError | None = None
         self.ready = asyncio.Event()
 
     def put(self, result: StepResult, kv_transfer: KvTransferParams | None = None) -> None:
@@ -96,11 +109,18 @@ class _Mailbox:
         self.pending.kv_transfer = kv_transfer
         self.ready.set()
 
+    def fail(self, error: WorkerFaultError) -> None:
+        self.error = error
+        self.ready.set()
+
     async def take(self) -> EngineOutput:
         await self.ready.wait()
-        self.ready.clear()
         out, self.pending = self.pending, None
-        assert out is not None
+        if out is None:
+            assert self.error is not None
+            raise self.error
+        if self.error is None:
+            self.ready.clear()
         return out
 
 
@@ -125,6 +145,15 @@ class EngineCore:
         self._task: asyncio.Task[None] | None = None
         self._kv_sink: KvEventSink | None = None
         self.num_steps = 0
+        # -- faults
+        self.fault: BaseException | None = None
+        """Why the engine stopped; it serves nothing more (its owner restarts it)."""
+        self._on_fault: FaultHandler | None = None
+        self._step_started: float | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._timed_out = False
+        self._poisoned: set[str] = set()
+        """Requests ``--fault-on-token`` makes the engine fault on."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -139,9 +168,12 @@ class EngineCore:
         self._transfer_client = KvTransferClient(
             timeout_s=self.config.kv_transfer_timeout_s, use_shm=mode == "shm"
         )
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=self._name)
+        self._watchdog = loop.create_task(self._watch_steps(), name=f"{self._name}-watchdog")
 
     async def close(self) -> None:
+        await cancel_and_wait(self._watchdog)
         await cancel_and_wait(self._task)
         self._task = None
         for task in [*self._loads.values(), *self._releases]:
@@ -155,9 +187,15 @@ class EngineCore:
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
         self._kv_sink = sink
 
+    def set_fault_handler(self, handler: FaultHandler | None) -> None:
+        """``handler(exception)`` runs once, on the loop, when the engine fails."""
+        self._on_fault = handler
+
     # ------------------------------------------------------------------ requests
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineOutput, None]:
         rid = request.request_id
+        if self.fault is not None:
+            raise WorkerFaultError(f"the engine failed ({_describe(self.fault)})")
         if rid in self._mailboxes:
             raise ValueError(f"request id {rid!r} is already running")
         mailbox = self._mailboxes[rid] = _Mailbox()
@@ -171,9 +209,10 @@ class EngineCore:
                 yield out
         finally:
             del self._mailboxes[rid]
-            self.executor.forget(rid)
-            if not finished:
-                self._abort(rid)
+            if self.fault is None:  # a failed engine's state is not touched again
+                self.executor.forget(rid)
+                if not finished:
+                    self._abort(rid)
 
     def _add(self, request: GenerateRequest) -> None:
         req = Request(request.request_id, list(request.token_ids), request.sampling,
@@ -182,6 +221,8 @@ class EngineCore:
             self._scheduler.add_request(req)
         except ValueError as exc:  # can never fit this engine's KV cache or step budget
             raise InvalidRequestError(str(exc), param="messages") from None
+        if self.config.fault_on_token is not None and self.config.fault_on_token in req.prompt_token_ids:
+            self._poisoned.add(request.request_id)
         self.executor.begin(request)
 
     def _usable(self, params: KvTransferParams | None) -> KvTransferParams | None:
@@ -223,6 +264,16 @@ class EngineCore:
 
     # ------------------------------------------------------------------ step loop
     async def _run(self) -> None:
+        try:
+            await self._steps()
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            self._fail(EngineFault(f"a step ran longer than {self.config.step_timeout_s:g} s"))
+        except Exception as exc:  # a bug or a broken executor: the engine cannot go on
+            self._fail(exc)
+
+    async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
         slice_start = loop.time()
         while True:
@@ -238,11 +289,46 @@ class EngineCore:
                 if not output.kv_loads:
                     await self._wait_for_work()
                 continue
+            if self._poisoned and not self._poisoned.isdisjoint(output.num_scheduled_tokens):
+                await self._injected_fault()
+            self._step_started = loop.time()
             sampled = await self.executor.execute(output, self._scheduler)
+            self._step_started = None
             self._finish_step(output, sampled)
             if loop.time() - slice_start >= _BURST_S:
                 await asyncio.sleep(0)  # let consumers and new requests in
                 slice_start = loop.time()
+
+    async def _injected_fault(self) -> None:
+        if self.config.fault_mode == "hang":
+            self._step_started = asyncio.get_running_loop().time()
+            await asyncio.Event().wait()  # until the watchdog's timeout
+        raise EngineFault(f"injected: a request holds token {self.config.fault_on_token}")
+
+    async def _watch_steps(self) -> None:
+        """Cancels the step loop when a step outlives ``step_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        limit = self.config.step_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            started = self._step_started
+            if started is not None and loop.time() - started > limit and self._task is not None:
+                self._timed_out = True
+                self._task.cancel()
+                return
+
+    def _fail(self, exc: BaseException) -> None:
+        """The engine is broken: fail every request it holds, refuse new ones, tell the owner."""
+        log.error("engine %s failed with %d requests: %s", self._name, len(self._mailboxes),
+                  _describe(exc), exc_info=exc)
+        self.fault = exc
+        for rid, mailbox in self._mailboxes.items():
+            mailbox.fail(WorkerFaultError(f"the engine failed during request {rid} "
+                                          f"({_describe(exc)})"))
+        for task in self._loads.values():
+            task.cancel()
+        if self._on_fault is not None:
+            self._on_fault(exc)
 
     async def _wait_for_work(self) -> None:
         self.executor.idle()
@@ -310,11 +396,16 @@ class EngineCore:
             self.num_kv_loads_failed += 1
             log.warning("request %s: KV transfer from worker %d failed (%s); prefilling "
                         "locally", load.request_id, params.worker_id, exc.message)
+        except Exception:  # a bug in the transfer: this request prefills locally
+            self.num_kv_loads_failed += 1
+            log.exception("request %s: KV load from worker %d failed; prefilling locally",
+                          load.request_id, params.worker_id)
         finally:
             del self._loads[load.request_id]
-            self._scheduler.finish_kv_load(load.request_id, ok)
-            self._publish_kv_events()
-            self._wakeup.set()
+            if self.fault is None:
+                self._scheduler.finish_kv_load(load.request_id, ok)
+                self._publish_kv_events()
+                self._wakeup.set()
 
     def _spawn_release(self, params: KvTransferParams) -> None:
         client = self._transfer_client
@@ -322,3 +413,7 @@ class EngineCore:
             task = asyncio.get_running_loop().create_task(client.release(params))
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

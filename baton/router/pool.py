@@ -205,13 +205,15 @@ class WorkerPool:
         """Picks a worker and waits for its first delta, moving on from unreachable ones."""
         tried: set[int] = set()
         refused = 0
+        last_failure = ""
         while True:
-            candidates = self._candidates(hints, tried)
+            candidates = self._candidates_after(hints, tried, last_failure)
             if not candidates:
                 if refused:
                     self._overloaded(f"{refused} workers serving {self.model!r} are full")
                 raise ServiceUnavailableError(
-                    f"no reachable worker is serving model {self.model!r}", code="no_workers"
+                    f"no reachable worker is serving model {self.model!r}{last_failure}",
+                    code="no_workers",
                 )
             worker_id = self.policy.choose(request, candidates, self.in_flight, hints)
             tried.add(worker_id)
@@ -229,6 +231,7 @@ class WorkerPool:
             except (TransportError, ServiceUnavailableError) as exc:
                 self._undo(worker_id, request.request_id)  # unreachable or draining: next one
                 self.mark_down(worker_id, str(exc))
+                last_failure = f" (worker {worker_id}: {exc})"
                 continue
             except RemoteError as exc:  # another failure of the worker's own calls
                 self._undo(worker_id, request.request_id)
@@ -246,6 +249,17 @@ class WorkerPool:
                         await stream.aclose()
                 raise
             return worker_id, stream, first
+
+    def _candidates_after(self, hints: RouteHints | None, tried: set[int],
+                          last_failure: str) -> list[int]:
+        """The candidates left; when none is healthy any more, the error says what the last
+        tried worker did."""
+        try:
+            return self._candidates(hints, tried)
+        except ServiceUnavailableError as exc:
+            if isinstance(exc, OverloadedError) or not last_failure:
+                raise
+            raise ServiceUnavailableError(f"{exc.message}{last_failure}", code=exc.code) from exc
 
     def _undo(self, worker_id: int, request_id: str) -> None:
         self.in_flight[worker_id] -= 1

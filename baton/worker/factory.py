@@ -61,9 +61,9 @@ def model_folder(config: WorkerConfig) -> Path:
 def build_worker(config: WorkerConfig, runtime: Runtime, *, instance_id: int | None = None) -> Worker:
     folder = model_folder(config)
     card = ModelCard.load(folder, name=config.model_name)
-    engine = build_engine(config, card)
     worker_id = instance_id if instance_id is not None else config.worker_id
-    worker = Worker(config, runtime, engine, model_name=card.name, instance_id=worker_id)
+    worker = Worker(config, runtime, lambda: build_engine(config, card), model_name=card.name,
+                    instance_id=worker_id)
     worker.model_path = str(folder)
     worker.model_files = read_model_files(folder, card.name)
     return worker

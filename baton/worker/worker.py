@@ -13,8 +13,14 @@ Endpoints:
 
 KV events go out on the event plane under ``{namespace}.kv_events.{worker_id}``, stamped
 with this worker's id; ``LoadMetrics`` under ``{namespace}.load`` whenever they change, at most
-every ``load_interval_s`` (``SUBJECT_KINDS`` says which type each subject carries). A failure inside the engine ends that request's stream with an error;
-it never takes the worker down.
+every ``load_interval_s`` (``SUBJECT_KINDS`` says which type each subject carries).
+
+Faults: an exception inside the engine's handling of one request fails that request. An
+engine that fails as a whole (a step raises or outlives its timeout) has already ended its
+streams with ``WorkerFaultError``, which frontends continue on another worker; the worker
+then leaves discovery, answers ``WorkerFaultError`` (new requests, feeds) while it builds a
+fresh engine, and registers again. When that rebuild fails, ``failed`` is set: ``baton
+worker`` exits non-zero for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -23,14 +29,20 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Self
 
 import msgspec
 
 from baton.config import WorkerConfig
 from baton.engine.base import Engine
-from baton.errors import BatonError, EngineError, OverloadedError, ServiceUnavailableError
+from baton.errors import (
+    BatonError,
+    EngineError,
+    OverloadedError,
+    ServiceUnavailableError,
+    WorkerFaultError,
+)
 from baton.kv.events import KvEvent
 from baton.protocol import (
     GENERATE_ENDPOINT,
@@ -62,6 +74,10 @@ def kv_events_subject(namespace: str, worker_id: int) -> str:
     return f"{namespace}.kv_events.{worker_id}"
 
 
+_ENGINE_CLOSE_S = 10.0
+"""A failed engine gets this long to release what it holds before it is abandoned."""
+
+
 def new_instance_id() -> int:
     return int.from_bytes(os.urandom(8), "big") >> 1  # positive i64
 
@@ -73,14 +89,16 @@ class Worker:
         self,
         config: WorkerConfig,
         runtime: Runtime,
-        engine: Engine,
+        make_engine: Callable[[], Engine],
         *,
         model_name: str,
         instance_id: int | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
-        self.engine = engine
+        self._make_engine = make_engine
+        """Builds the engine, at start and after a fault (it may take seconds: a model load)."""
+        self.engine = make_engine()
         self.model_name = model_name
         self.instance_id = instance_id if instance_id is not None else new_instance_id()
         self.endpoints = EndpointServer()
@@ -105,10 +123,17 @@ class Worker:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # -- faults
+        self.restarting = False
+        """The engine failed and a new one is being built: requests and feeds get
+        ``WorkerFaultError``."""
+        self.num_engine_restarts = 0
+        self.failed = asyncio.Event()
+        """Set when a failed engine could not be replaced: the worker serves nothing more."""
+        self._recovery: asyncio.Task[None] | None = None
 
     async def start(self, *, tcp: bool = False) -> InstanceRecord:
-        await self.engine.start()
-        self.engine.set_kv_event_sink(self.publish_kv_events)
+        await self._start_engine(self.engine)
         self._local_address = self.runtime.serve_local(self.instance_id, self.endpoints)
         address = self._local_address
         if tcp:
@@ -146,6 +171,7 @@ class Worker:
             return False
 
     async def close(self) -> None:
+        await cancel_and_wait(self._recovery)
         await cancel_and_wait(self._load_task)
         if self.record is not None:
             await self.runtime.discovery.deregister(self.instance_id)
@@ -162,6 +188,7 @@ class Worker:
 
     # ------------------------------------------------------------------ endpoints
     async def _generate(self, request: GenerateRequest) -> AsyncGenerator[EngineOutput, None]:
+        self._refuse_if_restarting()
         if self.draining:
             raise ServiceUnavailableError(f"worker {self.instance_id} is draining", code="draining")
         if self.engine.load().num_waiting >= self.config.max_waiting_requests:
@@ -188,6 +215,7 @@ class Worker:
                 self._idle.set()
 
     async def _info(self, _: Empty) -> AsyncGenerator[InstanceRecord, None]:
+        self._refuse_if_restarting()
         if self.draining:  # frontends that probe addresses drop a draining worker
             raise ServiceUnavailableError(f"worker {self.instance_id} is draining", code="draining")
         assert self.record is not None
@@ -200,11 +228,13 @@ class Worker:
         yield self.load_metrics()
 
     async def _events(self, req: FeedRequest) -> AsyncGenerator[WorkerEvents, None]:
+        self._refuse_if_restarting()
         if not req.kv_events:
             while True:
                 yield WorkerEvents(worker_id=self.instance_id, last_event_id=-1,
                                    load=self.load_metrics())
                 await asyncio.sleep(self.config.load_interval_s)
+                self._refuse_if_restarting()
         sub = self._local_events.subscribe(self._kv_subject)  # before the snapshot: no gap
         try:
             last, snapshot = self.engine.kv_snapshot()
@@ -216,10 +246,53 @@ class Worker:
                     async with asyncio.timeout(self.config.load_interval_s):
                         batch = await sub.next_batch(1024)
                 last = batch[-1].event_id if batch else last
+                self._refuse_if_restarting()  # a new engine's events start from a new snapshot
                 yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
                                    load=self.load_metrics(), events=batch)
         finally:
             sub.close()
+
+    # ------------------------------------------------------------------ faults
+    async def _start_engine(self, engine: Engine) -> None:
+        await engine.start()
+        engine.set_kv_event_sink(self.publish_kv_events)
+        engine.set_fault_handler(self._on_engine_fault)
+
+    def _on_engine_fault(self, exc: BaseException) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(
+                self._recover(exc), name=f"worker-{self.instance_id}-recovery")
+
+    async def _recover(self, exc: BaseException) -> None:
+        """Leaves discovery, replaces the failed engine, and registers again; sets ``failed``
+        when the new engine cannot be built or started."""
+        self.restarting = True
+        log.error("worker %d: engine failed (%s: %s); restarting it", self.instance_id,
+                  type(exc).__name__, exc)
+        if self.record is not None:
+            await self.runtime.discovery.deregister(self.instance_id)
+        try:
+            await asyncio.wait_for(self.engine.close(), _ENGINE_CLOSE_S)
+        except Exception:  # whatever the broken engine does on close, a new one is built
+            log.exception("worker %d: closing the failed engine failed", self.instance_id)
+        try:
+            engine = await asyncio.to_thread(self._make_engine)
+            await self._start_engine(engine)
+        except Exception:
+            log.exception("worker %d: the engine could not be restarted", self.instance_id)
+            self.failed.set()
+            return
+        self.engine = engine
+        self.num_engine_restarts += 1
+        self.restarting = False
+        if self.record is not None and not self.draining:
+            await self.runtime.discovery.register(self.record)
+        log.info("worker %d: engine restarted (%d restarts)", self.instance_id,
+                 self.num_engine_restarts)
+
+    def _refuse_if_restarting(self) -> None:
+        if self.restarting or self.failed.is_set():
+            raise WorkerFaultError(f"worker {self.instance_id} is restarting its engine")
 
     def load_metrics(self) -> LoadMetrics:
         return LoadMetrics(worker_id=self.instance_id, **msgspec.structs.asdict(self.engine.load()))

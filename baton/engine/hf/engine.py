@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ from baton.engine.scheduler import Scheduler
 from baton.engine.step import SchedulerOutput
 from baton.protocol import GenerateRequest
 
+log = logging.getLogger(__name__)
 
 class HfExecutor:
     """Runs scheduled steps through a ``PagedModelRunner`` on a private thread."""
@@ -43,6 +45,8 @@ class HfExecutor:
         self.store = self.runner.store
         self.layout = self.runner.layout
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-forward")
+        self._forwarding = False
+        """A forward pass is running on the thread (it cannot be interrupted)."""
 
     def begin(self, request: GenerateRequest) -> None:
         pass
@@ -50,7 +54,14 @@ class HfExecutor:
     async def execute(self, output: SchedulerOutput, scheduler: Scheduler) -> Mapping[str, int]:
         items = _forward_items(output, scheduler)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self.runner.execute, items)
+        return await loop.run_in_executor(self._thread, self._forward, items)
+
+    def _forward(self, items: list[ForwardItem]) -> Mapping[str, int]:
+        self._forwarding = True
+        try:
+            return self.runner.execute(items)
+        finally:
+            self._forwarding = False
 
     def transfer_seconds(self, num_tokens: int) -> float:
         return 0.0
@@ -62,6 +73,10 @@ class HfExecutor:
         self.runner.forget(request_id)
 
     def close(self) -> None:
+        if self._forwarding:  # a stuck forward pass (the step timed out): abandon the model
+            log.warning("a forward pass is still running: its thread and model are abandoned")
+            self._thread.shutdown(wait=False, cancel_futures=True)
+            return
         self._thread.shutdown(wait=True)
         self.runner.close()
 
