@@ -236,7 +236,13 @@ class RouterConfig:
     unhealthy_cooldown_s: float = setting(
         5.0, "how long a worker that failed a call is kept out of rotation")
     health_timeout_s: float = setting(
-        3.0, "a worker whose feed is silent this long leaves the rotation until it answers")
+        3.0, "a worker whose feed is silent this long leaves the rotation until it answers, "
+        "and its streams continue on other workers")
+    first_token_timeout_s: float = setting(
+        120.0, "a worker that sends no first token in this long is given up on: the request "
+        "moves to another worker")
+    inter_token_timeout_s: float = setting(
+        30.0, "a stream whose worker sends nothing for this long moves to another worker")
     # -- KV-aware routing (mode "kv")
     kv: KvRouterConfig = section(KvRouterConfig, prefix="router-")
     kv_events: bool = setting(
@@ -264,7 +270,8 @@ class RouterConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         require(self.unhealthy_cooldown_s >= 0, "unhealthy_cooldown_s", "must be >= 0")
-        require(self.health_timeout_s > 0, "health_timeout_s", "must be > 0")
+        for name in ("health_timeout_s", "first_token_timeout_s", "inter_token_timeout_s"):
+            require(getattr(self, name) > 0, name, "must be > 0")
         require(self.ttl_s > 0, "router_ttl_s", "must be > 0")
         require(self.block_size is None or self.block_size >= 1, "block_size", "must be >= 1")
         t = self.active_decode_blocks_threshold

@@ -8,7 +8,11 @@ busy workers from the candidates (``OverloadedError`` when every worker is busy)
 A worker that cannot be reached is kept out of rotation for ``unhealthy_cooldown_s`` and
 the request is tried on another one (nothing has been generated yet, so this is always
 safe). A worker that fails mid-stream is marked the same way and the error goes to the
-caller. The pool owns one feed task per worker and cancels them on ``close``.
+caller (which continues the stream elsewhere). Deadlines make a hung worker fail like a dead
+one: a stream with no first token in ``first_token_timeout_s`` or no next one in
+``inter_token_timeout_s`` fails with ``StreamTimeoutError``, and a worker whose feed (its
+heartbeat) is silent for ``health_timeout_s`` is disconnected, failing every stream it held.
+The pool owns one feed task per worker and cancels them on ``close``.
 """
 
 from __future__ import annotations
@@ -128,8 +132,11 @@ class WorkerPool:
                     self._client.stream(address, "events", request, WorkerEvents)
                 ) as feed:
                     await self._consume(worker_id, feed)
-            except (BatonError, TimeoutError) as exc:
-                self.mark_down(worker_id, f"its feed failed: {exc or 'no heartbeat'}")
+            except TimeoutError:  # silent: hung, stopped or cut off; its streams move on
+                self.mark_down(worker_id, f"no heartbeat for {self.config.health_timeout_s:g} s")
+                self._client.disconnect(address)
+            except BatonError as exc:
+                self.mark_down(worker_id, f"its feed failed: {exc}")
             await asyncio.sleep(_FEED_RETRY_S)
 
     async def _consume(self, worker_id: int, feed: AsyncIterator[WorkerEvents]) -> None:
@@ -221,7 +228,9 @@ class WorkerPool:
             stream: Any = None
             try:
                 stream = self._client.stream(
-                    self.instances[worker_id].address, GENERATE_ENDPOINT, request, EngineOutput
+                    self.instances[worker_id].address, GENERATE_ENDPOINT, request, EngineOutput,
+                    first_timeout_s=self.config.first_token_timeout_s,
+                    idle_timeout_s=self.config.inter_token_timeout_s,
                 )
                 first = await anext(stream)
             except OverloadedError:

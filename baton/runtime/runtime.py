@@ -32,14 +32,31 @@ class RequestClient:
         self._tcp = tcp
 
     def stream(
-        self, address: str, endpoint: str, request: object, response_type: type
+        self,
+        address: str,
+        endpoint: str,
+        request: object,
+        response_type: type,
+        *,
+        first_timeout_s: float | None = None,
+        idle_timeout_s: float | None = None,
     ) -> AsyncGenerator[Any, None]:
+        """The responses of ``endpoint`` at ``address``. Over TCP the first must come within
+        ``first_timeout_s`` and each next one within ``idle_timeout_s`` (``StreamTimeoutError``
+        otherwise); an in-process handler shares this process's fate and has none."""
         if address.startswith("inproc://"):
             server = self._local.get(address)
             if server is None:
                 raise TransportError(f"no in-process component at {address}", address=address)
             return server.get(endpoint).handler(request)
-        return self._tcp.stream(address, endpoint, request, response_type)
+        return self._tcp.stream(address, endpoint, request, response_type,
+                                first_timeout_s=first_timeout_s, idle_timeout_s=idle_timeout_s)
+
+    def disconnect(self, address: str) -> None:
+        """Gives up on the peer at ``address``: its open streams fail with ``PeerGoneError``
+        (nothing to do in-process)."""
+        if not address.startswith("inproc://"):
+            self._tcp.disconnect(address)
 
     async def unary(self, address: str, endpoint: str, request: object, response_type: type) -> Any:
         """Calls an endpoint that answers with one item."""

@@ -11,6 +11,14 @@ peer disappears every open stream on it fails with ``PeerGoneError`` and new cal
 Backpressure: a server stream waits while its transport's write buffer is over the high-water
 mark; a client connection stops reading while any of its streams holds more than
 ``_STREAM_HIGH_WATER`` undelivered frames.
+
+Dead peers: every connection has TCP keepalive and a user timeout (``keep_alive``), so a peer
+that vanishes without closing (a partition, a powered-off host) fails its streams within
+seconds rather than at the kernel's retransmission limit. A client stream may also carry
+deadlines (the first frame within ``first_timeout_s``, each next one within
+``idle_timeout_s``): a missed one ends it with ``StreamTimeoutError`` and cancels it on the
+server. ``disconnect(address)`` drops every connection to a peer (its streams get
+``PeerGoneError``): the caller's verdict that the peer is gone.
 """
 
 from __future__ import annotations
@@ -19,13 +27,21 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any, Self
 
 import msgspec
 
-from baton.errors import BatonError, PeerGoneError, RemoteError, TransportError, from_remote
+from baton.errors import (
+    BatonError,
+    PeerGoneError,
+    RemoteError,
+    StreamTimeoutError,
+    TransportError,
+    from_remote,
+)
 from baton.runtime.endpoint import EndpointServer, EndpointSpec
 from baton.runtime.frames import (
     Call,
@@ -42,6 +58,13 @@ from baton.runtime.frames import (
 log = logging.getLogger(__name__)
 
 _STREAM_HIGH_WATER = 256
+KEEPALIVE_IDLE_S = 5
+"""An idle connection is probed after this long ..."""
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_PROBES = 3
+"""... every interval, and dropped after this many unanswered probes (about 11 s)."""
+USER_TIMEOUT_MS = 15_000
+"""Data the peer has not acknowledged for this long drops the connection (TCP_USER_TIMEOUT)."""
 _decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
 
 
@@ -50,6 +73,25 @@ def _decoder(kind: type) -> msgspec.msgpack.Decoder[Any]:
     if dec is None:
         dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
     return dec
+
+
+def keep_alive(transport: asyncio.BaseTransport) -> None:
+    """Turns on TCP keepalive and the user timeout for ``transport``'s socket (best effort:
+    a platform without an option keeps its default)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    options = (
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), KEEPALIVE_IDLE_S),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), USER_TIMEOUT_MS),
+    )
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 def parse_tcp_address(address: str) -> tuple[str, int]:
@@ -76,7 +118,8 @@ class _ServerConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio.Transport  # uvloop's is not a subclass
+        self._transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio.Transport
+        keep_alive(transport)
         self._owner._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -288,15 +331,26 @@ class TcpClientPool:
         self._closed = False
 
     async def stream(
-        self, address: str, endpoint: str, request: object, response_type: type
+        self,
+        address: str,
+        endpoint: str,
+        request: object,
+        response_type: type,
+        *,
+        first_timeout_s: float | None = None,
+        idle_timeout_s: float | None = None,
     ) -> AsyncGenerator[Any, None]:
+        """The responses of ``endpoint`` at ``address``; the first within ``first_timeout_s``,
+        each next one within ``idle_timeout_s`` of the previous (None: no deadline)."""
         conn = await self._connection(address)
         sid, stream = conn.open(endpoint, encode_payload(request))
         decoder = _decoder(response_type)
         finished = False
+        timeout_s = first_timeout_s
         try:
             while True:
-                frame = await stream.next()
+                frame = await _next_frame(stream, timeout_s, address, endpoint)
+                timeout_s = idle_timeout_s
                 if isinstance(frame, Data):
                     yield decoder.decode(frame.payload)
                     conn._maybe_resume()
@@ -311,6 +365,12 @@ class TcpClientPool:
                     raise frame
         finally:
             conn.release(sid, cancel=not finished)
+
+    def disconnect(self, address: str) -> None:
+        """Drops every connection to ``address``: their streams fail with ``PeerGoneError``;
+        the next call connects afresh."""
+        for conn in self._pools.pop(address, []):
+            conn.close()
 
     async def _connection(self, address: str) -> _ClientConnection:
         if self._closed:
@@ -339,6 +399,7 @@ class TcpClientPool:
         except (TimeoutError, OSError) as exc:
             raise TransportError(f"cannot reach {address}: {exc}", address=address) from exc
         conn.connection_made(transport)  # uvloop may not have called it yet; it is idempotent
+        keep_alive(transport)
         return conn
 
     async def close(self) -> None:
@@ -347,3 +408,17 @@ class TcpClientPool:
             for conn in pool:
                 conn.close()
         self._pools.clear()
+
+
+async def _next_frame(
+    stream: _Stream, timeout_s: float | None, address: str, endpoint: str
+) -> Data | End | Fail | BaseException:
+    if timeout_s is None:
+        return await stream.next()
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await stream.next()
+    except TimeoutError:
+        raise StreamTimeoutError(
+            f"{endpoint} at {address} sent nothing for {timeout_s:g} s", address=address
+        ) from None

@@ -17,7 +17,7 @@ import msgspec
 
 from baton.kv.store import BlockStore, SharedBlocks, block_runs, copy_blocks
 from baton.protocol import KvTransferParams
-from baton.runtime.tcp import parse_tcp_address
+from baton.runtime.tcp import keep_alive, parse_tcp_address
 from baton.transfer.inproc import pull_inproc, release_inproc
 from baton.transfer.wire import (
     INPROC,
@@ -448,6 +448,7 @@ async def _connect(address: str) -> _ClientConnection:
     except (OSError, ValueError) as exc:
         raise KvTransferError(f"cannot reach {address}: {exc}", address=address) from exc
     conn.connection_made(transport)  # uvloop may not have called it yet; it is idempotent
+    keep_alive(transport)
     return conn
 
 

@@ -18,6 +18,7 @@ import msgspec
 
 from baton.kv.store import BlockStore, block_runs, copy_blocks
 from baton.runtime.tasks import cancel_and_wait
+from baton.runtime.tcp import keep_alive
 from baton.transfer import inproc
 from baton.transfer.wire import (
     INPROC,
@@ -204,6 +205,7 @@ class _ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[union-attr]  # set on the line above
+        keep_alive(transport)
         self._server._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
