@@ -333,6 +333,9 @@ class FrontendConfig:
     host: str = setting("127.0.0.1", "address the HTTP server listens on")
     port: int = setting(8000, "HTTP port; 0 = any free port")
     max_body_bytes: int = setting(8 * 1024 * 1024, "larger request bodies get 413")
+    keep_alive_timeout_s: float = setting(
+        75.0, "an idle HTTP connection is closed after this long (above the idle time of "
+        "common client pools, so a reused connection is not closed under a request)")
     router: RouterConfig = section(RouterConfig)
     disagg: DisaggConfig = section(DisaggConfig)
     migration_limit: int = setting(
@@ -343,6 +346,7 @@ class FrontendConfig:
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", "must be 0..65535")
         require(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+        require(self.keep_alive_timeout_s > 0, "keep_alive_timeout_s", "must be > 0")
         require(self.migration_limit >= 0, "migration_limit", "must be >= 0")
 
 

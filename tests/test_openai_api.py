@@ -153,3 +153,25 @@ def test_blocks_are_all_released_after_requests_finish(server, client):
         assert server.wait_until(lambda s=sched: s.num_running == 0 and s.num_waiting == 0)
         assert server.call(lambda s=sched: s.pool.num_used_blocks) == 0
         server.call(sched.check_invariants)
+
+
+def test_a_kept_alive_connection_idle_for_longer_than_5_s_is_still_served(server):
+    """Client pools keep idle connections for tens of seconds; a server that closes them after
+    5 s (uvicorn's default) races the client's next request ("Cannot write to closing
+    transport"). Baton keeps them for ``keep_alive_timeout_s`` (75 s)."""
+    import http.client
+    import time
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/v1/models")
+        first = conn.getresponse()
+        first.read()
+        local = conn.sock.getsockname()
+        time.sleep(6)
+        conn.request("GET", "/v1/models")
+        again = conn.getresponse()
+        assert again.status == 200 and json.loads(again.read())["data"]
+        assert conn.sock.getsockname() == local  # the same connection, not a reconnect
+    finally:
+        conn.close()

@@ -60,6 +60,7 @@ class Frontend:
             lifespan="off",
             access_log=False,
             log_level="warning",
+            timeout_keep_alive=self.config.keep_alive_timeout_s,
             timeout_graceful_shutdown=5,
         )
         self._server = _EmbeddedUvicorn(cfg)
