@@ -35,6 +35,12 @@ from baton.graph.embedded import embedded
 
 T = TypeVar("T")
 
+MODEL_CACHE_DIR = os.environ.get("BATON_CACHE_DIR") or None
+"""Where in-process workers prepare models: the tests are an edge, like the CLI, so they read
+``BATON_CACHE_DIR`` (CI points it at an empty folder: every model is built from scratch)."""
+START_TIMEOUT_S = 300.0
+"""A server start that converts a model (SmolLM2: ~40 s on a new machine) is not a hang."""
+
 
 class ServerThread:
     def __init__(self, config: ServeConfig) -> None:
@@ -53,9 +59,11 @@ class ServerThread:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServerThread:
+        """Returns once the server serves (models are prepared first, however long that
+        takes, up to ``START_TIMEOUT_S``); raises what made the start fail."""
         self._thread.start()
-        if not self._ready.wait(20):
-            raise TimeoutError("the server did not start in 20 s")
+        if not self._ready.wait(START_TIMEOUT_S):
+            raise TimeoutError(f"the server did not start in {START_TIMEOUT_S:g} s")
         if self._error is not None:
             raise self._error
         return self
@@ -123,7 +131,9 @@ def serve_config(
     return ServeConfig(
         frontend=FrontendConfig(port=0, router=router_config,
                                 disagg=DisaggConfig(**(disagg_options or {}))),
-        worker=WorkerConfig(engine=engine, **{"load_interval_s": 0.05, **(worker_options or {})}),
+        worker=WorkerConfig(engine=engine, **{"load_interval_s": 0.05,
+                                              "cache_dir": MODEL_CACHE_DIR,
+                                              **(worker_options or {})}),
         pools=pools,
     )
 

@@ -10,6 +10,7 @@ import random
 import openai
 import pytest
 
+from tests.conftest import MODEL_CACHE_DIR
 from tests.test_disagg import ext, pools_idle
 from tests.test_kv_routing import client_for
 
@@ -85,7 +86,7 @@ def test_smollm2_disaggregated_knows_the_capital_of_france(make_server) -> None:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"SmolLM2 is not installed: {exc}")
-    prepare_model("smollm2")  # converted once (~40 s on a new machine), before the server starts
+    prepare_model("smollm2", MODEL_CACHE_DIR)  # converted once (~40 s on a new machine)
     srv = make_server(engine_options=HF | {"kv_cache_bytes": 64 << 20},
                       worker_options={"model": "smollm2"}, block_size=16, disagg=(1, 1))
     resp = client_for(srv).chat.completions.create(

