@@ -333,8 +333,8 @@ class FrontendConfig:
     host: str = setting("127.0.0.1", "address the HTTP server listens on")
     port: int = setting(8000, "HTTP port; 0 = any free port")
     max_body_bytes: int = setting(8 * 1024 * 1024, "larger request bodies get 413")
-    keep_alive_timeout_s: float = setting(
-        75.0, "an idle HTTP connection is closed after this long (above the idle time of "
+    keep_alive_timeout_s: int = setting(
+        75, "an idle HTTP connection is closed after this long (above the idle time of "
         "common client pools, so a reused connection is not closed under a request)")
     router: RouterConfig = section(RouterConfig)
     disagg: DisaggConfig = section(DisaggConfig)

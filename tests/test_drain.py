@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import urllib.error
 import urllib.request
 
+import aiohttp
 import openai
 
 from tests.conftest import baton_process
@@ -97,3 +99,47 @@ def test_sigterm_on_a_frontend_turns_health_503_and_finishes_open_streams():
         if serve.poll() is None:
             serve.kill()
             serve.wait(10)
+
+
+def test_a_drained_worker_delivers_everything_its_slow_readers_have_not_read_yet():
+    """The worker finishes generating long before its client reads the streams (the frontend
+    stops reading the worker's connection while a stream holds hundreds of unread frames):
+    SIGTERM must not cut what is still buffered on its way, the End frames included."""
+    worker, wmatch = baton_process("worker", "--port", "0", "--speedup-ratio", "0",
+                                   ready=r"listening on (tcp://\S+)")
+    frontend = None
+    try:
+        frontend, fmatch = baton_process("frontend", "--port", "0", "--worker", wmatch.group(1),
+                                         ready=r"http://127\.0\.0\.1:(\d+)")
+        url = f"http://127.0.0.1:{fmatch.group(1)}/v1/completions"
+
+        async def slow_reader(session: aiohttp.ClientSession, i: int) -> int:
+            body = {"model": "baton-tiny", "prompt": [5 + i, 6, 7], "max_tokens": 2000,
+                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            async with session.post(url, json=body) as resp:
+                first = await resp.content.readline()
+                assert first.startswith(b"data: ")
+                await asyncio.sleep(3)  # stop reading: everything piles up upstream
+                async for line in resp.content:
+                    if line.startswith(b"data: {"):
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            return int(chunk["usage"]["completion_tokens"])
+                    if line.startswith(b"data: [DONE]"):
+                        break
+            return -1  # the stream ended without its usage: cut short
+
+        async def scenario() -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                readers = [asyncio.ensure_future(slow_reader(session, i)) for i in range(4)]
+                await asyncio.sleep(1.0)  # generated and buffered, not read
+                worker.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*readers)
+
+        assert asyncio.run(scenario()) == [2000] * 4
+        assert worker.wait(15) == 0
+    finally:
+        for proc in (frontend, worker):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

@@ -151,3 +151,38 @@ async def test_memory_discovery_watch_sees_snapshot_then_changes():
     await disc.deregister(1)
     await asyncio.wait_for(task, 2)
     assert seen == [("put", 1), ("put", 2), ("delete", 1)]
+
+
+async def test_closing_a_server_delivers_what_it_sent_even_while_the_client_keeps_calling():
+    """A server that closes must not cut streams it finished: what it wrote, the End frames
+    included, reaches the client, even when the client's next calls arrive during the close
+    (closing a socket with unread input resets the connection, and a reset makes the peer
+    drop what it had not read yet)."""
+    from baton.runtime.tcp import TcpClientPool, TcpServer
+
+    service = CountingService()
+    server = TcpServer(service.endpoints)
+    address = await server.start()
+    client = TcpClientPool(pool_size=1)
+    try:
+        stream = client.stream(address, "count", Count(n=20_000), Item)
+        first = await anext(stream)  # the server writes the rest at once; we read it later
+        assert first == Item(0)
+        await asyncio.sleep(0.2)
+
+        async def keep_calling() -> None:  # e.g. a discovery probe arriving as it closes
+            with contextlib.suppress(Exception):
+                while True:
+                    async with contextlib.aclosing(
+                        client.stream(address, "count", Count(n=1), Item)) as probe:
+                        await anext(probe)
+                    await asyncio.sleep(0)
+
+        caller = asyncio.ensure_future(keep_calling())
+        await asyncio.sleep(0.05)
+        await server.close()
+        rest = [item async for item in stream]
+        caller.cancel()
+        assert [item.i for item in rest] == list(range(1, 20_000))
+    finally:
+        await client.close()

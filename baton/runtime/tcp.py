@@ -19,6 +19,13 @@ deadlines (the first frame within ``first_timeout_s``, each next one within
 ``idle_timeout_s``): a missed one ends it with ``StreamTimeoutError`` and cancels it on the
 server. ``disconnect(address)`` drops every connection to a peer (its streams get
 ``PeerGoneError``): the caller's verdict that the peer is gone.
+
+Closing a server is graceful: streams still running are cancelled, what was written is
+flushed, the write side is shut (FIN) and the peer's close awaited for ``CLOSE_GRACE_S``
+before the rest is aborted. An abrupt close loses the tail of finished streams twice over:
+bytes still in the transport's buffer are dropped, and closing a socket with unread input
+(a probe, a ``Cancel``) resets the connection, which makes the peer discard what it had
+received but not read yet.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ from baton.runtime.frames import (
 log = logging.getLogger(__name__)
 
 _STREAM_HIGH_WATER = 256
+CLOSE_GRACE_S = 2.0
+"""How long a closing server waits for its peers to close after its last bytes."""
 KEEPALIVE_IDLE_S = 5
 """An idle connection is probed after this long ..."""
 KEEPALIVE_INTERVAL_S = 2
@@ -115,6 +124,9 @@ class _ServerConnection(asyncio.Protocol):
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self._finishing = False
+        """Writes are shut: input is read and dropped until the peer closes."""
+        self.lost = asyncio.Event()
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,6 +135,8 @@ class _ServerConnection(asyncio.Protocol):
         self._owner._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._finishing:
+            return
         try:
             frames = self._reader.feed(data)
         except FrameError as exc:
@@ -142,6 +156,7 @@ class _ServerConnection(asyncio.Protocol):
         self._can_write.set()
         for task in list(self._tasks.values()):
             task.cancel()
+        self.lost.set()
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -154,7 +169,23 @@ class _ServerConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def finish(self) -> None:
+        """Cancels the streams still running, then shuts the write side once what was
+        written is sent; the peer closes the connection when it has read it all."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._finishing = True
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
     def _write(self, frame: Data | End | Fail) -> None:
+        if self._finishing:
+            return
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(encode_frame(frame))
 
@@ -214,9 +245,18 @@ class TcpServer:
         self.address = f"tcp://{host}:{port}"
         return self.address
 
-    async def close(self) -> None:
+    async def close(self, *, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Stops accepting and ends every connection gracefully (see the module docstring);
+        connections still open after ``grace_s`` are aborted."""
         if self._server is not None:
             self._server.close()
+        connections = list(self._connections)
+        for conn in connections:
+            conn.finish()
+        if connections and grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await asyncio.gather(*(conn.lost.wait() for conn in connections))
         for conn in list(self._connections):
             conn.abort()
         if self._server is not None:
