@@ -66,7 +66,8 @@ class PayloadTooLargeError(BatonError):
     type = "invalid_request_error"
 
     def __init__(self, size: int, limit: int):
-        super().__init__(f"request body of {size} bytes exceeds the limit of {limit} bytes")
+        super().__init__(f"request body of {size} bytes (at least) exceeds the limit of "
+                         f"{limit} bytes")
         self.size = size
         self.limit = limit
 

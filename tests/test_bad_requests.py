@@ -116,3 +116,29 @@ def test_no_worker_for_a_model_gives_503_with_retry_after(make_server):
     assert headers.get("Retry-After") == "1"
     assert payload["error"]["type"] == "service_unavailable"
     assert status_of(srv.base_url + "/health") == 503
+
+
+def test_a_body_declared_far_over_the_limit_is_refused_before_it_is_read(server):
+    """The 413 comes from the headers alone: the server does not read a gigabyte first."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                     b"content-type: application/json\r\ncontent-length: 1073741824\r\n\r\n{")
+        started = time.monotonic()
+        head = sock.recv(65536)
+        assert time.monotonic() - started < 2
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b'"type":"invalid_request_error"' in head.replace(b" ", b"")
+
+
+def test_json_nested_too_deeply_is_a_400_not_a_500(server):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    body = (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], '
+            b'"tools": [{"function": ' + deep + b"}]}")
+    code, _, payload = send(server.base_url, "POST", CHAT, body)
+    assert code == 400, payload
+    assert "nested too deeply" in payload["error"]["message"]
+    code, _, ok = send(server.base_url, "POST", CHAT, chat(max_tokens=2))
+    assert code == 200

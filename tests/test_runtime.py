@@ -186,3 +186,31 @@ async def test_closing_a_server_delivers_what_it_sent_even_while_the_client_keep
         assert [item.i for item in rest] == list(range(1, 20_000))
     finally:
         await client.close()
+
+
+async def test_an_undecodable_call_gets_an_error_frame_and_the_connection_lives_on():
+    """A call nested too deeply for the decoder (or otherwise malformed) is answered with a
+    Fail on its stream, never an exception out of the reader; other streams carry on."""
+    import msgspec
+
+    from baton.runtime.frames import HEADER, Call, Fail, FrameReader, encode_frame
+    from baton.runtime.tcp import TcpServer
+
+    service = CountingService()
+    async with TcpServer(service.endpoints) as server:
+        host, port = server.address.removeprefix("tcp://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        nested = b"\x91" * 200_000 + b"\x90"
+        body = (b"\x94" + msgspec.msgpack.encode("call") + msgspec.msgpack.encode(7)
+                + msgspec.msgpack.encode("count") + nested)
+        writer.write(HEADER.pack(len(body)) + body)
+        writer.write(encode_frame(Call(8, "count", msgspec.Raw(msgspec.msgpack.encode(Count(n=2))))))
+        frames, parser = [], FrameReader()
+        while not any(getattr(f, "stream_id", None) == 8 and type(f).__name__ == "End"
+                      for f in frames):
+            frames += parser.feed(await asyncio.wait_for(reader.read(65536), 5))
+        failed = [f for f in frames if isinstance(f, Fail)]
+        assert [(f.stream_id, f.status) for f in failed] == [(7, 400)]
+        assert "nested too deeply" in failed[0].message
+        assert sum(1 for f in frames if getattr(f, "stream_id", None) == 8) == 3  # 2 Data + End
+        writer.close()

@@ -51,8 +51,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _encode = msgspec.json.Encoder().encode
 _JSON = [(b"content-type", b"application/json")]
-_DRAIN_FACTOR = 16
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_DRAIN_FACTOR = 2
+"""A body over the limit is read (and dropped) up to this many times the limit before the
+413, so a client that sends a little too much can read the answer rather than a reset."""
 
 
 class _ClientGone(Exception):
@@ -278,8 +280,13 @@ class FrontendApp:
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body, or ``PayloadTooLargeError``. An oversized body is still read (and
-    discarded, up to ``_DRAIN_FACTOR`` times the limit) so the client can read the 413."""
+    """The request body, or ``PayloadTooLargeError``. Nothing past ``limit`` is kept. A body
+    whose ``content-length`` is over ``_DRAIN_FACTOR`` times the limit is refused before any of
+    it is read; a smaller oversized one is read (and dropped) to its end first, and one that
+    turns out larger is refused once that much has come (the connection then closes)."""
+    declared = _content_length(scope)
+    if declared is not None and declared > limit * _DRAIN_FACTOR:
+        raise PayloadTooLargeError(declared, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -296,6 +303,13 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             if size > limit:
                 raise PayloadTooLargeError(size, limit)
             return b"".join(chunks)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 async def send_json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:

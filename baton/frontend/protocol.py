@@ -135,3 +135,5 @@ def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
         raise validation_error(exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"malformed JSON in request body: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body's JSON is nested too deeply") from None

@@ -5,6 +5,11 @@ followed by a msgpack-encoded tagged struct. The caller sends ``Call`` (and ``Ca
 abort); the server answers each stream with any number of ``Data`` frames and then exactly
 one ``End`` or ``Fail``. Payloads are nested msgpack (``msgspec.Raw``) so the frame layer
 never needs to know the endpoint's types.
+
+The reader never raises anything but ``FrameError`` (a broken byte stream: drop the
+connection). A frame that does not decode (malformed, or nested too deeply for the decoder)
+but names a call's stream comes out as a ``BadCall``, which the server answers with a
+``Fail`` on that stream.
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ class Fail(msgspec.Struct, tag="fail", array_like=True):
 
 Frame = Call | Cancel | Data | End | Fail
 
+
+class BadCall(msgspec.Struct, array_like=True):
+    """Not a wire frame: a ``Call`` the reader could not decode (``message`` says why)."""
+
+    stream_id: int
+    message: str
+
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -71,9 +83,9 @@ class FrameReader:
         self._buf = bytearray()
         self._max = max_frame_bytes
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes) -> list[Frame | BadCall]:
         self._buf += data
-        frames: list[Frame] = []
+        frames: list[Frame | BadCall] = []
         buf, pos, size = self._buf, 0, len(self._buf)
         while size - pos >= 4:
             (length,) = HEADER.unpack_from(buf, pos)
@@ -81,12 +93,53 @@ class FrameReader:
                 raise FrameError(f"frame of {length} bytes exceeds {self._max}")
             if size - pos - 4 < length:
                 break
-            try:
-                # a copy: decoded Raw payloads keep a reference to their source buffer
-                frames.append(_decoder.decode(bytes(buf[pos + 4 : pos + 4 + length])))
-            except msgspec.DecodeError as exc:
-                raise FrameError(f"undecodable frame: {exc}") from exc
+            # a copy: decoded Raw payloads keep a reference to their source buffer
+            frames.append(_decode(bytes(buf[pos + 4 : pos + 4 + length])))
             pos += 4 + length
         if pos:
             del buf[:pos]
         return frames
+
+
+def _decode(body: bytes) -> Frame | BadCall:
+    try:
+        frame: Frame = _decoder.decode(body)
+        return frame
+    except (msgspec.DecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        sid = _call_stream_id(body)
+        if sid is None:
+            raise FrameError(f"undecodable frame: {why}") from None
+        return BadCall(sid, f"undecodable call: {why}")
+
+
+def _call_stream_id(body: bytes) -> int | None:
+    """The stream id of a frame that starts like a ``Call`` (an array whose first items are
+    the string ``call`` and an unsigned int), read by hand: its tail need not decode."""
+    pos = _skip_array_header(body, 0)
+    tag = b"\xa4call"  # fixstr of length 4
+    if pos is None or body[pos : pos + len(tag)] != tag:
+        return None
+    return _read_uint(body, pos + len(tag))
+
+
+def _skip_array_header(body: bytes, pos: int) -> int | None:
+    if pos >= len(body):
+        return None
+    head = body[pos]
+    sizes = {0xDC: 2, 0xDD: 4}
+    if 0x90 <= head <= 0x9F:
+        return pos + 1
+    return pos + 1 + sizes[head] if head in sizes else None
+
+
+def _read_uint(body: bytes, pos: int) -> int | None:
+    if pos >= len(body):
+        return None
+    head = body[pos]
+    if head <= 0x7F:
+        return head
+    width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(head)
+    if width is None or pos + 1 + width > len(body):
+        return None
+    return int.from_bytes(body[pos + 1 : pos + 1 + width], "big")

@@ -51,6 +51,7 @@ from baton.errors import (
 )
 from baton.runtime.endpoint import EndpointServer, EndpointSpec
 from baton.runtime.frames import (
+    BadCall,
     Call,
     Cancel,
     Data,
@@ -146,6 +147,8 @@ class _ServerConnection(asyncio.Protocol):
         for frame in frames:
             if isinstance(frame, Call):
                 self._start(frame)
+            elif isinstance(frame, BadCall):
+                self._write(Fail(frame.stream_id, "invalid_request", frame.message, 400))
             elif isinstance(frame, Cancel):
                 task = self._tasks.get(frame.stream_id)
                 if task is not None:
@@ -207,8 +210,10 @@ class _ServerConnection(asyncio.Protocol):
             self._write(End(sid))
         except asyncio.CancelledError:
             pass  # the caller cancelled or went away: nobody to answer
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:  # ValidationError included
             self._write(Fail(sid, "invalid_request", str(exc), 400))
+        except RecursionError:
+            self._write(Fail(sid, "invalid_request", "payload nested too deeply", 400))
         except RemoteError as exc:
             self._write(Fail(sid, exc.kind, exc.message, exc.status, exc.code))
         except BatonError as exc:
@@ -321,10 +326,15 @@ class _ClientConnection(asyncio.Protocol):
             self.close()
             return
         for frame in frames:
+            if not isinstance(frame, Data | End | Fail):  # a server sends nothing else
+                log.warning("dropping connection to %s: it sent a %s frame", self.address,
+                            type(frame).__name__)
+                self.close()
+                return
             stream = self._streams.get(frame.stream_id)
             if stream is None:
                 continue  # a stream we already cancelled
-            stream.push(frame)  # type: ignore[arg-type]  # a server sends only Data, End and Fail
+            stream.push(frame)
             if len(stream.frames) > _STREAM_HIGH_WATER and not self._paused:
                 self._paused = True
                 assert self._transport is not None
