@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
-from baton.checks import require
+from baton.checks import require, valid_model_name
 from baton.settings import check_choices, section, setting
 
 RouterMode = Literal["kv", "round-robin", "random", "least-loaded"]
@@ -182,6 +182,8 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        require(self.model_name is None or valid_model_name(self.model_name), "model_name",
+                f"letters, digits, '_', '-', '.' and '/' between names, got {self.model_name!r}")
         require(0 <= self.port <= 65535, "port", "must be 0..65535")
         require(self.load_interval_s > 0, "load_interval_s", "must be > 0")
         require(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")

@@ -7,6 +7,10 @@ block_size, head_dim]``); the KV transfer reads and writes whole blocks as bytes
 ``shared=True`` the buffer is a named shared-memory segment, so another process on the host
 can copy blocks straight out of it (the ``shm`` transfer backend).
 
+Shared segments are named ``baton-kv-PID-TOKEN``; the first shared store a process creates
+first unlinks the segments of processes that no longer exist (a worker killed with its
+resource tracker leaves its segment behind, holding memory until reboot).
+
 A store whose ``block_bytes`` is 0 (the simulated engine's) holds nothing: reads return empty
 bytes and writes check only the length. ``copy_blocks`` copies blocks between stores, one
 memcpy per run of consecutive ids (``block_runs``).
@@ -16,11 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 
+SEGMENT_PREFIX = "baton-kv-"
+SHM_DIR = Path("/dev/shm")
+_swept = False
 _OWN_SEGMENTS: set[str] = set()
 """Shared segments created by this process (attaching to one of them must not unregister it
 from the resource tracker, which unlinks it if the process dies without closing it)."""
@@ -39,8 +48,10 @@ class BlockStore:
         size = num_blocks * block_bytes
         self._shm: shared_memory.SharedMemory | None = None
         if shared and size:
+            sweep_orphan_segments()
             _check_shm_room(size)
-            self._shm = shared_memory.SharedMemory(create=True, size=size)
+            name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
             _OWN_SEGMENTS.add(self._shm.name)
             self.buffer = _segment(self._shm)[:size]
         else:
@@ -107,6 +118,33 @@ class SharedBlocks:
         with contextlib.suppress(BufferError):
             self._view.release()
             self._shm.close()
+
+
+def sweep_orphan_segments(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlinks the shared KV segments whose creating process is gone (once per process; the
+    segments it removed)."""
+    global _swept
+    if _swept or not shm_dir.is_dir():
+        return []
+    _swept = True
+    removed = []
+    for path in shm_dir.glob(f"{SEGMENT_PREFIX}*"):
+        pid = path.name.removeprefix(SEGMENT_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _check_shm_room(size: int) -> None:

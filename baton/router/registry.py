@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from baton.checks import valid_model_name
 from baton.config import RouterConfig
 from baton.errors import NotFoundError
 from baton.preprocess import ModelCard, ModelNotFoundError, Tokenizer, resolve_model
@@ -31,6 +32,9 @@ from baton.runtime import InstanceRecord, Runtime
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+_MODEL_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.(json|jinja|txt|model)")
+"""The files a remote worker may send: plain names of the kinds a model card reads."""
 
 
 @dataclass(slots=True)
@@ -119,6 +123,11 @@ class ModelRegistry:
         )
 
     async def _add(self, record: InstanceRecord) -> None:
+        if not valid_model_name(record.model):
+            log.error("refusing worker %d: its model name %r is not a valid name (letters, "
+                      "digits, '_', '-', '.', '/'; no '..' or leading '/')", record.instance_id,
+                      record.model)
+            return
         entry = self.models.get(record.model)
         if entry is None:
             entry = await self._load(record)
@@ -203,9 +212,11 @@ class ModelRegistry:
         files = await self._runtime.client.unary(record.address, "model_files", Empty(), ModelFiles)
         if self._cache_dir is None:
             self._cache_dir = tempfile.TemporaryDirectory(prefix="baton-models-")
-        folder = Path(self._cache_dir.name) / re.sub(r"[^A-Za-z0-9_.-]", "_", files.name)
+        folder = Path(self._cache_dir.name) / re.sub(r"[^A-Za-z0-9_-]", "_", files.name)
         folder.mkdir(exist_ok=True)
         for name, data in files.files.items():
-            (folder / Path(name).name).write_bytes(data)
+            if not _MODEL_FILE.fullmatch(name):
+                raise ValueError(f"worker {record.instance_id} sent a model file named {name!r}")
+            (folder / name).write_bytes(data)
         log.info("model %r fetched from worker %d", record.model, record.instance_id)
         return folder

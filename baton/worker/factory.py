@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from baton.checks import valid_model_name
 from baton.config import WorkerConfig
 from baton.engine.base import Engine
 from baton.engine.mock import SimulatedEngine
@@ -61,6 +62,9 @@ def model_folder(config: WorkerConfig) -> Path:
 def build_worker(config: WorkerConfig, runtime: Runtime, *, instance_id: int | None = None) -> Worker:
     folder = model_folder(config)
     card = ModelCard.load(folder, name=config.model_name)
+    if not valid_model_name(card.name):
+        raise ValueError(f"model_name: the model folder's name {card.name!r} is not a valid "
+                         "model name; give one with --model-name")
     worker_id = instance_id if instance_id is not None else config.worker_id
     worker = Worker(config, runtime, lambda: build_engine(config, card), model_name=card.name,
                     instance_id=worker_id)
