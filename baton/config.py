@@ -340,6 +340,20 @@ class FrontendConfig:
         "common client pools, so a reused connection is not closed under a request)")
     router: RouterConfig = section(RouterConfig)
     disagg: DisaggConfig = section(DisaggConfig)
+    # -- access
+    api_keys: tuple[str, ...] = setting(
+        (), "a key clients must send (Authorization: Bearer KEY) to /v1/* and to the routes "
+        "that read settings (repeatable)", flag="api-key", env="BATON_API_KEY", repeat=True,
+        metavar="KEY", default_help="none: no key needed", secret=True)
+    api_key_file: str | None = setting(
+        None, "a file of API keys, one per line (added to --api-key)", metavar="FILE")
+    admin_key: str | None = setting(
+        None, "the key the routes that change state (POST /busy_threshold) need; without it "
+        "any API key does, and with no key at all they are refused when --host is not "
+        "loopback", env="BATON_ADMIN_KEY", metavar="KEY", secret=True)
+    ssl_certfile: str | None = setting(None, "serve HTTPS with this certificate (PEM) ...",
+                                       metavar="PEM", default_help="plain HTTP")
+    ssl_keyfile: str | None = setting(None, "... and this private key (PEM)", metavar="PEM")
     migration_limit: int = setting(
         3, "times a stream whose worker dies moves to another worker (0: never)")
     drain_timeout_s: float = setting(
@@ -349,6 +363,10 @@ class FrontendConfig:
         require(0 <= self.port <= 65535, "port", "must be 0..65535")
         require(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         require(self.keep_alive_timeout_s > 0, "keep_alive_timeout_s", "must be > 0")
+        require((self.ssl_certfile is None) == (self.ssl_keyfile is None), "ssl_certfile",
+                "give both --ssl-certfile and --ssl-keyfile, or neither")
+        require(all(k and k.strip() == k for k in self.api_keys), "api_keys",
+                "keys must be non-empty, without surrounding spaces")
         require(self.migration_limit >= 0, "migration_limit", "must be >= 0")
 
 

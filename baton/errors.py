@@ -47,6 +47,23 @@ class ContextLengthError(InvalidRequestError):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
+class AuthenticationError(BatonError):
+    """No valid API key (401)."""
+
+    status = 401
+    type = "invalid_request_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_api_key")
+
+
+class PermissionDeniedError(BatonError):
+    """The caller may not do this (403)."""
+
+    status = 403
+    type = "permission_error"
+
+
 class NotFoundError(BatonError):
     """Unknown model or route (404)."""
 

@@ -40,6 +40,8 @@ class Setting:
     """A tuple given by repeating the flag; otherwise a tuple is comma-separated."""
     cli: bool = True
     """False: not on the command line (set by code, e.g. a test switch)."""
+    secret: bool = False
+    """A key or password: kept out of the config's repr and of ``--help``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +65,11 @@ def setting(
     default_help: str | None = None,
     repeat: bool = False,
     cli: bool = True,
+    secret: bool = False,
 ) -> T:
     """A config field with its default and help (``default`` must be immutable)."""
-    meta = Setting(help, flag, env, metavar, default_help, repeat, cli)
-    return dataclasses.field(default=default, metadata={_SETTING: meta})
+    meta = Setting(help, flag, env, metavar, default_help, repeat, cli, secret)
+    return dataclasses.field(default=default, repr=not secret, metadata={_SETTING: meta})
 
 
 def section(factory: Callable[[], T], *, prefix: str = "") -> T:

@@ -118,6 +118,7 @@ def serve_config(
     engine_options: dict[str, Any] | None = None,
     disagg: tuple[int, int] | None = None,
     disagg_options: dict[str, Any] | None = None,
+    frontend_options: dict[str, Any] | None = None,
     **scheduler: Any,
 ) -> ServeConfig:
     """``disagg=(P, D)`` starts P prefill and D decode workers instead of ``workers``."""
@@ -130,7 +131,8 @@ def serve_config(
                         num_decode_workers=disagg[1] if disagg else 1)
     return ServeConfig(
         frontend=FrontendConfig(port=0, router=router_config,
-                                disagg=DisaggConfig(**(disagg_options or {}))),
+                                disagg=DisaggConfig(**(disagg_options or {})),
+                                **(frontend_options or {})),
         worker=WorkerConfig(engine=engine, **{"load_interval_s": 0.05,
                                               "cache_dir": MODEL_CACHE_DIR,
                                               **(worker_options or {})}),

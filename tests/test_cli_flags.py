@@ -134,3 +134,14 @@ def test_only_the_cli_reads_environment_variables() -> None:
     """The supervisor passes its environment to its children; the transformers engine sets
     ``HF_HUB_OFFLINE`` for transformers (a write, not a setting)."""
     assert {r.split(":")[0] for r in readers} <= allowed, readers
+
+
+def test_keys_from_the_environment_are_used_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BATON_API_KEY", "sk-one,sk-two")
+    monkeypatch.setenv("BATON_ADMIN_KEY", "sk-admin")
+    config, _ = frontend.config_from(parse("frontend"))
+    assert config.api_keys == ("sk-one", "sk-two") and config.admin_key == "sk-admin"
+    shown = subparser(["frontend"]).format_help() + repr(config)
+    assert "sk-" not in shown and "set (hidden)" in shown

@@ -45,6 +45,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def describe_default(action: argparse.Action) -> str:
     shown = getattr(action, "default_help", None)
     value = action.default
+    if getattr(action, "secret", False) and value:
+        return "set (hidden)"
     if value is None or shown is not None:
         return shown or "none"
     if isinstance(value, tuple | list):
@@ -143,10 +145,14 @@ def dest(item: Field, prefix: str = "") -> str:
 
 
 def _env_default(item: Field, value: Any) -> Any:
+    """The setting's default, or its environment variable's value (a tuple setting's as
+    comma-separated items)."""
     env = item.setting.env
-    if env and os.environ.get(env):
-        return os.environ[env]
-    return value
+    if not (env and os.environ.get(env)):
+        return value
+    if get_origin(optional_inner(item.type)) is tuple:
+        return tuple(v for v in os.environ[env].split(",") if v)
+    return os.environ[env]
 
 
 def _add_flag(group: Any, item: Field, prefix: str, default: Any) -> None:
@@ -171,6 +177,7 @@ def _add_flag(group: Any, item: Field, prefix: str, default: Any) -> None:
         kwargs["type"] = kind
     action = group.add_argument(flag, **kwargs)
     action.default_help = meta.default_help
+    action.secret = meta.secret
 
 
 class _AppendTuple(argparse.Action):

@@ -32,6 +32,7 @@ from baton.errors import (
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
+from baton.frontend.auth import Access
 from baton.frontend.metrics import FrontendMetrics
 from baton.frontend.protocol import (
     BusyThresholdUpdate,
@@ -71,8 +72,10 @@ class FrontendApp:
         max_body_bytes: int,
         migration_limit: int = 0,
         disagg: DisaggConfig | None = None,
+        access: Access | None = None,
     ) -> None:
         self.serving = serving
+        self.access = access or Access((), None, public=False)
         self.models = models
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -97,6 +100,11 @@ class FrontendApp:
             await _lifespan(receive, send)
             return
         if scope["type"] != "http":
+            return
+        denied = self.access.check(scope["method"], scope["path"], scope["headers"])
+        if denied is not None:
+            log.info("%s %s: %d %s", scope["method"], scope["path"], denied.status, denied.message)
+            await send_error(send, denied)
             return
         methods = self._routes.get(scope["path"])
         if methods is None:

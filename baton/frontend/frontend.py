@@ -17,6 +17,7 @@ import uvicorn
 
 from baton.config import FrontendConfig
 from baton.frontend.app import FrontendApp
+from baton.frontend.auth import Access
 from baton.frontend.metrics import FrontendMetrics
 from baton.frontend.serving import OpenAIServing
 from baton.router.registry import ModelRegistry
@@ -44,6 +45,7 @@ class Frontend:
         self.app = FrontendApp(
             self.serving, self.models, self.metrics, max_body_bytes=config.max_body_bytes,
             migration_limit=config.migration_limit, disagg=config.disagg,
+            access=Access.from_config(config),
         )
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -61,6 +63,8 @@ class Frontend:
             access_log=False,
             log_level="warning",
             timeout_keep_alive=self.config.keep_alive_timeout_s,
+            ssl_certfile=self.config.ssl_certfile,
+            ssl_keyfile=self.config.ssl_keyfile,
             timeout_graceful_shutdown=5,
         )
         self._server = _EmbeddedUvicorn(cfg)
@@ -71,7 +75,12 @@ class Frontend:
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        log.info("frontend listening on http://%s:%d", self.config.host, self.port)
+        log.info("frontend listening on %s", self.url)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.ssl_certfile else "http"
+        return f"{scheme}://{self.config.host}:{self.port}"
 
     async def close(self) -> None:
         """Drains: /health and new requests answer 503 while open requests get

@@ -18,6 +18,6 @@ async def run_frontend(
         open_runtime(runtime_config, name="baton-frontend") as runtime,
         Frontend(config, runtime) as frontend,
     ):
-        print(f"baton frontend on http://{config.host}:{frontend.port} for "
+        print(f"baton frontend on {frontend.url} for "
               f"{describe_discovery(runtime_config)}", file=sys.stderr, flush=True)
         await stop.wait()

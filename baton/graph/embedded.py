@@ -42,7 +42,7 @@ async def run_serve(config: ServeConfig, stop: asyncio.Event) -> None:
                  if pools.disaggregated else str(len(workers)))
         print(
             f"baton: serving {workers[0].model_name!r} with {shape} {kind} workers "
-            f"on http://{config.frontend.host}:{frontend.port}",
+            f"on {frontend.url}",
             file=sys.stderr, flush=True,
         )
         await stop.wait()

@@ -272,7 +272,7 @@ def plan(config: GraphConfig, nats_url: str) -> list[ProcessSpec]:
         argv = (*baton, "frontend", "--host", f.host, "--port", str(f.port), "--router", f.router,
                 *common, *f.args)
         specs.append(ProcessSpec(f"frontend-{i}", "frontend", argv,
-                                 r"baton frontend on (?P<address>http://\S+)"))
+                                 r"baton frontend on (?P<address>https?://\S+)"))
     return specs
 
 
