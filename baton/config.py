@@ -170,6 +170,9 @@ class WorkerConfig:
         "agg", "prefill and decode workers form a disaggregated model's two pools")
     host: str = setting("127.0.0.1", "address the request plane listens on")
     port: int = setting(0, "request-plane port; 0 = any free port")
+    metrics_port: int | None = setting(
+        0, "port of the worker's own GET /metrics (Prometheus); 0 = any free port (in "
+        "`baton serve` the frontend's /metrics carries the workers' metrics instead)")
     worker_id: int | None = setting(None, "this worker's id in discovery",
                                     default_help="a random one")
     load_interval_s: float = setting(
@@ -185,6 +188,8 @@ class WorkerConfig:
         require(self.model_name is None or valid_model_name(self.model_name), "model_name",
                 f"letters, digits, '_', '-', '.' and '/' between names, got {self.model_name!r}")
         require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
+                "must be 0..65535")
         require(self.load_interval_s > 0, "load_interval_s", "must be > 0")
         require(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
 
@@ -420,7 +425,8 @@ class ServeConfig:
     """``baton serve``: a frontend and its workers in one process."""
 
     frontend: FrontendConfig = section(FrontendConfig)
-    worker: WorkerConfig = section(lambda: WorkerConfig(engine=EngineConfig(kv_transfer="inproc")))
+    worker: WorkerConfig = section(
+        lambda: WorkerConfig(engine=EngineConfig(kv_transfer="inproc"), metrics_port=None))
     """In one process KV moves in memory (``inproc``); a ``baton worker`` uses ``tcp``."""
     pools: PoolsConfig = section(PoolsConfig)
 

@@ -125,7 +125,7 @@ def test_a_lost_kv_transfer_falls_back_to_local_prefill(make_server) -> None:
     resp = chat(client, "expired " * 10, max_tokens=5, seed=1)
     assert resp.usage.completion_tokens == 5
     assert ext(resp)["prefill_worker_id"] == 0
-    assert srv.wait_until(lambda: srv.workers[1].engine.num_kv_loads_failed == 1)
+    assert srv.wait_until(lambda: srv.workers[1].engine.stats.kv_loads_failed == 1)
     assert srv.wait_until(lambda: pools_idle(srv))
     agg = client_for(make_server(workers=1, block_size=4))
     same = chat(agg, "expired " * 10, max_tokens=5, seed=1)

@@ -72,7 +72,7 @@ def test_a_transfer_cut_mid_stream_falls_back_to_local_prefill(make_server) -> N
     d = complete(client_for(srv), tokens)
     assert d.choices[0].text == complete(agg, tokens).choices[0].text
     assert ext(d)["prefill_worker_id"] == 0
-    assert srv.workers[1].engine.num_kv_loads_failed == 1
+    assert srv.workers[1].engine.stats.kv_loads_failed == 1
     assert srv.wait_until(lambda: pools_idle(srv))
 
 
@@ -105,5 +105,5 @@ def test_kv_moves_over_tcp_and_shared_memory(make_server, backend: str) -> None:
         d = complete(disagg, tokens)
         assert d.choices[0].text == complete(agg, tokens).choices[0].text
     assert srv.workers[0].engine.executor.store.shm_name is not None or backend == "tcp"
-    assert srv.workers[1].engine.num_kv_loads_failed == 0
+    assert srv.workers[1].engine.stats.kv_loads_failed == 0
     assert srv.wait_until(lambda: pools_idle(srv))

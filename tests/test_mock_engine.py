@@ -81,7 +81,7 @@ async def test_virtual_clock_follows_the_polynomial_timing_model(engine):
     timing = PolynomialTiming()
     total = 64 * 16
     expected = timing.step_ms(100, 0, 7 * 16, total) + 2 * timing.step_ms(0, 1, 7 * 16, total)
-    assert engine.num_steps == 3
+    assert engine.stats.steps == 3
     assert engine.simulated_ms == pytest.approx(expected)
 
 
@@ -162,7 +162,7 @@ async def test_shell_time_between_steps_overlaps_the_modelled_step_time():
             time.sleep(0.03)  # the shell's CPU, blocking the loop
         wall = time.perf_counter() - started
         modelled_s = engine.simulated_ms / 1000 / config.timing.speedup_ratio
-        assert engine.num_steps == 8
+        assert engine.stats.steps == 8
         assert wall < 1.15 * modelled_s
         first = engine._sim.late_steps
         await asyncio.sleep(0.3)  # idle: the next step starts its own clock, it is not late

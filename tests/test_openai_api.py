@@ -142,6 +142,11 @@ def test_health_live_and_metrics(server, client):
         'baton_frontend_input_tokens_total{model="baton-tiny"}',
         'baton_frontend_output_tokens_total{model="baton-tiny"}',
         'baton_frontend_inflight_requests{model="baton-tiny"} 0.0',
+        # the in-process workers' metrics come with the frontend's
+        'baton_worker_requests_in_flight{worker="0"} 0.0',
+        'baton_worker_kv_blocks_total{worker="1"}',
+        'baton_worker_steps_total{worker="0"}',
+        "baton_worker_step_duration_seconds_bucket",
     ):
         assert name in metrics, name
 

@@ -7,9 +7,12 @@ import http.client
 import json
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from baton.protocol import Empty, LoadMetrics
 from baton.runtime import MemoryDiscovery, Runtime
@@ -22,7 +25,7 @@ MESSAGES = [{"role": "user", "content": "Write a long essay about tides."}]
 def worker_and_frontend():
     worker, wmatch = baton_process(
         "worker", "--port", "0", "--speedup-ratio", "1", "--worker-id", "4242",
-        ready=r"listening on (tcp://\S+)",
+        ready=r"listening on (tcp://\S+) metrics on (\S+)",
     )
     address = wmatch.group(1)
     try:
@@ -32,11 +35,38 @@ def worker_and_frontend():
     except Exception:
         worker.kill()
         raise
+    worker.metrics_url = wmatch.group(2)
     yield worker, address, frontend, int(fmatch.group(1))
     for proc in (frontend, worker):
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_the_worker_process_serves_its_metrics_for_prometheus(worker_and_frontend):
+    worker, _, _, port = worker_and_frontend
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    client.chat.completions.create(model="baton-tiny", messages=MESSAGES, max_tokens=5)
+    samples = scrape(worker.metrics_url)
+    me = (("worker", "4242"),)
+    assert samples["baton_worker_steps_total", me] >= 5
+    assert samples["baton_worker_kv_blocks_total", me] > 0
+    assert samples["baton_worker_requests_in_flight", me] == 0
+    assert samples["baton_worker_draining", me] == 0
+    assert samples["baton_worker_step_duration_seconds_count", me] == \
+        samples["baton_worker_steps_total", me]
+    assert samples["baton_worker_step_duration_seconds_bucket", (("le", "+Inf"), *me)] == \
+        samples["baton_worker_steps_total", me]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(worker.metrics_url.replace("/metrics", "/other"), timeout=5)
+    assert err.value.code == 404
 
 
 def worker_load(address: str) -> LoadMetrics:

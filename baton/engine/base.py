@@ -9,7 +9,9 @@ requests and calls its fault handler once: its owner replaces it.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
@@ -29,9 +31,41 @@ class EngineLoad(msgspec.Struct, kw_only=True):
     active_prefill_tokens: int = 0
 
 
+STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class EngineStats:
+    """What an engine has done since it started (its owner exports them as metrics)."""
+
+    steps: int = 0
+    step_seconds: float = 0.0
+    step_buckets: list[int] = field(default_factory=lambda: [0] * len(STEP_SECONDS_BUCKETS))
+    """Steps per duration bucket of ``STEP_SECONDS_BUCKETS``, not cumulative; steps longer
+    than the last bound are counted in ``steps`` only."""
+    preemptions: int = 0
+    kv_loads: int = 0
+    kv_loads_failed: int = 0
+
+    def observe_step(self, seconds: float, preempted: int) -> None:
+        self.steps += 1
+        self.step_seconds += seconds
+        index = bisect.bisect_left(STEP_SECONDS_BUCKETS, seconds)
+        if index < len(self.step_buckets):
+            self.step_buckets[index] += 1
+        self.preemptions += preempted
+
+
 class Engine(Protocol):
     block_size: int
     fault: BaseException | None
+    stats: EngineStats
+
+    @property
+    def num_held(self) -> int:
+        """KV transfers this engine holds blocks for (a prefill worker's)."""
+        ...
 
     async def start(self) -> None: ...
 

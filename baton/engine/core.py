@@ -36,7 +36,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Protocol
 
 from baton.config import EngineConfig
-from baton.engine.base import EngineLoad, FaultHandler, KvEventSink
+from baton.engine.base import EngineLoad, EngineStats, FaultHandler, KvEventSink
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import KvLoad, SchedulerOutput, StepResult
@@ -139,12 +139,11 @@ class EngineCore:
         self._transfer_client: KvTransferClient | None = None
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._releases: set[asyncio.Task[None]] = set()
-        self.num_kv_loads_failed = 0
         # -- loop
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._kv_sink: KvEventSink | None = None
-        self.num_steps = 0
+        self.stats = EngineStats()
         # -- faults
         self.fault: BaseException | None = None
         """Why the engine stopped; it serves nothing more (its owner restarts it)."""
@@ -258,6 +257,10 @@ class EngineCore:
         return self._scheduler.load()
 
     @property
+    def num_held(self) -> int:
+        return self._transfer_server.num_held if self._transfer_server is not None else 0
+
+    @property
     def scheduler(self) -> Scheduler:
         """The pure core, for inspection (tests assert on its block pool)."""
         return self._scheduler
@@ -291,9 +294,10 @@ class EngineCore:
                 continue
             if self._poisoned and not self._poisoned.isdisjoint(output.num_scheduled_tokens):
                 await self._injected_fault()
-            self._step_started = loop.time()
+            started = self._step_started = loop.time()
             sampled = await self.executor.execute(output, self._scheduler)
             self._step_started = None
+            self.stats.observe_step(loop.time() - started, len(output.preempted))
             self._finish_step(output, sampled)
             if loop.time() - slice_start >= _BURST_S:
                 await asyncio.sleep(0)  # let consumers and new requests in
@@ -347,7 +351,6 @@ class EngineCore:
             elif params is not None:  # its consumer left during the step
                 self._abort(rid)
         self._publish_kv_events()
-        self.num_steps += 1
 
     def _publish_kv_events(self) -> None:
         events = self._scheduler.take_kv_events()
@@ -392,12 +395,13 @@ class EngineCore:
             if delay > 0:
                 await asyncio.sleep(delay)
             ok = True
+            self.stats.kv_loads += 1
         except KvTransferError as exc:
-            self.num_kv_loads_failed += 1
+            self.stats.kv_loads_failed += 1
             log.warning("request %s: KV transfer from worker %d failed (%s); prefilling "
                         "locally", load.request_id, params.worker_id, exc.message)
         except Exception:  # a bug in the transfer: this request prefills locally
-            self.num_kv_loads_failed += 1
+            self.stats.kv_loads_failed += 1
             log.exception("request %s: KV load from worker %d failed; prefilling locally",
                           load.request_id, params.worker_id)
         finally:

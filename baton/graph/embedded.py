@@ -13,6 +13,7 @@ from baton.config import ServeConfig
 from baton.frontend import Frontend
 from baton.runtime import MemoryDiscovery, Runtime
 from baton.worker import Worker, build_worker
+from baton.worker.metrics import WorkerCollector
 
 
 @contextlib.asynccontextmanager
@@ -26,6 +27,8 @@ async def embedded(config: ServeConfig) -> AsyncGenerator[tuple[Frontend, list[W
                 await worker.start()
                 workers.append(worker)
             async with Frontend(config.frontend, runtime) as frontend:
+                for worker in workers:  # one /metrics for the whole process
+                    frontend.metrics.registry.register(WorkerCollector(worker))
                 await asyncio.wait_for(frontend.models.ready.wait(), 10)
                 yield frontend, workers
         finally:

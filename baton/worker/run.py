@@ -24,8 +24,9 @@ async def run_worker(
         worker = build_worker(config, runtime)
         record = await worker.start(tcp=True)
         try:
-            print(f"baton worker {record.instance_id} listening on {record.address}",
-                  file=sys.stderr, flush=True)
+            metrics = record.metadata.get("metrics")
+            print(f"baton worker {record.instance_id} listening on {record.address}"
+                  + (f" metrics on {metrics}" if metrics else ""), file=sys.stderr, flush=True)
             stopped = asyncio.ensure_future(stop.wait())
             failed = asyncio.ensure_future(worker.failed.wait())
             try:

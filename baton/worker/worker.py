@@ -33,6 +33,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Self
 
 import msgspec
+from prometheus_client import CollectorRegistry
 
 from baton.config import WorkerConfig
 from baton.engine.base import Engine
@@ -57,6 +58,7 @@ from baton.protocol import (
 )
 from baton.runtime import EndpointServer, InstanceRecord, MemoryEventPlane, Runtime
 from baton.runtime.tasks import cancel_and_wait
+from baton.worker.metrics import MetricsServer, WorkerCollector
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,7 @@ class Worker:
         self.failed = asyncio.Event()
         """Set when a failed engine could not be replaced: the worker serves nothing more."""
         self._recovery: asyncio.Task[None] | None = None
+        self._metrics: MetricsServer | None = None
 
     async def start(self, *, tcp: bool = False) -> InstanceRecord:
         await self._start_engine(self.engine)
@@ -139,6 +142,9 @@ class Worker:
         if tcp:
             server = await self.runtime.serve_tcp(self.endpoints, self.config.host, self.config.port)
             address = server.address
+        metadata: dict[str, str] = {}
+        if self.config.metrics_port is not None:
+            metadata["metrics"] = await self._serve_metrics(self.config.metrics_port)
         self.record = InstanceRecord(
             instance_id=self.instance_id,
             namespace=self.runtime.namespace,
@@ -149,11 +155,23 @@ class Worker:
             model_path=self.model_path,
             role=self.config.role,
             block_size=self.engine.block_size,
+            metadata=metadata,
         )
         await self.runtime.discovery.register(self.record)
         self._load_task = asyncio.get_running_loop().create_task(self._publish_load(), name="load")
         log.info("worker %d serving %s at %s", self.instance_id, self.model_name, address)
         return self.record
+
+    @property
+    def num_in_flight(self) -> int:
+        """Streams open on this worker."""
+        return self._in_flight
+
+    async def _serve_metrics(self, port: int) -> str:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(WorkerCollector(self))
+        self._metrics = MetricsServer(registry, self.config.host, port)
+        return await self._metrics.start()
 
     async def drain(self, timeout_s: float) -> bool:
         """Leaves discovery, refuses new requests and waits for the in-flight ones to finish
@@ -173,6 +191,8 @@ class Worker:
     async def close(self) -> None:
         await cancel_and_wait(self._recovery)
         await cancel_and_wait(self._load_task)
+        if self._metrics is not None:
+            await self._metrics.close()
         if self.record is not None:
             await self.runtime.discovery.deregister(self.instance_id)
         if self._local_address is not None:
