@@ -168,8 +168,15 @@ class WorkerConfig:
     engine: EngineConfig = section(EngineConfig)
     role: WorkerRole = setting(
         "agg", "prefill and decode workers form a disaggregated model's two pools")
-    host: str = setting("127.0.0.1", "address the request plane listens on")
+    host: str = setting(
+        "127.0.0.1", "address the worker's listeners bind (request plane, KV transfer, "
+        "metrics); 0.0.0.0 = every interface")
+    advertise_host: str | None = setting(
+        None, "address other hosts reach this worker's listeners at (registered in discovery)",
+        default_help="--host, or the address this host's name resolves to when --host is "
+        "0.0.0.0")
     port: int = setting(0, "request-plane port; 0 = any free port")
+    kv_port: int = setting(0, "KV transfer port (--kv-transfer tcp or shm); 0 = any free port")
     metrics_port: int | None = setting(
         0, "port of the worker's own GET /metrics (Prometheus); 0 = any free port (in "
         "`baton serve` the frontend's /metrics carries the workers' metrics instead)")
@@ -188,6 +195,7 @@ class WorkerConfig:
         require(self.model_name is None or valid_model_name(self.model_name), "model_name",
                 f"letters, digits, '_', '-', '.' and '/' between names, got {self.model_name!r}")
         require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        require(0 <= self.kv_port <= 65535, "kv_port", "must be 0..65535")
         require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
                 "must be 0..65535")
         require(self.load_interval_s > 0, "load_interval_s", "must be > 0")
@@ -320,7 +328,12 @@ class DisaggConfig:
 class RouterServiceConfig:
     """``baton router``: the KV router alone, serving decisions on the request plane."""
 
-    host: str = setting("127.0.0.1", "address the router listens on")
+    host: str = setting("127.0.0.1", "address the router listens on; 0.0.0.0 = every "
+                        "interface")
+    advertise_host: str | None = setting(
+        None, "address frontends on other hosts reach the router at (the one printed)",
+        default_help="--host, or the address this host's name resolves to when --host is "
+        "0.0.0.0")
     port: int = setting(0, "port; 0 = any free port")
     router: RouterConfig = section(RouterConfig)
 

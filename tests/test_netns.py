@@ -1,78 +1,119 @@
-"""Nothing depends on sharing a host: a worker in its own network namespace, reached over a
-veth link, serves a frontend in another (root) namespace through NATS discovery."""
+"""Nothing depends on sharing a host: workers and frontends in network namespaces of their
+own (``tests/netns.py``), joined by a switch, find each other through NATS and move KV over
+TCP between "hosts"."""
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import shutil
+import socket
 import subprocess
+import time
 import urllib.request
+from collections.abc import Iterator
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import baton_process
+from tests.conftest import MODEL_CACHE_DIR, baton_process
 from tests.nats_fixture import NATS_SERVER_BIN
+from tests.netns import Lan, lan
 
-
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True, timeout=20)
+NATS_PORT = 4222
 
 
 @pytest.fixture
-def netns():
-    """A namespace and a veth pair: 10.231.N.1 here, 10.231.N.2 inside."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to create network namespaces")
-    n = random.randrange(1, 250)
-    name, host_if, ns_if = f"baton-t{n}", f"bt{n}h", f"bt{n}n"
-    try:
-        sh("ip", "netns", "add", name)
-    except (subprocess.CalledProcessError, OSError) as exc:
-        pytest.skip(f"cannot create a network namespace here: {exc}")
-    try:
-        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        sh("ip", "link", "set", ns_if, "netns", name)
-        sh("ip", "addr", "add", f"10.231.{n}.1/24", "dev", host_if)
-        sh("ip", "link", "set", host_if, "up")
-        for cmd in (("ip", "addr", "add", f"10.231.{n}.2/24", "dev", ns_if),
-                    ("ip", "link", "set", ns_if, "up"), ("ip", "link", "set", "lo", "up")):
-            sh("ip", "netns", "exec", name, *cmd)
-        yield name, f"10.231.{n}.1", f"10.231.{n}.2"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=20)
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    running: list[subprocess.Popen[str]] = []
+    yield running
+    for proc in reversed(running):
+        proc.kill()
+        proc.wait(10)
 
 
-def test_a_worker_in_another_network_namespace_serves_the_frontend(netns, tmp_path):
-    name, host_ip, ns_ip = netns
+def start_nats(net: Lan, store: str, procs: list[subprocess.Popen[str]]) -> str:
+    """nats-server on the switch; its URL once it accepts connections."""
     assert NATS_SERVER_BIN is not None
-    port = random.randrange(20000, 30000)
-    nats = subprocess.Popen([NATS_SERVER_BIN, "-a", host_ip, "-p", str(port), "-js",
-                             "-sd", str(tmp_path / "js")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs = [nats]
-    try:
-        url = f"nats://{host_ip}:{port}"
+    procs.append(subprocess.Popen(
+        [*net.switch.prefix, NATS_SERVER_BIN, "-a", net.switch.ip, "-p", str(NATS_PORT), "-js",
+         "-sd", store], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((net.switch.ip, NATS_PORT), timeout=1).close()
+            return f"nats://{net.switch.ip}:{NATS_PORT}"
+        except OSError:
+            assert time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.1)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Unlabelled view of a /metrics page: sample name -> value (one worker per page)."""
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if "le" not in s.labels}
+
+
+def test_a_worker_on_another_host_serves_the_frontend(tmp_path, procs) -> None:
+    with lan(1) as net:
+        url = start_nats(net, str(tmp_path / "js"), procs)
+        host = net.hosts[0]
         worker, match = baton_process(
-            "worker", "--host", ns_ip, "--port", "0", "--speedup-ratio", "0", "--worker-id", "9",
-            "--nats", url, ready=r"listening on (tcp://\S+)", prefix=("ip", "netns", "exec", name))
+            "worker", "--host", host.ip, "--port", "0", "--speedup-ratio", "0",
+            "--worker-id", "9", "--nats", url, ready=r"listening on (tcp://\S+)",
+            prefix=host.prefix)
         procs.append(worker)
-        assert match.group(1).startswith(f"tcp://{ns_ip}:")
+        assert match.group(1).startswith(f"tcp://{host.ip}:")
         frontend, fmatch = baton_process("frontend", "--port", "0", "--nats", url,
                                          ready=r"http://127\.0\.0\.1:(\d+)")
         procs.append(frontend)
-        fport = int(fmatch.group(1))
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{fport}/v1", api_key="x",
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{fmatch.group(1)}/v1", api_key="x",
                                max_retries=2, timeout=10)
         resp = client.chat.completions.create(
             model="baton-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert resp.baton["worker_id"] == 9
-        with urllib.request.urlopen(f"http://127.0.0.1:{fport}/health") as r:
-            assert json.load(r)["instances"][0]["address"].startswith(f"tcp://{ns_ip}:")
-    finally:
-        for proc in reversed(procs):
-            proc.kill()
-            proc.wait(10)
+
+
+def test_prefill_and_decode_on_two_hosts_and_the_frontend_on_a_third(tmp_path, procs) -> None:
+    """Real KV (the transformers engine) crosses from the prefill host to the decode host over
+    TCP; the prefill worker binds every interface and advertises its LAN address."""
+    from baton.engine.hf.models import prepare_model
+
+    prepare_model("baton-tiny-llama", MODEL_CACHE_DIR)  # built once, before three processes
+    hf = ("--engine", "hf", "--model", "baton-tiny-llama", "--num-threads", "1")
+    with lan(3) as net:
+        url = start_nats(net, str(tmp_path / "js"), procs)
+        p_host, d_host, f_host = net.hosts
+        prefill, p_match = baton_process(
+            "worker", *hf, "--role", "prefill", "--host", "0.0.0.0", "--advertise-host",
+            p_host.ip, "--worker-id", "1", "--nats", url,
+            ready=r"listening on (tcp://\S+) metrics on (\S+)", prefix=p_host.prefix)
+        procs.append(prefill)
+        decode, d_match = baton_process(
+            "worker", *hf, "--role", "decode", "--host", d_host.ip, "--worker-id", "2",
+            "--nats", url, ready=r"listening on (tcp://\S+) metrics on (\S+)",
+            prefix=d_host.prefix)
+        procs.append(decode)
+        assert p_match.group(1).startswith(f"tcp://{p_host.ip}:")
+        assert p_match.group(2).startswith(f"http://{p_host.ip}:")
+        frontend, f_match = baton_process(
+            "frontend", "--host", f_host.ip, "--port", "0", "--nats", url,
+            ready=rf"http://{f_host.ip}:(\d+)", prefix=f_host.prefix)
+        procs.append(frontend)
+        client = openai.OpenAI(base_url=f"http://{f_host.ip}:{f_match.group(1)}/v1",
+                               api_key="x", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 20
+        while True:  # the frontend learns of both pools through NATS
+            resp = client.chat.completions.create(
+                model="baton-tiny-llama", max_tokens=4, temperature=0,
+                messages=[{"role": "user", "content": "relay " * 40}])
+            if resp.baton.get("prefill_worker_id") == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert resp.baton == {"worker_id": 2, "prefill_worker_id": 1, "decode_worker_id": 2}
+        assert resp.usage.completion_tokens == 4
+        decode_metrics = scrape(d_match.group(2))
+        assert decode_metrics["baton_worker_kv_loads_total"] >= 1
+        assert decode_metrics["baton_worker_kv_loads_failed_total"] == 0
+        assert decode_metrics["baton_worker_kv_load_bytes_total"] > 0
+        assert scrape(p_match.group(2))["baton_worker_kv_transfers_held"] == 0

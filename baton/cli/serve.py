@@ -11,7 +11,8 @@ from baton.cli.args import add_overrides, add_settings, build, command, override
 from baton.cli.signals import run_until_signalled
 from baton.config import PoolsConfig, SchedulerConfig, ServeConfig
 
-WORKER_EXCLUDE = ("role", "host", "port", "metrics_port", "worker_id", "drain_timeout_s")
+WORKER_EXCLUDE = ("role", "host", "advertise_host", "port", "kv_port", "metrics_port",
+                  "worker_id", "drain_timeout_s")
 """In one process the workers have no address (nor metrics port) of their own, take their role from the pool
 and drain with the frontend."""
 PREFILL_OVERRIDES = ("num_blocks", "max_num_seqs", "max_num_batched_tokens",

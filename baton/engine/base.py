@@ -47,6 +47,9 @@ class EngineStats:
     preemptions: int = 0
     kv_loads: int = 0
     kv_loads_failed: int = 0
+    kv_load_bytes: int = 0
+    """KV bytes pulled from prefill workers (0 for the simulated engine, whose blocks hold
+    no bytes)."""
 
     def observe_step(self, seconds: float, preempted: int) -> None:
         self.steps += 1

@@ -44,6 +44,7 @@ from baton.errors import InvalidRequestError, WorkerFaultError
 from baton.kv.events import KvStored
 from baton.kv.store import BlockStore
 from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams
+from baton.runtime.net import Listener
 from baton.runtime.tasks import cancel_and_wait
 from baton.transfer import KvTransferClient, KvTransferError, KvTransferServer
 
@@ -127,8 +128,13 @@ class _Mailbox:
 class EngineCore:
     """An ``Engine``: the scheduler, an executor and the KV transfer. See the module docstring."""
 
-    def __init__(self, config: EngineConfig, executor: Executor, *, name: str = "engine") -> None:
+    def __init__(
+        self, config: EngineConfig, executor: Executor, *, name: str = "engine",
+        kv_listener: Listener | None = None,
+    ) -> None:
         self.config = config
+        self._kv_listener = kv_listener or Listener()
+        """Where the KV transfer server listens (with ``tcp`` or ``shm``)."""
         self.block_size = config.block_size
         self.executor = executor
         self._scheduler = Scheduler(config.scheduler)
@@ -158,9 +164,10 @@ class EngineCore:
     async def start(self) -> None:
         if self._task is not None:
             return
-        mode = self.config.kv_transfer
+        mode, listen = self.config.kv_transfer, self._kv_listener
         self._transfer_server = KvTransferServer(
             self.executor.store, name=f"{self._name}-{id(self):x}", tcp=mode != "inproc",
+            host=listen.host, port=listen.port, advertise_host=listen.advertise_host,
             hold_timeout_s=self.config.kv_hold_timeout_s,
         )
         await self._transfer_server.start()
@@ -396,6 +403,7 @@ class EngineCore:
                 await asyncio.sleep(delay)
             ok = True
             self.stats.kv_loads += 1
+            self.stats.kv_load_bytes += len(load.src_block_ids) * self.executor.store.block_bytes
         except KvTransferError as exc:
             self.stats.kv_loads_failed += 1
             log.warning("request %s: KV transfer from worker %d failed (%s); prefilling "

@@ -37,6 +37,7 @@ from baton.engine.step import SchedulerOutput
 from baton.engine.timing import sleep_seconds, timing_model
 from baton.kv.store import BlockStore
 from baton.protocol import GenerateRequest
+from baton.runtime.net import Listener
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,11 @@ class SimulatedEngine(EngineCore):
     """The engine shell over a ``SimulatedExecutor``."""
 
     def __init__(
-        self, config: EngineConfig, *, vocab: Sequence[int], kv_bytes_per_token: int = 0
+        self, config: EngineConfig, *, vocab: Sequence[int], kv_bytes_per_token: int = 0,
+        kv_listener: Listener | None = None,
     ) -> None:
         self._sim = SimulatedExecutor(config, vocab=vocab, kv_bytes_per_token=kv_bytes_per_token)
-        super().__init__(config, self._sim, name="mock-engine")
+        super().__init__(config, self._sim, name="mock-engine", kv_listener=kv_listener)
 
     @property
     def simulated_ms(self) -> float:

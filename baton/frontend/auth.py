@@ -20,10 +20,10 @@ from pathlib import Path
 
 from baton.config import FrontendConfig
 from baton.errors import AuthenticationError, BatonError, PermissionDeniedError
+from baton.runtime.net import is_loopback
 
 OPEN_PATHS = frozenset({"/health", "/live", "/metrics"})
 ADMIN_ROUTES = frozenset({("POST", "/busy_threshold")})
-_LOOPBACK = ("127.", "::1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,6 @@ class Access:
                 "administrative routes are off on a frontend that listens beyond loopback "
                 "without --admin-key or --api-key", code="admin_disabled")
         return None
-
-
-def is_loopback(host: str) -> bool:
-    return host.startswith(_LOOPBACK)
 
 
 def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:

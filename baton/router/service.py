@@ -134,7 +134,8 @@ async def run_router(
         await models.start()
         try:
             service = RouterService(models)
-            server = await runtime.serve_tcp(service.endpoints, config.host, config.port)
+            server = await runtime.serve_tcp(service.endpoints, config.host, config.port,
+                                             advertise_host=config.advertise_host)
             print(f"baton router listening on {server.address} for "
                   f"{describe_discovery(runtime_config)}", file=sys.stderr, flush=True)
             await stop.wait()

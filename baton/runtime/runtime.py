@@ -101,8 +101,10 @@ class Runtime:
     def stop_local(self, address: str) -> None:
         self._local.pop(address, None)
 
-    async def serve_tcp(self, endpoints: EndpointServer, host: str, port: int) -> TcpServer:
-        server = TcpServer(endpoints, host, port)
+    async def serve_tcp(
+        self, endpoints: EndpointServer, host: str, port: int, *, advertise_host: str | None = None
+    ) -> TcpServer:
+        server = TcpServer(endpoints, host, port, advertise_host=advertise_host)
         await server.start()
         self._tcp_servers.append(server)
         return server

@@ -17,9 +17,9 @@ import msgspec
 from baton.errors import BatonError
 from baton.protocol import Empty
 from baton.runtime.discovery import InstanceRecord
+from baton.runtime.net import parse_tcp_address
 from baton.runtime.runtime import Runtime
 from baton.runtime.tasks import cancel_and_wait
-from baton.runtime.tcp import parse_tcp_address
 
 log = logging.getLogger(__name__)
 

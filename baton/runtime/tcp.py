@@ -12,9 +12,7 @@ Backpressure: a server stream waits while its transport's write buffer is over t
 mark; a client connection stops reading while any of its streams holds more than
 ``_STREAM_HIGH_WATER`` undelivered frames.
 
-Dead peers: every connection has TCP keepalive and a user timeout (``keep_alive``), so a peer
-that vanishes without closing (a partition, a powered-off host) fails its streams within
-seconds rather than at the kernel's retransmission limit. A client stream may also carry
+Dead peers: every connection has TCP keepalive and a user timeout (``net.keep_alive``). A client stream may also carry
 deadlines (the first frame within ``first_timeout_s``, each next one within
 ``idle_timeout_s``): a missed one ends it with ``StreamTimeoutError`` and cancels it on the
 server. ``disconnect(address)`` drops every connection to a peer (its streams get
@@ -34,7 +32,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any, Self
@@ -62,19 +59,13 @@ from baton.runtime.frames import (
     encode_frame,
     encode_payload,
 )
+from baton.runtime.net import advertised_host, keep_alive, parse_tcp_address, tcp_address
 
 log = logging.getLogger(__name__)
 
 _STREAM_HIGH_WATER = 256
 CLOSE_GRACE_S = 2.0
 """How long a closing server waits for its peers to close after its last bytes."""
-KEEPALIVE_IDLE_S = 5
-"""An idle connection is probed after this long ..."""
-KEEPALIVE_INTERVAL_S = 2
-KEEPALIVE_PROBES = 3
-"""... every interval, and dropped after this many unanswered probes (about 11 s)."""
-USER_TIMEOUT_MS = 15_000
-"""Data the peer has not acknowledged for this long drops the connection (TCP_USER_TIMEOUT)."""
 _decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
 
 
@@ -83,34 +74,6 @@ def _decoder(kind: type) -> msgspec.msgpack.Decoder[Any]:
     if dec is None:
         dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
     return dec
-
-
-def keep_alive(transport: asyncio.BaseTransport) -> None:
-    """Turns on TCP keepalive and the user timeout for ``transport``'s socket (best effort:
-    a platform without an option keeps its default)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    options = (
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), KEEPALIVE_IDLE_S),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), USER_TIMEOUT_MS),
-    )
-    for level, option, value in options:
-        if option is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(level, option, value)
-
-
-def parse_tcp_address(address: str) -> tuple[str, int]:
-    if not address.startswith("tcp://"):
-        raise ValueError(f"not a tcp:// address: {address!r}")
-    host, _, port = address[len("tcp://") :].rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"expected tcp://HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 # ----------------------------------------------------------------------------- server
@@ -233,10 +196,14 @@ class _ServerConnection(asyncio.Protocol):
 class TcpServer:
     """Serves one ``EndpointServer`` on a TCP port (0 = let the OS pick)."""
 
-    def __init__(self, endpoints: EndpointServer, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self, endpoints: EndpointServer, host: str = "127.0.0.1", port: int = 0, *,
+        advertise_host: str | None = None,
+    ) -> None:
         self._endpoints = endpoints
         self._host = host
         self._port = port
+        self._advertise = advertised_host(host, advertise_host)
         self._server: asyncio.Server | None = None
         self._connections: set[_ServerConnection] = set()
         self.address = ""
@@ -246,8 +213,8 @@ class TcpServer:
         self._server = await loop.create_server(
             lambda: _ServerConnection(self._endpoints, self), self._host, self._port
         )
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self.address = f"tcp://{host}:{port}"
+        port = self._server.sockets[0].getsockname()[1]
+        self.address = tcp_address(self._advertise, port)
         return self.address
 
     async def close(self, *, grace_s: float = CLOSE_GRACE_S) -> None:

@@ -17,7 +17,7 @@ import msgspec
 
 from baton.kv.store import BlockStore, SharedBlocks, block_runs, copy_blocks
 from baton.protocol import KvTransferParams
-from baton.runtime.tcp import keep_alive, parse_tcp_address
+from baton.runtime.net import keep_alive, parse_tcp_address
 from baton.transfer.inproc import pull_inproc, release_inproc
 from baton.transfer.wire import (
     INPROC,

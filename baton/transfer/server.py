@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import msgspec
 
 from baton.kv.store import BlockStore, block_runs, copy_blocks
+from baton.runtime.net import advertised_host, keep_alive, tcp_address
 from baton.runtime.tasks import cancel_and_wait
-from baton.runtime.tcp import keep_alive
 from baton.transfer import inproc
 from baton.transfer.wire import (
     INPROC,
-    TCP,
     Ack,
     KvTransferError,
     Pull,
@@ -66,6 +65,7 @@ class KvTransferServer:
         tcp: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
+        advertise_host: str | None = None,
         hold_timeout_s: float = 30.0,
     ) -> None:
         self.store = store
@@ -74,6 +74,7 @@ class KvTransferServer:
         self._tcp = tcp
         self._host = host
         self._port = port
+        self._advertise = advertised_host(host, advertise_host) if tcp else ""
         self._holds: dict[str, _Hold] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -89,8 +90,8 @@ class KvTransferServer:
             self._server = await self._loop.create_server(
                 lambda: _ServerConnection(self), self._host, self._port
             )
-            host, port = self._server.sockets[0].getsockname()[:2]
-            self._tcp_address = f"{TCP}{host}:{port}"
+            port = self._server.sockets[0].getsockname()[1]
+            self._tcp_address = tcp_address(self._advertise, port)
 
     @property
     def address(self) -> str:

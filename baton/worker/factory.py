@@ -11,6 +11,7 @@ from baton.engine.mock import SimulatedEngine
 from baton.preprocess import ModelCard, Tokenizer, resolve_model
 from baton.protocol import ModelFiles
 from baton.runtime import Runtime
+from baton.runtime.net import Listener
 from baton.worker.worker import Worker
 
 
@@ -19,8 +20,13 @@ def build_engine(config: WorkerConfig, card: ModelCard) -> Engine:
     if config.engine.kind == "hf":
         from baton.engine.hf.engine import HfEngine  # imports torch: only when asked for
 
-        return HfEngine(config.engine, card.path)
+        return HfEngine(config.engine, card.path, kv_listener=kv_listener(config))
     return _simulated(config, card)
+
+
+def kv_listener(config: WorkerConfig) -> Listener:
+    """The KV transfer server binds the worker's host and advertises its address."""
+    return Listener(config.host, config.kv_port, config.advertise_host)
 
 
 def _simulated(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
@@ -32,7 +38,8 @@ def _simulated(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
         t for t in range(card.vocab_size)
         if t not in special and "\ufffd" not in raw.decode([t], skip_special_tokens=False)
     ]
-    return SimulatedEngine(config.engine, vocab=vocab, kv_bytes_per_token=card.kv_bytes_per_token)
+    return SimulatedEngine(config.engine, vocab=vocab, kv_bytes_per_token=card.kv_bytes_per_token,
+                           kv_listener=kv_listener(config))
 
 
 MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model")

@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from baton.engine.base import STEP_SECONDS_BUCKETS
+from baton.runtime.net import advertised_host, tcp_address
 
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
@@ -67,6 +68,7 @@ class WorkerCollector(Collector):
             ("kv_loads", "KV loads from prefill workers that succeeded.", stats.kv_loads),
             ("kv_loads_failed", "KV loads that failed (prefilled locally).",
              stats.kv_loads_failed),
+            ("kv_load_bytes", "KV bytes pulled from prefill workers.", stats.kv_load_bytes),
             ("engine_restarts", "Failed engines replaced.", w.num_engine_restarts),
         )
         for name, doc, count in counters:
@@ -91,17 +93,20 @@ def _step_histogram(wid: list[str], buckets: list[int], total: int, seconds: flo
 class MetricsServer:
     """``GET /metrics`` over plain HTTP/1.1 (one request per connection), for scrapers."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, advertise_host: str | None = None
+    ) -> None:
         self._registry = registry
         self._host = host
         self._port = port
+        self._advertise = advertised_host(host, advertise_host)
         self._server: asyncio.Server | None = None
         self.url = ""
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, self._host, self._port)
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}/metrics"
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = tcp_address(self._advertise, port).replace("tcp://", "http://") + "/metrics"
         return self.url
 
     async def close(self) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 
 from baton.config import RuntimeConfig, WorkerConfig
+from baton.runtime.net import advertised_host
 from baton.runtime.process import open_runtime
 from baton.worker.factory import build_worker
 
@@ -20,6 +22,8 @@ async def run_worker(
     lets in-flight requests finish for up to ``drain_timeout_s``. Returns the exit code:
     0, or ``EXIT_ENGINE_FAILED`` when the engine failed for good (the supervisor restarts
     the process)."""
+    # every listener advertises one address, resolved before the (slow) engine is built
+    config = replace(config, advertise_host=advertised_host(config.host, config.advertise_host))
     async with open_runtime(runtime_config, name="baton-worker") as runtime:
         worker = build_worker(config, runtime)
         record = await worker.start(tcp=True)

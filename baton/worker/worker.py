@@ -140,7 +140,8 @@ class Worker:
         self._local_address = self.runtime.serve_local(self.instance_id, self.endpoints)
         address = self._local_address
         if tcp:
-            server = await self.runtime.serve_tcp(self.endpoints, self.config.host, self.config.port)
+            server = await self.runtime.serve_tcp(self.endpoints, self.config.host, self.config.port,
+                                                  advertise_host=self.config.advertise_host)
             address = server.address
         metadata: dict[str, str] = {}
         if self.config.metrics_port is not None:
@@ -170,7 +171,8 @@ class Worker:
     async def _serve_metrics(self, port: int) -> str:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(WorkerCollector(self))
-        self._metrics = MetricsServer(registry, self.config.host, port)
+        self._metrics = MetricsServer(registry, self.config.host, port,
+                                      self.config.advertise_host)
         return await self._metrics.start()
 
     async def drain(self, timeout_s: float) -> bool:
