@@ -142,12 +142,35 @@ class RuntimeConfig:
         (), "a worker's request-plane address (repeatable)", flag="worker", repeat=True,
         metavar="tcp://HOST:PORT", default_help="none")
     probe_interval_s: float = setting(2.0, "how often --worker addresses are probed")
+    # -- NATS security (a user and password, or a token, go in the URL: nats://USER:PASS@HOST)
+    nats_creds: str | None = setting(
+        None, "NATS credentials file (.creds: a user JWT and its NKey seed)",
+        env="BATON_NATS_CREDS", metavar="FILE")
+    nats_nkey: str | None = setting(
+        None, "file holding the NKey seed this process signs the NATS server's challenge with",
+        env="BATON_NATS_NKEY", metavar="FILE")
+    nats_tls_ca: str | None = setting(
+        None, "CA certificates (PEM) to verify the NATS server against; turns TLS on",
+        metavar="PEM", default_help="the system's CAs with tls://, else no TLS")
+    nats_tls_cert: str | None = setting(
+        None, "client certificate (PEM) for a NATS server that verifies its clients ...",
+        metavar="PEM")
+    nats_tls_key: str | None = setting(None, "... and its key (PEM)", metavar="PEM")
+    cluster_token: str | None = setting(
+        None, "a secret shared by every process of the deployment, proven on each request-plane "
+        "and KV transfer connection; a listener beyond loopback needs one",
+        env="BATON_CLUSTER_TOKEN", metavar="TOKEN", secret=True,
+        default_help="$BATON_CLUSTER_TOKEN, else none")
 
     def __post_init__(self) -> None:
         require(self.nats is None or self.nats.startswith(NATS_SCHEMES), "nats",
                 f"must be nats://HOST:PORT (or {', '.join(NATS_SCHEMES[1:])}), got {self.nats!r}")
         require(self.lease_ttl_s >= 1.0, "lease_ttl_s", "must be >= 1 (a NATS TTL)")
         require(self.probe_interval_s > 0, "probe_interval_s", "must be > 0")
+        require((self.nats_tls_cert is None) == (self.nats_tls_key is None), "nats_tls_cert",
+                "a client certificate needs its key (--nats-tls-key), and the key its certificate")
+        require(self.nats_creds is None or self.nats_nkey is None, "nats_creds",
+                "give a credentials file or an NKey seed, not both")
 
 
 # ------------------------------------------------------------------------------ worker

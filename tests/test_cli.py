@@ -52,6 +52,15 @@ def test_baton_serve_disagg_answers_through_a_prefill_and_a_decode_worker(engine
             proc.kill()
 
 
+def test_sigterm_while_starting_stops_a_worker_still_waiting_for_nats():
+    from tests.nats_fixture import free_port
+
+    proc, _ = baton_process("worker", "--nats", f"nats://127.0.0.1:{free_port()}",
+                            ready=r"NATS baton-worker: ConnectionRefusedError")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 128 + signal.SIGTERM
+
+
 def test_invalid_configuration_is_a_clear_error_not_a_traceback():
     out = subprocess.run([sys.executable, "-m", "baton", "serve", "--workers", "0"],
                          capture_output=True, text=True, timeout=30)

@@ -22,7 +22,10 @@ NATS_PORT = 4222
 
 
 @pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
+def procs(monkeypatch) -> Iterator[list[subprocess.Popen[str]]]:
+    """The processes a test starts (killed at its end); they share a cluster token, which
+    listening beyond loopback requires."""
+    monkeypatch.setenv("BATON_CLUSTER_TOKEN", "netns-test-token")
     running: list[subprocess.Popen[str]] = []
     yield running
     for proc in reversed(running):

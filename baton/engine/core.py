@@ -45,6 +45,7 @@ from baton.kv.events import KvStored
 from baton.kv.store import BlockStore
 from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams
 from baton.runtime.net import Listener
+from baton.runtime.peer_auth import PeerAuth
 from baton.runtime.tasks import cancel_and_wait
 from baton.transfer import KvTransferClient, KvTransferError, KvTransferServer
 
@@ -130,9 +131,11 @@ class EngineCore:
 
     def __init__(
         self, config: EngineConfig, executor: Executor, *, name: str = "engine",
-        kv_listener: Listener | None = None,
+        kv_listener: Listener | None = None, auth: PeerAuth | None = None,
     ) -> None:
         self.config = config
+        self._auth = auth
+        """The cluster token the KV transfer server asks for and the client proves."""
         self._kv_listener = kv_listener or Listener()
         """Where the KV transfer server listens (with ``tcp`` or ``shm``)."""
         self.block_size = config.block_size
@@ -168,11 +171,11 @@ class EngineCore:
         self._transfer_server = KvTransferServer(
             self.executor.store, name=f"{self._name}-{id(self):x}", tcp=mode != "inproc",
             host=listen.host, port=listen.port, advertise_host=listen.advertise_host,
-            hold_timeout_s=self.config.kv_hold_timeout_s,
+            auth=self._auth, hold_timeout_s=self.config.kv_hold_timeout_s,
         )
         await self._transfer_server.start()
         self._transfer_client = KvTransferClient(
-            timeout_s=self.config.kv_transfer_timeout_s, use_shm=mode == "shm"
+            timeout_s=self.config.kv_transfer_timeout_s, use_shm=mode == "shm", auth=self._auth
         )
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name=self._name)

@@ -38,6 +38,7 @@ from baton.engine.timing import sleep_seconds, timing_model
 from baton.kv.store import BlockStore
 from baton.protocol import GenerateRequest
 from baton.runtime.net import Listener
+from baton.runtime.peer_auth import PeerAuth
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,11 @@ class SimulatedEngine(EngineCore):
 
     def __init__(
         self, config: EngineConfig, *, vocab: Sequence[int], kv_bytes_per_token: int = 0,
-        kv_listener: Listener | None = None,
+        kv_listener: Listener | None = None, auth: PeerAuth | None = None,
     ) -> None:
         self._sim = SimulatedExecutor(config, vocab=vocab, kv_bytes_per_token=kv_bytes_per_token)
-        super().__init__(config, self._sim, name="mock-engine", kv_listener=kv_listener)
+        super().__init__(config, self._sim, name="mock-engine", kv_listener=kv_listener,
+                         auth=auth)
 
     @property
     def simulated_ms(self) -> float:

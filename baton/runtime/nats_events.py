@@ -36,8 +36,9 @@ import contextlib
 import logging
 import math
 import re
+import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 import msgspec
@@ -52,12 +53,23 @@ from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-async def connect_nats(url: str, *, name: str, reconnect_time_wait_s: float = 0.25) -> Client:
+async def connect_nats(
+    url: str, *, name: str, reconnect_time_wait_s: float = 0.25,
+    options: Mapping[str, Any] | None = None,
+) -> Client:
     """A nats-py client that reconnects forever, ``reconnect_time_wait_s`` between tries, and
-    logs connection trouble as one line each (nats-py's default logs a traceback per try)."""
+    logs connection trouble as one line each (nats-py's default logs a traceback per try).
+    ``options`` go to ``nats.connect`` as they are: credentials, NKey seed, TLS context.
+
+    A server that is not there yet is waited for; one that refuses this process (wrong
+    credentials, a certificate not trusted) fails the first connection with
+    ``ConnectionError``, as retrying cannot help."""
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(exc: Exception) -> None:
         log.warning("NATS %s: %s: %s", name, type(exc).__name__, exc)
+        if _refused(exc) and not refused.done():
+            refused.set_result(exc)
 
     async def on_disconnected() -> None:
         log.warning("NATS %s: disconnected", name)
@@ -65,7 +77,7 @@ async def connect_nats(url: str, *, name: str, reconnect_time_wait_s: float = 0.
     async def on_reconnected() -> None:
         log.info("NATS %s: reconnected", name)
 
-    return await nats.connect(
+    connecting = asyncio.ensure_future(nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
@@ -74,7 +86,35 @@ async def connect_nats(url: str, *, name: str, reconnect_time_wait_s: float = 0.
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
-    )
+        **(options or {}),
+    ))
+    try:
+        waits: set[asyncio.Future[Any]] = {connecting, refused}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not connecting.done():
+            connecting.cancel()
+    if connecting.done() and not connecting.cancelled():
+        return connecting.result()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await connecting
+    exc = refused.result()
+    raise ConnectionError(f"NATS at {redact_url(url)} refused this process: "
+                          f"{type(exc).__name__}: {exc}")
+
+
+def _refused(exc: Exception) -> bool:
+    """Errors no retry can mend: credentials the server rejects, TLS that cannot succeed."""
+    text = str(exc).lower()
+    return (isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError
+                       | nats.errors.SecureConnRequiredError | nats.errors.SecureConnWantedError)
+            or "authorization violation" in text or "authentication" in text)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the user and password (or token) it may carry."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
 
 
 class NatsConnection:

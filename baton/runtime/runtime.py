@@ -17,6 +17,7 @@ from baton.errors import TransportError
 from baton.runtime.discovery import Discovery
 from baton.runtime.endpoint import EndpointServer
 from baton.runtime.events import EventPlane, MemoryEventPlane
+from baton.runtime.peer_auth import PeerAuth
 from baton.runtime.tcp import TcpClientPool, TcpServer
 
 
@@ -80,14 +81,17 @@ class Runtime:
         events: EventPlane | None = None,
         namespace: str = RuntimeConfig.namespace,
         tcp_pool_size: int = 2,
+        auth: PeerAuth | None = None,
     ) -> None:
         self.discovery = discovery
+        self.auth = auth
+        """The cluster token this process proves and asks for on TCP (None: none)."""
         self.namespace = namespace
         """Scopes what components register and the subjects they publish on."""
         self.events: EventPlane = events if events is not None else MemoryEventPlane()
         self._local: dict[str, EndpointServer] = {}
         self._tcp_servers: list[TcpServer] = []
-        self._tcp_pool = TcpClientPool(pool_size=tcp_pool_size)
+        self._tcp_pool = TcpClientPool(pool_size=tcp_pool_size, auth=auth)
         self.client = RequestClient(self._local, self._tcp_pool)
 
     def serve_local(self, instance_id: int, endpoints: EndpointServer) -> str:
@@ -104,7 +108,7 @@ class Runtime:
     async def serve_tcp(
         self, endpoints: EndpointServer, host: str, port: int, *, advertise_host: str | None = None
     ) -> TcpServer:
-        server = TcpServer(endpoints, host, port, advertise_host=advertise_host)
+        server = TcpServer(endpoints, host, port, advertise_host=advertise_host, auth=self.auth)
         await server.start()
         self._tcp_servers.append(server)
         return server

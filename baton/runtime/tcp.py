@@ -60,6 +60,14 @@ from baton.runtime.frames import (
     encode_payload,
 )
 from baton.runtime.net import advertised_host, keep_alive, parse_tcp_address, tcp_address
+from baton.runtime.peer_auth import (
+    HANDSHAKE_TIMEOUT_S,
+    MAGIC,
+    PeerAuth,
+    connect,
+    gate_server,
+    require_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +206,10 @@ class TcpServer:
 
     def __init__(
         self, endpoints: EndpointServer, host: str = "127.0.0.1", port: int = 0, *,
-        advertise_host: str | None = None,
+        advertise_host: str | None = None, auth: PeerAuth | None = None,
     ) -> None:
+        require_token(host, auth, "request plane")
+        self._auth = auth
         self._endpoints = endpoints
         self._host = host
         self._port = port
@@ -211,7 +221,8 @@ class TcpServer:
     async def start(self) -> str:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self._endpoints, self), self._host, self._port
+            gate_server(lambda: _ServerConnection(self._endpoints, self), self._auth),
+            self._host, self._port,
         )
         port = self._server.sockets[0].getsockname()[1]
         self.address = tcp_address(self._advertise, port)
@@ -276,6 +287,7 @@ class _ClientConnection(asyncio.Protocol):
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
         self._paused = False
+        self._why = ""
         self.closed = False
 
     @property
@@ -289,7 +301,9 @@ class _ClientConnection(asyncio.Protocol):
         try:
             frames = self._reader.feed(data)
         except FrameError as exc:
-            log.warning("dropping connection to %s: %s", self.address, exc)
+            if data.startswith(MAGIC):
+                self._why = "it asks for a cluster token and this process has none"
+            log.warning("dropping connection to %s: %s", self.address, self._why or exc)
             self.close()
             return
         for frame in frames:
@@ -309,13 +323,19 @@ class _ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        gone = PeerGoneError(f"worker at {self.address} went away", address=self.address)
         for stream in self._streams.values():
-            stream.push(gone)
+            stream.push(self._gone())
+
+    def _gone(self) -> PeerGoneError:
+        why = f": {self._why}" if self._why else ""
+        return PeerGoneError(f"worker at {self.address} went away{why}", address=self.address)
 
     def open(self, endpoint: str, payload: msgspec.Raw) -> tuple[int, _Stream]:
         sid = next(self._ids)
         stream = self._streams[sid] = _Stream()
+        if self.closed:  # lost between being picked and this call
+            stream.push(self._gone())
+            return sid, stream
         assert self._transport is not None
         self._transport.write(encode_frame(Call(sid, endpoint, payload)))
         return sid, stream
@@ -340,7 +360,10 @@ class _ClientConnection(asyncio.Protocol):
 class TcpClientPool:
     """Pooled, multiplexed connections to TCP request-plane servers."""
 
-    def __init__(self, *, pool_size: int = 2, connect_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self, *, pool_size: int = 2, connect_timeout_s: float = 3.0, auth: PeerAuth | None = None
+    ) -> None:
+        self._auth = auth
         self._pool_size = pool_size
         self._connect_timeout_s = connect_timeout_s
         self._pools: dict[str, list[_ClientConnection]] = {}
@@ -407,11 +430,10 @@ class TcpClientPool:
 
     async def _connect(self, address: str) -> _ClientConnection:
         host, port = parse_tcp_address(address)
-        loop = asyncio.get_running_loop()
         try:
             transport, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _ClientConnection(address), host, port),
-                self._connect_timeout_s,
+                connect(lambda: _ClientConnection(address), host, port, self._auth),
+                self._connect_timeout_s + (HANDSHAKE_TIMEOUT_S if self._auth else 0),
             )
         except (TimeoutError, OSError) as exc:
             raise TransportError(f"cannot reach {address}: {exc}", address=address) from exc

@@ -18,6 +18,7 @@ import msgspec
 from baton.kv.store import BlockStore, SharedBlocks, block_runs, copy_blocks
 from baton.protocol import KvTransferParams
 from baton.runtime.net import keep_alive, parse_tcp_address
+from baton.runtime.peer_auth import PeerAuth, connect
 from baton.transfer.inproc import pull_inproc, release_inproc
 from baton.transfer.wire import (
     INPROC,
@@ -210,7 +211,10 @@ class KvTransferClient:
     """Destination side, one per worker: pulls blocks into a ``BlockStore``. Pools TCP
     connections per address and caches shared-memory attachments per segment."""
 
-    def __init__(self, *, timeout_s: float = 10.0, use_shm: bool = True) -> None:
+    def __init__(
+        self, *, timeout_s: float = 10.0, use_shm: bool = True, auth: PeerAuth | None = None
+    ) -> None:
+        self._auth = auth
         self._timeout_s = timeout_s
         self._use_shm = use_shm
         self._idle: dict[str, list[_ClientConnection]] = {}
@@ -392,7 +396,7 @@ class KvTransferClient:
                 conn.reused, conn.heard = True, False
                 return conn
             self._connections.discard(conn)
-        conn = await _connect(address)
+        conn = await _connect(address, self._auth)
         if self._closed:
             conn.abort()
             raise KvTransferError("the KV transfer client is closed", address=address)
@@ -438,13 +442,10 @@ def _check_reply(reply: Reply, params: KvTransferParams) -> None:
         )
 
 
-async def _connect(address: str) -> _ClientConnection:
+async def _connect(address: str, auth: PeerAuth | None) -> _ClientConnection:
     try:
         host, port = parse_tcp_address(address)
-        loop = asyncio.get_running_loop()
-        transport, conn = await loop.create_connection(
-            lambda: _ClientConnection(address), host, port
-        )
+        transport, conn = await connect(lambda: _ClientConnection(address), host, port, auth)
     except (OSError, ValueError) as exc:
         raise KvTransferError(f"cannot reach {address}: {exc}", address=address) from exc
     conn.connection_made(transport)  # uvloop may not have called it yet; it is idempotent

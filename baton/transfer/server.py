@@ -18,6 +18,7 @@ import msgspec
 
 from baton.kv.store import BlockStore, block_runs, copy_blocks
 from baton.runtime.net import advertised_host, keep_alive, tcp_address
+from baton.runtime.peer_auth import PeerAuth, gate_server, require_token
 from baton.runtime.tasks import cancel_and_wait
 from baton.transfer import inproc
 from baton.transfer.wire import (
@@ -66,6 +67,7 @@ class KvTransferServer:
         host: str = "127.0.0.1",
         port: int = 0,
         advertise_host: str | None = None,
+        auth: PeerAuth | None = None,
         hold_timeout_s: float = 30.0,
     ) -> None:
         self.store = store
@@ -75,6 +77,9 @@ class KvTransferServer:
         self._host = host
         self._port = port
         self._advertise = advertised_host(host, advertise_host) if tcp else ""
+        if tcp:
+            require_token(host, auth, "KV transfer server")
+        self._auth = auth
         self._holds: dict[str, _Hold] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -88,7 +93,7 @@ class KvTransferServer:
         self._loop = asyncio.get_running_loop()
         if self._tcp:
             self._server = await self._loop.create_server(
-                lambda: _ServerConnection(self), self._host, self._port
+                gate_server(lambda: _ServerConnection(self), self._auth), self._host, self._port
             )
             port = self._server.sockets[0].getsockname()[1]
             self._tcp_address = tcp_address(self._advertise, port)

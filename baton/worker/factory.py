@@ -12,16 +12,18 @@ from baton.preprocess import ModelCard, Tokenizer, resolve_model
 from baton.protocol import ModelFiles
 from baton.runtime import Runtime
 from baton.runtime.net import Listener
+from baton.runtime.peer_auth import PeerAuth
 from baton.worker.worker import Worker
 
 
-def build_engine(config: WorkerConfig, card: ModelCard) -> Engine:
-    """The configured engine over the model in ``card.path``."""
+def build_engine(config: WorkerConfig, card: ModelCard, auth: PeerAuth | None = None) -> Engine:
+    """The configured engine over the model in ``card.path``; its KV transfer asks for and
+    proves ``auth``."""
     if config.engine.kind == "hf":
         from baton.engine.hf.engine import HfEngine  # imports torch: only when asked for
 
-        return HfEngine(config.engine, card.path, kv_listener=kv_listener(config))
-    return _simulated(config, card)
+        return HfEngine(config.engine, card.path, kv_listener=kv_listener(config), auth=auth)
+    return _simulated(config, card, auth)
 
 
 def kv_listener(config: WorkerConfig) -> Listener:
@@ -29,7 +31,7 @@ def kv_listener(config: WorkerConfig) -> Listener:
     return Listener(config.host, config.kv_port, config.advertise_host)
 
 
-def _simulated(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
+def _simulated(config: WorkerConfig, card: ModelCard, auth: PeerAuth | None) -> SimulatedEngine:
     """The simulated engine draws output tokens from the vocabulary minus special tokens and
     minus byte fragments that do not decode to text on their own (so its output is readable)."""
     raw = Tokenizer(card).raw
@@ -39,7 +41,7 @@ def _simulated(config: WorkerConfig, card: ModelCard) -> SimulatedEngine:
         if t not in special and "\ufffd" not in raw.decode([t], skip_special_tokens=False)
     ]
     return SimulatedEngine(config.engine, vocab=vocab, kv_bytes_per_token=card.kv_bytes_per_token,
-                           kv_listener=kv_listener(config))
+                           kv_listener=kv_listener(config), auth=auth)
 
 
 MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
@@ -73,7 +75,8 @@ def build_worker(config: WorkerConfig, runtime: Runtime, *, instance_id: int | N
         raise ValueError(f"model_name: the model folder's name {card.name!r} is not a valid "
                          "model name; give one with --model-name")
     worker_id = instance_id if instance_id is not None else config.worker_id
-    worker = Worker(config, runtime, lambda: build_engine(config, card), model_name=card.name,
+    worker = Worker(config, runtime, lambda: build_engine(config, card, runtime.auth),
+                    model_name=card.name,
                     instance_id=worker_id)
     worker.model_path = str(folder)
     worker.model_files = read_model_files(folder, card.name)

@@ -24,6 +24,7 @@ from baton.engine.scheduler import Scheduler
 from baton.engine.step import SchedulerOutput
 from baton.protocol import GenerateRequest
 from baton.runtime.net import Listener
+from baton.runtime.peer_auth import PeerAuth
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,12 @@ class HfEngine(EngineCore):
     """The engine shell over an ``HfExecutor``; its pool is capped by ``kv_cache_bytes``."""
 
     def __init__(
-        self, config: EngineConfig, model_dir: Path, *, kv_listener: Listener | None = None
+        self, config: EngineConfig, model_dir: Path, *, kv_listener: Listener | None = None,
+        auth: PeerAuth | None = None,
     ) -> None:
         executor = HfExecutor(config, model_dir)
         scheduler = dataclasses.replace(config.scheduler, num_blocks=executor.num_blocks)
         super().__init__(
             dataclasses.replace(config, scheduler=scheduler), executor, name="hf-engine",
-            kv_listener=kv_listener,
+            kv_listener=kv_listener, auth=auth,
         )
