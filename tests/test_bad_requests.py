@@ -129,6 +129,11 @@ def test_a_body_declared_far_over_the_limit_is_refused_before_it_is_read(server)
         started = time.monotonic()
         head = sock.recv(65536)
         assert time.monotonic() - started < 2
+        while b"invalid_request_error" not in head and time.monotonic() - started < 5:
+            more = sock.recv(65536)  # the body may come in a packet of its own
+            if not more:
+                break
+            head += more
     assert head.startswith(b"HTTP/1.1 413")
     assert b'"type":"invalid_request_error"' in head.replace(b" ", b"")
 

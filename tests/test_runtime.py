@@ -28,6 +28,7 @@ class CountingService:
     def __init__(self) -> None:
         self.started = 0
         self.closed = 0
+        self.yielded = 0
         self.endpoints = EndpointServer()
         self.endpoints.add("count", self.count, Count, Item)
         self.endpoints.add("boom", self.boom, Count, Item)
@@ -39,6 +40,7 @@ class CountingService:
             for i in range(req.n):
                 if req.delay_s:
                     await asyncio.sleep(req.delay_s)
+                self.yielded += 1
                 yield Item(i)
         finally:
             self.closed += 1
@@ -158,15 +160,16 @@ async def test_closing_a_server_delivers_what_it_sent_even_while_the_client_keep
     included, reaches the client, even when the client's next calls arrive during the close
     (closing a socket with unread input resets the connection, and a reset makes the peer
     drop what it had not read yet)."""
-    from baton.runtime.tcp import TcpClientPool, TcpServer
+    from baton.runtime.tcp import STREAM_WINDOW, TcpClientPool, TcpServer
 
     service = CountingService()
     server = TcpServer(service.endpoints)
     address = await server.start()
     client = TcpClientPool(pool_size=1)
+    n = STREAM_WINDOW  # all within the stream's window: the server finishes it at once
     try:
-        stream = client.stream(address, "count", Count(n=20_000), Item)
-        first = await anext(stream)  # the server writes the rest at once; we read it later
+        stream = client.stream(address, "count", Count(n=n), Item)
+        first = await anext(stream)  # we read the rest later
         assert first == Item(0)
         await asyncio.sleep(0.2)
 
@@ -183,9 +186,64 @@ async def test_closing_a_server_delivers_what_it_sent_even_while_the_client_keep
         await server.close()
         rest = [item async for item in stream]
         caller.cancel()
-        assert [item.i for item in rest] == list(range(1, 20_000))
+        assert [item.i for item in rest] == list(range(1, n))
     finally:
         await client.close()
+
+
+async def test_a_stream_nobody_reads_stalls_only_itself():
+    """Per-stream flow control: a stream whose reader stopped (a slow SSE client) holds its
+    handler at the window; other streams on the same connection run to the end."""
+    from baton.runtime.tcp import STREAM_WINDOW, TcpClientPool, TcpServer
+
+    slow, fast = CountingService(), CountingService()
+    endpoints = slow.endpoints
+    endpoints.add("fast", fast.count, Count, Item)
+    async with TcpServer(endpoints) as server:
+        client = TcpClientPool(pool_size=1)  # one connection for both streams
+        try:
+            stalled = client.stream(server.address, "count", Count(n=1_000_000), Item)
+            assert await anext(stalled) == Item(0)
+            items = await asyncio.wait_for(
+                collect(client.stream(server.address, "fast", Count(n=20_000), Item)), 10)
+            assert len(items) == 20_000
+            assert slow.yielded <= STREAM_WINDOW + 2  # its handler waits for credit
+            for _ in range(3 * STREAM_WINDOW):  # reading again resumes it
+                await anext(stalled)
+            assert slow.yielded > 3 * STREAM_WINDOW
+            await stalled.aclose()
+        finally:
+            await client.close()
+
+
+async def test_a_server_bounds_streams_per_connection_and_connections_per_peer():
+    from baton.runtime.tcp import TcpClientPool, TcpServer
+
+    service = CountingService()
+    async with TcpServer(service.endpoints, max_streams=2, max_connections_per_peer=2) as server:
+        client = TcpClientPool(pool_size=1)
+        try:
+            open_ = [client.stream(server.address, "count", Count(n=10, delay_s=1), Item)
+                     for _ in range(2)]
+            for stream in open_:
+                assert await anext(stream) == Item(0)
+            with pytest.raises(OverloadedError) as err:
+                await collect(client.stream(server.address, "count", Count(n=1), Item))
+            assert err.value.code == "too_many_streams"
+            for stream in open_:
+                await stream.aclose()
+            while service.closed < 2:  # the cancels reach the server
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)
+            assert [x.i for x in await collect(
+                client.stream(server.address, "count", Count(n=2), Item))] == [0, 1]
+        finally:
+            await client.close()
+        host, port = server.address.removeprefix("tcp://").rsplit(":", 1)
+        conns = [await asyncio.open_connection(host, int(port)) for _ in range(3)]
+        assert await asyncio.wait_for(conns[2][0].read(), 2) == b""  # the third is closed
+        for _, writer in conns:
+            writer.close()
 
 
 async def test_an_undecodable_call_gets_an_error_frame_and_the_connection_lives_on():

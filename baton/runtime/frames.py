@@ -6,6 +6,10 @@ abort); the server answers each stream with any number of ``Data`` frames and th
 one ``End`` or ``Fail``. Payloads are nested msgpack (``msgspec.Raw``) so the frame layer
 never needs to know the endpoint's types.
 
+Flow control is per stream: a ``Call`` grants the server ``window`` ``Data`` frames (0: no
+limit) and each ``Credit`` grants more, as the caller consumes them. A stream nobody reads
+stops its own sender and nobody else's.
+
 The reader never raises anything but ``FrameError`` (a broken byte stream: drop the
 connection). A frame that does not decode (malformed, or nested too deeply for the decoder)
 but names a call's stream comes out as a ``BadCall``, which the server answers with a
@@ -23,10 +27,18 @@ class Call(msgspec.Struct, tag="call", array_like=True):
     stream_id: int
     endpoint: str
     payload: msgspec.Raw
+    window: int = 0
+    """``Data`` frames the server may send before the next ``Credit`` (0: no limit)."""
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
     stream_id: int
+
+
+class Credit(msgspec.Struct, tag="credit", array_like=True):
+    stream_id: int
+    frames: int
+    """More ``Data`` frames the server may send on the stream."""
 
 
 class Data(msgspec.Struct, tag="data", array_like=True):
@@ -47,7 +59,7 @@ class Fail(msgspec.Struct, tag="fail", array_like=True):
     code: str | None = None
 
 
-Frame = Call | Cancel | Data | End | Fail
+Frame = Call | Cancel | Credit | Data | End | Fail
 
 
 class BadCall(msgspec.Struct, array_like=True):

@@ -8,9 +8,13 @@ keeps up to ``pool_size`` connections per address and spreads streams over them;
 peer disappears every open stream on it fails with ``PeerGoneError`` and new calls get a
 ``TransportError`` at once (no hang).
 
-Backpressure: a server stream waits while its transport's write buffer is over the high-water
-mark; a client connection stops reading while any of its streams holds more than
-``_STREAM_HIGH_WATER`` undelivered frames.
+Backpressure is per stream: the client grants each stream ``STREAM_WINDOW`` frames and more
+as its reader consumes them (``Credit``), so a stream nobody reads (a slow SSE client) stops
+only its own handler, never the other streams of its connection nor the heartbeat and event
+feeds beside it. A server stream also waits while its transport's write buffer is over the
+high-water mark (a slow network). A server bounds the streams open on one connection
+(``max_streams``: more get a 529 ``Fail``) and the connections from one peer address
+(``max_connections_per_peer``: more are closed at once).
 
 Dead peers: every connection has TCP keepalive and a user timeout (``net.keep_alive``). A client stream may also carry
 deadlines (the first frame within ``first_timeout_s``, each next one within
@@ -51,6 +55,7 @@ from baton.runtime.frames import (
     BadCall,
     Call,
     Cancel,
+    Credit,
     Data,
     End,
     Fail,
@@ -71,7 +76,11 @@ from baton.runtime.peer_auth import (
 
 log = logging.getLogger(__name__)
 
-_STREAM_HIGH_WATER = 256
+STREAM_WINDOW = 64
+"""``Data`` frames a stream may have in flight before its reader consumes them."""
+MAX_STREAMS = 4096
+"""Streams one connection may have open on a server."""
+MAX_CONNECTIONS_PER_PEER = 64
 CLOSE_GRACE_S = 2.0
 """How long a closing server waits for its peers to close after its last bytes."""
 _decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
@@ -94,6 +103,8 @@ class _ServerConnection(asyncio.Protocol):
         self._reader = FrameReader()
         self._transport: asyncio.Transport | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._windows: dict[int, _Window] = {}
+        self._peer: str | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._finishing = False
@@ -104,7 +115,13 @@ class _ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio.Transport
         keep_alive(transport)
-        self._owner._connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if peer else ""
+        if not self._owner._admit(self, self._peer):
+            self._peer = None
+            log.warning("refused a request-plane connection from %s: it has %d open already",
+                        peer, self._owner.max_connections_per_peer)
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._finishing:
@@ -120,13 +137,17 @@ class _ServerConnection(asyncio.Protocol):
                 self._start(frame)
             elif isinstance(frame, BadCall):
                 self._write(Fail(frame.stream_id, "invalid_request", frame.message, 400))
+            elif isinstance(frame, Credit):
+                window = self._windows.get(frame.stream_id)
+                if window is not None:
+                    window.grant(frame.frames)
             elif isinstance(frame, Cancel):
                 task = self._tasks.get(frame.stream_id)
                 if task is not None:
                     task.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._owner._connections.discard(self)
+        self._owner._release(self, self._peer)
         self._can_write.set()
         for task in list(self._tasks.values()):
             task.cancel()
@@ -164,20 +185,29 @@ class _ServerConnection(asyncio.Protocol):
             self._transport.write(encode_frame(frame))
 
     def _start(self, call: Call) -> None:
-        if call.stream_id in self._tasks:
-            self._write(Fail(call.stream_id, "protocol_error", "duplicate stream id", 400))
-            return
         sid = call.stream_id
-        task = asyncio.get_running_loop().create_task(self._serve(call))
+        if sid in self._tasks:
+            self._write(Fail(sid, "protocol_error", "duplicate stream id", 400))
+            return
+        if len(self._tasks) >= self._owner.max_streams:
+            self._write(Fail(sid, "OverloadedError", f"{len(self._tasks)} streams are open on "
+                             "this connection already", 529, "too_many_streams"))
+            return
+        window = self._windows[sid] = _Window(call.window)
+        task = asyncio.get_running_loop().create_task(self._serve(call, window))
         self._tasks[sid] = task
-        task.add_done_callback(lambda _: self._tasks.pop(sid, None))
+        task.add_done_callback(lambda _: self._forget(sid))
 
-    async def _serve(self, call: Call) -> None:
+    def _forget(self, sid: int) -> None:
+        self._tasks.pop(sid, None)
+        self._windows.pop(sid, None)
+
+    async def _serve(self, call: Call, window: _Window) -> None:
         sid = call.stream_id
         try:
             spec = self._endpoints.get(call.endpoint)
             request = _decoder(spec.request_type).decode(call.payload)
-            await self._stream(sid, spec, request)
+            await self._stream(sid, spec, request, window)
             self._write(End(sid))
         except asyncio.CancelledError:
             pass  # the caller cancelled or went away: nobody to answer
@@ -193,12 +223,39 @@ class _ServerConnection(asyncio.Protocol):
             log.exception("endpoint %s failed", call.endpoint)
             self._write(Fail(sid, "internal", f"{type(exc).__name__}: {exc}", 500))
 
-    async def _stream(self, sid: int, spec: EndpointSpec, request: Any) -> None:
+    async def _stream(self, sid: int, spec: EndpointSpec, request: Any, window: _Window) -> None:
         async with contextlib.aclosing(spec.handler(request)) as items:
             async for item in items:
+                await window.take()
                 self._write(Data(sid, encode_payload(item)))
                 if not self._can_write.is_set():
                     await self._can_write.wait()
+
+
+class _Window:
+    """The ``Data`` frames a server stream may still send (``Call.window`` then each
+    ``Credit``); ``take`` waits for credit."""
+
+    __slots__ = ("_credit", "_unlimited", "_waiter")
+
+    def __init__(self, frames: int) -> None:
+        self._credit = frames
+        self._unlimited = frames <= 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def grant(self, frames: int) -> None:
+        self._credit += max(frames, 0)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> None:
+        while not self._unlimited and self._credit <= 0:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._credit -= 1
 
 
 class TcpServer:
@@ -207,9 +264,13 @@ class TcpServer:
     def __init__(
         self, endpoints: EndpointServer, host: str = "127.0.0.1", port: int = 0, *,
         advertise_host: str | None = None, auth: PeerAuth | None = None,
+        max_streams: int = MAX_STREAMS, max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
     ) -> None:
         require_token(host, auth, "request plane")
         self._auth = auth
+        self.max_streams = max_streams
+        self.max_connections_per_peer = max_connections_per_peer
+        self._per_peer: dict[str, int] = {}
         self._endpoints = endpoints
         self._host = host
         self._port = port
@@ -227,6 +288,20 @@ class TcpServer:
         port = self._server.sockets[0].getsockname()[1]
         self.address = tcp_address(self._advertise, port)
         return self.address
+
+    def _admit(self, conn: _ServerConnection, peer: str) -> bool:
+        if self._per_peer.get(peer, 0) >= self.max_connections_per_peer:
+            return False
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self._connections.add(conn)
+        return True
+
+    def _release(self, conn: _ServerConnection, peer: str | None) -> None:
+        self._connections.discard(conn)
+        if peer is not None:
+            left = self._per_peer.pop(peer, 1) - 1
+            if left:
+                self._per_peer[peer] = left
 
     async def close(self, *, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stops accepting and ends every connection gracefully (see the module docstring);
@@ -258,13 +333,15 @@ class TcpServer:
 
 
 class _Stream:
-    """The receiving end of one call: undelivered frames and a waiter."""
+    """The receiving end of one call: undelivered frames, a waiter, and the frames consumed
+    since the last ``Credit``."""
 
-    __slots__ = ("frames", "waiter")
+    __slots__ = ("frames", "waiter", "unacked")
 
     def __init__(self) -> None:
         self.frames: deque[Data | End | Fail | BaseException] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        self.unacked = 0
 
     def push(self, item: Data | End | Fail | BaseException) -> None:
         self.frames.append(item)
@@ -286,7 +363,6 @@ class _ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
-        self._paused = False
         self._why = ""
         self.closed = False
 
@@ -315,11 +391,12 @@ class _ClientConnection(asyncio.Protocol):
             stream = self._streams.get(frame.stream_id)
             if stream is None:
                 continue  # a stream we already cancelled
+            if len(stream.frames) > STREAM_WINDOW + 1:  # beyond its credit: a broken peer
+                log.warning("dropping connection to %s: it overran a stream's window",
+                            self.address)
+                self.close()
+                return
             stream.push(frame)
-            if len(stream.frames) > _STREAM_HIGH_WATER and not self._paused:
-                self._paused = True
-                assert self._transport is not None
-                self._transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -337,20 +414,21 @@ class _ClientConnection(asyncio.Protocol):
             stream.push(self._gone())
             return sid, stream
         assert self._transport is not None
-        self._transport.write(encode_frame(Call(sid, endpoint, payload)))
+        self._transport.write(encode_frame(Call(sid, endpoint, payload, STREAM_WINDOW)))
         return sid, stream
+
+    def consumed(self, sid: int, stream: _Stream) -> None:
+        """The reader took a ``Data`` frame of ``stream``: credit the server by halves."""
+        stream.unacked += 1
+        if stream.unacked >= STREAM_WINDOW // 2 and not self.closed:
+            assert self._transport is not None
+            self._transport.write(encode_frame(Credit(sid, stream.unacked)))
+            stream.unacked = 0
 
     def release(self, sid: int, *, cancel: bool) -> None:
         self._streams.pop(sid, None)
         if cancel and not self.closed and self._transport is not None:
             self._transport.write(encode_frame(Cancel(sid)))
-        self._maybe_resume()
-
-    def _maybe_resume(self) -> None:
-        if self._paused and all(len(s.frames) <= _STREAM_HIGH_WATER // 2 for s in self._streams.values()):
-            self._paused = False
-            if self._transport is not None and not self.closed:
-                self._transport.resume_reading()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -392,8 +470,8 @@ class TcpClientPool:
                 frame = await _next_frame(stream, timeout_s, address, endpoint)
                 timeout_s = idle_timeout_s
                 if isinstance(frame, Data):
+                    conn.consumed(sid, stream)
                     yield decoder.decode(frame.payload)
-                    conn._maybe_resume()
                 elif isinstance(frame, End):
                     finished = True
                     return
