@@ -110,15 +110,20 @@ class EngineConfig:
     fault_on_token: int | None = setting(
         None, "testing: the engine faults on the first step computing a request whose prompt "
         "holds this token id", default_help="never")
+    fault_after_steps: int | None = setting(
+        None, "testing: the engine faults at its Nth step (so a restarted one faults again "
+        "N steps later)", default_help="never")
     fault_mode: FaultMode = setting(
-        "raise", "testing: how --fault-on-token faults: the step raises, or hangs until the "
-        "step timeout")
+        "raise", "testing: how an injected fault happens: the step raises, or hangs until "
+        "the step timeout")
 
     def __post_init__(self) -> None:
         check_choices(self)
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
         for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "step_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.fault_after_steps is None or self.fault_after_steps >= 1,
+                "fault_after_steps", "must be >= 1")
 
     @property
     def block_size(self) -> int:

@@ -1,12 +1,29 @@
-"""Chaos: workers killed and restarted under load; are any requests lost?
+"""Chaos: workers that die, hang, fault or drop off the network under load, and clients that
+stop reading; are any requests lost, and how long does a client wait?
 
 What is measured
     A graph of one frontend and ``--workers`` simulated workers on its own nats-server runs
-    under a closed loop of streaming chat completions while, every ``--kill-interval-s``,
-    a random live worker gets SIGKILL (its whole process group, as the supervisor does);
-    the supervisor restarts it. Per request the client records TTFT, completion, finish
-    reason, ``usage.completion_tokens`` vs ``max_tokens`` (``ignore_eos``, so they must be
-    equal) and whether the stream was well formed. The goal: zero lost requests.
+    under a closed loop of streaming chat completions while a ``--scenario`` plays out:
+
+    * ``kill``: every ``--kill-interval-s`` a random live worker gets SIGKILL (its whole
+      process group, as the supervisor does); the supervisor restarts it.
+    * ``stop``: every interval a random live worker is frozen (SIGSTOP) for ``--pause-s``,
+      then resumed (SIGCONT): a hung process that holds its connections open.
+    * ``partition``: each worker runs in a network namespace of its own, joined to the
+      frontend and NATS by a switch; every interval a random worker's link drops every
+      packet both ways (a ``blackhole`` qdisc) for ``--pause-s``. Needs root and iproute2.
+    * ``fault-raise`` / ``fault-hang``: every worker's engine faults at its
+      ``--fault-after-steps``-th step (a step that raises; a step that hangs until the step
+      timeout), is replaced, and faults again as many steps later.
+    * ``slow-clients``: ``--slow-clients`` extra clients each open a long stream and never
+      read it, for the whole run.
+
+    The frontend runs with short deadlines (``--first-token-timeout-s``,
+    ``--inter-token-timeout-s``) so that a hung or cut-off worker's streams move on within
+    them. Per request the client records TTFT, the longest gap between two tokens,
+    completion, finish reason, ``usage.completion_tokens`` vs ``max_tokens`` (``ignore_eos``,
+    so they must be equal) and whether the stream was well formed. The goal: zero lost
+    requests, and no client waiting longer than the deadlines (plus a migration).
 
     * failed: HTTP status other than 200, a client/transport error or timeout, or an
       ``{"error": ...}`` event in the stream.
@@ -27,21 +44,27 @@ How
 
     .venv/bin/python benches/chaos.py                       # 2,000 requests, ~2-3 min
     .venv/bin/python benches/chaos.py --requests 200 --max-seconds 60   # quick
+    .venv/bin/python benches/chaos.py --scenario stop --requests 600
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import random
+import re
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -239,31 +262,136 @@ async def _load(url: str, model: str, args: argparse.Namespace, records: list[Re
 # ------------------------------------------------------------------------------ the chaos
 
 
-async def _chaos(graph: Graph, args: argparse.Namespace, kills: list[dict], t0: float,
-                 stop: asyncio.Event) -> None:
+class Target:
+    """A worker process the chaos can hit."""
+
+    def __init__(self, name: str, pid_of: Callable[[], int | None],
+                 ready: Callable[[], bool], link: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self._pid_of = pid_of
+        self._ready = ready
+        self.link = link
+        """``partition``: (host namespace, its interface, switch namespace, switch port)."""
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid_of()
+
+    @property
+    def live(self) -> bool:
+        return self._ready() and self.pid is not None
+
+
+def _blackhole(target: Target, on: bool) -> None:
+    """Drops every packet to and from ``target``'s host (both ends of its link), or stops."""
+    host_ns, host_if, switch_ns, switch_if = target.link
+    for ns, dev in ((host_ns, host_if), (switch_ns, switch_if)):
+        action = ["replace", "dev", dev, "root", "blackhole"] if on else ["del", "dev", dev, "root"]
+        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", *action], check=on,
+                       capture_output=True, timeout=10)
+
+
+async def _chaos(targets: list[Target], args: argparse.Namespace, kills: list[dict],
+                 t0: float, stop: asyncio.Event) -> None:
+    """Every ``--kill-interval-s`` hits a random live worker the scenario's way (never the
+    last one that is not already hit); ``fault-*`` and ``slow-clients`` need no hand."""
+    if args.scenario not in ("kill", "stop", "partition"):
+        await stop.wait()
+        return
     rng = random.Random(args.seed + 1)
-    workers = [p for p in graph.supervisor.processes if p.spec.group == "worker"]
-    while True:
+    hit: set[str] = set()
+    resumes: list[asyncio.Task[None]] = []
+
+    async def undo(target: Target) -> None:
         try:
-            await asyncio.wait_for(stop.wait(), args.kill_interval_s)
-            return
+            await asyncio.wait_for(stop.wait(), args.pause_s)
         except TimeoutError:
             pass
-        live = [p for p in workers if p.is_ready and p.pid is not None]
-        if len(live) < 2:  # never kill the last one: that tests nothing but an outage
-            kills.append({"t": round(time.perf_counter() - t0, 2), "skipped": True,
-                          "live": len(live)})
-            continue
-        victim = rng.choice(live)
-        try:
-            os.killpg(victim.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        kills.append({"t": round(time.perf_counter() - t0, 2), "worker": victim.spec.name,
-                      "pid": victim.pid, "live_before": len(live)})
+        _undo(target)
+
+    def _undo(target: Target) -> None:
+        if target.name not in hit:
+            return
+        hit.discard(target.name)
+        if args.scenario == "stop" and target.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(target.pid, signal.SIGCONT)
+        elif args.scenario == "partition":
+            _blackhole(target, on=False)
+
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), args.kill_interval_s)
+                return
+            except TimeoutError:
+                pass
+            live = [t for t in targets if t.live and t.name not in hit]
+            t = round(time.perf_counter() - t0, 2)
+            if len(live) < 2:  # never the last one: that tests nothing but an outage
+                kills.append({"t": t, "skipped": True, "live": len(live)})
+                continue
+            victim = rng.choice(live)
+            pid = victim.pid
+            assert pid is not None
+            try:
+                if args.scenario == "kill":
+                    os.killpg(pid, signal.SIGKILL)
+                elif args.scenario == "stop":
+                    os.killpg(pid, signal.SIGSTOP)
+                else:
+                    _blackhole(victim, on=True)
+            except ProcessLookupError:
+                continue
+            if args.scenario != "kill":
+                hit.add(victim.name)
+                resumes.append(asyncio.create_task(undo(victim)))
+            kills.append({"t": t, "worker": victim.name, "pid": pid, "live_before": len(live)})
+    finally:
+        for task in resumes:
+            task.cancel()
+        for target in targets:
+            _undo(target)
 
 
-async def _migrations(session: aiohttp.ClientSession, url: str) -> float | None:
+async def _slow_clients(url: str, args: argparse.Namespace, model: str
+                        ) -> list[asyncio.StreamWriter]:
+    """``--slow-clients`` connections that each ask for a long stream and never read."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    writers = []
+    for i in range(args.slow_clients):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        _, writer = await asyncio.open_connection(sock=sock)
+        body = json.dumps({"model": model, "stream": True, "ignore_eos": True,
+                           "max_tokens": args.slow_tokens,
+                           "messages": [{"role": "user", "content": f"slow reader {i}"}]})
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\n"
+                     f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                     f"{body}".encode())
+        writers.append(writer)
+    return writers
+
+
+def _unsent_bytes(ports: list[int]) -> int | None:
+    """Bytes the frontend has queued but the slow clients (at local ``ports``) have not read:
+    the Send-Q of the frontend's end of their connections (``ss``)."""
+    try:
+        out = subprocess.run(["ss", "-Htn"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return None
+    total, wanted = 0, {str(p) for p in ports}
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) >= 5 and cols[4].rsplit(":", 1)[-1] in wanted:
+            total += int(cols[2])
+    return total
+
+
+async def _metric(session: aiohttp.ClientSession, url: str, name: str) -> float | None:
+    """The sum of a metric's samples on the frontend's ``/metrics``."""
     try:
         async with session.get(url + "/metrics") as resp:
             text = await resp.text()
@@ -271,12 +399,27 @@ async def _migrations(session: aiohttp.ClientSession, url: str) -> float | None:
         return None
     total = None
     for line in text.splitlines():
-        if line.startswith("baton_frontend_migrations_total"):
+        if line.startswith(name):
             total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
     return total
 
 
 # ----------------------------------------------------------------------------------- main
+
+
+def _frontend_args(args: argparse.Namespace) -> list[str]:
+    return ["--migration-limit", str(args.migration_limit),
+            "--first-token-timeout-s", str(args.first_token_timeout_s),
+            "--inter-token-timeout-s", str(args.inter_token_timeout_s)]
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    if not args.scenario.startswith("fault-"):
+        return []
+    extra = ["--fault-after-steps", str(args.fault_after_steps)]
+    if args.scenario == "fault-hang":
+        extra += ["--fault-mode", "hang", "--step-timeout-s", str(args.step_timeout_s)]
+    return extra
 
 
 def _graph_config(args: argparse.Namespace):
@@ -285,11 +428,96 @@ def _graph_config(args: argparse.Namespace):
         "nats": {"start": True},
         "lease_ttl_s": args.lease_ttl_s,
         "engine": {"speedup_ratio": args.speedup_ratio, "block_size": 16},
-        "frontends": [{"port": 0, "router": args.router,
-                       "args": ["--migration-limit", str(args.migration_limit)]}],
-        "workers": [{"name": "agg", "count": args.workers}],
+        "frontends": [{"port": 0, "router": args.router, "args": _frontend_args(args)}],
+        "workers": [{"name": "agg", "count": args.workers, "args": _worker_args(args)}],
         "supervision": {"backoff_initial_s": 0.5, "backoff_max_s": args.backoff_max_s},
     })
+
+
+@dataclass
+class Deployment:
+    url: str
+    targets: list[Target]
+    restarts: Callable[[], tuple[int, dict[str, int]]]
+    """(worker restarts, other processes' restarts by name)"""
+    pids: Callable[[], list[int]]
+
+
+@contextlib.asynccontextmanager
+async def _supervised(args: argparse.Namespace, run_dir: Path,
+                      report: Callable[[str], None]) -> AsyncIterator[Deployment]:
+    """The graph on this host, its processes supervised (restarted when they die)."""
+    graph = Graph(_graph_config(args), log_dir=run_dir, report=report)
+    async with graph:
+        workers = [p for p in graph.supervisor.processes if p.spec.group == "worker"]
+        targets = [Target(p.spec.name, lambda p=p: p.pid, lambda p=p: p.is_ready)
+                   for p in workers]
+
+        def restarts() -> tuple[int, dict[str, int]]:
+            others = {p.spec.name: p.num_restarts for p in graph.supervisor.processes
+                      if p.spec.group != "worker" and p.num_restarts}
+            return sum(p.num_restarts for p in workers), others
+
+        pids: list[int] = []
+        yield Deployment(graph.frontend_urls[0], targets, restarts, lambda: pids)
+        pids += graph.supervisor.all_pids()
+
+
+@contextlib.asynccontextmanager
+async def _on_hosts(args: argparse.Namespace, run_dir: Path,
+                    report: Callable[[str], None]) -> AsyncIterator[Deployment]:
+    """``partition``: nats-server on a switch, each worker on a host (network namespace) of
+    its own, the frontend here; not supervised (a cut-off worker comes back by itself)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.nats_fixture import NATS_SERVER_BIN
+    from tests.netns import lan
+
+    os.environ.setdefault("BATON_CLUSTER_TOKEN", f"chaos-{os.getpid()}")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, argv: list[str], ready: str) -> tuple[subprocess.Popen[bytes], str]:
+        log = run_dir / f"{name}.log"
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                                start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 60
+        while not (m := re.search(ready, log.read_text(errors="replace"))):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {log}")
+            time.sleep(0.1)
+        report(f"{name} up")
+        return proc, m.group(1)
+
+    with lan(args.workers) as net:
+        try:
+            assert NATS_SERVER_BIN is not None
+            nats, _ = start("nats", [*net.switch.prefix, NATS_SERVER_BIN, "-a", net.switch.ip,
+                                     "-p", "4222", "-js", "-sd", str(run_dir / "js")],
+                            r"(Server is ready)")
+            url = f"nats://{net.switch.ip}:4222"
+            baton = [sys.executable, "-m", "baton"]
+            common = ["--nats", url, "--lease-ttl-s", str(args.lease_ttl_s)]
+            workers = []
+            for i, host in enumerate(net.hosts):
+                proc, _ = start(f"worker-{i}", [
+                    *host.prefix, *baton, "worker", "--host", host.ip, "--worker-id", str(i + 1),
+                    "--speedup-ratio", str(args.speedup_ratio), "--block-size", "16",
+                    *common], r"listening on (\S+)")
+                workers.append((proc, host))
+            _, port = start("frontend", [*baton, "frontend", "--port", "0", "--router",
+                                         args.router, *_frontend_args(args), *common],
+                            r"http://127\.0\.0\.1:(\d+)")
+            targets = [Target(f"worker-{i}", lambda p=p: p.pid if p.poll() is None else None,
+                              lambda: True, (h.namespace, h.link, net.switch.namespace,
+                                             f"{h.link}s"))
+                       for i, (p, h) in enumerate(workers)]
+            yield Deployment(f"http://127.0.0.1:{port}", targets, lambda: (0, {}),
+                             lambda: [p.pid for p in procs])
+        finally:
+            for proc in reversed(procs):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -305,14 +533,16 @@ async def run(args: argparse.Namespace) -> dict:
 
     records: list[Record] = []
     kills: list[dict] = []
-    graph = Graph(_graph_config(args), log_dir=run_dir, report=report)
-    async with graph:
-        url = graph.frontend_urls[0]
-        print(f"chaos: graph up in {time.perf_counter() - t0:.1f} s, frontend {url}, "
-              f"logs in {run_dir}", file=sys.stderr, flush=True)
+    deploy = _on_hosts if args.scenario == "partition" else _supervised
+    async with deploy(args, run_dir, report) as where:
+        url = where.url
+        print(f"chaos ({args.scenario}): up in {time.perf_counter() - t0:.1f} s, frontend "
+              f"{url}, logs in {run_dir}", file=sys.stderr, flush=True)
+        slow = await _slow_clients(url, args, args.model) if args.scenario == "slow-clients" \
+            else []
         t_load = time.perf_counter()
         stop = asyncio.Event()
-        chaos = asyncio.create_task(_chaos(graph, args, kills, t0, stop))
+        chaos = asyncio.create_task(_chaos(where.targets, args, kills, t0, stop))
         try:
             await _load(url, args.model, args, records, t0)
         finally:
@@ -320,16 +550,20 @@ async def run(args: argparse.Namespace) -> dict:
             await chaos
         load_s = time.perf_counter() - t_load
         async with aiohttp.ClientSession() as session:
-            migrations = await _migrations(session, url)
-        workers = [p for p in graph.supervisor.processes if p.spec.group == "worker"]
-        restarts = sum(p.num_restarts for p in workers)
-        others = {p.spec.name: p.num_restarts for p in graph.supervisor.processes
-                  if p.spec.group != "worker" and p.num_restarts}
-        all_pids = graph.supervisor.all_pids()
-    leftovers = [pid for pid in all_pids if _alive(pid)]
+            migrations = await _metric(session, url, "baton_frontend_migrations_total")
+            # the unread streams are still open at the end (they would have long finished)
+            still_open = await _metric(session, url, "baton_frontend_inflight_requests")
+        backlog = _unsent_bytes([w.get_extra_info("sockname")[1] for w in slow])
+        for writer in slow:
+            writer.close()
+        restarts, others = where.restarts()
+    leftovers = [pid for pid in where.pids() if _alive(pid)]
     (run_dir / "chaos-events.log").write_text("\n".join(events) + "\n")
-    return _summary(args, records, kills, migrations, restarts, others, load_s, run_dir,
-                    leftovers)
+    result = _summary(args, records, kills, migrations, restarts, others, load_s, run_dir,
+                      leftovers)
+    result["summary"]["unread_streams_open_at_end"] = still_open if slow else None
+    result["summary"]["bytes_waiting_for_slow_readers"] = backlog if slow else None
+    return result
 
 
 def _alive(pid: int) -> bool:
@@ -345,6 +579,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
+MIGRATION_ALLOWANCE_S = 1.0
+"""Beyond a deadline, the time a stream may take to resume elsewhere (a prefill, a retry)."""
+
+
 def _summary(args, records, kills, migrations, restarts, others, load_s, run_dir,
              leftovers) -> dict:
     completed = [r for r in records if r.completed]
@@ -354,7 +592,14 @@ def _summary(args, records, kills, migrations, restarts, others, load_s, run_dir
     e2e = [r.end - r.start for r in completed]
     gaps = [r.max_gap for r in completed]
     moved = [r for r in records if len(r.worker_ids) > 1]
+    ttft_max, stall_max = max(ttfts, default=0.0), max(gaps, default=0.0)
     summary = {
+        "scenario": args.scenario,
+        "deadlines_s": {"first_token": args.first_token_timeout_s,
+                        "inter_token": args.inter_token_timeout_s},
+        "within_deadlines": (ttft_max <= args.first_token_timeout_s + MIGRATION_ALLOWANCE_S
+                             and stall_max <= args.inter_token_timeout_s
+                             + MIGRATION_ALLOWANCE_S),
         "sent": len(records),
         "completed": len(completed),
         "failed": len(failed),
@@ -365,6 +610,8 @@ def _summary(args, records, kills, migrations, restarts, others, load_s, run_dir
         "kills": sum(1 for k in kills if not k.get("skipped")),
         "kills_skipped": sum(1 for k in kills if k.get("skipped")),
         "worker_restarts": restarts,
+        "engine_restarts": sum(log.read_text(errors="replace").count("engine failed")
+                               for log in Path(run_dir).glob("worker*.log")),
         "other_restarts": others,
         "ttft_p50_ms": _ms(percentile(ttfts, 50)),
         "ttft_p99_ms": _ms(percentile(ttfts, 99)),
@@ -397,11 +644,16 @@ def _summary(args, records, kills, migrations, restarts, others, load_s, run_dir
 def _print(result: dict) -> None:
     s = result["summary"]
     rows = [
+        ("scenario", s["scenario"]),
+        ("deadlines first token / between tokens s",
+         f"{s['deadlines_s']['first_token']} / {s['deadlines_s']['inter_token']}"),
+        ("longest TTFT and stall within deadlines (+1 s)", s["within_deadlines"]),
         ("sent", s["sent"]), ("completed", s["completed"]), ("failed", s["failed"]),
         ("malformed", s["malformed"]), ("lost", s["lost"]),
         ("migrated (frontend metric)", s["migrations_frontend_metric"]),
         ("streams served by 2+ workers", s["streams_on_2plus_workers"]),
-        ("worker kills (SIGKILL)", s["kills"]), ("worker restarts", s["worker_restarts"]),
+        ("workers hit (kill / stop / cut)", s["kills"]), ("worker restarts", s["worker_restarts"]),
+        ("engines failed and replaced in place", s["engine_restarts"]),
         ("TTFT p50 / p99 / max ms", f"{s['ttft_p50_ms']} / {s['ttft_p99_ms']} / "
                                     f"{s['ttft_max_ms']}"),
         ("TTFT p50 of migrated streams ms", s["ttft_p50_migrated_ms"]),
@@ -410,6 +662,11 @@ def _print(result: dict) -> None:
                                                   f"{s['max_stall_max_ms']}"),
         ("load seconds", s["load_seconds"]), ("completed req/s", s["req_per_s"]),
     ]
+    if s.get("unread_streams_open_at_end") is not None:
+        rows.append(("unread slow-client streams still open at the end",
+                     s["unread_streams_open_at_end"]))
+        rows.append(("bytes the frontend holds for them (Send-Q)",
+                     s["bytes_waiting_for_slow_readers"]))
     if s["kills_skipped"]:
         rows.append(("kills skipped (< 2 workers up)", s["kills_skipped"]))
     if s["other_restarts"]:
@@ -436,7 +693,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--router", default="kv", choices=["kv", "round-robin", "random",
                                                       "least-loaded"])
-    p.add_argument("--kill-interval-s", type=float, default=3.0)
+    p.add_argument("--scenario", default="kill", choices=["kill", "stop", "partition",
+                                                          "fault-raise", "fault-hang",
+                                                          "slow-clients"])
+    p.add_argument("--kill-interval-s", type=float, default=3.0,
+                   help="kill / stop / partition: how often a worker is hit")
+    p.add_argument("--pause-s", type=float, default=6.0,
+                   help="stop / partition: how long a worker stays frozen or cut off")
+    p.add_argument("--fault-after-steps", type=int, default=1500,
+                   help="fault-*: each engine faults at this step (~9 s at speedup 1)")
+    p.add_argument("--step-timeout-s", type=float, default=2.0,
+                   help="fault-hang: the step watchdog's limit")
+    p.add_argument("--slow-clients", type=int, default=4)
+    p.add_argument("--slow-tokens", type=int, default=20000,
+                   help="slow-clients: max_tokens of each unread stream")
+    p.add_argument("--first-token-timeout-s", type=float, default=5.0)
+    p.add_argument("--inter-token-timeout-s", type=float, default=2.0)
     p.add_argument("--speedup-ratio", type=float, default=1.0)
     p.add_argument("--min-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=256)

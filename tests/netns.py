@@ -26,6 +26,8 @@ import pytest
 class Host:
     namespace: str
     ip: str
+    link: str = ""
+    """Its interface to the switch (``LINKs`` is the switch's end)."""
 
     @property
     def prefix(self) -> tuple[str, ...]:
@@ -74,7 +76,7 @@ def lan(num_hosts: int) -> Iterator[Lan]:
             name = f"baton-h{k}-{i}"
             sh("ip", "netns", "add", name)
             namespaces.append(name)
-            hosts.append(Host(name, f"10.233.{k}.{i + 2}"))
+            hosts.append(Host(name, f"10.233.{k}.{i + 2}", f"bt{k}h{i}"))
             _plug(switch, k, f"bt{k}h{i}", name, hosts[-1].ip)
         _plug(switch, k, f"bt{k}l", None, f"10.233.{k}.254")
         links.append(f"bt{k}l")

@@ -127,6 +127,20 @@ async def test_a_step_that_outlives_its_timeout_fails_the_engine() -> None:
         await engine.close()
 
 
+async def test_fault_after_steps_fails_the_engine_at_that_step() -> None:
+    config = EngineConfig(timing=TimingConfig(speedup_ratio=0), fault_after_steps=5)
+    engine = SimulatedEngine(config, vocab=list(range(3, 100)))
+    await engine.start()
+    try:
+        got = 0
+        with pytest.raises(WorkerFaultError, match="injected: step 5"):
+            async for out in engine.generate(request("a", [1, 2, 3], max_tokens=50)):
+                got += len(out.token_ids)
+        assert got == 4 and engine.stats.steps == 4  # the 5th step never ran
+    finally:
+        await engine.close()
+
+
 async def test_a_worker_whose_engine_cannot_be_rebuilt_is_marked_failed() -> None:
     config = WorkerConfig(engine=EngineConfig(timing=TimingConfig(speedup_ratio=0),
                                               fault_on_token=POISON))

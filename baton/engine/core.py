@@ -24,8 +24,8 @@ Faults: a step that raises, or that runs longer than ``step_timeout_s`` (a watch
 checks; a stuck forward pass cannot be interrupted, only abandoned), ends the loop. Every
 request the engine held then fails with ``WorkerFaultError`` (frontends continue it on another
 worker, as after a process death), new requests are refused, and the owner's fault handler
-is called: the worker leaves discovery and restarts its engine. ``--fault-on-token`` injects
-such a fault for tests and chaos runs.
+is called: the worker leaves discovery and restarts its engine. ``--fault-on-token`` and
+``--fault-after-steps`` inject such a fault for tests and chaos runs.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class Executor(Protocol):
 
 
 class EngineFault(RuntimeError):
-    """An engine step failed: injected (``--fault-on-token``) or past its ``step_timeout_s``."""
+    """An engine step failed: injected (``--fault-on-token``, ``--fault-after-steps``) or past
+    its ``step_timeout_s``."""
 
 
 class _Mailbox:
@@ -303,7 +304,9 @@ class EngineCore:
                     await self._wait_for_work()
                 continue
             if self._poisoned and not self._poisoned.isdisjoint(output.num_scheduled_tokens):
-                await self._injected_fault()
+                await self._injected_fault(f"a request holds token {self.config.fault_on_token}")
+            if self.stats.steps + 1 == self.config.fault_after_steps:
+                await self._injected_fault(f"step {self.config.fault_after_steps}")
             started = self._step_started = loop.time()
             sampled = await self.executor.execute(output, self._scheduler)
             self._step_started = None
@@ -313,11 +316,11 @@ class EngineCore:
                 await asyncio.sleep(0)  # let consumers and new requests in
                 slice_start = loop.time()
 
-    async def _injected_fault(self) -> None:
+    async def _injected_fault(self, why: str) -> None:
         if self.config.fault_mode == "hang":
             self._step_started = asyncio.get_running_loop().time()
             await asyncio.Event().wait()  # until the watchdog's timeout
-        raise EngineFault(f"injected: a request holds token {self.config.fault_on_token}")
+        raise EngineFault(f"injected: {why}")
 
     async def _watch_steps(self) -> None:
         """Cancels the step loop when a step outlives ``step_timeout_s``."""

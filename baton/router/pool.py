@@ -94,11 +94,16 @@ class WorkerPool:
         return True
 
     def remove(self, instance_id: int) -> None:
+        """Forgets a worker that left discovery. While streams are still open on it (a
+        draining worker, or one whose lease expired because it hangs) its heartbeat is still
+        watched, so that a silent one fails them over at once rather than at their
+        deadlines."""
         self.instances.pop(instance_id, None)
         self._down_until.pop(instance_id, None)
         self.loads.pop(instance_id, None)
-        feed = self._feeds.pop(instance_id, None)
-        if feed is not None:
+        feed = self._feeds.get(instance_id)
+        if feed is not None and not self.in_flight.get(instance_id):
+            self._feeds.pop(instance_id)
             feed.cancel()
         self.policy.on_worker_removed(instance_id)
         if not self.in_flight.get(instance_id):
@@ -124,27 +129,42 @@ class WorkerPool:
         """Follows a worker's feed, re-opening it after a gap or a failure. The feed is also
         the worker's heartbeat: silent for ``health_timeout_s``, the worker leaves the
         rotation; its next batch brings it back."""
-        while worker_id in self.instances:
-            address = self.instances[worker_id].address
-            request = FeedRequest(kv_events=self.policy.wants_kv_events)
-            try:
-                async with contextlib.aclosing(
-                    self._client.stream(address, "events", request, WorkerEvents)
-                ) as feed:
-                    await self._consume(worker_id, feed)
-            except TimeoutError:  # silent: hung, stopped or cut off; its streams move on
-                self.mark_down(worker_id, f"no heartbeat for {self.config.health_timeout_s:g} s")
-                self._client.disconnect(address)
-            except BatonError as exc:
-                self.mark_down(worker_id, f"its feed failed: {exc}")
-            await asyncio.sleep(_FEED_RETRY_S)
+        address = self.instances[worker_id].address
+        try:
+            while self._watched(worker_id):
+                request = FeedRequest(kv_events=self.policy.wants_kv_events)
+                try:
+                    async with contextlib.aclosing(
+                        self._client.stream(address, "events", request, WorkerEvents)
+                    ) as feed:
+                        await self._consume(worker_id, feed)
+                except TimeoutError:  # silent: hung, stopped or cut off; its streams move on
+                    self.mark_down(worker_id,
+                                   f"no heartbeat for {self.config.health_timeout_s:g} s")
+                    self._client.disconnect(address)
+                except BatonError as exc:
+                    self.mark_down(worker_id, f"its feed failed: {exc}")
+                await asyncio.sleep(_FEED_RETRY_S)
+        finally:
+            if self._feeds.get(worker_id) is asyncio.current_task():
+                del self._feeds[worker_id]
+            if worker_id not in self.instances and not self.in_flight.get(worker_id):
+                self.in_flight.pop(worker_id, None)
+
+    def _watched(self, worker_id: int) -> bool:
+        """A worker in the pool, or one that left it with streams still open."""
+        return worker_id in self.instances or bool(self.in_flight.get(worker_id))
 
     async def _consume(self, worker_id: int, feed: AsyncIterator[WorkerEvents]) -> None:
         while True:
             async with asyncio.timeout(self.config.health_timeout_s):
                 batch = await anext(feed)
+            if not self._watched(worker_id):
+                return  # it left, and its last stream ended
             if self._down_until.pop(worker_id, None) is not None:
                 log.info("worker %d is answering again", worker_id)
+            if worker_id not in self.instances:
+                continue  # a worker that left: only its heartbeat matters now
             self.loads[worker_id] = batch.load
             if not self.policy.on_events(batch):
                 log.warning("KV event gap from worker %d: re-syncing", worker_id)
