@@ -12,9 +12,10 @@ What is measured
     * ``partition``: each worker runs in a network namespace of its own, joined to the
       frontend and NATS by a switch; every interval a random worker's link drops every
       packet both ways (a ``blackhole`` qdisc) for ``--pause-s``. Needs root and iproute2.
-    * ``fault-raise`` / ``fault-hang``: every worker's engine faults at its
-      ``--fault-after-steps``-th step (a step that raises; a step that hangs until the step
-      timeout), is replaced, and faults again as many steps later.
+    * ``fault-raise`` / ``fault-hang``: each worker's engine faults at a step of its own
+      (``--fault-after-steps`` N, then 1.25 N, 1.5 N... for the next workers; a step that
+      raises, or one that hangs until the step timeout), is replaced in place, and faults
+      again as many steps later.
     * ``slow-clients``: ``--slow-clients`` extra clients each open a long stream and never
       read it, for the whole run.
 
@@ -100,6 +101,8 @@ class Record:
     content_chunks: int = 0
     worker_ids: list[str] = field(default_factory=list)
     done: bool = False
+    response_id: str | None = None
+    """The completion's id, as the frontend logs it."""
 
     @property
     def failed(self) -> bool:
@@ -168,6 +171,7 @@ def _check_stream(rec: Record, events: list[tuple[bytes, object]]) -> None:
         if "error" in chunk:
             rec.error = f"error event: {json.dumps(chunk['error'])[:300]}"
             continue
+        rec.response_id = rec.response_id or chunk.get("id")
         wid = (chunk.get("baton") or {}).get("worker_id")
         if wid is None:
             rec.problems.append("chunk without baton.worker_id")
@@ -413,13 +417,17 @@ def _frontend_args(args: argparse.Namespace) -> list[str]:
             "--inter-token-timeout-s", str(args.inter_token_timeout_s)]
 
 
-def _worker_args(args: argparse.Namespace) -> list[str]:
+def _worker_pools(args: argparse.Namespace) -> list[dict]:
+    """One pool of ``--workers``; for ``fault-*``, one pool per worker, whose engines fault
+    at staggered steps (N, 1.25 N, 1.5 N...): engines that all failed at once would test an
+    outage, not a fault."""
     if not args.scenario.startswith("fault-"):
-        return []
-    extra = ["--fault-after-steps", str(args.fault_after_steps)]
-    if args.scenario == "fault-hang":
-        extra += ["--fault-mode", "hang", "--step-timeout-s", str(args.step_timeout_s)]
-    return extra
+        return [{"name": "agg", "count": args.workers}]
+    extra = ["--fault-mode", "hang", "--step-timeout-s", str(args.step_timeout_s)] \
+        if args.scenario == "fault-hang" else []
+    return [{"name": f"agg{i}", "count": 1, "args": [
+        "--fault-after-steps", str(int(args.fault_after_steps * (1 + i / args.workers))),
+        *extra]} for i in range(args.workers)]
 
 
 def _graph_config(args: argparse.Namespace):
@@ -429,7 +437,7 @@ def _graph_config(args: argparse.Namespace):
         "lease_ttl_s": args.lease_ttl_s,
         "engine": {"speedup_ratio": args.speedup_ratio, "block_size": 16},
         "frontends": [{"port": 0, "router": args.router, "args": _frontend_args(args)}],
-        "workers": [{"name": "agg", "count": args.workers, "args": _worker_args(args)}],
+        "workers": _worker_pools(args),
         "supervision": {"backoff_initial_s": 0.5, "backoff_max_s": args.backoff_max_s},
     })
 
@@ -638,6 +646,9 @@ def _summary(args, records, kills, migrations, restarts, others, load_s, run_dir
         "kills": kills,
         "lost": [asdict(r) for r in failed + malformed],
         "migrated": [asdict(r) for r in moved],
+        "slowest_first_token": [asdict(r) for r in sorted(
+            completed, key=lambda r: -(r.ttft or 0.0))[:5]],
+        "longest_stall": [asdict(r) for r in sorted(completed, key=lambda r: -r.max_gap)[:5]],
     }
 
 

@@ -5,6 +5,7 @@ no worker answers in time gets a clear error."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import signal
 import time
 from typing import Any
@@ -13,6 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import baton_process
+from tests.nats_fixture import nats_server_fixture  # noqa: F401
 
 POISON = 4000
 
@@ -23,15 +25,19 @@ def cluster():
     and a round-robin frontend over both; all killed after the test."""
     procs = []
 
-    def start(worker1: tuple[str, ...] = (), frontend: tuple[str, ...] = ()) -> tuple[int, dict]:
+    def start(worker1: tuple[str, ...] = (), frontend: tuple[str, ...] = (),
+              nats: str | None = None) -> tuple[int, dict]:
+        """With ``nats``, discovery is on NATS with 1 s leases instead of addresses."""
+        on_nats = ("--nats", nats, "--lease-ttl-s", "1") if nats else ()
         workers = {}
         for wid, extra in ((1, worker1), (2, ())):
             proc, match = baton_process("worker", "--port", "0", "--speedup-ratio", "1",
-                                        "--worker-id", str(wid), *extra,
+                                        "--worker-id", str(wid), *extra, *on_nats,
                                         ready=r"listening on (tcp://\S+)")
             procs.append(proc)
             workers[wid] = (proc, match.group(1))
-        args = [a for _, address in workers.values() for a in ("--worker", address)]
+        args = list(on_nats) or [a for _, address in workers.values()
+                                 for a in ("--worker", address)]
         front, match = baton_process("frontend", "--port", "0", "--router", "round-robin",
                                      "--probe-interval-s", "0.5", *frontend, *args,
                                      ready=r"http://127\.0\.0\.1:(\d+)")
@@ -67,8 +73,16 @@ def timed_stream(c: openai.OpenAI, prompt: list[int], max_tokens: int,
     return {"workers": seen, "tokens": usage.completion_tokens if usage else 0, "gap": gap}
 
 
-def test_a_stopped_worker_loses_its_streams_to_another_within_seconds(cluster) -> None:
-    port, workers = cluster()
+@pytest.mark.parametrize("discovery", ["addresses", "nats"])
+def test_a_stopped_worker_loses_its_streams_to_another_within_seconds(
+    cluster, discovery: str, request: pytest.FixtureRequest
+) -> None:
+    """On NATS the stopped worker's 1 s lease expires before its 3 s heartbeat does: it
+    leaves the pool first, and its streams still move on at the heartbeat, not at the 30 s
+    inter-token deadline."""
+    nats = request.getfixturevalue("nats_server").url if discovery == "nats" else None
+    port, workers = cluster(nats=nats)
+    wait_for_both(port)
     stopped: list[int] = []
 
     def stop_after_20(n: int, chunk: Any) -> None:
@@ -80,6 +94,18 @@ def test_a_stopped_worker_loses_its_streams_to_another_within_seconds(cluster) -
     assert served["tokens"] == 600
     assert served["workers"] == [stopped[0], 3 - stopped[0]]
     assert served["gap"] < 8  # ~3 s without a heartbeat, then the stream moves on
+
+
+def wait_for_both(port: int) -> None:
+    """Until round-robin has answered from both workers (NATS discovery takes a moment)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + 15
+    while seen != {1, 2}:
+        assert time.monotonic() < deadline, f"only workers {seen} joined"
+        with contextlib.suppress(openai.APIError):
+            seen.add(client(port).completions.create(
+                model="baton-tiny", prompt=[1], max_tokens=1).baton["worker_id"])
+        time.sleep(0.1)
 
 
 def test_a_stream_that_stalls_past_its_deadline_moves_on(cluster) -> None:

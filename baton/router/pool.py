@@ -74,6 +74,9 @@ class WorkerPool:
         self.loads: dict[int, LoadMetrics] = {}
         self._down_until: dict[int, float] = {}
         self._feeds: dict[int, asyncio.Task[None]] = {}
+        self._joins: dict[int, int] = {}
+        """How many times each worker joined: one that failed a request and joined again
+        since (it was frozen, or cut off, and came back) may be tried again."""
 
     # ------------------------------------------------------------------ membership
     def add(self, record: InstanceRecord) -> bool:
@@ -82,6 +85,7 @@ class WorkerPool:
             return False
         wid = record.instance_id
         self.instances[wid] = record
+        self._joins[wid] = self._joins.get(wid, 0) + 1
         self.in_flight.setdefault(wid, 0)
         self._down_until.pop(wid, None)
         old = self._feeds.pop(wid, None)
@@ -229,12 +233,14 @@ class WorkerPool:
     async def _open(
         self, request: GenerateRequest, hints: RouteHints | None
     ) -> tuple[int, AsyncGenerator[EngineOutput, None], EngineOutput]:
-        """Picks a worker and waits for its first delta, moving on from unreachable ones."""
-        tried: set[int] = set()
+        """Picks a worker and waits for its first delta, moving on from unreachable ones (a
+        worker already tried is tried again only if it has joined again since)."""
+        tried: dict[int, int] = {}
         refused = 0
         last_failure = ""
         while True:
-            candidates = self._candidates_after(hints, tried, last_failure)
+            skip = {w for w, joins in tried.items() if self._joins.get(w) == joins}
+            candidates = self._candidates_after(hints, skip, last_failure)
             if not candidates:
                 if refused:
                     self._overloaded(f"{refused} workers serving {self.model!r} are full")
@@ -243,7 +249,7 @@ class WorkerPool:
                     code="no_workers",
                 )
             worker_id = self.policy.choose(request, candidates, self.in_flight, hints)
-            tried.add(worker_id)
+            tried[worker_id] = self._joins.get(worker_id, 0)
             self.in_flight[worker_id] = self.in_flight.get(worker_id, 0) + 1
             stream: Any = None
             try:
