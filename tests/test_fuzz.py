@@ -34,7 +34,8 @@ from baton.runtime.frames import (
     FrameReader,
     encode_frame,
 )
-from baton.runtime.tcp import TcpClientPool, TcpServer
+from baton.runtime.tcp import TcpServer
+from baton.runtime.tcp_client import TcpClientPool
 from tests.test_runtime import Count, CountingService, Item, collect
 
 FUZZ = settings(max_examples=150, deadline=None,

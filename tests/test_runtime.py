@@ -160,7 +160,9 @@ async def test_closing_a_server_delivers_what_it_sent_even_while_the_client_keep
     included, reaches the client, even when the client's next calls arrive during the close
     (closing a socket with unread input resets the connection, and a reset makes the peer
     drop what it had not read yet)."""
-    from baton.runtime.tcp import STREAM_WINDOW, TcpClientPool, TcpServer
+    from baton.runtime.frames import STREAM_WINDOW
+    from baton.runtime.tcp import TcpServer
+    from baton.runtime.tcp_client import TcpClientPool
 
     service = CountingService()
     server = TcpServer(service.endpoints)
@@ -194,7 +196,9 @@ async def test_closing_a_server_delivers_what_it_sent_even_while_the_client_keep
 async def test_a_stream_nobody_reads_stalls_only_itself():
     """Per-stream flow control: a stream whose reader stopped (a slow SSE client) holds its
     handler at the window; other streams on the same connection run to the end."""
-    from baton.runtime.tcp import STREAM_WINDOW, TcpClientPool, TcpServer
+    from baton.runtime.frames import STREAM_WINDOW
+    from baton.runtime.tcp import TcpServer
+    from baton.runtime.tcp_client import TcpClientPool
 
     slow, fast = CountingService(), CountingService()
     endpoints = slow.endpoints
@@ -217,7 +221,8 @@ async def test_a_stream_nobody_reads_stalls_only_itself():
 
 
 async def test_a_server_bounds_streams_per_connection_and_connections_per_peer():
-    from baton.runtime.tcp import TcpClientPool, TcpServer
+    from baton.runtime.tcp import TcpServer
+    from baton.runtime.tcp_client import TcpClientPool
 
     service = CountingService()
     async with TcpServer(service.endpoints, max_streams=2, max_connections_per_peer=2) as server:

@@ -15,7 +15,8 @@ from baton.runtime.nats_events import NatsEventPlane, NatsSubscription, connect_
 from baton.runtime.process import open_runtime
 from baton.runtime.runtime import RequestClient, Runtime
 from baton.runtime.static import StaticWorkers
-from baton.runtime.tcp import TcpClientPool, TcpServer
+from baton.runtime.tcp import TcpServer
+from baton.runtime.tcp_client import TcpClientPool
 
 __all__ = [
     "Discovery",

@@ -19,6 +19,7 @@ but names a call's stream comes out as a ``BadCall``, which the server answers w
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import msgspec
 
@@ -68,6 +69,8 @@ class BadCall(msgspec.Struct, array_like=True):
     stream_id: int
     message: str
 
+STREAM_WINDOW = 64
+"""``Data`` frames a stream may have in flight before its reader consumes them."""
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -82,6 +85,17 @@ def encode_frame(frame: Frame) -> bytes:
 
 def encode_payload(obj: object) -> msgspec.Raw:
     return msgspec.Raw(_encoder.encode(obj))
+
+
+_payload_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def payload_decoder(kind: type) -> msgspec.msgpack.Decoder[Any]:
+    """A decoder of ``kind`` payloads (one per type, reused)."""
+    dec = _payload_decoders.get(kind)
+    if dec is None:
+        dec = _payload_decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return dec
 
 
 class FrameError(Exception):

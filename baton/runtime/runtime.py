@@ -18,7 +18,8 @@ from baton.runtime.discovery import Discovery
 from baton.runtime.endpoint import EndpointServer
 from baton.runtime.events import EventPlane, MemoryEventPlane
 from baton.runtime.peer_auth import PeerAuth
-from baton.runtime.tcp import TcpClientPool, TcpServer
+from baton.runtime.tcp import TcpServer
+from baton.runtime.tcp_client import TcpClientPool
 
 
 class RequestClient:
