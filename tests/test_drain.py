@@ -102,9 +102,9 @@ def test_sigterm_on_a_frontend_turns_health_503_and_finishes_open_streams():
 
 
 def test_a_drained_worker_delivers_everything_its_slow_readers_have_not_read_yet():
-    """The worker finishes generating long before its client reads the streams (the frontend
-    stops reading the worker's connection while a stream holds hundreds of unread frames):
-    SIGTERM must not cut what is still buffered on its way, the End frames included."""
+    """The worker's engine finishes generating long before its clients read the streams (each
+    stream's credit window fills and its handler waits): SIGTERM must not cut what is still
+    buffered or not yet sent, the End frames included."""
     worker, wmatch = baton_process("worker", "--port", "0", "--speedup-ratio", "0",
                                    ready=r"listening on (tcp://\S+)")
     frontend = None
