@@ -6,10 +6,14 @@ configuration are derived from these declarations, and the kinds of things (rout
 engine kinds, roles, transfer modes) are spelled once, as the ``Literal`` types below.
 Components take their own section, never the whole tree. Environment variables are read
 only by the CLI (a setting names the one it may be defaulted from).
+
+Size: the whole tree is one declaration of every setting of every component; split, the
+sections would lose the one place where a reader sees them all.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
@@ -18,7 +22,7 @@ from baton.checks import require, valid_model_name
 from baton.settings import check_choices, section, setting
 
 RouterMode = Literal["kv", "round-robin", "random", "least-loaded"]
-EngineKind = Literal["mock", "hf"]
+EngineKind = Literal["mock", "hf", "vllm"]
 WorkerRole = Literal["agg", "prefill", "decode"]
 KvTransferMode = Literal["inproc", "tcp", "shm"]
 DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
@@ -84,16 +88,48 @@ class TimingConfig:
 
 
 @dataclass(frozen=True)
+class VllmConfig:
+    """The vLLM engine's own settings (``--engine vllm``); the block size, KV cache bytes,
+    prefix caching and batch limits come from the shared engine settings."""
+
+    dtype: str = setting("float32", "model dtype (vLLM's --dtype); CPU builds need float32 "
+                         "for correct output with small models")
+    max_model_len: int | None = setting(None, "context length (vLLM's --max-model-len)",
+                                        default_help="the model's")
+    enforce_eager: bool = setting(
+        True, "run the model eagerly: no torch.compile or graph capture (compiling costs a "
+        "minute at start on CPU)", flag="eager")
+    engine_args: str | None = setting(
+        None, "more vLLM engine arguments as a JSON object, e.g. '{\"seed\": 1}'",
+        metavar="JSON", default_help="none")
+
+    def __post_init__(self) -> None:
+        require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
+                "must be >= 1")
+        if self.engine_args is not None:
+            require(isinstance(_json_object(self.engine_args), dict), "engine_args",
+                    "must be a JSON object")
+
+
+def _json_object(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """An engine: its scheduler and KV pool, the simulated engine's timing, the transformers
     engine's memory and threads, and how KV moves between prefill and decode workers."""
 
     kind: EngineKind = setting("mock", "mock = the simulated engine; hf = a transformers "
-                               "model on CPU", flag="engine")
+                               "model on CPU; vllm = vLLM's engine", flag="engine")
     scheduler: SchedulerConfig = section(SchedulerConfig)
     timing: TimingConfig = section(TimingConfig)
-    kv_cache_bytes: int = setting(1 << 30, "hf engine: KV cache size in bytes (caps "
-                                  "--num-blocks)")
+    vllm: VllmConfig = section(VllmConfig, prefix="vllm-")
+    kv_cache_bytes: int = setting(1 << 30, "hf and vllm engines: KV cache size in bytes "
+                                  "(caps --num-blocks)")
     num_threads: int | None = setting(None, "hf engine: torch threads",
                                       default_help="torch's default")
     kv_transfer: KvTransferMode = setting(

@@ -28,6 +28,14 @@ class Empty(msgspec.Struct):
     """The request of endpoints that take no arguments."""
 
 
+class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Constrained decoding: the output is JSON matching ``json_schema`` (a JSON text), or
+    any JSON object when ``json_object``."""
+
+    json_schema: str | None = None
+    json_object: bool = False
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """How to pick output tokens and when to stop (token level; stop *strings* are the
     frontend's job because they need detokenized text)."""
@@ -35,12 +43,37 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """0: all tokens."""
+    min_p: float = 0.0
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end the sequence (EOS and friends) unless ``ignore_eos``; never before
     ``min_tokens`` outputs."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    """Return each output token's log-probability and this many alternatives (0: none);
+    None: no log-probabilities."""
+    structured: StructuredOutput | None = None
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """One output token's log-probability and the most likely alternatives at its step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
+FEATURE_LOGPROBS = "logprobs"
+FEATURE_STRUCTURED = "structured_outputs"
+ENGINE_FEATURES_KEY = "features"
+"""A worker's discovery metadata key: what beyond plain sampling its engine does (comma
+separated ``FEATURE_*`` names)."""
 
 
 class KvTransferParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +130,8 @@ class EngineOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     kv_transfer: KvTransferParams | None = None
     """On the last output of a ``hold_kv`` request: where its KV blocks wait."""
+    logprobs: list[TokenLogprob] | None = None
+    """One per token of ``token_ids``, when the request asked for them."""
 
 
 class LoadMetrics(msgspec.Struct, kw_only=True):

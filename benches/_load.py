@@ -48,6 +48,7 @@ class Record:
     gaps: list[float] = field(default_factory=list)
     tokens: int = 0
     cached: int = 0
+    prompt: int = 0
     error: str | None = None
 
 
@@ -90,6 +91,7 @@ def _on_event(rec: Record, data: bytes, last: float) -> float:
     usage = chunk.get("usage")
     if usage:
         rec.cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+        rec.prompt = usage.get("prompt_tokens") or 0
     return last
 
 

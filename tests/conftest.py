@@ -174,18 +174,19 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[
 
 
 def baton_process(
-    *args: str, ready: str, prefix: tuple[str, ...] = ()
+    *args: str, ready: str, prefix: tuple[str, ...] = (), timeout_s: float = 30,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[str], re.Match[str]]:
-    """Starts ``[prefix...] python -m baton ARGS`` and waits for a stderr line matching
-    ``ready``."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """Starts ``[prefix...] python -m baton ARGS`` and waits (``timeout_s`` at most) for a
+    stderr line matching ``ready``; ``env`` adds to the environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen(
         [*prefix, sys.executable, "-m", "baton", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
     assert proc.stderr is not None
     lines: list[str] = []
-    timer = threading.Timer(30, proc.kill)
+    timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
     try:
         for line in proc.stderr:

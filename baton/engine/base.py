@@ -62,6 +62,8 @@ class EngineStats:
 
 class Engine(Protocol):
     block_size: int
+    features: tuple[str, ...]
+    """What beyond plain sampling this engine does (``protocol.FEATURE_*``)."""
     fault: BaseException | None
     stats: EngineStats
 

@@ -130,6 +130,8 @@ class _Mailbox:
 class EngineCore:
     """An ``Engine``: the scheduler, an executor and the KV transfer. See the module docstring."""
 
+    features: tuple[str, ...] = ()
+
     def __init__(
         self, config: EngineConfig, executor: Executor, *, name: str = "engine",
         kv_listener: Listener | None = None, auth: PeerAuth | None = None,

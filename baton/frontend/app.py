@@ -214,7 +214,7 @@ class FrontendApp:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE})
             out = writer.role() if writer.chat else b""
             while True:
-                out += b"".join([writer.text(piece) for piece in pieces])
+                out += self._chunks(writer, gen, pieces)
                 if finish is not None:
                     break
                 await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -231,6 +231,17 @@ class FrontendApp:
             out += writer.usage()
         await send({"type": "http.response.body", "body": out + DONE, "more_body": False})
         return 200
+
+    @staticmethod
+    def _chunks(writer: ChunkWriter, gen: Generation, pieces: list[str]) -> bytes:
+        """One chunk per piece of text; with log-probabilities, one chunk for the delta
+        (pieces and tokens do not pair one to one), carrying its tokens' log-probabilities."""
+        if writer.p.sampling.logprobs is None:
+            return b"".join([writer.text(piece) for piece in pieces])
+        logprobs, gen.logprobs = gen.logprobs, []
+        if not pieces and not logprobs:
+            return b""
+        return writer.text("".join(pieces), logprobs=logprobs)
 
     # ------------------------------------------------------------------ the rest
     async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:

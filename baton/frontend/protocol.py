@@ -39,8 +39,16 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(msgspec.Struct):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(msgspec.Struct):
     type: str = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class RouterOverrideFields(msgspec.Struct, forbid_unknown_fields=True):
@@ -76,6 +84,9 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     user: str | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     ignore_eos: bool = False
     min_tokens: NonNegativeInt = 0
     baton: BatonExtension | None = None
@@ -86,7 +97,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
-    top_logprobs: NonNegativeInt | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: ResponseFormat | None = None
 
@@ -94,7 +105,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: str | list[Any]
     max_tokens: PositiveInt = 16
-    logprobs: NonNegativeInt | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: PositiveInt | None = None

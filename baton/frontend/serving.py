@@ -37,14 +37,23 @@ from baton.errors import (
     TransportError,
 )
 from baton.frontend.metrics import FrontendMetrics, ModelMetrics
-from baton.frontend.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from baton.frontend.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponseFormat,
+)
 from baton.preprocess import ChatTemplateError, IncrementalDetokenizer, StopChecker
 from baton.protocol import (
+    FEATURE_LOGPROBS,
+    FEATURE_STRUCTURED,
     EngineOutput,
     FinishReason,
     GenerateRequest,
     KvTransferParams,
     SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
 )
 from baton.router import WorkerPool
 from baton.router.disagg import decide
@@ -85,6 +94,9 @@ class Generation:
     worker_id: int | None = None
     prefill_worker_id: int | None = None
     first_token_at: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Log-probabilities of the tokens behind the last yielded pieces, when asked for
+    (the consumer takes them after each item)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -110,6 +122,8 @@ class Generation:
                 if out.worker_id is not None:
                     self.worker_id = out.worker_id
                 self.completion_tokens += len(out.token_ids)
+                if out.logprobs:
+                    self.logprobs.extend(out.logprobs)
                 if out.finish_reason == "error":
                     raise EngineError(out.error or "the engine failed on this request")
                 pieces, stopped = text_of.tokens(out.token_ids, final=out.finish_reason is not None)
@@ -261,13 +275,8 @@ class OpenAIServing:
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         entry = self.models.get(req.model)
         _check_n(req.n)
-        if req.logprobs or req.top_logprobs:
-            raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise InvalidRequestError(
-                f"response_format {req.response_format.type!r} is not supported; only 'text'",
-                param="response_format",
-            )
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
         try:
             prompt = entry.tokenizer.apply_chat_template(messages, tools=req.tools)
@@ -277,13 +286,13 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = _fit_context(entry, len(token_ids), max_tokens, param, "messages")
-        return _prepared("chat", entry, token_ids, req, max_tokens)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return _prepared("chat", entry, token_ids, req, max_tokens, logprobs,
+                         _structured(entry, req.response_format))
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         entry = self.models.get(req.model)
         _check_n(req.n)
-        if req.logprobs is not None:
-            raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
         if req.echo:
             raise InvalidRequestError("echo is not supported", param="echo")
         if req.suffix:
@@ -292,7 +301,7 @@ class OpenAIServing:
             raise InvalidRequestError("best_of must be 1", param="best_of")
         token_ids = _completion_tokens(entry, req.prompt)
         max_tokens = _fit_context(entry, len(token_ids), req.max_tokens, "max_tokens", "prompt")
-        return _prepared("completion", entry, token_ids, req, max_tokens)
+        return _prepared("completion", entry, token_ids, req, max_tokens, req.logprobs, None)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -308,14 +317,20 @@ def _prepared(
     token_ids: list[int],
     req: ChatCompletionRequest | CompletionRequest,
     max_tokens: int,
+    logprobs: int | None,
+    structured: StructuredOutput | None,
 ) -> Prepared:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    if logprobs is not None:
+        _require(entry, FEATURE_LOGPROBS, "logprobs", "return log-probabilities")
+    sampling = msgspec.structs.replace(
+        _sampling(entry, req, max_tokens), logprobs=logprobs, structured=structured)
     return Prepared(
         kind=kind,
         request_id=f"{prefix}-{_ID_PREFIX}{next(_ids):010x}",
         entry=entry,
         token_ids=token_ids,
-        sampling=_sampling(entry, req, max_tokens),
+        sampling=sampling,
         stop=_stop_list(req.stop),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
@@ -330,6 +345,33 @@ def _route_hints(req: ChatCompletionRequest | CompletionRequest) -> RouteHints |
     fields = ext.router_config_override
     overrides = RouterOverrides(**msgspec.structs.asdict(fields)) if fields is not None else None
     return RouteHints(worker_id=ext.worker_id, overrides=overrides)
+
+
+def _structured(entry: ModelEntry, fmt: ResponseFormat | None) -> StructuredOutput | None:
+    """``response_format`` as constrained decoding: JSON by a schema, or any JSON object."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        out = StructuredOutput(json_object=True)
+    elif fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema is None:
+            raise InvalidRequestError("response_format json_schema needs json_schema.schema",
+                                      param="response_format.json_schema")
+        out = StructuredOutput(json_schema=msgspec.json.encode(fmt.json_schema.schema).decode())
+    else:
+        raise InvalidRequestError(
+            f"response_format {fmt.type!r} is not supported; use text, json_object or "
+            "json_schema", param="response_format.type")
+    _require(entry, FEATURE_STRUCTURED, "response_format", "constrain output to JSON")
+    return out
+
+
+def _require(entry: ModelEntry, feature: str, param: str, what: str) -> None:
+    """A 400 unless some worker of the model has an engine that can do ``feature``."""
+    if not entry.pool.supports(feature):
+        raise InvalidRequestError(
+            f"the workers serving {entry.name!r} cannot {what} (their engines lack "
+            f"{feature!r}; vLLM workers have it)", param=param)
 
 
 def _check_n(n: int | None) -> None:
@@ -420,8 +462,13 @@ def _sampling(entry: ModelEntry, req: ChatCompletionRequest | CompletionRequest,
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(0, req.top_k or 0),
+        min_p=req.min_p or 0.0,
         seed=req.seed,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         stop_token_ids=entry.card.eos_token_ids,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
     )

@@ -35,6 +35,7 @@ from baton.errors import (
     TransportError,
 )
 from baton.protocol import (
+    ENGINE_FEATURES_KEY,
     GENERATE_ENDPOINT,
     EngineOutput,
     FeedRequest,
@@ -117,6 +118,13 @@ class WorkerPool:
         for task in list(self._feeds.values()):
             await cancel_and_wait(task)
         self._feeds.clear()
+
+    def supports(self, feature: str) -> bool:
+        """Some worker's engine does ``feature`` (its discovery metadata says so)."""
+        return any(
+            feature in str(r.metadata.get(ENGINE_FEATURES_KEY, "")).split(",")
+            for r in self.instances.values()
+        )
 
     def healthy(self) -> list[int]:
         now = self._clock()

@@ -23,6 +23,12 @@ def build_engine(config: WorkerConfig, card: ModelCard, auth: PeerAuth | None = 
         from baton.engine.hf.engine import HfEngine  # imports torch: only when asked for
 
         return HfEngine(config.engine, card.path, kv_listener=kv_listener(config), auth=auth)
+    if config.engine.kind == "vllm":
+        from baton.engine.vllm.engine import VllmEngine  # imports vLLM: only when asked for
+
+        if config.role != "agg":
+            raise ValueError("--engine vllm serves aggregated workers only (--role agg) for now")
+        return VllmEngine(config.engine, card.path)
     return _simulated(config, card, auth)
 
 
@@ -60,8 +66,9 @@ def read_model_files(folder: Path, name: str) -> ModelFiles:
 
 
 def model_folder(config: WorkerConfig) -> Path:
-    """The model folder; the transformers engine first builds or converts its models."""
-    if config.engine.kind == "hf":
+    """The model folder; the transformers and vLLM engines first build or convert their
+    models (vLLM loads the folder Baton converts)."""
+    if config.engine.kind in ("hf", "vllm"):
         from baton.engine.hf.models import prepare_model
 
         return prepare_model(config.model, config.cache_dir)

@@ -46,6 +46,7 @@ from baton.errors import (
 )
 from baton.kv.events import KvEvent
 from baton.protocol import (
+    ENGINE_FEATURES_KEY,
     GENERATE_ENDPOINT,
     WORKER_COMPONENT,
     Empty,
@@ -146,6 +147,8 @@ class Worker:
         metadata: dict[str, str] = {}
         if self.config.metrics_port is not None:
             metadata["metrics"] = await self._serve_metrics(self.config.metrics_port)
+        if self.engine.features:
+            metadata[ENGINE_FEATURES_KEY] = ",".join(self.engine.features)
         self.record = InstanceRecord(
             instance_id=self.instance_id,
             namespace=self.runtime.namespace,

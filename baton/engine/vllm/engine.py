@@ -1,0 +1,344 @@
+"""The vLLM engine (``--engine vllm``): vLLM's ``AsyncLLM`` inside a Baton worker.
+
+Baton's frontend has already applied the chat template and tokenized the prompt, and it
+detokenizes and applies stop strings to what comes back; vLLM gets token ids and returns
+token ids (``detokenize=False``). Each request streams deltas (``RequestOutputKind.DELTA``);
+closing its stream aborts it in vLLM.
+
+Beside the generate path the engine runs three things it owns:
+
+* a ZMQ subscriber to vLLM's KV event publisher (an ``ipc://`` socket in a private folder),
+  whose batches ``KvEventTranslator`` turns into Baton events for the worker's feeds; a
+  skipped sequence number asks vLLM's replay socket for the missed batches, and batches lost
+  for good become a ``cleared`` event (routers then forget this worker's blocks rather than
+  believe wrong ones);
+* a stat logger vLLM calls after each step with its scheduler's numbers (running, waiting,
+  KV usage), which make this engine's ``load()``;
+* a reaper process (``reaper.py``) that kills vLLM's processes if this worker is killed
+  outright, so no engine core outlives its worker;
+* a health task: when vLLM's engine core dies (``EngineDeadError``; a killed or crashed
+  core process), every open stream fails with ``WorkerFaultError`` (frontends continue them
+  elsewhere) and the owner's fault handler replaces the engine, as for Baton's own engines.
+
+vLLM is imported only here, and only when this engine is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import subprocess
+import tempfile
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from baton.config import EngineConfig
+from baton.engine.base import EngineLoad, EngineStats, FaultHandler, KvEventSink
+from baton.engine.vllm import reaper
+from baton.engine.vllm.events import KvEventTranslator, decode_batch
+from baton.errors import InvalidRequestError, WorkerFaultError
+from baton.kv.events import KvStored
+from baton.protocol import (
+    FEATURE_LOGPROBS,
+    FEATURE_STRUCTURED,
+    EngineOutput,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from baton.runtime.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+FEATURES = (FEATURE_LOGPROBS, FEATURE_STRUCTURED)
+_HEALTH_INTERVAL_S = 1.0
+_REPLAY_TIMEOUT_S = 2.0
+_FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+class VllmEngine:
+    """One vLLM ``AsyncLLM`` and the tasks that feed Baton from it."""
+
+    features: tuple[str, ...] = FEATURES
+
+    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.block_size = config.block_size
+        self.fault: BaseException | None = None
+        self.stats = EngineStats()
+        self._llm: Any = None
+        self._sink: KvEventSink | None = None
+        self._on_fault: FaultHandler | None = None
+        self._ipc = tempfile.TemporaryDirectory(prefix="baton-vllm-")
+        self._events_endpoint = f"ipc://{self._ipc.name}/events"
+        self._replay_endpoint = f"ipc://{self._ipc.name}/replay"
+        self._translator = KvEventTranslator(self.block_size)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ids = itertools.count()
+        self._prefilling: dict[str, int] = {}
+        """Request id -> prompt tokens, until its first output."""
+        self._scheduler_stats: Any = None
+        self.total_blocks = 0
+        self._engine_pids: list[int] = []
+        self._reaper: subprocess.Popen[bytes] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        before = reaper.descendants()
+        self._llm = await asyncio.to_thread(self._build)
+        self._engine_pids = sorted(reaper.descendants() - before)
+        self._reaper = reaper.start(self._engine_pids)
+        self.total_blocks = int(self._llm.vllm_config.cache_config.num_gpu_blocks or 0)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._follow_events(), name="vllm-kv-events"),
+            loop.create_task(self._watch_health(), name="vllm-health"),
+        ]
+
+    def _build(self) -> Any:
+        from vllm.config import KVEventsConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        v, s = self.config.vllm, self.config.scheduler
+        extra = json.loads(v.engine_args) if v.engine_args else {}
+        args = AsyncEngineArgs(
+            model=str(self.model_dir),
+            dtype=v.dtype,
+            max_model_len=v.max_model_len,
+            enforce_eager=v.enforce_eager,
+            block_size=self.block_size,
+            enable_prefix_caching=s.enable_prefix_caching,
+            enable_chunked_prefill=s.enable_chunked_prefill,
+            max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            kv_cache_memory_bytes=self.config.kv_cache_bytes,
+            kv_events_config=KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq",
+                endpoint=self._events_endpoint, replay_endpoint=self._replay_endpoint),
+            disable_log_stats=False,
+            **extra,
+        )
+        try:
+            return AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_logger()])
+        except Exception as exc:
+            if self.block_size % 32 and "block" in str(exc).lower():
+                raise ValueError(
+                    f"vLLM refused block size {self.block_size}: its CPU attention needs a "
+                    "multiple of 32 (pass --block-size 32)") from exc
+            raise
+
+    def _stat_logger(self) -> type:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class BatonStats(StatLoggerBase):  # type: ignore[misc]  # vLLM is untyped here
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any,
+                       mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    engine._scheduler_stats = scheduler_stats
+                if iteration_stats is not None:
+                    engine.stats.steps += 1
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return BatonStats
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            await cancel_and_wait(task)
+        self._tasks = []
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
+        if self._reaper is not None:  # whatever vLLM's shutdown left running goes too
+            reaper.kill_tree(self._engine_pids)
+            self._reaper.terminate()
+            await asyncio.to_thread(self._reaper.wait)
+            self._reaper = None
+        self._ipc.cleanup()
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        self._sink = sink
+
+    def set_fault_handler(self, handler: FaultHandler | None) -> None:
+        self._on_fault = handler
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        if request.hold_kv or request.remote_kv is not None:
+            raise InvalidRequestError("disaggregated serving is not supported by --engine vllm yet")
+        if self.fault is not None or self._llm is None:
+            raise WorkerFaultError("the vLLM engine has failed")
+        return self._generate(request)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncGenerator[EngineOutput, None]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        rid = f"{request.request_id}-{next(self._ids)}"
+        prompt = {"prompt_token_ids": request.token_ids}
+        self._prefilling[rid] = len(request.token_ids)
+        first = True
+        try:
+            params = vllm_sampling(request.sampling)
+            async with contextlib.aclosing(self._llm.generate(prompt, params, rid)) as outputs:
+                async for out in outputs:
+                    self._prefilling.pop(rid, None)
+                    yield _engine_output(out, request.sampling.logprobs, cached=first)
+                    first = False
+        except EngineDeadError as exc:
+            self._fail(exc)
+            raise WorkerFaultError(f"the vLLM engine died: {exc}") from exc
+        except ValueError as exc:  # vLLM's validation of a request (e.g. too long)
+            raise InvalidRequestError(str(exc)) from exc
+        finally:
+            self._prefilling.pop(rid, None)
+
+    # ------------------------------------------------------------------ state
+    def load(self) -> EngineLoad:
+        stats = self._scheduler_stats
+        usage = stats.kv_cache_usage if stats is not None else 0.0
+        return EngineLoad(
+            active_blocks=round(usage * self.total_blocks),
+            total_blocks=self.total_blocks,
+            num_running=stats.num_running_reqs if stats is not None else 0,
+            num_waiting=stats.num_waiting_reqs if stats is not None else len(self._prefilling),
+            active_prefill_tokens=sum(self._prefilling.values()),
+        )
+
+    def kv_snapshot(self) -> tuple[int, list[KvStored]]:
+        return self._translator.snapshot()
+
+    @property
+    def num_held(self) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ faults
+    async def _watch_health(self) -> None:
+        while self.fault is None:
+            await asyncio.sleep(_HEALTH_INTERVAL_S)
+            llm = self._llm
+            if llm is not None and llm.errored:
+                self._fail(llm.dead_error)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.fault is not None:
+            return
+        self.fault = exc
+        log.error("the vLLM engine failed: %s: %s", type(exc).__name__, exc)
+        if self._on_fault is not None:
+            self._on_fault(exc)
+
+    # ------------------------------------------------------------------ KV events
+    async def _follow_events(self) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(self._events_endpoint)
+        try:
+            while True:
+                _topic, seq_bytes, payload = await sub.recv_multipart()
+                seq = int.from_bytes(seq_bytes, "big")
+                if self._translator.gap(seq):
+                    await self._replay(ctx, seq)
+                self._publish(seq, payload)
+        finally:
+            sub.close(linger=0)
+
+    async def _replay(self, ctx: zmq.asyncio.Context, upto: int) -> None:
+        """Fetches the batches before ``upto`` that the subscriber missed."""
+        start = self._translator.next_seq
+        assert start is not None
+        log.warning("vLLM KV events %d..%d were missed; asking for a replay", start, upto - 1)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(self._replay_endpoint)
+        try:
+            await dealer.send_multipart((b"", start.to_bytes(8, "big")))
+            async with asyncio.timeout(_REPLAY_TIMEOUT_S):
+                while True:
+                    _, _topic, seq_bytes, payload = await dealer.recv_multipart()
+                    if not payload or int.from_bytes(seq_bytes, "big") >= upto:
+                        break
+                    self._publish(int.from_bytes(seq_bytes, "big"), payload)
+        except TimeoutError:
+            log.error("no replay of vLLM KV events: routers forget this worker's blocks")
+        finally:
+            dealer.close(linger=0)
+        if self._translator.next_seq != upto:  # beyond the replay buffer
+            self._translator.next_seq = upto
+            self._emit(self._translator.resync())
+
+    def _publish(self, seq: int, payload: bytes) -> None:
+        try:
+            batch = decode_batch(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("undecodable vLLM KV event batch %d: %s", seq, exc)
+            self._translator.next_seq = seq + 1
+            self._emit(self._translator.resync())
+            return
+        self._emit(self._translator.translate(seq, batch))
+
+    def _emit(self, events: list[Any]) -> None:
+        if events and self._sink is not None:
+            self._sink(events)
+
+
+def vllm_sampling(s: SamplingParams) -> Any:
+    """Baton's sampling parameters as vLLM's (deltas of token ids, no detokenizing). Baton's
+    stop tokens are EOS and friends, which ``ignore_eos`` ignores; vLLM's ``ignore_eos``
+    covers only its own EOS, so they are left out then."""
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+    from vllm.sampling_params import SamplingParams as VllmSamplingParams
+
+    structured = None
+    if s.structured is not None:
+        structured = StructuredOutputsParams(
+            json=s.structured.json_schema, json_object=s.structured.json_object or None)
+    return VllmSamplingParams(
+        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        min_p=s.min_p, seed=s.seed, ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
+        stop_token_ids=[] if s.ignore_eos else list(s.stop_token_ids),
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+        logprobs=s.logprobs, structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA, detokenize=False,
+    )
+
+
+def _engine_output(out: Any, num_top: int | None, *, cached: bool) -> EngineOutput:
+    completion = out.outputs[0]
+    finish = _FINISH.get(completion.finish_reason, "stop") if completion.finished() else None
+    return EngineOutput(
+        token_ids=list(completion.token_ids),
+        finish_reason=finish,
+        cached_tokens=(out.num_cached_tokens or 0) if cached else None,
+        logprobs=_logprobs(completion.token_ids, completion.logprobs, num_top or 0),
+    )
+
+
+def _logprobs(token_ids: Any, logprobs: Any, num_top: int) -> list[TokenLogprob] | None:
+    """vLLM gives, per token, the sampled token and the ``num_top`` most likely ones (ranks
+    from 1), in one map."""
+    if logprobs is None:
+        return None
+    out = []
+    for token_id, alternatives in zip(token_ids, logprobs, strict=True):
+        ranked = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items())
+        top = [(t, logprob) for rank, t, logprob in ranked if 1 <= rank <= num_top]
+        out.append(TokenLogprob(token_id, alternatives[token_id].logprob, top))
+    return out

@@ -1,0 +1,330 @@
+"""vLLM workers behind Baton, for real: ``vllm-cpu`` serving SmolLM2-135M (float32).
+
+One module-wide deployment: two ``baton worker --engine vllm`` processes and a frontend with
+the KV router over them (static addresses; KV events and load reach the frontend on each
+worker's feed). Through it, the official ``openai`` client: chat, completions, streaming,
+usage with cached tokens, logprobs and a JSON-schema response; a repeated long prefix goes to
+the worker holding it, known from vLLM's own KV events; Baton's greedy output equals vLLM's
+alone for the same tokens; load from vLLM's scheduler and aborts of closed streams; and,
+last, kill -9 of the worker serving a stream (which continues on the other worker), then
+SIGTERM of the other, which drains.
+
+vLLM is an optional extra (``pip install -e ".[vllm]"``): the module is skipped without it,
+except where ``BATON_REQUIRE_VLLM=1`` (CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import MODEL_CACHE_DIR, baton_process
+
+if os.environ.get("BATON_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm", reason="the vLLM backend needs the vllm extra")
+
+MODEL = "smollm2"
+BLOCK = 32
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
+WORKER_ARGS = ("--engine", "vllm", "--model", MODEL, "--block-size", str(BLOCK),
+               "--kv-cache-bytes", str(512 << 20), "--vllm-max-model-len", "2048")
+START_S = 300
+
+
+def cache_args() -> list[str]:
+    return ["--cache-dir", MODEL_CACHE_DIR] if MODEL_CACHE_DIR else []
+
+
+class Deployment:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.workers: dict[int, subprocess.Popen[str]] = {}
+        self.metrics: dict[int, str] = {}
+        self.client: openai.OpenAI | None = None
+
+    def start(self) -> None:
+        from baton.engine.hf.models import prepare_model
+
+        prepare_model(MODEL, MODEL_CACHE_DIR)  # converted once, before two workers race to it
+        addresses = []
+        starts = [threading.Thread(target=self._worker, args=(wid, addresses)) for wid in (1, 2)]
+        for t in starts:
+            t.start()
+        for t in starts:
+            t.join()
+        assert len(addresses) == 2, "a vLLM worker did not start"
+        frontend, match = baton_process(
+            "frontend", "--port", "0", "--router", "kv", "--probe-interval-s", "0.5",
+            *[a for addr in addresses for a in ("--worker", addr)],
+            ready=r"http://127\.0\.0\.1:(\d+)", timeout_s=60)
+        self.procs.append(frontend)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1",
+                                    api_key="none", max_retries=0, timeout=120)
+        _wait_for_workers(self.client, 2)
+
+    def _worker(self, wid: int, addresses: list[str]) -> None:
+        proc, match = baton_process(
+            "worker", "--port", "0", "--metrics-port", "0", "--worker-id", str(wid),
+            *WORKER_ARGS, *cache_args(),
+            ready=r"listening on (tcp://\S+) metrics on (\S+)", timeout_s=START_S, env=VLLM_ENV)
+        self.procs.append(proc)
+        self.workers[wid] = proc
+        self.metrics[wid] = match.group(2)
+        addresses.append(match.group(1))
+
+    def gauge(self, wid: int, name: str) -> float:
+        """A ``baton_worker_*`` value scraped from worker ``wid``."""
+        text = urllib.request.urlopen(self.metrics[wid], timeout=10).read().decode()
+        match = re.search(rf"^baton_worker_{name}{{[^}}]*}} (\S+)$", text, re.M)
+        assert match, f"no baton_worker_{name} in the metrics"
+        return float(match.group(1))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _wait_for_workers(client: openai.OpenAI, n: int) -> None:
+    """Until both workers answered a request (each is known to the frontend's pool)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(seen) < n and time.monotonic() < deadline:
+        out = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=1,
+                                        extra_body={"baton": {"worker_id": 1 + len(seen)}})
+        seen.add(out.baton["worker_id"])  # type: ignore[attr-defined]
+    assert len(seen) == n
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    d = Deployment()
+    try:
+        d.start()
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture(scope="module")
+def client(deployment: Deployment) -> openai.OpenAI:
+    assert deployment.client is not None
+    return deployment.client
+
+
+def test_chat_completions_and_streaming_through_baton(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=20, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.prompt_tokens > 10 and 0 < chat.usage.completion_tokens <= 20
+
+    text = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                     max_tokens=8, temperature=0)
+    assert "Paris" in text.choices[0].text
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count from one to five."}],
+        max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True})
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces).strip() and finish in ("stop", "length")
+    assert usage is not None and 0 < usage.completion_tokens <= 24
+    assert (usage.completion_tokens == 24) == (finish == "length")
+
+
+def test_a_repeated_prefix_is_served_from_vllms_cache(client: openai.OpenAI) -> None:
+    """The second request of a long shared prefix reports vLLM's cached prompt tokens."""
+    system = "You are a careful assistant. " * 40
+    ask = [{"role": "system", "content": system}, {"role": "user", "content": "Hello!"}]
+    first = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=2)
+    again = client.chat.completions.create(
+        model=MODEL, messages=[*ask[:1], {"role": "user", "content": "Hi there."}], max_tokens=2)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.baton["worker_id"] == again.baton["worker_id"]  # type: ignore[attr-defined]
+    assert cached >= (first.usage.prompt_tokens // BLOCK - 1) * BLOCK, cached
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.logprob <= 0 and bytes(entry.bytes) == entry.token.encode()
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the sampled one is the best
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+
+    text = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=4,
+                                     temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens) == text.choices[0].text
+    assert len(lp.token_logprobs) == 4 and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6,
+        temperature=0, logprobs=True, stream=True)
+    tokens = [c.token for chunk in streamed for choice in chunk.choices
+              if choice.logprobs and choice.logprobs.content for c in choice.logprobs.content]
+    assert tokens == [c.token for c in content]
+
+
+def test_a_json_schema_response(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    person = json.loads(out.choices[0].message.content)
+    assert set(person) == {"name", "age"}
+    assert isinstance(person["name"], str) and isinstance(person["age"], int)
+
+    anything = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user",
+                                "content": 'Reply with a JSON object with one key, "colour".'}],
+        max_tokens=150, temperature=0, response_format={"type": "json_object"})
+    assert anything.choices[0].finish_reason == "stop", anything.choices[0].message.content
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+VLLM_ALONE = textwrap.dedent("""
+    import json, sys
+    from vllm import LLM, SamplingParams
+    if __name__ == "__main__":
+        path, prompts = sys.argv[1], json.loads(sys.argv[2])
+        llm = LLM(model=path, dtype="float32", block_size=32, enforce_eager=True,
+                  max_model_len=2048, kv_cache_memory_bytes=256 << 20)
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+""")
+
+
+def test_baton_gives_vllms_own_greedy_output(client: openai.OpenAI, tmp_path: Any) -> None:
+    """The same token ids, greedy, through Baton and through vLLM alone: the same tokens."""
+    from baton.engine.hf.models import prepare_model
+    from baton.preprocess import ModelCard, Tokenizer
+
+    folder = prepare_model(MODEL, MODEL_CACHE_DIR)
+    tok = Tokenizer(ModelCard.load(folder))
+    prompts = [tok.encode(t) for t in ("The history of Rome", "def fibonacci(n):",
+                                       "Once upon a time, in a small village,")]
+    script = tmp_path / "vllm_alone.py"  # vLLM spawns its engine: it must run from a file
+    script.write_text(VLLM_ALONE)
+    run = subprocess.run([sys.executable, str(script), str(folder), json.dumps(prompts)],
+                         capture_output=True, text=True, timeout=START_S,
+                         env=dict(os.environ, **VLLM_ENV))
+    results = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert results, run.stderr[-3000:]
+    alone = json.loads(results[-1].removeprefix("RESULT "))
+    for prompt, expected in zip(prompts, alone, strict=True):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == tok.decode(expected), prompt
+
+
+def _until(predicate: Any, timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_load_comes_from_vllms_scheduler_and_a_closed_stream_aborts(
+        deployment: Deployment, client: openai.OpenAI) -> None:
+    """While a stream runs, its worker reports it running and its KV blocks in use (vLLM's
+    scheduler stats); when the client closes the stream, vLLM aborts the request."""
+    stream = client.completions.create(
+        model=MODEL, prompt="Tell me about the sea. " * 20, max_tokens=400, temperature=0,
+        stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    wid = next(chunks).baton["worker_id"]  # type: ignore[attr-defined]
+    for _ in range(5):
+        next(chunks)
+    assert deployment.gauge(wid, "kv_blocks_total") > 0
+    assert _until(lambda: deployment.gauge(wid, "requests_running") == 1)
+    assert deployment.gauge(wid, "kv_blocks_active") >= 4  # a 160-token prompt, 32 per block
+    stream.close()
+    assert _until(lambda: deployment.gauge(wid, "requests_running") == 0), "not aborted"
+    assert deployment.gauge(wid, "requests_in_flight") == 0
+
+
+def test_kill_9_of_the_serving_worker_moves_its_stream(deployment: Deployment,
+                                                        client: openai.OpenAI) -> None:
+    """Last in the module: it leaves one worker. The stream's worker dies mid-stream; the
+    frontend continues it on the other with the tokens so far (all 200 arrive). vLLM's
+    engine processes of the killed worker end with it."""
+    import psutil  # a dependency of vLLM
+
+    stream = client.completions.create(
+        model=MODEL, prompt="Write a long story about a dragon.", max_tokens=200,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True})
+    workers: list[int] = []
+    usage = None
+    for i, chunk in enumerate(stream):
+        workers.append(chunk.baton["worker_id"])  # type: ignore[attr-defined]
+        usage = chunk.usage or usage
+        if i == 10:
+            victim = deployment.workers[workers[0]]
+            engine = psutil.Process(victim.pid).children(recursive=True)
+            names = [" ".join(p.cmdline()) for p in engine]
+            victim.send_signal(signal.SIGKILL)
+    assert usage is not None and usage.completion_tokens == 200
+    assert len(set(workers)) == 2, "the stream did not move"
+    assert any("VLLM" in name for name in names), names
+    _, alive = psutil.wait_procs(engine, timeout=10)
+    assert not alive, f"vLLM processes outlived their worker: {alive}"
+
+
+def test_sigterm_drains_the_last_worker(deployment: Deployment, client: openai.OpenAI) -> None:
+    """After the kill above, one worker is left. SIGTERM while it streams: the stream ends
+    with all its tokens, then the worker exits 0 and takes vLLM's processes with it."""
+    import psutil
+
+    survivor = next(p for p in deployment.workers.values() if p.poll() is None)
+    engine = psutil.Process(survivor.pid).children(recursive=True)
+    stream = client.completions.create(
+        model=MODEL, prompt="A poem about the moon:", max_tokens=60, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    usage = None
+    for i, chunk in enumerate(stream):
+        usage = chunk.usage or usage
+        if i == 3:
+            survivor.send_signal(signal.SIGTERM)
+    assert usage is not None and usage.completion_tokens == 60
+    assert survivor.wait(60) == 0
+    _, alive = psutil.wait_procs(engine, timeout=10)
+    assert not alive, f"vLLM processes outlived their worker: {alive}"
