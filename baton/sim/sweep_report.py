@@ -219,7 +219,7 @@ def _panel(
         dark = not math.isnan(ratio) and abs(math.log(grid[y, x])) > 0.6 * math.log(span)
         ax.text(x, y, _cell_text(p, ratio), ha="center", va="center", fontsize=8,
                 color="white" if dark else "black")
-    image = ax.imshow(np.ma.masked_invalid(grid), norm=norm, cmap=cmap, origin="lower",
+    image = ax.imshow(grid, norm=norm, cmap=cmap, origin="lower",
                       aspect="auto")
     ax.set_xticks(range(len(config.isl)), [str(v) for v in config.isl], fontsize=8)
     ax.set_yticks(range(len(config.osl)), [str(v) for v in config.osl], fontsize=8)
