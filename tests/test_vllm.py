@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -221,16 +222,29 @@ VLLM_ALONE = textwrap.dedent("""
     import json, sys
     from vllm import LLM, SamplingParams
     if __name__ == "__main__":
-        path, prompts = sys.argv[1], json.loads(sys.argv[2])
+        path, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
         llm = LLM(model=path, dtype="float32", block_size=32, enforce_eager=True,
                   max_model_len=2048, kv_cache_memory_bytes=256 << 20)
-        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 """)
 
 
-def test_baton_gives_vllms_own_greedy_output(client: openai.OpenAI, tmp_path: Any) -> None:
+def vllm_alone(folder: Path, prompts: list[list[int]], tmp_path: Path,
+               max_tokens: int) -> list[list[int]]:
+    """Greedy output token ids of vLLM alone (no Baton) for these prompts."""
+    script = tmp_path / "vllm_alone.py"  # vLLM spawns its engine: it must run from a file
+    script.write_text(VLLM_ALONE)
+    run = subprocess.run([sys.executable, str(script), str(folder), json.dumps(prompts),
+                          str(max_tokens)], capture_output=True, text=True, timeout=START_S,
+                         env=dict(os.environ, **VLLM_ENV))
+    results = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert results, run.stderr[-3000:]
+    return json.loads(results[-1].removeprefix("RESULT "))
+
+
+def test_baton_gives_vllms_own_greedy_output(client: openai.OpenAI, tmp_path: Path) -> None:
     """The same token ids, greedy, through Baton and through vLLM alone: the same tokens."""
     from baton.engine.hf.models import prepare_model
     from baton.preprocess import ModelCard, Tokenizer
@@ -239,14 +253,7 @@ def test_baton_gives_vllms_own_greedy_output(client: openai.OpenAI, tmp_path: An
     tok = Tokenizer(ModelCard.load(folder))
     prompts = [tok.encode(t) for t in ("The history of Rome", "def fibonacci(n):",
                                        "Once upon a time, in a small village,")]
-    script = tmp_path / "vllm_alone.py"  # vLLM spawns its engine: it must run from a file
-    script.write_text(VLLM_ALONE)
-    run = subprocess.run([sys.executable, str(script), str(folder), json.dumps(prompts)],
-                         capture_output=True, text=True, timeout=START_S,
-                         env=dict(os.environ, **VLLM_ENV))
-    results = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert results, run.stderr[-3000:]
-    alone = json.loads(results[-1].removeprefix("RESULT "))
+    alone = vllm_alone(folder, prompts, tmp_path, max_tokens=24)
     for prompt, expected in zip(prompts, alone, strict=True):
         out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
                                         temperature=0, extra_body={"ignore_eos": True})

@@ -7,11 +7,13 @@ its format fails here rather than silently in the router.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import pytest
 
 from baton.engine.vllm.events import KvEventTranslator, decode_batch, external_hash
-from baton.kv.events import KvCleared, KvRemoved, KvStored
+from baton.kv.events import KvCleared, KvEvent, KvRemoved, KvStored
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
 from baton.router.indexer import KvIndex
 
@@ -93,3 +95,44 @@ def test_vllms_own_encoder_decodes_here() -> None:
     out = KvEventTranslator(BLOCK).translate(0, decode_batch(payload))
     assert [type(e.data) for e in out] == [KvStored, KvRemoved, KvCleared]
     assert out[0].data == KvStored(None, [21, 22], compute_local_hashes(list(range(8)), BLOCK))
+
+
+async def test_missed_batches_come_back_from_vllms_replay_socket() -> None:
+    """vLLM's own publisher, with a replay buffer of 3 batches: batches 1-2 missed are fetched
+    back in order; when the buffer no longer holds them (0-1 of 0-5), the router is told to
+    forget the worker's blocks, then gets what is left."""
+    kv_events = pytest.importorskip("vllm.distributed.kv_events")
+    import asyncio
+
+    import zmq.asyncio
+
+    from baton.config import EngineConfig, SchedulerConfig
+    from baton.engine.vllm.engine import VllmEngine
+
+    engine = VllmEngine(EngineConfig(kind="vllm", scheduler=SchedulerConfig(block_size=BLOCK)),
+                        Path("unused"))
+    got: list[KvEvent] = []
+    engine.set_kv_event_sink(got.extend)
+    publisher = kv_events.ZmqEventPublisher(
+        data_parallel_rank=0, endpoint=engine._events_endpoint,
+        replay_endpoint=engine._replay_endpoint, buffer_steps=3)
+    ctx = zmq.asyncio.Context.instance()
+    try:
+        for i in range(4):
+            publisher.publish(kv_events.KVEventBatch(ts=0.0, events=[kv_events.BlockStored(
+                block_hashes=[100 + i], parent_block_hash=None, token_ids=[i] * BLOCK,
+                block_size=BLOCK, lora_id=None, medium="GPU", lora_name=None)]))
+        await asyncio.sleep(0.5)  # the publisher thread has sent and buffered them
+        engine._translator.next_seq = 1
+        await engine._replay(ctx, 3)
+        assert [e.data.block_hashes for e in got] == [[101], [102]]  # type: ignore[union-attr]
+        assert engine._translator.next_seq == 3
+
+        got.clear()
+        engine._translator.next_seq = 0  # as if 0..3 were missed: the buffer holds 1..3 only
+        await engine._replay(ctx, 4)
+        assert isinstance(got[0].data, KvCleared)
+        assert [e.data.block_hashes for e in got[1:]] == [[101], [102], [103]]  # type: ignore[union-attr]
+    finally:
+        publisher.shutdown()
+        await engine.close()

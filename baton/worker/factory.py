@@ -26,9 +26,8 @@ def build_engine(config: WorkerConfig, card: ModelCard, auth: PeerAuth | None = 
     if config.engine.kind == "vllm":
         from baton.engine.vllm.engine import VllmEngine  # imports vLLM: only when asked for
 
-        if config.role != "agg":
-            raise ValueError("--engine vllm serves aggregated workers only (--role agg) for now")
-        return VllmEngine(config.engine, card.path)
+        return VllmEngine(config.engine, card.path, role=config.role,
+                          kv_listener=kv_listener(config))
     return _simulated(config, card, auth)
 
 

@@ -52,9 +52,11 @@ from baton.protocol import (
     EngineOutput,
     FinishReason,
     GenerateRequest,
+    KvTransferParams,
     SamplingParams,
     TokenLogprob,
 )
+from baton.runtime.net import Listener
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -70,9 +72,12 @@ class VllmEngine:
 
     features: tuple[str, ...] = FEATURES
 
-    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, *, role: str = "agg",
+                 kv_listener: Listener | None = None) -> None:
         self.config = config
         self.model_dir = model_dir
+        self.role = role
+        self.kv_listener = kv_listener or Listener()
         self.block_size = config.block_size
         self.fault: BaseException | None = None
         self.stats = EngineStats()
@@ -127,6 +132,7 @@ class VllmEngine:
                 enable_kv_cache_events=True, publisher="zmq",
                 endpoint=self._events_endpoint, replay_endpoint=self._replay_endpoint),
             disable_log_stats=False,
+            kv_transfer_config=self._kv_transfer_config(),
             **extra,
         )
         try:
@@ -137,6 +143,23 @@ class VllmEngine:
                     f"vLLM refused block size {self.block_size}: its CPU attention needs a "
                     "multiple of 32 (pass --block-size 32)") from exc
             raise
+
+    def _kv_transfer_config(self) -> Any:
+        """Prefill and decode workers move KV with Baton's connector (``connector.py``)."""
+        if self.role == "agg":
+            return None
+        from vllm.config import KVTransferConfig
+
+        listener = self.kv_listener
+        return KVTransferConfig(
+            kv_connector="BatonConnector", kv_connector_module_path="baton.engine.vllm.connector",
+            kv_role="kv_both", kv_load_failure_policy="recompute",
+            kv_connector_extra_config={
+                "dir": self._ipc.name, "host": listener.host, "port": listener.port,
+                "advertise_host": listener.advertise_host,
+                "hold_timeout_s": self.config.kv_hold_timeout_s,
+                "transfer_timeout_s": self.config.kv_transfer_timeout_s,
+            })
 
     def _stat_logger(self) -> type:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -181,8 +204,8 @@ class VllmEngine:
 
     # ------------------------------------------------------------------ generate
     def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
-        if request.hold_kv or request.remote_kv is not None:
-            raise InvalidRequestError("disaggregated serving is not supported by --engine vllm yet")
+        if (request.hold_kv or request.remote_kv is not None) and self.role == "agg":
+            raise InvalidRequestError("this vLLM worker is not a prefill or decode worker")
         if self.fault is not None or self._llm is None:
             raise WorkerFaultError("the vLLM engine has failed")
         return self._generate(request)
@@ -195,7 +218,7 @@ class VllmEngine:
         self._prefilling[rid] = len(request.token_ids)
         first = True
         try:
-            params = vllm_sampling(request.sampling)
+            params = vllm_sampling(request.sampling, _kv_transfer_params(request))
             async with contextlib.aclosing(self._llm.generate(prompt, params, rid)) as outputs:
                 async for out in outputs:
                     self._prefilling.pop(rid, None)
@@ -261,10 +284,27 @@ class VllmEngine:
             sub.close(linger=0)
 
     async def _replay(self, ctx: zmq.asyncio.Context, upto: int) -> None:
-        """Fetches the batches before ``upto`` that the subscriber missed."""
+        """Fetches the batches from ``next_seq`` to before ``upto`` that the subscriber
+        missed. Those vLLM no longer buffers are lost: routers are told to forget this
+        worker's blocks (a ``cleared`` event) before the rest is applied."""
         start = self._translator.next_seq
         assert start is not None
         log.warning("vLLM KV events %d..%d were missed; asking for a replay", start, upto - 1)
+        replayed = await self._fetch_replay(ctx, start, upto)
+        if not replayed or replayed[0][0] != start:
+            log.error("vLLM KV events from %d are lost: routers forget this worker's blocks",
+                      start)
+            self._emit(self._translator.resync())
+            self._translator.next_seq = replayed[0][0] if replayed else upto
+        for seq, payload in replayed:
+            self._publish(seq, payload)
+        self._translator.next_seq = max(upto, self._translator.next_seq or upto)
+
+    async def _fetch_replay(self, ctx: zmq.asyncio.Context, start: int,
+                            upto: int) -> list[tuple[int, bytes]]:
+        """vLLM's replay socket: a request with the first sequence number wanted, then the
+        buffered batches from there and an empty end marker."""
+        out: list[tuple[int, bytes]] = []
         dealer = ctx.socket(zmq.DEALER)
         dealer.connect(self._replay_endpoint)
         try:
@@ -272,16 +312,15 @@ class VllmEngine:
             async with asyncio.timeout(_REPLAY_TIMEOUT_S):
                 while True:
                     _, _topic, seq_bytes, payload = await dealer.recv_multipart()
-                    if not payload or int.from_bytes(seq_bytes, "big") >= upto:
+                    seq = int.from_bytes(seq_bytes, "big")
+                    if not payload or seq >= upto:
                         break
-                    self._publish(int.from_bytes(seq_bytes, "big"), payload)
+                    out.append((seq, payload))
         except TimeoutError:
-            log.error("no replay of vLLM KV events: routers forget this worker's blocks")
+            log.error("vLLM's KV event replay did not answer in %gs", _REPLAY_TIMEOUT_S)
         finally:
             dealer.close(linger=0)
-        if self._translator.next_seq != upto:  # beyond the replay buffer
-            self._translator.next_seq = upto
-            self._emit(self._translator.resync())
+        return out
 
     def _publish(self, seq: int, payload: bytes) -> None:
         try:
@@ -298,7 +337,17 @@ class VllmEngine:
             self._sink(events)
 
 
-def vllm_sampling(s: SamplingParams) -> Any:
+def _kv_transfer_params(request: GenerateRequest) -> dict[str, Any] | None:
+    """What Baton's connector reads from a request: hold the prompt's KV for a decode
+    worker, or pull it from a prefill worker."""
+    if request.hold_kv:
+        return {"do_remote_decode": True}
+    if request.remote_kv is not None:
+        return {"do_remote_prefill": True, **msgspec.structs.asdict(request.remote_kv)}
+    return None
+
+
+def vllm_sampling(s: SamplingParams, kv_transfer_params: dict[str, Any] | None = None) -> Any:
     """Baton's sampling parameters as vLLM's (deltas of token ids, no detokenizing). Baton's
     stop tokens are EOS and friends, which ``ignore_eos`` ignores; vLLM's ``ignore_eos``
     covers only its own EOS, so they are left out then."""
@@ -317,6 +366,7 @@ def vllm_sampling(s: SamplingParams) -> Any:
         frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
         logprobs=s.logprobs, structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA, detokenize=False,
+        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
     )
 
 
@@ -328,7 +378,20 @@ def _engine_output(out: Any, num_top: int | None, *, cached: bool) -> EngineOutp
         finish_reason=finish,
         cached_tokens=(out.num_cached_tokens or 0) if cached else None,
         logprobs=_logprobs(completion.token_ids, completion.logprobs, num_top or 0),
+        kv_transfer=_held_kv(out.kv_transfer_params) if finish is not None else None,
     )
+
+
+def _held_kv(p: dict[str, Any] | None) -> KvTransferParams | None:
+    """The connector's params of a finished ``hold_kv`` request (None when it held no
+    blocks: a prompt shorter than one block; the decode worker then prefills)."""
+    if not p or not p.get("block_ids"):
+        return None
+    return KvTransferParams(
+        transfer_id=p["transfer_id"], worker_id=0, address=p["address"],
+        block_ids=list(p["block_ids"]), num_tokens=int(p["num_tokens"]),
+        block_size=int(p["block_size"]), block_bytes=int(p["block_bytes"]),
+        layout=str(p.get("layout", "")))
 
 
 def _logprobs(token_ids: Any, logprobs: Any, num_top: int) -> list[TokenLogprob] | None:

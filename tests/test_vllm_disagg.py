@@ -1,0 +1,125 @@
+"""Disaggregated serving with vLLM workers: a prefill vLLM worker computes the prompt, its KV
+blocks move over Baton's transfer plane (``BatonConnector``, TCP) into a decode vLLM
+worker, which generates. Greedy outputs equal aggregated serving's: vLLM alone on the same
+token ids (which equals Baton's aggregated output, ``test_vllm.py``). The frontend sends
+every request through the pair (``--disagg-policy always``); the decode worker computes
+only what it did not pull. Skipped without vLLM unless ``BATON_REQUIRE_VLLM=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import MODEL_CACHE_DIR, baton_process
+
+if os.environ.get("BATON_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm", reason="the vLLM backend needs the vllm extra")
+
+from tests.test_vllm import (  # noqa: E402
+    MODEL,
+    START_S,
+    VLLM_ENV,
+    WORKER_ARGS,
+    cache_args,
+    vllm_alone,
+)
+
+
+class Pair:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.disagg: openai.OpenAI | None = None
+
+    def start(self) -> None:
+        from baton.engine.hf.models import prepare_model
+
+        prepare_model(MODEL, MODEL_CACHE_DIR)
+        addresses: dict[str, str] = {}
+        starts = [threading.Thread(target=self._worker, args=(role, addresses))
+                  for role in ("prefill", "decode")]
+        for t in starts:
+            t.start()
+        for t in starts:
+            t.join()
+        assert len(addresses) == 2, "a vLLM worker did not start"
+        self.disagg = self._frontend(addresses["prefill"], addresses["decode"],
+                                     "--disagg-policy", "always")
+
+    def _worker(self, role: str, addresses: dict[str, str]) -> None:
+        proc, match = baton_process(
+            "worker", "--port", "0", "--role", role, "--worker-id", "1" if role == "prefill" else "2",
+            *WORKER_ARGS, *cache_args(), ready=r"listening on (tcp://\S+)", timeout_s=START_S,
+            env=VLLM_ENV)
+        self.procs.append(proc)
+        addresses[role] = match.group(1)
+
+    def _frontend(self, *args: str) -> openai.OpenAI:
+        workers = [a for a in args if a.startswith("tcp://")]
+        flags = [a for a in args if not a.startswith("tcp://")]
+        proc, match = baton_process(
+            "frontend", "--port", "0", *[f for w in workers for f in ("--worker", w)], *flags,
+            ready=r"http://127\.0\.0\.1:(\d+)", timeout_s=60)
+        self.procs.append(proc)
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="none",
+                             max_retries=0, timeout=120)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    try:
+        p.start()
+        yield p
+    finally:
+        p.close()
+
+
+def prompts() -> list[list[int]]:
+    """Lengths from under one block to several; the last extends the first (the decode
+    worker then holds part of it and pulls only the rest)."""
+    rng = random.Random(3)
+    out = [[rng.randrange(100, 40000) for _ in range(n)] for n in (200, 20, 65, 130)]
+    return [*out, out[0] + [rng.randrange(100, 40000) for _ in range(70)]]
+
+
+def generate(client: openai.OpenAI, prompt: list[int]) -> openai.types.Completion:
+    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True})
+
+
+def test_disaggregated_greedy_output_equals_aggregated(pair: Pair, tmp_path: Path) -> None:
+    from baton.engine.hf.models import prepare_model
+    from baton.preprocess import ModelCard, Tokenizer
+
+    assert pair.disagg is not None
+    folder = prepare_model(MODEL, MODEL_CACHE_DIR)
+    tok = Tokenizer(ModelCard.load(folder))
+    expected = vllm_alone(folder, prompts(), tmp_path, max_tokens=16)
+    for prompt, tokens in zip(prompts(), expected, strict=True):
+        remote = generate(pair.disagg, prompt)
+        ext = remote.baton  # type: ignore[attr-defined]
+        assert ext["decode_worker_id"] == 2
+        full_blocks = len(prompt) // 32 * 32
+        if full_blocks:
+            assert ext["prefill_worker_id"] == 1, ext
+            # the decode worker starts from the pulled blocks (vLLM counts them as cached)
+            assert remote.usage.prompt_tokens_details.cached_tokens >= min(
+                full_blocks, (len(prompt) - 1) // 32 * 32), remote.usage
+        assert remote.choices[0].text == tok.decode(tokens), len(prompt)
