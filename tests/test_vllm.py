@@ -37,6 +37,8 @@ from tests.conftest import MODEL_CACHE_DIR, baton_process
 if os.environ.get("BATON_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="the vLLM backend needs the vllm extra")
 
+pytestmark = pytest.mark.timeout(600)  # the first test also waits for vLLM workers to load
+
 MODEL = "smollm2"
 BLOCK = 32
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}

@@ -3,15 +3,18 @@ blocks move over Baton's transfer plane (``BatonConnector``, TCP) into a decode 
 worker, which generates. Greedy outputs equal aggregated serving's: vLLM alone on the same
 token ids (which equals Baton's aggregated output, ``test_vllm.py``). The frontend sends
 every request through the pair (``--disagg-policy always``); the decode worker computes
-only what it did not pull. Skipped without vLLM unless ``BATON_REQUIRE_VLLM=1``.
+only what it did not pull. Every process has the cluster token, so the KV transfer inside
+vLLM's processes authenticates as Baton's own does. Skipped without vLLM unless ``BATON_REQUIRE_VLLM=1``.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from tests.conftest import MODEL_CACHE_DIR, baton_process
 if os.environ.get("BATON_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="the vLLM backend needs the vllm extra")
 
+pytestmark = pytest.mark.timeout(600)  # the first test also waits for vLLM workers to load
+
 from tests.test_vllm import (  # noqa: E402
     MODEL,
     START_S,
@@ -32,11 +37,14 @@ from tests.test_vllm import (  # noqa: E402
     vllm_alone,
 )
 
+TOKEN = {"BATON_CLUSTER_TOKEN": "vllm-disagg-test-token"}
+
 
 class Pair:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
         self.disagg: openai.OpenAI | None = None
+        self.metrics: dict[str, str] = {}
 
     def start(self) -> None:
         from baton.engine.hf.models import prepare_model
@@ -55,18 +63,26 @@ class Pair:
 
     def _worker(self, role: str, addresses: dict[str, str]) -> None:
         proc, match = baton_process(
-            "worker", "--port", "0", "--role", role, "--worker-id", "1" if role == "prefill" else "2",
-            *WORKER_ARGS, *cache_args(), ready=r"listening on (tcp://\S+)", timeout_s=START_S,
-            env=VLLM_ENV)
+            "worker", "--port", "0", "--metrics-port", "0", "--role", role,
+            "--worker-id", "1" if role == "prefill" else "2", *WORKER_ARGS, *cache_args(),
+            ready=r"listening on (tcp://\S+) metrics on (\S+)", timeout_s=START_S,
+            env=VLLM_ENV | TOKEN)
         self.procs.append(proc)
         addresses[role] = match.group(1)
+        self.metrics[role] = match.group(2)
+
+    def counter(self, role: str, name: str) -> float:
+        text = urllib.request.urlopen(self.metrics[role], timeout=10).read().decode()
+        match = re.search(rf"^baton_worker_{name}_total{{[^}}]*}} (\S+)$", text, re.M)
+        assert match, f"no baton_worker_{name}_total"
+        return float(match.group(1))
 
     def _frontend(self, *args: str) -> openai.OpenAI:
         workers = [a for a in args if a.startswith("tcp://")]
         flags = [a for a in args if not a.startswith("tcp://")]
         proc, match = baton_process(
             "frontend", "--port", "0", *[f for w in workers for f in ("--worker", w)], *flags,
-            ready=r"http://127\.0\.0\.1:(\d+)", timeout_s=60)
+            ready=r"http://127\.0\.0\.1:(\d+)", timeout_s=60, env=TOKEN)
         self.procs.append(proc)
         return openai.OpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="none",
                              max_retries=0, timeout=120)
@@ -123,3 +139,8 @@ def test_disaggregated_greedy_output_equals_aggregated(pair: Pair, tmp_path: Pat
             assert remote.usage.prompt_tokens_details.cached_tokens >= min(
                 full_blocks, (len(prompt) - 1) // 32 * 32), remote.usage
         assert remote.choices[0].text == tok.decode(tokens), len(prompt)
+    # the decode worker's connector pulled real bytes, and no pull failed (a failed one would
+    # be recomputed and give the same text)
+    assert pair.counter("decode", "kv_loads") >= 4
+    assert pair.counter("decode", "kv_loads_failed") == 0
+    assert pair.counter("decode", "kv_load_bytes") > 0

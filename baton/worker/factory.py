@@ -27,7 +27,7 @@ def build_engine(config: WorkerConfig, card: ModelCard, auth: PeerAuth | None = 
         from baton.engine.vllm.engine import VllmEngine  # imports vLLM: only when asked for
 
         return VllmEngine(config.engine, card.path, role=config.role,
-                          kv_listener=kv_listener(config))
+                          kv_listener=kv_listener(config), auth=auth)
     return _simulated(config, card, auth)
 
 

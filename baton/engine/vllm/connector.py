@@ -48,12 +48,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from baton.kv.store import BlockStore
 from baton.protocol import KvTransferParams
-from baton.runtime.peer_auth import peer_auth
+from baton.runtime.peer_auth import PeerAuth
 from baton.transfer import KvTransferClient, KvTransferError, KvTransferServer
 
 log = logging.getLogger(__name__)
 
 SERVER_FILE = "kv_server.json"
+STATS_FILE = "kv_stats.json"
+"""The decode side's counts (loads, failed loads, bytes), for the worker's metrics."""
 _WAIT_S = 30.0
 
 
@@ -234,6 +236,7 @@ class _WorkerSide:
         self.lock = threading.Lock()
         self.sent: set[str] = set()
         self.failed: set[int] = set()
+        self.counts = {"kv_loads": 0, "kv_loads_failed": 0, "kv_load_bytes": 0}
 
     def register(self, caches: list[torch.Tensor]) -> None:
         if not self.num_blocks:
@@ -248,14 +251,13 @@ class _WorkerSide:
         assert self.server is not None
         info = {"address": self.server.address, "block_bytes": self.mirror.block_bytes,
                 "layout": f"{self.layout_prefix}/{self.mirror.block_bytes}"}
-        tmp = self.dir / f".{SERVER_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(self.dir / SERVER_FILE)
+        self._write(SERVER_FILE, info)
 
     async def _start(self) -> None:
         assert self.mirror is not None
         e = self.extra
-        auth = peer_auth(os.environ.get("BATON_CLUSTER_TOKEN"))
+        token_file = e.get("token_file")  # not in the config itself: vLLM logs its config
+        auth = PeerAuth(Path(token_file).read_bytes()) if token_file else None
         self.server = KvTransferServer(
             self.mirror, name=f"vllm-{os.getpid()}", host=e.get("host", "127.0.0.1"),
             port=int(e.get("port") or 0), advertise_host=e.get("advertise_host"), auth=auth,
@@ -297,9 +299,20 @@ class _WorkerSide:
                             load.req_id, exc, len(load.local_block_ids))
                 with self.lock:
                     self.failed.update(load.local_block_ids)
+                self.counts["kv_loads_failed"] += 1
                 continue
             if load.local_block_ids:
                 self._copy_in(load.local_block_ids)
+                self.counts["kv_loads"] += 1
+                assert self.mirror is not None
+                self.counts["kv_load_bytes"] += len(load.local_block_ids) * self.mirror.block_bytes
+        self._write(STATS_FILE, self.counts)
+
+    def _write(self, name: str, info: dict[str, Any]) -> None:
+        """Replaces ``name`` in the engine's folder at once (readers never see half)."""
+        tmp = self.dir / f".{name}.{os.getpid()}"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.dir / name)
 
     async def _pull(self, load: Load) -> None:
         assert self.client is not None and self.mirror is not None

@@ -43,6 +43,7 @@ import zmq.asyncio
 from baton.config import EngineConfig
 from baton.engine.base import EngineLoad, EngineStats, FaultHandler, KvEventSink
 from baton.engine.vllm import reaper
+from baton.engine.vllm.connector import STATS_FILE
 from baton.engine.vllm.events import KvEventTranslator, decode_batch
 from baton.errors import InvalidRequestError, WorkerFaultError
 from baton.kv.events import KvStored
@@ -57,6 +58,7 @@ from baton.protocol import (
     TokenLogprob,
 )
 from baton.runtime.net import Listener
+from baton.runtime.peer_auth import PeerAuth
 from baton.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -73,11 +75,12 @@ class VllmEngine:
     features: tuple[str, ...] = FEATURES
 
     def __init__(self, config: EngineConfig, model_dir: Path, *, role: str = "agg",
-                 kv_listener: Listener | None = None) -> None:
+                 kv_listener: Listener | None = None, auth: PeerAuth | None = None) -> None:
         self.config = config
         self.model_dir = model_dir
         self.role = role
         self.kv_listener = kv_listener or Listener()
+        self.auth = auth
         self.block_size = config.block_size
         self.fault: BaseException | None = None
         self.stats = EngineStats()
@@ -95,6 +98,7 @@ class VllmEngine:
         self._scheduler_stats: Any = None
         self.total_blocks = 0
         self._engine_pids: list[int] = []
+        self._stats_mtime = 0
         self._reaper: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -151,6 +155,12 @@ class VllmEngine:
         from vllm.config import KVTransferConfig
 
         listener = self.kv_listener
+        token_file = None
+        if self.auth is not None:  # the cluster token, for the connector's KV transfer
+            path = Path(self._ipc.name) / "cluster_token"
+            path.touch(mode=0o600)
+            path.write_bytes(self.auth.token)
+            token_file = str(path)
         return KVTransferConfig(
             kv_connector="BatonConnector", kv_connector_module_path="baton.engine.vllm.connector",
             kv_role="kv_both", kv_load_failure_policy="recompute",
@@ -159,6 +169,7 @@ class VllmEngine:
                 "advertise_host": listener.advertise_host,
                 "hold_timeout_s": self.config.kv_hold_timeout_s,
                 "transfer_timeout_s": self.config.kv_transfer_timeout_s,
+                "token_file": token_file,
             })
 
     def _stat_logger(self) -> type:
@@ -234,6 +245,7 @@ class VllmEngine:
 
     # ------------------------------------------------------------------ state
     def load(self) -> EngineLoad:
+        self._read_transfer_counts()
         stats = self._scheduler_stats
         usage = stats.kv_cache_usage if stats is not None else 0.0
         return EngineLoad(
@@ -243,6 +255,22 @@ class VllmEngine:
             num_waiting=stats.num_waiting_reqs if stats is not None else len(self._prefilling),
             active_prefill_tokens=sum(self._prefilling.values()),
         )
+
+    def _read_transfer_counts(self) -> None:
+        """The connector's KV load counts (it runs in vLLM's model worker process and writes
+        them to the engine's folder), into ``stats``."""
+        path = Path(self._ipc.name) / STATS_FILE
+        try:
+            mtime = path.stat().st_mtime_ns
+            if mtime == self._stats_mtime:
+                return
+            counts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        self._stats_mtime = mtime
+        self.stats.kv_loads = int(counts.get("kv_loads", 0))
+        self.stats.kv_loads_failed = int(counts.get("kv_loads_failed", 0))
+        self.stats.kv_load_bytes = int(counts.get("kv_load_bytes", 0))
 
     def kv_snapshot(self) -> tuple[int, list[KvStored]]:
         return self._translator.snapshot()
