@@ -51,6 +51,52 @@ def cache_args() -> list[str]:
     return ["--cache-dir", MODEL_CACHE_DIR] if MODEL_CACHE_DIR else []
 
 
+def start_vllm_workers(flags: dict[Any, list[str]],
+                       env: dict[str, str] | None = None) -> dict[Any, tuple[Any, str, str]]:
+    """One ``baton worker --engine vllm`` per key of ``flags`` (with those flags), started side
+    by side since each loads for tens of seconds: key -> (process, address, metrics URL). A
+    worker that did not start is missing from the result."""
+    from baton.engine.hf.models import prepare_model
+
+    prepare_model(MODEL, MODEL_CACHE_DIR)  # converted once, before the workers race to it
+    started: dict[Any, tuple[Any, str, str]] = {}
+
+    def start(key: Any) -> None:
+        proc, match = baton_process(
+            "worker", "--port", "0", "--metrics-port", "0", *flags[key], *WORKER_ARGS,
+            *cache_args(), ready=r"listening on (tcp://\S+) metrics on (\S+)",
+            timeout_s=START_S, env=VLLM_ENV | (env or {}))
+        started[key] = (proc, match.group(1), match.group(2))
+
+    threads = [threading.Thread(target=start, args=(key,)) for key in flags]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return started
+
+
+def scrape(url: str, metric: str) -> float:
+    """The value of ``metric`` (one labelled sample) at a worker's metrics URL."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    match = re.search(rf"^{metric}{{[^}}]*}} (\S+)$", text, re.M)
+    assert match, f"no {metric} in the metrics"
+    return float(match.group(1))
+
+
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    """SIGTERM to each process still running, then up to 30 s for it to drain and exit."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 class Deployment:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
@@ -59,52 +105,27 @@ class Deployment:
         self.client: openai.OpenAI | None = None
 
     def start(self) -> None:
-        from baton.engine.hf.models import prepare_model
-
-        prepare_model(MODEL, MODEL_CACHE_DIR)  # converted once, before two workers race to it
-        addresses = []
-        starts = [threading.Thread(target=self._worker, args=(wid, addresses)) for wid in (1, 2)]
-        for t in starts:
-            t.start()
-        for t in starts:
-            t.join()
-        assert len(addresses) == 2, "a vLLM worker did not start"
+        started = start_vllm_workers({wid: ["--worker-id", str(wid)] for wid in (1, 2)})
+        for wid, (proc, _, metrics) in started.items():
+            self.procs.append(proc)
+            self.workers[wid] = proc
+            self.metrics[wid] = metrics
+        assert len(started) == 2, "a vLLM worker did not start"
         frontend, match = baton_process(
             "frontend", "--port", "0", "--router", "kv", "--probe-interval-s", "0.5",
-            *[a for addr in addresses for a in ("--worker", addr)],
+            *[a for _, addr, _ in started.values() for a in ("--worker", addr)],
             ready=r"http://127\.0\.0\.1:(\d+)", timeout_s=60)
         self.procs.append(frontend)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1",
                                     api_key="none", max_retries=0, timeout=120)
         _wait_for_workers(self.client, 2)
 
-    def _worker(self, wid: int, addresses: list[str]) -> None:
-        proc, match = baton_process(
-            "worker", "--port", "0", "--metrics-port", "0", "--worker-id", str(wid),
-            *WORKER_ARGS, *cache_args(),
-            ready=r"listening on (tcp://\S+) metrics on (\S+)", timeout_s=START_S, env=VLLM_ENV)
-        self.procs.append(proc)
-        self.workers[wid] = proc
-        self.metrics[wid] = match.group(2)
-        addresses.append(match.group(1))
-
     def gauge(self, wid: int, name: str) -> float:
         """A ``baton_worker_*`` value scraped from worker ``wid``."""
-        text = urllib.request.urlopen(self.metrics[wid], timeout=10).read().decode()
-        match = re.search(rf"^baton_worker_{name}{{[^}}]*}} (\S+)$", text, re.M)
-        assert match, f"no baton_worker_{name} in the metrics"
-        return float(match.group(1))
+        return scrape(self.metrics[wid], f"baton_worker_{name}")
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_all(self.procs)
 
 
 def _wait_for_workers(client: openai.OpenAI, n: int) -> None:

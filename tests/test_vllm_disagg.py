@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import subprocess
-import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +27,9 @@ pytestmark = pytest.mark.timeout(600)  # the first test also waits for vLLM work
 
 from tests.test_vllm import (  # noqa: E402
     MODEL,
-    START_S,
-    VLLM_ENV,
-    WORKER_ARGS,
-    cache_args,
+    scrape,
+    start_vllm_workers,
+    stop_all,
     vllm_alone,
 )
 
@@ -47,54 +43,26 @@ class Pair:
         self.metrics: dict[str, str] = {}
 
     def start(self) -> None:
-        from baton.engine.hf.models import prepare_model
-
-        prepare_model(MODEL, MODEL_CACHE_DIR)
-        addresses: dict[str, str] = {}
-        starts = [threading.Thread(target=self._worker, args=(role, addresses))
-                  for role in ("prefill", "decode")]
-        for t in starts:
-            t.start()
-        for t in starts:
-            t.join()
-        assert len(addresses) == 2, "a vLLM worker did not start"
-        self.disagg = self._frontend(addresses["prefill"], addresses["decode"],
-                                     "--disagg-policy", "always")
-
-    def _worker(self, role: str, addresses: dict[str, str]) -> None:
+        started = start_vllm_workers(
+            {"prefill": ["--role", "prefill", "--worker-id", "1"],
+             "decode": ["--role", "decode", "--worker-id", "2"]}, env=TOKEN)
+        for role, (proc, _, metrics) in started.items():
+            self.procs.append(proc)
+            self.metrics[role] = metrics
+        assert len(started) == 2, "a vLLM worker did not start"
         proc, match = baton_process(
-            "worker", "--port", "0", "--metrics-port", "0", "--role", role,
-            "--worker-id", "1" if role == "prefill" else "2", *WORKER_ARGS, *cache_args(),
-            ready=r"listening on (tcp://\S+) metrics on (\S+)", timeout_s=START_S,
-            env=VLLM_ENV | TOKEN)
-        self.procs.append(proc)
-        addresses[role] = match.group(1)
-        self.metrics[role] = match.group(2)
-
-    def counter(self, role: str, name: str) -> float:
-        text = urllib.request.urlopen(self.metrics[role], timeout=10).read().decode()
-        match = re.search(rf"^baton_worker_{name}_total{{[^}}]*}} (\S+)$", text, re.M)
-        assert match, f"no baton_worker_{name}_total"
-        return float(match.group(1))
-
-    def _frontend(self, *args: str) -> openai.OpenAI:
-        workers = [a for a in args if a.startswith("tcp://")]
-        flags = [a for a in args if not a.startswith("tcp://")]
-        proc, match = baton_process(
-            "frontend", "--port", "0", *[f for w in workers for f in ("--worker", w)], *flags,
+            "frontend", "--port", "0", "--disagg-policy", "always",
+            *[f for role in ("prefill", "decode") for f in ("--worker", started[role][1])],
             ready=r"http://127\.0\.0\.1:(\d+)", timeout_s=60, env=TOKEN)
         self.procs.append(proc)
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="none",
-                             max_retries=0, timeout=120)
+        self.disagg = openai.OpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1",
+                                    api_key="none", max_retries=0, timeout=120)
+
+    def counter(self, role: str, name: str) -> float:
+        return scrape(self.metrics[role], f"baton_worker_{name}_total")
 
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(self.procs)
 
 
 @pytest.fixture(scope="module")

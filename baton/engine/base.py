@@ -65,7 +65,11 @@ class Engine(Protocol):
     features: tuple[str, ...]
     """What beyond plain sampling this engine does (``protocol.FEATURE_*``)."""
     fault: BaseException | None
-    stats: EngineStats
+
+    @property
+    def stats(self) -> EngineStats:
+        """What the engine has done since it started (read by its owner's metrics)."""
+        ...
 
     @property
     def num_held(self) -> int:

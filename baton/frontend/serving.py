@@ -323,14 +323,12 @@ def _prepared(
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     if logprobs is not None:
         _require(entry, FEATURE_LOGPROBS, "logprobs", "return log-probabilities")
-    sampling = msgspec.structs.replace(
-        _sampling(entry, req, max_tokens), logprobs=logprobs, structured=structured)
     return Prepared(
         kind=kind,
         request_id=f"{prefix}-{_ID_PREFIX}{next(_ids):010x}",
         entry=entry,
         token_ids=token_ids,
-        sampling=sampling,
+        sampling=_sampling(entry, req, max_tokens, logprobs, structured),
         stop=_stop_list(req.stop),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
@@ -452,7 +450,8 @@ def _fit_context(
     return max_tokens
 
 
-def _sampling(entry: ModelEntry, req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:
+def _sampling(entry: ModelEntry, req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
+              logprobs: int | None, structured: StructuredOutput | None) -> SamplingParams:
     if req.min_tokens > max_tokens:
         raise InvalidRequestError(
             f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
@@ -471,4 +470,6 @@ def _sampling(entry: ModelEntry, req: ChatCompletionRequest | CompletionRequest,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=req.repetition_penalty or 1.0,
+        logprobs=logprobs,
+        structured=structured,
     )

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -131,15 +132,23 @@ class BatonConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vLLM is untyp
 
 
 # ---------------------------------------------------------------- the scheduler's half
+@dataclass
+class _Held:
+    """A ``do_remote_decode`` request on the prefill side."""
+
+    prompt_len: int
+    block_ids: list[int] = field(default_factory=list)
+    """Its blocks so far."""
+    saved: bool = False
+    """Its full prompt blocks were held for a decode worker."""
+
+
 class _SchedulerSide:
     def __init__(self, folder: Path, block_size: int) -> None:
         self.dir = folder
         self.block_size = block_size
         self.server: dict[str, Any] | None = None
-        self.prefilling: dict[str, list[int]] = {}
-        """``do_remote_decode`` requests -> their blocks so far."""
-        self.saved: set[str] = set()
-        self.prompt_len: dict[str, int] = {}
+        self.holding: dict[str, _Held] = {}
         self.local_hit: dict[str, int] = {}
         """``do_remote_prefill`` requests -> prompt tokens found in the local prefix cache."""
         self.loads: list[Load] = []
@@ -147,7 +156,7 @@ class _SchedulerSide:
     def matched(self, request: Any, num_computed: int) -> int:
         p = request.kv_transfer_params or {}
         if p.get("do_remote_decode"):
-            self.prefilling.setdefault(request.request_id, [])
+            self.holding.setdefault(request.request_id, _Held(int(request.num_prompt_tokens)))
             return 0
         if not p.get("do_remote_prefill") or p.get("baton_loaded"):
             return 0
@@ -171,46 +180,40 @@ class _SchedulerSide:
         meta = BatonConnectorMetadata(loads=self.loads)
         self.loads = []
         for new in out.scheduled_new_reqs:
-            if new.req_id in self.prefilling:
-                self.prefilling[new.req_id] = list(new.block_ids[0])
-                self._maybe_save(meta, new.req_id, new.num_computed_tokens, out,
-                                 len(new.prompt_token_ids or ()))
+            if (held := self.holding.get(new.req_id)) is not None:
+                held.block_ids = list(new.block_ids[0])
+                self._maybe_save(meta, new.req_id, held, new.num_computed_tokens, out)
         cached = out.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
-            if rid in self.prefilling and rid not in self.saved:
+            if (held := self.holding.get(rid)) is not None and not held.saved:
                 if cached.new_block_ids[i] is not None:
-                    self.prefilling[rid].extend(cached.new_block_ids[i][0])
-                self._maybe_save(meta, rid, cached.num_computed_tokens[i], out, None)
+                    held.block_ids.extend(cached.new_block_ids[i][0])
+                self._maybe_save(meta, rid, held, cached.num_computed_tokens[i], out)
         return meta
 
-    def _maybe_save(self, meta: BatonConnectorMetadata, rid: str, computed: int, out: Any,
-                    prompt_len: int | None) -> None:
-        if prompt_len is not None:
-            self.prompt_len[rid] = prompt_len
-        total = self.prompt_len.get(rid, 0)
-        if computed + out.num_scheduled_tokens.get(rid, 0) < total or rid in self.saved:
+    def _maybe_save(self, meta: BatonConnectorMetadata, rid: str, held: _Held, computed: int,
+                    out: Any) -> None:
+        """Asks for the prompt's full blocks to be held once this step completes it."""
+        if held.saved or computed + out.num_scheduled_tokens.get(rid, 0) < held.prompt_len:
             return
-        full = total // self.block_size
+        full = held.prompt_len // self.block_size
         if full:
-            meta.saves[rid] = self.prefilling[rid][:full]
-            self.saved.add(rid)
+            meta.saves[rid] = held.block_ids[:full]
+            held.saved = True
 
     def finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         self.local_hit.pop(rid, None)
-        if self.prefilling.pop(rid, None) is None:
+        held = self.holding.pop(rid, None)
+        if held is None:
             return False, None
-        self.prompt_len.pop(rid, None)
         server = self._server()
-        full = request.num_prompt_tokens // self.block_size
-        params = {"transfer_id": rid, "address": server["address"],
-                  "block_ids": list(block_ids[:full]) if rid in self.saved else [],
-                  "num_tokens": full * self.block_size if rid in self.saved else 0,
+        full = held.prompt_len // self.block_size if held.saved else 0
+        params = {"transfer_id": rid, "worker_id": 0, "address": server["address"],
+                  "block_ids": list(block_ids[:full]), "num_tokens": full * self.block_size,
                   "block_size": self.block_size, "block_bytes": server["block_bytes"],
                   "layout": server["layout"]}
-        held = rid in self.saved
-        self.saved.discard(rid)
-        return held, params
+        return held.saved, params
 
     def _server(self) -> dict[str, Any]:
         if self.server is None:
@@ -316,12 +319,7 @@ class _WorkerSide:
 
     async def _pull(self, load: Load) -> None:
         assert self.client is not None and self.mirror is not None
-        p = load.params
-        params = KvTransferParams(
-            transfer_id=p["transfer_id"], worker_id=0, address=p["address"],
-            block_ids=list(p["block_ids"]), num_tokens=int(p["num_tokens"]),
-            block_size=int(p["block_size"]), block_bytes=int(p["block_bytes"]),
-            layout=p.get("layout", ""))
+        params = msgspec.convert(load.params, KvTransferParams)  # Baton's, plus vLLM's keys
         await self.client.pull(params, load.remote_block_ids, self.mirror, load.local_block_ids)
 
     def take_failed(self) -> set[int]:

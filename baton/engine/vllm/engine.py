@@ -83,7 +83,7 @@ class VllmEngine:
         self.auth = auth
         self.block_size = config.block_size
         self.fault: BaseException | None = None
-        self.stats = EngineStats()
+        self._stats = EngineStats()
         self._llm: Any = None
         self._sink: KvEventSink | None = None
         self._on_fault: FaultHandler | None = None
@@ -98,7 +98,6 @@ class VllmEngine:
         self._scheduler_stats: Any = None
         self.total_blocks = 0
         self._engine_pids: list[int] = []
-        self._stats_mtime = 0
         self._reaper: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -186,7 +185,7 @@ class VllmEngine:
                 if scheduler_stats is not None:
                     engine._scheduler_stats = scheduler_stats
                 if iteration_stats is not None:
-                    engine.stats.steps += 1
+                    engine._stats.steps += 1
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -245,7 +244,6 @@ class VllmEngine:
 
     # ------------------------------------------------------------------ state
     def load(self) -> EngineLoad:
-        self._read_transfer_counts()
         stats = self._scheduler_stats
         usage = stats.kv_cache_usage if stats is not None else 0.0
         return EngineLoad(
@@ -256,21 +254,17 @@ class VllmEngine:
             active_prefill_tokens=sum(self._prefilling.values()),
         )
 
-    def _read_transfer_counts(self) -> None:
-        """The connector's KV load counts (it runs in vLLM's model worker process and writes
-        them to the engine's folder), into ``stats``."""
+    @property
+    def stats(self) -> EngineStats:
+        """Steps counted here; KV load counts as the connector last wrote them (it runs in
+        vLLM's model worker process), read when the stats are (a metrics scrape)."""
         path = Path(self._ipc.name) / STATS_FILE
-        try:
-            mtime = path.stat().st_mtime_ns
-            if mtime == self._stats_mtime:
-                return
+        with contextlib.suppress(OSError, ValueError):
             counts = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        self._stats_mtime = mtime
-        self.stats.kv_loads = int(counts.get("kv_loads", 0))
-        self.stats.kv_loads_failed = int(counts.get("kv_loads_failed", 0))
-        self.stats.kv_load_bytes = int(counts.get("kv_load_bytes", 0))
+            self._stats.kv_loads = int(counts.get("kv_loads", 0))
+            self._stats.kv_loads_failed = int(counts.get("kv_loads_failed", 0))
+            self._stats.kv_load_bytes = int(counts.get("kv_load_bytes", 0))
+        return self._stats
 
     def kv_snapshot(self) -> tuple[int, list[KvStored]]:
         return self._translator.snapshot()
@@ -415,11 +409,7 @@ def _held_kv(p: dict[str, Any] | None) -> KvTransferParams | None:
     blocks: a prompt shorter than one block; the decode worker then prefills)."""
     if not p or not p.get("block_ids"):
         return None
-    return KvTransferParams(
-        transfer_id=p["transfer_id"], worker_id=0, address=p["address"],
-        block_ids=list(p["block_ids"]), num_tokens=int(p["num_tokens"]),
-        block_size=int(p["block_size"]), block_bytes=int(p["block_bytes"]),
-        layout=str(p.get("layout", "")))
+    return msgspec.convert(p, KvTransferParams)
 
 
 def _logprobs(token_ids: Any, logprobs: Any, num_top: int) -> list[TokenLogprob] | None:
