@@ -21,7 +21,7 @@ from typing import Any, Literal
 from baton.checks import require, valid_model_name
 from baton.settings import check_choices, section, setting
 
-RouterMode = Literal["kv", "round-robin", "random", "least-loaded"]
+RouterMode = Literal["kv", "latency", "round-robin", "random", "least-loaded"]
 EngineKind = Literal["mock", "hf", "vllm"]
 WorkerRole = Literal["agg", "prefill", "decode"]
 KvTransferMode = Literal["inproc", "tcp", "shm"]
@@ -149,6 +149,9 @@ class EngineConfig:
     fault_after_steps: int | None = setting(
         None, "testing: the engine faults at its Nth step (so a restarted one faults again "
         "N steps later)", default_help="never")
+    fault_kv_events_after: int | None = setting(
+        None, "testing: the engine stops publishing KV events after this many steps (a "
+        "broken event publisher; it keeps serving)", default_help="never")
     fault_mode: FaultMode = setting(
         "raise", "testing: how an injected fault happens: the step raises, or hangs until "
         "the step timeout")
@@ -160,6 +163,8 @@ class EngineConfig:
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.fault_after_steps is None or self.fault_after_steps >= 1,
                 "fault_after_steps", "must be >= 1")
+        require(self.fault_kv_events_after is None or self.fault_kv_events_after >= 0,
+                "fault_kv_events_after", "must be >= 0")
 
     @property
     def block_size(self) -> int:
@@ -308,8 +313,9 @@ class RouterConfig:
     """How a frontend (or the standalone router) picks a worker."""
 
     mode: RouterMode = setting(
-        "kv", "kv = KV-aware (it beats round-robin on both Mooncake traces, docs/sim.md); "
-        "round-robin, random, least-loaded ignore the caches", flag="router")
+        "latency", "latency = KV-aware: the worker with the lowest predicted latency, from "
+        "step times learned from the workers (docs/routing.md); kv = KV-aware with Dynamo's "
+        "cost function; round-robin, random, least-loaded ignore the caches", flag="router")
     seed: int | None = setting(None, "seeds the random choices", flag="router-seed",
                                default_help="unseeded")
     unhealthy_cooldown_s: float = setting(
@@ -324,9 +330,33 @@ class RouterConfig:
         30.0, "a stream whose worker sends nothing for this long moves to another worker")
     # -- KV-aware routing (mode "kv")
     kv: KvRouterConfig = section(KvRouterConfig, prefix="router-")
+    itl_weight: float = setting(
+        0.1, "latency mode: weight of the decode phase against the time to first token: the "
+        "request's own decode time and the delay its prefill and KV add to running decodes "
+        "(0: TTFT alone)", flag="router-itl-weight")
+    latency_candidates: int = setting(
+        4, "latency mode: with more than twice this many workers, only this many holding the "
+        "longest part of the prompt and this many of the least loaded are scored",
+        flag="router-latency-candidates")
+    decode_horizon_tokens: int = setting(
+        512, "latency mode: a request's decode steps counted at most (its max_tokens below)",
+        flag="router-decode-horizon-tokens")
+    itl_bound_ms: float | None = setting(
+        None, "latency mode: avoid workers whose decodes would see a step longer than this",
+        flag="router-itl-bound-ms", default_help="no bound")
+    session_ttl_s: float = setting(
+        600.0, "a conversation's turns (X-Session-ID header, or the user field) go to the "
+        "worker of its previous turn while that worker can take them; forgotten after this "
+        "long unused", flag="router-session-ttl-s")
     kv_events: bool = setting(
         True, "follow the workers' KV events; off: predict caches from routing decisions "
         "(approximate mode)")
+    kv_stale_after_s: float = setting(
+        10.0, "a worker that prefilled new blocks and sent no KV event for this long is "
+        "blind (its events stopped)", flag="router-kv-stale-after-s")
+    blind_fallback: bool = setting(
+        True, "route to a blind worker (events stopped, or its cache hits diverge from the "
+        "index) on load alone", flag="router-blind-fallback")
     ttl_s: float = setting(
         120.0, "approximate mode: seconds a routed prefix is assumed cached",
         flag="router-ttl-s")
@@ -352,6 +382,13 @@ class RouterConfig:
         for name in ("health_timeout_s", "first_token_timeout_s", "inter_token_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.ttl_s > 0, "router_ttl_s", "must be > 0")
+        require(self.itl_weight >= 0, "router_itl_weight", "must be >= 0")
+        require(self.latency_candidates >= 1, "router_latency_candidates", "must be >= 1")
+        require(self.decode_horizon_tokens >= 0, "router_decode_horizon_tokens", "must be >= 0")
+        require(self.itl_bound_ms is None or self.itl_bound_ms > 0, "router_itl_bound_ms",
+                "must be > 0")
+        require(self.session_ttl_s > 0, "router_session_ttl_s", "must be > 0")
+        require(self.kv_stale_after_s > 0, "router_kv_stale_after_s", "must be > 0")
         require(self.block_size is None or self.block_size >= 1, "block_size", "must be >= 1")
         t = self.active_decode_blocks_threshold
         require(t is None or 0.0 <= t <= 1.0, "active_decode_blocks_threshold", "must be 0..1")
@@ -403,8 +440,8 @@ class RouterServiceConfig:
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", "must be 0..65535")
-        require(self.router.mode == "kv", "router",
-                "the standalone router is the KV router (kv)")
+        require(self.router.mode in ("kv", "latency"), "router",
+                "the standalone router is a KV router (kv or latency)")
 
 
 # ---------------------------------------------------------------------------- frontend

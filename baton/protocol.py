@@ -72,6 +72,9 @@ class TokenLogprob(msgspec.Struct, array_like=True):
 FEATURE_LOGPROBS = "logprobs"
 FEATURE_STRUCTURED = "structured_outputs"
 ENGINE_FEATURES_KEY = "features"
+
+MAX_STEP_SAMPLES = 64
+"""Step samples an engine keeps and a feed batch carries at most (the latest)."""
 """A worker's discovery metadata key: what beyond plain sampling its engine does (comma
 separated ``FEATURE_*`` names)."""
 
@@ -143,6 +146,8 @@ class LoadMetrics(msgspec.Struct, kw_only=True):
     num_running: int
     num_waiting: int
     active_prefill_tokens: int = 0
+    step_token_budget: int = 0
+    """Tokens one step computes at most (0: unknown)."""
 
     @property
     def kv_usage(self) -> float:
@@ -155,13 +160,24 @@ class FeedRequest(msgspec.Struct, kw_only=True):
     kv_events: bool = True
 
 
+class StepSample(msgspec.Struct, array_like=True, frozen=True):
+    """One engine step's shape and how long it took (routers learn step times from these)."""
+
+    prefill_tokens: int
+    decode_requests: int
+    kv_tokens_in_use: int
+    kv_tokens_total: int
+    seconds: float
+
+
 class WorkerEvents(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One batch of a worker's ``events`` feed.
 
     The first batch of a feed carries ``snapshot``: the worker's whole prefix cache as stored
     events, replacing anything known before; ``last_event_id`` is then the id of the last
     event the snapshot includes. Later batches carry the KV events that followed, in order.
-    Every batch carries the worker's current load.
+    Every batch carries the worker's current load and the latest of the steps it made since
+    the previous batch (at most ``MAX_STEP_SAMPLES``).
     """
 
     worker_id: int
@@ -169,6 +185,7 @@ class WorkerEvents(msgspec.Struct, kw_only=True, omit_defaults=True):
     load: LoadMetrics
     snapshot: list[KvStored] | None = None
     events: list[KvEvent] = []
+    steps: list[StepSample] = []
 
 
 class ModelFiles(msgspec.Struct, kw_only=True):

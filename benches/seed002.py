@@ -92,7 +92,8 @@ def without_sharing(requests: list[TraceRequest]) -> list[TraceRequest]:
     for r in requests:
         ids = list(range(next_id, next_id + len(r.hash_ids)))
         next_id += len(ids)
-        out.append(TraceRequest(r.timestamp, r.input_length, r.output_length, ids))
+        out.append(TraceRequest(timestamp=r.timestamp, input_length=r.input_length,
+                                output_length=r.output_length, hash_ids=ids))
     return out
 
 

@@ -161,7 +161,8 @@ REPEATS = {2, 4, 5, 7}
 
 
 def trace_requests() -> list[TraceRequest]:
-    return [TraceRequest(ts, isl, osl, ids) for ts, isl, osl, ids in TRACE]
+    return [TraceRequest(timestamp=ts, input_length=isl, output_length=osl, hash_ids=ids)
+            for ts, isl, osl, ids in TRACE]
 
 
 def test_run_bench_replays_a_trace_and_writes_outputs(make_server, tmp_path, capsys) -> None:
@@ -212,7 +213,7 @@ def test_replay_counts_chunks_serves_chat_and_records_http_errors(make_server) -
     assert chat[0].ok and chat[0].completion_tokens == requests[0].output_length
     assert chat[0].prompt_tokens >= requests[0].input_length  # plus the chat template
 
-    short = TraceRequest(0, 100, 4, [1])  # 100 tokens need 7 blocks of 16
+    short = TraceRequest(timestamp=0, input_length=100, output_length=4, hash_ids=[1])  # 100 tokens need 7 blocks of 16
     failed = _run(replay(srv.base_url, "no-such-model", [requests[0], short], prompts=prompts))
     assert not any(r.ok for r in failed)
     assert failed[0].error is not None and failed[0].error.startswith("HTTP 4"), failed[0].error

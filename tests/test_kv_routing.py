@@ -252,3 +252,123 @@ def test_a_full_worker_queue_is_answered_529_not_queued_without_bound(make_serve
     code, _, _ = post(f"{srv.base_url}/v1/completions",
                       {"model": "baton-tiny", "prompt": "d", "max_tokens": 2})
     assert code == 200
+
+
+# ---------------------------------------------------------------- the latency selector under load
+
+GROUP_PREFIX = 1500
+
+
+def sharing_workload(groups=12, per_group=6, suffix_len=64, seed=11):
+    """A dozen groups sharing ~1,500-token system prompts: each group's first request, then
+    the rest shuffled."""
+    return prefix_workload(groups, per_group, GROUP_PREFIX, suffix_len, seed)
+
+
+def under_load(srv, warm, rest, concurrency):
+    """Each group's first request alone, then the rest at ``concurrency``: (hit fraction,
+    TTFT p50, TTFT p90) over the rest."""
+    for _, tokens in warm:
+        asyncio.run(run_requests(srv.base_url, [tokens], 1))
+    time.sleep(0.2)  # let the warm-up's KV events reach the router
+    results = asyncio.run(run_requests(srv.base_url, [t for _, t in rest], concurrency))
+    ttfts = sorted(r[0] for r in results)
+    hit = sum(r[2] for r in results) / sum(r[1] for r in results)
+    return hit, ttfts[len(ttfts) // 2], ttfts[int(len(ttfts) * 0.9)]
+
+
+MODES = {
+    "round-robin": {"router": "round-robin"},
+    "kv": {"router": "kv"},
+    "latency": {"router": "latency"},
+}
+
+
+@pytest.mark.parametrize("concurrency", [1, 4, 16])
+def test_latency_router_beats_round_robin_and_dynamo_cost_under_load(make_server, concurrency):
+    """The prefix-sharing workload on 4 simulated workers, default flags, real time: the
+    latency router keeps each group on the worker holding its prefix (Dynamo's cost spreads
+    groups over 3-4 workers under load)."""
+    warm, rest = sharing_workload()
+    bs = 16
+    best = sum(GROUP_PREFIX // bs * bs for _ in rest) / sum(len(t) for _, t in rest)
+    got = {}
+    for name, options in MODES.items():
+        srv = make_server(workers=4, speedup_ratio=1.0, **options)
+        got[name] = under_load(srv, warm, rest, concurrency)
+        srv.stop()
+    print(f"concurrency {concurrency}, best hit {best:.3f}: " + "; ".join(
+        f"{n} hit {h:.3f} TTFT p50 {p50 * 1000:.1f} ms p90 {p90 * 1000:.1f} ms"
+        for n, (h, p50, p90) in got.items()))
+    hit, _, p90 = got["latency"]
+    assert hit >= 0.9 * best
+    assert hit >= got["round-robin"][0] + 0.2
+    # TTFT only where the gap is structural (misses against hits, 2x); the full comparison,
+    # p50 included, is the benchmark's (benches/routing.py, docs/benchmarks.md)
+    assert p90 < got["round-robin"][2]
+    if concurrency == 16:
+        assert p90 < got["kv"][2]
+
+
+# ---------------------------------------------------------------- sessions and blindness
+
+def test_a_session_sticks_to_its_worker_moves_once_when_it_leaves_then_sticks_again(make_server):
+    """Round-robin would rotate every request; a session's turns stay put. The header wins
+    over AIPerf's names and over ``user``; ``user`` alone is a session too."""
+    srv = make_server(workers=3, router="round-robin")
+    client = client_for(srv)
+
+    def turn(headers=None, user=None):
+        extra = {"user": user} if user else {}
+        resp = client.completions.create(model="baton-tiny", prompt=list(range(10, 60)),
+                                         max_tokens=1, extra_headers=headers, **extra)
+        return resp.baton["worker_id"]
+
+    first = turn({"X-Session-ID": "s1"})
+    assert {turn({"X-Session-ID": "s1"}) for _ in range(5)} == {first}
+    assert len({turn() for _ in range(3)}) == 3  # no session: round-robin as before
+    for header in ("X-Session-Affinity", "X-Correlation-ID"):
+        w = turn({header: f"aiperf-{header}"})
+        assert {turn({header: f"aiperf-{header}"}) for _ in range(3)} == {w}
+    alice = turn(user="alice")
+    assert {turn(user="alice") for _ in range(3)} == {alice}
+    assert turn({"X-Session-ID": "s1"}, user="alice") == first
+    # the session's worker leaves: the next turn moves, and the session sticks there
+    asyncio.run_coroutine_threadsafe(
+        srv.frontend.runtime.discovery.deregister(first), srv._loop).result(5)
+    pool = srv.frontend.models.models["baton-tiny"].pool
+    assert srv.wait_until(lambda: first not in pool.instances)
+    moved = turn({"X-Session-ID": "s1"})
+    assert moved != first
+    assert {turn({"X-Session-ID": "s1"}) for _ in range(4)} == {moved}
+    assert srv.call(lambda: pool.sessions.moves) == 1
+
+
+def test_a_worker_whose_kv_events_stop_is_flagged_blind_and_routed_on_load(make_server, caplog):
+    """Worker A's engine publishes the KV events of its first two steps, then none (a broken
+    publisher). Once it has prefilled new blocks and stayed silent past the timeout, the router
+    warns, exports it, and stops trusting A's index entries."""
+    srv = make_server(workers=2, router="latency", router_options={"kv_stale_after_s": 0.5},
+                      engine_options={"fault_kv_events_after": 2}, block_size=16)
+    a, b = (w.instance_id for w in srv.workers)
+    known, unknown = list(range(100, 164)), list(range(300, 364))
+    complete(srv, known + [1], worker=a)  # step 1: announced
+    settle(srv, known, 16, {a: 4})
+    assert srv.call(lambda: kv_router(srv).update_blindness()) == {}
+    complete(srv, known + [2], worker=a)  # step 2: announced (nothing new)
+    complete(srv, unknown + [1], worker=a)  # step 3: new blocks, no event
+    time.sleep(0.7)
+    complete(srv, [5, 6, 7], worker=b)  # a first output re-checks
+    assert srv.call(lambda: kv_router(srv).update_blindness()) == {a: "stale"}
+    assert any(f"worker {a} is blind to the router (stale)" in r.getMessage()
+               for r in caplog.records)
+    with urllib.request.urlopen(f"{srv.base_url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert (f'baton_router_worker_blind{{model="baton-tiny",reason="stale",worker_id="{a}"}} 1.0'
+            in text)
+    # A still holds the known prefix in the index, but the decision no longer counts it
+    seq = compute_sequence_hashes(compute_local_hashes(known, 16))
+    assert srv.call(lambda: kv_router(srv).index.find_matches(seq).scores) == {a: 4}
+    complete(srv, known + [3])
+    decision = srv.call(lambda: kv_router(srv).last_decision)
+    assert {c.worker_id: c.overlap_blocks for c in decision.candidates} == {a: 0, b: 0}

@@ -299,7 +299,7 @@ def test_load_reports_blocks_queues_and_pending_prefill() -> None:
     step(sched)
     assert sched.load() == EngineLoad(
         active_blocks=2, total_blocks=64, num_running=1, num_waiting=1,
-        active_prefill_tokens=4 + 5,
+        active_prefill_tokens=4 + 5, step_token_budget=8,
     )
 
 

@@ -22,7 +22,8 @@ def test_a_shared_prefix_counts_once_across_two_requests_on_one_worker(seqs):
     seqs.add_request("a", 1, [10, 11, 12], isl_tokens=12, overlap_blocks=0, now=0.0)
     seqs.add_request("b", 1, [10, 11, 13, 14], isl_tokens=17, overlap_blocks=2, now=1.0)
     # blocks {10, 11, 12, 13, 14}; prefill 12 + (17 - 2*4)
-    assert seqs.load(1) == WorkerLoad(active_blocks=5, active_prefill_tokens=21, active_requests=2)
+    assert seqs.load(1) == WorkerLoad(active_blocks=5, active_prefill_tokens=21, active_requests=2,
+                                      prefilling_requests=2)
     assert seqs.load(2) == WorkerLoad(0, 0, 0)
     seqs.check_invariants()
 
@@ -33,7 +34,8 @@ def test_prefill_tokens_leave_when_prefill_completes_and_marking_twice_is_harmle
     seqs.mark_prefill_completed("a")
     seqs.mark_prefill_completed("a")
     seqs.mark_prefill_completed("unknown")
-    assert seqs.load(1) == WorkerLoad(active_blocks=3, active_prefill_tokens=6, active_requests=2)
+    assert seqs.load(1) == WorkerLoad(active_blocks=3, active_prefill_tokens=6, active_requests=2,
+                                      prefilling_requests=1)
 
 
 def test_overlap_beyond_the_prompt_contributes_no_prefill_tokens(seqs):
@@ -50,7 +52,8 @@ def test_freeing_every_request_returns_the_worker_to_zero(seqs):
     seqs.add_request("a", 1, [10, 11, 12], 12, 0, now=0.0)
     seqs.add_request("b", 1, [10, 11, 13], 12, 2, now=0.0)
     seqs.free("a")
-    assert seqs.load(1) == WorkerLoad(active_blocks=3, active_prefill_tokens=4, active_requests=1)
+    assert seqs.load(1) == WorkerLoad(active_blocks=3, active_prefill_tokens=4, active_requests=1,
+                                      prefilling_requests=1)
     seqs.check_invariants()
     seqs.free("b")
     seqs.free("b")
@@ -108,7 +111,8 @@ def test_stale_requests_expire_after_the_ttl_on_an_injected_clock(seqs):
     seqs.add_request("new", 1, [10, 11], 8, 0, now=350.0)
     assert seqs.expire(now=400.0, ttl_s=300.0) == []
     assert seqs.expire(now=400.5, ttl_s=300.0) == ["old"]
-    assert seqs.load(1) == WorkerLoad(active_blocks=2, active_prefill_tokens=8, active_requests=1)
+    assert seqs.load(1) == WorkerLoad(active_blocks=2, active_prefill_tokens=8, active_requests=1,
+                                      prefilling_requests=1)
     assert seqs.expire(now=1000.0) == ["new"]
     assert seqs.worker_ids() == []
 
@@ -120,7 +124,7 @@ def test_removing_a_worker_drops_its_requests_and_leaves_others(seqs):
     assert seqs.remove_worker(1) == ["a", "b"]
     assert seqs.remove_worker(1) == []
     assert seqs.load(1) == WorkerLoad(0, 0, 0)
-    assert seqs.load(2) == WorkerLoad(1, 4, 1)
+    assert seqs.load(2) == WorkerLoad(1, 4, 1, 1)
     seqs.free("a")  # already gone with its worker
     seqs.mark_prefill_completed("b")
 

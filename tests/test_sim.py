@@ -40,7 +40,7 @@ def _config(*, router: str = "round-robin", num_workers: int = 3,
                      **base)
 
 
-@pytest.mark.parametrize("router", ["round-robin", "random", "least-loaded", "kv"])
+@pytest.mark.parametrize("router", ["round-robin", "random", "least-loaded", "kv", "latency"])
 def test_deterministic(router: str) -> None:
     trace = _trace()
     a = Cluster(_config(router=router)).run(trace)

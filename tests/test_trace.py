@@ -69,11 +69,12 @@ def test_load_skips_blank_lines_reads_synthesizer_fields_and_ignores_others(
         "hash_ids": [9],
         "context_len": 0,
         "unique_user_prompt_len": 3,
-        "session_id": "x",
+        "priority": "x",
     }
     (tmp_path / "t.jsonl").write_text(json.dumps(line) + "\n\n")
     (got,) = load_trace(tmp_path / "t.jsonl")
-    assert got == TraceRequest(5, 3, 2, [9], context_len=0, unique_user_prompt_len=3)
+    assert got == TraceRequest(timestamp=5, input_length=3, output_length=2, hash_ids=[9],
+                               context_len=0, unique_user_prompt_len=3)
 
 
 def test_a_bad_line_raises_value_error_naming_its_line_number(tmp_path: Path) -> None:

@@ -14,6 +14,12 @@ asks for ``max_tokens = output_length`` with ``ignore_eos`` and ``stream_options
 A content chunk is one whose text (or ``delta.content``) is non-empty; ``completion_tokens`` is
 the server's usage count, or the number of content chunks when it reports none. Failures (HTTP
 status, an SSE ``error`` event, a broken or timed-out stream) become records with ``ok=False``.
+
+Multi-turn sessions (``session_id`` in the trace, ``trace.sessions``): a session's first turn
+is sent on the clock like any request; each later turn ``delay`` ms (over ``arrival_speedup``)
+after the previous one's response ended, with the conversation so far in its prompt (the
+previous prompt's token ids and the response's text encoded by the tokenizer; with ``chat``,
+the user and assistant messages) and the session id in an ``X-Session-ID`` header.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_durati
 from baton.bench.report import ProgressBar, format_table, write_run
 from baton.settings import setting
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_trace
+from baton.trace.sessions import SessionPlan
 
 DEFAULT_CONNECTIONS = 256
 _LOOKAHEAD_S = 1.0
@@ -87,40 +94,92 @@ async def replay(
     gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     connector = aiohttp.TCPConnector(limit=cfg.max_concurrency or DEFAULT_CONNECTIONS)
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
-    t0_ms = min(r.timestamp for r in chosen)
-    times = [(r.timestamp - t0_ms) / 1000.0 / cfg.arrival_speedup for r in chosen]
+    plan = SessionPlan(chosen)
+    clocked = plan.clocked
+    t0_ms = min(chosen[i].timestamp for i in clocked)
+    times = sorted(((chosen[i].timestamp - t0_ms) / 1000.0 / cfg.arrival_speedup, i)
+                   for i in clocked)
     bodies: dict[int, bytes | ValueError] = {}
     built = 0
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
-        tasks: list[asyncio.Task[RequestRecord]] = []
-        for index, at_s in enumerate(times):
-            while built < len(chosen) and times[built] <= at_s + _LOOKAHEAD_S:
-                bodies[built] = _body_or_error(model, chosen[built], prompts, use_chat)
+        turns = _Turns(session, url, model, prompts, use_chat, gate, start, plan, cfg, progress,
+                       t0_ms)
+        tasks: list[asyncio.Task[list[RequestRecord]]] = []
+        for at_s, index in times:
+            while built < len(times) and times[built][0] <= at_s + _LOOKAHEAD_S:
+                i = times[built][1]
+                if plan.next_turn[i] is None:  # a session's first turn is built when sent
+                    bodies[i] = _body_or_error(model, chosen[i], prompts, use_chat)
                 built += 1
             await asyncio.sleep(max(0.0, start + at_s - time.perf_counter()))
+            body = bodies.pop(index, None)
+            tasks.append(asyncio.create_task(turns.run(index, at_s, body)))
+        records = [r for chain in await asyncio.gather(*tasks) for r in chain]
+        return sorted(records, key=lambda r: r.index)
+
+
+class _Turns:
+    """Sends a request, and when it belongs to a session, each later turn after it."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, model: str,
+                 prompts: PromptBuilder, use_chat: bool, gate: asyncio.Semaphore | None,
+                 start: float, plan: SessionPlan, cfg: BenchConfig,
+                 progress: Callable[[RequestRecord], None] | None, t0_ms: float) -> None:
+        self.session, self.url, self.model, self.prompts = session, url, model, prompts
+        self.use_chat, self.gate, self.start, self.plan = use_chat, gate, start, plan
+        self.cfg, self.progress, self.t0_ms = cfg, progress, t0_ms
+
+    async def run(self, index: int, at_s: float, body: bytes | ValueError | None
+                  ) -> list[RequestRecord]:
+        records = []
+        history: list[Any] = []
+        plan, speedup = self.plan, self.cfg.arrival_speedup
+        while True:
+            request = plan.requests[index]
             record = RequestRecord(index=index, scheduled_at_s=at_s)
-            body = bodies.pop(index)
+            if body is None:
+                body, prompt = self._turn_body(request, history)
+            else:
+                prompt = []
+            text: list[str] = []
+            headers = {"x-session-id": request.session_id} if request.session_id else None
             if isinstance(body, ValueError):  # hash_ids too few for input_length
                 record.error = f"trace: {body}"
-                send: Any = _unsent(record)
             else:
-                send = _send(session, url, body, record, start, gate)
-            tasks.append(asyncio.create_task(_reported(send, progress)))
-        return list(await asyncio.gather(*tasks))
+                await _send(self.session, self.url, body, record, self.start, self.gate,
+                            headers=headers, text=text if plan.next_turn[index] is not None
+                            else None)
+            if self.progress is not None:
+                self.progress(record)
+            records.append(record)
+            ended_s = record.end_at_s if record.end_at_s else time.perf_counter() - self.start
+            follow = plan.follow_up(index, self.t0_ms + ended_s * 1000.0 * speedup)
+            if follow is None:
+                return records
+            history = self._answered(history, prompt, "".join(text))
+            index, at_ms = follow
+            at_s = (at_ms - self.t0_ms) / 1000.0 / speedup
+            await asyncio.sleep(max(0.0, self.start + at_s - time.perf_counter()))
+            body = None
 
+    def _turn_body(self, request: TraceRequest, history: list[Any]
+                   ) -> tuple[bytes | ValueError, list[Any]]:
+        """A turn's body with the conversation so far, and its prompt (ids or messages)."""
+        try:
+            if self.use_chat:
+                prompt: list[Any] = [*history, {"role": "user",
+                                                "content": self.prompts.text(request)}]
+            else:
+                prompt = history + self.prompts.token_ids(request)
+        except ValueError as exc:
+            return exc, history
+        return _encode(_body_dict(self.model, request, prompt, self.use_chat)), prompt
 
-async def _reported(
-    send: Any, progress: Callable[[RequestRecord], None] | None
-) -> RequestRecord:
-    record: RequestRecord = await send
-    if progress is not None:
-        progress(record)
-    return record
-
-
-async def _unsent(record: RequestRecord) -> RequestRecord:
-    return record
+    def _answered(self, history: list[Any], prompt: list[Any], text: str) -> list[Any]:
+        if self.use_chat:
+            return [*prompt, {"role": "assistant", "content": text}]
+        return prompt + self.prompts.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _body_or_error(
@@ -133,6 +192,14 @@ def _body_or_error(
 
 
 def _body(model: str, request: TraceRequest, prompts: PromptBuilder, use_chat: bool) -> bytes:
+    prompt: Any = (
+        [{"role": "user", "content": prompts.text(request)}] if use_chat
+        else prompts.token_ids(request))
+    return _encode(_body_dict(model, request, prompt, use_chat))
+
+
+def _body_dict(model: str, request: TraceRequest, prompt: Any, use_chat: bool) -> dict[str, Any]:
+    """A streaming request for ``prompt`` (token ids, or chat messages)."""
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.output_length,
@@ -140,11 +207,8 @@ def _body(model: str, request: TraceRequest, prompts: PromptBuilder, use_chat: b
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if use_chat:
-        body["messages"] = [{"role": "user", "content": prompts.text(request)}]
-    else:
-        body["prompt"] = prompts.token_ids(request)
-    return _encode(body)
+    body["messages" if use_chat else "prompt"] = prompt
+    return body
 
 
 async def _send(
@@ -154,27 +218,36 @@ async def _send(
     record: RequestRecord,
     start: float,
     gate: asyncio.Semaphore | None,
+    *,
+    headers: dict[str, str] | None = None,
+    text: list[str] | None = None,
 ) -> RequestRecord:
+    """Streams one request into ``record``; ``text`` collects the response's text."""
     if gate is None:
-        return await _stream(session, url, body, record, start)
+        return await _stream(session, url, body, record, start, headers, text)
     async with gate:
-        return await _stream(session, url, body, record, start)
+        return await _stream(session, url, body, record, start, headers, text)
 
 
 async def _stream(
-    session: aiohttp.ClientSession, url: str, body: bytes, record: RequestRecord, start: float
+    session: aiohttp.ClientSession, url: str, body: bytes, record: RequestRecord, start: float,
+    headers: dict[str, str] | None, text: list[str] | None,
 ) -> RequestRecord:
     clock = time.perf_counter
     record.sent_at_s = clock() - start
     chunk_times: list[float] = []
     try:
-        async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+        async with session.post(url, data=body, headers={"content-type": "application/json",
+                                                         **(headers or {})}) as resp:
             if resp.status != 200:
-                text = (await resp.text(errors="replace"))[:500]
-                raise _ReplayError(f"HTTP {resp.status}: {text}")
+                error = (await resp.text(errors="replace"))[:500]
+                raise _ReplayError(f"HTTP {resp.status}: {error}")
             async for data in sse_data(resp.content):
-                if _on_event(record, _decode(data)):
+                event = _decode(data)
+                if _on_event(record, event):
                     chunk_times.append(clock() - start)
+                    if text is not None:
+                        text.extend(_texts(event))
         record.ok = True
     except (_ReplayError, aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
         record.error = str(exc) or type(exc).__name__
@@ -213,6 +286,13 @@ def _on_event(record: RequestRecord, event: Any) -> bool:
         details = usage.get("prompt_tokens_details") or {}
         record.cached_tokens = details.get("cached_tokens")
     return any(_content(c) for c in event.get("choices") or ())
+
+
+def _texts(event: dict[str, Any]) -> list[str]:
+    out = []
+    for choice in event.get("choices") or ():
+        out.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+    return out
 
 
 def _content(choice: dict[str, Any]) -> bool:

@@ -1,4 +1,5 @@
-"""``baton trace``: Mooncake-format request traces: analyze, synthesize."""
+"""``baton trace``: Mooncake-format request traces: analyze, synthesize (from a source trace,
+or agentic multi-turn sessions)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from baton.cli.args import add_settings, build, command
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE, SynthConfig
+from baton.trace.agentic import AgenticConfig
 
 
 def add_parser(sub: Any) -> None:
@@ -24,6 +26,11 @@ def add_parser(sub: Any) -> None:
     synth.add_argument("--num-requests", type=int, required=True, help="requests to draw")
     add_settings(synth, SynthConfig(num_requests=0))
     synth.set_defaults(run=run_synth)
+    agentic = command(tsub, "agentic", "synthesize multi-turn agentic coding sessions "
+                      "(session_id, delay; history accumulates turn by turn)")
+    agentic.add_argument("--output", "-o", required=True, help="where to write the trace")
+    add_settings(agentic, AgenticConfig())
+    agentic.set_defaults(run=run_agentic)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -32,6 +39,18 @@ def run_analyze(args: argparse.Namespace) -> int:
     for path in args.trace:
         print(f"# {path}")
         print(format_stats(analyze(load_trace(path), block_size=args.trace_block_size)))
+    return 0
+
+
+def run_agentic(args: argparse.Namespace) -> int:
+    from baton.trace import save_trace
+    from baton.trace.agentic import agentic_sessions
+
+    requests = agentic_sessions(build(AgenticConfig(), args))
+    save_trace(args.output, requests)
+    sessions = len({r.session_id for r in requests})
+    print(f"wrote {len(requests)} turns of {sessions} sessions to {args.output}",
+          file=sys.stderr)
     return 0
 
 

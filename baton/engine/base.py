@@ -10,6 +10,7 @@ requests and calls its fault handler once: its owner replaces it.
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,7 +18,7 @@ from typing import Protocol
 import msgspec
 
 from baton.kv.events import KvEvent, KvStored
-from baton.protocol import EngineOutput, GenerateRequest
+from baton.protocol import MAX_STEP_SAMPLES, EngineOutput, GenerateRequest, StepSample
 
 KvEventSink = Callable[[Sequence[KvEvent]], None]
 FaultHandler = Callable[[BaseException], None]
@@ -29,6 +30,7 @@ class EngineLoad(msgspec.Struct, kw_only=True):
     num_running: int
     num_waiting: int
     active_prefill_tokens: int = 0
+    step_token_budget: int = 0
 
 
 STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -50,14 +52,32 @@ class EngineStats:
     kv_load_bytes: int = 0
     """KV bytes pulled from prefill workers (0 for the simulated engine, whose blocks hold
     no bytes)."""
+    recent_steps: deque[StepSample] = field(
+        default_factory=lambda: deque(maxlen=MAX_STEP_SAMPLES))
+    """The latest steps' shapes and times; ``num_samples`` numbers them (the last is sample
+    ``num_samples``), so a reader can take the ones it has not seen (``samples_since``)."""
+    num_samples: int = 0
 
-    def observe_step(self, seconds: float, preempted: int) -> None:
+    def observe_step(self, seconds: float, preempted: int,
+                     sample: StepSample | None = None) -> None:
+        if sample is not None:
+            self.add_sample(sample)
         self.steps += 1
         self.step_seconds += seconds
         index = bisect.bisect_left(STEP_SECONDS_BUCKETS, seconds)
         if index < len(self.step_buckets):
             self.step_buckets[index] += 1
         self.preemptions += preempted
+
+    def add_sample(self, sample: StepSample) -> None:
+        self.recent_steps.append(sample)
+        self.num_samples += 1
+
+    def samples_since(self, seen: int) -> list[StepSample]:
+        """The samples after sample number ``seen`` that are still kept."""
+        kept = len(self.recent_steps)
+        new = min(self.num_samples - seen, kept)
+        return list(self.recent_steps)[kept - new:] if new > 0 else []
 
 
 class Engine(Protocol):

@@ -43,7 +43,7 @@ from baton.engine.step import KvLoad, SchedulerOutput, StepResult
 from baton.errors import InvalidRequestError, WorkerFaultError
 from baton.kv.events import KvStored
 from baton.kv.store import BlockStore
-from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams
+from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams, StepSample
 from baton.runtime.net import Listener
 from baton.runtime.peer_auth import PeerAuth
 from baton.runtime.tasks import cancel_and_wait
@@ -312,7 +312,10 @@ class EngineCore:
             started = self._step_started = loop.time()
             sampled = await self.executor.execute(output, self._scheduler)
             self._step_started = None
-            self.stats.observe_step(loop.time() - started, len(output.preempted))
+            seconds = loop.time() - started
+            self.stats.observe_step(seconds, len(output.preempted), StepSample(
+                output.num_prefill_tokens, output.num_decode_requests,
+                output.num_kv_tokens_in_use, output.num_kv_tokens_total, seconds))
             self._finish_step(output, sampled)
             if loop.time() - slice_start >= _BURST_S:
                 await asyncio.sleep(0)  # let consumers and new requests in
@@ -369,6 +372,9 @@ class EngineCore:
 
     def _publish_kv_events(self) -> None:
         events = self._scheduler.take_kv_events()
+        mute_after = self.config.fault_kv_events_after
+        if mute_after is not None and self.stats.steps > mute_after:
+            return  # an injected fault: a publisher that went quiet
         if events and self._kv_sink is not None:
             self._kv_sink(events)
 

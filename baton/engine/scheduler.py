@@ -422,6 +422,7 @@ class Scheduler:
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             active_prefill_tokens=active_prefill,
+            step_token_budget=self.config.max_num_batched_tokens,
         )
 
     def check_invariants(self) -> None:

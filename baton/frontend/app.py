@@ -43,6 +43,7 @@ from baton.frontend.protocol import (
 from baton.frontend.responses import DONE, ChunkWriter, full_response, sse
 from baton.frontend.serving import Generation, OpenAIServing, Prepared
 from baton.router.registry import ModelRegistry
+from baton.router.sessions import SESSION_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,11 @@ class FrontendApp:
             if self.draining:
                 raise ServiceUnavailableError("the frontend is shutting down", code="draining")
             req = decode_request(body, kind)
+            session = session_id(scope)
             prepared = (
-                self.serving.prepare_chat(req)
+                self.serving.prepare_chat(req, session)
                 if endpoint == "chat"
-                else self.serving.prepare_completion(req)
+                else self.serving.prepare_completion(req, session)
             )
         except _ClientGone:
             return
@@ -322,6 +324,20 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             if size > limit:
                 raise PayloadTooLargeError(size, limit)
             return b"".join(chunks)
+
+
+_SESSION_HEADERS = tuple(h.encode() for h in SESSION_HEADERS)
+
+
+def session_id(scope: Scope) -> str | None:
+    """The conversation a request belongs to, from the first session header it has."""
+    found = {name: value for name, value in scope.get("headers", ())
+             if name in _SESSION_HEADERS}
+    for name in _SESSION_HEADERS:
+        value = found.get(name)
+        if value:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _content_length(scope: Scope) -> int | None:

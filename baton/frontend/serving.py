@@ -272,7 +272,7 @@ class OpenAIServing:
         self.models = models
         self.metrics = metrics
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+    def prepare_chat(self, req: ChatCompletionRequest, session_id: str | None = None) -> Prepared:
         entry = self.models.get(req.model)
         _check_n(req.n)
         if req.top_logprobs is not None and not req.logprobs:
@@ -288,9 +288,10 @@ class OpenAIServing:
         max_tokens = _fit_context(entry, len(token_ids), max_tokens, param, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return _prepared("chat", entry, token_ids, req, max_tokens, logprobs,
-                         _structured(entry, req.response_format))
+                         _structured(entry, req.response_format), session_id)
 
-    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+    def prepare_completion(self, req: CompletionRequest,
+                           session_id: str | None = None) -> Prepared:
         entry = self.models.get(req.model)
         _check_n(req.n)
         if req.echo:
@@ -301,7 +302,8 @@ class OpenAIServing:
             raise InvalidRequestError("best_of must be 1", param="best_of")
         token_ids = _completion_tokens(entry, req.prompt)
         max_tokens = _fit_context(entry, len(token_ids), req.max_tokens, "max_tokens", "prompt")
-        return _prepared("completion", entry, token_ids, req, max_tokens, req.logprobs, None)
+        return _prepared("completion", entry, token_ids, req, max_tokens, req.logprobs, None,
+                         session_id)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -319,6 +321,7 @@ def _prepared(
     max_tokens: int,
     logprobs: int | None,
     structured: StructuredOutput | None,
+    session_id: str | None,
 ) -> Prepared:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     if logprobs is not None:
@@ -332,17 +335,20 @@ def _prepared(
         stop=_stop_list(req.stop),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        route=_route_hints(req),
+        route=_route_hints(req, session_id),
     )
 
 
-def _route_hints(req: ChatCompletionRequest | CompletionRequest) -> RouteHints | None:
+def _route_hints(req: ChatCompletionRequest | CompletionRequest,
+                 session_id: str | None) -> RouteHints | None:
+    """The request's routing hints; its session is the header's, else the ``user`` field."""
+    session = session_id or req.user
     ext = req.baton
     if ext is None:
-        return None
+        return RouteHints(session_id=session) if session else None
     fields = ext.router_config_override
     overrides = RouterOverrides(**msgspec.structs.asdict(fields)) if fields is not None else None
-    return RouteHints(worker_id=ext.worker_id, overrides=overrides)
+    return RouteHints(worker_id=ext.worker_id, overrides=overrides, session_id=session)
 
 
 def _structured(entry: ModelEntry, fmt: ResponseFormat | None) -> StructuredOutput | None:

@@ -19,8 +19,8 @@ def make_policy(
     metrics: RouterMetrics | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> RoutingPolicy:
-    """The KV router for mode ``kv`` (``metrics`` and ``clock`` are its), else a
-    load-balancing selector seeded with ``config.seed``."""
-    if config.mode == "kv":
+    """The KV router for modes ``kv`` and ``latency`` (``metrics`` and ``clock`` are its),
+    else a load-balancing selector seeded with ``config.seed``."""
+    if config.mode in ("kv", "latency"):
         return KvRouter(config, metrics=metrics, clock=clock)
     return SimplePolicy(make_selector(config.mode, config.seed))

@@ -1,11 +1,16 @@
-"""The KV-aware routing policy: the KV index, active-sequence load and the cost selector,
-fed by workers' feeds.
+"""The KV-aware routing policy: the KV index, active-sequence load and a selector, fed by
+workers' feeds.
 
 For a request it hashes the prompt into sequence hashes (Dynamo-compatible), asks the index
-how many leading blocks each candidate holds, projects each candidate's load with this
-request added, and lets ``KvSelector`` pick (every cost term is kept in ``last_decision``
-and logged at debug). The request then counts as active on that worker until its stream
-ends; its prefill tokens stop counting at its first output.
+how many leading blocks each candidate holds, and lets a selector pick: in mode ``kv``
+``KvSelector`` (Dynamo's cost function over each candidate's projected load), in mode
+``latency`` ``LatencySelector`` (each candidate's predicted time to first token, from step
+times learned from the workers' step samples, ``step_model``). Every term is kept in
+``last_decision`` and logged at debug. The request then counts as active on that worker
+until its stream ends; its prefill tokens stop counting at its first output, when the
+predicted TTFT is compared with the actual one (``ttft_errors``) and the predicted cache hit
+with the one the engine reported (``feed_health``: a worker whose events stopped or whose
+hits diverge from the index is *blind*, and with ``blind_fallback`` routed to on load alone).
 
 Feeds: a snapshot replaces what the index knew of that worker; events must follow with
 consecutive ids; a gap makes ``on_events`` return False, and the pool re-opens the feed,
@@ -34,13 +39,21 @@ from baton.kv.hashing import (
     compute_local_hashes,
     compute_sequence_hashes,
 )
-from baton.protocol import GenerateRequest, WorkerEvents
+from baton.protocol import GenerateRequest, LoadMetrics, StepSample, WorkerEvents
+from baton.router.feed_health import FeedHealth
 from baton.router.indexer import KvIndex
 from baton.router.kv_selector import KvSelector, RouterOverrides, RoutingDecision
+from baton.router.latency_selector import CandidateLoad, LatencyDecision, LatencySelector
 from baton.router.metrics import RouterMetrics
 from baton.router.policy import RouteHints
 from baton.router.sequences import ActiveSequences
+from baton.router.step_model import StepTimeModels
 from baton.runtime import InstanceRecord
+
+Decision = RoutingDecision | LatencyDecision
+
+_BLIND_CHECK_S = 0.25
+"""How often routing re-checks which workers are blind (first outputs check too)."""
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,43 @@ class RouterSyncEvent(msgspec.Struct, kw_only=True, array_like=True):
     overlap_blocks: int = 0
     track_prefill_tokens: bool = True
     assume_kv_reuse: bool = True
+
+
+class TtftErrors:
+    """Predicted vs actual router-side TTFT (routing to first output) of latency decisions."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.abs_error_s = 0.0
+        self.predicted_s = 0.0
+        self.actual_s = 0.0
+
+    def observe(self, predicted_s: float, actual_s: float) -> None:
+        self.count += 1
+        self.abs_error_s += abs(actual_s - predicted_s)
+        self.predicted_s += predicted_s
+        self.actual_s += actual_s
+
+    def summary(self) -> str:
+        if not self.count:
+            return "no TTFT predictions checked"
+        return (f"TTFT predictions: {self.count}, mean actual {self.actual_s / self.count * 1000:.1f}"
+                f" ms, mean predicted {self.predicted_s / self.count * 1000:.1f} ms, mean "
+                f"absolute error {self.abs_error_s / self.count * 1000:.1f} ms")
+
+
+class _Routed:
+    """What a decision expected of a request, checked at its first output."""
+
+    __slots__ = ("at", "new_blocks", "predicted_tokens", "predicted_ttft_s", "worker_id")
+
+    def __init__(self, worker_id: int, at: float, predicted_ttft_s: float | None,
+                 predicted_tokens: int, new_blocks: int) -> None:
+        self.worker_id = worker_id
+        self.at = at
+        self.predicted_ttft_s = predicted_ttft_s
+        self.predicted_tokens = predicted_tokens
+        self.new_blocks = new_blocks
 
 
 class KvRouter:
@@ -85,10 +135,27 @@ class KvRouter:
         self.expiry_s = expiry_s
         self.metrics = metrics
         self._clock = clock
+        self.mode = config.mode
+        self.learns_steps = config.mode == "latency"
+        """Whether decisions use step samples (the simulator sends them only then)."""
         self.selector = KvSelector(config.kv, seed=config.seed)
+        self.latency = LatencySelector(
+            itl_weight=config.itl_weight, seed=config.seed,
+            itl_bound_s=config.itl_bound_ms / 1000 if config.itl_bound_ms is not None else None)
+        self.step_models = StepTimeModels()
+        self.decode_horizon = config.decode_horizon_tokens
+        self.max_scored = config.latency_candidates
+        self.worker_loads: dict[int, LoadMetrics] = {}
+        """Each worker's latest reported load (KV usage and step budget for predictions)."""
+        self.ttft_errors = TtftErrors()
+        self.feed_health = FeedHealth(stale_after_s=config.kv_stale_after_s)
+        self.blind_fallback = config.blind_fallback
+        self._blind: dict[int, str] = {}
+        self._routed: dict[str, _Routed] = {}
+        self._next_blind_check = 0.0
         self.index = KvIndex()
         self.sequences = ActiveSequences(self.block_size) if self.block_size else None
-        self.last_decision: RoutingDecision | None = None
+        self.last_decision: Decision | None = None
         self.router_id = os.urandom(6).hex()
         self.sync_sink: Callable[[RouterSyncEvent], None] | None = None
         self._last_event_id: dict[int, int] = {}
@@ -111,16 +178,31 @@ class KvRouter:
         return True
 
     def on_worker_removed(self, worker_id: int) -> None:
+        self.step_models.remove_worker(worker_id)
+        self.worker_loads.pop(worker_id, None)
+        self.feed_health.remove_worker(worker_id)
+        self._blind.pop(worker_id, None)
         self.index.remove_worker(worker_id)
         if self.sequences is not None:
             self.sequences.remove_worker(worker_id)
         self._last_event_id.pop(worker_id, None)
 
     # ------------------------------------------------------------------ feeds
+    def observe_steps(self, worker_id: int, steps: list[StepSample],
+                      load: LoadMetrics | None) -> None:
+        """A worker's step samples and load (from its feed, or the simulator's workers)."""
+        if steps:
+            self.step_models.observe(worker_id, steps)
+        if load is not None:
+            self.worker_loads[worker_id] = load
+
     def on_events(self, batch: WorkerEvents) -> bool:
+        self.observe_steps(batch.worker_id, batch.steps, batch.load)
         if not self.use_kv_events:
             return True
         wid = batch.worker_id
+        if batch.snapshot is not None or batch.events:
+            self.feed_health.on_kv_events(wid, self._clock())
         if batch.snapshot is not None:
             self.index.remove_worker(wid)
             for stored in batch.snapshot:
@@ -141,6 +223,15 @@ class KvRouter:
         self._last_event_id[wid] = last
         return True
 
+    def apply_events(self, events: list[KvEvent]) -> None:
+        """Applies events known to be in order (the simulator's workers hand theirs over)."""
+        apply = self.index.apply_event
+        for event in events:
+            apply(event)
+        now = self._clock()
+        for wid in {e.worker_id for e in events}:
+            self.feed_health.on_kv_events(wid, now)
+
     def _count_gap(self, worker_id: int, last: int, got: int) -> None:
         log.warning("worker %d: KV event %d followed %d; re-syncing from a snapshot",
                     worker_id, got, last)
@@ -159,9 +250,12 @@ class KvRouter:
         started = time.perf_counter()
         now = self._clock()
         self._expire(now)
+        if now >= self._next_blind_check:
+            self._next_blind_check = now + _BLIND_CHECK_S
+            self.update_blindness(now)
         assert self.sequences is not None
         overrides = hints.overrides if hints is not None else None
-        local, seq, decision = self._decide(request, candidates, overrides)
+        local, seq, decision, raw = self._decide(request, candidates, overrides)
         isl = len(request.token_ids)
         config = self.config.with_overrides(overrides)
         self.sequences.add_request(
@@ -169,6 +263,7 @@ class KvRouter:
             track_prefill_tokens=config.track_prefill_tokens,
             assume_kv_reuse=config.assume_kv_reuse,
         )
+        self._remember(request.request_id, decision, raw.get(decision.worker_id, 0), isl, now)
         if not self.use_kv_events:
             self._predict(decision.worker_id, cast(list[int], local), cast(list[int], seq), now)
         if self.sync_sink is not None:
@@ -188,34 +283,149 @@ class KvRouter:
     def peek(self, request: GenerateRequest, candidates: list[int]) -> tuple[int, int]:
         """The worker ``choose`` would pick now and the prompt tokens it caches, without
         recording anything (conditional disaggregation asks before routing)."""
-        _, _, decision = self._decide(request, candidates, None)
+        _, _, decision, _ = self._decide(request, candidates, None)
         assert self.block_size is not None
         isl = len(request.token_ids)
         return decision.worker_id, min(isl, decision.overlap_blocks * self.block_size)
 
     def _decide(
         self, request: GenerateRequest, candidates: list[int], overrides: RouterOverrides | None
-    ) -> tuple[list[LocalBlockHash], list[SequenceHash], RoutingDecision]:
-        """The request's local and sequence hashes and the selector's decision over the
-        candidates' overlaps and potential loads (nothing recorded)."""
+    ) -> tuple[list[LocalBlockHash], list[SequenceHash], Decision, dict[int, int]]:
+        """The request's local and sequence hashes, the selector's decision over the
+        candidates' overlaps and loads, and the index's overlaps before blind workers' were
+        dropped (nothing recorded)."""
         assert self.block_size is not None and self.sequences is not None
         local = compute_local_hashes(request.token_ids, self.block_size)
         seq = compute_sequence_hashes(local)
         isl = len(request.token_ids)
-        overlaps = self.index.find_matches(seq).scores
-        loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
-        decision = self.selector.select(
-            candidates, overlaps, loads, isl, self.block_size, overrides)
-        return local, seq, decision
+        raw = self.index.find_matches(seq).scores
+        overlaps = self._trusted(raw)
+        decision: Decision
+        if self.mode == "latency":
+            candidates = self._shortlist(candidates, overlaps)
+            decision = self.latency.select(
+                self._candidate_loads(candidates, overlaps),
+                {w: self.step_models.for_worker(w) for w in candidates}, isl, self.block_size,
+                min(request.sampling.max_tokens or 0, self.decode_horizon))
+        else:
+            loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
+            decision = self.selector.select(
+                candidates, overlaps, loads, isl, self.block_size, overrides)
+        return local, seq, decision, raw
 
-    def on_first_output(self, request_id: str) -> None:
+    def _shortlist(self, candidates: list[int], overlaps: Mapping[int, int]) -> list[int]:
+        """The candidates worth scoring: with many workers, those holding the longest part of
+        the prompt and the least loaded (``latency_candidates`` of each)."""
+        k = self.max_scored
+        if len(candidates) <= 2 * k:
+            return candidates
+        assert self.sequences is not None
+        allowed = set(candidates)
+        holders = [w for w in overlaps if w in allowed]
+        if len(holders) > k:  # the least loaded of those holding the longest prefix first
+            best = max(overlaps[w] for w in holders)
+            longest = [w for w in holders if overlaps[w] == best]
+            rest = [w for w in holders if overlaps[w] != best]
+            picked = self.sequences.least_loaded(longest, min(k, len(longest)),
+                                                 self.latency.rng)
+            holders = picked + heapq.nlargest(k - len(picked), rest, key=overlaps.__getitem__)
+        light = self.sequences.least_loaded(candidates, k, self.latency.rng)
+        return sorted(set(holders).union(light))
+
+    def _candidate_loads(self, candidates: list[int], overlaps: Mapping[int, int]) -> dict[int, CandidateLoad]:
+        assert self.sequences is not None
+        out = {}
+        for w in candidates:
+            mine = self.sequences.load(w)
+            reported = self.worker_loads.get(w)
+            free = None
+            usage = 0.0
+            budget = 0
+            if reported is not None:
+                free = reported.total_blocks - reported.active_blocks
+                usage = reported.kv_usage
+                budget = reported.step_token_budget
+            out[w] = CandidateLoad(
+                overlap_blocks=overlaps.get(w, 0),
+                queued_prefill_tokens=mine.active_prefill_tokens,
+                decoding_requests=mine.active_requests - mine.prefilling_requests,
+                active_requests=mine.active_requests, kv_usage=usage, free_blocks=free,
+                token_budget=budget, cached_blocks=self.index.tree_size(w),
+                total_blocks=reported.total_blocks if reported is not None else None)
+        return out
+
+    # ------------------------------------------------------------------ blindness
+    def _trusted(self, overlaps: dict[int, int]) -> dict[int, int]:
+        """The overlaps without those of blind workers (when falling back for them)."""
+        if not self._blind or not self.blind_fallback:
+            return overlaps
+        return {w: o for w, o in overlaps.items() if w not in self._blind}
+
+    def _remember(self, request_id: str, decision: Decision, raw: int, isl: int,
+                  now: float) -> None:
+        """What the decision expects (``raw``: the index's overlap on the chosen worker)."""
+        assert self.block_size is not None
+        w = decision.worker_id
+        predicted_ttft = decision.predicted_ttft_s if isinstance(decision, LatencyDecision) \
+            else None
+        self._routed[request_id] = _Routed(
+            w, now, predicted_ttft, min(isl, raw * self.block_size),
+            max(0, isl // self.block_size - raw))
+
+    def _check_feed(self, routed: _Routed, cached_tokens: int | None, now: float) -> None:
+        w = routed.worker_id
+        if self.use_kv_events:
+            self.feed_health.on_prefilled(
+                w, now, routed_at=routed.at, new_blocks=routed.new_blocks, predicted_tokens=routed.predicted_tokens,
+                realized_tokens=cached_tokens)
+        if self.metrics is not None:
+            self.metrics.observe_hit(w, routed.predicted_tokens, cached_tokens)
+        self.update_blindness(now, [w])
+
+    def update_blindness(self, now: float | None = None,
+                         workers: list[int] | None = None) -> dict[int, str]:
+        """Re-evaluates which workers (all known by default) are blind, logging changes;
+        returns the blind ones."""
+        now = self._clock() if now is None else now
+        if workers is None:
+            workers = list(self.worker_loads) + list(self._blind)
+        for w in workers:
+            reason = self.feed_health.blind(w, now) if self.use_kv_events else None
+            was = self._blind.get(w)
+            if reason == was:
+                continue
+            if reason is None:
+                del self._blind[w]
+                log.info("worker %d: its KV cache is visible again", w)
+            else:
+                self._blind[w] = reason
+                log.warning(
+                    "worker %d is blind to the router (%s): %s%s", w, reason,
+                    "it prefilled new blocks and sent no KV event for "
+                    f"{self.feed_health.stale_after_s:g} s" if reason == "stale" else
+                    "the cache hits its engine reports are far below the index's",
+                    "; routing to it on load alone" if self.blind_fallback else "")
+            if self.metrics is not None:
+                self.metrics.set_blind(w, reason)
+        return dict(self._blind)
+
+    def on_first_output(self, request_id: str, cached_tokens: int | None = None) -> None:
         if self.sequences is not None:
             self.sequences.mark_prefill_completed(request_id)
+        routed = self._routed.pop(request_id, None)
+        if routed is not None:
+            now = self._clock()
+            if routed.predicted_ttft_s is not None:
+                self.ttft_errors.observe(routed.predicted_ttft_s, now - routed.at)
+                if self.metrics is not None:
+                    self.metrics.observe_ttft(routed.predicted_ttft_s, now - routed.at)
+            self._check_feed(routed, cached_tokens, now)
         self._sync("prefill", request_id)
 
     def on_finish(self, request_id: str) -> None:
         if self.sequences is not None:
             self.sequences.free(request_id)
+        self._routed.pop(request_id, None)
         self._sync("free", request_id)
 
     def _sync(self, kind: Literal["prefill", "free"], request_id: str) -> None:

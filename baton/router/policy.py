@@ -39,7 +39,9 @@ class RoutingPolicy(Protocol):
         nothing; None when the policy cannot say without choosing."""
         ...
 
-    def on_first_output(self, request_id: str) -> None: ...
+    def on_first_output(self, request_id: str, cached_tokens: int | None = None) -> None:
+        """The request's first output came; ``cached_tokens``: what its engine reported."""
+        ...
 
     def on_finish(self, request_id: str) -> None: ...
 
@@ -73,7 +75,7 @@ class SimplePolicy:
     def peek(self, request: GenerateRequest, candidates: list[int]) -> tuple[int, int] | None:
         return None  # a load-balancing choice knows nothing of caches
 
-    def on_first_output(self, request_id: str) -> None:
+    def on_first_output(self, request_id: str, cached_tokens: int | None = None) -> None:
         pass
 
     def on_finish(self, request_id: str) -> None:
@@ -88,11 +90,12 @@ class SimplePolicy:
 
 @dataclass(frozen=True, slots=True)
 class RouteHints:
-    """What a request says about its own routing: a pinned worker, or per-request weights
-    for the KV router's cost function."""
+    """What a request says about its own routing: a pinned worker, per-request weights for
+    the KV router's cost function, the conversation it belongs to."""
 
     worker_id: int | None = None
     overrides: Any = None
+    session_id: str | None = None
 
 
 @dataclass(slots=True)

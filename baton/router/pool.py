@@ -45,6 +45,7 @@ from baton.protocol import (
 )
 from baton.router.factory import make_policy
 from baton.router.policy import BusyThresholds, RouteHints, RoutingPolicy
+from baton.router.sessions import SessionAffinity
 from baton.runtime import InstanceRecord, RequestClient
 from baton.runtime.tasks import cancel_and_wait
 
@@ -75,6 +76,7 @@ class WorkerPool:
         self.loads: dict[int, LoadMetrics] = {}
         self._down_until: dict[int, float] = {}
         self._feeds: dict[int, asyncio.Task[None]] = {}
+        self.sessions = SessionAffinity(config.session_ttl_s)
         self._joins: dict[int, int] = {}
         """How many times each worker joined: one that failed a request and joined again
         since (it was frozen, or cut off, and came back) may be tried again."""
@@ -189,7 +191,7 @@ class WorkerPool:
         worker_id, stream, first = await self._open(request, hints)
         rid = request.request_id
         try:
-            self.policy.on_first_output(rid)
+            self.policy.on_first_output(rid, first.cached_tokens)
             yield first
             async for out in stream:
                 yield out
@@ -246,9 +248,12 @@ class WorkerPool:
         tried: dict[int, int] = {}
         refused = 0
         last_failure = ""
+        session = hints.session_id if hints is not None else None
         while True:
             skip = {w for w, joins in tried.items() if self._joins.get(w) == joins}
             candidates = self._candidates_after(hints, skip, last_failure)
+            if candidates:
+                candidates = self.sessions.candidates(session, candidates, self._clock())
             if not candidates:
                 if refused:
                     self._overloaded(f"{refused} workers serving {self.model!r} are full")
@@ -291,6 +296,7 @@ class WorkerPool:
                     with contextlib.suppress(Exception):
                         await stream.aclose()
                 raise
+            self.sessions.bind(session, worker_id, self._clock())
             return worker_id, stream, first
 
     def _candidates_after(self, hints: RouteHints | None, tried: set[int],

@@ -23,8 +23,10 @@ Pure and synchronous: no I/O, no clock of its own (callers pass ``now``), no asy
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import heapq
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["DEFAULT_EXPIRY_S", "ActiveSequences", "PotentialLoad", "WorkerLoad"]
 
@@ -39,6 +41,8 @@ class WorkerLoad:
     active_blocks: int
     active_prefill_tokens: int
     active_requests: int
+    prefilling_requests: int = 0
+    """Active requests whose prompt is not prefilled yet (they add prefill tokens)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class _WorkerState:
     block_refs: dict[int, int] = field(default_factory=dict)
     private_blocks: int = 0
     prefill_tokens: int = 0
+    prefilling: int = 0
     request_ids: set[str] = field(default_factory=set)
 
     def num_blocks(self) -> int:
@@ -127,6 +132,7 @@ class ActiveSequences:
             worker.block_refs[h] = worker.block_refs.get(h, 0) + 1
         worker.private_blocks += private
         worker.prefill_tokens += prefill
+        worker.prefilling += prefill > 0
         worker.request_ids.add(request_id)
         self._requests[request_id] = _ActiveRequest(
             worker_id, shared, private, isl_tokens, prefill, now
@@ -137,7 +143,9 @@ class ActiveSequences:
         request = self._requests.get(request_id)
         if request is None or request.prefill_tokens == 0:
             return
-        self._workers[request.worker_id].prefill_tokens -= request.prefill_tokens
+        worker = self._workers[request.worker_id]
+        worker.prefill_tokens -= request.prefill_tokens
+        worker.prefilling -= 1
         request.prefill_tokens = 0
 
     def free(self, request_id: str) -> None:
@@ -154,6 +162,7 @@ class ActiveSequences:
                 del worker.block_refs[h]
         worker.private_blocks -= request.private_blocks
         worker.prefill_tokens -= request.prefill_tokens
+        worker.prefilling -= request.prefill_tokens > 0
         worker.request_ids.discard(request_id)
         if worker.is_empty():
             del self._workers[request.worker_id]
@@ -187,7 +196,20 @@ class ActiveSequences:
         worker = self._workers.get(worker_id)
         if worker is None:
             return WorkerLoad(0, 0, 0)
-        return WorkerLoad(worker.num_blocks(), worker.prefill_tokens, len(worker.request_ids))
+        return WorkerLoad(worker.num_blocks(), worker.prefill_tokens, len(worker.request_ids),
+                          worker.prefilling)
+
+    def least_loaded(self, candidates: Sequence[int], k: int, rng: Any) -> list[int]:
+        """``k`` of ``candidates`` with the least load: idle ones first (a random ``k`` when
+        more are idle), then by prompt tokens waiting for prefill, then by requests."""
+        workers = self._workers
+        idle = [c for c in candidates if c not in workers]
+        if len(idle) >= k:
+            return list(rng.sample(idle, k))
+        busy = [c for c in candidates if c in workers]
+        key: Callable[[int], tuple[int, int]] = lambda w: (  # noqa: E731
+            workers[w].prefill_tokens, len(workers[w].request_ids))
+        return idle + heapq.nsmallest(k - len(idle), busy, key=key)
 
     def worker_ids(self) -> list[int]:
         """Workers with at least one active request, in id order."""
@@ -250,6 +272,7 @@ class ActiveSequences:
                 w.block_refs[h] = w.block_refs.get(h, 0) + 1
             w.private_blocks += r.private_blocks
             w.prefill_tokens += r.prefill_tokens
+            w.prefilling += r.prefill_tokens > 0
             w.request_ids.add(request_id)
         _check(set(expected) == set(self._workers), "workers != workers of active requests")
         for worker_id, want in expected.items():
@@ -257,6 +280,7 @@ class ActiveSequences:
             _check(got.block_refs == want.block_refs, f"worker {worker_id}: block refcounts")
             _check(got.private_blocks == want.private_blocks, f"worker {worker_id}: private")
             _check(got.prefill_tokens == want.prefill_tokens, f"worker {worker_id}: prefill")
+            _check(got.prefilling == want.prefilling, f"worker {worker_id}: prefilling")
             _check(got.request_ids == want.request_ids, f"worker {worker_id}: request ids")
 
 

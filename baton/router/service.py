@@ -49,6 +49,8 @@ class RouteDecision(msgspec.Struct, kw_only=True):
 class RequestRef(msgspec.Struct):
     request_id: str
     model: str | None = None
+    cached_tokens: int | None = None
+    """With ``mark_prefill``: the prompt tokens the engine served from its cache."""
 
 
 class Ack(msgspec.Struct):
@@ -110,7 +112,7 @@ class RouterService:
         )
 
     async def _mark_prefill(self, ref: RequestRef) -> AsyncGenerator[Ack, None]:
-        self._entry(ref.model)[1].on_first_output(ref.request_id)
+        self._entry(ref.model)[1].on_first_output(ref.request_id, ref.cached_tokens)
         yield Ack()
 
     async def _mark_free(self, ref: RequestRef) -> AsyncGenerator[Ack, None]:

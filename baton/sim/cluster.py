@@ -8,7 +8,10 @@ sockets, asyncio and sleeping with a heap of timed events. Nothing here reads a 
 Events, processed in (time, sequence number) order:
 
 - arrival: a trace request arrives at ``(timestamp - first timestamp) / arrival_speedup``;
-  the router picks a worker, the worker's scheduler queues it, an idle worker starts a step;
+  the router picks a worker, the worker's scheduler queues it, an idle worker starts a step.
+  A session's later turn arrives when its previous turn ended plus its ``delay`` (over
+  ``arrival_speedup``), its prompt the conversation so far (``trace.sessions``), and goes to
+  the session's worker while that worker is a candidate (``router.sessions``);
 - step done: a worker's step, started at ``t`` with modelled duration ``d``, completes at
   ``t + d``; only then are its sampled tokens, finishes and KV events visible (as in the mock
   engine, whose shell sleeps ``d`` before ``update_from_output``). The worker then schedules
@@ -45,7 +48,7 @@ from baton.config import WorkerRole
 from baton.engine.request import Request
 from baton.engine.step import KvLoad, SchedulerOutput, StepResult
 from baton.kv.events import KvEvent
-from baton.protocol import SamplingParams
+from baton.protocol import SamplingParams, StepSample
 from baton.router.disagg import decide
 from baton.router.kv_router import KvRouter
 from baton.sim.config import SimConfig
@@ -53,22 +56,29 @@ from baton.sim.disagg import DisaggStats, SimRoute, held_kv_params, transfer_sec
 from baton.sim.pool import SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
 from baton.trace import TraceRequest
+from baton.trace.sessions import History, SessionPlan
 
 SAMPLED_TOKEN = 1
 """Every sampled token; content does not matter with ``ignore_eos``."""
 
+_DECODE_SAMPLE_EVERY = 8
+"""A latency router learns from every step with prefill and every 8th step otherwise (live,
+a feed carries at most 64 samples a batch; decode-only steps are most steps and alike)."""
+
 _STEP = 0
 _KV = 1
 _LOAD = 2
+_TURN = 3
 
 
 class _Live:
     """A request between arrival and its last token; ``leg`` while it is disaggregated."""
 
-    __slots__ = ("last_token_at", "leg", "record")
+    __slots__ = ("last_token_at", "leg", "prompt", "record")
 
-    def __init__(self, record: RequestRecord) -> None:
+    def __init__(self, record: RequestRecord, prompt: list[int]) -> None:
         self.record = record
+        self.prompt = prompt
         self.last_token_at = 0.0
         self.leg: _RemoteLeg | None = None
 
@@ -113,6 +123,11 @@ class Cluster:
         self._live: dict[str, _Live] = {}
         self._step_ms = config.model().step_ms
         self._check_invariants = config.check_invariants
+        self._plan = SessionPlan([])
+        self._history = History(self._plan)
+        self._chosen: list[TraceRequest] = []
+        self._records: list[RequestRecord | None] = []
+        self._t0_ms = 0.0
 
     def _pool(self, role: WorkerRole, first_id: int, count: int) -> SimPool:
         cfg = self.config
@@ -155,12 +170,15 @@ class Cluster:
         chosen = list(requests[: cfg.max_requests] if cfg.max_requests is not None else requests)
         if not chosen:
             return []
-        t0_ms = min(r.timestamp for r in chosen)
+        self._chosen = chosen
+        self._plan = plan = SessionPlan(chosen)
+        self._history = History(plan)
+        clocked = plan.clocked
+        self._t0_ms = t0_ms = min(chosen[i].timestamp for i in clocked)
         speedup = cfg.arrival_speedup
-        arrivals = sorted(
-            ((r.timestamp - t0_ms) / 1000.0 / speedup, i) for i, r in enumerate(chosen)
-        )
+        arrivals = sorted(((chosen[i].timestamp - t0_ms) / 1000.0 / speedup, i) for i in clocked)
         records: list[RequestRecord | None] = [None] * len(chosen)
+        self._records = records
         heap = self._heap
         pop = heapq.heappop
         i, n = 0, len(arrivals)
@@ -173,6 +191,9 @@ class Cluster:
                     self._step_done(payload)  # type: ignore[arg-type]  # a SimWorker
                 elif kind == _KV:
                     self._apply_kv_events(*payload)  # type: ignore[misc]  # (router, events)
+                elif kind == _TURN:
+                    turn: int = payload  # type: ignore[assignment]  # a session's next turn
+                    records[turn] = self._arrive(turn, chosen[turn])
                 else:
                     self._load_done(*payload)  # type: ignore[misc]  # (worker, request id)
             elif i < n:
@@ -192,13 +213,14 @@ class Cluster:
         now = self.now
         record = RequestRecord(index=index, scheduled_at_s=now, sent_at_s=now, end_at_s=now)
         try:
-            tokens = self._prompts.token_ids(trace)
+            tokens = self._history.prompt(index, self._prompts.token_ids(trace))
         except ValueError as exc:  # hash_ids too few for input_length
             record.error = f"trace: {exc}"
+            self._ended(index, [], 0)
             return record
         sampling = SamplingParams(max_tokens=max(1, trace.output_length), ignore_eos=True)
         request = Request(f"sim-{index}", tokens, sampling)
-        live = _Live(record)
+        live = _Live(record, tokens)
         if self.prefill is None:
             self._submit_local(live, request)
             return record
@@ -208,12 +230,30 @@ class Cluster:
             route.decode_worker_id = worker.worker_id if worker is not None else None
         return record
 
+    def _ended(self, index: int, prompt: list[int], num_output: int) -> None:
+        """Request ``index`` ended now (or failed): its session's next turn is due."""
+        plan = self._plan
+        if plan.next_turn[index] is None and plan.requests[index].session_id is None:
+            return
+        self._history.answered(index, prompt, [SAMPLED_TOKEN] * num_output)
+        speedup = self.config.arrival_speedup
+        ended_ms = self._t0_ms + self.now * 1000.0 * speedup
+        follow = plan.follow_up(index, ended_ms)
+        if follow is not None:
+            nxt, at_ms = follow
+            at = max(self.now, (at_ms - self._t0_ms) / 1000.0 / speedup)
+            heapq.heappush(self._heap, (at, next(self._seq), _TURN, nxt))
+
+    def _session(self, request_id: str) -> str | None:
+        return self._chosen[int(request_id[4:])].session_id  # "sim-{index}"
+
     def _submit_local(self, live: _Live, request: Request) -> SimWorker | None:
         """Queues ``request`` on a worker of the generating pool (None: it can never fit)."""
         try:
             worker = self._enqueue(self.decode, request)
         except ValueError as exc:  # can never fit this engine's KV cache or step budget
             live.record.error = str(exc)
+            self._ended(live.record.index, live.prompt, 0)
             return None
         live.record.prompt_tokens = len(request.prompt_token_ids)
         self._live[request.request_id] = live
@@ -223,7 +263,7 @@ class Cluster:
     def _enqueue(self, pool: SimPool, request: Request) -> SimWorker:
         """Routes ``request`` in ``pool`` and queues it on the chosen worker. Raises
         ValueError (the router forgets it) if that worker could never fit it."""
-        worker = pool.route(request)
+        worker = pool.route(request, self._session(request.request_id), self.now)
         try:
             worker.scheduler.add_request(request)
         except ValueError:
@@ -286,6 +326,7 @@ class Cluster:
                 live.record.error = str(exc)
                 del self._live[rid]
                 worker.scheduler.release_held(rid)
+                self._ended(live.record.index, live.prompt, 0)
                 continue
             leg.route.decode_worker_id = target.worker_id
             self._wake(target)
@@ -332,6 +373,7 @@ class Cluster:
         )
         duration = step_ms * worker.step_time_scale / 1000.0
         worker.step = out
+        worker.step_s = duration
         worker.busy_s += duration
         heapq.heappush(self._heap, (self.now + duration, next(self._seq), _STEP, worker))
 
@@ -360,6 +402,11 @@ class Cluster:
         if events:
             self._publish_kv_events(worker, events)
         pool = worker.pool
+        if (pool.router is not None and pool.router.learns_steps
+                and (out.num_prefill_tokens or worker.num_steps % _DECODE_SAMPLE_EVERY == 0)):
+            pool.router.observe_steps(worker.worker_id, [StepSample(
+                out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
+                out.num_kv_tokens_total, worker.step_s)], None)
         if pool is self.prefill:
             self._prefills_done(worker, results)
             results = []
@@ -372,7 +419,7 @@ class Cluster:
                 record.first_token_at_s = now
                 record.cached_tokens = result.num_cached_tokens
                 if router is not None:
-                    router.on_first_output(result.request_id)
+                    router.on_first_output(result.request_id, result.num_cached_tokens)
             else:
                 record.itl_s.append(now - live.last_token_at)
             live.last_token_at = now
@@ -384,6 +431,7 @@ class Cluster:
                 pool.in_flight[worker.worker_id] -= 1
                 if router is not None:
                     router.on_finish(result.request_id)
+                self._ended(record.index, live.prompt, record.completion_tokens)
         if self._check_invariants:
             sched.check_invariants()
         if sched.has_work:
@@ -402,9 +450,7 @@ class Cluster:
 
     @staticmethod
     def _apply_kv_events(router: KvRouter, events: list[KvEvent]) -> None:
-        apply = router.index.apply_event
-        for event in events:
-            apply(event)
+        router.apply_events(events)
 
 
 def simulate(requests: Sequence[TraceRequest], config: SimConfig) -> list[RequestRecord]:

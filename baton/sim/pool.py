@@ -19,14 +19,15 @@ from baton.engine.step import SchedulerOutput
 from baton.protocol import GENERATE_ENDPOINT, WORKER_COMPONENT, GenerateRequest, LoadMetrics
 from baton.router.factory import make_policy
 from baton.router.kv_router import KvRouter
+from baton.router.sessions import SessionAffinity
 from baton.runtime.discovery import InstanceRecord
 
 
 class SimWorker:
     """One simulated engine: a scheduler, the step in flight (if any) and its pool."""
 
-    __slots__ = ("busy_s", "num_steps", "pool", "scheduler", "step", "step_time_scale",
-                 "worker_id")
+    __slots__ = ("busy_s", "num_steps", "pool", "scheduler", "step", "step_s",
+                 "step_time_scale", "worker_id")
 
     def __init__(
         self, worker_id: int, config: SchedulerConfig, pool: SimPool, step_time_scale: float = 1.0
@@ -35,6 +36,8 @@ class SimWorker:
         self.scheduler = Scheduler(config, worker_id=worker_id)
         self.pool = pool
         self.step: SchedulerOutput | None = None
+        self.step_s = 0.0
+        """The modelled duration of ``step``."""
         self.step_time_scale = step_time_scale
         """Multiplies the timing model's step time (above 1: a straggler)."""
         self.num_steps = 0
@@ -48,6 +51,7 @@ class SimWorker:
             worker_id=self.worker_id, active_blocks=load.active_blocks,
             total_blocks=load.total_blocks, num_running=load.num_running,
             num_waiting=load.num_waiting, active_prefill_tokens=load.active_prefill_tokens,
+            step_token_budget=load.step_token_budget,
         )
 
 
@@ -73,6 +77,7 @@ class SimPool:
         self.candidates = list(worker_ids)
         self.in_flight: dict[int, int] = dict.fromkeys(worker_ids, 0)
         self.policy = make_policy(router, clock=clock)
+        self.sessions = SessionAffinity(router.session_ttl_s)
         for worker in self.workers:
             if not self.policy.accepts(_record(worker, scheduler.block_size)):
                 raise ValueError(f"the router refused simulated worker {worker.worker_id}: "
@@ -80,9 +85,17 @@ class SimPool:
         self.router = self.policy if isinstance(self.policy, KvRouter) else None
         """The KV router (None with a load-balancing policy): ``Cluster`` feeds it."""
 
-    def route(self, request: Request) -> SimWorker:
-        """The worker ``request`` goes to; a KV router records the decision."""
-        wid = self.policy.choose(_generate(request), self.candidates, self.in_flight)
+    def route(self, request: Request, session_id: str | None = None,
+              now: float = 0.0) -> SimWorker:
+        """The worker ``request`` goes to (its session's, while that one is a candidate); a
+        KV router records the decision."""
+        router = self.router
+        if router is not None and router.learns_steps:  # the loads its predictions read
+            for worker in self.workers:
+                router.worker_loads[worker.worker_id] = worker.load_metrics()
+        candidates = self.sessions.candidates(session_id, self.candidates, now)
+        wid = self.policy.choose(_generate(request), candidates, self.in_flight)
+        self.sessions.bind(session_id, wid, now)
         return self.by_id[wid]
 
     def cached_tokens(self, request: Request) -> int:

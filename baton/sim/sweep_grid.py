@@ -249,7 +249,8 @@ def poisson_trace(
         own = num_blocks - shared
         ids = list(range(first, first + shared)) + list(range(next_id, next_id + own))
         next_id += own
-        requests.append(TraceRequest(round(t_us), isl, osl, ids))
+        requests.append(TraceRequest(timestamp=round(t_us), input_length=isl,
+                                     output_length=osl, hash_ids=ids))
     return requests
 
 

@@ -130,7 +130,7 @@ class _Model:
     last_block_fill: list[int]
     output_lengths: list[int]
     per_timestamp: list[int]
-    deltas: list[int]
+    deltas: list[float]
 
 
 def synthesize(requests: list[TraceRequest], **settings: Any) -> list[TraceRequest]:
@@ -316,7 +316,9 @@ class _Sampler:
         ids = core + list(range(self.next_id, self.next_id + prompt_blocks))
         self.next_id += prompt_blocks
         context = min(isl, len(core) * self.config.trace_block_size)
-        return TraceRequest(timestamp, isl, osl, ids, context, isl - context)
+        return TraceRequest(timestamp=timestamp, input_length=isl, output_length=osl,
+                            hash_ids=ids, context_len=context,
+                            unique_user_prompt_len=isl - context)
 
     def _walk(self) -> tuple[list[int], int]:
         """Core ids along a sampled path, and the unique-prompt length (0 if none)."""

@@ -36,7 +36,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from baton.config import WorkerConfig
-from baton.engine.base import Engine
+from baton.engine.base import Engine, EngineStats
 from baton.errors import (
     BatonError,
     EngineError,
@@ -55,6 +55,7 @@ from baton.protocol import (
     GenerateRequest,
     LoadMetrics,
     ModelFiles,
+    StepSample,
     WorkerEvents,
 )
 from baton.runtime import EndpointServer, InstanceRecord, MemoryEventPlane, Runtime
@@ -254,17 +255,19 @@ class Worker:
 
     async def _events(self, req: FeedRequest) -> AsyncGenerator[WorkerEvents, None]:
         self._refuse_if_restarting()
+        steps = _StepCursor()
         if not req.kv_events:
             while True:
                 yield WorkerEvents(worker_id=self.instance_id, last_event_id=-1,
-                                   load=self.load_metrics())
+                                   load=self.load_metrics(), steps=steps.take(self.engine))
                 await asyncio.sleep(self.config.load_interval_s)
                 self._refuse_if_restarting()
         sub = self._local_events.subscribe(self._kv_subject)  # before the snapshot: no gap
         try:
             last, snapshot = self.engine.kv_snapshot()
             yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
-                               load=self.load_metrics(), snapshot=snapshot)
+                               load=self.load_metrics(), snapshot=snapshot,
+                               steps=steps.take(self.engine))
             while True:
                 batch: list[KvEvent] = []
                 with contextlib.suppress(TimeoutError):
@@ -273,7 +276,8 @@ class Worker:
                 last = batch[-1].event_id if batch else last
                 self._refuse_if_restarting()  # a new engine's events start from a new snapshot
                 yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
-                                   load=self.load_metrics(), events=batch)
+                                   load=self.load_metrics(), events=batch,
+                                   steps=steps.take(self.engine))
         finally:
             sub.close()
 
@@ -338,3 +342,20 @@ class Worker:
             event.worker_id = self.instance_id
             self._local_events.publish(self._kv_subject, event)
             self.runtime.events.publish(self._kv_subject, event)
+
+
+class _StepCursor:
+    """Where one feed is in an engine's step samples (a new engine starts over)."""
+
+    def __init__(self) -> None:
+        self._stats: EngineStats | None = None
+        self._seen = 0
+
+    def take(self, engine: Engine) -> list[StepSample]:
+        stats = engine.stats
+        if stats is not self._stats:
+            self._stats, self._seen = stats, stats.num_samples
+            return []
+        samples = stats.samples_since(self._seen)
+        self._seen = stats.num_samples
+        return samples

@@ -55,6 +55,7 @@ from baton.protocol import (
     GenerateRequest,
     KvTransferParams,
     SamplingParams,
+    StepSample,
     TokenLogprob,
 )
 from baton.runtime.net import Listener
@@ -96,6 +97,7 @@ class VllmEngine:
         self._prefilling: dict[str, int] = {}
         """Request id -> prompt tokens, until its first output."""
         self._scheduler_stats: Any = None
+        self._last_iteration_at: float | None = None
         self.total_blocks = 0
         self._engine_pids: list[int] = []
         self._reaper: subprocess.Popen[bytes] | None = None
@@ -182,15 +184,31 @@ class VllmEngine:
 
             def record(self, scheduler_stats: Any, iteration_stats: Any,
                        mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-                if scheduler_stats is not None:
-                    engine._scheduler_stats = scheduler_stats
                 if iteration_stats is not None:
                     engine._stats.steps += 1
+                    engine._observe_iteration(iteration_stats)
+                if scheduler_stats is not None:
+                    engine._scheduler_stats = scheduler_stats
 
             def log_engine_initialized(self) -> None:
                 pass
 
         return BatonStats
+
+    def _observe_iteration(self, it: Any) -> None:
+        """A step sample from one of vLLM's iterations. Its time is the gap since the
+        previous iteration, counted only when the engine stayed busy in between (it had
+        requests running after that iteration); prefill tokens are the prompts' computed
+        tokens whose prefill ended in this iteration."""
+        previous, before = self._last_iteration_at, self._scheduler_stats
+        self._last_iteration_at = it.iteration_timestamp
+        if previous is None or before is None or before.num_running_reqs == 0:
+            return
+        seconds = it.iteration_timestamp - previous
+        total = self.total_blocks * self.block_size
+        self._stats.add_sample(StepSample(
+            it.prompt_token_stats.computed, it.num_generation_tokens,
+            round(before.kv_cache_usage * total), total, seconds))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -252,6 +270,7 @@ class VllmEngine:
             num_running=stats.num_running_reqs if stats is not None else 0,
             num_waiting=stats.num_waiting_reqs if stats is not None else len(self._prefilling),
             active_prefill_tokens=sum(self._prefilling.values()),
+            step_token_budget=self.config.scheduler.max_num_batched_tokens,
         )
 
     @property
