@@ -331,9 +331,12 @@ class RouterConfig:
     # -- KV-aware routing (mode "kv")
     kv: KvRouterConfig = section(KvRouterConfig, prefix="router-")
     itl_weight: float = setting(
-        0.1, "latency mode: weight of the decode phase against the time to first token: the "
+        0.0, "latency mode: weight of the decode phase against the time to first token: the "
         "request's own decode time and the delay its prefill and KV add to running decodes "
         "(0: TTFT alone)", flag="router-itl-weight")
+    session_itl_weight: float = setting(
+        0.3, "latency mode: the same weight for a request of a session (its placement "
+        "carries the session's later turns)", flag="router-session-itl-weight")
     latency_candidates: int = setting(
         4, "latency mode: with more than twice this many workers, only this many holding the "
         "longest part of the prompt and this many of the least loaded are scored",
@@ -383,6 +386,7 @@ class RouterConfig:
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.ttl_s > 0, "router_ttl_s", "must be > 0")
         require(self.itl_weight >= 0, "router_itl_weight", "must be >= 0")
+        require(self.session_itl_weight >= 0, "router_session_itl_weight", "must be >= 0")
         require(self.latency_candidates >= 1, "router_latency_candidates", "must be >= 1")
         require(self.decode_horizon_tokens >= 0, "router_decode_horizon_tokens", "must be >= 0")
         require(self.itl_bound_ms is None or self.itl_bound_ms > 0, "router_itl_bound_ms",

@@ -1,7 +1,7 @@
 """Routing benchmark: round-robin, Dynamo's cost function (``--router kv``, credit 1 and 3) and
 the latency-predicting selector (``--router latency``), side by side in one run.
 
-Parts (``--part live``, ``sim``, ``scale``, or ``both``: all three):
+Parts (``--part live``, ``sim``, ``scale``, ``replicas``, or ``both``: all of them):
 
 * live: ``baton serve --workers 4`` (simulated engine, real time, default flags but the
   router) per mode, and the prefix-sharing workload of issue 14: ``--groups`` groups of
@@ -13,6 +13,8 @@ Parts (``--part live``, ``sim``, ``scale``, or ``both``: all three):
   ``--trace-requests`` requests of that trace per mode (8 workers).
 * scale: decisions per second of one router (in process, no I/O) with 8, 128 and 512
   workers, modes ``kv`` and ``latency``.
+* replicas: the live workload through 1, 2 and 4 frontends with replica sync, the hit
+  fraction of each.
 * sim: ``baton sim --workers 8`` per trace and mode: hit rate, TTFT mean/p50/p99, ITL p99,
   and the hit-rate bound of one worker holding all eight caches (``--workers 1`` with eight
   times the blocks).
@@ -205,6 +207,61 @@ def sim(args: argparse.Namespace, workdir: Path) -> dict:
     return results
 
 
+# ---------------------------------------------------------------- replicas
+
+
+async def replicas_run(args: argparse.Namespace, replicas: int, concurrency: int,
+                       seed: int) -> float:
+    """The prefix-sharing workload through ``replicas`` frontends (requests spread over them
+    in turn), each with its own latency router, replica sync on; 4 workers; in one process on
+    an in-memory runtime. Returns the hit fraction."""
+    from baton.config import EngineConfig, FrontendConfig, RouterConfig, TimingConfig, WorkerConfig
+    from baton.frontend import Frontend
+    from baton.runtime import MemoryDiscovery, Runtime
+    from baton.worker import build_worker
+
+    router = RouterConfig(mode="latency", replica_sync=replicas > 1, seed=seed)
+    engine = EngineConfig(timing=TimingConfig(speedup_ratio=1.0))
+    warm, rest = workload(args, seed)
+    async with Runtime(MemoryDiscovery()) as rt:
+        workers = [build_worker(WorkerConfig(engine=engine), rt, instance_id=i) for i in range(4)]
+        for w in workers:
+            await w.start()
+        frontends = [Frontend(FrontendConfig(port=0, router=router), rt) for _ in range(replicas)]
+        for f in frontends:
+            await f.start()
+        try:
+            urls = [f"http://127.0.0.1:{f.port}" for f in frontends]
+            for i, prompt in enumerate(warm):
+                await send_all(urls[i % replicas], [prompt], 1, args.max_tokens)
+            await asyncio.sleep(0.3)
+            parts = [rest[i::replicas] for i in range(replicas)]
+            per = max(1, concurrency // replicas)
+            results = await asyncio.gather(*(send_all(u, part, per, args.max_tokens)
+                                             for u, part in zip(urls, parts, strict=True)))
+        finally:
+            for f in frontends:
+                await f.close()
+            for w in workers:
+                await w.close()
+    flat = [r for part in results for r in part]
+    return sum(r[2] for r in flat) / sum(r[1] for r in flat)
+
+
+def replicas(args: argparse.Namespace) -> dict:
+    print(f"\nreplicas: the prefix-sharing workload through 1, 2, 4 frontends (latency router, "
+          f"replica sync), 4 workers, concurrency {args.replica_concurrency} in all; median "
+          f"hit fraction of {args.repeats}")
+    out = {}
+    for n in (1, 2, 4):
+        hits = [asyncio.run(replicas_run(args, n, args.replica_concurrency, args.seed + r))
+                for r in range(args.repeats)]
+        out[n] = statistics.median(hits)
+        print(f"{n} replica{'s' if n > 1 else ''}: hit {out[n]:.3f} "
+              f"({out[n] - out[1]:+.3f} vs one)")
+    return out
+
+
 # ---------------------------------------------------------------- scale
 
 
@@ -276,7 +333,9 @@ def scale(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["live", "sim", "scale", "both"], default="both")
+    p.add_argument("--part", choices=["live", "sim", "scale", "replicas", "both"],
+                   default="both")
+    p.add_argument("--replica-concurrency", type=int, default=8)
     p.add_argument("--scale-workers", type=int, nargs="+", default=[8, 128, 512])
     p.add_argument("--scale-requests", type=int, default=3000)
     p.add_argument("--scale-groups", type=int, default=200)
@@ -308,6 +367,8 @@ def main() -> None:
             out["sim"] = sim(args, workdir)
         if args.part in ("scale", "both"):
             out["scale"] = scale(args)
+        if args.part in ("replicas", "both"):
+            out["replicas"] = replicas(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

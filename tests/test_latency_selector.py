@@ -107,6 +107,8 @@ def test_the_itl_weight_trades_ttft_for_the_running_decodes():
     fits = {1: LINEAR, 2: LINEAR}
     assert LatencySelector().select(loads, fits, 1552, BS).worker_id == 1
     assert LatencySelector(itl_weight=1.0).select(loads, fits, 1552, BS).worker_id == 2
+    # a request's own weight (a session's) overrides the selector's
+    assert LatencySelector().select(loads, fits, 1552, BS, itl_weight=1.0).worker_id == 2
 
 
 def test_an_itl_bound_drops_workers_whose_decodes_would_stall_unless_all_would():

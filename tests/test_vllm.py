@@ -76,10 +76,11 @@ def start_vllm_workers(flags: dict[Any, list[str]],
     return started
 
 
-def scrape(url: str, metric: str) -> float:
-    """The value of ``metric`` (one labelled sample) at a worker's metrics URL."""
+def scrape(url: str, metric: str, labels: str = "") -> float:
+    """The value of ``metric`` (its first sample whose labels hold ``labels``) at a metrics
+    URL."""
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    match = re.search(rf"^{metric}{{[^}}]*}} (\S+)$", text, re.M)
+    match = re.search(rf"^{metric}{{[^}}]*{re.escape(labels)}[^}}]*}} (\S+)$", text, re.M)
     assert match, f"no {metric} in the metrics"
     return float(match.group(1))
 
@@ -112,7 +113,7 @@ class Deployment:
             self.metrics[wid] = metrics
         assert len(started) == 2, "a vLLM worker did not start"
         frontend, match = baton_process(
-            "frontend", "--port", "0", "--router", "kv", "--probe-interval-s", "0.5",
+            "frontend", "--port", "0", "--router", "latency", "--probe-interval-s", "0.5",
             *[a for _, addr, _ in started.values() for a in ("--worker", addr)],
             ready=r"http://127\.0\.0\.1:(\d+)", timeout_s=60)
         self.procs.append(frontend)
@@ -297,6 +298,22 @@ def _until(predicate: Any, timeout_s: float = 10) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_the_latency_router_learns_vllms_step_times(deployment: Deployment,
+                                                    client: openai.OpenAI) -> None:
+    """vLLM's iterations reach the frontend's router as step samples, and its TTFT
+    predictions are checked against the first outputs."""
+    for wid in (1, 2):
+        client.completions.create(model=MODEL, prompt="Count to ten. " * 30, max_tokens=24,
+                                  extra_body={"baton": {"worker_id": wid}, "ignore_eos": True})
+    url = str(client.base_url).removesuffix("/v1/") + "/metrics"
+
+    def learned(wid: int) -> float:
+        return scrape(url, "baton_router_step_samples_total", f'worker_id="{wid}"')
+
+    assert _until(lambda: learned(1) > 0 and learned(2) > 0), "no step samples from vLLM"
+    assert scrape(url, "baton_router_ttft_prediction_error_seconds_count") > 0
 
 
 def test_load_comes_from_vllms_scheduler_and_a_closed_stream_aborts(

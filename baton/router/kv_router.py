@@ -144,6 +144,7 @@ class KvRouter:
             itl_bound_s=config.itl_bound_ms / 1000 if config.itl_bound_ms is not None else None)
         self.step_models = StepTimeModels()
         self.decode_horizon = config.decode_horizon_tokens
+        self.session_itl_weight = config.session_itl_weight
         self.max_scored = config.latency_candidates
         self.worker_loads: dict[int, LoadMetrics] = {}
         """Each worker's latest reported load (KV usage and step budget for predictions)."""
@@ -193,6 +194,8 @@ class KvRouter:
         """A worker's step samples and load (from its feed, or the simulator's workers)."""
         if steps:
             self.step_models.observe(worker_id, steps)
+            if self.metrics is not None:
+                self.metrics.observe_steps(worker_id, len(steps))
         if load is not None:
             self.worker_loads[worker_id] = load
 
@@ -255,7 +258,8 @@ class KvRouter:
             self.update_blindness(now)
         assert self.sequences is not None
         overrides = hints.overrides if hints is not None else None
-        local, seq, decision, raw = self._decide(request, candidates, overrides)
+        session = hints is not None and hints.session_id is not None
+        local, seq, decision, raw = self._decide(request, candidates, overrides, session)
         isl = len(request.token_ids)
         config = self.config.with_overrides(overrides)
         self.sequences.add_request(
@@ -289,7 +293,8 @@ class KvRouter:
         return decision.worker_id, min(isl, decision.overlap_blocks * self.block_size)
 
     def _decide(
-        self, request: GenerateRequest, candidates: list[int], overrides: RouterOverrides | None
+        self, request: GenerateRequest, candidates: list[int], overrides: RouterOverrides | None,
+        session: bool = False,
     ) -> tuple[list[LocalBlockHash], list[SequenceHash], Decision, dict[int, int]]:
         """The request's local and sequence hashes, the selector's decision over the
         candidates' overlaps and loads, and the index's overlaps before blind workers' were
@@ -306,7 +311,8 @@ class KvRouter:
             decision = self.latency.select(
                 self._candidate_loads(candidates, overlaps),
                 {w: self.step_models.for_worker(w) for w in candidates}, isl, self.block_size,
-                min(request.sampling.max_tokens or 0, self.decode_horizon))
+                min(request.sampling.max_tokens or 0, self.decode_horizon),
+                self.session_itl_weight if session else None)
         else:
             loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
             decision = self.selector.select(

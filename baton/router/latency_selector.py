@@ -24,9 +24,11 @@ fit (``step_model.Fit``: seconds of a step with ``T`` prefill tokens and ``D`` d
                    (the slowest step the worker's decodes see while this request prefills)
     score        = ttft + itl_weight × (decode + interference + slowdown)
 
-``itl_weight`` 0 minimizes the time to first token alone; the router's default (0.1) also
-keeps long multi-turn sessions from piling onto the worker that caches their shared system
-prompt (docs/routing.md has the measurements behind it).
+``itl_weight`` 0 minimizes the time to first token alone (the router's default for a request
+without a session). A request of a session commits the session's later turns, with their
+prefills and decodes, to the worker it goes to, so the router weighs the decode phase for it
+(``session_itl_weight``, 0.3): otherwise new sessions pile onto the worker that caches their
+shared system prompt (docs/routing.md has the measurements behind both).
 
 A candidate whose free KV blocks cannot hold the request's new blocks does not *fit*: it
 would queue or preempt. With ``itl_bound_s`` set, candidates whose ``itl`` is above it are
@@ -159,9 +161,11 @@ class LatencySelector:
         isl_tokens: int,
         block_size: int,
         output_tokens: int = 0,
+        itl_weight: float | None = None,
     ) -> LatencyDecision:
-        """``output_tokens``: the decode steps expected of the request. Raises ValueError on
-        no candidates or bad sizes."""
+        """``output_tokens``: the decode steps expected of the request; ``itl_weight``: this
+        request's, instead of the selector's. Raises ValueError on no candidates or bad
+        sizes."""
         if not loads:
             raise ValueError("candidates: no worker to choose from")
         if block_size <= 0 or isl_tokens < 0:
@@ -169,7 +173,7 @@ class LatencySelector:
         request_blocks = -(-isl_tokens // block_size)
         predictions = tuple(
             self.predict(w, loads[w], fits[w], isl_tokens, block_size, request_blocks,
-                         output_tokens)
+                         output_tokens, self.itl_weight if itl_weight is None else itl_weight)
             for w in sorted(loads)
         )
         chosen = self._pick(predictions)
@@ -185,6 +189,7 @@ class LatencySelector:
         block_size: int,
         request_blocks: int,
         output_tokens: int = 0,
+        itl_weight: float | None = None,
     ) -> CandidatePrediction:
         d, u, q = load.decoding_requests, load.kv_usage, load.queued_prefill_tokens
         uncached = max(0, isl_tokens - load.overlap_blocks * block_size)
@@ -213,7 +218,8 @@ class LatencySelector:
             queued_prefill_tokens=q, decoding_requests=d, active_requests=load.active_requests,
             cached_blocks=load.cached_blocks, wait_s=wait, ttft_s=ttft, decode_s=own_decode,
             interference_s=interference, slowdown_s=slowdown, itl_s=itl, fits=fits_kv,
-            score=ttft + self.itl_weight * (own_decode + interference + slowdown),
+            score=ttft + (self.itl_weight if itl_weight is None else itl_weight)
+            * (own_decode + interference + slowdown),
         )
 
     def _pick(self, predictions: Sequence[CandidatePrediction]) -> CandidatePrediction:

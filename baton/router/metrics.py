@@ -58,6 +58,9 @@ class RouterMetrics:
         self._realized_tokens = Counter(
             "baton_router_realized_cached_tokens", "Prompt tokens the worker reported served "
             "from cache, for the same requests.", ["model", "worker_id"], registry=registry)
+        self._step_samples = Counter(
+            "baton_router_step_samples", "Engine step samples the router learned step times "
+            "from.", ["model", "worker_id"], registry=registry)
         self._blind = Gauge(
             "baton_router_worker_blind", "1 when the router cannot see the worker's cache "
             "(reason: stale = its KV events stopped, diverged = its hits differ from the "
@@ -76,6 +79,9 @@ class RouterMetrics:
         w = str(worker_id)
         self._predicted_tokens.labels(self._model, w).inc(predicted)
         self._realized_tokens.labels(self._model, w).inc(realized)
+
+    def observe_steps(self, worker_id: int, count: int) -> None:
+        self._step_samples.labels(self._model, str(worker_id)).inc(count)
 
     def set_blind(self, worker_id: int, reason: str | None) -> None:
         for r in ("stale", "diverged"):

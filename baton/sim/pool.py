@@ -19,6 +19,7 @@ from baton.engine.step import SchedulerOutput
 from baton.protocol import GENERATE_ENDPOINT, WORKER_COMPONENT, GenerateRequest, LoadMetrics
 from baton.router.factory import make_policy
 from baton.router.kv_router import KvRouter
+from baton.router.policy import RouteHints
 from baton.router.sessions import SessionAffinity
 from baton.runtime.discovery import InstanceRecord
 
@@ -94,7 +95,8 @@ class SimPool:
             for worker in self.workers:
                 router.worker_loads[worker.worker_id] = worker.load_metrics()
         candidates = self.sessions.candidates(session_id, self.candidates, now)
-        wid = self.policy.choose(_generate(request), candidates, self.in_flight)
+        hints = RouteHints(session_id=session_id) if session_id is not None else None
+        wid = self.policy.choose(_generate(request), candidates, self.in_flight, hints)
         self.sessions.bind(session_id, wid, now)
         return self.by_id[wid]
 
