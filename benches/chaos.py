@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="no new request after this many seconds of load")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--router", default="kv", choices=["kv", "round-robin", "random",
+    p.add_argument("--router", default="kv", choices=["kv", "latency", "round-robin", "random",
                                                       "least-loaded"])
     p.add_argument("--scenario", default="kill", choices=["kill", "stop", "partition",
                                                           "fault-raise", "fault-hang",
