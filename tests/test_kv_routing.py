@@ -285,7 +285,7 @@ MODES = {
 
 
 @pytest.mark.parametrize("concurrency", [1, 4, 16])
-def test_latency_router_beats_round_robin_and_dynamo_cost_under_load(make_server, concurrency):
+def test_latency_router_keeps_each_group_on_its_prefix_under_load(make_server, concurrency):
     """The prefix-sharing workload on 4 simulated workers, default flags, real time: the
     latency router keeps each group on the worker holding its prefix (Dynamo's cost spreads
     groups over 3-4 workers under load)."""
