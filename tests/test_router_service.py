@@ -64,3 +64,53 @@ async def scenario(worker_address: str, router_address: str) -> None:
 
 def test_standalone_router_routes_tracks_and_reports_overlap(worker_and_router):
     asyncio.run(scenario(*worker_and_router))
+
+
+def test_a_gateway_s_session_stays_on_one_worker():
+    """Two idle workers: a session's second request goes where its first went although the
+    other worker is now the less loaded one, which a request without a session gets."""
+    procs, addresses = [], []
+    try:
+        for wid in ("7", "8"):
+            proc, match = baton_process("worker", "--port", "0", "--speedup-ratio", "0",
+                                        "--worker-id", wid, ready=r"listening on (tcp://\S+)")
+            procs.append(proc)
+            addresses.append(match.group(1))
+        router, rmatch = baton_process(
+            "router", "--port", "0", *[a for w in addresses for a in ("--worker", w)],
+            ready=r"listening on (tcp://\S+)")
+        procs.append(router)
+        asyncio.run(session_scenario(rmatch.group(1)))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+
+
+async def session_scenario(router_address: str) -> None:
+    async with Runtime(MemoryDiscovery()) as rt:
+        call = rt.client.unary
+
+        async def route(rid: str, session: str | None = None) -> int:
+            req = RouteRequest(request_id=rid, token_ids=TOKENS, session_id=session)
+            return (await call(router_address, "route", req, RouteDecision)).worker_id
+
+        for _ in range(100):  # until both workers have joined the router
+            scores = await call(router_address, "overlap_scores", TokensQuery(token_ids=[1]),
+                                OverlapScores)
+            if scores.block_size:
+                break
+            await asyncio.sleep(0.05)
+        first = await route("s1", "conversation")
+        seen = {first}
+        for i in range(20):  # until the router knows both (a pick lands on the other)
+            other = await route(f"probe{i}")
+            await call(router_address, "mark_free", RequestRef(f"probe{i}"), Ack)
+            seen.add(other)
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, "the router never picked the second worker"
+        # the session's worker holds s1 (in prefill): a request without a session avoids it
+        assert await route("free") != first
+        await call(router_address, "mark_free", RequestRef("free"), Ack)
+        assert await route("s2", "conversation") == first

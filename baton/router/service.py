@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import AsyncGenerator
 
 import msgspec
@@ -35,6 +36,11 @@ class RouteRequest(msgspec.Struct, kw_only=True):
     overlap_score_credit: float | None = None
     prefill_load_scale: float | None = None
     temperature: float | None = None
+    session_id: str | None = None
+    """The conversation the request belongs to: its turns go to one worker while it can take
+    them (``router.sessions``)."""
+    max_tokens: int = 1
+    """The output the request asks for (the latency router weighs its decode)."""
 
 
 class RouteDecision(msgspec.Struct, kw_only=True):
@@ -98,9 +104,12 @@ class RouterService:
             temperature=req.temperature,
         )
         request = GenerateRequest(request_id=req.request_id, token_ids=req.token_ids,
-                                  sampling=SamplingParams(max_tokens=1))
-        worker_id = router.choose(request, entry.pool.eligible(), entry.pool.in_flight,
-                                  RouteHints(overrides=overrides))
+                                  sampling=SamplingParams(max_tokens=req.max_tokens))
+        sessions, now = entry.pool.sessions, time.monotonic()
+        candidates = sessions.candidates(req.session_id, entry.pool.eligible(), now)
+        worker_id = router.choose(request, candidates, entry.pool.in_flight,
+                                  RouteHints(overrides=overrides, session_id=req.session_id))
+        sessions.bind(req.session_id, worker_id, now)
         decision = router.last_decision
         assert decision is not None
         yield RouteDecision(
