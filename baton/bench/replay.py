@@ -99,7 +99,7 @@ async def replay(
     t0_ms = min(chosen[i].timestamp for i in clocked)
     times = sorted(((chosen[i].timestamp - t0_ms) / 1000.0 / cfg.arrival_speedup, i)
                    for i in clocked)
-    bodies: dict[int, bytes | ValueError] = {}
+    bodies: dict[int, tuple[bytes | ValueError, list[Any]]] = {}
     built = 0
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
@@ -109,12 +109,10 @@ async def replay(
         for at_s, index in times:
             while built < len(times) and times[built][0] <= at_s + _LOOKAHEAD_S:
                 i = times[built][1]
-                if plan.next_turn[i] is None:  # a session's first turn is built when sent
-                    bodies[i] = _body_or_error(model, chosen[i], prompts, use_chat)
+                bodies[i] = turns.body(chosen[i], [])  # a clocked request has no history
                 built += 1
             await asyncio.sleep(max(0.0, start + at_s - time.perf_counter()))
-            body = bodies.pop(index, None)
-            tasks.append(asyncio.create_task(turns.run(index, at_s, body)))
+            tasks.append(asyncio.create_task(turns.run(index, at_s, bodies.pop(index))))
         records = [r for chain in await asyncio.gather(*tasks) for r in chain]
         return sorted(records, key=lambda r: r.index)
 
@@ -130,18 +128,16 @@ class _Turns:
         self.use_chat, self.gate, self.start, self.plan = use_chat, gate, start, plan
         self.cfg, self.progress, self.t0_ms = cfg, progress, t0_ms
 
-    async def run(self, index: int, at_s: float, body: bytes | ValueError | None
-                  ) -> list[RequestRecord]:
+    async def run(self, index: int, at_s: float,
+                  built: tuple[bytes | ValueError, list[Any]]) -> list[RequestRecord]:
+        """Sends request ``index`` (its ``body`` built ahead) at ``at_s``, then each later turn
+        of its session when due; their records."""
         records = []
-        history: list[Any] = []
         plan, speedup = self.plan, self.cfg.arrival_speedup
+        body, prompt = built
         while True:
             request = plan.requests[index]
             record = RequestRecord(index=index, scheduled_at_s=at_s)
-            if body is None:
-                body, prompt = self._turn_body(request, history)
-            else:
-                prompt = []
             text: list[str] = []
             headers = {"x-session-id": request.session_id} if request.session_id else None
             if isinstance(body, ValueError):  # hash_ids too few for input_length
@@ -157,15 +153,16 @@ class _Turns:
             follow = plan.follow_up(index, self.t0_ms + ended_s * 1000.0 * speedup)
             if follow is None:
                 return records
-            history = self._answered(history, prompt, "".join(text))
+            history = self._answered(prompt, "".join(text))
             index, at_ms = follow
             at_s = (at_ms - self.t0_ms) / 1000.0 / speedup
             await asyncio.sleep(max(0.0, self.start + at_s - time.perf_counter()))
-            body = None
+            body, prompt = self.body(plan.requests[index], history)
 
-    def _turn_body(self, request: TraceRequest, history: list[Any]
-                   ) -> tuple[bytes | ValueError, list[Any]]:
-        """A turn's body with the conversation so far, and its prompt (ids or messages)."""
+    def body(self, request: TraceRequest, history: list[Any]
+             ) -> tuple[bytes | ValueError, list[Any]]:
+        """A request's body with the conversation so far before its own prompt, and that
+        whole prompt (ids or messages); a ValueError when its hash ids are too few."""
         try:
             if self.use_chat:
                 prompt: list[Any] = [*history, {"role": "user",
@@ -176,26 +173,10 @@ class _Turns:
             return exc, history
         return _encode(_body_dict(self.model, request, prompt, self.use_chat)), prompt
 
-    def _answered(self, history: list[Any], prompt: list[Any], text: str) -> list[Any]:
+    def _answered(self, prompt: list[Any], text: str) -> list[Any]:
         if self.use_chat:
             return [*prompt, {"role": "assistant", "content": text}]
         return prompt + self.prompts.tokenizer.encode(text, add_special_tokens=False)
-
-
-def _body_or_error(
-    model: str, request: TraceRequest, prompts: PromptBuilder, use_chat: bool
-) -> bytes | ValueError:
-    try:
-        return _body(model, request, prompts, use_chat)
-    except ValueError as exc:
-        return exc
-
-
-def _body(model: str, request: TraceRequest, prompts: PromptBuilder, use_chat: bool) -> bytes:
-    prompt: Any = (
-        [{"role": "user", "content": prompts.text(request)}] if use_chat
-        else prompts.token_ids(request))
-    return _encode(_body_dict(model, request, prompt, use_chat))
 
 
 def _body_dict(model: str, request: TraceRequest, prompt: Any, use_chat: bool) -> dict[str, Any]:
@@ -285,18 +266,16 @@ def _on_event(record: RequestRecord, event: Any) -> bool:
         record.completion_tokens = usage.get("completion_tokens") or 0
         details = usage.get("prompt_tokens_details") or {}
         record.cached_tokens = details.get("cached_tokens")
-    return any(_content(c) for c in event.get("choices") or ())
+    return any(_choice_text(c) for c in event.get("choices") or ())
 
 
 def _texts(event: dict[str, Any]) -> list[str]:
-    out = []
-    for choice in event.get("choices") or ():
-        out.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
-    return out
+    return [_choice_text(c) for c in event.get("choices") or ()]
 
 
-def _content(choice: dict[str, Any]) -> bool:
-    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+def _choice_text(choice: dict[str, Any]) -> str:
+    """A chunk's text: ``text`` (completions) or ``delta.content`` (chat); "" without."""
+    return str(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
 
 
 async def run_bench(

@@ -40,7 +40,7 @@ class WorkerFeedState:
     last_event_at: float | None = None
     unannounced_since: float | None = None
     """When the first prefill that should have produced events, and none came since, ended."""
-    hits: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=32))
+    hits: deque[tuple[int, int]] = field(default_factory=deque)
     """(predicted, realized) cached tokens of its latest requests with a predicted hit."""
 
     def realized_share(self, min_predicted: int) -> float | None:

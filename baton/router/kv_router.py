@@ -8,7 +8,7 @@ how many leading blocks each candidate holds, and lets a selector pick: in mode 
 times learned from the workers' step samples, ``step_model``). Every term is kept in
 ``last_decision`` and logged at debug. The request then counts as active on that worker
 until its stream ends; its prefill tokens stop counting at its first output, when the
-predicted TTFT is compared with the actual one (``ttft_errors``) and the predicted cache hit
+predicted TTFT is compared with the actual one (the router's metrics) and the predicted cache hit
 with the one the engine reported (``feed_health``: a worker whose events stopped or whose
 hits diverge from the index is *blind*, and with ``blind_fallback`` routed to on load alone).
 
@@ -72,29 +72,6 @@ class RouterSyncEvent(msgspec.Struct, kw_only=True, array_like=True):
     assume_kv_reuse: bool = True
 
 
-class TtftErrors:
-    """Predicted vs actual router-side TTFT (routing to first output) of latency decisions."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.abs_error_s = 0.0
-        self.predicted_s = 0.0
-        self.actual_s = 0.0
-
-    def observe(self, predicted_s: float, actual_s: float) -> None:
-        self.count += 1
-        self.abs_error_s += abs(actual_s - predicted_s)
-        self.predicted_s += predicted_s
-        self.actual_s += actual_s
-
-    def summary(self) -> str:
-        if not self.count:
-            return "no TTFT predictions checked"
-        return (f"TTFT predictions: {self.count}, mean actual {self.actual_s / self.count * 1000:.1f}"
-                f" ms, mean predicted {self.predicted_s / self.count * 1000:.1f} ms, mean "
-                f"absolute error {self.abs_error_s / self.count * 1000:.1f} ms")
-
-
 class _Routed:
     """What a decision expected of a request, checked at its first output."""
 
@@ -136,8 +113,6 @@ class KvRouter:
         self.metrics = metrics
         self._clock = clock
         self.mode = config.mode
-        self.learns_steps = config.mode == "latency"
-        """Whether decisions use step samples (the simulator sends them only then)."""
         self.selector = KvSelector(config.kv, seed=config.seed)
         self.latency = LatencySelector(
             itl_weight=config.itl_weight, seed=config.seed,
@@ -148,7 +123,6 @@ class KvRouter:
         self.max_scored = config.latency_candidates
         self.worker_loads: dict[int, LoadMetrics] = {}
         """Each worker's latest reported load (KV usage and step budget for predictions)."""
-        self.ttft_errors = TtftErrors()
         self.feed_health = FeedHealth(stale_after_s=config.kv_stale_after_s)
         self.blind_fallback = config.blind_fallback
         self._blind: dict[int, str] = {}
@@ -163,6 +137,11 @@ class KvRouter:
         # -- approximate mode: (expires_at, worker, seq hash) and each block's latest expiry
         self._expiry_heap: list[tuple[float, int, int]] = []
         self._expires_at: dict[tuple[int, int], float] = {}
+
+    @property
+    def learns_steps(self) -> bool:
+        """Whether decisions use step samples (the simulator sends them only then)."""
+        return self.mode == "latency"
 
     # ------------------------------------------------------------------ membership
     def accepts(self, record: InstanceRecord) -> bool:
@@ -338,7 +317,8 @@ class KvRouter:
         light = self.sequences.least_loaded(candidates, k, self.latency.rng)
         return sorted(set(holders).union(light))
 
-    def _candidate_loads(self, candidates: list[int], overlaps: Mapping[int, int]) -> dict[int, CandidateLoad]:
+    def _candidate_loads(self, candidates: list[int],
+                         overlaps: Mapping[int, int]) -> dict[int, CandidateLoad]:
         assert self.sequences is not None
         out = {}
         for w in candidates:
@@ -382,8 +362,8 @@ class KvRouter:
         w = routed.worker_id
         if self.use_kv_events:
             self.feed_health.on_prefilled(
-                w, now, routed_at=routed.at, new_blocks=routed.new_blocks, predicted_tokens=routed.predicted_tokens,
-                realized_tokens=cached_tokens)
+                w, now, routed_at=routed.at, new_blocks=routed.new_blocks,
+                predicted_tokens=routed.predicted_tokens, realized_tokens=cached_tokens)
         if self.metrics is not None:
             self.metrics.observe_hit(w, routed.predicted_tokens, cached_tokens)
         self.update_blindness(now, [w])
@@ -421,10 +401,8 @@ class KvRouter:
         routed = self._routed.pop(request_id, None)
         if routed is not None:
             now = self._clock()
-            if routed.predicted_ttft_s is not None:
-                self.ttft_errors.observe(routed.predicted_ttft_s, now - routed.at)
-                if self.metrics is not None:
-                    self.metrics.observe_ttft(routed.predicted_ttft_s, now - routed.at)
+            if routed.predicted_ttft_s is not None and self.metrics is not None:
+                self.metrics.observe_ttft(routed.predicted_ttft_s, now - routed.at)
             self._check_feed(routed, cached_tokens, now)
         self._sync("prefill", request_id)
 

@@ -24,9 +24,9 @@ Pure and synchronous: no I/O, no clock of its own (callers pass ``now``), no asy
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 __all__ = ["DEFAULT_EXPIRY_S", "ActiveSequences", "PotentialLoad", "WorkerLoad"]
 
@@ -199,13 +199,14 @@ class ActiveSequences:
         return WorkerLoad(worker.num_blocks(), worker.prefill_tokens, len(worker.request_ids),
                           worker.prefilling)
 
-    def least_loaded(self, candidates: Sequence[int], k: int, rng: Any) -> list[int]:
+    def least_loaded(self, candidates: Sequence[int], k: int,
+                     rng: random.Random) -> list[int]:
         """``k`` of ``candidates`` with the least load: idle ones first (a random ``k`` when
         more are idle), then by prompt tokens waiting for prefill, then by requests."""
         workers = self._workers
         idle = [c for c in candidates if c not in workers]
         if len(idle) >= k:
-            return list(rng.sample(idle, k))
+            return rng.sample(idle, k)
         busy = [c for c in candidates if c in workers]
         key: Callable[[int], tuple[int, int]] = lambda w: (  # noqa: E731
             workers[w].prefill_tokens, len(workers[w].request_ids))

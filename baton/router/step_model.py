@@ -33,9 +33,7 @@ import numpy as np
 
 from baton.protocol import StepSample
 
-__all__ = [
-    "GENERIC_PRIOR", "NUM_FEATURES", "Fit", "StepTimeModel", "StepTimeModels", "features",
-]
+__all__ = ["GENERIC_PRIOR", "NUM_FEATURES", "Fit", "StepTimeModel", "StepTimeModels"]
 
 NUM_FEATURES = 7
 
@@ -45,14 +43,9 @@ with prefill plus 20 ms per 1,000 prompt tokens, 10 ms for a step with decodes. 
 ordering matters (more work takes longer); the first samples replace it."""
 
 
-def features(prefill_tokens: float, decode_requests: float, kv_usage: float) -> list[float]:
-    """The feature vector of a step of this shape (see the module docstring)."""
-    row = _features(np.array([[prefill_tokens, decode_requests, kv_usage]]))[0]
-    return [float(v) for v in row]
-
-
 def _features(shapes: np.ndarray) -> np.ndarray:
-    """Feature rows of steps given as rows ``(T, D, u)``."""
+    """Feature rows of steps given as rows ``(T, D, u)`` (``Fit.step_s`` evaluates the same
+    vector for one step, unrolled: routing calls it for every candidate)."""
     t = shapes[:, 0] / 1000.0
     decoding = (shapes[:, 1] > 0).astype(np.float64)
     u = shapes[:, 2] * decoding

@@ -126,7 +126,6 @@ class Cluster:
         self._plan = SessionPlan([])
         self._history = History(self._plan)
         self._chosen: list[TraceRequest] = []
-        self._records: list[RequestRecord | None] = []
         self._t0_ms = 0.0
 
     def _pool(self, role: WorkerRole, first_id: int, count: int) -> SimPool:
@@ -178,7 +177,6 @@ class Cluster:
         speedup = cfg.arrival_speedup
         arrivals = sorted(((chosen[i].timestamp - t0_ms) / 1000.0 / speedup, i) for i in clocked)
         records: list[RequestRecord | None] = [None] * len(chosen)
-        self._records = records
         heap = self._heap
         pop = heapq.heappop
         i, n = 0, len(arrivals)
@@ -244,13 +242,10 @@ class Cluster:
             at = max(self.now, (at_ms - self._t0_ms) / 1000.0 / speedup)
             heapq.heappush(self._heap, (at, next(self._seq), _TURN, nxt))
 
-    def _session(self, request_id: str) -> str | None:
-        return self._chosen[int(request_id[4:])].session_id  # "sim-{index}"
-
     def _submit_local(self, live: _Live, request: Request) -> SimWorker | None:
         """Queues ``request`` on a worker of the generating pool (None: it can never fit)."""
         try:
-            worker = self._enqueue(self.decode, request)
+            worker = self._enqueue(self.decode, request, live)
         except ValueError as exc:  # can never fit this engine's KV cache or step budget
             live.record.error = str(exc)
             self._ended(live.record.index, live.prompt, 0)
@@ -260,10 +255,12 @@ class Cluster:
         self._wake(worker)
         return worker
 
-    def _enqueue(self, pool: SimPool, request: Request) -> SimWorker:
-        """Routes ``request`` in ``pool`` and queues it on the chosen worker. Raises
-        ValueError (the router forgets it) if that worker could never fit it."""
-        worker = pool.route(request, self._session(request.request_id), self.now)
+    def _enqueue(self, pool: SimPool, request: Request, live: _Live) -> SimWorker:
+        """Routes ``request`` (of ``live``, whose trace line names its session) in ``pool``
+        and queues it on the chosen worker. Raises ValueError (the router forgets it) if that
+        worker could never fit it."""
+        session = self._chosen[live.record.index].session_id
+        worker = pool.route(request, session, self.now)
         try:
             worker.scheduler.add_request(request)
         except ValueError:
@@ -292,7 +289,7 @@ class Cluster:
         sampling = msgspec.structs.replace(request.sampling, max_tokens=1, min_tokens=0)
         prefill_leg = Request(request.request_id, request.prompt_token_ids, sampling, hold_kv=True)
         try:
-            source = self._enqueue(self.prefill, prefill_leg)
+            source = self._enqueue(self.prefill, prefill_leg, live)
         except ValueError:
             route.reason = "fallback"
             return False
@@ -321,7 +318,7 @@ class Cluster:
             decode = leg.decode
             decode.remote_kv = held_kv_params(worker.scheduler, rid)
             try:
-                target = self._enqueue(self.decode, decode)
+                target = self._enqueue(self.decode, decode, live)
             except ValueError as exc:  # the decode leg can never fit a decode worker
                 live.record.error = str(exc)
                 del self._live[rid]
