@@ -253,6 +253,9 @@ class WorkerConfig:
                                     default_help="a random one")
     load_interval_s: float = setting(
         0.1, "load metrics are published on the event plane at most this often")
+    heartbeat_interval_s: float = setting(
+        1.0, "an idle worker's feed still sends its load this often (it is its heartbeat: "
+        "keep it well under the routers' --health-timeout-s)")
     drain_timeout_s: float = setting(
         30.0, "on SIGTERM, how long in-flight requests may still run")
     max_waiting_requests: int = setting(
@@ -268,6 +271,7 @@ class WorkerConfig:
         require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
                 "must be 0..65535")
         require(self.load_interval_s > 0, "load_interval_s", "must be > 0")
+        require(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
         require(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
 
 

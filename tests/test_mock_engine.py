@@ -141,6 +141,40 @@ async def test_worker_publishes_kv_events_and_load_on_the_event_plane():
                 assert metrics.num_running == 1 and metrics.active_blocks > 0
 
 
+async def test_an_idle_workers_feed_sends_only_heartbeats_and_wakes_for_a_request():
+    """Idle, the feed sends a batch per ``heartbeat_interval_s``, not per ``load_interval_s``
+    (hundreds of idle workers would otherwise keep a frontend busy); a request wakes it, and
+    the load it brings shows up within ``load_interval_s``, not a heartbeat later."""
+    from baton.config import WorkerConfig
+    from baton.protocol import FeedRequest
+    from baton.runtime import MemoryDiscovery, Runtime
+    from baton.worker import build_worker
+
+    config = WorkerConfig(engine=EngineConfig(timing=TimingConfig(speedup_ratio=1.0)),
+                          load_interval_s=0.01, heartbeat_interval_s=0.4)
+    async with Runtime(MemoryDiscovery()) as rt, \
+            build_worker(config, rt, instance_id=78) as worker:
+        feed = worker.endpoints.get("events").handler(FeedRequest(kv_events=False))  # load only: no KV event wakes it
+        async with contextlib.aclosing(feed):
+            await anext(feed)  # the first load
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            idle = [await anext(feed) for _ in range(3)]
+            elapsed = loop.time() - started
+            assert all(b.load.num_running == 0 and not b.events for b in idle)
+            assert 0.35 * 3 <= elapsed < 0.4 * 3 + 0.5  # ~3 heartbeats, not 120 load ticks
+            waiting = asyncio.ensure_future(anext(feed))
+            await asyncio.sleep(0.05)  # the feed sleeps now, until the next heartbeat
+            stream = worker.endpoints.get("generate").handler(request("a", list(range(1, 50)), 500))
+            async with contextlib.aclosing(stream):
+                sent = loop.time()
+                await anext(stream)
+                batch = await asyncio.wait_for(waiting, 2)
+                while batch.load.num_running == 0:
+                    batch = await asyncio.wait_for(anext(feed), 2)
+                assert loop.time() - sent < 0.2  # woken, not a heartbeat later
+
+
 def test_step_deadline_follows_the_previous_deadline_and_never_ends_in_the_past():
     assert step_deadline(None, 0.020, 5.0) == (5.020, 0.0)  # after idling: from now
     assert step_deadline(5.020, 0.020, 5.025) == (pytest.approx(5.040), 0.0)  # overhead absorbed

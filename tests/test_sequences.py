@@ -146,3 +146,23 @@ def test_invariant_check_catches_corrupted_bookkeeping(seqs):
     with pytest.raises(AssertionError, match="prefill"):
         seqs.check_invariants()
     seqs._workers[1].prefill_tokens -= 1
+
+
+def test_least_loaded_takes_idle_workers_first_then_the_fewest_prefill_tokens(seqs):
+    import random
+
+    rng = random.Random(3)
+    many = list(range(100))
+    for w in (5, 6, 7):
+        seqs.add_request(f"r{w}", w, [w], isl_tokens=4 * w, overlap_blocks=0, now=0.0)
+    for _ in range(20):  # mostly idle: drawn at random, never a busy one, never twice
+        picked = seqs.least_loaded(many, 4, rng)
+        assert len(set(picked)) == 4 and not set(picked) & {5, 6, 7}
+    assert len({w for _ in range(20) for w in seqs.least_loaded(many, 4, rng)}) > 8
+    few = [5, 6, 7, 8]  # one idle: it, then the busy ones with the least prefill waiting
+    assert seqs.least_loaded(few, 3, rng) == [8, 5, 6]
+    crowded = list(range(10))  # most busy: the scan, not the draws
+    for w in range(10):
+        if w not in (5, 6, 7, 3):
+            seqs.add_request(f"s{w}", w, [100 + w], isl_tokens=100, overlap_blocks=0, now=0.0)
+    assert seqs.least_loaded(crowded, 2, rng) == [3, 5]

@@ -52,6 +52,8 @@ from baton.runtime import InstanceRecord
 
 Decision = RoutingDecision | LatencyDecision
 
+_SWEEP_S = 1.0
+"""How often routing sweeps requests older than ``expiry_s`` (a scan of every active one)."""
 _BLIND_CHECK_S = 0.25
 """How often routing re-checks which workers are blind (first outputs check too)."""
 
@@ -128,6 +130,7 @@ class KvRouter:
         self._blind: dict[int, str] = {}
         self._routed: dict[str, _Routed] = {}
         self._next_blind_check = 0.0
+        self._next_sweep = 0.0
         self.index = KvIndex()
         self.sequences = ActiveSequences(self.block_size) if self.block_size else None
         self.last_decision: Decision | None = None
@@ -305,8 +308,10 @@ class KvRouter:
         if len(candidates) <= 2 * k:
             return candidates
         assert self.sequences is not None
-        allowed = set(candidates)
-        holders = [w for w in overlaps if w in allowed]
+        holders = []
+        if overlaps:
+            allowed = set(candidates)
+            holders = [w for w in overlaps if w in allowed]
         if len(holders) > k:  # the least loaded of those holding the longest prefix first
             best = max(overlaps[w] for w in holders)
             longest = [w for w in holders if overlaps[w] == best]
@@ -446,7 +451,8 @@ class KvRouter:
             heapq.heappush(self._expiry_heap, (expires, worker_id, s))
 
     def _expire(self, now: float) -> None:
-        if self.sequences is not None:
+        if self.sequences is not None and now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_S
             self.sequences.expire(now, self.expiry_s)
         heap = self._expiry_heap
         while heap and heap[0][0] <= now:

@@ -107,6 +107,10 @@ class BusyThresholds:
     active_decode_blocks: float | None = None
     active_prefill_tokens: int | None = None
 
+    @property
+    def enabled(self) -> bool:
+        return self.active_decode_blocks is not None or self.active_prefill_tokens is not None
+
     def is_busy(self, load: LoadMetrics | None) -> bool:
         if load is None:
             return False

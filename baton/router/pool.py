@@ -129,8 +129,13 @@ class WorkerPool:
         )
 
     def healthy(self) -> list[int]:
+        if not self._down_until:
+            return list(self.instances)
         now = self._clock()
-        return [i for i in self.instances if self._down_until.get(i, 0.0) <= now]
+        down = self._down_until
+        for i in [i for i, until in down.items() if until <= now]:
+            del down[i]
+        return [i for i in self.instances if i not in down]
 
     def mark_down(self, instance_id: int, reason: str) -> None:
         if instance_id in self.instances:
@@ -219,6 +224,8 @@ class WorkerPool:
             raise ServiceUnavailableError(
                 f"no healthy worker is serving model {self.model!r}", code="no_workers"
             )
+        if not self.thresholds.enabled:
+            return healthy
         free = [w for w in healthy if not self.thresholds.is_busy(self.loads.get(w))]
         if not free:
             self._overloaded(f"all {len(healthy)} workers serving {self.model!r} are busy")
@@ -238,7 +245,7 @@ class WorkerPool:
         eligible = self.eligible()
         if pinned is not None:
             eligible = [pinned] if pinned in eligible else []
-        return [i for i in eligible if i not in tried]
+        return [i for i in eligible if i not in tried] if tried else eligible
 
     async def _open(
         self, request: GenerateRequest, hints: RouteHints | None

@@ -204,6 +204,10 @@ class ActiveSequences:
         """``k`` of ``candidates`` with the least load: idle ones first (a random ``k`` when
         more are idle), then by prompt tokens waiting for prefill, then by requests."""
         workers = self._workers
+        if len(candidates) >= 4 * k and len(workers) <= len(candidates) // 2:
+            picked = self._idle_sample(candidates, k, rng)
+            if picked is not None:
+                return picked
         idle = [c for c in candidates if c not in workers]
         if len(idle) >= k:
             return rng.sample(idle, k)
@@ -211,6 +215,19 @@ class ActiveSequences:
         key: Callable[[int], tuple[int, int]] = lambda w: (  # noqa: E731
             workers[w].prefill_tokens, len(workers[w].request_ids))
         return idle + heapq.nsmallest(k - len(idle), busy, key=key)
+
+    def _idle_sample(self, candidates: Sequence[int], k: int,
+                     rng: random.Random) -> list[int] | None:
+        """``k`` idle candidates drawn at random without looking at the others (most are
+        idle: at least half), or None when the draws keep hitting busy ones."""
+        picked: set[int] = set()
+        for _ in range(8 * k):
+            c = candidates[rng.randrange(len(candidates))]
+            if c not in self._workers:
+                picked.add(c)
+                if len(picked) == k:
+                    return list(picked)
+        return None
 
     def worker_ids(self) -> list[int]:
         """Workers with at least one active request, in id order."""

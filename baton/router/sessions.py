@@ -13,7 +13,6 @@ Pure and synchronous: the caller passes ``now``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 
 __all__ = ["SESSION_HEADERS", "SessionAffinity"]
 
@@ -42,17 +41,17 @@ class SessionAffinity:
         entry = self._sessions.get(session_id)
         return entry[0] if entry is not None else None
 
-    def candidates(self, session_id: str | None, candidates: Sequence[int],
+    def candidates(self, session_id: str | None, candidates: list[int],
                    now: float) -> list[int]:
         """Just the session's worker when it is among ``candidates``, else all of them."""
         if session_id is None:
-            return list(candidates)
+            return candidates
         bound = self.worker(session_id, now)
         if bound is not None and bound in candidates:
             return [bound]
         if bound is not None:
             self.moves += 1
-        return list(candidates)
+        return candidates
 
     def bind(self, session_id: str | None, worker_id: int, now: float) -> None:
         """The session's turn went to ``worker_id`` (its next turns go there too)."""

@@ -88,7 +88,6 @@ class StepTimeModel:
         self._xty = np.zeros(NUM_FEATURES)
         self._pending: list[tuple[float, float, float, float]] = []
         self._fit: Fit | None = None
-        self._prior: tuple[float, ...] | None = None
         self.num_observed = 0
         """Samples observed (empty steps and negative times are ignored)."""
 
@@ -108,12 +107,12 @@ class StepTimeModel:
 
     def fit(self, prior: Sequence[float] = GENERIC_PRIOR) -> Fit:
         """Coefficients minimizing ``Σ wᵢ(xᵢ·θ − yᵢ)² + ridge·|θ − prior|²``; the cached ones
-        while fewer than ``refit_every`` samples came since (a changed prior alone waits too)."""
-        prior_t = tuple(prior)
-        pending = len(self._pending)
-        fresh = pending == 0 and self._prior == prior_t
-        if self._fit is not None and (fresh or 0 < pending < self.refit_every):
+        while fewer than ``refit_every`` samples came since (a changed prior waits too: with
+        hundreds of workers, each refitting at every change of the pool's prior would cost
+        more than the routing)."""
+        if self._fit is not None and len(self._pending) < self.refit_every:
             return self._fit
+        prior_t = tuple(prior)
         self._absorb()
         if self.num_observed == 0:
             self._fit = Fit(prior_t, 0)
@@ -122,7 +121,6 @@ class StepTimeModel:
             a = self._xtx + self.ridge * np.eye(NUM_FEATURES)
             theta = np.linalg.solve(a, self._xty + self.ridge * p)
             self._fit = Fit(tuple(float(v) for v in theta), self.num_observed)
-        self._prior = prior_t
         return self._fit
 
     def _absorb(self) -> None:

@@ -7,8 +7,11 @@ Endpoints:
   what a worker serves).
 - ``load``: the engine's current ``LoadMetrics``.
 - ``events``: a feed of ``WorkerEvents``: a snapshot of the prefix cache, then the KV events
-  that follow, each batch with the current load (and a load-only batch at least every
-  ``load_interval_s``). Routers follow it, in-process or over TCP; a router that sees a gap
+  that follow, each batch with the current load and the step samples since the last one. A
+  batch goes out when events came, or (looked at every ``load_interval_s`` while requests
+  run) the load changed, and at least every ``heartbeat_interval_s``: the feed is the worker's
+  heartbeat. An idle engine's feed sleeps until the next request, so an idle pool costs
+  next to nothing. Routers follow it, in-process or over TCP; a router that sees a gap
   in event ids re-opens the feed and starts again from a snapshot.
 
 KV events go out on the event plane under ``{namespace}.kv_events.{worker_id}``, stamped
@@ -30,7 +33,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Self
+from typing import Any, Final, Self
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -59,6 +62,7 @@ from baton.protocol import (
     WorkerEvents,
 )
 from baton.runtime import EndpointServer, InstanceRecord, MemoryEventPlane, Runtime
+from baton.runtime.events import QueueSubscription
 from baton.runtime.tasks import cancel_and_wait
 from baton.worker.metrics import MetricsServer, WorkerCollector
 
@@ -77,6 +81,10 @@ decodes by subject)."""
 def kv_events_subject(namespace: str, worker_id: int) -> str:
     return f"{namespace}.kv_events.{worker_id}"
 
+
+_WAKE: Final = object()
+"""Published on the worker's local subjects to end its feeds' idle waits; never sent."""
+_WAKE_SUBJECT = "wake"
 
 _ENGINE_CLOSE_S = 10.0
 """A failed engine gets this long to release what it holds before it is abandoned."""
@@ -120,6 +128,9 @@ class Worker:
         self._kv_subject = kv_events_subject(runtime.namespace, self.instance_id)
         self._local_events = MemoryEventPlane()
         """Feeds read this in-process bus, so they never depend on a remote event plane."""
+        self._sleepers = 0
+        """Feeds (and the load publisher) waiting longer than ``load_interval_s`` on an idle
+        engine: the next request wakes them."""
         self._load_subject = f"{runtime.namespace}.load"
         self._load_task: asyncio.Task[None] | None = None
         # -- drain
@@ -221,6 +232,7 @@ class Worker:
             raise OverloadedError(
                 f"worker {self.instance_id} has {self.config.max_waiting_requests} requests "
                 "waiting", code="worker_overloaded")
+        self._wake()
         self._in_flight += 1
         self._idle.clear()
         first = True
@@ -255,31 +267,57 @@ class Worker:
 
     async def _events(self, req: FeedRequest) -> AsyncGenerator[WorkerEvents, None]:
         self._refuse_if_restarting()
-        steps = _StepCursor()
-        if not req.kv_events:
-            while True:
-                yield WorkerEvents(worker_id=self.instance_id, last_event_id=-1,
-                                   load=self.load_metrics(), steps=steps.take(self.engine))
-                await asyncio.sleep(self.config.load_interval_s)
-                self._refuse_if_restarting()
-        sub = self._local_events.subscribe(self._kv_subject)  # before the snapshot: no gap
+        subject = self._kv_subject if req.kv_events else _WAKE_SUBJECT
+        sub = self._local_events.subscribe(subject)  # before the snapshot: no gap
         try:
-            last, snapshot = self.engine.kv_snapshot()
-            yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
-                               load=self.load_metrics(), snapshot=snapshot,
-                               steps=steps.take(self.engine))
+            steps = _StepCursor()
+            last, snapshot = self.engine.kv_snapshot() if req.kv_events else (-1, None)
+            load = self.load_metrics()
+            yield WorkerEvents(worker_id=self.instance_id, last_event_id=last, load=load,
+                               snapshot=snapshot, steps=steps.take(self.engine))
+            loop = asyncio.get_running_loop()
+            sent_at = loop.time()
             while True:
-                batch: list[KvEvent] = []
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.config.load_interval_s):
-                        batch = await sub.next_batch(1024)
-                last = batch[-1].event_id if batch else last
+                batch = await self._next_batch(sub, self._pause_s(load))
                 self._refuse_if_restarting()  # a new engine's events start from a new snapshot
-                yield WorkerEvents(worker_id=self.instance_id, last_event_id=last,
-                                   load=self.load_metrics(), events=batch,
-                                   steps=steps.take(self.engine))
+                now, previous, load = loop.time(), load, self.load_metrics()
+                if (not batch and load == previous
+                        and now - sent_at < self.config.heartbeat_interval_s):
+                    continue  # nothing new (step samples wait for the next batch)
+                last = batch[-1].event_id if batch else last
+                sent_at = now
+                yield WorkerEvents(worker_id=self.instance_id, last_event_id=last, load=load,
+                                   events=batch, steps=steps.take(self.engine))
         finally:
             sub.close()
+
+    def _pause_s(self, load: LoadMetrics | None) -> float:
+        """How long a feed or the load publisher waits for events after sending ``load``:
+        ``load_interval_s`` while requests run or the load still moves, else (an idle engine
+        whose load settled) ``heartbeat_interval_s``, unless a request wakes it first."""
+        if self._in_flight or load is None or load != self.load_metrics():
+            return self.config.load_interval_s
+        return max(self.config.heartbeat_interval_s, self.config.load_interval_s)
+
+    async def _next_batch(self, sub: QueueSubscription, timeout_s: float) -> list[KvEvent]:
+        """The events that came within ``timeout_s`` (none when it passed or a wake-up
+        came); a wait longer than ``load_interval_s`` is one the next request ends."""
+        idle = timeout_s > self.config.load_interval_s
+        self._sleepers += idle
+        batch: list[Any] = []
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    batch = await sub.next_batch(1024)
+        finally:
+            self._sleepers -= idle
+        return [event for event in batch if event is not _WAKE]
+
+    def _wake(self) -> None:
+        """Ends idle waits at once: a request arrived, or the engine is being replaced."""
+        if self._sleepers:
+            self._local_events.publish(self._kv_subject, _WAKE)
+            self._local_events.publish(_WAKE_SUBJECT, _WAKE)
 
     # ------------------------------------------------------------------ faults
     async def _start_engine(self, engine: Engine) -> None:
@@ -296,6 +334,7 @@ class Worker:
         """Leaves discovery, replaces the failed engine, and registers again; sets ``failed``
         when the new engine cannot be built or started."""
         self.restarting = True
+        self._wake()
         log.error("worker %d: engine failed (%s: %s); restarting it", self.instance_id,
                   type(exc).__name__, exc)
         if self.record is not None:
@@ -327,13 +366,18 @@ class Worker:
         return LoadMetrics(worker_id=self.instance_id, **msgspec.structs.asdict(self.engine.load()))
 
     async def _publish_load(self) -> None:
+        """Publishes the load when it changed, at most every ``load_interval_s``."""
+        sub = self._local_events.subscribe(_WAKE_SUBJECT)
         last: LoadMetrics | None = None
-        while True:
-            await asyncio.sleep(self.config.load_interval_s)
-            load = self.load_metrics()
-            if load != last:
-                self.runtime.events.publish(self._load_subject, load)
-                last = load
+        try:
+            while True:
+                await self._next_batch(sub, self._pause_s(last))
+                load = self.load_metrics()
+                if load != last:
+                    self.runtime.events.publish(self._load_subject, load)
+                    last = load
+        finally:
+            sub.close()
 
     def publish_kv_events(self, events: Sequence[KvEvent]) -> None:
         """Stamps this worker's id on engine events and publishes them to its feeds and to
