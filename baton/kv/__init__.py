@@ -2,7 +2,8 @@
 pool with its prefix cache, the KV events that describe the cache to routers, and where
 block bytes live (``store.py``, with the block copy helpers). Pure and synchronous: no
 asyncio, no sockets, no clock, no runtime (a test enforces it). Moving blocks between
-workers is ``baton.transfer``'s job; KV tiers (host memory, disk) will live here.
+workers is ``baton.transfer``'s job. ``tiers.py`` keeps the books of the KV tiers below the
+device pool (host memory, disk) and plans their copies; engines do not use it yet.
 """
 
 from __future__ import annotations

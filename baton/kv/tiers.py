@@ -1,0 +1,278 @@
+"""KV tiers below the device block pool: host memory, then disk. Bookkeeping and policy only.
+
+The device pool (``block_pool.py``) forgets a cached block when it hands the block out again.
+With tiers, the block goes down first (write-back on eviction): ``offload`` puts it in the
+host tier, in a free slot or in the slot of the host's least recently used block; that block
+goes on to disk when the admission policy lets it (``"reused"``, the default: only blocks
+used at least twice, i.e. hit in a tier since they came down; ``"all"``), else it is
+forgotten. A block the tier below already holds costs no copy, only a touch: the tiers are
+inclusive (a block onboarded from host stays there, so its next eviction is free).
+
+A prompt whose cached device prefix ends before its blocks do may continue below: ``match``
+finds the longest run of the following blocks in host or disk (host preferred), and
+``onboard`` plans their copies into device blocks the caller allocated, before the request
+is prefilled from there on.
+
+Pure and synchronous: no I/O, no clock. It returns ``Copy`` plans (from a tier and slot to a
+tier and slot) in the order they must run, and ``KvStored``/``KvRemoved`` events per tier;
+the engine's shell moves the bytes. Its contract: copies run in the order they were planned,
+one after the other (a FIFO copy thread), and a copy from a device block runs before that
+block is written again (the next forward pass), since the block was just handed out anew.
+A copy that fails (a disk block missing, truncated or failing its checksum) is reported with
+``discard``: the block is forgotten, and the caller recomputes the prefix from there.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Literal
+
+from baton.kv.events import KvEventData, KvRemoved, KvStored
+from baton.kv.hashing import LocalBlockHash, SequenceHash
+
+DiskAdmission = Literal["reused", "all"]
+
+__all__ = ["Copy", "DiskAdmission", "EvictedBlock", "KvTiers", "Tier", "TierBlock", "TierStore"]
+
+
+class Tier(IntEnum):
+    DEVICE = 0
+    HOST = 1
+    DISK = 2
+
+
+@dataclass(frozen=True, slots=True)
+class EvictedBlock:
+    """A cached block the device pool is handing out again: its id and its hashes."""
+
+    block_id: int
+    seq_hash: SequenceHash
+    local_hash: LocalBlockHash
+    parent_hash: SequenceHash | None
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Move block ``seq_hash``'s bytes from ``src`` slot of ``src_tier`` to ``dst`` slot of
+    ``dst_tier`` (a device slot is a block id)."""
+
+    seq_hash: SequenceHash
+    src_tier: Tier
+    src: int
+    dst_tier: Tier
+    dst: int
+
+
+@dataclass(slots=True, eq=False)
+class TierBlock:
+    """A block held in a lower tier."""
+
+    seq_hash: SequenceHash
+    local_hash: LocalBlockHash
+    parent_hash: SequenceHash | None
+    tier: Tier
+    slot: int
+    uses: int = 1
+    """Times it came down or was onboarded (the disk admission policy reads it)."""
+
+
+class TierStore:
+    """One lower tier: ``capacity`` slots and the blocks in them, least recently used first."""
+
+    def __init__(self, tier: Tier, capacity: int) -> None:
+        if tier is Tier.DEVICE or capacity < 0:
+            raise ValueError("a lower tier is host or disk, with capacity >= 0")
+        self.tier = tier
+        self.capacity = capacity
+        self._blocks: OrderedDict[SequenceHash, TierBlock] = OrderedDict()
+        self._free_slots = list(range(capacity - 1, -1, -1))  # pop() gives slot 0 first
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, seq_hash: SequenceHash) -> bool:
+        return seq_hash in self._blocks
+
+    def get(self, seq_hash: SequenceHash) -> TierBlock | None:
+        return self._blocks.get(seq_hash)
+
+    def lru_order(self) -> list[SequenceHash]:
+        """The blocks, least recently used first (for tests and debugging)."""
+        return list(self._blocks)
+
+    def touch(self, seq_hash: SequenceHash) -> TierBlock:
+        """Used again: the block becomes the most recently used, and counts one more use."""
+        block = self._blocks[seq_hash]
+        self._blocks.move_to_end(seq_hash)
+        block.uses += 1
+        return block
+
+    def insert(self, seq_hash: SequenceHash, local_hash: LocalBlockHash,
+               parent_hash: SequenceHash | None, uses: int = 1) -> tuple[TierBlock, TierBlock | None]:
+        """Adds a block (most recently used) in a free slot, else in the slot of the least
+        recently used block, which is removed and returned. Capacity must be > 0."""
+        if seq_hash in self._blocks:
+            raise ValueError(f"block {seq_hash:#x} is already in the {self.tier.name} tier")
+        evicted = None
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        elif self._blocks:
+            _, evicted = self._blocks.popitem(last=False)
+            slot = evicted.slot
+        else:
+            raise ValueError(f"the {self.tier.name} tier has no slots")
+        block = TierBlock(seq_hash, local_hash, parent_hash, self.tier, slot, uses)
+        self._blocks[seq_hash] = block
+        return block, evicted
+
+    def remove(self, seq_hash: SequenceHash) -> TierBlock:
+        block = self._blocks.pop(seq_hash)
+        self._free_slots.append(block.slot)
+        return block
+
+    def check_invariants(self) -> None:
+        slots = [b.slot for b in self._blocks.values()]
+        _check(len(slots) == len(set(slots)), f"{self.tier.name}: two blocks share a slot")
+        _check(not set(slots) & set(self._free_slots), f"{self.tier.name}: a used slot is free")
+        _check(len(slots) + len(self._free_slots) == self.capacity,
+               f"{self.tier.name}: slots lost or invented")
+        _check(all(0 <= s < self.capacity for s in slots), f"{self.tier.name}: slot out of range")
+        _check(all(h == b.seq_hash and b.tier is self.tier for h, b in self._blocks.items()),
+               f"{self.tier.name}: block registered under another hash or tier")
+
+
+class KvTiers:
+    """The host and disk tiers of one worker, with their offload and onboard plans."""
+
+    def __init__(self, host_blocks: int, disk_blocks: int = 0, *,
+                 disk_admission: DiskAdmission = "reused") -> None:
+        if host_blocks < 0 or disk_blocks < 0:
+            raise ValueError("host_blocks and disk_blocks must be >= 0")
+        if disk_blocks and not host_blocks:
+            raise ValueError("a disk tier needs a host tier above it")
+        if disk_admission not in ("reused", "all"):
+            raise ValueError(f"disk_admission must be 'reused' or 'all', got {disk_admission!r}")
+        self.host = TierStore(Tier.HOST, host_blocks)
+        self.disk = TierStore(Tier.DISK, disk_blocks)
+        self.disk_admission: DiskAdmission = disk_admission
+        self._events: list[tuple[Tier, KvEventData]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.host.capacity > 0
+
+    def store(self, tier: Tier) -> TierStore:
+        return self.host if tier is Tier.HOST else self.disk
+
+    # ---- offload --------------------------------------------------------------------------
+
+    def offload(self, evicted: Sequence[EvictedBlock]) -> list[Copy]:
+        """The copies that take the device's evicted blocks down, in the order they must run
+        (a host block moving to disk is copied before its host slot is reused)."""
+        copies: list[Copy] = []
+        if not self.enabled:
+            return copies
+        for block in evicted:
+            if block.seq_hash in self.host:
+                self.host.touch(block.seq_hash)
+                continue
+            uses = 1
+            below = self.disk.get(block.seq_hash)
+            if below is not None:
+                uses = below.uses + 1  # it was onboarded from disk: it has been used again
+            placed, pushed = self.host.insert(block.seq_hash, block.local_hash,
+                                              block.parent_hash, uses)
+            if pushed is not None:
+                copies.extend(self._push_down(pushed))
+            copies.append(Copy(block.seq_hash, Tier.DEVICE, block.block_id, Tier.HOST,
+                               placed.slot))
+            self._stored(Tier.HOST, placed)
+        return copies
+
+    def _push_down(self, block: TierBlock) -> list[Copy]:
+        """A block leaving the host tier: to disk if admitted (and not there yet)."""
+        self._removed(Tier.HOST, [block.seq_hash])
+        if block.seq_hash in self.disk:
+            self.disk.touch(block.seq_hash)
+            return []
+        if not self.disk.capacity or not self._admit(block):
+            return []
+        placed, dropped = self.disk.insert(block.seq_hash, block.local_hash, block.parent_hash,
+                                           block.uses)
+        if dropped is not None:
+            self._removed(Tier.DISK, [dropped.seq_hash])
+        self._stored(Tier.DISK, placed)
+        return [Copy(block.seq_hash, Tier.HOST, block.slot, Tier.DISK, placed.slot)]
+
+    def _admit(self, block: TierBlock) -> bool:
+        return self.disk_admission == "all" or block.uses >= 2
+
+    # ---- match and onboard ----------------------------------------------------------------
+
+    def match(self, seq_hashes: Sequence[SequenceHash]) -> list[TierBlock]:
+        """The longest run of ``seq_hashes`` (from the first) held in host or disk, each
+        block from host when it is there. No side effects."""
+        out: list[TierBlock] = []
+        for seq_hash in seq_hashes:
+            block = self.host.get(seq_hash) or self.disk.get(seq_hash)
+            if block is None:
+                break
+            out.append(block)
+        return out
+
+    def onboard(self, blocks: Sequence[TierBlock], device_ids: Sequence[int]) -> list[Copy]:
+        """The copies that bring ``blocks`` (from ``match``) into the device blocks
+        ``device_ids``; each block counts one more use."""
+        if len(blocks) != len(device_ids):
+            raise ValueError(f"{len(blocks)} blocks for {len(device_ids)} device blocks")
+        copies = []
+        for block, device_id in zip(blocks, device_ids, strict=True):
+            store = self.store(block.tier)
+            if store.get(block.seq_hash) is not block:
+                raise ValueError(f"block {block.seq_hash:#x} left the {block.tier.name} tier")
+            store.touch(block.seq_hash)
+            copies.append(Copy(block.seq_hash, block.tier, block.slot, Tier.DEVICE, device_id))
+        return copies
+
+    def discard(self, seq_hash: SequenceHash, tier: Tier) -> None:
+        """A copy out of ``tier`` failed (its bytes are lost or wrong): forget the block
+        there, so that no later match uses it."""
+        store = self.store(tier)
+        if seq_hash in store:
+            store.remove(seq_hash)
+            self._removed(tier, [seq_hash])
+
+    # ---- events ---------------------------------------------------------------------------
+
+    def take_events(self) -> list[tuple[Tier, KvEventData]]:
+        """The tiers' stored and removed blocks since the last call, each with its tier."""
+        out, self._events = self._events, []
+        return out
+
+    def _stored(self, tier: Tier, block: TierBlock) -> None:
+        last = self._events[-1] if self._events else None
+        if (last is not None and last[0] is tier and isinstance(last[1], KvStored)
+                and last[1].block_hashes[-1] == block.parent_hash):
+            last[1].append(block.seq_hash, block.local_hash)
+        else:
+            self._events.append((tier, KvStored(block.parent_hash, [block.seq_hash],
+                                                [block.local_hash])))
+
+    def _removed(self, tier: Tier, seq_hashes: list[SequenceHash]) -> None:
+        last = self._events[-1] if self._events else None
+        if last is not None and last[0] is tier and isinstance(last[1], KvRemoved):
+            last[1].block_hashes.extend(seq_hashes)
+        else:
+            self._events.append((tier, KvRemoved(list(seq_hashes))))
+
+    def check_invariants(self) -> None:
+        self.host.check_invariants()
+        self.disk.check_invariants()
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)

@@ -1,0 +1,139 @@
+"""KV tiers story tests: offload, push-down to disk, matching and onboarding with exact slots."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from baton.kv.events import KvRemoved, KvStored
+from baton.kv.tiers import Copy, EvictedBlock, KvTiers, Tier
+
+
+def ev(block_id: int, h: int, parent: int | None = None) -> EvictedBlock:
+    return EvictedBlock(block_id, h, h + 1000, parent)
+
+
+def test_evicted_blocks_go_to_host_slots_in_order_and_a_second_eviction_copies_nothing():
+    tiers = KvTiers(host_blocks=3)
+    copies = tiers.offload([ev(7, 10), ev(8, 11, 10)])
+    assert copies == [Copy(10, Tier.DEVICE, 7, Tier.HOST, 0), Copy(11, Tier.DEVICE, 8, Tier.HOST, 1)]
+    assert tiers.take_events() == [(Tier.HOST, KvStored(None, [10, 11], [1010, 1011]))]
+    assert tiers.offload([ev(3, 10)]) == []  # already below: a touch, no copy
+    assert tiers.host.lru_order() == [11, 10] and tiers.host.get(10).uses == 2
+    assert tiers.take_events() == []
+    tiers.check_invariants()
+
+
+def test_a_full_host_tier_pushes_its_least_recent_block_to_disk_only_once_reused():
+    tiers = KvTiers(host_blocks=2, disk_blocks=2)
+    tiers.offload([ev(0, 10), ev(1, 20)])
+    tiers.offload([ev(2, 10)])  # 10 used again: host order 20, 10
+    tiers.take_events()
+    copies = tiers.offload([ev(3, 30)])  # pushes 20 out (used once): forgotten
+    assert copies == [Copy(30, Tier.DEVICE, 3, Tier.HOST, 1)]  # 20's slot
+    assert 20 not in tiers.host and 20 not in tiers.disk
+    copies = tiers.offload([ev(4, 40)])  # pushes 10 out (used twice): to disk first
+    assert copies == [Copy(10, Tier.HOST, 0, Tier.DISK, 0), Copy(40, Tier.DEVICE, 4, Tier.HOST, 0)]
+    assert tiers.take_events() == [
+        (Tier.HOST, KvRemoved([20])), (Tier.HOST, KvStored(None, [30], [1030])),
+        (Tier.HOST, KvRemoved([10])), (Tier.DISK, KvStored(None, [10], [1010])),
+        (Tier.HOST, KvStored(None, [40], [1040])),
+    ]
+    tiers.check_invariants()
+
+
+def test_admission_all_sends_every_pushed_block_down_and_a_full_disk_drops_its_oldest():
+    tiers = KvTiers(host_blocks=1, disk_blocks=2, disk_admission="all")
+    for i, h in enumerate((10, 20, 30, 40)):
+        tiers.offload([ev(i, h)])
+    assert tiers.host.lru_order() == [40]
+    assert tiers.disk.lru_order() == [20, 30]  # 10 was dropped for 30
+    assert tiers.disk.get(30).slot == 0  # 10's slot
+    tiers.check_invariants()
+
+
+def test_match_takes_the_longest_run_from_host_then_disk_and_onboard_plans_its_copies():
+    tiers = KvTiers(host_blocks=2, disk_blocks=4, disk_admission="all")
+    tiers.offload([ev(0, 1), ev(1, 2, 1)])
+    tiers.offload([ev(2, 3, 2), ev(3, 4, 3)])  # 1 and 2 pushed to disk, 3 and 4 in host
+    assert tiers.host.lru_order() == [3, 4] and tiers.disk.lru_order() == [1, 2]
+    found = tiers.match([1, 2, 3, 4, 5])
+    assert [(b.seq_hash, b.tier, b.slot) for b in found] == [
+        (1, Tier.DISK, 0), (2, Tier.DISK, 1), (3, Tier.HOST, 0), (4, Tier.HOST, 1)]
+    assert tiers.match([2, 3]) != [] and tiers.match([9, 1]) == []
+    copies = tiers.onboard(found[:3], [50, 51, 52])
+    assert copies == [Copy(1, Tier.DISK, 0, Tier.DEVICE, 50), Copy(2, Tier.DISK, 1, Tier.DEVICE, 51),
+                      Copy(3, Tier.HOST, 0, Tier.DEVICE, 52)]
+    assert tiers.host.lru_order() == [4, 3] and tiers.disk.get(1).uses == 2
+    tiers.check_invariants()
+
+
+def test_a_block_onboarded_from_disk_comes_back_to_host_with_its_uses_and_a_bad_one_is_dropped():
+    tiers = KvTiers(host_blocks=1, disk_blocks=2, disk_admission="all")
+    tiers.offload([ev(0, 10)])
+    tiers.offload([ev(1, 20)])  # 10 to disk
+    [block] = tiers.match([10])
+    tiers.onboard([block], [5])
+    tiers.offload([ev(5, 10)])  # evicted from the device again: back in host, used 3 times
+    assert tiers.host.get(10).uses == 3 and 10 in tiers.disk
+    tiers.take_events()
+    tiers.discard(10, Tier.DISK)  # its file failed its checksum
+    assert 10 not in tiers.disk and tiers.take_events() == [(Tier.DISK, KvRemoved([10]))]
+    tiers.discard(10, Tier.DISK)  # twice: nothing more
+    assert tiers.take_events() == []
+    tiers.check_invariants()
+
+
+def test_onboarding_a_block_that_left_its_tier_is_refused():
+    tiers = KvTiers(host_blocks=1)
+    tiers.offload([ev(0, 10)])
+    [block] = tiers.match([10])
+    tiers.offload([ev(1, 20)])  # 10 pushed out and forgotten
+    with pytest.raises(ValueError, match="left the HOST tier"):
+        tiers.onboard([block], [3])
+
+
+def test_bad_sizes_are_refused_and_no_host_tier_means_no_copies():
+    with pytest.raises(ValueError):
+        KvTiers(host_blocks=0, disk_blocks=4)
+    with pytest.raises(ValueError):
+        KvTiers(host_blocks=-1)
+    with pytest.raises(ValueError):
+        KvTiers(host_blocks=1, disk_admission="lfu")  # type: ignore[arg-type]
+    tiers = KvTiers(host_blocks=0)
+    assert not tiers.enabled and tiers.offload([ev(0, 10)]) == [] and tiers.match([10]) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["evict", "onboard", "discard"]),
+                          st.integers(0, 15)), max_size=80),
+       st.integers(1, 4), st.integers(0, 4), st.sampled_from(["reused", "all"]))
+def test_any_sequence_keeps_slots_consistent_and_every_copy_reads_a_slot_holding_its_block(
+        ops, host, disk, admission):
+    """A model of the bytes: each copy must read the slot where its block's bytes are, and
+    after the copies run in order every tier slot holds the block the bookkeeping says."""
+    tiers = KvTiers(host, disk, disk_admission=admission)
+    held: dict[tuple[Tier, int], int] = {}  # (tier, slot) -> block whose bytes are there
+    next_device = 100
+    for op, h in ops:
+        if op == "evict":
+            held[(Tier.DEVICE, next_device)] = h
+            copies = tiers.offload([ev(next_device, h)])
+            next_device += 1
+        elif op == "onboard":
+            found = tiers.match([h])
+            copies = tiers.onboard(found, list(range(next_device, next_device + len(found))))
+            next_device += len(found)
+        else:
+            for tier in (Tier.HOST, Tier.DISK):
+                tiers.discard(h, tier)
+            copies = []
+        for c in copies:
+            assert held.get((c.src_tier, c.src)) == c.seq_hash
+            held[(c.dst_tier, c.dst)] = c.seq_hash
+        tiers.check_invariants()
+        for tier in (Tier.HOST, Tier.DISK):
+            store = tiers.store(tier)
+            for seq_hash in store.lru_order():
+                assert held[(tier, store.get(seq_hash).slot)] == seq_hash
