@@ -28,6 +28,7 @@ KvTransferMode = Literal["inproc", "tcp", "shm"]
 DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
 PreemptionMode = Literal["lifo", "fifo"]
 FaultMode = Literal["raise", "hang"]
+DiskAdmission = Literal["reused", "all"]
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 """The URL schemes a NATS client connects with."""
 
@@ -58,10 +59,23 @@ class SchedulerConfig:
     preemption_mode: PreemptionMode = setting(
         "lifo", "which running request gives its blocks back when they run out: the newest "
         "(lifo) or the oldest (fifo)")
+    host_kv_blocks: int = setting(
+        0, "KV blocks kept in host memory below the device pool: evicted blocks go there "
+        "and a prefix found there is copied back instead of recomputed; 0 = no host tier")
+    disk_kv_blocks: int = setting(
+        0, "KV blocks kept on disk below the host tier (blocks pushed out of host memory); "
+        "0 = no disk tier")
+    disk_kv_admission: DiskAdmission = setting(
+        "reused", "which blocks pushed out of host memory go to disk: those used at least "
+        "twice (reused), or all")
 
     def __post_init__(self) -> None:
         _positive_ints(self, "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens")
         check_choices(self)
+        require(self.host_kv_blocks >= 0, "host_kv_blocks", "must be >= 0")
+        require(self.disk_kv_blocks >= 0, "disk_kv_blocks", "must be >= 0")
+        require(not self.disk_kv_blocks or self.host_kv_blocks > 0, "disk_kv_blocks",
+                "needs a host tier above it (--host-kv-blocks)")
 
 
 @dataclass(frozen=True)
@@ -75,14 +89,22 @@ class TimingConfig:
         None, "JSON profile replacing the polynomial timing model (docs/timing-model.md)",
         flag="timing-profile", metavar="JSON", default_help="the polynomial")
     kv_transfer_gbps: float = setting(64.0, "modelled KV transfer bandwidth, GB/s")
+    host_kv_gbps: float = setting(
+        25.0, "modelled bandwidth of KV copies between device and host memory (the host "
+        "tier), GB/s")
+    disk_kv_gbps: float = setting(3.0, "modelled bandwidth of KV reads from disk, GB/s")
+    disk_kv_latency_ms: float = setting(
+        0.1, "modelled latency of one onboarding that reads from disk, ms")
     kv_bytes_per_token: int | None = setting(
         None, "modelled KV cache bytes per token over all layers",
         default_help="the model's; in baton sim 131072, Llama-3-8B in fp16")
 
     def __post_init__(self) -> None:
         require(self.speedup_ratio >= 0, "speedup_ratio", "must be >= 0 (0 = no delay)")
-        require(math.isfinite(self.kv_transfer_gbps) and self.kv_transfer_gbps > 0,
-                "kv_transfer_gbps", "must be > 0")
+        for name in ("kv_transfer_gbps", "host_kv_gbps", "disk_kv_gbps"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value > 0, name, "must be > 0")
+        require(self.disk_kv_latency_ms >= 0, "disk_kv_latency_ms", "must be >= 0")
         require(self.kv_bytes_per_token is None or self.kv_bytes_per_token >= 0,
                 "kv_bytes_per_token", "must be >= 0")
 
@@ -158,6 +180,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        require(self.kind == "mock" or not self.scheduler.host_kv_blocks, "host_kv_blocks",
+                "KV tiers are modelled by the simulated engine (--engine mock) only so far")
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
         for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "step_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")

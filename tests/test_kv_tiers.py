@@ -106,7 +106,7 @@ def test_bad_sizes_are_refused_and_no_host_tier_means_no_copies():
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["evict", "onboard", "discard"]),
+@given(st.lists(st.tuples(st.sampled_from(["evict", "onboard", "admit", "discard"]),
                           st.integers(0, 15)), max_size=80),
        st.integers(1, 4), st.integers(0, 4), st.sampled_from(["reused", "all"]))
 def test_any_sequence_keeps_slots_consistent_and_every_copy_reads_a_slot_holding_its_block(
@@ -125,6 +125,13 @@ def test_any_sequence_keeps_slots_consistent_and_every_copy_reads_a_slot_holding
             found = tiers.match([h])
             copies = tiers.onboard(found, list(range(next_device, next_device + len(found))))
             next_device += len(found)
+        elif op == "admit":  # as the scheduler does: a block handed out, then the onboarding
+            found = tiers.match([h, h + 1])
+            held[(Tier.DEVICE, next_device)] = h + 2
+            copies = tiers.offload([ev(next_device, h + 2)], keep=found)
+            next_device += 1
+            copies += tiers.onboard(found, list(range(next_device, next_device + len(found))))
+            next_device += len(found)
         else:
             for tier in (Tier.HOST, Tier.DISK):
                 tiers.discard(h, tier)
@@ -137,3 +144,97 @@ def test_any_sequence_keeps_slots_consistent_and_every_copy_reads_a_slot_holding
             store = tiers.store(tier)
             for seq_hash in store.lru_order():
                 assert held[(tier, store.get(seq_hash).slot)] == seq_hash
+
+
+# ---- the scheduler with tiers ---------------------------------------------------------------
+
+
+def _run(sched, rid: str, tokens: list[int], max_tokens: int = 1):
+    """Adds a request and steps until nothing runs; returns every step's output."""
+    from baton.engine.request import Request
+    from baton.protocol import SamplingParams
+
+    sched.add_request(Request(rid, tokens, SamplingParams(max_tokens=max_tokens)))
+    outs = []
+    while sched.has_work:
+        out = sched.schedule()
+        sched.check_invariants()
+        sched.update_from_output(out, dict.fromkeys(out.requests_needing_sample, 7))
+        sched.check_invariants()
+        outs.append(out)
+        assert len(outs) < 50
+    return outs
+
+
+def test_an_evicted_prefix_goes_to_host_and_comes_back_instead_of_being_recomputed():
+    from baton.config import SchedulerConfig
+    from baton.engine.request import RequestStatus
+    from baton.engine.scheduler import Scheduler
+
+    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, host_kv_blocks=8))
+    a = list(range(100, 109))  # 2 full blocks and a token
+    _run(sched, "a", a)
+    cached = [b.block_id for b in sched.pool.blocks if b.block_hash is not None]
+    assert len(cached) == 2
+    outs = _run(sched, "b", list(range(200, 213)))  # 4 blocks: a's 2 cached ones handed out
+    down = [c for o in outs for c in o.kv_copies]
+    assert [(c.src_tier, c.dst_tier, c.dst) for c in down] == [
+        (Tier.DEVICE, Tier.HOST, 0), (Tier.DEVICE, Tier.HOST, 1)]
+    assert sorted(c.src for c in down) == sorted(cached)
+
+    from baton.engine.request import Request
+    from baton.protocol import SamplingParams
+
+    sched.add_request(Request("a2", list(a), SamplingParams(max_tokens=1)))
+    out = sched.schedule()
+    [load] = out.kv_loads
+    assert load.from_tiers and load.num_host_blocks == 2 and load.num_disk_blocks == 0
+    up = [c for c in out.kv_copies if c.dst_tier is Tier.DEVICE]
+    # a's blocks were freed tail first, so its second block went down first (to slot 0)
+    assert [(c.src_tier, c.src) for c in up] == [(Tier.HOST, 1), (Tier.HOST, 0)]
+    assert [c.dst for c in up] == load.dst_block_ids and not out.num_scheduled_tokens
+    assert sched.requests["a2"].status is RequestStatus.LOADING_KV
+    sched.update_from_output(out, {})
+    sched.finish_kv_load("a2", ok=True)
+    req = sched.requests["a2"]
+    assert req.num_computed_tokens == 8 and req.num_cached_tokens == 8  # 1 token to compute
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"a2": 1}
+    sched.update_from_output(out, {"a2": 7})
+    sched.check_invariants()
+
+
+def test_a_failed_onboarding_recomputes_the_prefix():
+    from baton.config import SchedulerConfig
+    from baton.engine.request import Request
+    from baton.engine.scheduler import Scheduler
+    from baton.protocol import SamplingParams
+
+    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, host_kv_blocks=8))
+    a = list(range(100, 109))
+    _run(sched, "a", a)
+    _run(sched, "b", list(range(200, 213)))
+    sched.add_request(Request("a2", list(a), SamplingParams(max_tokens=1)))
+    out = sched.schedule()
+    sched.update_from_output(out, {})
+    for c in out.kv_copies:
+        sched.discard_tier_block(c.seq_hash, c.src_tier)  # the copies failed
+    sched.finish_kv_load("a2", ok=False)
+    req = sched.requests["a2"]
+    assert req.num_computed_tokens == 0 and req.num_cached_tokens == 0
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"a2": 9}  # the whole prompt, computed again
+    assert sched.tiers is not None
+    assert not any(c.seq_hash in sched.tiers.host for c in out.kv_copies if c.dst_tier is Tier.DEVICE)
+
+
+def test_tier_settings_are_checked_and_only_the_simulated_engine_takes_them_for_now():
+    from baton.config import EngineConfig, SchedulerConfig
+
+    with pytest.raises(ValueError, match="needs a host tier"):
+        SchedulerConfig(disk_kv_blocks=8)
+    with pytest.raises(ValueError, match="host_kv_blocks"):
+        SchedulerConfig(host_kv_blocks=-1)
+    with pytest.raises(ValueError, match="simulated engine"):
+        EngineConfig(kind="hf", scheduler=SchedulerConfig(host_kv_blocks=8))
+    assert EngineConfig(scheduler=SchedulerConfig(host_kv_blocks=8, disk_kv_blocks=8))

@@ -204,3 +204,24 @@ async def test_shell_time_between_steps_overlaps_the_modelled_step_time():
         assert engine._sim.late_steps == first == 0
     finally:
         await engine.close()
+
+
+async def test_a_prefix_evicted_to_the_host_tier_is_onboarded_not_recomputed():
+    """Live engine shell: a prompt whose blocks were evicted comes back from host memory
+    (its first output reports them cached) and generates the same tokens."""
+    config = EngineConfig(scheduler=SchedulerConfig(block_size=16, num_blocks=8, host_kv_blocks=16),
+                          timing=TimingConfig(speedup_ratio=0.0))
+    engine = SimulatedEngine(config, vocab=VOCAB)
+    await engine.start()
+    try:
+        prompt = list(range(1, 101))  # 6 full blocks
+        first, a = await run(engine, request("a", prompt, 4, seed=3))
+        assert first[0].cached_tokens == 0
+        # b needs 7 of the 8 blocks: 5 of a's 6 cached ones (tail first) go to host
+        await run(engine, request("b", list(range(200, 300)), 4))
+        again, a2 = await run(engine, request("a2", prompt, 4, seed=3))
+        assert again[0].cached_tokens == 96 and a2 == a  # 1 block on device, 5 from host
+        assert engine.stats.kv_onboarded_blocks == 5
+        engine.scheduler.check_invariants()
+    finally:
+        await engine.close()

@@ -175,3 +175,24 @@ def test_config_validation() -> None:
         _config(router="nope")
     with pytest.raises(ValueError, match="arrival_speedup"):
         SimConfig(arrival_speedup=0)
+
+
+def test_a_host_tier_keeps_prefixes_the_device_cache_is_too_small_for() -> None:
+    """7 prefix groups on one worker whose device cache holds about one group: without a
+    host tier most repeats miss; with one they are onboarded (and the copies take time)."""
+    trace = _trace(num_groups=7, per_group=6)
+    tiny = SchedulerConfig(num_blocks=24, block_size=16, max_num_seqs=2, max_num_batched_tokens=512)
+
+    def run(**scheduler: int) -> tuple[float, int]:
+        cluster = Cluster(_config(num_workers=1, scheduler=SchedulerConfig(
+            **{**{f: getattr(tiny, f) for f in ("num_blocks", "block_size", "max_num_seqs",
+                                                "max_num_batched_tokens")}, **scheduler})))
+        recs = cluster.run(trace)
+        assert all(r.error is None for r in recs)
+        return (sum(r.cached_tokens or 0 for r in recs) / sum(r.prompt_tokens for r in recs),
+                cluster.onboarded_blocks)
+
+    none, onboarded_none = run()
+    host, onboarded = run(host_kv_blocks=256)
+    assert onboarded_none == 0 and onboarded > 0
+    assert host > none + 0.3, (host, none)

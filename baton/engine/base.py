@@ -50,6 +50,8 @@ class EngineStats:
     kv_loads: int = 0
     kv_loads_failed: int = 0
     kv_load_bytes: int = 0
+    kv_onboarded_blocks: int = 0
+    """Blocks copied up from the engine's KV tiers (host memory, disk)."""
     """KV bytes pulled from prefill workers (0 for the simulated engine, whose blocks hold
     no bytes)."""
     recent_steps: deque[StepSample] = field(

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Mapping
-from typing import Protocol
+from collections.abc import AsyncGenerator, Coroutine, Mapping
+from typing import Any, Protocol
 
 from baton.config import EngineConfig
 from baton.engine.base import EngineLoad, EngineStats, FaultHandler, KvEventSink
@@ -73,6 +73,10 @@ class Executor(Protocol):
 
     def transfer_seconds(self, num_tokens: int) -> float:
         """Extra modelled time a KV load of ``num_tokens`` tokens takes (0 when real)."""
+        ...
+
+    def onboard_seconds(self, load: KvLoad) -> float:
+        """Modelled time an onboarding from the KV tiers takes (0 when real)."""
         ...
 
     def idle(self) -> None:
@@ -399,11 +403,30 @@ class EngineCore:
             self._wakeup.set()  # freed blocks may admit waiting requests
 
     def _start_load(self, load: KvLoad) -> None:
-        params = self._scheduler.loading[load.request_id].remote_kv
-        assert params is not None
+        if load.from_tiers:
+            coro: Coroutine[Any, Any, None] = self._onboard(load)
+        else:
+            params = self._scheduler.loading[load.request_id].remote_kv
+            assert params is not None
+            coro = self._load(load, params)
         self._loads[load.request_id] = asyncio.get_running_loop().create_task(
-            self._load(load, params), name=f"kv-load-{load.request_id}"
+            coro, name=f"kv-load-{load.request_id}"
         )
+
+    async def _onboard(self, load: KvLoad) -> None:
+        """A prefix onboarded from this engine's KV tiers: its copies ran with the step's
+        (``kv_copies``); the modelled transfer time passes before the request runs."""
+        try:
+            delay = self.executor.onboard_seconds(load)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.stats.kv_onboarded_blocks += len(load.dst_block_ids)
+        finally:
+            del self._loads[load.request_id]
+            if self.fault is None:
+                self._scheduler.finish_kv_load(load.request_id, True)
+                self._publish_kv_events()
+                self._wakeup.set()
 
     async def _load(self, load: KvLoad, params: KvTransferParams) -> None:
         ok = False

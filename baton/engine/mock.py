@@ -33,8 +33,8 @@ import xxhash
 from baton.config import EngineConfig
 from baton.engine.core import EngineCore
 from baton.engine.scheduler import Scheduler
-from baton.engine.step import SchedulerOutput
-from baton.engine.timing import sleep_seconds, timing_model
+from baton.engine.step import KvLoad, SchedulerOutput
+from baton.engine.timing import onboard_ms, sleep_seconds, timing_model
 from baton.kv.store import BlockStore
 from baton.protocol import GenerateRequest
 from baton.runtime.net import Listener
@@ -113,6 +113,12 @@ class SimulatedExecutor:
         timing = self.config.timing
         seconds = num_tokens * self._kv_bytes_per_token / (timing.kv_transfer_gbps * 1e9)
         return sleep_seconds(seconds * 1000.0, timing.speedup_ratio)
+
+    def onboard_seconds(self, load: KvLoad) -> float:
+        block_bytes = self.config.block_size * self._kv_bytes_per_token
+        ms = onboard_ms(load.num_host_blocks, load.num_disk_blocks, block_bytes,
+                        self.config.timing)
+        return sleep_seconds(ms, self.config.timing.speedup_ratio)
 
     def forget(self, request_id: str) -> None:
         self._rngs.pop(request_id, None)

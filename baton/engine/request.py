@@ -63,7 +63,10 @@ class Request:
     all_token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int | None = None
-    """Prompt tokens served from the prefix cache at the first admission (None before it)."""
+    """Prompt tokens served from the prefix cache at the first admission (None before it),
+    including those onboarded from the KV tiers."""
+    num_onboarding_tokens: int = 0
+    """While ``LOADING_KV`` from this worker's KV tiers: prompt tokens computed once done."""
     is_prefilling: bool = False
     """Admitted and not yet sampled since that admission (prompt or recompute tokens)."""
     num_preemptions: int = 0

@@ -17,12 +17,21 @@ part of its prompt that its own prefix cache lacks and waits in ``loading`` (sta
 ``LOADING_KV``) while the shell copies that KV in (``output.kv_loads``); ``finish_kv_load``
 then makes it a running request with everything but its last prompt token computed, or, when
 the load failed, with only its local prefix hits computed (a local prefill, the fallback).
+
+KV tiers (``host_kv_blocks`` > 0, ``kv/tiers.py``): cached blocks the pool hands out again go
+down to host memory (and disk), as ``output.kv_copies`` to run before the step's forward
+pass; a request whose cached prefix continues in a tier is admitted into ``LOADING_KV`` with
+the copies up planned, and ``finish_kv_load`` counts those tokens as computed and cached.
+
+Size: one state machine over one block pool. Its queues, its three ways in (prefix hits,
+remote KV, tier onboarding) and its invariants share the requests' and the pool's state;
+split, each part would reach into the others'.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from baton.config import SchedulerConfig
 from baton.engine.base import EngineLoad
@@ -30,6 +39,8 @@ from baton.engine.request import Request, RequestStatus
 from baton.engine.step import KvLoad, SchedulerOutput, StepBuilder, StepResult
 from baton.kv.block_pool import BlockPool, KVBlock
 from baton.kv.events import KvEvent
+from baton.kv.hashing import SequenceHash
+from baton.kv.tiers import Copy, KvTiers, Tier, TierBlock
 from baton.protocol import KvTransferParams
 
 _RUNNING = RequestStatus.RUNNING
@@ -42,9 +53,17 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, *, worker_id: int = 0) -> None:
         self.config = config
         self.worker_id = worker_id
+        self.tiers: KvTiers | None = None
+        """The host and disk tiers below the pool, with ``host_kv_blocks`` > 0."""
+        if config.host_kv_blocks and config.enable_prefix_caching:
+            self.tiers = KvTiers(config.host_kv_blocks, config.disk_kv_blocks,
+                                 disk_admission=config.disk_kv_admission)
         self.pool = BlockPool(
-            config.num_blocks, config.block_size, config.enable_prefix_caching, worker_id=worker_id
+            config.num_blocks, config.block_size, config.enable_prefix_caching, worker_id=worker_id,
+            keep_evicted=self.tiers is not None,
         )
+        self._copies: list[Copy] = []
+        """Tier copies planned by this ``schedule()``, in order."""
         # -- queues: every live request is in exactly one of waiting / running
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -101,11 +120,15 @@ class Scheduler:
         prefilled here. A request aborted meanwhile just frees its blocks."""
         req = self.loading.pop(request_id)
         params, req.remote_kv = req.remote_kv, None
+        onboarding, req.num_onboarding_tokens = req.num_onboarding_tokens, 0
         if req.status is not RequestStatus.LOADING_KV:  # aborted while loading
             self._release(req, req.status)
             return
         if ok and params is not None:
             req.num_computed_tokens = max(req.num_computed_tokens, self._remote_tokens(req, params))
+            self._commit_full_blocks(req)
+        elif ok and onboarding:
+            req.num_computed_tokens = req.num_cached_tokens = onboarding
             self._commit_full_blocks(req)
         req.status = RequestStatus.RUNNING
         req.is_prefilling = True
@@ -257,6 +280,10 @@ class Scheduler:
     def _try_admit(self, req: Request, step: StepBuilder) -> bool:
         """Admit ``req`` with its prefix-cache hits, if its first chunk fits budget and blocks."""
         hits = self._cached_prefix(req)
+        if self.tiers is not None:
+            below = self.tiers.match(req.block_hashes[len(hits):self._max_hit_blocks(req)])
+            if below:
+                return self._try_admit_onboard(req, hits, below, step)
         num_cached = len(hits) * self.config.block_size
         num_new = req.num_tokens - num_cached
         if num_new > step.budget:
@@ -271,6 +298,32 @@ class Scheduler:
         self.running.append(req)
         step.add(req, num_new)
         return True
+
+    def _try_admit_onboard(self, req: Request, hits: list[KVBlock], below: list[TierBlock],
+                           step: StepBuilder) -> bool:
+        """Admit ``req`` into ``LOADING_KV`` with blocks for the continuation of its cached
+        prefix that its tiers hold: their copies up come after this schedule's copies down
+        (a block handed out here may be one whose contents go down first)."""
+        if not self._claim_blocks(req, hits, len(below)):
+            return False
+        assert self.tiers is not None
+        self._offload_evicted(keep=below)  # the blocks about to be read stay put
+        dst = [b.block_id for b in req.blocks[len(hits):]]
+        self._copies.extend(self.tiers.onboard(below, dst))
+        num_disk = sum(1 for b in below if b.tier is Tier.DISK)
+        req.num_onboarding_tokens = (len(hits) + len(below)) * self.config.block_size
+        req.status = RequestStatus.LOADING_KV
+        self.loading[req.request_id] = req
+        step.kv_loads.append(KvLoad(req.request_id, [b.slot for b in below], dst,
+                                    req.num_onboarding_tokens, len(below) - num_disk, num_disk))
+        return True
+
+    def _offload_evicted(self, keep: Sequence[TierBlock] = ()) -> None:
+        """Plans the copies down of the cached blocks the pool just handed out again."""
+        if self.tiers is not None:
+            evicted = self.pool.take_evicted()
+            if evicted:
+                self._copies.extend(self.tiers.offload(evicted, keep))
 
     def _claim_blocks(self, req: Request, hits: list[KVBlock], needed: int) -> bool:
         """Give ``req`` its prefix-cache hits plus ``needed`` new blocks, with the hits counted
@@ -287,9 +340,11 @@ class Scheduler:
         return True
 
     def _cached_prefix(self, req: Request) -> list[KVBlock]:
+        return self.pool.get_cached_prefix(req.block_hashes[:self._max_hit_blocks(req)])
+
+    def _max_hit_blocks(self, req: Request) -> int:
         # The last token is never served from cache: one token must be computed for a logit.
-        max_hit_blocks = (req.num_tokens - 1) // self.config.block_size
-        return self.pool.get_cached_prefix(req.block_hashes[:max_hit_blocks])
+        return (req.num_tokens - 1) // self.config.block_size
 
     def _num_new_blocks(self, req: Request, num_tokens: int) -> int:
         return max(0, _cdiv(num_tokens, self.config.block_size) - len(req.blocks))
@@ -320,6 +375,8 @@ class Scheduler:
         kv_loads: list[KvLoad] | None = None,
     ) -> SchedulerOutput:
         block_size = self.config.block_size
+        self._offload_evicted()
+        copies, self._copies = self._copies, []
         return SchedulerOutput(
             num_scheduled_tokens=scheduled,
             requests_needing_sample=needing_sample,
@@ -329,6 +386,7 @@ class Scheduler:
             num_kv_tokens_total=self.config.num_blocks * block_size,
             preempted=[] if preempted is None else preempted,
             kv_loads=[] if kv_loads is None else kv_loads,
+            kv_copies=copies,
         )
 
     # ---- results ------------------------------------------------------------------------
@@ -398,6 +456,11 @@ class Scheduler:
     def take_kv_events(self) -> list[KvEvent]:
         return self.pool.take_events()
 
+    def discard_tier_block(self, seq_hash: SequenceHash, tier: Tier) -> None:
+        """A copy out of a tier failed (a disk block missing or corrupt): forget it there."""
+        if self.tiers is not None:
+            self.tiers.discard(seq_hash, tier)
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -442,6 +505,8 @@ class Scheduler:
         for req in self.running:
             self._check_running(req)
         self._check_ref_counts()
+        if self.tiers is not None:
+            self.tiers.check_invariants()
 
     def _check_running(self, req: Request) -> None:
         scheduled = self._in_flight.num_scheduled_tokens if self._in_flight else {}

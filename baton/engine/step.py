@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from baton.kv.tiers import Copy
 from baton.protocol import FinishReason
 
 if TYPE_CHECKING:
@@ -24,6 +25,14 @@ class KvLoad:
     dst_block_ids: list[int]
     num_tokens: int
     """Prompt tokens computed once the load is done."""
+    num_host_blocks: int = 0
+    num_disk_blocks: int = 0
+    """An onboarding from this worker's own KV tiers (``kv_copies`` say from which slots)
+    rather than a copy from a remote worker: how many blocks come from each tier."""
+
+    @property
+    def from_tiers(self) -> bool:
+        return self.num_host_blocks + self.num_disk_blocks > 0
 
 
 class SchedulerOutput(msgspec.Struct):
@@ -41,7 +50,11 @@ class SchedulerOutput(msgspec.Struct):
     num_kv_tokens_total: int
     preempted: list[str]
     kv_loads: list[KvLoad] = msgspec.field(default_factory=list)
-    """Remote KV to copy in: requests admitted into ``LOADING_KV`` by this schedule."""
+    """KV to copy in (from a remote worker, or onboarded from this worker's tiers): requests
+    admitted into ``LOADING_KV`` by this schedule."""
+    kv_copies: list[Copy] = msgspec.field(default_factory=list)
+    """Block copies between the device and its KV tiers, in the order they must run, before
+    this step's forward pass: evicted blocks going down, onboarded ones coming up."""
 
     @property
     def is_empty(self) -> bool:
@@ -66,6 +79,7 @@ class StepBuilder:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
     kv_loads: list[KvLoad] = field(default_factory=list)
+    kv_copies: list[Copy] = field(default_factory=list)
 
     def add(self, req: Request, num_tokens: int) -> None:
         self.num_scheduled_tokens[req.request_id] = num_tokens

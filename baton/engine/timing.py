@@ -15,7 +15,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from baton.config import TimingConfig
 
 
 class TimingModel(Protocol):
@@ -159,6 +162,16 @@ def timing_model(profile: str | None) -> TimingModel:
     """The profile in the JSON file ``profile`` (``TimingConfig.profile``), else the
     polynomial."""
     return ProfileTiming.from_file(profile) if profile else PolynomialTiming()
+
+
+def onboard_ms(num_host_blocks: int, num_disk_blocks: int, block_bytes: int,
+               timing: TimingConfig) -> float:
+    """Modelled milliseconds to copy a prefix's blocks up from the KV tiers: host blocks at
+    ``host_kv_gbps``, disk blocks at ``disk_kv_gbps`` plus one ``disk_kv_latency_ms``."""
+    host_s = num_host_blocks * block_bytes / (timing.host_kv_gbps * 1e9)
+    disk_s = num_disk_blocks * block_bytes / (timing.disk_kv_gbps * 1e9)
+    latency = timing.disk_kv_latency_ms if num_disk_blocks else 0.0
+    return (host_s + disk_s) * 1000.0 + latency
 
 
 def sleep_seconds(step_ms: float, speedup_ratio: float) -> float:

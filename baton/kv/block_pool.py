@@ -32,6 +32,7 @@ from typing import cast
 
 from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored
 from baton.kv.hashing import LocalBlockHash, SequenceHash
+from baton.kv.tiers import EvictedBlock
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -70,6 +71,7 @@ class BlockPool:
         enable_prefix_caching: bool = True,
         *,
         worker_id: int = 0,
+        keep_evicted: bool = False,
     ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
@@ -88,6 +90,8 @@ class BlockPool:
         # -- events
         self._events: list[KvEventData] = []
         self._next_event_id = 0
+        # -- evicted blocks, for the tiers below (``take_evicted``)
+        self._evicted: list[EvictedBlock] | None = [] if keep_evicted else None
 
     # ---- counts -------------------------------------------------------------------------
 
@@ -190,10 +194,22 @@ class BlockPool:
         evicted: list[SequenceHash] = []
         for block in out:
             if block.block_hash is not None:
+                if self._evicted is not None:
+                    assert block.local_hash is not None
+                    self._evicted.append(EvictedBlock(block.block_id, block.block_hash,
+                                                      block.local_hash, block.parent_hash))
                 evicted.append(self._uncache(block))
             block.ref_cnt = 1
         if evicted:
             self._queue_removed(evicted)
+        return out
+
+    def take_evicted(self) -> list[EvictedBlock]:
+        """The cached blocks handed out again since the last call, with their ids and hashes
+        (kept only with ``keep_evicted``: the tiers below take their contents first)."""
+        if not self._evicted:
+            return []
+        out, self._evicted = self._evicted, []
         return out
 
     def free(self, blocks: Sequence[KVBlock]) -> None:

@@ -25,17 +25,15 @@ A copy that fails (a disk block missing, truncated or failing its checksum) is r
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal
 
+from baton.config import DiskAdmission
 from baton.kv.events import KvEventData, KvRemoved, KvStored
 from baton.kv.hashing import LocalBlockHash, SequenceHash
 
-DiskAdmission = Literal["reused", "all"]
-
-__all__ = ["Copy", "DiskAdmission", "EvictedBlock", "KvTiers", "Tier", "TierBlock", "TierStore"]
+__all__ = ["Copy", "EvictedBlock", "KvTiers", "Tier", "TierBlock", "TierStore"]
 
 
 class Tier(IntEnum):
@@ -111,19 +109,22 @@ class TierStore:
         return block
 
     def insert(self, seq_hash: SequenceHash, local_hash: LocalBlockHash,
-               parent_hash: SequenceHash | None, uses: int = 1) -> tuple[TierBlock, TierBlock | None]:
+               parent_hash: SequenceHash | None, uses: int = 1,
+               pinned: Container[SequenceHash] = ()) -> tuple[TierBlock | None, TierBlock | None]:
         """Adds a block (most recently used) in a free slot, else in the slot of the least
-        recently used block, which is removed and returned. Capacity must be > 0."""
+        recently used block not in ``pinned``, which is removed and returned. (None, None)
+        when every slot holds a pinned block (or there is none): the block is not kept."""
         if seq_hash in self._blocks:
             raise ValueError(f"block {seq_hash:#x} is already in the {self.tier.name} tier")
         evicted = None
         if self._free_slots:
             slot = self._free_slots.pop()
-        elif self._blocks:
-            _, evicted = self._blocks.popitem(last=False)
-            slot = evicted.slot
         else:
-            raise ValueError(f"the {self.tier.name} tier has no slots")
+            victim = next((h for h in self._blocks if h not in pinned), None)
+            if victim is None:
+                return None, None
+            evicted = self._blocks.pop(victim)
+            slot = evicted.slot
         block = TierBlock(seq_hash, local_hash, parent_hash, self.tier, slot, uses)
         self._blocks[seq_hash] = block
         return block, evicted
@@ -159,6 +160,7 @@ class KvTiers:
         self.disk = TierStore(Tier.DISK, disk_blocks)
         self.disk_admission: DiskAdmission = disk_admission
         self._events: list[tuple[Tier, KvEventData]] = []
+        self._pinned: set[SequenceHash] = set()
 
     @property
     def enabled(self) -> bool:
@@ -169,9 +171,18 @@ class KvTiers:
 
     # ---- offload --------------------------------------------------------------------------
 
-    def offload(self, evicted: Sequence[EvictedBlock]) -> list[Copy]:
+    def offload(self, evicted: Sequence[EvictedBlock],
+                keep: Sequence[TierBlock] = ()) -> list[Copy]:
         """The copies that take the device's evicted blocks down, in the order they must run
-        (a host block moving to disk is copied before its host slot is reused)."""
+        (a host block moving to disk is copied before its host slot is reused). The blocks in
+        ``keep`` (matched for an onboarding planned next) stay where they are."""
+        self._pinned = {b.seq_hash for b in keep}
+        try:
+            return self._offload(evicted)
+        finally:
+            self._pinned = set()
+
+    def _offload(self, evicted: Sequence[EvictedBlock]) -> list[Copy]:
         copies: list[Copy] = []
         if not self.enabled:
             return copies
@@ -184,7 +195,9 @@ class KvTiers:
             if below is not None:
                 uses = below.uses + 1  # it was onboarded from disk: it has been used again
             placed, pushed = self.host.insert(block.seq_hash, block.local_hash,
-                                              block.parent_hash, uses)
+                                              block.parent_hash, uses, self._pinned)
+            if placed is None:
+                continue  # every host slot is being read by an onboarding: not kept
             if pushed is not None:
                 copies.extend(self._push_down(pushed))
             copies.append(Copy(block.seq_hash, Tier.DEVICE, block.block_id, Tier.HOST,
@@ -201,7 +214,9 @@ class KvTiers:
         if not self.disk.capacity or not self._admit(block):
             return []
         placed, dropped = self.disk.insert(block.seq_hash, block.local_hash, block.parent_hash,
-                                           block.uses)
+                                           block.uses, self._pinned)
+        if placed is None:
+            return []
         if dropped is not None:
             self._removed(Tier.DISK, [dropped.seq_hash])
         self._stored(Tier.DISK, placed)

@@ -47,6 +47,7 @@ from baton.bench.metrics import RequestRecord
 from baton.config import WorkerRole
 from baton.engine.request import Request
 from baton.engine.step import KvLoad, SchedulerOutput, StepResult
+from baton.engine.timing import onboard_ms
 from baton.kv.events import KvEvent
 from baton.protocol import SamplingParams, StepSample
 from baton.router.disagg import decide
@@ -103,6 +104,8 @@ class Cluster:
         self.config = config
         self.now = 0.0
         self.num_preemptions = 0
+        self.onboarded_blocks = 0
+        """KV blocks copied up from the workers' host and disk tiers."""
         self.prefill: SimPool | None = None
         """The prefill pool (``disagg`` only): worker ids ``0..P-1``."""
         pools = config.pools
@@ -193,7 +196,7 @@ class Cluster:
                     turn: int = payload  # type: ignore[assignment]  # a session's next turn
                     records[turn] = self._arrive(turn, chosen[turn])
                 else:
-                    self._load_done(*payload)  # type: ignore[misc]  # (worker, request id)
+                    self._load_done(*payload)  # type: ignore[misc]  # (worker, id, from tiers)
             elif i < n:
                 at, index = arrivals[i]
                 i += 1
@@ -331,6 +334,14 @@ class Cluster:
     def _start_loads(self, worker: SimWorker, loads: list[KvLoad]) -> None:
         cfg = self.config
         for load in loads:
+            if load.from_tiers:  # its own host or disk tier: no leg, no prefill worker
+                seconds = onboard_ms(load.num_host_blocks, load.num_disk_blocks,
+                                     cfg.scheduler.block_size * cfg.kv_bytes_per_token,
+                                     cfg.timing) / 1000.0
+                self.onboarded_blocks += len(load.dst_block_ids)
+                heapq.heappush(self._heap, (self.now + seconds, next(self._seq), _LOAD,
+                                            (worker, load.request_id, True)))
+                continue
             leg = self._live[load.request_id].leg
             assert leg is not None
             num_blocks = len(load.src_block_ids)
@@ -339,11 +350,16 @@ class Cluster:
             leg.route.transfer_blocks = num_blocks
             leg.route.transfer_s = seconds
             heapq.heappush(self._heap, (self.now + seconds, next(self._seq), _LOAD,
-                                        (worker, load.request_id)))
+                                        (worker, load.request_id, False)))
 
-    def _load_done(self, worker: SimWorker, request_id: str) -> None:
-        """A decode leg's KV is in: it runs on ``worker``; its prefill worker frees the KV."""
+    def _load_done(self, worker: SimWorker, request_id: str, from_tiers: bool) -> None:
+        """A decode leg's KV is in: it runs on ``worker``; its prefill worker frees the KV.
+        (Or a prefix onboarded from ``worker``'s own tiers is in: it runs.)"""
         worker.scheduler.finish_kv_load(request_id, ok=True)
+        if from_tiers:
+            self._publish_kv_events(worker, worker.scheduler.take_kv_events())
+            self._wake(worker)
+            return
         leg = self._live[request_id].leg
         assert leg is not None
         source = leg.source

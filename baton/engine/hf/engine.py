@@ -21,7 +21,7 @@ from baton.engine.core import EngineCore
 from baton.engine.hf.runner import ForwardItem, PagedModelRunner
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
-from baton.engine.step import SchedulerOutput
+from baton.engine.step import KvLoad, SchedulerOutput
 from baton.protocol import GenerateRequest
 from baton.runtime.net import Listener
 from baton.runtime.peer_auth import PeerAuth
@@ -67,6 +67,9 @@ class HfExecutor:
 
     def transfer_seconds(self, num_tokens: int) -> float:
         return 0.0
+
+    def onboard_seconds(self, load: KvLoad) -> float:
+        return 0.0  # KV tiers are refused for this engine (EngineConfig) until it moves bytes
 
     def idle(self) -> None:
         pass
