@@ -238,3 +238,41 @@ def test_tier_settings_are_checked_and_only_the_simulated_engine_takes_them_for_
     with pytest.raises(ValueError, match="simulated engine"):
         EngineConfig(kind="hf", scheduler=SchedulerConfig(host_kv_blocks=8))
     assert EngineConfig(scheduler=SchedulerConfig(host_kv_blocks=8, disk_kv_blocks=8))
+
+
+def test_held_blocks_tell_routers_only_what_no_tier_holds_any_more():
+    from baton.kv.events import KvCleared
+    from baton.kv.tiers import HeldBlocks
+
+    held = HeldBlocks()
+    assert held.take([KvStored(None, [1, 2, 3], [11, 12, 13])], []) == [
+        KvStored(None, [1, 2, 3], [11, 12, 13])]
+    # 3 and 2 evicted from the device into host memory: still held, nothing to say
+    assert held.take([KvRemoved([3, 2])], [(Tier.HOST, KvStored(1, [2, 3], [12, 13]))]) == []
+    assert held.take([], [(Tier.HOST, KvRemoved([3]))]) == [KvRemoved([3])]  # pushed out
+    assert held.take([], [(Tier.HOST, KvStored(2, [3], [13]))]) == [KvStored(2, [3], [13])]
+    assert held.take([KvStored(3, [4], [14])], []) == [KvStored(3, [4], [14])]
+    assert held.snapshot() == [KvStored(None, [1, 2, 3, 4], [11, 12, 13, 14])]
+    assert held.take([KvCleared()], []) == [KvRemoved([1, 4])]  # 2 and 3 are in host
+    assert held.snapshot() == []  # their parent is gone: a router could not place them
+    assert len(held) == 2
+
+
+def test_with_tiers_the_schedulers_events_keep_an_evicted_prefix_announced():
+    from baton.config import SchedulerConfig
+    from baton.engine.scheduler import Scheduler
+
+    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, host_kv_blocks=1))
+    _run(sched, "a", list(range(100, 109)))
+    [stored] = sched.take_kv_events()
+    assert isinstance(stored.data, KvStored) and len(stored.data.block_hashes) == 2
+    first, second = stored.data.block_hashes
+    # b takes a's 2 blocks: the tail one (second) goes down first, then first pushes it out
+    _run(sched, "b", list(range(200, 213)))
+    events = sched.take_kv_events()
+    assert [e.event_id for e in events] == list(range(1, 1 + len(events)))
+    removed = [h for e in events if isinstance(e.data, KvRemoved) for h in e.data.block_hashes]
+    assert second in removed and first not in removed  # first is still held, in host
+    last, snapshot = sched.kv_snapshot()
+    assert last == events[-1].event_id
+    assert first in {h for s in snapshot for h in s.block_hashes}

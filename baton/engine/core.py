@@ -268,7 +268,7 @@ class EngineCore:
             self._wakeup.set()
 
     def kv_snapshot(self) -> tuple[int, list[KvStored]]:
-        return self._scheduler.pool.snapshot()
+        return self._scheduler.kv_snapshot()
 
     def load(self) -> EngineLoad:
         return self._scheduler.load()

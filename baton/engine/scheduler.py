@@ -38,9 +38,9 @@ from baton.engine.base import EngineLoad
 from baton.engine.request import Request, RequestStatus
 from baton.engine.step import KvLoad, SchedulerOutput, StepBuilder, StepResult
 from baton.kv.block_pool import BlockPool, KVBlock
-from baton.kv.events import KvEvent
+from baton.kv.events import KvEvent, KvEventData, KvStored
 from baton.kv.hashing import SequenceHash
-from baton.kv.tiers import Copy, KvTiers, Tier, TierBlock
+from baton.kv.tiers import Copy, HeldBlocks, KvTiers, Tier, TierBlock
 from baton.protocol import KvTransferParams
 
 _RUNNING = RequestStatus.RUNNING
@@ -64,6 +64,10 @@ class Scheduler:
         )
         self._copies: list[Copy] = []
         """Tier copies planned by this ``schedule()``, in order."""
+        self.held_blocks = HeldBlocks()
+        """With tiers: what this worker holds anywhere, the blocks its events announce."""
+        self._held_events: list[KvEventData] = []
+        self._next_event_id = 0
         # -- queues: every live request is in exactly one of waiting / running
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -454,7 +458,26 @@ class Scheduler:
     # ---- observation --------------------------------------------------------------------
 
     def take_kv_events(self) -> list[KvEvent]:
-        return self.pool.take_events()
+        """The prefix cache's events since the last call; with KV tiers, of what this worker
+        holds in any tier (``HeldBlocks``), numbered by the scheduler."""
+        if self.tiers is None:
+            return self.pool.take_events()
+        self._merge_tier_events()
+        first, self._next_event_id = self._next_event_id, self._next_event_id + len(self._held_events)
+        out = [KvEvent(first + i, data, self.worker_id) for i, data in enumerate(self._held_events)]
+        self._held_events = []
+        return out
+
+    def kv_snapshot(self) -> tuple[int, list[KvStored]]:
+        """The cached blocks as stored chains and the id of the last event they include."""
+        if self.tiers is None:
+            return self.pool.snapshot()
+        self._merge_tier_events()
+        return self._next_event_id + len(self._held_events) - 1, self.held_blocks.snapshot()
+
+    def _merge_tier_events(self) -> None:
+        assert self.tiers is not None
+        self._held_events += self.held_blocks.take(self.pool.take_event_data(), self.tiers.take_events())
 
     def discard_tier_block(self, seq_hash: SequenceHash, tier: Tier) -> None:
         """A copy out of a tier failed (a disk block missing or corrupt): forget it there."""

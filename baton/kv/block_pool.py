@@ -245,6 +245,12 @@ class BlockPool:
         self._events = []
         return out
 
+    def take_event_data(self) -> list[KvEventData]:
+        """Drain the queued events unnumbered (for an owner that merges them into a stream
+        it numbers itself, as the scheduler does with KV tiers)."""
+        out, self._events = self._events, []
+        return out
+
     def snapshot(self) -> tuple[int, list[KvStored]]:
         """The prefix cache as ``KvStored`` events (parents before children) and the id of
         the last event it includes. Queued events not yet taken count as included: a

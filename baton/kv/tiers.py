@@ -33,7 +33,7 @@ from baton.config import DiskAdmission
 from baton.kv.events import KvEventData, KvRemoved, KvStored
 from baton.kv.hashing import LocalBlockHash, SequenceHash
 
-__all__ = ["Copy", "EvictedBlock", "KvTiers", "Tier", "TierBlock", "TierStore"]
+__all__ = ["Copy", "EvictedBlock", "HeldBlocks", "KvTiers", "Tier", "TierBlock", "TierStore"]
 
 
 class Tier(IntEnum):
@@ -286,6 +286,96 @@ class KvTiers:
     def check_invariants(self) -> None:
         self.host.check_invariants()
         self.disk.check_invariants()
+
+
+class HeldBlocks:
+    """What a worker holds in any tier (device, host, disk), told to routers as one stream:
+    a block is stored once when some tier first holds it and removed when none does any
+    more. A block moving down (evicted from the device into host memory) is not news: the
+    worker still serves it from cache, so the router keeps counting it.
+
+    ``take`` turns the device pool's and the tiers' events since the last call into that
+    stream (by the state they lead to, so their order across tiers does not matter);
+    ``snapshot`` is every held block as stored chains, parents first."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, list[int]] = {}
+        """Held block → [tier bit mask, parent hash or -1, local hash]."""
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def take(self, device: Sequence[KvEventData],
+             tiers: Sequence[tuple[Tier, KvEventData]]) -> list[KvEventData]:
+        before: dict[int, int] = {}
+        for event in device:
+            self._apply(Tier.DEVICE, event, before)
+        for tier, event in tiers:
+            self._apply(tier, event, before)
+        removed = [h for h, mask in before.items() if mask and h not in self._blocks]
+        added = {h for h, mask in before.items() if not mask and h in self._blocks}
+        out: list[KvEventData] = [KvRemoved(removed)] if removed else []
+        return out + self._chains(added)
+
+    def snapshot(self) -> list[KvStored]:
+        return self._chains(set(self._blocks))
+
+    def _apply(self, tier: Tier, event: KvEventData, before: dict[int, int]) -> None:
+        bit = 1 << tier
+        blocks = self._blocks
+        if isinstance(event, KvStored):
+            parent = event.parent_hash
+            for h, local in zip(event.block_hashes, event.tokens_hashes, strict=True):
+                entry = blocks.get(h)
+                before.setdefault(h, entry[0] if entry is not None else 0)
+                if entry is None:
+                    blocks[h] = [bit, -1 if parent is None else parent, local]
+                else:
+                    entry[0] |= bit
+                parent = h
+            return
+        hashes = event.block_hashes if isinstance(event, KvRemoved) else [
+            h for h, entry in blocks.items() if entry[0] & bit]  # cleared: all of that tier
+        for h in hashes:
+            entry = blocks.get(h)
+            if entry is None:
+                continue
+            before.setdefault(h, entry[0])
+            entry[0] &= ~bit
+            if not entry[0]:
+                del blocks[h]
+
+    def _chains(self, hashes: set[int]) -> list[KvStored]:
+        """``hashes`` as stored chains, each block after its parent (a block whose parent
+        no tier holds is left out: a router could not place it)."""
+        blocks = self._blocks
+        depth: dict[int, int] = {}  # -1: an ancestor is not held
+
+        def depth_of(h: int) -> int:
+            path = []
+            while h not in depth:
+                path.append(h)
+                parent = blocks[h][1]
+                if parent == -1 or parent not in blocks:
+                    above = -1 if parent == -1 else None  # a root, or a missing ancestor
+                    break
+                h = parent
+            else:
+                above = depth[h] if depth[h] >= 0 else None
+            for node in reversed(path):
+                above = None if above is None else above + 1
+                depth[node] = -1 if above is None else above
+            return depth[path[0]] if path else depth[h]
+
+        out: list[KvStored] = []
+        for h in sorted((h for h in hashes if depth_of(h) >= 0), key=depth.__getitem__):
+            _, parent, local = blocks[h]
+            last = out[-1] if out else None
+            if last is not None and last.block_hashes[-1] == parent:
+                last.append(h, local)
+            else:
+                out.append(KvStored(None if parent == -1 else parent, [h], [local]))
+        return out
 
 
 def _check(condition: bool, message: str) -> None:

@@ -33,13 +33,15 @@ class SimReport(msgspec.Struct, kw_only=True):
     busy: dict[str, float]
     """Per pool role: the share of virtual time its workers spent in steps (mean)."""
     disagg: DisaggStats | None = None
+    onboarded_blocks: int = 0
+    """KV blocks copied up from the workers' host and disk tiers."""
 
 
 def sim_report(cluster: Cluster, wall_s: float) -> SimReport:
     """The report of a ``cluster`` that has run (``wall_s``: how long that took)."""
     return SimReport(num_steps=cluster.num_steps, num_preemptions=cluster.num_preemptions,
                      virtual_s=cluster.now, wall_s=wall_s, busy=cluster.busy_shares(),
-                     disagg=cluster.disagg_stats())
+                     disagg=cluster.disagg_stats(), onboarded_blocks=cluster.onboarded_blocks)
 
 
 def _format_report(report: SimReport, num_records: int) -> str:
@@ -47,6 +49,8 @@ def _format_report(report: SimReport, num_records: int) -> str:
     line = (f"simulated {num_records} requests, {report.num_steps} steps, "
             f"{report.num_preemptions} preemptions, {report.virtual_s:.1f} s virtual "
             f"in {report.wall_s:.1f} s wall; busy: {busy}")
+    if report.onboarded_blocks:
+        line += f"; {report.onboarded_blocks} KV blocks onboarded from host and disk"
     if report.disagg is not None:
         line += "\n" + report.disagg.format()
     return line
