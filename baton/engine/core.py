@@ -422,11 +422,7 @@ class EngineCore:
                 await asyncio.sleep(delay)
             self.stats.kv_onboarded_blocks += len(load.dst_block_ids)
         finally:
-            del self._loads[load.request_id]
-            if self.fault is None:
-                self._scheduler.finish_kv_load(load.request_id, True)
-                self._publish_kv_events()
-                self._wakeup.set()
+            self._load_ended(load.request_id, True)
 
     async def _load(self, load: KvLoad, params: KvTransferParams) -> None:
         ok = False
@@ -450,11 +446,15 @@ class EngineCore:
             log.exception("request %s: KV load from worker %d failed; prefilling locally",
                           load.request_id, params.worker_id)
         finally:
-            del self._loads[load.request_id]
-            if self.fault is None:
-                self._scheduler.finish_kv_load(load.request_id, ok)
-                self._publish_kv_events()
-                self._wakeup.set()
+            self._load_ended(load.request_id, ok)
+
+    def _load_ended(self, request_id: str, ok: bool) -> None:
+        """A KV load's copies ended: the request runs (unless the engine failed meanwhile)."""
+        del self._loads[request_id]
+        if self.fault is None:
+            self._scheduler.finish_kv_load(request_id, ok)
+            self._publish_kv_events()
+            self._wakeup.set()
 
     def _spawn_release(self, params: KvTransferParams) -> None:
         client = self._transfer_client

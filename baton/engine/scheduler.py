@@ -132,7 +132,9 @@ class Scheduler:
             req.num_computed_tokens = max(req.num_computed_tokens, self._remote_tokens(req, params))
             self._commit_full_blocks(req)
         elif ok and onboarding:
-            req.num_computed_tokens = req.num_cached_tokens = onboarding
+            req.num_computed_tokens = onboarding
+            if not req.num_preemptions:  # cached at its first admission
+                req.num_cached_tokens = onboarding
             self._commit_full_blocks(req)
         req.status = RequestStatus.RUNNING
         req.is_prefilling = True
@@ -285,6 +287,7 @@ class Scheduler:
         """Admit ``req`` with its prefix-cache hits, if its first chunk fits budget and blocks."""
         hits = self._cached_prefix(req)
         if self.tiers is not None:
+            self._offload_evicted()  # blocks handed out earlier in this schedule count too
             below = self.tiers.match(req.block_hashes[len(hits):self._max_hit_blocks(req)])
             if below:
                 return self._try_admit_onboard(req, hits, below, step)

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class KvLoad:
-    """Copy the remote blocks ``src_block_ids`` of a request into its blocks ``dst_block_ids``."""
+    """Copy the remote blocks ``src_block_ids`` of a request into its blocks ``dst_block_ids``
+    (for an onboarding from this worker's tiers, the source ids are tier slots)."""
 
     request_id: str
     src_block_ids: list[int]
