@@ -222,6 +222,17 @@ async def test_a_prefix_evicted_to_the_host_tier_is_onboarded_not_recomputed():
         again, a2 = await run(engine, request("a2", prompt, 4, seed=3))
         assert again[0].cached_tokens == 96 and a2 == a  # 1 block on device, 5 from host
         assert engine.stats.kv_onboarded_blocks == 5
+        copies = engine.stats.kv_tier_copies
+        assert copies["host>device"] == 5 and copies["device>host"] >= 5
         engine.scheduler.check_invariants()
+        from baton.worker.metrics import _tier_metrics
+
+        samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+                   for family in _tier_metrics(["7"], engine.stats) for x in family.samples}
+        w = ("worker", "7")
+        assert samples["baton_worker_kv_tier_copies_total", (("dst", "device"), ("src", "host"), w)] == 5
+        assert samples["baton_worker_kv_onboarded_blocks_total", (w,)] == 5
+        assert samples["baton_worker_kv_tier_blocks", (("tier", "host"), w)] == \
+            len(engine.scheduler.tiers.host) > 0
     finally:
         await engine.close()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
 from baton.kv.events import KvEvent, KvStored
+from baton.kv.tiers import Copy
 from baton.protocol import MAX_STEP_SAMPLES, EngineOutput, GenerateRequest, StepSample
 
 KvEventSink = Callable[[Sequence[KvEvent]], None]
@@ -50,10 +51,14 @@ class EngineStats:
     kv_loads: int = 0
     kv_loads_failed: int = 0
     kv_load_bytes: int = 0
-    kv_onboarded_blocks: int = 0
-    """Blocks copied up from the engine's KV tiers (host memory, disk)."""
     """KV bytes pulled from prefill workers (0 for the simulated engine, whose blocks hold
     no bytes)."""
+    kv_onboarded_blocks: int = 0
+    """Blocks copied up from the engine's KV tiers (host memory, disk)."""
+    kv_tier_copies: dict[str, int] = field(default_factory=dict)
+    """Blocks copied between tiers, by ``"SRC>DST"`` tier name (``"device>host"``, ...)."""
+    kv_tier_blocks: dict[str, int] = field(default_factory=dict)
+    """Blocks each lower tier holds now (``"host"``, ``"disk"``)."""
     recent_steps: deque[StepSample] = field(
         default_factory=lambda: deque(maxlen=MAX_STEP_SAMPLES))
     """The latest steps' shapes and times; ``num_samples`` numbers them (the last is sample
@@ -70,6 +75,12 @@ class EngineStats:
         if index < len(self.step_buckets):
             self.step_buckets[index] += 1
         self.preemptions += preempted
+
+    def observe_copies(self, copies: Iterable[Copy]) -> None:
+        counts = self.kv_tier_copies
+        for c in copies:
+            key = f"{c.src_tier.name.lower()}>{c.dst_tier.name.lower()}"
+            counts[key] = counts.get(key, 0) + 1
 
     def add_sample(self, sample: StepSample) -> None:
         self.recent_steps.append(sample)

@@ -302,6 +302,8 @@ class EngineCore:
                 slice_start = loop.time()
                 continue
             output = self._scheduler.schedule()
+            if output.kv_copies:  # the simulated engine's blocks hold no bytes to move
+                self._observe_tiers(output)
             for load in output.kv_loads:
                 self._start_load(load)
             if output.is_empty:  # nothing computable: KV loads or held blocks must end first
@@ -324,6 +326,12 @@ class EngineCore:
             if loop.time() - slice_start >= _BURST_S:
                 await asyncio.sleep(0)  # let consumers and new requests in
                 slice_start = loop.time()
+
+    def _observe_tiers(self, output: SchedulerOutput) -> None:
+        self.stats.observe_copies(output.kv_copies)
+        tiers = self._scheduler.tiers
+        if tiers is not None:
+            self.stats.kv_tier_blocks.update(host=len(tiers.host), disk=len(tiers.disk))
 
     async def _injected_fault(self, why: str) -> None:
         if self.config.fault_mode == "hang":

@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from baton.engine.base import STEP_SECONDS_BUCKETS
+from baton.engine.base import STEP_SECONDS_BUCKETS, EngineStats
 from baton.runtime.net import advertised_host, tcp_address
 
 if TYPE_CHECKING:
@@ -76,6 +76,27 @@ class WorkerCollector(Collector):
             counter.add_metric(wid, count)
             yield counter
         yield _step_histogram(wid, stats.step_buckets, stats.steps, stats.step_seconds)
+        yield from _tier_metrics(wid, stats)
+
+
+def _tier_metrics(wid: list[str], stats: EngineStats) -> Iterator[Metric]:
+    """KV tiers: blocks copied between tiers (by direction), onboarded, and held per tier."""
+    copies = CounterMetricFamily("baton_worker_kv_tier_copies", "KV blocks copied between "
+                                 "tiers (device, host, disk).", labels=["worker", "src", "dst"])
+    for key, count in sorted(stats.kv_tier_copies.items()):
+        src, dst = key.split(">")
+        copies.add_metric([*wid, src, dst], count)
+    yield copies
+    onboarded = CounterMetricFamily("baton_worker_kv_onboarded_blocks", "KV blocks onboarded "
+                                    "from host memory or disk instead of recomputed.",
+                                    labels=["worker"])
+    onboarded.add_metric(wid, stats.kv_onboarded_blocks)
+    yield onboarded
+    held = GaugeMetricFamily("baton_worker_kv_tier_blocks", "KV blocks held in a lower tier.",
+                             labels=["worker", "tier"])
+    for tier, count in sorted(stats.kv_tier_blocks.items()):
+        held.add_metric([*wid, tier], count)
+    yield held
 
 
 def _step_histogram(wid: list[str], buckets: list[int], total: int, seconds: float) -> Metric:
