@@ -139,8 +139,9 @@ def check_answer(port: int, path: str, body: bytes) -> None:
         assert "code" in error
     elif "text/event-stream" in ctype:  # a stream that failed midway ends with an error event
         for line in payload.decode().splitlines():
-            if line.startswith("data: {") and '"error"' in line:
-                error = json.loads(line[6:])["error"]
+            data = json.loads(line[6:]) if line.startswith("data: {") else {}
+            if "error" in data:  # an error event, not a chunk whose text is "error"
+                error = data["error"]
                 assert isinstance(error["message"], str) and error["message"]
 
 
