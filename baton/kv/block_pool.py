@@ -30,7 +30,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored
+from baton.kv.events import (
+    KvCleared,
+    KvEvent,
+    KvEventData,
+    KvRemoved,
+    KvStored,
+    append_stored,
+    stored_chains,
+)
 from baton.kv.hashing import LocalBlockHash, SequenceHash
 from baton.kv.tiers import EvictedBlock
 
@@ -173,7 +181,7 @@ class BlockPool:
                 block.block_hash, block.local_hash = seq_hash, local_hash
                 block.parent_hash = parent_seq_hash
                 cached[seq_hash] = block
-                _append_stored(self._events, parent_seq_hash, seq_hash, local_hash)
+                append_stored(self._events, parent_seq_hash, seq_hash, local_hash)
             parent_seq_hash = seq_hash
 
     def clear(self) -> None:
@@ -255,34 +263,14 @@ class BlockPool:
         """The prefix cache as ``KvStored`` events (parents before children) and the id of
         the last event it includes. Queued events not yet taken count as included: a
         consumer that applies the snapshot skips events up to that id."""
-        depth: dict[SequenceHash, int] = {}
-        for seq_hash in self._cached:
-            self._depth(seq_hash, depth)
-        events: list[KvStored] = []
-        for seq_hash in sorted((h for h, d in depth.items() if d >= 0), key=depth.__getitem__):
-            block = self._cached[seq_hash]
-            assert block.local_hash is not None
-            _append_stored(events, block.parent_hash, seq_hash, block.local_hash)
-        return self._next_event_id + len(self._events) - 1, events
+        return (self._next_event_id + len(self._events) - 1,
+                stored_chains(self._cached, self._block_info))
 
-    def _depth(self, seq_hash: SequenceHash, memo: dict[SequenceHash, int]) -> int:
-        """Chain depth of a cached block; -1 if an ancestor is not cached (not reportable)."""
-        chain: list[SequenceHash] = []
-        depth = 0
-        h: SequenceHash | None = seq_hash
-        while h is not None and h not in memo:
-            block = self._cached.get(h)
-            if block is None:
-                depth = -1
-                break
-            chain.append(h)
-            h = block.parent_hash
-        else:
-            depth = memo[h] + 1 if h is not None and memo[h] >= 0 else (0 if h is None else -1)
-        for h in reversed(chain):
-            memo[h] = depth
-            depth = depth + 1 if depth >= 0 else -1
-        return memo[seq_hash]
+    def _block_info(self, seq_hash: int) -> tuple[int | None, int] | None:
+        block = self._cached.get(SequenceHash(seq_hash))
+        if block is None or block.local_hash is None:
+            return None
+        return block.parent_hash, block.local_hash
 
     def _queue_removed(self, seq_hashes: list[SequenceHash]) -> None:
         last = self._events[-1] if self._events else None
@@ -310,18 +298,3 @@ class BlockPool:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise AssertionError(message)
-
-
-def _append_stored(
-    events: list[KvStored] | list[KvEventData],
-    parent: SequenceHash | None,
-    seq_hash: SequenceHash,
-    local_hash: LocalBlockHash,
-) -> None:
-    """Extends the last event when it is a stored chain ending at ``parent``; otherwise starts
-    a new stored event (queued events and snapshots both chain consecutive blocks)."""
-    last = events[-1] if events else None
-    if isinstance(last, KvStored) and last.block_hashes[-1] == parent:
-        last.append(seq_hash, local_hash)
-    else:
-        events.append(KvStored(parent, [seq_hash], [local_hash]))

@@ -16,6 +16,8 @@ a router's whole ingestion loop the gain was within run-to-run noise. No I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import msgspec
 
 
@@ -59,3 +61,56 @@ class KvEvent(msgspec.Struct, array_like=True):
     event_id: int
     data: KvEventData
     worker_id: int = 0
+
+
+BlockInfo = Callable[[int], "tuple[int | None, int] | None"]
+"""A block's parent hash (None for a root) and local hash; None for a block not known."""
+
+
+def append_stored(events: list[KvStored] | list[KvEventData], parent: int | None,
+                  block_hash: int, tokens_hash: int) -> None:
+    """Extends the last event when it is a stored chain ending at ``parent``; otherwise starts
+    a new stored event (queued events and snapshots both chain consecutive blocks)."""
+    last = events[-1] if events else None
+    if isinstance(last, KvStored) and last.block_hashes[-1] == parent:
+        last.append(block_hash, tokens_hash)
+    else:
+        events.append(KvStored(parent, [block_hash], [tokens_hash]))
+
+
+def stored_chains(hashes: Iterable[int], info: BlockInfo) -> list[KvStored]:
+    """Known blocks ``hashes`` as stored chains, each block after its parent (a snapshot); a
+    block with an ancestor ``info`` does not know is left out (a consumer could not place
+    it)."""
+    depth: dict[int, int] = {}
+    chosen = set()
+    for h in hashes:
+        _chain_depth(h, info, depth)
+        chosen.add(h)
+    out: list[KvStored] = []
+    for h in sorted((h for h, d in depth.items() if d >= 0 and h in chosen),
+                    key=depth.__getitem__):
+        known = info(h)
+        assert known is not None
+        append_stored(out, known[0], h, known[1])
+    return out
+
+
+def _chain_depth(block_hash: int, info: BlockInfo, memo: dict[int, int]) -> int:
+    """Chain depth of a known block; -1 if an ancestor is not known (not reportable)."""
+    chain: list[int] = []
+    depth = 0
+    h: int | None = block_hash
+    while h is not None and h not in memo:
+        known = info(h)
+        if known is None:
+            depth = -1
+            break
+        chain.append(h)
+        h = known[0]
+    else:
+        depth = memo[h] + 1 if h is not None and memo[h] >= 0 else (0 if h is None else -1)
+    for h in reversed(chain):
+        memo[h] = depth
+        depth = depth + 1 if depth >= 0 else -1
+    return memo[block_hash]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from baton.config import DiskAdmission
-from baton.kv.events import KvEventData, KvRemoved, KvStored
+from baton.kv.events import KvEventData, KvRemoved, KvStored, stored_chains
 from baton.kv.hashing import LocalBlockHash, SequenceHash
 
 __all__ = ["Copy", "EvictedBlock", "HeldBlocks", "KvTiers", "Tier", "TierBlock", "TierStore"]
@@ -299,8 +299,7 @@ class HeldBlocks:
     ``snapshot`` is every held block as stored chains, parents first."""
 
     def __init__(self) -> None:
-        self._blocks: dict[int, list[int]] = {}
-        """Held block → [tier bit mask, parent hash or -1, local hash]."""
+        self._blocks: dict[int, _Held] = {}
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -313,12 +312,14 @@ class HeldBlocks:
         for tier, event in tiers:
             self._apply(tier, event, before)
         removed = [h for h, mask in before.items() if mask and h not in self._blocks]
-        added = {h for h, mask in before.items() if not mask and h in self._blocks}
+        added = [h for h, mask in before.items() if not mask and h in self._blocks]
         out: list[KvEventData] = [KvRemoved(removed)] if removed else []
-        return out + self._chains(added)
+        return out + stored_chains(added, self._info)
 
     def snapshot(self) -> list[KvStored]:
-        return self._chains(set(self._blocks))
+        """Every held block as stored chains, parents first (one whose parent no tier holds
+        is left out: a router could not place it)."""
+        return stored_chains(self._blocks, self._info)
 
     def _apply(self, tier: Tier, event: KvEventData, before: dict[int, int]) -> None:
         bit = 1 << tier
@@ -327,55 +328,36 @@ class HeldBlocks:
             parent = event.parent_hash
             for h, local in zip(event.block_hashes, event.tokens_hashes, strict=True):
                 entry = blocks.get(h)
-                before.setdefault(h, entry[0] if entry is not None else 0)
+                before.setdefault(h, entry.mask if entry is not None else 0)
                 if entry is None:
-                    blocks[h] = [bit, -1 if parent is None else parent, local]
+                    blocks[h] = _Held(bit, parent, local)
                 else:
-                    entry[0] |= bit
+                    entry.mask |= bit
                 parent = h
             return
         hashes = event.block_hashes if isinstance(event, KvRemoved) else [
-            h for h, entry in blocks.items() if entry[0] & bit]  # cleared: all of that tier
+            h for h, entry in blocks.items() if entry.mask & bit]  # cleared: all of that tier
         for h in hashes:
             entry = blocks.get(h)
             if entry is None:
                 continue
-            before.setdefault(h, entry[0])
-            entry[0] &= ~bit
-            if not entry[0]:
+            before.setdefault(h, entry.mask)
+            entry.mask &= ~bit
+            if not entry.mask:
                 del blocks[h]
 
-    def _chains(self, hashes: set[int]) -> list[KvStored]:
-        """``hashes`` as stored chains, each block after its parent (a block whose parent
-        no tier holds is left out: a router could not place it)."""
-        blocks = self._blocks
-        depth: dict[int, int] = {}  # -1: an ancestor is not held
+    def _info(self, block_hash: int) -> tuple[int | None, int] | None:
+        entry = self._blocks.get(block_hash)
+        return None if entry is None else (entry.parent, entry.local)
 
-        def depth_of(h: int) -> int:
-            path = []
-            while h not in depth:
-                path.append(h)
-                parent = blocks[h][1]
-                if parent == -1 or parent not in blocks:
-                    above = -1 if parent == -1 else None  # a root, or a missing ancestor
-                    break
-                h = parent
-            else:
-                above = depth[h] if depth[h] >= 0 else None
-            for node in reversed(path):
-                above = None if above is None else above + 1
-                depth[node] = -1 if above is None else above
-            return depth[path[0]] if path else depth[h]
 
-        out: list[KvStored] = []
-        for h in sorted((h for h in hashes if depth_of(h) >= 0), key=depth.__getitem__):
-            _, parent, local = blocks[h]
-            last = out[-1] if out else None
-            if last is not None and last.block_hashes[-1] == parent:
-                last.append(h, local)
-            else:
-                out.append(KvStored(None if parent == -1 else parent, [h], [local]))
-        return out
+@dataclass(slots=True)
+class _Held:
+    """A held block: the tiers holding it (a bit per ``Tier``) and its hashes."""
+
+    mask: int
+    parent: int | None
+    local: int
 
 
 def _check(condition: bool, message: str) -> None:
