@@ -154,6 +154,10 @@ class EngineConfig:
                                   "(caps --num-blocks)")
     num_threads: int | None = setting(None, "hf engine: torch threads",
                                       default_help="torch's default")
+    disk_kv_dir: str | None = setting(
+        None, "hf engine: directory of the disk KV tier's block files (one directory per "
+        "worker; blocks whose files are intact survive a restart)", metavar="DIR",
+        default_help="none")
     kv_transfer: KvTransferMode = setting(
         "tcp", "how decode workers fetch KV from prefill workers: tcp (bulk TCP), shm (TCP "
         "handshake, shared-memory copy on one host) or inproc (workers in one process)")
@@ -180,8 +184,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        require(self.kind == "mock" or not self.scheduler.host_kv_blocks, "host_kv_blocks",
-                "KV tiers are modelled by the simulated engine (--engine mock) only so far")
+        require(self.kind != "vllm" or not self.scheduler.host_kv_blocks, "host_kv_blocks",
+                "KV tiers are not wired to the vLLM engine yet (--engine mock or hf)")
+        require(self.kind != "hf" or not self.scheduler.disk_kv_blocks
+                or self.disk_kv_dir is not None, "disk_kv_dir",
+                "the hf engine's disk tier (--disk-kv-blocks) needs a directory for its files")
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
         for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "step_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")

@@ -228,15 +228,19 @@ def test_a_failed_onboarding_recomputes_the_prefix():
     assert not any(c.seq_hash in sched.tiers.host for c in out.kv_copies if c.dst_tier is Tier.DEVICE)
 
 
-def test_tier_settings_are_checked_and_only_the_simulated_engine_takes_them_for_now():
+def test_tier_settings_are_checked_and_the_vllm_engine_refuses_them_for_now():
     from baton.config import EngineConfig, SchedulerConfig
 
     with pytest.raises(ValueError, match="needs a host tier"):
         SchedulerConfig(disk_kv_blocks=8)
     with pytest.raises(ValueError, match="host_kv_blocks"):
         SchedulerConfig(host_kv_blocks=-1)
-    with pytest.raises(ValueError, match="simulated engine"):
-        EngineConfig(kind="hf", scheduler=SchedulerConfig(host_kv_blocks=8))
+    with pytest.raises(ValueError, match="vLLM"):
+        EngineConfig(kind="vllm", scheduler=SchedulerConfig(host_kv_blocks=8))
+    with pytest.raises(ValueError, match="disk_kv_dir"):
+        EngineConfig(kind="hf", scheduler=SchedulerConfig(host_kv_blocks=8, disk_kv_blocks=8))
+    assert EngineConfig(kind="hf", scheduler=SchedulerConfig(host_kv_blocks=8, disk_kv_blocks=8),
+                        disk_kv_dir="/tmp/kv")
     assert EngineConfig(scheduler=SchedulerConfig(host_kv_blocks=8, disk_kv_blocks=8))
 
 

@@ -221,7 +221,8 @@ async def test_a_prefix_evicted_to_the_host_tier_is_onboarded_not_recomputed():
         await run(engine, request("b", list(range(200, 300)), 4))
         again, a2 = await run(engine, request("a2", prompt, 4, seed=3))
         assert again[0].cached_tokens == 96 and a2 == a  # 1 block on device, 5 from host
-        assert engine.stats.kv_onboarded_blocks == 5
+        assert engine.stats.kv_onboarded_blocks == {"host": 5}
+        assert engine.stats.kv_onboards == 1 and engine.stats.kv_tier_read_failures == 0
         copies = engine.stats.kv_tier_copies
         assert copies["host>device"] == 5 and copies["device>host"] >= 5
         engine.scheduler.check_invariants()
@@ -231,7 +232,8 @@ async def test_a_prefix_evicted_to_the_host_tier_is_onboarded_not_recomputed():
                    for family in _tier_metrics(["7"], engine.stats) for x in family.samples}
         w = ("worker", "7")
         assert samples["baton_worker_kv_tier_copies_total", (("dst", "device"), ("src", "host"), w)] == 5
-        assert samples["baton_worker_kv_onboarded_blocks_total", (w,)] == 5
+        assert samples["baton_worker_kv_onboarded_blocks_total", (("tier", "host"), w)] == 5
+        assert samples["baton_worker_kv_onboard_seconds_count", (w,)] == 1
         assert samples["baton_worker_kv_tier_blocks", (("tier", "host"), w)] == \
             len(engine.scheduler.tiers.host) > 0
     finally:

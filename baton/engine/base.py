@@ -17,6 +17,7 @@ from typing import Protocol
 
 import msgspec
 
+from baton.engine.step import KvLoad
 from baton.kv.events import KvEvent, KvStored
 from baton.kv.tiers import Copy
 from baton.protocol import MAX_STEP_SAMPLES, EngineOutput, GenerateRequest, StepSample
@@ -53,10 +54,20 @@ class EngineStats:
     kv_load_bytes: int = 0
     """KV bytes pulled from prefill workers (0 for the simulated engine, whose blocks hold
     no bytes)."""
-    kv_onboarded_blocks: int = 0
-    """Blocks copied up from the engine's KV tiers (host memory, disk)."""
+    kv_onboarded_blocks: dict[str, int] = field(default_factory=dict)
+    """Blocks onboarded from the engine's KV tiers (prefix hits there), by tier (``"host"``,
+    ``"disk"``); failed ones included."""
+    kv_onboards: int = 0
+    kv_onboard_seconds: float = 0.0
+    """Onboardings done and the time they took together (plan to last copy in)."""
+    kv_tier_read_failures: int = 0
+    """Blocks whose copy up failed (a disk file missing, truncated or failing its checksum):
+    forgotten and recomputed."""
     kv_tier_copies: dict[str, int] = field(default_factory=dict)
     """Blocks copied between tiers, by ``"SRC>DST"`` tier name (``"device>host"``, ...)."""
+    kv_tier_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes copied between tiers, keyed as ``kv_tier_copies`` (the simulated engine's are
+    modelled: block size x ``kv_bytes_per_token``)."""
     kv_tier_blocks: dict[str, int] = field(default_factory=dict)
     """Blocks each lower tier holds now (``"host"``, ``"disk"``)."""
     recent_steps: deque[StepSample] = field(
@@ -76,11 +87,21 @@ class EngineStats:
             self.step_buckets[index] += 1
         self.preemptions += preempted
 
-    def observe_copies(self, copies: Iterable[Copy]) -> None:
-        counts = self.kv_tier_copies
+    def observe_copies(self, copies: Iterable[Copy], block_bytes: int) -> None:
+        counts, sizes = self.kv_tier_copies, self.kv_tier_bytes
         for c in copies:
             key = f"{c.src_tier.name.lower()}>{c.dst_tier.name.lower()}"
             counts[key] = counts.get(key, 0) + 1
+            sizes[key] = sizes.get(key, 0) + block_bytes
+
+    def observe_onboard(self, load: KvLoad, seconds: float, failed: int) -> None:
+        blocks = self.kv_onboarded_blocks
+        for tier, count in (("host", load.num_host_blocks), ("disk", load.num_disk_blocks)):
+            if count:
+                blocks[tier] = blocks.get(tier, 0) + count
+        self.kv_onboards += 1
+        self.kv_onboard_seconds += seconds
+        self.kv_tier_read_failures += failed
 
     def add_sample(self, sample: StepSample) -> None:
         self.recent_steps.append(sample)

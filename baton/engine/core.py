@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Coroutine, Mapping
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Protocol
 
 from baton.config import EngineConfig
 from baton.engine.base import EngineLoad, EngineStats, FaultHandler, KvEventSink
@@ -43,6 +43,7 @@ from baton.engine.step import KvLoad, SchedulerOutput, StepResult
 from baton.errors import InvalidRequestError, WorkerFaultError
 from baton.kv.events import KvStored
 from baton.kv.store import BlockStore
+from baton.kv.tiers import Copy, TierBlock
 from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams, StepSample
 from baton.runtime.net import Listener
 from baton.runtime.peer_auth import PeerAuth
@@ -63,6 +64,8 @@ class Executor(Protocol):
     """Where the KV blocks' bytes live (0-byte blocks when nothing real is computed)."""
     layout: str
     """The KV layout; two engines can exchange blocks only when theirs are equal."""
+    tier_block_bytes: int
+    """Bytes one KV block copy between tiers moves (modelled when no bytes are real)."""
 
     def begin(self, request: GenerateRequest) -> None:
         """A request arrives (e.g. seed its sampler)."""
@@ -75,8 +78,17 @@ class Executor(Protocol):
         """Extra modelled time a KV load of ``num_tokens`` tokens takes (0 when real)."""
         ...
 
-    def onboard_seconds(self, load: KvLoad) -> float:
-        """Modelled time an onboarding from the KV tiers takes (0 when real)."""
+    def copy(self, copies: Sequence[Copy]) -> None:
+        """Starts a step's copies between the device and the KV tiers (``kv_copies``), in
+        order; they run before the step's forward pass touches their device blocks."""
+
+    def onboard(self, load: KvLoad) -> asyncio.Future[list[tuple[Copy, str]]]:
+        """Done when the copies up of an onboarding (planned by the last ``copy``) are in,
+        with the ones that failed and why (their blocks are recomputed)."""
+        ...
+
+    def disk_blocks(self) -> list[TierBlock]:
+        """The blocks a disk tier kept from before a restart (checked when read)."""
         ...
 
     def idle(self) -> None:
@@ -148,12 +160,16 @@ class EngineCore:
         self.block_size = config.block_size
         self.executor = executor
         self._scheduler = Scheduler(config.scheduler)
+        self._scheduler.restore_disk_blocks(executor.disk_blocks())
         self._name = name
         self._mailboxes: dict[str, _Mailbox] = {}
         # -- KV transfer
         self._transfer_server: KvTransferServer | None = None
         self._transfer_client: KvTransferClient | None = None
         self._loads: dict[str, asyncio.Task[None]] = {}
+        self._onboards: dict[str, asyncio.Future[list[tuple[Copy, str]]]] = {}
+        """Onboardings from the KV tiers under way; never cancelled: their copies write the
+        request's blocks, freed only once they are done."""
         self._releases: set[asyncio.Task[None]] = set()
         # -- loop
         self._wakeup = asyncio.Event()
@@ -302,8 +318,9 @@ class EngineCore:
                 slice_start = loop.time()
                 continue
             output = self._scheduler.schedule()
-            if output.kv_copies:  # the simulated engine's blocks hold no bytes to move
+            if output.kv_copies:
                 self._observe_tiers(output)
+                self.executor.copy(output.kv_copies)
             for load in output.kv_loads:
                 self._start_load(load)
             if output.is_empty:  # nothing computable: KV loads or held blocks must end first
@@ -328,7 +345,7 @@ class EngineCore:
                 slice_start = loop.time()
 
     def _observe_tiers(self, output: SchedulerOutput) -> None:
-        self.stats.observe_copies(output.kv_copies)
+        self.stats.observe_copies(output.kv_copies, self.executor.tier_block_bytes)
         tiers = self._scheduler.tiers
         if tiers is not None:
             self.stats.kv_tier_blocks.update(host=len(tiers.host), disk=len(tiers.disk))
@@ -411,26 +428,29 @@ class EngineCore:
             self._wakeup.set()  # freed blocks may admit waiting requests
 
     def _start_load(self, load: KvLoad) -> None:
+        rid = load.request_id
         if load.from_tiers:
-            coro: Coroutine[Any, Any, None] = self._onboard(load)
-        else:
-            params = self._scheduler.loading[load.request_id].remote_kv
-            assert params is not None
-            coro = self._load(load, params)
-        self._loads[load.request_id] = asyncio.get_running_loop().create_task(
-            coro, name=f"kv-load-{load.request_id}"
-        )
+            done = self._onboards[rid] = self.executor.onboard(load)
+            started = asyncio.get_running_loop().time()
+            done.add_done_callback(lambda _: self._onboarded(load, started))
+            return
+        params = self._scheduler.loading[rid].remote_kv
+        assert params is not None
+        self._loads[rid] = asyncio.get_running_loop().create_task(
+            self._load(load, params), name=f"kv-load-{rid}")
 
-    async def _onboard(self, load: KvLoad) -> None:
-        """A prefix onboarded from this engine's KV tiers: its copies ran with the step's
-        (``kv_copies``); the modelled transfer time passes before the request runs."""
-        try:
-            delay = self.executor.onboard_seconds(load)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self.stats.kv_onboarded_blocks += len(load.dst_block_ids)
-        finally:
-            self._load_ended(load.request_id, True)
+    def _onboarded(self, load: KvLoad, started: float) -> None:
+        """An onboarding's copies are in (those that failed are forgotten in their tier and
+        the request computes its prompt from its device hits on)."""
+        done = self._onboards.pop(load.request_id)
+        failed = [] if done.cancelled() else done.result()
+        for copy, why in failed:
+            self._scheduler.discard_tier_block(copy.seq_hash, copy.src_tier)
+            log.warning("request %s: KV block %#x from %s is unusable (%s); recomputing its "
+                        "prefix", load.request_id, copy.seq_hash, copy.src_tier.name.lower(), why)
+        self.stats.observe_onboard(load, asyncio.get_running_loop().time() - started,
+                                   len(failed))
+        self._load_ended(load.request_id, not failed and not done.cancelled())
 
     async def _load(self, load: KvLoad, params: KvTransferParams) -> None:
         ok = False
@@ -458,7 +478,7 @@ class EngineCore:
 
     def _load_ended(self, request_id: str, ok: bool) -> None:
         """A KV load's copies ended: the request runs (unless the engine failed meanwhile)."""
-        del self._loads[request_id]
+        self._loads.pop(request_id, None)
         if self.fault is None:
             self._scheduler.finish_kv_load(request_id, ok)
             self._publish_kv_events()

@@ -36,6 +36,7 @@ from baton.engine.scheduler import Scheduler
 from baton.engine.step import KvLoad, SchedulerOutput
 from baton.engine.timing import onboard_ms, sleep_seconds, timing_model
 from baton.kv.store import BlockStore
+from baton.kv.tiers import Copy, TierBlock
 from baton.protocol import GenerateRequest
 from baton.runtime.net import Listener
 from baton.runtime.peer_auth import PeerAuth
@@ -62,6 +63,8 @@ class SimulatedExecutor:
         self._kv_tokens_total = config.scheduler.num_blocks * config.block_size
         modelled = config.timing.kv_bytes_per_token
         self._kv_bytes_per_token = kv_bytes_per_token if modelled is None else modelled
+        self.tier_block_bytes = config.block_size * self._kv_bytes_per_token
+        """Modelled bytes of one KV block (the tiers' copies move none)."""
         self._rngs: dict[str, random.Random] = {}
         self.simulated_ms = 0.0
         """Sum of modelled step times (before ``speedup_ratio``): the engine's virtual clock."""
@@ -114,11 +117,24 @@ class SimulatedExecutor:
         seconds = num_tokens * self._kv_bytes_per_token / (timing.kv_transfer_gbps * 1e9)
         return sleep_seconds(seconds * 1000.0, timing.speedup_ratio)
 
-    def onboard_seconds(self, load: KvLoad) -> float:
-        block_bytes = self.config.block_size * self._kv_bytes_per_token
-        ms = onboard_ms(load.num_host_blocks, load.num_disk_blocks, block_bytes,
+    def copy(self, copies: Sequence[Copy]) -> None:
+        pass  # no bytes to move; copies down run beside the steps and cost no step time
+
+    def onboard(self, load: KvLoad) -> asyncio.Future[list[tuple[Copy, str]]]:
+        """Done after the modelled time of the onboarding's copies up."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[tuple[Copy, str]]] = loop.create_future()
+        ms = onboard_ms(load.num_host_blocks, load.num_disk_blocks, self.tier_block_bytes,
                         self.config.timing)
-        return sleep_seconds(ms, self.config.timing.speedup_ratio)
+        delay = sleep_seconds(ms, self.config.timing.speedup_ratio)
+        if delay > 0:
+            loop.call_later(delay, _set_result, done, [])
+        else:
+            done.set_result([])
+        return done
+
+    def disk_blocks(self) -> list[TierBlock]:
+        return []  # its disk tier is modelled: nothing survives a restart
 
     def forget(self, request_id: str) -> None:
         self._rngs.pop(request_id, None)
@@ -147,6 +163,12 @@ class SimulatedEngine(EngineCore):
     @property
     def simulated_ms(self) -> float:
         return self._sim.simulated_ms
+
+
+def _set_result(future: asyncio.Future[list[tuple[Copy, str]]],
+                result: list[tuple[Copy, str]]) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def step_deadline(previous: float | None, delay: float, now: float) -> tuple[float, float]:

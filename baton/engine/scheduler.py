@@ -482,6 +482,12 @@ class Scheduler:
         assert self.tiers is not None
         self._held_events += self.held_blocks.take(self.pool.take_event_data(), self.tiers.take_events())
 
+    def restore_disk_blocks(self, blocks: Sequence[TierBlock]) -> None:
+        """Takes back the blocks a disk tier kept from before a restart; they are announced
+        like new ones (and in the snapshot)."""
+        if self.tiers is not None and blocks:
+            self.tiers.restore_disk(blocks)
+
     def discard_tier_block(self, seq_hash: SequenceHash, tier: Tier) -> None:
         """A copy out of a tier failed (a disk block missing or corrupt): forget it there."""
         if self.tiers is not None:

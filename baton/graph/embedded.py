@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
-from baton.config import ServeConfig
+from baton.config import ServeConfig, WorkerConfig
 from baton.frontend import Frontend
 from baton.runtime import MemoryDiscovery, Runtime
 from baton.worker import Worker, build_worker
@@ -23,7 +25,8 @@ async def embedded(config: ServeConfig) -> AsyncGenerator[tuple[Frontend, list[W
         workers: list[Worker] = []
         try:
             for i, role in enumerate(config.pools.roles()):
-                worker = build_worker(config.worker_config(role), runtime, instance_id=i)
+                worker_config = _own_disk_dir(config.worker_config(role), i)
+                worker = build_worker(worker_config, runtime, instance_id=i)
                 await worker.start()
                 workers.append(worker)
             async with Frontend(config.frontend, runtime) as frontend:
@@ -34,6 +37,16 @@ async def embedded(config: ServeConfig) -> AsyncGenerator[tuple[Frontend, list[W
         finally:
             for worker in workers:
                 await worker.close()
+
+
+def _own_disk_dir(config: WorkerConfig, index: int) -> WorkerConfig:
+    """Workers in one process each keep their disk KV tier in a folder of their own under
+    ``--disk-kv-dir`` (``worker-N``, N its index: the same after a restart)."""
+    folder = config.engine.disk_kv_dir
+    if folder is None:
+        return config
+    engine = dataclasses.replace(config.engine, disk_kv_dir=str(Path(folder) / f"worker-{index}"))
+    return dataclasses.replace(config, engine=engine)
 
 
 async def run_serve(config: ServeConfig, stop: asyncio.Event) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from baton.config import DiskAdmission
@@ -55,13 +55,16 @@ class EvictedBlock:
 @dataclass(frozen=True, slots=True)
 class Copy:
     """Move block ``seq_hash``'s bytes from ``src`` slot of ``src_tier`` to ``dst`` slot of
-    ``dst_tier`` (a device slot is a block id)."""
+    ``dst_tier`` (a device slot is a block id). The block's other hashes ride along: a disk
+    file records them, so that a restarted worker can announce its disk blocks again."""
 
     seq_hash: SequenceHash
     src_tier: Tier
     src: int
     dst_tier: Tier
     dst: int
+    local_hash: LocalBlockHash = field(default=LocalBlockHash(0), compare=False)
+    parent_hash: SequenceHash | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True, eq=False)
@@ -128,6 +131,22 @@ class TierStore:
         block = TierBlock(seq_hash, local_hash, parent_hash, self.tier, slot, uses)
         self._blocks[seq_hash] = block
         return block, evicted
+
+    def restore(self, found: Sequence[TierBlock]) -> list[TierBlock]:
+        """Takes back blocks found in their slots (a disk tier's files after a restart), least
+        recently used first. A block or a slot seen twice, a slot out of range or in use
+        keeps what it holds. The blocks added (they count as used twice: they were admitted)."""
+        free = set(self._free_slots)
+        added = []
+        for f in found:
+            if f.seq_hash in self._blocks or f.slot not in free:
+                continue
+            free.discard(f.slot)
+            block = TierBlock(f.seq_hash, f.local_hash, f.parent_hash, self.tier, f.slot, uses=2)
+            self._blocks[f.seq_hash] = block
+            added.append(block)
+        self._free_slots = [s for s in self._free_slots if s in free]
+        return added
 
     def remove(self, seq_hash: SequenceHash) -> TierBlock:
         block = self._blocks.pop(seq_hash)
@@ -201,7 +220,7 @@ class KvTiers:
             if pushed is not None:
                 copies.extend(self._push_down(pushed))
             copies.append(Copy(block.seq_hash, Tier.DEVICE, block.block_id, Tier.HOST,
-                               placed.slot))
+                               placed.slot, block.local_hash, block.parent_hash))
             self._stored(Tier.HOST, placed)
         return copies
 
@@ -220,7 +239,8 @@ class KvTiers:
         if dropped is not None:
             self._removed(Tier.DISK, [dropped.seq_hash])
         self._stored(Tier.DISK, placed)
-        return [Copy(block.seq_hash, Tier.HOST, block.slot, Tier.DISK, placed.slot)]
+        return [Copy(block.seq_hash, Tier.HOST, block.slot, Tier.DISK, placed.slot,
+                     block.local_hash, block.parent_hash)]
 
     def _admit(self, block: TierBlock) -> bool:
         return self.disk_admission == "all" or block.uses >= 2
@@ -249,8 +269,15 @@ class KvTiers:
             if store.get(block.seq_hash) is not block:
                 raise ValueError(f"block {block.seq_hash:#x} left the {block.tier.name} tier")
             store.touch(block.seq_hash)
-            copies.append(Copy(block.seq_hash, block.tier, block.slot, Tier.DEVICE, device_id))
+            copies.append(Copy(block.seq_hash, block.tier, block.slot, Tier.DEVICE, device_id,
+                               block.local_hash, block.parent_hash))
         return copies
+
+    def restore_disk(self, found: Sequence[TierBlock]) -> None:
+        """Takes back the blocks a disk tier's files hold after a restart (``TierStore.restore``);
+        they are announced as stored like any new block."""
+        for block in self.disk.restore(found):
+            self._stored(Tier.DISK, block)
 
     def discard(self, seq_hash: SequenceHash, tier: Tier) -> None:
         """A copy out of ``tier`` failed (its bytes are lost or wrong): forget the block

@@ -4,7 +4,8 @@ and the small HTTP server that exposes them on a port of the worker's own.
 Gauges: KV blocks in use and in total, KV usage, running and waiting requests, requests in
 flight, KV transfers held, and whether the worker is draining or restarting its engine.
 Counters: engine steps, preemptions, KV loads done and failed, engine restarts; a histogram
-of step durations. Counters restart from 0 with a new engine (Prometheus handles resets).
+of step durations. KV tiers: blocks and bytes copied between tiers, blocks onboarded per
+tier, onboarding time, failed tier reads, blocks held per tier. Counters restart from 0 with a new engine (Prometheus handles resets).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -80,18 +82,34 @@ class WorkerCollector(Collector):
 
 
 def _tier_metrics(wid: list[str], stats: EngineStats) -> Iterator[Metric]:
-    """KV tiers: blocks copied between tiers (by direction), onboarded, and held per tier."""
+    """KV tiers: blocks and bytes copied between tiers (by direction), blocks onboarded per
+    tier (prefix hits there), onboarding time, failed reads, and blocks held per tier."""
+    direction = ["worker", "src", "dst"]
     copies = CounterMetricFamily("baton_worker_kv_tier_copies", "KV blocks copied between "
-                                 "tiers (device, host, disk).", labels=["worker", "src", "dst"])
+                                 "tiers (device, host, disk).", labels=direction)
+    sizes = CounterMetricFamily("baton_worker_kv_tier_bytes", "KV bytes copied between "
+                                "tiers (modelled by the simulated engine).", labels=direction)
     for key, count in sorted(stats.kv_tier_copies.items()):
         src, dst = key.split(">")
         copies.add_metric([*wid, src, dst], count)
+        sizes.add_metric([*wid, src, dst], stats.kv_tier_bytes.get(key, 0))
     yield copies
-    onboarded = CounterMetricFamily("baton_worker_kv_onboarded_blocks", "KV blocks onboarded "
-                                    "from host memory or disk instead of recomputed.",
-                                    labels=["worker"])
-    onboarded.add_metric(wid, stats.kv_onboarded_blocks)
+    yield sizes
+    onboarded = CounterMetricFamily("baton_worker_kv_onboarded_blocks", "KV blocks of "
+                                    "prompts found in host memory or on disk and copied back "
+                                    "instead of recomputed.", labels=["worker", "tier"])
+    for tier, count in sorted(stats.kv_onboarded_blocks.items()):
+        onboarded.add_metric([*wid, tier], count)
     yield onboarded
+    onboard_time = SummaryMetricFamily("baton_worker_kv_onboard_seconds", "Time from planning "
+                                       "an onboarding to its last block in.", labels=["worker"])
+    onboard_time.add_metric(wid, stats.kv_onboards, stats.kv_onboard_seconds)
+    yield onboard_time
+    failures = CounterMetricFamily("baton_worker_kv_tier_read_failures", "KV blocks whose "
+                                   "copy back failed (disk file missing, truncated or "
+                                   "failing its checksum): recomputed.", labels=["worker"])
+    failures.add_metric(wid, stats.kv_tier_read_failures)
+    yield failures
     held = GaugeMetricFamily("baton_worker_kv_tier_blocks", "KV blocks held in a lower tier.",
                              labels=["worker", "tier"])
     for tier, count in sorted(stats.kv_tier_blocks.items()):

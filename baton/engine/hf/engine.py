@@ -12,16 +12,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from baton.config import EngineConfig
 from baton.engine.core import EngineCore
+from baton.engine.disk_blocks import DiskBlockError, DiskBlocks
 from baton.engine.hf.runner import ForwardItem, PagedModelRunner
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import KvLoad, SchedulerOutput
+from baton.engine.tier_copier import TierCopier
+from baton.kv.store import BlockStore
+from baton.kv.tiers import Copy, TierBlock
 from baton.protocol import GenerateRequest
 from baton.runtime.net import Listener
 from baton.runtime.peer_auth import PeerAuth
@@ -46,6 +50,8 @@ class HfExecutor:
         )
         self.store = self.runner.store
         self.layout = self.runner.layout
+        self.tier_block_bytes = self.store.block_bytes
+        self._copier = _copier(config, self.store, self.layout)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-forward")
         self._forwarding = False
         """A forward pass is running on the thread (it cannot be interrupted)."""
@@ -68,8 +74,28 @@ class HfExecutor:
     def transfer_seconds(self, num_tokens: int) -> float:
         return 0.0
 
-    def onboard_seconds(self, load: KvLoad) -> float:
-        return 0.0  # KV tiers are refused for this engine (EngineConfig) until it moves bytes
+    def copy(self, copies: Sequence[Copy]) -> None:
+        """Runs on the forward thread, before the step's forward pass (submitted first)."""
+        assert self._copier is not None, "KV tier copies without KV tiers"
+        self._thread.submit(self._copier.run, self._copier.plan(copies))
+
+    def onboard(self, load: KvLoad) -> asyncio.Future[list[tuple[Copy, str]]]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[tuple[Copy, str]]] = loop.create_future()
+        taken = self._copier.take_arrivals(load.dst_block_ids) if self._copier else []
+
+        def arrived(results: asyncio.Future[list[DiskBlockError | None]]) -> None:
+            if not done.done():
+                done.set_result([(c, error.reason) for (c, _), error
+                                 in zip(taken, results.result(), strict=True)
+                                 if error is not None])
+
+        asyncio.gather(*(asyncio.wrap_future(a) for _, a in taken)).add_done_callback(arrived)
+        return done
+
+    def disk_blocks(self) -> list[TierBlock]:
+        disk = self._copier.disk if self._copier is not None else None
+        return disk.scan() if disk is not None else []
 
     def idle(self) -> None:
         pass
@@ -83,7 +109,22 @@ class HfExecutor:
             self._thread.shutdown(wait=False, cancel_futures=True)
             return
         self._thread.shutdown(wait=True)
+        if self._copier is not None:
+            self._copier.close()
         self.runner.close()
+
+
+def _copier(config: EngineConfig, store: BlockStore, layout: str) -> TierCopier | None:
+    """The KV tiers' bytes under the device blocks, when the scheduler has tiers."""
+    sched = config.scheduler
+    if not (sched.host_kv_blocks and sched.enable_prefix_caching):
+        return None
+    disk = None
+    if sched.disk_kv_blocks:
+        assert config.disk_kv_dir is not None  # EngineConfig requires it
+        disk = DiskBlocks(Path(config.disk_kv_dir), sched.disk_kv_blocks, store.block_bytes,
+                          layout)
+    return TierCopier(store, sched.host_kv_blocks, disk)
 
 
 def _forward_items(output: SchedulerOutput, scheduler: Scheduler) -> list[ForwardItem]:
