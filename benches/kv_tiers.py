@@ -2,7 +2,7 @@
 from the host tier, from the disk tier, and recomputed.
 
 One engine per case, in this process (no HTTP: the engine's first output is the TTFT). The
-device pool holds the prompt plus a few blocks, so one filler prompt of the same length
+device pool holds the prompt plus two blocks, so one filler prompt of the same length
 evicts it. Each repeat uses a fresh random prompt: run it once (computed), run a filler,
 then time the prompt again:
 
@@ -45,7 +45,7 @@ def engine_for(case: str, model: Path, tokens: int, disk_dir: str, threads: int)
     prompt_blocks = -(-tokens // BLOCK)
     host, disk = {"host": (prompt_blocks * 2, 0), "disk": (2, prompt_blocks * 2),
                   "disk-cold": (2, prompt_blocks * 2)}.get(case, (0, 0))
-    sched = SchedulerConfig(block_size=BLOCK, num_blocks=prompt_blocks + 8,
+    sched = SchedulerConfig(block_size=BLOCK, num_blocks=prompt_blocks + 2,
                             max_num_batched_tokens=max(2048, tokens), host_kv_blocks=host,
                             disk_kv_blocks=disk, disk_kv_admission="all")
     config = EngineConfig(kind="hf", num_threads=threads, scheduler=sched,
