@@ -386,6 +386,13 @@ class RouterConfig:
         600.0, "a conversation's turns (X-Session-ID header, or the user field) go to the "
         "worker of its previous turn while that worker can take them; forgotten after this "
         "long unused", flag="router-session-ttl-s")
+    host_kv_credit: float = setting(
+        0.75, "KV-aware modes: a prompt block a worker holds only in host memory counts as "
+        "this much of a block held on the device (it is copied back, not recomputed)",
+        flag="router-host-kv-credit")
+    disk_kv_credit: float = setting(
+        0.25, "KV-aware modes: the same for a block held only on disk",
+        flag="router-disk-kv-credit")
     kv_events: bool = setting(
         True, "follow the workers' KV events; off: predict caches from routing decisions "
         "(approximate mode)")
@@ -417,6 +424,8 @@ class RouterConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         require(self.unhealthy_cooldown_s >= 0, "unhealthy_cooldown_s", "must be >= 0")
+        for name in ("host_kv_credit", "disk_kv_credit"):
+            require(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
         for name in ("health_timeout_s", "first_token_timeout_s", "inter_token_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.ttl_s > 0, "router_ttl_s", "must be > 0")

@@ -356,3 +356,32 @@ def random_query(rng: random.Random, ref: Reference) -> list[int]:
 def test_a_store_with_unequal_hash_lists_is_skipped(index: KvIndex) -> None:
     assert not index.stored(1, None, [1, 2], [A])
     assert index.counters.invalid_sequence == 1 and index.num_blocks == 0
+
+
+def test_blocks_held_in_a_lower_tier_are_counted_per_worker_and_follow_moves_and_removals():
+    index = KvIndex()
+    tokens = list(range(64))
+    local = compute_local_hashes(tokens, 16)
+    seq = compute_sequence_hashes(local)  # 4 blocks
+    for worker in (1, 2):
+        assert index.stored(worker, None, seq, local)
+    assert index.find_matches(seq).lower == {}
+    assert index.stored(2, seq[1], seq[2:], local[2:], tier=1)  # evicted into host memory
+    assert index.find_matches(seq).lower == {2: (2, 0)}
+    assert index.stored(2, seq[2], seq[3:], local[3:], tier=2)  # pushed on to disk
+    matches = index.find_matches(seq)
+    assert matches.scores == {1: 4, 2: 4} and matches.lower == {2: (1, 1)}
+    assert index.find_matches(seq[:3]).lower == {2: (1, 0)}  # only the matched blocks count
+    rebuilt = KvIndex()  # a dump carries the tiers
+    for event in index.dump(2):
+        assert rebuilt.stored(2, event.parent_hash, event.block_hashes, event.tokens_hashes,
+                              event.tier)
+    assert rebuilt.find_matches(seq).lower == {2: (1, 1)}
+    assert index.stored(2, seq[1], seq[2:3], local[2:3])  # onboarded back to the device
+    assert index.find_matches(seq).lower == {2: (0, 1)}
+    assert index.removed(2, [seq[3]])
+    assert index.find_matches(seq).lower == {}
+    assert index.stored(1, seq[0], seq[1:], local[1:], tier=1)
+    index.remove_worker(1)
+    assert index.find_matches(seq).scores == {2: 3}
+    assert index._lower_of == ({}, {})  # nothing left behind

@@ -374,3 +374,28 @@ def test_a_worker_whose_kv_events_stop_is_flagged_blind_and_routed_on_load(make_
     complete(srv, known + [3])
     decision = srv.call(lambda: kv_router(srv).last_decision)
     assert {c.worker_id: c.overlap_blocks for c in decision.candidates} == {a: 0, b: 0}
+
+
+@pytest.mark.parametrize("host_credit", [0.75, 1.0])
+def test_a_prefix_held_only_in_host_memory_counts_less_than_one_on_the_device(
+        make_server, host_credit):
+    """Worker a holds a 12-block prompt only in its host tier (evicted by a filler), b holds
+    11 of its blocks on the device: at the default credit (0.75) a's 12 count as 9 and b wins;
+    at 1.0 a host block counts as a device block and a wins (onboarding all 12)."""
+    srv = make_server(workers=2, router="kv", block_size=8, num_blocks=16, host_kv_blocks=64,
+                      router_options={"host_kv_credit": host_credit})
+    a, b = (w.instance_id for w in srv.workers)
+    prompt = list(range(100, 196))  # 12 blocks of 8
+    complete(srv, prompt + [1], worker=a)
+    complete(srv, list(range(1000, 1121)), worker=a)  # all 16 device blocks: prompt -> host
+    complete(srv, prompt[:88] + [2], worker=b)
+    seq = compute_sequence_hashes(compute_local_hashes(prompt + [3], 8))
+    index = kv_router(srv).index
+    assert srv.wait_until(lambda: index.find_matches(seq).scores == {a: 12, b: 11}
+                          and index.find_matches(seq).lower == {a: (12, 0)})
+    resp = complete(srv, prompt + [3])
+    assert resp.baton["worker_id"] == (b if host_credit < 1 else a)
+    assert resp.usage.prompt_tokens_details.cached_tokens == (88 if host_credit < 1 else 96)
+    decision = srv.call(lambda: kv_router(srv).last_decision)
+    costs = {c.worker_id: c for c in decision.candidates}
+    assert costs[a].overlap_blocks == (9 if host_credit < 1 else 12)

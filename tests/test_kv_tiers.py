@@ -244,21 +244,27 @@ def test_tier_settings_are_checked_and_the_vllm_engine_refuses_them_for_now():
     assert EngineConfig(scheduler=SchedulerConfig(host_kv_blocks=8, disk_kv_blocks=8))
 
 
-def test_held_blocks_tell_routers_only_what_no_tier_holds_any_more():
+def test_held_blocks_tell_routers_each_blocks_fastest_tier_and_what_no_tier_holds():
     from baton.kv.events import KvCleared
     from baton.kv.tiers import HeldBlocks
 
     held = HeldBlocks()
     assert held.take([KvStored(None, [1, 2, 3], [11, 12, 13])], []) == [
         KvStored(None, [1, 2, 3], [11, 12, 13])]
-    # 3 and 2 evicted from the device into host memory: still held, nothing to say
-    assert held.take([KvRemoved([3, 2])], [(Tier.HOST, KvStored(1, [2, 3], [12, 13]))]) == []
+    # 3 and 2 evicted from the device into host memory: still held, now in host memory
+    assert held.take([KvRemoved([3, 2])], [(Tier.HOST, KvStored(1, [2, 3], [12, 13]))]) == [
+        KvStored(1, [2, 3], [12, 13], tier=1)]
     assert held.take([], [(Tier.HOST, KvRemoved([3]))]) == [KvRemoved([3])]  # pushed out
-    assert held.take([], [(Tier.HOST, KvStored(2, [3], [13]))]) == [KvStored(2, [3], [13])]
+    assert held.take([], [(Tier.DISK, KvStored(2, [3], [13]))]) == [KvStored(2, [3], [13], 2)]
+    # 2 onboarded back to the device (the host keeps its copy): fastest tier is the device
+    assert held.take([KvStored(1, [2], [12])], []) == [KvStored(1, [2], [12])]
     assert held.take([KvStored(3, [4], [14])], []) == [KvStored(3, [4], [14])]
-    assert held.snapshot() == [KvStored(None, [1, 2, 3, 4], [11, 12, 13, 14])]
-    assert held.take([KvCleared()], []) == [KvRemoved([1, 4])]  # 2 and 3 are in host
-    assert held.snapshot() == []  # their parent is gone: a router could not place them
+    assert held.snapshot() == [KvStored(None, [1, 2], [11, 12]), KvStored(2, [3], [13], 2),
+                               KvStored(3, [4], [14])]
+    # 2 (host) and 3 (disk) stay held, but their parent is gone: a router could not place
+    # them (and dropped them with 1)
+    assert held.take([KvCleared()], []) == [KvRemoved([1, 4])]
+    assert held.snapshot() == []
     assert len(held) == 2
 
 

@@ -64,10 +64,10 @@ def test_the_router_matches_vllm_blocks_by_the_tokens_of_a_request() -> None:
     request = compute_sequence_hashes(compute_local_hashes(tokens, BLOCK))
     assert index.find_matches(request).scores == {5: 4}
     _, snapshot = tr.snapshot()
-    assert [s.block_hashes for s in snapshot] == [[901], [902], [903], [904]]
+    assert [s.block_hashes for s in snapshot] == [[901, 902, 903, 904]]
 
 
-def test_byte_hashes_duplicates_gaps_other_media_and_clears() -> None:
+def test_byte_hashes_duplicates_gaps_and_clears() -> None:
     tr = KvEventTranslator(BLOCK)
     digest = bytes(range(32))
     out = tr.translate(3, decode_batch(batch(stored([digest], None, [1, 2, 3, 4]))))
@@ -75,13 +75,38 @@ def test_byte_hashes_duplicates_gaps_other_media_and_clears() -> None:
     assert external_hash(digest) == int.from_bytes(digest[-8:], "big")
     assert tr.translate(3, decode_batch(batch(stored([5], None, [1, 2, 3, 4])))) == []
     assert not tr.gap(4) and tr.gap(6)
-    offloaded = stored([6], None, [5, 6, 7, 8], medium="CPU")
-    assert tr.translate(4, decode_batch(batch(offloaded))) == []
     wrong_size = stored([7], None, [5, 6, 7, 8], block_size=BLOCK * 2)
     assert tr.translate(5, decode_batch(batch(wrong_size))) == []
     cleared = tr.translate(6, decode_batch(batch({"type": "AllBlocksCleared"})))
     assert cleared[0].data == KvCleared() and tr.snapshot()[1] == []
     assert tr.resync()[0].data == KvCleared()
+
+
+def test_blocks_vllm_offloads_to_cpu_stay_announced_in_the_host_tier() -> None:
+    """vLLM's native CPU offloading reports blocks in the "CPU" medium: a block evicted from
+    the GPU medium but kept on CPU moves to the host tier; gone from both, it is removed."""
+    tr = KvEventTranslator(BLOCK)
+    tokens = list(range(20, 32))
+    local = compute_local_hashes(tokens, BLOCK)
+    gpu = tr.translate(0, decode_batch(batch(stored([1, 2, 3], None, tokens))))
+    assert [e.data for e in gpu] == [KvStored(None, [1, 2, 3], local)]
+    offload = stored([2, 3], 1, tokens[BLOCK:], medium="CPU")
+    assert tr.translate(1, decode_batch(batch(offload))) == []  # still on the GPU: no news
+    evict = {"type": "BlockRemoved", "block_hashes": [3, 2], "medium": "GPU"}
+    moved = tr.translate(2, decode_batch(batch(evict)))
+    assert [e.data for e in moved] == [KvStored(1, [2, 3], local[1:], tier=1)]
+    index = KvIndex()
+    for event in gpu + moved:
+        index.apply_event(event)
+    request = compute_sequence_hashes(local)
+    assert index.find_matches(request).lower == {0: (2, 0)}
+    gone = {"type": "BlockRemoved", "block_hashes": [3], "medium": "CPU"}
+    assert [e.data for e in tr.translate(3, decode_batch(batch(gone)))] == [KvRemoved([3])]
+    disk = stored([3], 2, tokens[2 * BLOCK:], medium="DISK")
+    assert [e.data for e in tr.translate(4, decode_batch(batch(disk)))] == [
+        KvStored(2, [3], local[2:], tier=2)]
+    assert tr.snapshot()[1] == [KvStored(None, [1], local[:1]), KvStored(1, [2], local[1:2], 1),
+                                KvStored(2, [3], local[2:], 2)]
 
 
 def test_vllms_own_encoder_decodes_here() -> None:

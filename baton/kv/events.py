@@ -21,13 +21,19 @@ from collections.abc import Callable, Iterable
 import msgspec
 
 
-class KvStored(msgspec.Struct, tag="stored", array_like=True):
+class KvStored(msgspec.Struct, tag="stored", array_like=True, omit_defaults=True):
     """Full blocks that became cached, in chain order, continuing from ``parent_hash``: block
-    ``i`` is ``block_hashes[i]`` with local hash ``tokens_hashes[i]``."""
+    ``i`` is ``block_hashes[i]`` with local hash ``tokens_hashes[i]``.
+
+    ``tier``: where the worker holds them, 0 on the device (the default, left off the wire),
+    1 in host memory, 2 on disk (``baton.kv.tiers.Tier``). A stored event for blocks the
+    worker already holds moves them to that tier (a block evicted from the device into host
+    memory is still cached there, only slower to use)."""
 
     parent_hash: int | None
     block_hashes: list[int]
     tokens_hashes: list[int]
+    tier: int = 0
 
     def __post_init__(self) -> None:
         if len(self.block_hashes) != len(self.tokens_hashes):
@@ -68,20 +74,22 @@ BlockInfo = Callable[[int], "tuple[int | None, int] | None"]
 
 
 def append_stored(events: list[KvStored] | list[KvEventData], parent: int | None,
-                  block_hash: int, tokens_hash: int) -> None:
-    """Extends the last event when it is a stored chain ending at ``parent``; otherwise starts
-    a new stored event (queued events and snapshots both chain consecutive blocks)."""
+                  block_hash: int, tokens_hash: int, tier: int = 0) -> None:
+    """Extends the last event when it is a stored chain of ``tier`` ending at ``parent``;
+    otherwise starts a new stored event (queued events and snapshots both chain consecutive
+    blocks)."""
     last = events[-1] if events else None
-    if isinstance(last, KvStored) and last.block_hashes[-1] == parent:
+    if isinstance(last, KvStored) and last.block_hashes[-1] == parent and last.tier == tier:
         last.append(block_hash, tokens_hash)
     else:
-        events.append(KvStored(parent, [block_hash], [tokens_hash]))
+        events.append(KvStored(parent, [block_hash], [tokens_hash], tier))
 
 
-def stored_chains(hashes: Iterable[int], info: BlockInfo) -> list[KvStored]:
-    """Known blocks ``hashes`` as stored chains, each block after its parent (a snapshot); a
-    block with an ancestor ``info`` does not know is left out (a consumer could not place
-    it)."""
+def stored_chains(hashes: Iterable[int], info: BlockInfo,
+                  tier_of: Callable[[int], int] | None = None) -> list[KvStored]:
+    """Known blocks ``hashes`` as stored chains, each block after its parent (a snapshot), in
+    the tier ``tier_of`` gives (the device without it); a block with an ancestor ``info``
+    does not know is left out (a consumer could not place it)."""
     depth: dict[int, int] = {}
     chosen = set()
     for h in hashes:
@@ -92,7 +100,7 @@ def stored_chains(hashes: Iterable[int], info: BlockInfo) -> list[KvStored]:
                     key=depth.__getitem__):
         known = info(h)
         assert known is not None
-        append_stored(out, known[0], h, known[1])
+        append_stored(out, known[0], h, known[1], tier_of(h) if tier_of is not None else 0)
     return out
 
 

@@ -317,13 +317,13 @@ class KvTiers:
 
 class HeldBlocks:
     """What a worker holds in any tier (device, host, disk), told to routers as one stream:
-    a block is stored once when some tier first holds it and removed when none does any
-    more. A block moving down (evicted from the device into host memory) is not news: the
-    worker still serves it from cache, so the router keeps counting it.
+    a block is stored when some tier first holds it, stored again with its new tier when the
+    fastest tier holding it changes (evicted from the device into host memory: still cached,
+    only slower to use), and removed when no tier holds it any more.
 
     ``take`` turns the device pool's and the tiers' events since the last call into that
     stream (by the state they lead to, so their order across tiers does not matter);
-    ``snapshot`` is every held block as stored chains, parents first."""
+    ``snapshot`` is every held block as stored chains, parents first, each in its tier."""
 
     def __init__(self) -> None:
         self._blocks: dict[int, _Held] = {}
@@ -338,15 +338,21 @@ class HeldBlocks:
             self._apply(Tier.DEVICE, event, before)
         for tier, event in tiers:
             self._apply(tier, event, before)
-        removed = [h for h, mask in before.items() if mask and h not in self._blocks]
-        added = [h for h, mask in before.items() if not mask and h in self._blocks]
+        blocks = self._blocks
+        removed = [h for h, mask in before.items() if mask and h not in blocks]
+        changed = [h for h, mask in before.items()
+                   if h in blocks and _fastest(mask) != _fastest(blocks[h].mask)]
         out: list[KvEventData] = [KvRemoved(removed)] if removed else []
-        return out + stored_chains(added, self._info)
+        return out + stored_chains(changed, self._info, self.tier)
 
     def snapshot(self) -> list[KvStored]:
         """Every held block as stored chains, parents first (one whose parent no tier holds
         is left out: a router could not place it)."""
-        return stored_chains(self._blocks, self._info)
+        return stored_chains(self._blocks, self._info, self.tier)
+
+    def tier(self, block_hash: int) -> int:
+        """The fastest tier holding a held block."""
+        return _fastest(self._blocks[block_hash].mask)
 
     def _apply(self, tier: Tier, event: KvEventData, before: dict[int, int]) -> None:
         bit = 1 << tier
@@ -385,6 +391,11 @@ class _Held:
     mask: int
     parent: int | None
     local: int
+
+
+def _fastest(mask: int) -> int:
+    """The fastest tier in a mask of tiers (its lowest bit); -1 for none."""
+    return (mask & -mask).bit_length() - 1
 
 
 def _check(condition: bool, message: str) -> None:

@@ -21,6 +21,17 @@ where it shrinks instead of looking up every block.
 
 Workers are given small *slots* (freed slots are reused) and a block's holders are one int
 bitmask per block.
+
+**Tiers.** A worker with KV tiers holds some blocks only in host memory or on disk (a stored
+event's ``tier``; a stored event for a held block moves it). Two more bitmask maps record, per
+block, the workers whose fastest copy is in host memory (``_lower_of[0]``) or on disk
+(``_lower_of[1]``); they are empty, and cost nothing, without tiers. ``find_matches`` then
+also counts, per worker, how many of its matched blocks are in each lower tier, so the
+router can credit them less than device blocks.
+
+Size: one index's state (masks, links, names, tiers) is read by its queries, written by its
+ingestion and walked by its dumps, in hot loops that inline their access to it; split, each
+part would reach into the others' dicts.
 """
 
 from __future__ import annotations
@@ -45,10 +56,13 @@ _MASK64 = (1 << 64) - 1
 @dataclass(slots=True)
 class OverlapScores:
     """``scores``: worker id -> contiguous prefix blocks held (0 omitted);
-    ``tree_sizes``: blocks held by each scored worker."""
+    ``tree_sizes``: blocks held by each scored worker; ``lower``: worker id -> how many of
+    its scored blocks it holds only in host memory and only on disk (workers with none
+    omitted)."""
 
     scores: dict[int, int] = field(default_factory=dict)
     tree_sizes: dict[int, int] = field(default_factory=dict)
+    lower: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -103,6 +117,7 @@ class KvIndex:
         "_children",
         "_free_slots",
         "_link_of",
+        "_lower_of",
         "_worker_at",
         "_workers",
         "_workers_of",
@@ -116,6 +131,8 @@ class KvIndex:
         # non-root seq -> parent seq << 64 | local hash, one int (roots: seq == local hash)
         self._link_of: dict[int, int] = {}
         self._children: dict[int, int | list[int]] = {}  # seq -> its child, or list if several
+        # seq -> bitmask of slots whose fastest copy is in host memory / on disk (tiers 1, 2)
+        self._lower_of: tuple[dict[int, int], dict[int, int]] = ({}, {})
         # -- workers --
         self._workers: dict[int, _Worker] = {}
         self._worker_at: list[_Worker | None] = []  # slot -> worker
@@ -157,7 +174,29 @@ class KvIndex:
             gap = max(1, end - pos)  # the next drop is likely about as far
             mask, pos = nxt, end + 1
         workers = self._workers
-        return OverlapScores(scores, {w: workers[w].num_blocks for w in scores})
+        out = OverlapScores(scores, {w: workers[w].num_blocks for w in scores})
+        if scores and (self._lower_of[0] or self._lower_of[1]):
+            out.lower = self._lower_counts(seq_hashes, scores)
+        return out
+
+    def _lower_counts(self, seq_hashes: Sequence[int],
+                      scores: dict[int, int]) -> dict[int, tuple[int, int]]:
+        """Per scored worker, its matched blocks held only in host memory and only on disk."""
+        counts: dict[int, list[int]] = {}
+        at = self._worker_at
+        for tier, lower_of in enumerate(self._lower_of):
+            if not lower_of:
+                continue
+            for i, seq in enumerate(seq_hashes[:max(scores.values())]):
+                mask = lower_of.get(seq, 0)
+                while mask:
+                    low = mask & -mask
+                    mask ^= low
+                    worker = at[low.bit_length() - 1]
+                    assert worker is not None
+                    if i < scores.get(worker.worker_id, 0):
+                        counts.setdefault(worker.worker_id, [0, 0])[tier] += 1
+        return {w: (c[0], c[1]) for w, c in counts.items()}
 
     def _score(self, scores: dict[int, int], dropped: int, score: int) -> None:
         at = self._worker_at
@@ -175,7 +214,7 @@ class KvIndex:
         data = event.data
         if isinstance(data, KvStored):
             ok = self.stored(event.worker_id, data.parent_hash, data.block_hashes,
-                             data.tokens_hashes)
+                             data.tokens_hashes, data.tier)
         elif isinstance(data, KvRemoved):
             ok = self.removed(event.worker_id, data.block_hashes)
         else:
@@ -193,9 +232,11 @@ class KvIndex:
         parent_hash: int | None,
         block_hashes: Sequence[int],
         tokens_hashes: Sequence[int],
+        tier: int = 0,
     ) -> bool:
         """A chain of blocks cached by ``worker_id`` after its block ``parent_hash`` (None = root):
-        block ``i`` is the worker's ``block_hashes[i]`` with local hash ``tokens_hashes[i]``."""
+        block ``i`` is the worker's ``block_hashes[i]`` with local hash ``tokens_hashes[i]``,
+        held in ``tier`` (0 device, 1 host memory, 2 disk)."""
         worker = self._worker(worker_id)
         parent = None if parent_hash is None else worker.resolve(parent_hash)
         if parent is not None and not self._workers_of.get(parent, 0) & worker.bit:
@@ -206,8 +247,21 @@ class KvIndex:
         ):
             self.counters.invalid_sequence += 1
             return self._skip()
+        if tier or self._lower_of[0] or self._lower_of[1]:
+            self._set_tier(worker, block_hashes, tier)
         self.counters.events_applied += 1
         return True
+
+    def _set_tier(self, worker: _Worker, block_hashes: Sequence[int], tier: int) -> None:
+        """The worker's fastest copy of these (held) blocks is in ``tier`` now."""
+        bit = worker.bit
+        for i, lower_of in enumerate(self._lower_of):
+            for ext in block_hashes:
+                seq = worker.resolve(ext)
+                if i + 1 == tier:
+                    lower_of[seq] = lower_of.get(seq, 0) | bit
+                else:
+                    _clear(lower_of, seq, bit)
 
     def removed(self, worker_id: int, block_hashes: Iterable[int]) -> bool:
         """Blocks evicted by ``worker_id``; each takes its held descendants with it (so a
@@ -271,6 +325,18 @@ class KvIndex:
                 starts.extend((seq, c) for c in kids[1:])
                 seq = kids[0]
             events.append(chain)
+        return events + self._dump_tiers(worker, held)
+
+    def _dump_tiers(self, worker: _Worker, held: set[int]) -> list[KvStored]:
+        """Stored events moving the worker's blocks held in a lower tier there (each after
+        the chains that stored them)."""
+        events: list[KvStored] = []
+        for tier, lower_of in enumerate(self._lower_of, start=1):
+            for seq in (s for s, m in lower_of.items() if m & worker.bit and s in held):
+                parent = self._parent(seq)
+                name = worker.seq_to_ext.get
+                events.append(KvStored(None if parent is None else name(parent, parent),
+                                       [name(seq, seq)], [self._local(seq)], tier))
         return events
 
     def _local(self, seq: int) -> int:
@@ -356,10 +422,15 @@ class KvIndex:
         loop of removals: single-child chains are followed without the stack."""
         workers_of, children = self._workers_of, self._children
         bit, named = worker.bit, worker.seq_to_ext
+        host_of, disk_of = self._lower_of
+        tiered = bool(host_of or disk_of)
         stack, dropped = [seq], 0  # every block pushed is held: xor clears its bit
         while stack:
             seq = stack.pop()
             while True:
+                if tiered:
+                    _clear(host_of, seq, bit)
+                    _clear(disk_of, seq, bit)
                 mask = workers_of[seq] ^ bit
                 if mask:
                     workers_of[seq] = mask
@@ -390,6 +461,9 @@ class KvIndex:
             self._drop_block(worker, seq)
 
     def _drop_block(self, worker: _Worker, seq: int) -> None:
+        for lower_of in self._lower_of:
+            if lower_of:
+                _clear(lower_of, seq, worker.bit)
         mask = self._workers_of[seq] ^ worker.bit  # held: xor clears it (no negative-int and)
         if mask:
             self._workers_of[seq] = mask
@@ -451,6 +525,16 @@ class KvIndex:
             assert worker is not None, "mask names a free slot"
             yield worker
             mask ^= low
+
+
+def _clear(masks: dict[int, int], seq: int, bit: int) -> None:
+    """Clears ``bit`` in ``masks[seq]`` (dropping the entry at 0)."""
+    mask = masks.get(seq, 0)
+    if mask & bit:
+        if mask == bit:
+            del masks[seq]
+        else:
+            masks[seq] = mask ^ bit
 
 
 def _last_with_mask(

@@ -127,6 +127,8 @@ class KvRouter:
         """Each worker's latest reported load (KV usage and step budget for predictions)."""
         self.feed_health = FeedHealth(stale_after_s=config.kv_stale_after_s)
         self.blind_fallback = config.blind_fallback
+        self.tier_credits = (config.host_kv_credit, config.disk_kv_credit)
+        """What a block held only in host memory, or on disk, counts as (a device block: 1)."""
         self._blind: dict[int, str] = {}
         self._routed: dict[str, _Routed] = {}
         self._next_blind_check = 0.0
@@ -285,8 +287,9 @@ class KvRouter:
         local = compute_local_hashes(request.token_ids, self.block_size)
         seq = compute_sequence_hashes(local)
         isl = len(request.token_ids)
-        raw = self.index.find_matches(seq).scores
-        overlaps = self._trusted(raw)
+        matches = self.index.find_matches(seq)
+        raw = matches.scores
+        overlaps = self._trusted(self._credited(raw, matches.lower))
         decision: Decision
         if self.mode == "latency":
             candidates = self._shortlist(candidates, overlaps)
@@ -344,6 +347,19 @@ class KvRouter:
                 token_budget=budget, cached_blocks=self.index.tree_size(w),
                 total_blocks=reported.total_blocks if reported is not None else None)
         return out
+
+    def _credited(self, overlaps: dict[int, int],
+                  lower: Mapping[int, tuple[int, int]]) -> dict[int, int]:
+        """Overlaps with the blocks held only in host memory or on disk counted at their
+        credit (rounded to whole blocks): copying them back costs less than computing them,
+        more than a device hit."""
+        if not lower:
+            return overlaps
+        host, disk = self.tier_credits
+        out = dict(overlaps)
+        for w, (h, d) in lower.items():
+            out[w] = round(overlaps[w] - h * (1 - host) - d * (1 - disk))
+        return {w: o for w, o in out.items() if o > 0}
 
     # ------------------------------------------------------------------ blindness
     def _trusted(self, overlaps: dict[int, int]) -> dict[int, int]:

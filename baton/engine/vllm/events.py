@@ -9,9 +9,13 @@ nothing else, so this module needs no vLLM import.
 ``KvEventTranslator`` turns the batches into Baton's ``KvEvent``s. A stored block keeps
 vLLM's block hash as its ``block_hash`` (the router's per-worker external name, used for
 parents and removals) and gets Baton's ``tokens_hash`` from its token ids, so the router
-matches vLLM's blocks with the hashes it computes from a request's tokens. The translator
-also keeps what vLLM holds, to answer a feed's snapshot, and tells its owner when a sequence
-number was skipped (the owner asks vLLM's replay socket for the missing batches).
+matches vLLM's blocks with the hashes it computes from a request's tokens. An event's
+``medium`` names its tier: "GPU" (or none) the device, "CPU" host memory (vLLM's native CPU
+offloading), any other a slower one (disk); what vLLM holds in any medium is one stream, as
+Baton's own tiers tell it (``HeldBlocks``: stored when first held, stored again when its
+fastest tier changes, removed when no medium holds it). The translator keeps that state to
+answer a feed's snapshot, and tells its owner when a sequence number was skipped (the owner
+asks vLLM's replay socket for the missing batches).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import msgspec
 
 from baton.kv.events import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored
 from baton.kv.hashing import compute_local_hashes
+from baton.kv.tiers import HeldBlocks, Tier
 
-PRIMARY_MEDIA = frozenset({None, "GPU"})
-"""The tier vLLM computes in (its "GPU" medium, which a CPU build uses as well). Blocks an
-offloading connector reports in other media are not in the cache a request can hit."""
+MEDIA = {None: Tier.DEVICE, "GPU": Tier.DEVICE, "CPU": Tier.HOST}
+"""vLLM's media and Baton's tiers: "GPU" is the tier vLLM computes in (a CPU build uses it as
+well), "CPU" where its offloading connector keeps blocks; any other medium counts as disk."""
 
 _U64 = (1 << 64) - 1
 
@@ -79,8 +84,8 @@ class KvEventTranslator:
         self.next_seq: int | None = None
         """The sequence number expected next (None before the first batch)."""
         self.last_event_id = -1
-        self._held: dict[int, tuple[int | None, int]] = {}
-        """vLLM block hash -> (its parent's, its Baton local hash), in the order stored."""
+        self._held = HeldBlocks()
+        """What vLLM holds in any medium, by vLLM block hash."""
 
     def gap(self, seq: int) -> bool:
         """True when batch ``seq`` comes after missed ones (ask for a replay from
@@ -94,8 +99,7 @@ class KvEventTranslator:
         self.next_seq = seq + 1
         out: list[KvEvent] = []
         for event in batch.events:
-            data = self._apply(event)
-            if data is not None:
+            for data in self._apply(event):
                 self.last_event_id += 1
                 out.append(KvEvent(event_id=self.last_event_id, data=data))
         return out
@@ -103,37 +107,34 @@ class KvEventTranslator:
     def resync(self) -> list[KvEvent]:
         """Batches were lost for good (beyond vLLM's replay buffer): what the router knows of
         this worker is dropped, as after a clear; blocks stored later are reported again."""
-        self._held.clear()
+        self._held = HeldBlocks()
         self.last_event_id += 1
         return [KvEvent(event_id=self.last_event_id, data=KvCleared())]
 
     def snapshot(self) -> tuple[int, list[KvStored]]:
-        """The blocks vLLM holds, one stored event per block, parents first; a block whose
-        parent was evicted cannot be matched by any prefix and is left out."""
-        stored: list[KvStored] = []
-        known: set[int] = set()
-        for block, (parent, local) in self._held.items():
-            if parent is None or parent in known:
-                stored.append(KvStored(parent, [block], [local]))
-                known.add(block)
-        return self.last_event_id, stored
+        """The blocks vLLM holds, as stored chains in their tiers, parents first; a block
+        whose parent was evicted cannot be matched by any prefix and is left out."""
+        return self.last_event_id, self._held.snapshot()
 
     @property
     def num_held(self) -> int:
         return len(self._held)
 
-    def _apply(self, event: VllmEvent) -> KvEventData | None:
+    def _apply(self, event: VllmEvent) -> list[KvEventData]:
         if isinstance(event, VllmAllBlocksCleared):
-            self._held.clear()
-            return KvCleared()
-        if event.medium not in PRIMARY_MEDIA:
-            return None
+            self._held = HeldBlocks()
+            return [KvCleared()]
+        tier = MEDIA.get(event.medium, Tier.DISK)
+        data: KvEventData | None
         if isinstance(event, VllmBlockRemoved):
-            removed = [external_hash(h) for h in event.block_hashes]
-            for block in removed:
-                self._held.pop(block, None)
-            return KvRemoved(removed)
-        return self._stored(event)
+            data = KvRemoved([external_hash(h) for h in event.block_hashes])
+        else:
+            data = self._stored(event)
+        if data is None:
+            return []
+        if tier is Tier.DEVICE:
+            return self._held.take([data], [])
+        return self._held.take([], [(tier, data)])
 
     def _stored(self, event: VllmBlockStored) -> KvStored | None:
         if event.block_size != self.block_size or event.lora_id:
@@ -143,8 +144,4 @@ class KvEventTranslator:
         if len(locals_) != len(blocks):
             return None  # a malformed event: its tokens do not fill its blocks
         parent = None if event.parent_block_hash is None else external_hash(event.parent_block_hash)
-        prev = parent
-        for block, local in zip(blocks, locals_, strict=True):
-            self._held[block] = (prev, local)
-            prev = block
         return KvStored(parent, blocks, list(locals_))
