@@ -167,9 +167,6 @@ class EngineCore:
         self._transfer_server: KvTransferServer | None = None
         self._transfer_client: KvTransferClient | None = None
         self._loads: dict[str, asyncio.Task[None]] = {}
-        self._onboards: dict[str, asyncio.Future[list[tuple[Copy, str]]]] = {}
-        """Onboardings from the KV tiers under way; never cancelled: their copies write the
-        request's blocks, freed only once they are done."""
         self._releases: set[asyncio.Task[None]] = set()
         # -- loop
         self._wakeup = asyncio.Event()
@@ -429,20 +426,20 @@ class EngineCore:
 
     def _start_load(self, load: KvLoad) -> None:
         rid = load.request_id
-        if load.from_tiers:
-            done = self._onboards[rid] = self.executor.onboard(load)
+        if load.from_tiers:  # never cancelled: its copies write blocks freed once it is done
             started = asyncio.get_running_loop().time()
-            done.add_done_callback(lambda _: self._onboarded(load, started))
+            self.executor.onboard(load).add_done_callback(
+                lambda done: self._onboarded(load, done, started))
             return
         params = self._scheduler.loading[rid].remote_kv
         assert params is not None
         self._loads[rid] = asyncio.get_running_loop().create_task(
             self._load(load, params), name=f"kv-load-{rid}")
 
-    def _onboarded(self, load: KvLoad, started: float) -> None:
+    def _onboarded(self, load: KvLoad, done: asyncio.Future[list[tuple[Copy, str]]],
+                   started: float) -> None:
         """An onboarding's copies are in (those that failed are forgotten in their tier and
         the request computes its prompt from its device hits on)."""
-        done = self._onboards.pop(load.request_id)
         failed = [] if done.cancelled() else done.result()
         for copy, why in failed:
             self._scheduler.discard_tier_block(copy.seq_hash, copy.src_tier)

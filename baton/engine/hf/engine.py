@@ -85,7 +85,9 @@ class HfExecutor:
         taken = self._copier.take_arrivals(load.dst_block_ids) if self._copier else []
 
         def arrived(results: asyncio.Future[list[DiskBlockError | None]]) -> None:
-            if not done.done():
+            if results.cancelled():  # the loop is closing
+                done.cancel()
+            elif not done.done():
                 done.set_result([(c, error.reason) for (c, _), error
                                  in zip(taken, results.result(), strict=True)
                                  if error is not None])
