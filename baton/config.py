@@ -65,6 +65,9 @@ class SchedulerConfig:
     disk_kv_blocks: int = setting(
         0, "KV blocks kept on disk below the host tier (blocks pushed out of host memory); "
         "0 = no disk tier")
+    host_kv_write_through: bool = setting(
+        False, "copy each newly cached KV block to host memory at once (write-through) "
+        "rather than when the device pool evicts it (write-back): evictions then cost no copy")
     disk_kv_admission: DiskAdmission = setting(
         "reused", "which blocks pushed out of host memory go to disk: those used at least "
         "twice (reused), or all")

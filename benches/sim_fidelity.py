@@ -114,7 +114,8 @@ def make_trace(source: Path, out: Path, num: int, max_isl: int) -> Path:
 def engine_args(a: argparse.Namespace) -> list[str]:
     return ["--block-size", str(a.block_size), "--num-blocks", str(a.num_blocks),
             "--max-num-seqs", str(a.max_num_seqs),
-            "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+            "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+            "--host-kv-blocks", str(a.host_kv_blocks)]
 
 
 def sim_cmd(cfg: Config, a: argparse.Namespace, trace: Path, out: Path) -> list[str]:
@@ -276,7 +277,8 @@ def sim_with_overhead(cfg: Config, a: argparse.Namespace, trace: Path, out: Path
         timing_model=Overhead(),
         scheduler=SchedulerConfig(num_blocks=a.num_blocks, block_size=a.block_size,
                                   max_num_seqs=a.max_num_seqs,
-                                  max_num_batched_tokens=a.max_num_batched_tokens),
+                                  max_num_batched_tokens=a.max_num_batched_tokens,
+                                  host_kv_blocks=a.host_kv_blocks),
         arrival_speedup=cfg.bench_speedup, trace_block_size=TRACE_BLOCK,
         step_time_scale=(1 / cfg.engine_speedup,) * cfg.workers,
     )
@@ -377,6 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-blocks", type=int, default=16384)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--host-kv-blocks", type=int, default=0,
+                   help="KV tiers: a host tier of this many blocks per worker on both sides")
     p.add_argument("--burners", type=int, default=0,
                    help="busy-loop processes running beside each live run (CPU contention)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "sim-fidelity")

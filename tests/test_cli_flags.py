@@ -144,4 +144,5 @@ def test_keys_from_the_environment_are_used_and_never_shown(
     config, _ = frontend.config_from(parse("frontend"))
     assert config.api_keys == ("sk-one", "sk-two") and config.admin_key == "sk-admin"
     shown = subparser(["frontend"]).format_help() + repr(config)
-    assert "sk-" not in shown and "set (hidden)" in shown
+    assert not any(key in shown for key in ("sk-one", "sk-two", "sk-admin"))
+    assert "set (hidden)" in shown

@@ -37,10 +37,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def engine(model: Path, disk_dir: Path | None = None, *, num_blocks: int = 8,
-           host: int = 0, disk: int = 0) -> HfEngine:
+           host: int = 0, disk: int = 0, write_through: bool = False) -> HfEngine:
     """8 device blocks: two 100-token prompts do not fit together, so each evicts the other."""
     sched = SchedulerConfig(block_size=BLOCK, num_blocks=num_blocks, host_kv_blocks=host,
-                            disk_kv_blocks=disk, disk_kv_admission="all")
+                            disk_kv_blocks=disk, disk_kv_admission="all",
+                            host_kv_write_through=write_through)
     return HfEngine(EngineConfig(kind="hf", num_threads=1, scheduler=sched,
                                  disk_kv_dir=str(disk_dir) if disk_dir else None), model)
 
@@ -85,9 +86,11 @@ async def push_a_to_disk(eng: HfEngine, expected: dict[str, list[int]]) -> None:
     assert all(h in tiers.disk and h not in tiers.host for h in hashes(A))
 
 
+@pytest.mark.parametrize("write_through", [False, True])
 async def test_greedy_outputs_with_host_and_disk_tiers_equal_those_without(
-        tiny_dir: Path, tmp_path: Path, expected: dict[str, list[int]]) -> None:
-    eng = engine(tiny_dir, tmp_path, host=2, disk=64)
+        tiny_dir: Path, tmp_path: Path, expected: dict[str, list[int]],
+        write_through: bool) -> None:
+    eng = engine(tiny_dir, tmp_path, host=2, disk=64, write_through=write_through)
     await eng.start()
     try:
         await push_a_to_disk(eng, expected)

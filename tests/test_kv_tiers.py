@@ -204,6 +204,24 @@ def test_an_evicted_prefix_goes_to_host_and_comes_back_instead_of_being_recomput
     sched.check_invariants()
 
 
+def test_write_through_copies_each_newly_cached_block_down_at_once_and_evictions_copy_nothing():
+    from baton.config import SchedulerConfig
+    from baton.engine.scheduler import Scheduler
+
+    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, host_kv_blocks=8,
+                                      host_kv_write_through=True))
+    outs = _run(sched, "a", list(range(100, 109)), max_tokens=2)  # 2 full blocks, then a 3rd
+    cached = {b.block_hash: b.block_id for b in sched.pool.blocks if b.block_hash is not None}
+    assert len(cached) == 2
+    # the prompt's two blocks, cached by the first step, go down before the second runs
+    assert [(c.src_tier, c.src, c.dst_tier, c.dst) for c in outs[1].kv_copies] == [
+        (Tier.DEVICE, cached[h], Tier.HOST, slot) for slot, h in enumerate(cached)]
+    assert not outs[0].kv_copies
+    outs = _run(sched, "b", list(range(200, 213)))  # a's 2 cached blocks handed out again
+    assert not [c for o in outs for c in o.kv_copies if c.seq_hash in cached]  # already down
+    assert sched.tiers is not None and set(sched.tiers.host.lru_order()) >= set(cached)
+
+
 def test_a_failed_onboarding_recomputes_the_prefix():
     from baton.config import SchedulerConfig
     from baton.engine.request import Request

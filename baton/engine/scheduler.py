@@ -61,6 +61,7 @@ class Scheduler:
         self.pool = BlockPool(
             config.num_blocks, config.block_size, config.enable_prefix_caching, worker_id=worker_id,
             keep_evicted=self.tiers is not None,
+            keep_committed=self.tiers is not None and config.host_kv_write_through,
         )
         self._copies: list[Copy] = []
         """Tier copies planned by this ``schedule()``, in order."""
@@ -165,6 +166,9 @@ class Scheduler:
         """Pick this step's requests and token counts, allocating their blocks."""
         if self._in_flight is not None:
             raise RuntimeError("schedule() called twice without update_from_output()")
+        if self.tiers is not None and self.config.host_kv_write_through:
+            # blocks cached since the last step go down first, before any is handed out again
+            self._copies.extend(self.tiers.offload(self.pool.take_committed()))
         output = self._schedule_decodes() if self._decode_fast_path else None
         if output is None:
             output = self._schedule_general()

@@ -80,6 +80,7 @@ class BlockPool:
         *,
         worker_id: int = 0,
         keep_evicted: bool = False,
+        keep_committed: bool = False,
     ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
@@ -100,6 +101,8 @@ class BlockPool:
         self._next_event_id = 0
         # -- evicted blocks, for the tiers below (``take_evicted``)
         self._evicted: list[EvictedBlock] | None = [] if keep_evicted else None
+        # -- newly cached blocks, for a write-through tier below (``take_committed``)
+        self._committed: list[EvictedBlock] | None = [] if keep_committed else None
 
     # ---- counts -------------------------------------------------------------------------
 
@@ -182,6 +185,9 @@ class BlockPool:
                 block.parent_hash = parent_seq_hash
                 cached[seq_hash] = block
                 append_stored(self._events, parent_seq_hash, seq_hash, local_hash)
+                if self._committed is not None:
+                    self._committed.append(EvictedBlock(block.block_id, seq_hash, local_hash,
+                                                        parent_seq_hash))
             parent_seq_hash = seq_hash
 
     def clear(self) -> None:
@@ -218,6 +224,14 @@ class BlockPool:
         if not self._evicted:
             return []
         out, self._evicted = self._evicted, []
+        return out
+
+    def take_committed(self) -> list[EvictedBlock]:
+        """The blocks newly cached since the last call, with their ids and hashes (kept only
+        with ``keep_committed``: a write-through tier below copies them at once)."""
+        if not self._committed:
+            return []
+        out, self._committed = self._committed, []
         return out
 
     def free(self, blocks: Sequence[KVBlock]) -> None:
