@@ -115,7 +115,8 @@ def engine_args(a: argparse.Namespace) -> list[str]:
     return ["--block-size", str(a.block_size), "--num-blocks", str(a.num_blocks),
             "--max-num-seqs", str(a.max_num_seqs),
             "--max-num-batched-tokens", str(a.max_num_batched_tokens),
-            "--host-kv-blocks", str(a.host_kv_blocks)]
+            "--host-kv-blocks", str(a.host_kv_blocks),
+            "--kv-bytes-per-token", str(a.kv_bytes_per_token)]
 
 
 def sim_cmd(cfg: Config, a: argparse.Namespace, trace: Path, out: Path) -> list[str]:
@@ -381,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--host-kv-blocks", type=int, default=0,
                    help="KV tiers: a host tier of this many blocks per worker on both sides")
+    p.add_argument("--kv-bytes-per-token", type=int, default=131072,
+                   help="modelled KV bytes per token on both sides (onboarding times)")
     p.add_argument("--burners", type=int, default=0,
                    help="busy-loop processes running beside each live run (CPU contention)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "sim-fidelity")

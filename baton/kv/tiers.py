@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from baton.config import DiskAdmission
-from baton.kv.events import KvEventData, KvRemoved, KvStored, stored_chains
+from baton.kv.events import KvEventData, KvRemoved, KvStored, append_stored, stored_chains
 from baton.kv.hashing import LocalBlockHash, SequenceHash
 
 __all__ = ["Copy", "EvictedBlock", "HeldBlocks", "KvTiers", "Tier", "TierBlock", "TierStore"]
@@ -343,7 +343,7 @@ class HeldBlocks:
         changed = [h for h, mask in before.items()
                    if h in blocks and _fastest(mask) != _fastest(blocks[h].mask)]
         out: list[KvEventData] = [KvRemoved(removed)] if removed else []
-        return out + stored_chains(changed, self._info, self.tier)
+        return out + self._stored(changed)
 
     def snapshot(self) -> list[KvStored]:
         """Every held block as stored chains, parents first (one whose parent no tier holds
@@ -353,6 +353,30 @@ class HeldBlocks:
     def tier(self, block_hash: int) -> int:
         """The fastest tier holding a held block."""
         return _fastest(self._blocks[block_hash].mask)
+
+    def _stored(self, hashes: list[int]) -> list[KvEventData]:
+        """Held blocks as stored chains in their tiers, each after its parent when both are
+        listed; one whose parent no tier holds is left out (a router could not place it).
+        Only the listed blocks' own links are walked (a step's few new blocks, however long
+        the chains they end)."""
+        blocks, listed = self._blocks, set(hashes)
+        depth: dict[int, int] = {}
+        for h in hashes:
+            chain: list[int] = []
+            x: int | None = h
+            while x is not None and x in listed and x not in depth:
+                chain.append(x)
+                x = blocks[x].parent
+            level = depth[x] if x is not None and x in depth else -1
+            for y in reversed(chain):
+                level += 1
+                depth[y] = level
+        out: list[KvEventData] = []
+        for h in sorted(depth, key=depth.__getitem__):
+            entry = blocks[h]
+            if entry.parent is None or entry.parent in blocks:
+                append_stored(out, entry.parent, h, entry.local, _fastest(entry.mask))
+        return out
 
     def _apply(self, tier: Tier, event: KvEventData, before: dict[int, int]) -> None:
         bit = 1 << tier
