@@ -43,8 +43,6 @@ class TierCopier:
         self.device = device
         self.host = BlockStore(max(1, host_blocks), device.block_bytes)
         self.disk = disk
-        self.write_failures = 0
-        """Disk writes that failed (the block's later read fails and is recomputed)."""
         self._disk_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-disk")
         self._disk_jobs = threading.BoundedSemaphore(max_disk_jobs)
         self._arrivals: dict[int, tuple[Copy, Arrival]] = {}
@@ -121,8 +119,7 @@ class TierCopier:
         assert self.disk is not None, "a disk copy without a disk tier"
         try:
             self.disk.write(c.dst, c.seq_hash, c.local_hash, c.parent_hash, data)
-        except OSError as exc:
-            self.write_failures += 1
+        except OSError as exc:  # its read fails later: counted there, and recomputed
             log.warning("writing KV block %#x to disk slot %d failed: %s", c.seq_hash, c.dst, exc)
 
     def _read(self, c: Copy, arrival: Arrival | None) -> None:
