@@ -29,6 +29,8 @@ DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
 PreemptionMode = Literal["lifo", "fifo"]
 FaultMode = Literal["raise", "hang"]
 DiskAdmission = Literal["reused", "all"]
+PlannerMode = Literal["throughput", "load", "both"]
+PredictorKind = Literal["constant", "moving-average", "kalman"]
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 """The URL schemes a NATS client connects with."""
 
@@ -538,6 +540,71 @@ class FrontendConfig:
         require(all(k and k.strip() == k for k in self.api_keys), "api_keys",
                 "keys must be non-empty, without surrounding spaces")
         require(self.migration_limit >= 0, "migration_limit", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------- planner
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """The SLA planner: targets, how it predicts and reacts, and the guards on its scaling
+    (``docs/planner.md``). Pool bounds: ``agg`` for an aggregated pool, ``prefill`` and
+    ``decode`` for disaggregated ones."""
+
+    mode: PlannerMode = setting(
+        "both", "throughput = size pools from predicted traffic and the workers' profile; "
+        "load = react to queued prefill tokens, KV usage and observed TTFT/ITL; both = "
+        "load scaling above the throughput size", flag="planner")
+    ttft_ms: float = setting(500.0, "SLA: time to first token target, ms", flag="sla-ttft-ms")
+    itl_ms: float = setting(50.0, "SLA: inter-token latency target, ms", flag="sla-itl-ms")
+    throughput_interval_s: float = setting(
+        60.0, "throughput mode: seconds between predictions (and the window they predict)")
+    load_interval_s: float = setting(5.0, "load mode: seconds between reactions")
+    predictor: PredictorKind = setting(
+        "kalman", "throughput mode: how the next interval's request count, ISL and OSL are "
+        "predicted (the last value, a moving average, a local linear trend)")
+    min_observations: int = setting(
+        5, "observations a mode needs before it scales (cold start: none of them acts on "
+        "the first samples)", flag="planner-min-observations")
+    worker_startup_s: float = setting(
+        60.0, "seconds a new worker takes to serve: throughput mode sizes pools for the "
+        "traffic predicted that far ahead; workers still starting count as capacity to come")
+    scale_up_cooldown_s: float = setting(0.0, "seconds between two scale-ups of a pool")
+    scale_down_cooldown_s: float = setting(
+        300.0, "seconds after any change of a pool before it scales down")
+    scale_down_utilization: float = setting(
+        0.7, "hysteresis: a pool scales down only to a size whose predicted load stays under "
+        "this share of its capacity (throughput mode) or of the SLA (load mode)")
+    max_scale_step: int = setting(8, "workers a pool gains or loses in one decision at most")
+    min_workers: int = setting(1, "aggregated pool: fewest workers")
+    max_workers: int = setting(64, "aggregated pool: most workers")
+    min_prefill_workers: int = setting(1, "prefill pool: fewest workers")
+    max_prefill_workers: int = setting(64, "prefill pool: most workers")
+    min_decode_workers: int = setting(1, "decode pool: fewest workers")
+    max_decode_workers: int = setting(64, "decode pool: most workers")
+    max_total_workers: int | None = setting(
+        None, "budget: the pools together never exceed this", default_help="no budget")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("ttft_ms", "itl_ms", "throughput_interval_s", "load_interval_s"):
+            require(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name,
+                    "must be > 0")
+        for name in ("worker_startup_s", "scale_up_cooldown_s", "scale_down_cooldown_s"):
+            require(getattr(self, name) >= 0, name, "must be >= 0")
+        require(0 < self.scale_down_utilization <= 1, "scale_down_utilization",
+                "must be in (0, 1]")
+        _positive_ints(self, "max_scale_step", "min_observations")
+        for pool in ("", "prefill_", "decode_"):
+            low, high = getattr(self, f"min_{pool}workers"), getattr(self, f"max_{pool}workers")
+            require(0 <= low <= high, f"min_{pool}workers", f"must be 0..max_{pool}workers")
+        require(self.max_total_workers is None or self.max_total_workers >= 1,
+                "max_total_workers", "must be >= 1")
+
+    def bounds(self, pool: str) -> tuple[int, int]:
+        """(fewest, most) workers of pool ``agg``, ``prefill`` or ``decode``."""
+        prefix = "" if pool == "agg" else f"{pool}_"
+        return getattr(self, f"min_{prefix}workers"), getattr(self, f"max_{prefix}workers")
 
 
 # ------------------------------------------------------------------- deployment shape

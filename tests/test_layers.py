@@ -24,7 +24,7 @@ PURE = (
     "baton.kv", "baton.config", "baton.settings", "baton.protocol",
     "baton.engine.request", "baton.engine.scheduler", "baton.engine.step", "baton.engine.timing",
     "baton.router.indexer", "baton.router.sequences", "baton.router.kv_selector",
-    "baton.router.selectors", "baton.router.disagg",
+    "baton.router.selectors", "baton.router.disagg", "baton.planner",
 )
 """Modules (or packages: every module inside) that must stay pure cores."""
 IMPURE = ("asyncio", "socket", "ssl", "selectors", "threading", "subprocess", "concurrent",

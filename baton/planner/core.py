@@ -1,0 +1,296 @@
+"""The SLA planner's core: observations in, target worker counts out, each with its reason.
+
+``Planner.observe(observation)`` takes what the deployment looked like over the last
+interval (traffic: requests, mean ISL and OSL; per pool: workers ready, starting and
+draining, queued prefill tokens, KV usage, observed TTFT and ITL) and returns a ``Decision``:
+per pool (``agg``, or ``prefill`` and ``decode``) the target, what each mode proposed and the
+rule that set it. Its caller (a connector) starts or drains workers to reach the targets.
+
+Two modes, usable together (``--planner both``):
+
+- **throughput**: every ``throughput_interval_s``, predict the next intervals' request count,
+  ISL and OSL (``predictors.py``), ``worker_startup_s`` ahead (workers asked for now serve
+  then), and size each pool from one worker's capacity within the SLA (``profile.py``):
+  ``ceil(rate / capacity)``. Shrinking is held back by ``scale_down_utilization``: a pool
+  shrinks only to a size that the predicted rate loads to at most that share.
+- **load**: every ``load_interval_s``, react to the present: a pool grows by one when its
+  estimated TTFT (queued prefill tokens per worker over its prefill rate, or the observed
+  TTFT) or its ITL (observed, or KV usage above 0.9) is over target in ``min_observations``
+  intervals running, and shrinks by one when all of them were under
+  ``scale_down_utilization`` x target, also counting its load spread over one worker fewer.
+  An aggregated pool grows on either signal and shrinks only when both are low. With both
+  modes, the throughput size is a floor under the load mode's.
+
+Guards, in this order: no scale-up while a pool's workers are still starting (they are
+capacity to come), cooldowns (``scale_up_cooldown_s``; ``scale_down_cooldown_s`` after any
+change, so a pool does not flap), at most ``max_scale_step`` workers per decision, each
+pool's min and max, then the total budget (``max_total_workers``), shared in proportion to
+what the pools asked for. Cold start: neither mode acts before ``min_observations``
+intervals with traffic.
+
+Pure: no I/O, no clock (times come in the observations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from baton.config import PlannerConfig
+from baton.planner.predictors import Predictor, make_predictor
+from baton.planner.profile import WorkerProfile
+
+__all__ = ["Decision", "Observation", "Planner", "PoolDecision", "PoolObservation"]
+
+KV_USAGE_HIGH = 0.9
+"""Load mode: a decode (or aggregated) pool this full is over its ITL target."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolObservation:
+    ready: int
+    starting: int = 0
+    draining: int = 0
+    queued_prefill_tokens: int = 0
+    """Prompt tokens waiting or being prefilled on the pool's ready workers, together."""
+    kv_usage: float = 0.0
+    """Mean share of KV blocks in use on the ready workers."""
+    ttft_ms: float | None = None
+    itl_ms: float | None = None
+    """Observed over the interval (mean), None when no request reported one."""
+
+    @property
+    def workers(self) -> int:
+        """Serving or about to: ready plus starting (draining ones are leaving)."""
+        return self.ready + self.starting
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    now: float
+    window_s: float
+    num_requests: int
+    """Requests that arrived in the window."""
+    mean_isl: float
+    mean_osl: float
+    pools: dict[str, PoolObservation]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDecision:
+    pool: str
+    current: int
+    target: int
+    throughput_target: int | None = None
+    load_target: int | None = None
+    rule: str = ""
+    """Why the target is what it is (the rule that fired last, guards included)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    at: float
+    pools: tuple[PoolDecision, ...]
+    predicted_rate: float | None = None
+    predicted_isl: float | None = None
+    predicted_osl: float | None = None
+
+    def target(self, pool: str) -> int:
+        return next(p.target for p in self.pools if p.pool == pool)
+
+    @property
+    def changes(self) -> bool:
+        return any(p.target != p.current for p in self.pools)
+
+
+@dataclass(slots=True)
+class _PoolState:
+    last_up: float = -math.inf
+    last_change: float = -math.inf
+    over: int = 0
+    """Load mode: intervals running with a signal over target."""
+    under: int = 0
+    """Load mode: intervals running with every signal under the scale-down share."""
+
+
+@dataclass(slots=True)
+class _Traffic:
+    requests: Predictor
+    isl: Predictor
+    osl: Predictor
+
+
+class Planner:
+    """See the module docstring. ``pools``: ``("agg",)`` or ``("prefill", "decode")``."""
+
+    def __init__(self, config: PlannerConfig, profile: WorkerProfile,
+                 pools: tuple[str, ...] = ("agg",)) -> None:
+        if pools not in (("agg",), ("prefill", "decode")):
+            raise ValueError(f"pools must be ('agg',) or ('prefill', 'decode'), got {pools}")
+        self.config = config
+        self.profile = profile
+        self.pools = pools
+        kind, points = config.predictor, config.min_observations
+        self._traffic = _Traffic(make_predictor(kind, points), make_predictor(kind, points),
+                                 make_predictor(kind, points))
+        self._state = {p: _PoolState() for p in pools}
+        self._next_throughput = -math.inf
+        self._next_load = -math.inf
+        self._throughput_targets: dict[str, int] = {}
+        self.decisions: list[Decision] = []
+
+    @property
+    def next_due(self) -> float:
+        """When the next observation is due (the earlier of the modes' intervals)."""
+        due = []
+        if self.config.mode != "load":
+            due.append(self._next_throughput)
+        if self.config.mode != "throughput":
+            due.append(self._next_load)
+        return min(due)
+
+    def observe(self, obs: Observation) -> Decision:
+        """The targets after this observation (unchanged pools keep their size)."""
+        missing = set(self.pools) - set(obs.pools)
+        if missing:
+            raise ValueError(f"the observation lacks pools {sorted(missing)}")
+        cfg = self.config
+        predicted = None
+        if cfg.mode != "load" and obs.now >= self._next_throughput:
+            self._next_throughput = obs.now + cfg.throughput_interval_s
+            predicted = self._predict(obs)
+        load_due = cfg.mode != "throughput" and obs.now >= self._next_load
+        if load_due:
+            self._next_load = obs.now + cfg.load_interval_s
+        proposals = {}
+        for pool in self.pools:
+            seen = obs.pools[pool]
+            load = self._load_target(pool, seen) if load_due else None
+            proposals[pool] = self._guarded(pool, seen, obs.now, load)
+        decision = self._within_budget(obs, proposals, predicted)
+        for p in decision.pools:
+            state = self._state[p.pool]
+            if p.target > p.current:
+                state.last_up = obs.now
+            if p.target != p.current:
+                state.last_change = obs.now
+                state.over = state.under = 0
+        self.decisions.append(decision)
+        return decision
+
+    # ---- throughput ---------------------------------------------------------------------
+
+    def _predict(self, obs: Observation) -> tuple[float, float, float] | None:
+        """Feeds the predictors; the predicted rate (requests/s), ISL and OSL
+        ``worker_startup_s`` ahead, once they are ready; sets the throughput targets."""
+        t = self._traffic
+        t.requests.add(obs.num_requests)
+        if obs.num_requests:  # an idle window says nothing about lengths
+            t.isl.add(obs.mean_isl)
+            t.osl.add(obs.mean_osl)
+        if not (t.requests.ready and t.isl.ready and t.osl.ready):
+            self._throughput_targets = {}
+            return None
+        steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
+        rate = t.requests.predict(steps) / obs.window_s
+        isl, osl = t.isl.predict(steps), t.osl.predict(steps)
+        self._throughput_targets = {}
+        for pool in self.pools:
+            capacity = self.profile.requests_per_s(pool, isl, osl)
+            need = math.ceil(rate / capacity - 1e-9)
+            current = obs.pools[pool].workers
+            if need < current:  # hysteresis: shrink only to a size loaded at most this much
+                need = min(current, math.ceil(
+                    rate / (capacity * self.config.scale_down_utilization) - 1e-9))
+            self._throughput_targets[pool] = need
+        return rate, isl, osl
+
+    # ---- load ---------------------------------------------------------------------------
+
+    def _load_target(self, pool: str, seen: PoolObservation) -> int | None:
+        """One more or one fewer worker when the present load says so for long enough."""
+        if seen.ready == 0:
+            return None
+        over, under = self._pressure(pool, seen)
+        state = self._state[pool]
+        state.over = state.over + 1 if over else 0
+        state.under = state.under + 1 if under else 0
+        needed = self.config.min_observations
+        if state.over >= needed:
+            return seen.workers + 1
+        if state.under >= needed and seen.ready > 1:
+            return seen.workers - 1
+        return None
+
+    def _pressure(self, pool: str, seen: PoolObservation) -> tuple[bool, bool]:
+        """(some signal over target, every signal under the scale-down share even with one
+        worker fewer)."""
+        cfg = self.config
+        share = cfg.scale_down_utilization
+        fewer = seen.ready / (seen.ready - 1) if seen.ready > 1 else math.inf
+        signals = []  # (value now, target, value with one worker fewer)
+        if pool in ("agg", "prefill"):
+            queued_s = seen.queued_prefill_tokens / seen.ready / self.profile.prefill_tokens_per_s
+            ttft = max(1000 * queued_s, seen.ttft_ms or 0.0)
+            signals.append((ttft, cfg.ttft_ms, ttft * fewer))
+        if pool in ("agg", "decode"):
+            itl = seen.itl_ms or 0.0
+            signals.append((itl, cfg.itl_ms, itl * fewer))
+            signals.append((seen.kv_usage, KV_USAGE_HIGH, seen.kv_usage * fewer))
+        over = any(value > target for value, target, _ in signals)
+        under = all(spread <= share * target for _, target, spread in signals)
+        return over, under
+
+    # ---- guards -------------------------------------------------------------------------
+
+    def _guarded(self, pool: str, seen: PoolObservation, now: float,
+                 load: int | None) -> PoolDecision:
+        cfg = self.config
+        current = seen.workers
+        throughput = self._throughput_targets.get(pool)
+        target, rule = current, "no change"
+        if throughput is not None:
+            target, rule = throughput, "throughput: predicted rate / worker capacity"
+        if load is not None and (throughput is None or load > target):
+            target, rule = load, "load: " + ("over target" if load > current else "under target")
+        state = self._state[pool]
+        if target > current and seen.starting:
+            target, rule = current, "held: workers still starting"
+        elif target > current and now - state.last_up < cfg.scale_up_cooldown_s:
+            target, rule = current, "held: scale-up cooldown"
+        elif target < current and now - state.last_change < cfg.scale_down_cooldown_s:
+            target, rule = current, "held: scale-down cooldown"
+        step = cfg.max_scale_step
+        if abs(target - current) > step:
+            target, rule = current + step * (1 if target > current else -1), rule + "; max step"
+        low, high = cfg.bounds(pool)
+        if not low <= target <= high:
+            target, rule = min(max(target, low), high), rule + f"; bounds {low}..{high}"
+        return PoolDecision(pool, current, target, throughput, load, rule)
+
+    def _within_budget(self, obs: Observation, proposals: dict[str, PoolDecision],
+                       predicted: tuple[float, float, float] | None) -> Decision:
+        budget = self.config.max_total_workers
+        pools = [proposals[p] for p in self.pools]
+        total = sum(p.target for p in pools)
+        if budget is not None and total > budget:
+            pools = _share(pools, budget, {p: self.config.bounds(p)[0] for p in self.pools})
+        rate, isl, osl = predicted if predicted is not None else (None, None, None)
+        return Decision(obs.now, tuple(pools), rate, isl, osl)
+
+
+def _share(pools: list[PoolDecision], budget: int, floors: dict[str, int]) -> list[PoolDecision]:
+    """Targets cut to ``budget`` in proportion to what each pool asked (largest remainders
+    first), none under its floor."""
+    total = sum(p.target for p in pools)
+    exact = [p.target * budget / total for p in pools]
+    cut = [max(floors[p.pool], math.floor(x)) for p, x in zip(pools, exact, strict=True)]
+    order = sorted(range(len(pools)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
+    for i in order:
+        if sum(cut) >= budget:
+            break
+        cut[i] += 1
+    return [PoolDecision(p.pool, p.current, n, p.throughput_target, p.load_target,
+                         p.rule + f"; budget {budget}") if n != p.target else p
+            for p, n in zip(pools, cut, strict=True)]
+

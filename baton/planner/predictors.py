@@ -1,0 +1,131 @@
+"""Next-interval predictors for the planner's throughput mode: request count, ISL, OSL.
+
+Each takes one value per interval (``add``) and predicts ``steps`` intervals ahead
+(``predict``). All ignore the leading zeros of an idle start (a deployment that has seen no
+traffic yet has nothing to learn from) and read a NaN as 0. ``ready`` says whether enough
+values came to act on (``min_points``): until then the planner's throughput mode changes
+nothing, so cold-start samples cannot size a pool.
+
+- ``constant``: the last value;
+- ``moving-average``: the mean of the last ``window`` values;
+- ``kalman``: a local linear trend (level and slope) filtered with a Kalman filter, so a
+  ramp is followed ahead rather than behind; before ``min_points`` values, the last value.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Protocol
+
+from baton.config import PredictorKind
+
+__all__ = ["ConstantPredictor", "KalmanPredictor", "MovingAverage", "Predictor", "make_predictor"]
+
+
+class Predictor(Protocol):
+    def add(self, value: float) -> None: ...
+
+    def predict(self, steps: int = 1) -> float:
+        """The value expected ``steps`` intervals after the last one added (never < 0)."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Enough values (past the idle start) to act on."""
+        ...
+
+
+class _Base:
+    def __init__(self, min_points: int) -> None:
+        self.min_points = min_points
+        self.count = 0
+        """Values taken (leading zeros not counted)."""
+
+    def _take(self, value: float) -> float | None:
+        """The value to learn from, or None for a leading zero."""
+        value = 0.0 if math.isnan(value) else value
+        if self.count == 0 and value == 0:
+            return None
+        self.count += 1
+        return value
+
+    @property
+    def ready(self) -> bool:
+        return self.count >= self.min_points
+
+
+class ConstantPredictor(_Base):
+    def __init__(self, min_points: int = 1) -> None:
+        super().__init__(min_points)
+        self._last = 0.0
+
+    def add(self, value: float) -> None:
+        taken = self._take(value)
+        if taken is not None:
+            self._last = taken
+
+    def predict(self, steps: int = 1) -> float:
+        return self._last
+
+
+class MovingAverage(_Base):
+    def __init__(self, window: int = 5, min_points: int = 1) -> None:
+        super().__init__(min_points)
+        self._values: deque[float] = deque(maxlen=window)
+
+    def add(self, value: float) -> None:
+        taken = self._take(value)
+        if taken is not None:
+            self._values.append(taken)
+
+    def predict(self, steps: int = 1) -> float:
+        return sum(self._values) / len(self._values) if self._values else 0.0
+
+
+class KalmanPredictor(_Base):
+    """Local linear trend: state (level, slope), ``x' = F x`` with ``F = [[1, 1], [0, 1]]``,
+    observed level with noise ``r``, process noise ``q_level``, ``q_slope``."""
+
+    def __init__(self, min_points: int = 5, *, q_level: float = 1.0, q_slope: float = 0.1,
+                 r: float = 10.0) -> None:
+        super().__init__(min_points)
+        self.q_level, self.q_slope, self.r = q_level, q_slope, r
+        self._level = self._slope = 0.0
+        self._p = [[1000.0, 0.0], [0.0, 1000.0]]  # state covariance: unknown at first
+
+    def add(self, value: float) -> None:
+        taken = self._take(value)
+        if taken is None:
+            return
+        if self.count == 1:
+            self._level = taken
+            return
+        # predict one step
+        level, slope = self._level + self._slope, self._slope
+        (a, b), (c, d) = self._p
+        p00 = a + b + c + d + self.q_level
+        p01 = b + d
+        p10 = c + d
+        p11 = d + self.q_slope
+        # update with the observed level
+        s = p00 + self.r
+        k0, k1 = p00 / s, p10 / s
+        residual = taken - level
+        self._level, self._slope = level + k0 * residual, slope + k1 * residual
+        self._p = [[(1 - k0) * p00, (1 - k0) * p01], [p10 - k1 * p00, p11 - k1 * p01]]
+
+    def predict(self, steps: int = 1) -> float:
+        if self.count < self.min_points:
+            return max(0.0, self._level)  # the last value, until the trend can be trusted
+        return max(0.0, self._level + steps * self._slope)
+
+
+def make_predictor(kind: PredictorKind, min_points: int) -> Predictor:
+    if kind == "constant":
+        return ConstantPredictor(min_points)
+    if kind == "moving-average":
+        return MovingAverage(min_points=min_points)
+    return KalmanPredictor(min_points)

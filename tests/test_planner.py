@@ -1,0 +1,211 @@
+"""The planner's core with worked numbers: each mode, each guard (cold start, hysteresis,
+cooldowns, workers still starting, start-up delay, step, bounds, budget), and no oscillation
+on a steady load with noise.
+
+The worker profile throughout: 4,000 prompt tokens/s and 500 output tokens/s within the
+SLA. At ISL 2,000 and OSL 100 a prefill worker serves 4000 / 2000 = 2 requests/s, a decode
+worker 500 / 100 = 5, an aggregated one 1 / (2000/4000 + 100/500) = 1.43.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from baton.config import PlannerConfig
+from baton.planner import Observation, Planner, PoolObservation, WorkerProfile
+from baton.planner.predictors import ConstantPredictor, KalmanPredictor, MovingAverage
+
+PROFILE = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500)
+DISAGG = ("prefill", "decode")
+
+
+def config(**changes: object) -> PlannerConfig:
+    base = dict(mode="throughput", predictor="constant", min_observations=1,
+                worker_startup_s=0.0, scale_down_cooldown_s=0.0)
+    return PlannerConfig(**(base | changes))  # type: ignore[arg-type]
+
+
+def traffic(now: float, rps: float, pools: dict[str, PoolObservation], window: float = 60.0,
+            isl: float = 2000, osl: float = 100) -> Observation:
+    return Observation(now=now, window_s=window, num_requests=round(rps * window),
+                       mean_isl=isl, mean_osl=osl, pools=pools)
+
+
+def ready(n: int, **kw: object) -> PoolObservation:
+    return PoolObservation(ready=n, **kw)  # type: ignore[arg-type]
+
+
+def test_profile_capacities_are_the_worked_numbers() -> None:
+    assert PROFILE.requests_per_s("prefill", 2000, 100) == 2
+    assert PROFILE.requests_per_s("decode", 2000, 100) == 5
+    assert math.isclose(PROFILE.requests_per_s("agg", 2000, 100), 1 / 0.7)
+    with pytest.raises(ValueError, match="prefill_tokens_per_s"):
+        WorkerProfile(0, 1)
+
+
+def test_throughput_mode_sizes_prefill_and_decode_separately() -> None:
+    planner = Planner(config(), PROFILE, DISAGG)
+    d = planner.observe(traffic(0, 6, {"prefill": ready(1), "decode": ready(1)}))
+    assert (d.target("prefill"), d.target("decode")) == (3, 2)  # ceil(6/2), ceil(6/5)
+    assert d.predicted_rate == 6 and d.predicted_isl == 2000
+    assert all(p.rule.startswith("throughput") for p in d.pools)
+    # the traffic mix moves to long outputs: decode grows, prefill shrinks
+    d = planner.observe(traffic(60, 6, {"prefill": ready(3), "decode": ready(2)},
+                                isl=500, osl=400))
+    # prefill needs ceil(6/8) = 1, but shrinks only to ceil(6 / (8 x 0.7)) = 2 (hysteresis);
+    # decode grows to ceil(6/1.25) = 5
+    assert (d.target("prefill"), d.target("decode")) == (2, 5)
+
+
+def test_an_aggregated_pool_is_sized_by_its_shared_time() -> None:
+    d = Planner(config(), PROFILE).observe(traffic(0, 6, {"agg": ready(1)}))
+    assert d.target("agg") == 5  # ceil(6 / 1.43)
+
+
+def test_hysteresis_shrinks_only_to_a_size_loaded_at_most_the_scale_down_share() -> None:
+    planner = Planner(config(), PROFILE, DISAGG)
+    pools = {"prefill": ready(3), "decode": ready(2)}
+    assert planner.observe(traffic(0, 4, pools)).target("prefill") == 3  # 4/2 = 2 < 3, but
+    # 2 workers would run at 100 % > 70 %: ceil(4 / (2 x 0.7)) = 3
+    assert planner.observe(traffic(60, 2.5, pools)).target("prefill") == 2  # ceil(2.5/1.4)
+
+
+def test_cold_start_and_idle_windows_do_not_size_a_pool() -> None:
+    planner = Planner(config(min_observations=3), PROFILE)
+    for t in (0, 60):  # an idle start: leading zeros are not observations
+        assert planner.observe(traffic(t, 0, {"agg": ready(1)})).target("agg") == 1
+    for t in (120, 180):  # two windows of traffic: not enough yet, whatever their size
+        d = planner.observe(traffic(t, 50, {"agg": ready(1)}))
+        assert d.target("agg") == 1 and d.predicted_rate is None
+    assert planner.observe(traffic(240, 6, {"agg": ready(1)})).target("agg") == 5
+
+
+def test_sizing_looks_a_start_up_delay_ahead_on_a_ramp() -> None:
+    def target_after_ramp(startup: float) -> int:
+        planner = Planner(config(predictor="kalman", worker_startup_s=startup,
+                                 min_observations=3), PROFILE)
+        d = None
+        for i in range(8):  # 1, 2, 3, ... requests/s: one more every minute
+            d = planner.observe(traffic(60 * i, i + 1, {"agg": ready(1)}))
+        assert d is not None
+        return d.target("agg")
+
+    now = target_after_ramp(0)  # 9 req/s next minute: ceil(9 / 1.43) = 7
+    ahead = target_after_ramp(120)  # 11 req/s three minutes on: 8
+    assert (now, ahead) == (7, 8)
+
+
+def test_workers_still_starting_hold_further_scale_ups() -> None:
+    planner = Planner(config(), PROFILE)
+    d = planner.observe(traffic(0, 6, {"agg": PoolObservation(ready=1, starting=4)}))
+    assert d.target("agg") == 5 and not d.changes  # the 4 starting ones are counted
+    d = planner.observe(traffic(60, 9, {"agg": PoolObservation(ready=1, starting=4)}))
+    assert d.target("agg") == 5 and d.pools[0].rule == "held: workers still starting"
+
+
+def test_cooldowns_keep_a_pool_from_flapping() -> None:
+    planner = Planner(config(scale_down_cooldown_s=300, scale_up_cooldown_s=120), PROFILE)
+    assert planner.observe(traffic(0, 6, {"agg": ready(1)})).target("agg") == 5
+    d = planner.observe(traffic(60, 1, {"agg": ready(5)}))
+    assert d.target("agg") == 5 and d.pools[0].rule == "held: scale-down cooldown"
+    d = planner.observe(traffic(120, 9, {"agg": ready(5)}))
+    assert d.target("agg") == 7  # 120 s after the last scale-up: allowed
+    d = planner.observe(traffic(180, 12, {"agg": ready(7)}))
+    assert d.target("agg") == 7 and d.pools[0].rule == "held: scale-up cooldown"
+    assert planner.observe(traffic(420, 1, {"agg": ready(7)})).target("agg") == 1
+
+
+def test_step_bounds_and_budget_cap_the_targets() -> None:
+    d = Planner(config(max_scale_step=4), PROFILE).observe(traffic(0, 30, {"agg": ready(1)}))
+    assert d.target("agg") == 5 and d.pools[0].rule.endswith("max step")  # wanted 21
+    d = Planner(config(max_workers=3), PROFILE).observe(traffic(0, 30, {"agg": ready(1)}))
+    assert d.target("agg") == 3 and "bounds 1..3" in d.pools[0].rule
+    d = Planner(config(min_workers=2), PROFILE).observe(traffic(0, 0.1, {"agg": ready(4)}))
+    assert d.target("agg") == 2
+    budget = Planner(config(max_total_workers=5), PROFILE, DISAGG)
+    d = budget.observe(traffic(0, 12, {"prefill": ready(1), "decode": ready(1)}))
+    # asked 6 and 3 (ceil(12/2), ceil(12/5)); 5 shared in proportion: 3.33 and 1.67
+    assert (d.target("prefill"), d.target("decode")) == (3, 2)
+    assert all("budget 5" in p.rule for p in d.pools)
+
+
+def test_load_mode_grows_on_queued_prefill_and_shrinks_when_every_signal_is_low() -> None:
+    planner = Planner(config(mode="load", min_observations=2), PROFILE)
+    busy = PoolObservation(ready=2, queued_prefill_tokens=12000, itl_ms=20, kv_usage=0.3)
+    # 12,000 tokens over 2 workers at 4,000 tokens/s: 1.5 s to first token > 500 ms
+    assert planner.observe(traffic(0, 1, {"agg": busy})).target("agg") == 2  # once: wait
+    d = planner.observe(traffic(5, 1, {"agg": busy}))
+    assert d.target("agg") == 3 and d.pools[0].rule == "load: over target"
+    calm = PoolObservation(ready=3, ttft_ms=100, itl_ms=10, kv_usage=0.1)
+    # with 2 workers: TTFT 150 <= 350 (0.7 x 500), ITL 15 <= 35, KV 0.15 <= 0.63
+    planner.observe(traffic(10, 1, {"agg": calm}))
+    assert planner.observe(traffic(15, 1, {"agg": calm})).target("agg") == 2
+    # an aggregated pool shrinks only when both phases are calm
+    decoding = PoolObservation(ready=3, ttft_ms=100, itl_ms=30, kv_usage=0.1)  # 45 > 35
+    for t in (20, 25, 30):
+        assert planner.observe(traffic(t, 1, {"agg": decoding})).target("agg") == 3
+
+
+def test_load_mode_watches_each_disaggregated_pool_with_its_own_signal() -> None:
+    planner = Planner(config(mode="load", min_observations=1), PROFILE, DISAGG)
+    d = planner.observe(traffic(0, 1, {
+        "prefill": PoolObservation(ready=2, ttft_ms=200),
+        "decode": PoolObservation(ready=2, itl_ms=20, kv_usage=0.95)}))  # KV nearly full
+    assert (d.target("prefill"), d.target("decode")) == (2, 3)
+
+
+def test_with_both_modes_the_throughput_size_is_a_floor_under_load_scaling() -> None:
+    planner = Planner(config(mode="both", min_observations=1), PROFILE)
+    calm = PoolObservation(ready=5, ttft_ms=10, itl_ms=5, kv_usage=0.05)
+    d = planner.observe(traffic(0, 6, {"agg": calm}))  # load says 4, throughput 5
+    assert d.target("agg") == 5 and d.pools[0].load_target == 4
+    busy = PoolObservation(ready=5, ttft_ms=900, itl_ms=5, kv_usage=0.5)
+    d = planner.observe(traffic(5, 6, {"agg": busy}))  # throughput not due: load adds one
+    assert d.target("agg") == 6 and d.pools[0].rule == "load: over target"
+
+
+@pytest.mark.parametrize("predictor", ["constant", "moving-average", "kalman"])
+def test_a_steady_load_with_noise_scales_up_once_and_never_oscillates(predictor: str) -> None:
+    rng = random.Random(1)
+    planner = Planner(config(predictor=predictor, min_observations=3,
+                             scale_down_cooldown_s=300), PROFILE)
+    workers, moves = 1, []
+    for i in range(120):  # two hours of minutes at 6 requests/s +- 10 %
+        d = planner.observe(traffic(60 * i, 6 * rng.uniform(0.9, 1.1), {"agg": ready(workers)}))
+        if d.target("agg") != workers:
+            moves.append(d.target("agg") - workers)
+            workers = d.target("agg")
+    assert all(m > 0 for m in moves) and len(moves) <= 2, moves
+    assert workers in (5, 6)  # ceil(6.6 / 1.43) = 5 at the top of the noise
+
+
+def test_predictors_skip_an_idle_start_read_nan_as_zero_and_follow_a_ramp() -> None:
+    for p in (ConstantPredictor(2), MovingAverage(3, min_points=2), KalmanPredictor(2)):
+        p.add(0)
+        p.add(0)
+        assert not p.ready
+        p.add(10)
+        p.add(float("nan"))
+        assert p.ready
+    kalman = KalmanPredictor(3)
+    for v in range(10, 200, 10):
+        kalman.add(v)
+    assert 195 <= kalman.predict(1) <= 205 and 215 <= kalman.predict(3) <= 225
+    average = MovingAverage(3)
+    for v in (1, 2, 3, 4):
+        average.add(v)
+    assert average.predict() == 3
+
+
+def test_planner_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="min_prefill_workers"):
+        PlannerConfig(min_prefill_workers=5, max_prefill_workers=2)
+    with pytest.raises(ValueError, match="scale_down_utilization"):
+        PlannerConfig(scale_down_utilization=0)
+    with pytest.raises(ValueError, match="pools"):
+        Planner(PlannerConfig(), PROFILE, ("decode",))
+    assert dataclasses.replace(PlannerConfig(), mode="load").bounds("decode") == (1, 64)
