@@ -209,3 +209,21 @@ def test_planner_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="pools"):
         Planner(PlannerConfig(), PROFILE, ("decode",))
     assert dataclasses.replace(PlannerConfig(), mode="load").bounds("decode") == (1, 64)
+
+
+def test_a_profile_from_step_times_has_the_worked_capacities() -> None:
+    def step_ms(prefill: int, decoding: int, kv_in_use: int, kv_total: int) -> float:
+        return 10 + prefill * 0.01 + (5 + 0.5 * decoding if decoding else 0)
+
+    profile = WorkerProfile.from_step_times(step_ms, isl=1000, osl=100, ttft_ms=100, itl_ms=25.5,
+                                            max_num_batched_tokens=8192, max_num_seqs=256,
+                                            kv_tokens=1_000_000)
+    # prefill: 1,000 tokens in a 20 ms step = 50,000 tokens/s; one prompt takes 20 ms, so the
+    # slack is 100/20 - 1 = 4 and the M/D/1 utilization 8/9
+    assert math.isclose(profile.prefill_tokens_per_s, 50_000 * 8 / 9)
+    # decode: 15 + 0.5 B <= 25.5 up to B = 21, 21 tokens per 25.5 ms
+    assert math.isclose(profile.decode_tokens_per_s, 21 / 0.0255)
+    with pytest.raises(ValueError, match="first token"):
+        WorkerProfile.from_step_times(step_ms, isl=1000, osl=100, ttft_ms=15, itl_ms=50,
+                                      max_num_batched_tokens=8192, max_num_seqs=256,
+                                      kv_tokens=1_000_000)

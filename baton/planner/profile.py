@@ -6,15 +6,31 @@ within target. A prefill pool then serves ``prefill_tokens_per_s / ISL`` request
 worker, a decode pool ``decode_tokens_per_s / OSL``, and an aggregated worker, which shares
 its time between both, ``1 / (ISL / prefill_tokens_per_s + OSL / decode_tokens_per_s)``.
 
+``from_step_times`` derives a profile from a step-time function (the simulated engine's
+timing model, ``engine/timing.py``) instead of a measurement:
+
+- prefill: prompts go through in chunks of ``max_num_batched_tokens``; at full speed a worker
+  computes ``chunk / step time`` tokens/s and one prompt takes ``s`` (the sum of its chunks'
+  steps). Arrivals queue, so it runs at the utilization ``rho`` whose mean wait keeps the TTFT
+  within target: with an M/D/1 queue the wait is ``s x rho / (2 (1 - rho))``, so
+  ``rho = 2x / (1 + 2x)`` with ``x = ttft / s - 1``;
+- decode: the largest batch (up to ``max_num_seqs`` and the KV cache, at context ISL + OSL/2)
+  whose step stays within the ITL target, over that step's time.
+
 Pure: no I/O (a profile file is read by the caller).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["WorkerProfile"]
+__all__ = ["StepTime", "WorkerProfile"]
+
+StepTime = Callable[[int, int, int, int], float]
+"""Milliseconds of a step: (prefill tokens, decoding requests, KV tokens in use, KV tokens in
+all), as ``TimingModel.step_ms``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +54,34 @@ class WorkerProfile:
         if pool == "decode":
             return 1 / decode_s
         return 1 / (prefill_s + decode_s)
+
+    @classmethod
+    def from_step_times(cls, step_ms: StepTime, *, isl: int, osl: int, ttft_ms: float,
+                        itl_ms: float, max_num_batched_tokens: int, max_num_seqs: int,
+                        kv_tokens: int) -> WorkerProfile:
+        """One worker's capacity within the SLA at these lengths (see the module docstring);
+        ``ValueError`` when a single request cannot meet a target at all."""
+        chunk = min(max_num_batched_tokens, max(isl, 1))
+        full_speed = chunk / (step_ms(chunk, 0, 0, kv_tokens) / 1000)
+        service_ms, done = 0.0, 0
+        while done < isl:
+            n = min(chunk, isl - done)
+            service_ms += step_ms(n, 0, done, kv_tokens)
+            done += n
+        if service_ms >= ttft_ms:
+            raise ValueError(f"a {isl}-token prompt alone takes {service_ms:.0f} ms to its "
+                             f"first token, more than the {ttft_ms:g} ms target")
+        slack = ttft_ms / service_ms - 1
+        prefill = full_speed * 2 * slack / (1 + 2 * slack)
+        context = isl + osl // 2
+        fits = min(max_num_seqs, kv_tokens // max(isl + osl, 1))
+        best = 0.0
+        for batch in range(1, fits + 1):
+            step = step_ms(0, batch, batch * context, kv_tokens)
+            if step > itl_ms:
+                break
+            best = max(best, batch / (step / 1000))
+        if best == 0:
+            raise ValueError(f"one decoding request's step exceeds the {itl_ms:g} ms ITL "
+                             "target (or one request does not fit the KV cache)")
+        return cls(prefill_tokens_per_s=prefill, decode_tokens_per_s=best)
