@@ -29,7 +29,7 @@ DisaggPolicy = Literal["always", "isl", "load", "isl_or_load"]
 PreemptionMode = Literal["lifo", "fifo"]
 FaultMode = Literal["raise", "hang"]
 DiskAdmission = Literal["reused", "all"]
-PlannerMode = Literal["throughput", "load", "both"]
+PlannerMode = Literal["off", "throughput", "load", "both"]
 PredictorKind = Literal["constant", "moving-average", "kalman"]
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 """The URL schemes a NATS client connects with."""
@@ -554,14 +554,14 @@ class PlannerConfig:
     mode: PlannerMode = setting(
         "both", "throughput = size pools from predicted traffic and the workers' profile; "
         "load = react to queued prefill tokens, KV usage and observed TTFT/ITL; both = "
-        "load scaling above the throughput size", flag="planner")
+        "load scaling above the throughput size; off = no planner", flag="planner")
     ttft_ms: float = setting(500.0, "SLA: time to first token target, ms", flag="sla-ttft-ms")
     itl_ms: float = setting(50.0, "SLA: inter-token latency target, ms", flag="sla-itl-ms")
     throughput_interval_s: float = setting(
         60.0, "throughput mode: seconds between predictions (and the window they predict)")
     load_interval_s: float = setting(5.0, "load mode: seconds between reactions")
     predictor: PredictorKind = setting(
-        "kalman", "throughput mode: how the next interval's request count, ISL and OSL are "
+        "constant", "throughput mode: how the next interval's request count, ISL and OSL are "
         "predicted (the last value, a moving average, a local linear trend)")
     min_observations: int = setting(
         5, "observations a mode needs before it scales (cold start: none of them acts on "
@@ -571,7 +571,7 @@ class PlannerConfig:
         "traffic predicted that far ahead; workers still starting count as capacity to come")
     scale_up_cooldown_s: float = setting(0.0, "seconds between two scale-ups of a pool")
     scale_down_cooldown_s: float = setting(
-        300.0, "seconds after any change of a pool before it scales down")
+        120.0, "seconds after any change of a pool before it scales down")
     scale_down_utilization: float = setting(
         0.7, "hysteresis: a pool scales down only to a size whose predicted load stays under "
         "this share of its capacity (throughput mode) or of the SLA (load mode)")

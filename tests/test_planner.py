@@ -134,6 +134,8 @@ def test_step_bounds_and_budget_cap_the_targets() -> None:
 
 
 def test_load_mode_grows_on_queued_prefill_and_shrinks_when_every_signal_is_low() -> None:
+    """Growing reads the queue; an observed TTFT alone (requests that queued before) does
+    not add a worker, but keeps a pool from shrinking."""
     planner = Planner(config(mode="load", min_observations=2), PROFILE)
     busy = PoolObservation(ready=2, queued_prefill_tokens=12000, itl_ms=20, kv_usage=0.3)
     # 12,000 tokens over 2 workers at 4,000 tokens/s: 1.5 s to first token > 500 ms
@@ -144,9 +146,12 @@ def test_load_mode_grows_on_queued_prefill_and_shrinks_when_every_signal_is_low(
     # with 2 workers: TTFT 150 <= 350 (0.7 x 500), ITL 15 <= 35, KV 0.15 <= 0.63
     planner.observe(traffic(10, 1, {"agg": calm}))
     assert planner.observe(traffic(15, 1, {"agg": calm})).target("agg") == 2
+    lagging = PoolObservation(ready=2, ttft_ms=3000, itl_ms=10, kv_usage=0.1)
+    for t in (20, 25, 30):
+        assert planner.observe(traffic(t, 1, {"agg": lagging})).target("agg") == 2
     # an aggregated pool shrinks only when both phases are calm
     decoding = PoolObservation(ready=3, ttft_ms=100, itl_ms=30, kv_usage=0.1)  # 45 > 35
-    for t in (20, 25, 30):
+    for t in (35, 40, 45):
         assert planner.observe(traffic(t, 1, {"agg": decoding})).target("agg") == 3
 
 
@@ -163,9 +168,15 @@ def test_with_both_modes_the_throughput_size_is_a_floor_under_load_scaling() -> 
     calm = PoolObservation(ready=5, ttft_ms=10, itl_ms=5, kv_usage=0.05)
     d = planner.observe(traffic(0, 6, {"agg": calm}))  # load says 4, throughput 5
     assert d.target("agg") == 5 and d.pools[0].load_target == 4
-    busy = PoolObservation(ready=5, ttft_ms=900, itl_ms=5, kv_usage=0.5)
+    # 15,000 queued tokens over 5 workers at 4,000 tokens/s: 750 ms > 500
+    busy = PoolObservation(ready=5, queued_prefill_tokens=15000, itl_ms=5, kv_usage=0.5)
     d = planner.observe(traffic(5, 6, {"agg": busy}))  # throughput not due: load adds one
     assert d.target("agg") == 6 and d.pools[0].rule == "load: over target"
+    # traffic falls to 2 requests/s: both modes would shrink; the throughput size says how
+    # far (ceil(2 / (1.43 x 0.7)) = 2), not one worker at a time
+    calm6 = dataclasses.replace(calm, ready=6)
+    d = planner.observe(traffic(60, 2, {"agg": calm6}))
+    assert d.target("agg") == 2 and d.pools[0].rule.endswith("load under target")
 
 
 @pytest.mark.parametrize("predictor", ["constant", "moving-average", "kalman"])

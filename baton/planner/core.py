@@ -14,12 +14,14 @@ Two modes, usable together (``--planner both``):
   ``ceil(rate / capacity)``. Shrinking is held back by ``scale_down_utilization``: a pool
   shrinks only to a size that the predicted rate loads to at most that share.
 - **load**: every ``load_interval_s``, react to the present: a pool grows by one when its
-  estimated TTFT (queued prefill tokens per worker over its prefill rate, or the observed
-  TTFT) or its ITL (observed, or KV usage above 0.9) is over target in ``min_observations``
-  intervals running, and shrinks by one when all of them were under
+  estimated TTFT (queued prefill tokens per worker over its prefill rate, while that queue
+  is not shrinking) or its ITL (the step times now, while they are not falling; or a KV
+  usage above 0.9) is over target in ``min_observations`` intervals running, and shrinks by one when all of them, the observed TTFT too, were under
   ``scale_down_utilization`` x target, also counting its load spread over one worker fewer.
-  An aggregated pool grows on either signal and shrinks only when both are low. With both
-  modes, the throughput size is a floor under the load mode's.
+  Growing reads the queue, not the TTFTs observed (those lag: requests that queued before a
+  scale-up report their wait after it). An aggregated pool grows on either signal and
+  shrinks only when both are low. With both modes, the throughput size is a floor under the
+  load mode's, and when both would shrink a pool it goes to the throughput size.
 
 Guards, in this order: no scale-up while a pool's workers are still starting (they are
 capacity to come), cooldowns (``scale_up_cooldown_s``; ``scale_down_cooldown_s`` after any
@@ -111,6 +113,10 @@ class _PoolState:
     """Load mode: intervals running with a signal over target."""
     under: int = 0
     """Load mode: intervals running with every signal under the scale-down share."""
+    queued: int = 0
+    """Load mode: the queued prompt tokens last observed."""
+    itl: float = 0.0
+    """Load mode: the ITL last observed, ms."""
 
 
 @dataclass(slots=True)
@@ -125,6 +131,8 @@ class Planner:
 
     def __init__(self, config: PlannerConfig, profile: WorkerProfile,
                  pools: tuple[str, ...] = ("agg",)) -> None:
+        if config.mode == "off":
+            raise ValueError("the planner's mode is off")
         if pools not in (("agg",), ("prefill", "decode")):
             raise ValueError(f"pools must be ('agg',) or ('prefill', 'decode'), got {pools}")
         self.config = config
@@ -230,12 +238,24 @@ class Planner:
         fewer = seen.ready / (seen.ready - 1) if seen.ready > 1 else math.inf
         signals = []  # (value now, target, value with one worker fewer)
         if pool in ("agg", "prefill"):
-            queued_s = seen.queued_prefill_tokens / seen.ready / self.profile.prefill_tokens_per_s
-            ttft = max(1000 * queued_s, seen.ttft_ms or 0.0)
-            signals.append((ttft, cfg.ttft_ms, ttft * fewer))
+            # Growing reads the queue (the TTFT a request arriving now would see), and only
+            # while it is not draining: a backlog queued on the workers it came to drains at
+            # their pace whatever is added. The TTFTs observed are those of requests that
+            # queued earlier: they lag and would keep adding workers; shrinking needs both low.
+            state = self._state[pool]
+            queued = 1000 * seen.queued_prefill_tokens / seen.ready / self.profile.prefill_tokens_per_s
+            draining = seen.queued_prefill_tokens < state.queued
+            state.queued = seen.queued_prefill_tokens
+            observed = max(queued, seen.ttft_ms or 0.0)
+            signals.append((0.0 if draining else queued, cfg.ttft_ms, observed * fewer))
         if pool in ("agg", "decode"):
+            # likewise only while the step times are not falling (a backlog mixing prefill
+            # chunks into the decodes' steps clears at its own pace)
+            state = self._state[pool]
             itl = seen.itl_ms or 0.0
-            signals.append((itl, cfg.itl_ms, itl * fewer))
+            falling = itl < state.itl
+            state.itl = itl
+            signals.append((0.0 if falling else itl, cfg.itl_ms, itl * fewer))
             signals.append((seen.kv_usage, KV_USAGE_HIGH, seen.kv_usage * fewer))
         over = any(value > target for value, target, _ in signals)
         under = all(spread <= share * target for _, target, spread in signals)
@@ -251,8 +271,12 @@ class Planner:
         target, rule = current, "no change"
         if throughput is not None:
             target, rule = throughput, "throughput: predicted rate / worker capacity"
-        if load is not None and (throughput is None or load > target):
-            target, rule = load, "load: " + ("over target" if load > current else "under target")
+        if load is not None and load > current:  # the load mode adds above the floor
+            target, rule = max(load, target), "load: over target"
+        elif load is not None and throughput is None:
+            target, rule = load, "load: under target"
+        elif load is not None and throughput is not None and throughput < current:
+            rule += ", load under target"  # both shrink: the throughput size says how far
         state = self._state[pool]
         if target > current and seen.starting:
             target, rule = current, "held: workers still starting"

@@ -18,7 +18,10 @@ Events, processed in (time, sequence number) order:
   its next step at once, or goes idle;
 - KV events (only with ``kv_event_delay_s > 0``): a step's KV events reach the router's index
   after that delay; with 0 they are applied when the step completes;
-- KV load done (disaggregated only): a decode leg's copy of the blocks it lacked ends.
+- KV load done (disaggregated only): a decode leg's copy of the blocks it lacked ends;
+- with ``--planner``: a planner decision (``sim/scaling.py``, the virtual connector) at the
+  planner's intervals, and a started worker becoming ready ``worker_startup_s`` after it was
+  asked for. A drained worker stops once its last request finished.
 
 Disaggregated (``SimConfig.pools.disaggregated``), as live serving does it (``docs/disagg.md``): at arrival
 ``decide`` (conditional disaggregation) looks at the decode pool's cached tokens and the
@@ -32,6 +35,9 @@ At equal times, pending heap events (step completions, KV events, loads) are han
 arrivals. Sampled tokens are always id 1 with ``ignore_eos``, so every request runs to
 ``max(1, output_length)`` tokens. Records use the same ``RequestRecord`` as ``baton bench``,
 with times in virtual seconds since the first arrival.
+
+Size: one event loop; its handlers share the heap, the clock, the live requests and the
+pools, and split apart each would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from baton.sim.config import SimConfig
 from baton.sim.disagg import DisaggStats, SimRoute, held_kv_params, transfer_seconds
 from baton.sim.pool import SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
+from baton.sim.scaling import ScalingReport, SimScaler, idle
 from baton.trace import TraceRequest
 from baton.trace.sessions import History, SessionPlan
 
@@ -70,6 +77,8 @@ _STEP = 0
 _KV = 1
 _LOAD = 2
 _TURN = 3
+_PLAN = 4
+_READY = 5
 
 
 class _Live:
@@ -130,6 +139,12 @@ class Cluster:
         self._history = History(self._plan)
         self._chosen: list[TraceRequest] = []
         self._t0_ms = 0.0
+        self.scaler: SimScaler | None = None
+        """With ``--planner``: the planner and its virtual connector (set by ``run``)."""
+        self.scaling: ScalingReport | None = None
+        """What the planner did (after ``run``)."""
+        self._next_worker_id = itertools.count(config.total_workers)
+        self._arrivals_left = 0
 
     def _pool(self, role: WorkerRole, first_id: int, count: int) -> SimPool:
         cfg = self.config
@@ -154,9 +169,16 @@ class Cluster:
         return sum(w.num_steps for w in self.workers)
 
     def busy_shares(self) -> dict[str, float]:
-        """Per pool role: the share of virtual time its workers spent in steps (mean)."""
+        """Per pool role: the share of its workers' time they spent in steps (mean; with a
+        planner, over the worker-seconds it paid for)."""
         span = self.now or 1.0
-        return {p.role: p.busy_s / (span * len(p.workers)) for p in self.pools}
+        busy = {p.role: 0.0 for p in self.pools}
+        for w in self.workers:
+            busy[w.pool.role] += w.busy_s
+        if self.scaling is not None:
+            paid = self.scaling.worker_seconds
+            return {role: b / (paid[role] or 1.0) for role, b in busy.items()}
+        return {p.role: busy[p.role] / (span * len(p.workers)) for p in self.pools}
 
     def disagg_stats(self) -> DisaggStats | None:
         if self.prefill is None:
@@ -176,6 +198,8 @@ class Cluster:
         self._plan = plan = SessionPlan(chosen)
         self._history = History(plan)
         clocked = plan.clocked
+        if cfg.planner.mode != "off":
+            self._start_planner(chosen)
         self._t0_ms = t0_ms = min(chosen[i].timestamp for i in clocked)
         speedup = cfg.arrival_speedup
         arrivals = sorted(((chosen[i].timestamp - t0_ms) / 1000.0 / speedup, i) for i in clocked)
@@ -183,6 +207,7 @@ class Cluster:
         heap = self._heap
         pop = heapq.heappop
         i, n = 0, len(arrivals)
+        self._arrivals_left = n
         next_arrival = arrivals[0][0]
         while True:
             if heap and heap[0][0] <= next_arrival:
@@ -195,11 +220,16 @@ class Cluster:
                 elif kind == _TURN:
                     turn: int = payload  # type: ignore[assignment]  # a session's next turn
                     records[turn] = self._arrive(turn, chosen[turn])
+                elif kind == _PLAN:
+                    self._plan_tick()
+                elif kind == _READY:
+                    self._ready(payload)  # type: ignore[arg-type]  # a SimWorker
                 else:
                     self._load_done(*payload)  # type: ignore[misc]  # (worker, id, from tiers)
             elif i < n:
                 at, index = arrivals[i]
                 i += 1
+                self._arrivals_left = n - i
                 next_arrival = arrivals[i][0] if i < n else math.inf
                 self.now = at
                 records[index] = self._arrive(index, chosen[index])
@@ -207,6 +237,8 @@ class Cluster:
                 break
         if self._live:  # pragma: no cover - would be a scheduler bug
             raise RuntimeError(f"{len(self._live)} requests never finished")
+        if self.scaler is not None:
+            self.scaling = self.scaler.finish(self.now)
         return records  # type: ignore[return-value]  # every slot is filled: each index arrives once
 
     # ------------------------------------------------------------------ arrivals
@@ -221,6 +253,8 @@ class Cluster:
             return record
         sampling = SamplingParams(max_tokens=max(1, trace.output_length), ignore_eos=True)
         request = Request(f"sim-{index}", tokens, sampling)
+        if self.scaler is not None:
+            self.scaler.arrived(len(tokens), sampling.max_tokens)
         live = _Live(record, tokens)
         if self.prefill is None:
             self._submit_local(live, request)
@@ -364,6 +398,7 @@ class Cluster:
         assert leg is not None
         source = leg.source
         source.scheduler.release_held(request_id)
+        self._stop_if_drained(source)
         for w in (worker, source):
             self._publish_kv_events(w, w.scheduler.take_kv_events())
             if self._check_invariants:
@@ -420,6 +455,8 @@ class Cluster:
             pool.router.observe_steps(worker.worker_id, [StepSample(
                 out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
                 out.num_kv_tokens_total, worker.step_s)], None)
+        if self.scaler is not None:
+            self.scaler.stepped(pool.role, worker.step_s, out.num_decode_requests)
         if pool is self.prefill:
             self._prefills_done(worker, results)
             results = []
@@ -444,11 +481,51 @@ class Cluster:
                 pool.in_flight[worker.worker_id] -= 1
                 if router is not None:
                     router.on_finish(result.request_id)
+                if self.scaler is not None:
+                    self.scaler.finished(record)
                 self._ended(record.index, live.prompt, record.completion_tokens)
         if self._check_invariants:
             sched.check_invariants()
         if sched.has_work:
             self._start_step(worker)
+        else:
+            self._stop_if_drained(worker)
+
+    # ------------------------------------------------------------------ the planner
+    def _start_planner(self, chosen: Sequence[TraceRequest]) -> None:
+        cfg = self.config
+        sched = cfg.scheduler_for(self.decode.role)
+        profile = SimScaler.profile_for(
+            cfg.planner, self._step_ms, [(t.input_length, t.output_length) for t in chosen],
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_num_seqs=sched.max_num_seqs, kv_tokens=sched.num_blocks * sched.block_size)
+        self.scaler = SimScaler(cfg.planner, {p.role: p for p in self.pools}, profile,
+                                lambda: next(self._next_worker_id))
+        heapq.heappush(self._heap, (0.0, next(self._seq), _PLAN, None))
+
+    def _plan_tick(self) -> None:
+        """A planner decision: new workers serve after the start-up delay; drained ones stop
+        once idle. The next decision is due while requests remain."""
+        scaler = self.scaler
+        assert scaler is not None
+        started, _ = scaler.tick(self.now)
+        ready_at = self.now + self.config.planner.worker_startup_s
+        for worker in started:
+            heapq.heappush(self._heap, (ready_at, next(self._seq), _READY, worker))
+        if self._live or self._arrivals_left or len(self._heap) > len(started):
+            heapq.heappush(self._heap, (max(scaler.next_due, self.now + 1e-6), next(self._seq),
+                                        _PLAN, None))
+
+    def _ready(self, worker: SimWorker) -> None:
+        """A started worker serves (unless the planner cancelled it meanwhile)."""
+        if worker in worker.pool.starting:
+            worker.pool.ready(worker)
+            self.workers.append(worker)
+
+    def _stop_if_drained(self, worker: SimWorker) -> None:
+        if (self.scaler is not None and worker.worker_id in worker.pool.draining
+                and idle(worker)):
+            self.scaler.stopped(worker, self.now)
 
     def _publish_kv_events(self, worker: SimWorker, events: list[KvEvent]) -> None:
         """Hands a worker's KV events to its pool's router (dropped without one)."""

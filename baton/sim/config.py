@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from baton.checks import require
 from baton.config import (
     DisaggConfig,
+    PlannerConfig,
     PoolsConfig,
     RouterConfig,
     SchedulerConfig,
@@ -38,6 +39,10 @@ class SimConfig:
     scheduler: SchedulerConfig = section(lambda: SchedulerConfig(block_size=DEFAULT_SIM_BLOCK_SIZE))
     timing: TimingConfig = section(TimingConfig)
     disagg: DisaggConfig = section(DisaggConfig)
+    planner: PlannerConfig = section(lambda: PlannerConfig(mode="off"))
+    """``--planner`` scales the pools from the deployment's starting size (``--workers``, or
+    ``--prefill-workers`` and ``--decode-workers``); new workers serve
+    ``--worker-startup-s`` after it asks for them."""
     arrival_speedup: float = setting(1.0, "divide the trace's arrival times by this")
     seed: int = setting(
         0, "seeds the prompts' token ids and the routers (unless --router-seed is given)")

@@ -70,21 +70,58 @@ class SimPool:
         clock: Callable[[], float],
     ) -> None:
         self.role = role
-        self.workers = [
-            SimWorker(wid, scheduler, self, scale)
-            for wid, scale in zip(worker_ids, step_time_scales, strict=True)
-        ]
-        self.by_id = {w.worker_id: w for w in self.workers}
-        self.candidates = list(worker_ids)
-        self.in_flight: dict[int, int] = dict.fromkeys(worker_ids, 0)
+        self.scheduler_config = scheduler
+        self.workers: list[SimWorker] = []
+        """Workers that serve or drain (not those still starting)."""
+        self.by_id: dict[int, SimWorker] = {}
+        self.candidates: list[int] = []
+        """Workers new requests may go to: ready, not draining."""
+        self.in_flight: dict[int, int] = {}
+        self.starting: list[SimWorker] = []
+        """Workers a planner added that do not serve yet."""
+        self.draining: set[int] = set()
         self.policy = make_policy(router, clock=clock)
         self.sessions = SessionAffinity(router.session_ttl_s)
-        for worker in self.workers:
-            if not self.policy.accepts(_record(worker, scheduler.block_size)):
-                raise ValueError(f"the router refused simulated worker {worker.worker_id}: "
-                                 "its block size differs from --router-block-size")
         self.router = self.policy if isinstance(self.policy, KvRouter) else None
         """The KV router (None with a load-balancing policy): ``Cluster`` feeds it."""
+        for wid, scale in zip(worker_ids, step_time_scales, strict=True):
+            self.ready(SimWorker(wid, scheduler, self, scale))
+
+    def start(self, worker_id: int, step_time_scale: float = 1.0) -> SimWorker:
+        """A worker added by a planner: it serves once ``ready`` is called."""
+        worker = SimWorker(worker_id, self.scheduler_config, self, step_time_scale)
+        self.starting.append(worker)
+        return worker
+
+    def ready(self, worker: SimWorker) -> None:
+        """The worker serves: the router takes it in."""
+        if worker in self.starting:
+            self.starting.remove(worker)
+        if not self.policy.accepts(_record(worker, self.scheduler_config.block_size)):
+            raise ValueError(f"the router refused simulated worker {worker.worker_id}: "
+                             "its block size differs from --router-block-size")
+        self.workers.append(worker)
+        self.by_id[worker.worker_id] = worker
+        self.candidates.append(worker.worker_id)
+        self.in_flight[worker.worker_id] = 0
+
+    def drain(self, worker: SimWorker) -> None:
+        """No new requests go to the worker; it finishes those it has (``remove`` after)."""
+        self.candidates.remove(worker.worker_id)
+        self.draining.add(worker.worker_id)
+
+    def remove(self, worker: SimWorker) -> None:
+        """The worker stops (drained, or cancelled while starting)."""
+        if worker in self.starting:
+            self.starting.remove(worker)
+            return
+        wid = worker.worker_id
+        self.workers.remove(worker)
+        del self.by_id[wid], self.in_flight[wid]
+        self.draining.discard(wid)
+        if wid in self.candidates:
+            self.candidates.remove(wid)
+        self.policy.on_worker_removed(wid)
 
     def route(self, request: Request, session_id: str | None = None,
               now: float = 0.0) -> SimWorker:

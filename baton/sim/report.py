@@ -20,6 +20,7 @@ from baton.bench.report import format_table, write_run
 from baton.sim.cluster import Cluster
 from baton.sim.config import SimConfig
 from baton.sim.disagg import DisaggStats
+from baton.sim.scaling import PlannerStats
 from baton.trace import load_trace
 
 
@@ -35,13 +36,19 @@ class SimReport(msgspec.Struct, kw_only=True):
     disagg: DisaggStats | None = None
     onboarded_blocks: int = 0
     """KV blocks copied up from the workers' host and disk tiers."""
+    planner: PlannerStats | None = None
 
 
-def sim_report(cluster: Cluster, wall_s: float) -> SimReport:
+def sim_report(cluster: Cluster, wall_s: float,
+               records: list[RequestRecord] | None = None) -> SimReport:
     """The report of a ``cluster`` that has run (``wall_s``: how long that took)."""
+    planner = None
+    if cluster.scaling is not None:
+        planner = PlannerStats.of(cluster.scaling, cluster.config.planner, records or [])
     return SimReport(num_steps=cluster.num_steps, num_preemptions=cluster.num_preemptions,
                      virtual_s=cluster.now, wall_s=wall_s, busy=cluster.busy_shares(),
-                     disagg=cluster.disagg_stats(), onboarded_blocks=cluster.onboarded_blocks)
+                     disagg=cluster.disagg_stats(), onboarded_blocks=cluster.onboarded_blocks,
+                     planner=planner)
 
 
 def _format_report(report: SimReport, num_records: int) -> str:
@@ -53,6 +60,8 @@ def _format_report(report: SimReport, num_records: int) -> str:
         line += f"; {report.onboarded_blocks} KV blocks onboarded from host and disk"
     if report.disagg is not None:
         line += "\n" + report.disagg.format()
+    if report.planner is not None:
+        line += "\n" + report.planner.format()
     return line
 
 
@@ -71,7 +80,7 @@ def run_sim(
     cluster = Cluster(config)
     started = time.perf_counter()
     records = cluster.run(requests)
-    report = sim_report(cluster, time.perf_counter() - started)
+    report = sim_report(cluster, time.perf_counter() - started, records)
     summary = summarize(records, run_duration_s(records), goodput)
     if not quiet:
         print(format_table(summary), file=sys.stdout, flush=True)
