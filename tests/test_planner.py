@@ -170,12 +170,14 @@ def test_with_both_modes_the_throughput_size_is_a_floor_under_load_scaling() -> 
     assert d.target("agg") == 5 and d.pools[0].load_target == 4
     # 15,000 queued tokens over 5 workers at 4,000 tokens/s: 750 ms > 500
     busy = PoolObservation(ready=5, queued_prefill_tokens=15000, itl_ms=5, kv_usage=0.5)
-    d = planner.observe(traffic(5, 6, {"agg": busy}))  # throughput not due: load adds one
-    assert d.target("agg") == 6 and d.pools[0].rule == "load: over target"
-    # traffic falls to 2 requests/s: both modes would shrink; the throughput size says how
-    # far (ceil(2 / (1.43 x 0.7)) = 2), not one worker at a time
+    d = planner.observe(traffic(5, 6, {"agg": busy}, window=5))  # throughput not due: load
+    assert d.target("agg") == 6 and d.pools[0].rule == "load: over target"  # adds one
+    # traffic falls to 1 request/s: the prediction takes the minute since the last one
+    # (30 + 55 requests in 60 s: 1.42/s); both modes would shrink, and the throughput size
+    # says how far (ceil(1.42 / (1.43 x 0.7)) = 2), not one worker at a time
     calm6 = dataclasses.replace(calm, ready=6)
-    d = planner.observe(traffic(60, 2, {"agg": calm6}))
+    d = planner.observe(traffic(60, 1, {"agg": calm6}, window=55))
+    assert math.isclose(d.predicted_rate or 0, 85 / 60)
     assert d.target("agg") == 2 and d.pools[0].rule.endswith("load under target")
 
 

@@ -145,6 +145,9 @@ class Planner:
         self._next_throughput = -math.inf
         self._next_load = -math.inf
         self._throughput_targets: dict[str, int] = {}
+        self._since_prediction = [0.0, 0, 0.0, 0.0]
+        """Traffic observed since the last prediction: seconds, requests, prompt and output
+        tokens (observations come at the load mode's pace; a prediction takes them all)."""
         self.decisions: list[Decision] = []
 
     @property
@@ -163,6 +166,11 @@ class Planner:
         if missing:
             raise ValueError(f"the observation lacks pools {sorted(missing)}")
         cfg = self.config
+        acc = self._since_prediction
+        acc[0] += obs.window_s
+        acc[1] += obs.num_requests
+        acc[2] += obs.num_requests * obs.mean_isl
+        acc[3] += obs.num_requests * obs.mean_osl
         predicted = None
         if cfg.mode != "load" and obs.now >= self._next_throughput:
             self._next_throughput = obs.now + cfg.throughput_interval_s
@@ -189,18 +197,21 @@ class Planner:
     # ---- throughput ---------------------------------------------------------------------
 
     def _predict(self, obs: Observation) -> tuple[float, float, float] | None:
-        """Feeds the predictors; the predicted rate (requests/s), ISL and OSL
-        ``worker_startup_s`` ahead, once they are ready; sets the throughput targets."""
+        """Feeds the predictors the traffic since the last prediction; the predicted rate
+        (requests/s), ISL and OSL ``worker_startup_s`` ahead, once they are ready; sets the
+        throughput targets."""
         t = self._traffic
-        t.requests.add(obs.num_requests)
-        if obs.num_requests:  # an idle window says nothing about lengths
-            t.isl.add(obs.mean_isl)
-            t.osl.add(obs.mean_osl)
+        window, requests, prompt, output = self._since_prediction
+        self._since_prediction = [0.0, 0, 0.0, 0.0]
+        t.requests.add(requests)
+        if requests:  # an idle window says nothing about lengths
+            t.isl.add(prompt / requests)
+            t.osl.add(output / requests)
         if not (t.requests.ready and t.isl.ready and t.osl.ready):
             self._throughput_targets = {}
             return None
         steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
-        rate = t.requests.predict(steps) / obs.window_s
+        rate = t.requests.predict(steps) / max(window, 1e-9)
         isl, osl = t.isl.predict(steps), t.osl.predict(steps)
         self._throughput_targets = {}
         for pool in self.pools:
