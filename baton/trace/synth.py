@@ -20,7 +20,9 @@ Algorithm:
    Output length is sampled from the source x ``osl_multiplier``.
 6. Arrivals: at each timestamp a number of requests drawn from the source's
    requests-per-timestamp distribution arrive, then time advances by a sampled positive source
-   inter-arrival delta divided by ``arrival_speedup`` (rounded, in ms).
+   inter-arrival delta divided by ``arrival_speedup`` (rounded, in ms). With
+   ``arrival_shape`` other than ``source``, the arrivals are then re-timed so the rate follows
+   a step, bursts or a diurnal curve at the same mean (``shape.py``).
 
 Knobs: ``prefix_len_multiplier`` > 1 turns each core id ``x`` into ``ceil(m)`` ids
 ``x*ceil(m) .. x*ceil(m)+ceil(m)-1`` (shared prefixes get ``ceil(m)`` times longer); < 1 keeps the
@@ -50,8 +52,9 @@ from typing import Any, cast
 import msgspec
 
 from baton.checks import require_value
-from baton.settings import setting
+from baton.settings import check_choices, setting
 from baton.trace.mooncake import DEFAULT_TRACE_BLOCK_SIZE, TraceRequest
+from baton.trace.shape import ArrivalShape, ShapeKind, reshape
 
 _MAX_REJECTIONS = 10_000
 _CACHE_END = -1  # transition: stop and append a unique prompt
@@ -77,6 +80,13 @@ class SynthConfig:
     max_osl: int | None = setting(None, "clip output lengths above", default_help="no limit")
     trace_block_size: int = setting(DEFAULT_TRACE_BLOCK_SIZE, "tokens per hash id")
     seed: int = setting(0, "seeds every draw")
+    arrival_shape: ShapeKind = setting(
+        "source", "re-time the arrivals so the request rate follows a curve, at the same "
+        "mean rate: source (as drawn), step, burst or diurnal (docs/traces.md)")
+    shape_ratio: float = setting(4.0, "the shape's high rate over its low rate")
+    shape_period_s: float = setting(3600.0, "diurnal: one cycle; burst: one burst every")
+    shape_at_s: float = setting(0.0, "step: when the rate steps up; burst: the first burst")
+    shape_duration_s: float = setting(60.0, "burst: how long each burst lasts")
 
     def __post_init__(self) -> None:
         require_value(self.num_requests >= 0, "num_requests", self.num_requests, "must be >= 0")
@@ -98,6 +108,12 @@ class SynthConfig:
                       "must be >= 1")
         _check_range("isl", self.min_isl, self.max_isl)
         _check_range("osl", self.min_osl, self.max_osl)
+        check_choices(self)
+        self.shape()  # checks the shape's numbers
+
+    def shape(self) -> ArrivalShape:
+        return ArrivalShape(self.arrival_shape, self.shape_ratio, self.shape_period_s,
+                            self.shape_at_s, self.shape_duration_s)
 
 
 def _check_range(what: str, low: int | None, high: int | None) -> None:
@@ -142,7 +158,7 @@ def synthesize(requests: list[TraceRequest], **settings: Any) -> list[TraceReque
 def synthesize_with(requests: list[TraceRequest], config: SynthConfig) -> list[TraceRequest]:
     """``synthesize`` driven by a ready ``SynthConfig``."""
     model = _learn(requests, config)
-    return _Sampler(model, config).run()
+    return reshape(_Sampler(model, config).run(), config.shape())
 
 
 # ------------------------------------------------------------------ learning the source
