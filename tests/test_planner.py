@@ -232,8 +232,13 @@ def test_a_profile_from_step_times_has_the_worked_capacities() -> None:
                                             max_num_batched_tokens=8192, max_num_seqs=256,
                                             kv_tokens=1_000_000)
     # prefill: 1,000 tokens in a 20 ms step = 50,000 tokens/s; one prompt takes 20 ms, so the
-    # slack is 100/20 - 1 = 4 and the M/D/1 utilization 8/9
-    assert math.isclose(profile.prefill_tokens_per_s, 50_000 * 8 / 9)
+    # slack is 100/20 - 1 = 4, a third of it for the mean wait: x = 4/3, and with equal
+    # lengths (cv 0) the utilization is 2x / (1 + 2x) = 8/11
+    assert math.isclose(profile.prefill_tokens_per_s, 50_000 * 8 / 11)
+    spread = WorkerProfile.from_step_times(step_ms, isl=1000, osl=100, ttft_ms=100,
+                                           itl_ms=25.5, max_num_batched_tokens=8192,
+                                           max_num_seqs=256, kv_tokens=1_000_000, isl_cv=1.0)
+    assert math.isclose(spread.prefill_tokens_per_s, 50_000 * 4 / 7)  # 2x / (1 + 1 + 2x)
     # decode: 15 + 0.5 B <= 25.5 up to B = 21, 21 tokens per 25.5 ms
     assert math.isclose(profile.decode_tokens_per_s, 21 / 0.0255)
     with pytest.raises(ValueError, match="first token"):

@@ -10,10 +10,13 @@ its time between both, ``1 / (ISL / prefill_tokens_per_s + OSL / decode_tokens_p
 timing model, ``engine/timing.py``) instead of a measurement:
 
 - prefill: prompts go through in chunks of ``max_num_batched_tokens``; at full speed a worker
-  computes ``chunk / step time`` tokens/s and one prompt takes ``s`` (the sum of its chunks'
-  steps). Arrivals queue, so it runs at the utilization ``rho`` whose mean wait keeps the TTFT
-  within target: with an M/D/1 queue the wait is ``s x rho / (2 (1 - rho))``, so
-  ``rho = 2x / (1 + 2x)`` with ``x = ttft / s - 1``;
+  computes ``chunk / step time`` tokens/s and one prompt of the mean length takes ``s`` (the
+  sum of its chunks' steps). Arrivals queue, so it runs at the utilization ``rho`` whose wait
+  keeps most TTFTs within target: the M/G/1 mean wait is
+  ``s x rho x (1 + cv^2) / (2 (1 - rho))`` (``cv``: the prompt lengths' coefficient of
+  variation; long prompts ahead make everyone wait), and it must stay under a third of the
+  slack ``ttft - s`` (an exponential tail's 95th percentile is three times its mean), so
+  ``rho = 2x / (1 + cv^2 + 2x)`` with ``x = (ttft / s - 1) / 3``;
 - decode: the largest batch (up to ``max_num_seqs`` and the KV cache, at context ISL + OSL/2)
   whose step stays within the ITL target, over that step's time.
 
@@ -28,6 +31,9 @@ from dataclasses import dataclass
 
 __all__ = ["StepTime", "WorkerProfile"]
 
+TAIL = 3.0
+"""The mean queueing wait may take a third of the TTFT slack: the 95th percentile of an
+exponential wait is three times its mean."""
 StepTime = Callable[[int, int, int, int], float]
 """Milliseconds of a step: (prefill tokens, decoding requests, KV tokens in use, KV tokens in
 all), as ``TimingModel.step_ms``."""
@@ -58,7 +64,7 @@ class WorkerProfile:
     @classmethod
     def from_step_times(cls, step_ms: StepTime, *, isl: int, osl: int, ttft_ms: float,
                         itl_ms: float, max_num_batched_tokens: int, max_num_seqs: int,
-                        kv_tokens: int) -> WorkerProfile:
+                        kv_tokens: int, isl_cv: float = 0.0) -> WorkerProfile:
         """One worker's capacity within the SLA at these lengths (see the module docstring);
         ``ValueError`` when a single request cannot meet a target at all."""
         chunk = min(max_num_batched_tokens, max(isl, 1))
@@ -71,8 +77,8 @@ class WorkerProfile:
         if service_ms >= ttft_ms:
             raise ValueError(f"a {isl}-token prompt alone takes {service_ms:.0f} ms to its "
                              f"first token, more than the {ttft_ms:g} ms target")
-        slack = ttft_ms / service_ms - 1
-        prefill = full_speed * 2 * slack / (1 + 2 * slack)
+        slack = (ttft_ms / service_ms - 1) / TAIL
+        prefill = full_speed * 2 * slack / (1 + isl_cv**2 + 2 * slack)
         context = isl + osl // 2
         fits = min(max_num_seqs, kv_tokens // max(isl + osl, 1))
         best = 0.0

@@ -10,8 +10,8 @@ finished, so no stream is cut. It counts worker-seconds per pool (the cost) and 
 decision for the report.
 
 The worker profile comes from the timing model (``WorkerProfile.from_step_times``) at the
-mean ISL and OSL of the trace's first requests, as a deployment's profile would be measured
-for its expected traffic.
+mean ISL and OSL of the trace's first requests and the spread of their prompt lengths, as a
+deployment's profile would be measured for its expected traffic.
 """
 
 from __future__ import annotations
@@ -128,12 +128,14 @@ class SimScaler:
                     *, max_num_batched_tokens: int, max_num_seqs: int,
                     kv_tokens: int) -> WorkerProfile:
         sample = lengths[:PROFILE_SAMPLE] or [(1, 1)]
-        isl = round(statistics.fmean(i for i, _ in sample))
+        isls = [max(i, 1) for i, _ in sample]
+        isl = statistics.fmean(isls)
         osl = round(statistics.fmean(o for _, o in sample))
+        cv = statistics.pstdev(isls) / isl
         return WorkerProfile.from_step_times(
-            step_ms, isl=isl, osl=osl, ttft_ms=config.ttft_ms, itl_ms=config.itl_ms,
+            step_ms, isl=round(isl), osl=osl, ttft_ms=config.ttft_ms, itl_ms=config.itl_ms,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            kv_tokens=kv_tokens)
+            kv_tokens=kv_tokens, isl_cv=cv)
 
     @property
     def next_due(self) -> float:
