@@ -78,3 +78,19 @@ def test_prefill_and_decode_pools_are_scaled_separately() -> None:
     prefill_peak = max(new for _, pool, _, new in cluster.scaling.changes if pool == "prefill")
     decode_sizes = [new for _, pool, _, new in cluster.scaling.changes if pool == "decode"]
     assert prefill_peak > max(decode_sizes, default=1)
+
+
+def test_a_run_folder_holds_the_planners_report_and_plot(tmp_path) -> None:
+    import json
+
+    from baton.sim.report import run_sim
+    from baton.trace import save_trace
+
+    trace = tmp_path / "step.jsonl"
+    save_trace(trace, step_trace([(40, 2), (60, 8)]))
+    run_sim(trace, SimConfig(pools=PoolsConfig(num_workers=1), planner=PLANNER),
+            tmp_path / "run", quiet=True)
+    planner = json.loads((tmp_path / "run" / "sim.json").read_text())["planner"]
+    assert planner["changes"] and planner["worker_seconds"]["agg"] > 0
+    assert 0 < planner["sla_attainment"] <= 1
+    assert (tmp_path / "run" / "planner.png").stat().st_size > 10_000

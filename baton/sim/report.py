@@ -4,7 +4,8 @@
 and a few lines of simulator statistics (steps, preemptions, virtual and wall time, how busy
 each pool was, and with disaggregation the ``DisaggStats``) on stderr, and with an output
 folder writes what ``baton bench --out`` writes (so ``baton bench compare`` reads a simulated
-run like a live one) plus ``sim.json``, the ``SimReport``.
+run like a live one) plus ``sim.json``, the ``SimReport``, and with a planner ``planner.png``
+(workers per pool over time, arrivals and the share within the SLA per minute).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from baton.bench.report import format_table, write_run
 from baton.sim.cluster import Cluster
 from baton.sim.config import SimConfig
 from baton.sim.disagg import DisaggStats
-from baton.sim.scaling import PlannerStats
+from baton.sim.scaling import PlannerStats, sla_attainment
 from baton.trace import load_trace
 
 
@@ -88,4 +89,54 @@ def run_sim(
     if out_dir is not None:
         out = write_run(out_dir, summary, records)
         (out / "sim.json").write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
+        if report.planner is not None:
+            plot_planner(report.planner, records, cluster.config.pools.disaggregated,
+                         out / "planner.png")
     return summary, records
+
+
+def plot_planner(stats: PlannerStats, records: list[RequestRecord], disaggregated: bool,
+                 path: Path, bucket_s: float = 60.0) -> Path:
+    """The planner over time, as a PNG: workers per pool (each change), and per minute the
+    arrival rate and the share of its requests that met the SLA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    end = max([r.end_at_s for r in records] + [t for t, *_ in stats.changes], default=0.0)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    pools = ("prefill", "decode") if disaggregated else ("agg",)
+    for pool in pools:
+        changes = [(t, new) for t, p, _, new in stats.changes if p == pool]
+        first = next((old for _, p, old, _ in stats.changes if p == pool), None)
+        sizes = [(0.0, first if first is not None else 0), *changes, (end, None)]
+        xs = [t for t, _ in sizes]
+        ys = [n for _, n in sizes[:-1]] + [sizes[-2][1]]
+        top.step(xs, ys, where="post", label=f"{pool} workers")
+    top.set_ylabel("workers")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    buckets = max(1, int(end // bucket_s) + 1)
+    arrived, met = [0] * buckets, [0] * buckets
+    for r in records:
+        b = min(int(r.scheduled_at_s // bucket_s), buckets - 1)
+        arrived[b] += 1
+        met[b] += sla_attainment([r], stats.sla_ttft_ms, stats.sla_itl_ms) == 1.0
+    mids = [(b + 0.5) * bucket_s for b in range(buckets)]
+    bottom.plot(mids, [a / bucket_s for a in arrived], label="arrivals / s")
+    share = bottom.twinx()
+    share.plot(mids, [m / a if a else None for m, a in zip(met, arrived, strict=True)],
+               color="tab:green", label="share within SLA")
+    share.set_ylim(0, 1.05)
+    share.set_ylabel("share within SLA")
+    bottom.set_ylabel("arrivals / s")
+    bottom.set_xlabel("virtual seconds")
+    bottom.grid(alpha=0.3)
+    fig.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"planner: {100 * stats.sla_attainment:.1f}% within SLA, "
+                 f"{sum(stats.worker_seconds.values()):,.0f} worker-seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
