@@ -82,6 +82,11 @@ class SchedulerConfig:
         require(not self.disk_kv_blocks or self.host_kv_blocks > 0, "disk_kv_blocks",
                 "needs a host tier above it (--host-kv-blocks)")
 
+    @property
+    def kv_tiers(self) -> bool:
+        """Whether KV tiers sit below the pool (a host tier, and cached blocks to keep)."""
+        return self.host_kv_blocks > 0 and self.enable_prefix_caching
+
 
 @dataclass(frozen=True)
 class TimingConfig:

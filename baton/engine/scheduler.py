@@ -55,7 +55,7 @@ class Scheduler:
         self.worker_id = worker_id
         self.tiers: KvTiers | None = None
         """The host and disk tiers below the pool, with ``host_kv_blocks`` > 0."""
-        if config.host_kv_blocks and config.enable_prefix_caching:
+        if config.kv_tiers:
             self.tiers = KvTiers(config.host_kv_blocks, config.disk_kv_blocks,
                                  disk_admission=config.disk_kv_admission)
         self.pool = BlockPool(

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from baton.engine.disk_blocks import DiskBlockError, DiskBlocks
-from baton.kv.store import BlockStore
+from baton.kv.store import BlockStore, copy_blocks
 from baton.kv.tiers import Copy, Tier
 
 __all__ = ["TierCopier"]
@@ -83,16 +83,13 @@ class TierCopier:
         self.host.close()
 
     def _run_one(self, c: Copy, arrival: Arrival | None) -> None:
-        bb = self.device.block_bytes
         if c.src_tier is Tier.DEVICE and c.dst_tier is Tier.HOST:
-            self.host.buffer[c.dst * bb:(c.dst + 1) * bb] = (
-                self.device.buffer[c.src * bb:(c.src + 1) * bb])
+            copy_blocks(self.device, [c.src], self.host, [c.dst])
         elif c.src_tier is Tier.HOST and c.dst_tier is Tier.DEVICE:
-            self.device.buffer[c.dst * bb:(c.dst + 1) * bb] = (
-                self.host.buffer[c.src * bb:(c.src + 1) * bb])
+            copy_blocks(self.host, [c.src], self.device, [c.dst])
             _arrive(arrival, None)
         elif c.src_tier is Tier.HOST and c.dst_tier is Tier.DISK:
-            data = bytes(self.host.buffer[c.src * bb:(c.src + 1) * bb])
+            data = self.host.read([c.src])  # a copy: the slot may be reused by the next copy
             self._to_disk(lambda: self._write(c, data))
         elif c.src_tier is Tier.DISK and c.dst_tier is Tier.DEVICE:
             self._to_disk(lambda: self._read(c, arrival))
@@ -115,7 +112,7 @@ class TierCopier:
         finally:
             self._disk_jobs.release()
 
-    def _write(self, c: Copy, data: bytes) -> None:
+    def _write(self, c: Copy, data: memoryview) -> None:
         assert self.disk is not None, "a disk copy without a disk tier"
         try:
             self.disk.write(c.dst, c.seq_hash, c.local_hash, c.parent_hash, data)

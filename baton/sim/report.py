@@ -16,12 +16,19 @@ from pathlib import Path
 
 import msgspec
 
-from baton.bench.metrics import BenchSummary, Goodput, RequestRecord, run_duration_s, summarize
+from baton.bench.metrics import (
+    BenchSummary,
+    Goodput,
+    RequestRecord,
+    meets,
+    run_duration_s,
+    summarize,
+)
 from baton.bench.report import format_table, write_run
 from baton.sim.cluster import Cluster
 from baton.sim.config import SimConfig
 from baton.sim.disagg import DisaggStats
-from baton.sim.scaling import PlannerStats, sla_attainment
+from baton.sim.scaling import PlannerStats
 from baton.trace import load_trace
 
 
@@ -118,11 +125,12 @@ def plot_planner(stats: PlannerStats, records: list[RequestRecord], disaggregate
     top.grid(alpha=0.3)
     top.legend(fontsize=8)
     buckets = max(1, int(end // bucket_s) + 1)
+    sla = Goodput(ttft_ms=stats.sla_ttft_ms, itl_ms=stats.sla_itl_ms)
     arrived, met = [0] * buckets, [0] * buckets
     for r in records:
         b = min(int(r.scheduled_at_s // bucket_s), buckets - 1)
         arrived[b] += 1
-        met[b] += sla_attainment([r], stats.sla_ttft_ms, stats.sla_itl_ms) == 1.0
+        met[b] += r.ok and meets(r, sla)
     mids = [(b + 0.5) * bucket_s for b in range(buckets)]
     bottom.plot(mids, [a / bucket_s for a in arrived], label="arrivals / s")
     share = bottom.twinx()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from baton.bench.metrics import RequestRecord
+from baton.bench.metrics import Goodput, RequestRecord, meets
 from baton.config import PlannerConfig
 from baton.planner import Decision, Observation, Planner, PoolObservation, WorkerProfile
 from baton.planner.profile import StepTime
@@ -88,19 +88,10 @@ class PlannerStats(msgspec.Struct, kw_only=True):
 
 
 def sla_attainment(records: Sequence[RequestRecord], ttft_ms: float, itl_ms: float) -> float:
-    """Share of ``records`` that succeeded with TTFT within ``ttft_ms`` and a mean ITL within
-    ``itl_ms``."""
-    if not records:
-        return 0.0
-    met = 0
-    for r in records:
-        ttft = r.ttft_s
-        if not r.ok or ttft is None or 1000 * ttft > ttft_ms:
-            continue
-        if r.itl_s and 1000 * statistics.fmean(r.itl_s) > itl_ms:
-            continue
-        met += 1
-    return met / len(records)
+    """Share of ``records`` that succeeded within ``ttft_ms`` and a mean ITL within ``itl_ms``
+    (``baton bench``'s goodput test, ``meets``)."""
+    sla = Goodput(ttft_ms=ttft_ms, itl_ms=itl_ms)
+    return sum(r.ok and meets(r, sla) for r in records) / len(records) if records else 0.0
 
 
 class SimScaler:

@@ -119,7 +119,7 @@ class HfExecutor:
 def _copier(config: EngineConfig, store: BlockStore, layout: str) -> TierCopier | None:
     """The KV tiers' bytes under the device blocks, when the scheduler has tiers."""
     sched = config.scheduler
-    if not (sched.host_kv_blocks and sched.enable_prefix_caching):
+    if not sched.kv_tiers:
         return None
     disk = None
     if sched.disk_kv_blocks:
