@@ -31,6 +31,7 @@ FaultMode = Literal["raise", "hang"]
 DiskAdmission = Literal["reused", "all"]
 PlannerMode = Literal["off", "throughput", "load", "both"]
 PredictorKind = Literal["constant", "moving-average", "kalman"]
+ConnectorKind = Literal["local", "kubernetes"]
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 """The URL schemes a NATS client connects with."""
 
@@ -535,11 +536,15 @@ class FrontendConfig:
         3, "times a stream whose worker dies moves to another worker (0: never)")
     drain_timeout_s: float = setting(
         30.0, "on SIGTERM, how long open streams may run before the frontend exits anyway")
+    traffic_interval_s: float = setting(
+        1.0, "how often the frontend publishes what it served (requests, lengths, TTFT, ITL) "
+        "on the event plane, for the planner")
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", "must be 0..65535")
         require(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         require(self.keep_alive_timeout_s > 0, "keep_alive_timeout_s", "must be > 0")
+        require(self.traffic_interval_s > 0, "traffic_interval_s", "must be > 0")
         require((self.ssl_certfile is None) == (self.ssl_keyfile is None), "ssl_certfile",
                 "give both --ssl-certfile and --ssl-keyfile, or neither")
         require(all(k and k.strip() == k for k in self.api_keys), "api_keys",
@@ -610,6 +615,48 @@ class PlannerConfig:
         """(fewest, most) workers of pool ``agg``, ``prefill`` or ``decode``."""
         prefix = "" if pool == "agg" else f"{pool}_"
         return getattr(self, f"min_{prefix}workers"), getattr(self, f"max_{prefix}workers")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """``baton profile``: what one worker sustains within the SLA, for the planner. The
+    simulated engine's is computed from its timing model (``--speedup-ratio`` included)."""
+
+    scheduler: SchedulerConfig = section(SchedulerConfig)
+    timing: TimingConfig = section(TimingConfig)
+    sla: PlannerConfig = section(PlannerConfig)
+    """Only its targets (``--sla-ttft-ms``, ``--sla-itl-ms``) are flags."""
+    isl: int = setting(3000, "mean prompt length, tokens")
+    osl: int = setting(150, "mean output length, tokens")
+    isl_cv: float = setting(
+        0.0, "spread of the prompt lengths (standard deviation over mean): long prompts "
+        "ahead make the others wait, so a wider spread lowers the prefill capacity")
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "isl", "osl")
+        require(math.isfinite(self.isl_cv) and self.isl_cv >= 0, "isl_cv", "must be >= 0")
+        require(self.timing.speedup_ratio > 0, "speedup_ratio",
+                "a worker without simulated delay (0) has no capacity to profile")
+
+
+@dataclass(frozen=True)
+class PlannerServiceConfig:
+    """``baton planner``: the planner as its own process, scaling a deployment through a
+    connector from what its frontends and workers publish."""
+
+    planner: PlannerConfig = section(PlannerConfig)
+    profile: str | None = setting(
+        None, "the workers' profile (JSON: prefill and decode tokens/s within the SLA; "
+        "`baton profile` writes one)", metavar="JSON", default_help="required")
+    connector: ConnectorKind = setting(
+        "local", "local = the graph (`baton serve -f`) that runs this planner starts and "
+        "drains worker processes; kubernetes = set the deployment's replica counts (not "
+        "built yet: refuses to start)")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require(self.planner.mode != "off", "planner", "baton planner needs a mode: "
+                "throughput, load or both")
 
 
 # ------------------------------------------------------------------- deployment shape

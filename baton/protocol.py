@@ -154,6 +154,39 @@ class LoadMetrics(msgspec.Struct, kw_only=True):
         return self.active_blocks / self.total_blocks if self.total_blocks else 1.0
 
 
+def load_subject(namespace: str) -> str:
+    """Where workers publish their ``LoadMetrics`` (when it changes, and as a heartbeat)."""
+    return f"{namespace}.load"
+
+
+def traffic_subject(namespace: str) -> str:
+    """Where frontends publish their ``TrafficReport``s."""
+    return f"{namespace}.traffic"
+
+
+class TrafficReport(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What one frontend served over its last window: the planner's traffic signal (it sums
+    the frontends' reports). Latencies are sums, so reports add up."""
+
+    source: str
+    """The frontend that sent it."""
+    window_s: float
+    requests: int = 0
+    """Requests that arrived (and were accepted) in the window ..."""
+    prompt_tokens: int = 0
+    """... and their prompt tokens."""
+    finished: int = 0
+    """Requests that finished successfully in the window ..."""
+    output_tokens: int = 0
+    """... and the tokens they generated."""
+    ttft_s: float = 0.0
+    """Sum of the times to first token seen in the window, over ``ttfts`` of them."""
+    ttfts: int = 0
+    itl_s: float = 0.0
+    """Sum of the gaps between streamed tokens seen in the window, over ``itls`` of them."""
+    itls: int = 0
+
+
 class FeedRequest(msgspec.Struct, kw_only=True):
     """Opens a worker's ``events`` feed; without ``kv_events`` it carries only load."""
 

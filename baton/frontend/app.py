@@ -163,6 +163,7 @@ class FrontendApp:
         assert task is not None
         watch = _DisconnectWatch(receive, task)
         m.inflight.inc()
+        m.traffic.arrived(gen.prompt_tokens)
         self.num_streams += 1
         self.idle.clear()
         status = 200
@@ -186,6 +187,8 @@ class FrontendApp:
             m.input_tokens.inc(gen.prompt_tokens)
             m.output_tokens.inc(gen.completion_tokens)
             m.cached_tokens.inc(gen.cached_tokens)
+            if status == 200:
+                m.traffic.finished(gen.completion_tokens)
 
     async def _respond(self, send: Send, p: Prepared, gen: Generation) -> int:
         parts: list[str] = []

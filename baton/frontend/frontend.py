@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Generator
 from typing import Self
 
@@ -20,6 +22,7 @@ from baton.frontend.app import FrontendApp
 from baton.frontend.auth import Access
 from baton.frontend.metrics import FrontendMetrics
 from baton.frontend.serving import OpenAIServing
+from baton.protocol import traffic_subject
 from baton.router.registry import ModelRegistry
 from baton.runtime import Runtime
 from baton.runtime.tasks import cancel_and_wait
@@ -39,7 +42,7 @@ class Frontend:
     def __init__(self, config: FrontendConfig, runtime: Runtime) -> None:
         self.config = config
         self.runtime = runtime
-        self.metrics = FrontendMetrics()
+        self.metrics = FrontendMetrics(source=f"frontend-{os.getpid()}-{id(self):x}")
         self.models = ModelRegistry(runtime, config.router, registry=self.metrics.registry)
         self.serving = OpenAIServing(self.models, self.metrics)
         self.app = FrontendApp(
@@ -49,6 +52,7 @@ class Frontend:
         )
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task[None] | None = None
+        self._traffic_task: asyncio.Task[None] | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -75,12 +79,24 @@ class Frontend:
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        self._traffic_task = asyncio.get_running_loop().create_task(
+            self._publish_traffic(), name="traffic")
         log.info("frontend listening on %s", self.url)
 
     @property
     def url(self) -> str:
         scheme = "https" if self.config.ssl_certfile else "http"
         return f"{scheme}://{self.config.host}:{self.port}"
+
+    async def _publish_traffic(self) -> None:
+        """Every ``traffic_interval_s``, the window's ``TrafficReport`` (if anything happened)
+        on the event plane."""
+        subject = traffic_subject(self.runtime.namespace)
+        while True:
+            await asyncio.sleep(self.config.traffic_interval_s)
+            report = self.metrics.traffic.take(time.monotonic())
+            if report is not None:
+                self.runtime.events.publish(subject, report)
 
     async def close(self) -> None:
         """Drains: /health and new requests answer 503 while open requests get
@@ -98,6 +114,7 @@ class Frontend:
                 self._server.force_exit = True
                 await cancel_and_wait(self._task)
             self._task = None
+        await cancel_and_wait(self._traffic_task)
         await self.models.close()
 
     async def __aenter__(self) -> Self:

@@ -6,10 +6,13 @@ frontends in one process (tests) keep separate counts.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from baton.protocol import TrafficReport
 
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                  0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -18,8 +21,51 @@ _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+class TrafficWindow:
+    """What the frontend served since the last ``take``: arrivals and their prompt tokens,
+    successful finishes and their output tokens, TTFTs and gaps between tokens (the planner's
+    traffic signal, published as ``TrafficReport``s)."""
+
+    def __init__(self, source: str, now: float) -> None:
+        self.source = source
+        self._start = now
+        self._counts = [0, 0, 0, 0, 0, 0]
+        """requests, prompt tokens, finished, output tokens, TTFTs, gaps"""
+        self._ttft_s = 0.0
+        self._itl_s = 0.0
+
+    def arrived(self, prompt_tokens: int) -> None:
+        self._counts[0] += 1
+        self._counts[1] += prompt_tokens
+
+    def finished(self, output_tokens: int) -> None:
+        self._counts[2] += 1
+        self._counts[3] += output_tokens
+
+    def first_token(self, seconds: float) -> None:
+        self._counts[4] += 1
+        self._ttft_s += seconds
+
+    def gap(self, seconds: float) -> None:
+        self._counts[5] += 1
+        self._itl_s += seconds
+
+    def take(self, now: float) -> TrafficReport | None:
+        """The window ending now (None when nothing happened in it); the next one starts."""
+        c, start = self._counts, self._start
+        self._start = now
+        if not any(c):
+            return None
+        report = TrafficReport(source=self.source, window_s=now - start, requests=c[0],
+                               prompt_tokens=c[1], finished=c[2], output_tokens=c[3],
+                               ttft_s=self._ttft_s, ttfts=c[4], itl_s=self._itl_s, itls=c[5])
+        self._counts, self._ttft_s, self._itl_s = [0] * 6, 0.0, 0.0
+        return report
+
+
 class FrontendMetrics:
-    def __init__(self) -> None:
+    def __init__(self, source: str = "frontend") -> None:
+        self.traffic = TrafficWindow(source, time.monotonic())
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -79,6 +125,7 @@ class FrontendMetrics:
                 prefill_remote=self.prefill_remote.labels(name),
                 prefill_local={reason: self.prefill_local.labels(name, reason)
                                for reason in ("short_prompt", "prefill_busy", "fallback")},
+                traffic=self.traffic,
             )
         return m
 
@@ -108,3 +155,4 @@ class ModelMetrics:
     migrations: Any
     prefill_remote: Any
     prefill_local: dict[str, Any]
+    traffic: TrafficWindow

@@ -116,8 +116,10 @@ class Generation:
                     self.first_token_at = now
                     self.cached_tokens = out.cached_tokens or 0
                     m.ttft.observe(now - p.arrival)
+                    m.traffic.first_token(now - p.arrival)
                 else:
                     m.itl.observe(now - last)
+                    m.traffic.gap(now - last)
                 last = now
                 if out.worker_id is not None:
                     self.worker_id = out.worker_id

@@ -35,8 +35,8 @@ from baton.config import (
 )
 from baton.settings import Field, SectionField, optional_inner, walk
 
-Group = Literal["nats", "worker", "router", "frontend"]
-STOP_ORDER: tuple[Group, ...] = ("frontend", "router", "worker", "nats")
+Group = Literal["nats", "worker", "router", "frontend", "planner"]
+STOP_ORDER: tuple[Group, ...] = ("planner", "frontend", "router", "worker", "nats")
 _NAME = r"^[A-Za-z0-9_-]+$"
 Name = Annotated[str, msgspec.Meta(pattern=_NAME)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -112,11 +112,24 @@ class WorkerPoolSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     """Extra ``baton worker`` flags."""
 
 
+class PlannerSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A ``baton planner`` that scales this graph's worker pools (the graph serves it their
+    sizes; ``graph/scaling.py``)."""
+
+    profile: str
+    """A worker profile (JSON; ``baton profile`` writes one)."""
+    args: tuple[str, ...] = ()
+    """Extra ``baton planner`` flags (``--planner load``, ``--sla-ttft-ms 2000``, bounds)."""
+
+
 class SupervisionSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     ready_timeout_s: Seconds = 30.0
     """A process that prints no ready line in this long fails the start."""
     grace_s: Seconds = 10.0
     """Between SIGTERM and SIGKILL when stopping."""
+    drain_grace_s: Seconds = 45.0
+    """Between SIGTERM and SIGKILL when the planner drains a worker (keep it above the
+    workers' ``--drain-timeout-s``, 30 s by default, so their streams finish)."""
     backoff_initial_s: Annotated[float, msgspec.Meta(ge=0)] = 0.5
     backoff_max_s: Seconds = 10.0
     """Restart delays double from the initial one up to this; a run this long resets them."""
@@ -136,6 +149,7 @@ class GraphConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     engine: EngineSection = msgspec.field(default_factory=EngineSection)  # type: ignore[valid-type]  # built by defstruct
     frontends: tuple[FrontendSpec, ...] = ()
     routers: tuple[RouterSpec, ...] = ()
+    planner: PlannerSpec | None = None
     supervision: SupervisionSpec = msgspec.field(default_factory=SupervisionSpec)
 
     def __post_init__(self) -> None:
@@ -273,6 +287,10 @@ def plan(config: GraphConfig, nats_url: str) -> list[ProcessSpec]:
                 *common, *f.args)
         specs.append(ProcessSpec(f"frontend-{i}", "frontend", argv,
                                  r"baton frontend on (?P<address>https?://\S+)"))
+    if config.planner is not None:
+        argv = (*baton, "planner", "--profile", config.planner.profile, *common,
+                *config.planner.args)
+        specs.append(ProcessSpec("planner", "planner", argv, r"baton planner (?P<mode>\S+) on"))
     return specs
 
 

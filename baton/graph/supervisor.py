@@ -19,6 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Self
 
+from baton.config import RuntimeConfig
+from baton.control.connectors import GRAPH_COMPONENT
+from baton.graph.scaling import PoolScaler
 from baton.graph.schema import (
     STOP_ORDER,
     GraphConfig,
@@ -31,6 +34,8 @@ from baton.graph.schema import (
     nats_spec,
     plan,
 )
+from baton.runtime.discovery import InstanceRecord, new_instance_id
+from baton.runtime.process import open_runtime
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +87,17 @@ class ManagedProcess:
                                   f"{self._supervision.ready_timeout_s} s; see {self.log_path}"
                                   ) from None
 
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after the grace period; returns once the process is reaped."""
+    async def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s`` (default: the supervision's grace period);
+        returns once the process is reaped."""
         self._stopping = True
+        grace = self._supervision.grace_s if grace_s is None else grace_s
         proc = self._proc
         if proc is not None and proc.returncode is None and self._task is not None:
             _signal_group(proc.pid, signal.SIGTERM)
-            done, _ = await asyncio.wait({self._task}, timeout=self._supervision.grace_s)
+            done, _ = await asyncio.wait({self._task}, timeout=grace)
             if not done:
-                log.warning("%s ignored SIGTERM for %.1f s; killing it",
-                            self.spec.name, self._supervision.grace_s)
+                log.warning("%s ignored SIGTERM for %.1f s; killing it", self.spec.name, grace)
         if self._task is not None:
             self._task.cancel()  # its finally kills whatever is left
             await asyncio.gather(self._task, return_exceptions=True)
@@ -172,11 +178,24 @@ class Supervisor:
         self.processes: list[ManagedProcess] = []
         self._report = report
 
+    def add(self, spec: ProcessSpec) -> ManagedProcess:
+        """A process to supervise (``start`` it)."""
+        proc = ManagedProcess(spec, self.run_dir / f"{spec.name}.log", self.supervision,
+                              self._report)
+        self.processes.append(proc)
+        return proc
+
+    async def remove(self, proc: ManagedProcess, grace_s: float | None = None) -> None:
+        """Stops ``proc`` (SIGKILL after ``grace_s``) and no longer supervises it."""
+        try:
+            await proc.stop(grace_s)
+        finally:
+            if proc in self.processes:
+                self.processes.remove(proc)
+
     async def start_group(self, specs: list[ProcessSpec]) -> list[ManagedProcess]:
         """Starts ``specs`` together; returns once every one is ready."""
-        procs = [ManagedProcess(s, self.run_dir / f"{s.name}.log", self.supervision, self._report)
-                 for s in specs]
-        self.processes += procs
+        procs = [self.add(s) for s in specs]
         try:
             async with asyncio.TaskGroup() as tg:
                 for p in procs:
@@ -207,7 +226,10 @@ class Graph:
         self.run_dir = Path(log_dir or tempfile.mkdtemp(prefix="baton-graph-"))
         self.supervisor = Supervisor(config.supervision, self.run_dir, report)
         self.nats_url = config.nats_spec.url or ""
+        self.scaler: PoolScaler | None = None
+        """With a planner: the graph's pools, resized on its requests."""
         self._report = report
+        self._owned = contextlib.AsyncExitStack()
 
     @property
     def frontend_urls(self) -> list[str]:
@@ -224,7 +246,14 @@ class Graph:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.supervisor.close()
+        await self.close()
+
+    async def close(self) -> None:
+        """Stops serving the planner, then every process in order."""
+        try:
+            await self._owned.aclose()
+        finally:
+            await self.supervisor.close()
 
     async def _start(self) -> None:
         if self.config.nats_spec.start:
@@ -237,7 +266,29 @@ class Graph:
         for group in ("router", "frontend"):
             for p in await self.supervisor.start_group([s for s in specs if s.group == group]):
                 self._report(f"{group} on {p.match.get('address')}")
+        if self.config.planner is not None:
+            await self._serve_scaling(specs)
+            await self.supervisor.start_group([s for s in specs if s.group == "planner"])
+            self._report("planner up")
         self._report(f"logs in {self.run_dir}")
+
+    async def _serve_scaling(self, specs: list[ProcessSpec]) -> None:
+        """Serves the pools' sizes to the planner and registers them in discovery."""
+        config = self.config
+        templates: dict[str, ProcessSpec] = {}
+        for s in specs:
+            if s.group == "worker" and s.pool is not None:
+                templates.setdefault(s.pool, s)
+        scaler = PoolScaler(config, self.supervisor, templates, self._report)
+        runtime = await self._owned.enter_async_context(open_runtime(
+            RuntimeConfig(nats=self.nats_url, namespace=config.namespace,
+                          lease_ttl_s=config.lease_ttl_s), name="baton-graph"))
+        self._owned.push_async_callback(scaler.close)
+        server = await runtime.serve_tcp(scaler.endpoints, "127.0.0.1", 0)
+        await runtime.discovery.register(InstanceRecord(
+            instance_id=new_instance_id(), namespace=config.namespace,
+            component=GRAPH_COMPONENT, endpoint="scale", address=server.address))
+        self.scaler = scaler
 
     async def _start_nats(self) -> None:
         binary = find_nats_server()
@@ -267,4 +318,4 @@ async def run_graph(graph: str | Path | GraphConfig, stop: asyncio.Event, *,
         starting.cancel()
         stopped.cancel()
         await asyncio.gather(starting, stopped, return_exceptions=True)
-        await running.supervisor.close()
+        await running.close()

@@ -8,6 +8,7 @@ one-process backend; the NATS backend implements the same ``Discovery`` protocol
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, Protocol
 
@@ -30,6 +31,11 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     role: str = "agg"
     block_size: int = 0
     metadata: dict[str, Any] = {}
+
+
+def new_instance_id() -> int:
+    """A random positive 63-bit id for a component instance."""
+    return int.from_bytes(os.urandom(8), "big") >> 1
 
 
 class DiscoveryEvent(msgspec.Struct, frozen=True):

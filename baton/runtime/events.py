@@ -22,6 +22,10 @@ class Subscription(Protocol):
         """Waits for one event, then takes whatever else is queued (up to ``limit``)."""
         ...
 
+    def pending(self) -> list[Any]:
+        """Every event queued now, without waiting."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -56,6 +60,13 @@ class QueueSubscription:
 
     async def __anext__(self) -> Any:
         return await self.queue.get()
+
+    def pending(self) -> list[Any]:
+        """Every event queued now, without waiting."""
+        batch = []
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
 
     async def next_batch(self, limit: int) -> list[Any]:
         batch = [await self.queue.get()]

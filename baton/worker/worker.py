@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Final, Self
 
@@ -60,8 +59,10 @@ from baton.protocol import (
     ModelFiles,
     StepSample,
     WorkerEvents,
+    load_subject,
 )
 from baton.runtime import EndpointServer, InstanceRecord, MemoryEventPlane, Runtime
+from baton.runtime.discovery import new_instance_id
 from baton.runtime.events import QueueSubscription
 from baton.runtime.tasks import cancel_and_wait
 from baton.worker.metrics import MetricsServer, WorkerCollector
@@ -88,10 +89,6 @@ _WAKE_SUBJECT = "wake"
 
 _ENGINE_CLOSE_S = 10.0
 """A failed engine gets this long to release what it holds before it is abandoned."""
-
-
-def new_instance_id() -> int:
-    return int.from_bytes(os.urandom(8), "big") >> 1  # positive i64
 
 
 class Worker:
@@ -131,7 +128,7 @@ class Worker:
         self._sleepers = 0
         """Feeds (and the load publisher) waiting longer than ``load_interval_s`` on an idle
         engine: the next request wakes them."""
-        self._load_subject = f"{runtime.namespace}.load"
+        self._load_subject = load_subject(runtime.namespace)
         self._load_task: asyncio.Task[None] | None = None
         # -- drain
         self.draining = False

@@ -1,0 +1,239 @@
+"""``baton planner``: the planner as its own component, live.
+
+It follows what the deployment publishes on the event plane: each frontend's
+``TrafficReport`` (arrivals, prompt and output tokens, TTFTs, gaps between tokens) and each
+worker's ``LoadMetrics`` (queued prefill tokens, KV usage), and asks its connector for the
+pools' sizes. When a decision is due (``Planner.next_due``, on this process's monotonic
+clock) it builds an ``Observation`` from what arrived since the last one, calls
+``Planner.observe`` and hands changed targets to the connector. Each change is logged with
+the rule that made it.
+
+A connector that cannot be reached (the graph is restarting, say) skips that decision; the
+planner keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from baton.config import PlannerConfig, PlannerServiceConfig, RuntimeConfig
+from baton.control.connectors import Connector, PoolCounts, make_connector
+from baton.errors import BatonError
+from baton.planner.core import Decision, Observation, Planner, PoolObservation
+from baton.planner.profile import WorkerProfile
+from baton.protocol import (
+    WORKER_COMPONENT,
+    LoadMetrics,
+    TrafficReport,
+    load_subject,
+    traffic_subject,
+)
+from baton.runtime.process import describe_discovery, open_runtime
+from baton.runtime.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PlannerService", "TrafficTotals", "load_profile", "observation", "run_planner"]
+
+POOLS_WAIT_S = 0.5
+"""How often the planner asks again for a deployment's pools it could not get."""
+
+
+@dataclass(slots=True)
+class TrafficTotals:
+    """The frontends' reports since the last observation, added up."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    finished: int = 0
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    ttfts: int = 0
+    itl_s: float = 0.0
+    itls: int = 0
+
+    @classmethod
+    def of(cls, reports: Iterable[TrafficReport]) -> TrafficTotals:
+        t = cls()
+        for r in reports:
+            t.requests += r.requests
+            t.prompt_tokens += r.prompt_tokens
+            t.finished += r.finished
+            t.output_tokens += r.output_tokens
+            t.ttft_s += r.ttft_s
+            t.ttfts += r.ttfts
+            t.itl_s += r.itl_s
+            t.itls += r.itls
+        return t
+
+
+def observation(now: float, window_s: float, traffic: TrafficTotals,
+                pools: dict[str, PoolCounts], loads: dict[str, list[LoadMetrics]],
+                last_osl: float) -> Observation:
+    """What the planner sees: the window's traffic, and per pool its sizes and its serving
+    workers' latest loads. The mean OSL is that of the requests that finished in the window
+    (``last_osl`` when none did); TTFT goes to the pools that prefill, ITL to those that
+    decode."""
+    isl = traffic.prompt_tokens / traffic.requests if traffic.requests else 0.0
+    osl = traffic.output_tokens / traffic.finished if traffic.finished else last_osl
+    ttft = 1000 * traffic.ttft_s / traffic.ttfts if traffic.ttfts else None
+    itl = 1000 * traffic.itl_s / traffic.itls if traffic.itls else None
+    seen = {}
+    for role, counts in pools.items():
+        served = loads.get(role, [])
+        seen[role] = PoolObservation(
+            ready=counts.ready, starting=counts.starting, draining=counts.draining,
+            queued_prefill_tokens=sum(x.active_prefill_tokens for x in served),
+            kv_usage=statistics.fmean(x.kv_usage for x in served) if served else 0.0,
+            ttft_ms=ttft if role != "decode" else None,
+            itl_ms=itl if role != "prefill" else None)
+    return Observation(now=now, window_s=window_s, num_requests=traffic.requests,
+                       mean_isl=isl, mean_osl=osl, pools=seen)
+
+
+@dataclass
+class _Seen:
+    """What arrived on the event plane since the last observation."""
+
+    reports: list[TrafficReport] = field(default_factory=list)
+    loads: dict[int, LoadMetrics] = field(default_factory=dict)
+    """Worker id -> its latest load (kept across observations: a steady worker is quiet)."""
+
+
+class PlannerService:
+    def __init__(self, config: PlannerConfig, profile: WorkerProfile, runtime: Runtime,
+                 connector: Connector, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.profile = profile
+        self.runtime = runtime
+        self.connector = connector
+        self._clock = clock
+        self.planner: Planner | None = None
+        """Built once the connector told which pools the deployment has."""
+        self.decisions: list[Decision] = []
+        self._seen = _Seen()
+        self._last_osl = 0.0
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
+        """Plans until ``stop`` is set; ``on_ready`` gets the pools once they are known."""
+        events = self.runtime.events
+        traffic = events.subscribe(traffic_subject(self.runtime.namespace), TrafficReport)
+        loads = events.subscribe(load_subject(self.runtime.namespace), LoadMetrics)
+        try:
+            pools = await self._first_pools(stop)
+            if pools is None:
+                return
+            roles = ("agg",) if "agg" in pools else ("prefill", "decode")
+            self.planner = Planner(self.config, self.profile, roles)
+            if on_ready is not None:
+                on_ready(", ".join(f"{role} {c.ready}" for role, c in pools.items()))
+            start = last = self._clock()
+            while not stop.is_set():
+                wait = max(0.0, start + self.planner.next_due - self._clock())
+                if await _stopped(stop, wait):
+                    return
+                self._take(traffic.pending(), loads.pending())
+                # a timer may fire a hair early: the decision is due, so it counts as due
+                now = max(self._clock(), start + self.planner.next_due)
+                await self._decide(now - start, now - last)
+                last = now
+        finally:
+            traffic.close()
+            loads.close()
+
+    async def _first_pools(self, stop: asyncio.Event) -> dict[str, PoolCounts] | None:
+        while True:
+            try:
+                return await self.connector.pools()
+            except BatonError as exc:
+                log.info("planner: waiting for the deployment's pools: %s", exc.message)
+            if await _stopped(stop, POOLS_WAIT_S):
+                return None
+
+    def _take(self, reports: list[TrafficReport], loads: list[LoadMetrics]) -> None:
+        self._seen.reports += reports
+        for load in loads:
+            self._seen.loads[load.worker_id] = load
+
+    async def _decide(self, now: float, window_s: float) -> None:
+        assert self.planner is not None
+        try:
+            pools = await self.connector.pools()
+        except BatonError as exc:
+            log.warning("planner: no decision at %.0f s: the deployment's pools are "
+                        "unknown: %s", now, exc.message)
+            return
+        traffic = TrafficTotals.of(self._seen.reports)
+        self._seen.reports = []
+        obs = observation(now, window_s, traffic, pools, self._loads_by_role(),
+                          self._last_osl)
+        self._last_osl = obs.mean_osl
+        decision = self.planner.observe(obs)
+        self.decisions.append(decision)
+        log.debug("planner at %.1f s: %s -> %s", now, obs, decision)
+        if not decision.changes:
+            return
+        for p in decision.pools:
+            if p.target != p.current:
+                log.info("planner: %s %d -> %d (%s)", p.pool, p.current, p.target, p.rule)
+        try:
+            await self.connector.scale({p.pool: p.target for p in decision.pools
+                                        if p.target != p.current})
+        except BatonError as exc:
+            log.warning("planner: scaling failed: %s", exc.message)
+
+    def _loads_by_role(self) -> dict[str, list[LoadMetrics]]:
+        """The latest load of each worker serving now (in discovery), by its role."""
+        role_of = {r.instance_id: r.role for r in self.runtime.discovery.snapshot()
+                   if r.component == WORKER_COMPONENT}
+        loads = self._seen.loads
+        for gone in set(loads) - set(role_of):
+            del loads[gone]
+        by_role: dict[str, list[LoadMetrics]] = {}
+        for worker_id, load in loads.items():
+            by_role.setdefault(role_of[worker_id], []).append(load)
+        return by_role
+
+
+async def _stopped(stop: asyncio.Event, wait_s: float) -> bool:
+    """Waits ``wait_s`` unless ``stop`` is set first; whether it is."""
+    try:
+        await asyncio.wait_for(stop.wait(), wait_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+def load_profile(path: str) -> WorkerProfile:
+    """A profile file (``baton profile`` writes them); ``ValueError`` naming what is wrong."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return msgspec.json.decode(raw, type=WorkerProfile)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"{path}: not a worker profile: {exc}") from None
+
+
+async def run_planner(config: PlannerServiceConfig, runtime_config: RuntimeConfig,
+                      stop: asyncio.Event) -> None:
+    """``baton planner``: plans until ``stop`` is set."""
+    assert config.profile is not None  # the command line requires it
+    profile = load_profile(config.profile)
+    async with open_runtime(runtime_config, name="baton-planner") as runtime:
+        connector = make_connector(config.connector, runtime)
+        service = PlannerService(config.planner, profile, runtime, connector)
+        where = describe_discovery(runtime_config).removeprefix("workers discovered on ")
+
+        def ready(pools: str) -> None:
+            print(f"baton planner {config.planner.mode} on {where}: pools {pools}",
+                  file=sys.stderr, flush=True)
+
+        await service.run(stop, ready)

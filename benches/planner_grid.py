@@ -1,0 +1,129 @@
+"""The planner against every static deployment in ``baton sim`` (issue 16's benchmark).
+
+For each shaped trace (synthesized from the conversation trace) and each worker start-up
+delay, the planner (both modes, aggregated from 1 worker and disaggregated from 1:1) runs
+against static deployments: aggregated with 1..``--max-agg`` workers and disaggregated P:D
+splits with P + D <= ``--max-disagg``. Each row: SLA attainment (share of requests with
+TTFT and mean ITL within target), worker-seconds (cost), and for the planner its scaling
+changes and direction changes per hour. The ratio column compares each planner run's cost
+with the smallest static deployment (of either kind) reaching 95 %.
+
+    .venv/bin/python benches/planner_grid.py --source conversation_trace.jsonl   # ~40 min
+
+Every run is a ``baton sim`` command (printed); files go under ``--work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+BATON = [sys.executable, "-m", "baton"]
+SLA = ("2000", "50")
+SHAPES = {
+    "diurnal": ["--arrival-shape", "diurnal", "--shape-ratio", "4", "--shape-period-s", "1800"],
+    "burst": ["--arrival-shape", "burst", "--shape-ratio", "4", "--shape-period-s", "600",
+              "--shape-duration-s", "120", "--shape-at-s", "300"],
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    trace: str
+    name: str
+    args: tuple[str, ...]
+    planner: bool = False
+
+
+def synth(source: Path, work: Path, num: int) -> dict[str, Path]:
+    traces = {}
+    for shape, flags in SHAPES.items():
+        out = work / f"{shape}.jsonl"
+        if not out.exists():
+            subprocess.run([*BATON, "trace", "synth", str(source), "-o", str(out),
+                            "--num-requests", str(num), *flags], check=True)
+        traces[shape] = out
+    return traces
+
+
+def runs(trace: str, a: argparse.Namespace) -> list[Run]:
+    grid = [Run(trace, f"static agg {n}", ("--workers", str(n)))
+            for n in range(1, a.max_agg + 1)]
+    grid += [Run(trace, f"static disagg {p}:{d}",
+                 ("--disagg", "--prefill-workers", str(p), "--decode-workers", str(d)))
+             for p in range(1, a.max_disagg) for d in range(1, a.max_disagg - p + 1)]
+    for startup in a.startup_s:
+        common = ("--planner", "both", "--worker-startup-s", str(startup))
+        grid.append(Run(trace, f"planner agg, start-up {startup:g} s",
+                        ("--workers", "1", *common), True))
+        grid.append(Run(trace, f"planner disagg, start-up {startup:g} s",
+                        ("--disagg", "--prefill-workers", "1", "--decode-workers", "1", *common),
+                        True))
+    return grid
+
+
+def simulate(run: Run, trace: Path, work: Path) -> dict[str, object]:
+    out = work / run.trace / run.name.replace(" ", "_").replace(",", "").replace(":", "-")
+    if not (out / "sim.json").exists():
+        cmd = [*BATON, "sim", "--trace", str(trace), "--sla-ttft-ms", SLA[0],
+               "--sla-itl-ms", SLA[1], "--goodput", f"ttft_ms={SLA[0]},itl_ms={SLA[1]}",
+               *run.args, "--out", str(out)]
+        print("$", shlex.join(cmd[2:]), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sim = json.loads((out / "sim.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    virtual_s = sim["virtual_s"]
+    if run.planner:
+        p = sim["planner"]
+        return {"attainment": p["sla_attainment"], "cost": sum(p["worker_seconds"].values()),
+                "changes": len(p["changes"]), "turns_per_h": p["direction_changes"] * 3600 / virtual_s}
+    workers = sum(int(x) for x in run.args if x.isdigit())
+    good = summary["goodput"] * summary["duration_s"] / summary["num_requests"]
+    return {"attainment": good, "cost": workers * virtual_s}
+
+
+def report(results: list[tuple[Run, dict[str, object]]]) -> None:
+    for trace in dict.fromkeys(r.trace for r, _ in results):
+        rows = [(r, x) for r, x in results if r.trace == trace]
+        statics = [x for r, x in rows if not r.planner and float(x["attainment"]) >= 0.95]
+        best = min((float(x["cost"]) for x in statics), default=None)
+        print(f"\n{trace}: smallest static deployment reaching 95 %: "
+              f"{'none' if best is None else f'{best:,.0f} worker-seconds'}")
+        print("| deployment | SLA attainment | worker-seconds | vs smallest static >= 95 % "
+              "| changes | direction changes / h |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r, x in rows:
+            cost = float(x["cost"])
+            ratio = f"{cost / best:.2f}x" if best else ""
+            extra = (f"{x['changes']} | {float(x['turns_per_h']):.1f}" if r.planner else " | ")
+            print(f"| {r.name} | {100 * float(x['attainment']):.1f} % | {cost:,.0f} | {ratio} "
+                  f"| {extra} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, type=Path, help="conversation_trace.jsonl")
+    parser.add_argument("--work", default=Path("/tmp/planner-grid"), type=Path)
+    parser.add_argument("--num-requests", type=int, default=6000)
+    parser.add_argument("--startup-s", type=float, nargs="+", default=[30.0, 120.0])
+    parser.add_argument("--max-agg", type=int, default=5)
+    parser.add_argument("--max-disagg", type=int, default=5, help="P + D at most")
+    parser.add_argument("--jobs", type=int, default=2)
+    a = parser.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    traces = synth(a.source, a.work, a.num_requests)
+    grid = [run for trace in traces for run in runs(trace, a)]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        results = list(zip(grid, pool.map(lambda r: simulate(r, traces[r.trace], a.work), grid),
+                           strict=True))
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
