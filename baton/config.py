@@ -620,10 +620,11 @@ class PlannerConfig:
 @dataclass(frozen=True)
 class ProfileConfig:
     """``baton profile``: what one worker sustains within the SLA, for the planner. The
-    simulated engine's is computed from its timing model (``--speedup-ratio`` included)."""
+    simulated engine's comes from its timing model (``--speedup-ratio`` included) unless
+    ``--measure``; other engines are always measured (``control/profiling.py``)."""
 
-    scheduler: SchedulerConfig = section(SchedulerConfig)
-    timing: TimingConfig = section(TimingConfig)
+    worker: WorkerConfig = section(WorkerConfig)
+    """Only the model and the engine settings are flags."""
     sla: PlannerConfig = section(PlannerConfig)
     """Only its targets (``--sla-ttft-ms``, ``--sla-itl-ms``) are flags."""
     isl: int = setting(3000, "mean prompt length, tokens")
@@ -631,12 +632,20 @@ class ProfileConfig:
     isl_cv: float = setting(
         0.0, "spread of the prompt lengths (standard deviation over mean): long prompts "
         "ahead make the others wait, so a wider spread lowers the prefill capacity")
+    measure: bool = setting(
+        False, "run the engine on probe requests and learn its step times (always for the "
+        "hf and vllm engines); off: the simulated engine's timing model")
 
     def __post_init__(self) -> None:
         _positive_ints(self, "isl", "osl")
         require(math.isfinite(self.isl_cv) and self.isl_cv >= 0, "isl_cv", "must be >= 0")
-        require(self.timing.speedup_ratio > 0, "speedup_ratio",
-                "a worker without simulated delay (0) has no capacity to profile")
+        require(self.worker.engine.kind != "mock" or self.worker.engine.timing.speedup_ratio > 0,
+                "speedup_ratio", "a simulated worker without delay (0) has no capacity to "
+                "profile")
+
+    @property
+    def measured(self) -> bool:
+        return self.measure or self.worker.engine.kind != "mock"
 
 
 @dataclass(frozen=True)

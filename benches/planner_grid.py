@@ -77,7 +77,7 @@ def simulate(run: Run, trace: Path, work: Path) -> dict[str, object]:
         print("$", shlex.join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sim = json.loads((out / "sim.json").read_text())
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["summary"]
     virtual_s = sim["virtual_s"]
     if run.planner:
         p = sim["planner"]

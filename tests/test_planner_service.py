@@ -4,6 +4,7 @@ hears into observations and decisions, the graph's planner section, and the comm
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -194,3 +195,32 @@ def test_baton_planner_refuses_what_it_cannot_do_in_one_line(args, message):
                          text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def profile(tmp_path, name: str, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    subprocess.run([sys.executable, "-m", "baton", "profile", *args, "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_a_measured_profile_of_the_simulated_engine_agrees_with_its_timing_model(tmp_path):
+    # The simulated engine sleeps its modelled step times: measuring it must find them again
+    # (loosely: this host's scheduling adds to every step).
+    args = ("--speedup-ratio", "1", "--isl", "1000", "--osl", "64", "--sla-ttft-ms", "1000")
+    modelled = profile(tmp_path, "modelled", *args)
+    measured = profile(tmp_path, "measured", *args, "--measure")
+    assert modelled["source"] == "timing model"
+    assert measured["source"].startswith("measured, ")
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert 0.5 < measured[key] / modelled[key] < 1.5, (key, measured[key], modelled[key])
+
+
+def test_baton_profile_measures_the_transformers_engine(tmp_path):
+    got = profile(tmp_path, "hf", "--engine", "hf", "--model", "baton-tiny-llama", "--isl", "64",
+                  "--osl", "8", "--num-blocks", "128", "--sla-ttft-ms", "5000",
+                  "--sla-itl-ms", "500")
+    steps = int(got["source"].removeprefix("measured, ").removesuffix(" steps"))
+    assert got["engine"] == "hf" and steps >= 20
+    assert got["prefill_tokens_per_s"] > 0 and got["decode_tokens_per_s"] > 0
+    assert got["requests_per_s"]["agg"] < got["requests_per_s"]["prefill"]

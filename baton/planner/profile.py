@@ -68,7 +68,10 @@ class WorkerProfile:
         """One worker's capacity within the SLA at these lengths (see the module docstring);
         ``ValueError`` when a single request cannot meet a target at all."""
         chunk = min(max_num_batched_tokens, max(isl, 1))
-        full_speed = chunk / (step_ms(chunk, 0, 0, kv_tokens) / 1000)
+        chunk_ms = step_ms(chunk, 0, 0, kv_tokens)
+        if chunk_ms <= 0:
+            raise ValueError(f"the step times give a {chunk}-token prefill no time")
+        full_speed = chunk / (chunk_ms / 1000)
         service_ms, done = 0.0, 0
         while done < isl:
             n = min(chunk, isl - done)
@@ -84,6 +87,9 @@ class WorkerProfile:
         best = 0.0
         for batch in range(1, fits + 1):
             step = step_ms(0, batch, batch * context, kv_tokens)
+            if step <= 0:
+                raise ValueError(f"the step times give a decode step of {batch} requests no "
+                                 "time")
             if step > itl_ms:
                 break
             best = max(best, batch / (step / 1000))
