@@ -14,7 +14,7 @@ import pytest
 
 from baton.config import PlannerConfig
 from baton.control.connectors import PoolCounts
-from baton.control.service import PlannerService, TrafficTotals, observation
+from baton.control.service import PlannerService, added_up, observation
 from baton.errors import InvalidRequestError
 from baton.frontend.metrics import TrafficWindow
 from baton.graph import parse_graph, plan
@@ -57,7 +57,7 @@ def test_an_observation_from_two_frontends_and_three_workers_with_worked_numbers
     # two frontends: 3 + 1 requests of 400 and 800 prompt tokens on average (mean 500);
     # 2 finished with 60 output tokens (OSL 30); TTFTs 0.3 + 0.5 s over 2 (400 ms); gaps
     # 0.9 s over 30 (30 ms)
-    traffic = TrafficTotals.of([
+    traffic = added_up([
         report(requests=3, prompt_tokens=1200, finished=2, output_tokens=60, ttft_s=0.3,
                ttfts=1, itl_s=0.6, itls=20),
         report(requests=1, prompt_tokens=800, ttft_s=0.5, ttfts=1, itl_s=0.3, itls=10),
@@ -73,7 +73,7 @@ def test_an_observation_from_two_frontends_and_three_workers_with_worked_numbers
     assert decode.ttft_ms is None and decode.itl_ms == pytest.approx(30)
     assert (decode.draining, decode.kv_usage) == (1, 0.9)
     # nothing finished: the OSL stays what it was
-    assert observation(21.0, 1.0, TrafficTotals(), pools, {}, last_osl=99.0).mean_osl == 99.0
+    assert observation(21.0, 1.0, TrafficReport(source="none", window_s=1.0), pools, {}, last_osl=99.0).mean_osl == 99.0
 
 
 class RecordingDeployment:
@@ -133,7 +133,28 @@ async def test_without_a_deployment_the_service_waits_and_stops_when_told():
         stop = asyncio.Event()
         asyncio.get_running_loop().call_later(0.2, stop.set)
         await asyncio.wait_for(service.run(stop), 5)
-    assert service.planner is None and service.decisions == []
+    assert service.planner is None and not service.decisions
+
+
+async def test_a_deployment_lost_after_the_start_is_asked_for_again_at_a_calm_pace():
+    class Flaky(RecordingDeployment):
+        calls = 0
+
+        async def pools(self) -> dict[str, PoolCounts]:
+            self.calls += 1
+            if self.calls > 1:
+                raise InvalidRequestError("the graph is restarting")
+            return self.counts
+
+    deployment = Flaky(ready=1)
+    config = PlannerConfig(mode="load", load_interval_s=0.05)
+    async with Runtime(MemoryDiscovery()) as runtime:
+        service = PlannerService(config, PROFILE, runtime, deployment)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.8, stop.set)
+        await asyncio.wait_for(service.run(stop), 5)
+    # one call to learn the pools, then one per POOLS_WAIT_S (0.5 s), not a busy loop
+    assert 2 <= deployment.calls <= 4 and not service.decisions
 
 
 def test_a_frontend_publishes_what_it_served(make_server):
@@ -153,7 +174,7 @@ def test_a_frontend_publishes_what_it_served(make_server):
         assert time.monotonic() < deadline, f"no traffic report: {seen}"
         seen += srv.call(sub.pending)
         time.sleep(0.05)
-    total = TrafficTotals.of(seen)
+    total = added_up(seen)
     assert (total.requests, total.prompt_tokens) == (2, prompt_tokens)
     assert (total.finished, total.output_tokens, total.ttfts) == (2, 10, 2)
     assert 2 <= total.itls <= 8  # at most one gap between each two of a request's 5 tokens

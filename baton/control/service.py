@@ -19,6 +19,7 @@ import logging
 import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -41,41 +42,30 @@ from baton.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PlannerService", "TrafficTotals", "load_profile", "observation", "run_planner"]
+__all__ = ["PlannerService", "added_up", "load_profile", "observation", "run_planner"]
 
 POOLS_WAIT_S = 0.5
 """How often the planner asks again for a deployment's pools it could not get."""
+RECENT_DECISIONS = 1024
+"""Decisions kept for inspection (each change is also logged)."""
 
 
-@dataclass(slots=True)
-class TrafficTotals:
-    """The frontends' reports since the last observation, added up."""
-
-    requests: int = 0
-    prompt_tokens: int = 0
-    finished: int = 0
-    output_tokens: int = 0
-    ttft_s: float = 0.0
-    ttfts: int = 0
-    itl_s: float = 0.0
-    itls: int = 0
-
-    @classmethod
-    def of(cls, reports: Iterable[TrafficReport]) -> TrafficTotals:
-        t = cls()
-        for r in reports:
-            t.requests += r.requests
-            t.prompt_tokens += r.prompt_tokens
-            t.finished += r.finished
-            t.output_tokens += r.output_tokens
-            t.ttft_s += r.ttft_s
-            t.ttfts += r.ttfts
-            t.itl_s += r.itl_s
-            t.itls += r.itls
-        return t
+SUMMED = ("requests", "prompt_tokens", "finished", "output_tokens", "ttft_s", "ttfts", "itl_s",
+          "itls")
+"""The fields of ``TrafficReport`` that add up across frontends."""
 
 
-def observation(now: float, window_s: float, traffic: TrafficTotals,
+def added_up(reports: Iterable[TrafficReport]) -> TrafficReport:
+    """The frontends' reports as one (its window is the longest of theirs)."""
+    total = TrafficReport(source="all", window_s=0.0)
+    for r in reports:
+        total.window_s = max(total.window_s, r.window_s)
+        for name in SUMMED:
+            setattr(total, name, getattr(total, name) + getattr(r, name))
+    return total
+
+
+def observation(now: float, window_s: float, traffic: TrafficReport,
                 pools: dict[str, PoolCounts], loads: dict[str, list[LoadMetrics]],
                 last_osl: float) -> Observation:
     """What the planner sees: the window's traffic, and per pool its sizes and its serving
@@ -118,7 +108,7 @@ class PlannerService:
         self._clock = clock
         self.planner: Planner | None = None
         """Built once the connector told which pools the deployment has."""
-        self.decisions: list[Decision] = []
+        self.decisions: deque[Decision] = deque(maxlen=RECENT_DECISIONS)
         self._seen = _Seen()
         self._last_osl = 0.0
 
@@ -143,8 +133,10 @@ class PlannerService:
                 self._take(traffic.pending(), loads.pending())
                 # a timer may fire a hair early: the decision is due, so it counts as due
                 now = max(self._clock(), start + self.planner.next_due)
-                await self._decide(now - start, now - last)
-                last = now
+                if await self._decide(now - start, now - last):
+                    last = now
+                elif await _stopped(stop, POOLS_WAIT_S):  # the deployment is unreachable
+                    return
         finally:
             traffic.close()
             loads.close()
@@ -163,15 +155,16 @@ class PlannerService:
         for load in loads:
             self._seen.loads[load.worker_id] = load
 
-    async def _decide(self, now: float, window_s: float) -> None:
+    async def _decide(self, now: float, window_s: float) -> bool:
+        """Observes, decides and scales; False when the deployment's pools are unknown."""
         assert self.planner is not None
         try:
             pools = await self.connector.pools()
         except BatonError as exc:
             log.warning("planner: no decision at %.0f s: the deployment's pools are "
                         "unknown: %s", now, exc.message)
-            return
-        traffic = TrafficTotals.of(self._seen.reports)
+            return False
+        traffic = added_up(self._seen.reports)
         self._seen.reports = []
         obs = observation(now, window_s, traffic, pools, self._loads_by_role(),
                           self._last_osl)
@@ -180,7 +173,7 @@ class PlannerService:
         self.decisions.append(decision)
         log.debug("planner at %.1f s: %s -> %s", now, obs, decision)
         if not decision.changes:
-            return
+            return True
         for p in decision.pools:
             if p.target != p.current:
                 log.info("planner: %s %d -> %d (%s)", p.pool, p.current, p.target, p.rule)
@@ -189,6 +182,7 @@ class PlannerService:
                                         if p.target != p.current})
         except BatonError as exc:
             log.warning("planner: scaling failed: %s", exc.message)
+        return True
 
     def _loads_by_role(self) -> dict[str, list[LoadMetrics]]:
         """The latest load of each worker serving now (in discovery), by its role."""

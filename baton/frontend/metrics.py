@@ -29,37 +29,32 @@ class TrafficWindow:
     def __init__(self, source: str, now: float) -> None:
         self.source = source
         self._start = now
-        self._counts = [0, 0, 0, 0, 0, 0]
-        """requests, prompt tokens, finished, output tokens, TTFTs, gaps"""
-        self._ttft_s = 0.0
-        self._itl_s = 0.0
+        self._now = TrafficReport(source=source, window_s=0.0)
 
     def arrived(self, prompt_tokens: int) -> None:
-        self._counts[0] += 1
-        self._counts[1] += prompt_tokens
+        self._now.requests += 1
+        self._now.prompt_tokens += prompt_tokens
 
     def finished(self, output_tokens: int) -> None:
-        self._counts[2] += 1
-        self._counts[3] += output_tokens
+        self._now.finished += 1
+        self._now.output_tokens += output_tokens
 
     def first_token(self, seconds: float) -> None:
-        self._counts[4] += 1
-        self._ttft_s += seconds
+        self._now.ttfts += 1
+        self._now.ttft_s += seconds
 
     def gap(self, seconds: float) -> None:
-        self._counts[5] += 1
-        self._itl_s += seconds
+        self._now.itls += 1
+        self._now.itl_s += seconds
 
     def take(self, now: float) -> TrafficReport | None:
         """The window ending now (None when nothing happened in it); the next one starts."""
-        c, start = self._counts, self._start
+        report, start = self._now, self._start
         self._start = now
-        if not any(c):
+        if not (report.requests or report.finished or report.ttfts or report.itls):
             return None
-        report = TrafficReport(source=self.source, window_s=now - start, requests=c[0],
-                               prompt_tokens=c[1], finished=c[2], output_tokens=c[3],
-                               ttft_s=self._ttft_s, ttfts=c[4], itl_s=self._itl_s, itls=c[5])
-        self._counts, self._ttft_s, self._itl_s = [0] * 6, 0.0, 0.0
+        report.window_s = now - start
+        self._now = TrafficReport(source=self.source, window_s=0.0)
         return report
 
 

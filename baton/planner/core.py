@@ -148,7 +148,6 @@ class Planner:
         self._since_prediction = [0.0, 0, 0.0, 0.0]
         """Traffic observed since the last prediction: seconds, requests, prompt and output
         tokens (observations come at the load mode's pace; a prediction takes them all)."""
-        self.decisions: list[Decision] = []
 
     @property
     def next_due(self) -> float:
@@ -191,7 +190,6 @@ class Planner:
             if p.target != p.current:
                 state.last_change = obs.now
                 state.over = state.under = 0
-        self.decisions.append(decision)
         return decision
 
     # ---- throughput ---------------------------------------------------------------------
