@@ -657,6 +657,9 @@ class PlannerServiceConfig:
     profile: str | None = setting(
         None, "the workers' profile (JSON: prefill and decode tokens/s within the SLA; "
         "`baton profile` writes one)", metavar="JSON", default_help="required")
+    host: str = setting("127.0.0.1", "address the planner's GET /metrics listens on")
+    metrics_port: int = setting(0, "port of the planner's GET /metrics (Prometheus); 0 = any "
+                                "free port (printed when it starts)")
     connector: ConnectorKind = setting(
         "local", "local = the graph (`baton serve -f`) that runs this planner starts and "
         "drains worker processes; kubernetes = set the deployment's replica counts (not "
@@ -666,6 +669,7 @@ class PlannerServiceConfig:
         check_choices(self)
         require(self.planner.mode != "off", "planner", "baton planner needs a mode: "
                 "throughput, load or both")
+        require(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
 
 
 # ------------------------------------------------------------------- deployment shape

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -128,12 +129,19 @@ async def test_the_planner_scales_a_graph_up_and_down_under_a_load_ramp_losing_n
                                  and scaler.counts()["agg"].draining == 0), 90, "a scale-down")
         finally:
             await load.stop()
+        planner = next(p for p in g.supervisor.processes if p.spec.group == "planner")
+        with urllib.request.urlopen(planner.match["metrics"], timeout=10) as resp:
+            metrics = resp.read().decode()
         log = (tmp_path / "planner.log").read_text()
         drained = [line.removeprefix("planner: draining ") for line in lines
                    if line.startswith("planner: draining")]
         streams = [int(m) for name in drained for m in re.findall(
             r"draining (\d+) requests", (tmp_path / f"{name}.log").read_text())]
     assert load.failures == []
+    for line in ('baton_planner_scaling_changes_total{direction="up",pool="agg"} 1.0',
+                 'baton_planner_workers{pool="agg",state="ready"} 1.0',
+                 'baton_planner_target_workers{pool="agg"} 1.0'):
+        assert line in metrics, metrics
     assert load.ok > 50
     assert "agg 1 -> 2 (load: over target)" in log
     assert "-> 1 (load: under target)" in log or "2 -> 1 (load: under target)" in log

@@ -11,9 +11,11 @@ import time
 
 import openai
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from baton.config import PlannerConfig
 from baton.control.connectors import PoolCounts
+from baton.control.metrics import PlannerCollector
 from baton.control.service import PlannerService, added_up, observation
 from baton.errors import InvalidRequestError
 from baton.frontend.metrics import TrafficWindow
@@ -118,6 +120,12 @@ async def test_the_service_scales_up_from_the_load_and_traffic_it_hears():
     assert deployment.targets == [{"agg": 2}]
     first_seen = next(d for d in service.decisions if d.pools[0].rule != "no change")
     assert first_seen.pools[0].rule == "load: over target"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PlannerCollector(service))
+    scraped = generate_latest(registry).decode()
+    assert 'baton_planner_scaling_changes_total{direction="up",pool="agg"} 1.0' in scraped
+    assert 'baton_planner_target_workers{pool="agg"} 2.0' in scraped
+    assert f"baton_planner_decisions_total {float(service.num_decisions)}" in scraped
 
 
 async def test_without_a_deployment_the_service_waits_and_stops_when_told():

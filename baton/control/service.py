@@ -19,14 +19,16 @@ import logging
 import statistics
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
+from prometheus_client import CollectorRegistry
 
 from baton.config import PlannerConfig, PlannerServiceConfig, RuntimeConfig
 from baton.control.connectors import Connector, PoolCounts, make_connector
+from baton.control.metrics import PlannerCollector
 from baton.errors import BatonError
 from baton.planner.core import Decision, Observation, Planner, PoolObservation
 from baton.planner.profile import WorkerProfile
@@ -39,6 +41,7 @@ from baton.protocol import (
 )
 from baton.runtime.process import describe_discovery, open_runtime
 from baton.runtime.runtime import Runtime
+from baton.worker.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,12 @@ class PlannerService:
         self.planner: Planner | None = None
         """Built once the connector told which pools the deployment has."""
         self.decisions: deque[Decision] = deque(maxlen=RECENT_DECISIONS)
+        self.num_decisions = 0
+        self.changes: Counter[tuple[str, str]] = Counter()
+        """(pool, "up" or "down") -> decisions that changed the pool so."""
+        self.last_observation: Observation | None = None
+        self.last_prediction: tuple[float, float, float] | None = None
+        """Rate, ISL and OSL of the latest throughput prediction."""
         self._seen = _Seen()
         self._last_osl = 0.0
 
@@ -170,7 +179,7 @@ class PlannerService:
                           self._last_osl)
         self._last_osl = obs.mean_osl
         decision = self.planner.observe(obs)
-        self.decisions.append(decision)
+        self._record(obs, decision)
         log.debug("planner at %.1f s: %s -> %s", now, obs, decision)
         if not decision.changes:
             return True
@@ -183,6 +192,18 @@ class PlannerService:
         except BatonError as exc:
             log.warning("planner: scaling failed: %s", exc.message)
         return True
+
+    def _record(self, obs: Observation, decision: Decision) -> None:
+        self.last_observation = obs
+        self.decisions.append(decision)
+        self.num_decisions += 1
+        if decision.predicted_rate is not None:
+            assert decision.predicted_isl is not None and decision.predicted_osl is not None
+            self.last_prediction = (decision.predicted_rate, decision.predicted_isl,
+                                    decision.predicted_osl)
+        for p in decision.pools:
+            if p.target != p.current:
+                self.changes[p.pool, "up" if p.target > p.current else "down"] += 1
 
     def _loads_by_role(self) -> dict[str, list[LoadMetrics]]:
         """The latest load of each worker serving now (in discovery), by its role."""
@@ -218,16 +239,23 @@ def load_profile(path: str) -> WorkerProfile:
 
 async def run_planner(config: PlannerServiceConfig, runtime_config: RuntimeConfig,
                       stop: asyncio.Event) -> None:
-    """``baton planner``: plans until ``stop`` is set."""
+    """``baton planner``: plans until ``stop`` is set; serves its metrics meanwhile."""
     assert config.profile is not None  # the command line requires it
     profile = load_profile(config.profile)
     async with open_runtime(runtime_config, name="baton-planner") as runtime:
         connector = make_connector(config.connector, runtime)
         service = PlannerService(config.planner, profile, runtime, connector)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(PlannerCollector(service))
+        metrics = MetricsServer(registry, config.host, config.metrics_port)
+        url = await metrics.start()
         where = describe_discovery(runtime_config).removeprefix("workers discovered on ")
 
         def ready(pools: str) -> None:
-            print(f"baton planner {config.planner.mode} on {where}: pools {pools}",
-                  file=sys.stderr, flush=True)
+            print(f"baton planner {config.planner.mode} on {where}: pools {pools}; metrics "
+                  f"on {url}", file=sys.stderr, flush=True)
 
-        await service.run(stop, ready)
+        try:
+            await service.run(stop, ready)
+        finally:
+            await metrics.close()
