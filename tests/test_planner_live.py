@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -34,7 +35,7 @@ def write_profile(path: Path) -> None:
                     "--out", str(path)], check=True, capture_output=True, timeout=60)
 
 
-def graph_config(profile: Path, namespace: str) -> dict[str, object]:
+def graph_config(profile: Path, namespace: str) -> dict[str, Any]:
     return {
         "namespace": namespace, "nats": {"start": True}, "lease_ttl_s": 1.5,
         "engine": {"speedup_ratio": 0.2},
@@ -52,7 +53,8 @@ class Load:
     """Open-loop streaming chat completions at a set rate (each prompt unique, so no prefix
     cache helps); counts what did not end well."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_tokens: int = MAX_TOKENS) -> None:
+        self.max_tokens = max_tokens
         self.client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0,
                                          timeout=120)
         self.ok = 0
@@ -79,15 +81,15 @@ class Load:
         try:
             stream = await self.client.chat.completions.create(
                 model="baton-tiny", messages=[{"role": "user", "content": prompt}],
-                max_tokens=MAX_TOKENS, stream=True, stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True})
+                max_tokens=self.max_tokens, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
             finish, tokens = None, 0
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].finish_reason:
                     finish = chunk.choices[0].finish_reason
                 if chunk.usage is not None:
                     tokens = chunk.usage.completion_tokens
-            if finish == "length" and tokens == MAX_TOKENS:
+            if finish == "length" and tokens == self.max_tokens:
                 self.ok += 1
             else:
                 self.failures.append(f"finish {finish}, {tokens} tokens")
@@ -147,6 +149,41 @@ async def test_the_planner_scales_a_graph_up_and_down_under_a_load_ramp_losing_n
     assert "-> 1 (load: under target)" in log or "2 -> 1 (load: under target)" in log
     assert drained and all(f"planner: {name} stopped" in lines for name in drained)
     assert sum(streams) >= 1  # the drained worker was serving: its streams finished
+
+
+async def test_the_planner_scales_the_prefill_pool_of_a_disaggregated_graph(tmp_path):
+    # Long prompts and short answers: the prefill pool is the bottleneck, the decode pool is
+    # not. The planner adds a prefill worker, leaves the decode pool alone, and drains the
+    # prefill worker again when the traffic falls; every request completes.
+    need_nats_server()
+    profile = tmp_path / "profile.json"
+    write_profile(profile)
+    raw = graph_config(profile, f"test-planner-disagg-{time.time_ns()}")
+    raw["engine"] = {"speedup_ratio": 0.2, "kv_transfer": "tcp"}
+    raw["frontends"] = [{"port": 0, "router": "least-loaded",
+                         "args": ["--disagg-policy", "always"]}]
+    raw["workers"] = [{"name": "p", "role": "prefill", "args": ["--drain-timeout-s", "30"]},
+                      {"name": "d", "role": "decode", "args": ["--drain-timeout-s", "30"]}]
+    raw["planner"]["args"] += ["--max-prefill-workers", "2", "--max-decode-workers", "2"]
+    lines: list[str] = []
+    async with Graph(parse_graph(raw), log_dir=tmp_path, report=lines.append) as g:
+        scaler = g.scaler
+        assert isinstance(scaler, PoolScaler)
+        load = Load(g.frontend_urls[0], max_tokens=8)
+        try:
+            load.rate(16)
+            await until(lambda: scaler.counts()["prefill"].ready >= 2, 60, "a prefill scale-up")
+            await asyncio.sleep(3)
+            load.rate(1)
+            await until(lambda: (scaler.counts()["prefill"].ready == 1
+                                 and scaler.counts()["prefill"].draining == 0), 90,
+                        "a prefill scale-down")
+        finally:
+            await load.stop()
+        log = (tmp_path / "planner.log").read_text()
+    assert load.failures == [] and load.ok > 50
+    assert "prefill 1 -> 2 (load: over target)" in log and "prefill 2 -> 1" in log
+    assert "decode 1 ->" not in log
 
 
 def test_the_kubernetes_connector_refuses_to_start():
