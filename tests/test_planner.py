@@ -155,6 +155,23 @@ def test_load_mode_grows_on_queued_prefill_and_shrinks_when_every_signal_is_low(
         assert planner.observe(traffic(t, 1, {"agg": decoding})).target("agg") == 3
 
 
+def test_load_mode_grows_to_the_size_the_recent_request_rate_needs_in_one_step() -> None:
+    """A burst: 6 requests/s arrive where one aggregated worker serves 1.43. Once the queue
+    has been over target for ``min_observations`` intervals the pool grows to ceil(6 / 1.43)
+    = 5 at once, not by one worker per decision (each held while the last one starts)."""
+    planner = Planner(config(mode="load", min_observations=2), PROFILE)
+    # 4,000 queued tokens on 1 worker at 4,000 tokens/s: 1 s to first token > 500 ms
+    busy = PoolObservation(ready=1, queued_prefill_tokens=4000, itl_ms=20, kv_usage=0.3)
+    assert planner.observe(traffic(0, 6, {"agg": busy}, window=5)).target("agg") == 1
+    d = planner.observe(traffic(5, 6, {"agg": busy}, window=5))
+    assert (d.target("agg"), d.pools[0].rule) == (5, "load: over target")
+    # at the rate one worker serves, the same signal adds one
+    planner = Planner(config(mode="load", min_observations=2), PROFILE)
+    for t in (0, 5):
+        d = planner.observe(traffic(t, 1, {"agg": busy}, window=5))
+    assert d.target("agg") == 2
+
+
 def test_load_mode_watches_each_disaggregated_pool_with_its_own_signal() -> None:
     planner = Planner(config(mode="load", min_observations=1), PROFILE, DISAGG)
     d = planner.observe(traffic(0, 1, {

@@ -62,8 +62,9 @@ def test_new_workers_take_requests_only_after_their_start_up_delay() -> None:
     joined = {w.worker_id: w for w in cluster.workers if w.worker_id != 0}
     first = joined[1]  # asked for at asked[0], serving 60 s later
     assert first.num_steps > 0
-    # saturated from the moment it serves; without the delay it would be busy longer
-    assert 0.7 * (cluster.now - asked[0] - 60) < first.busy_s <= cluster.now - asked[0] - 60
+    # busy from the moment it serves (it shares the load with the others asked for with it),
+    # never before: without the delay it would be busy longer
+    assert 0.3 * (cluster.now - asked[0] - 60) < first.busy_s <= cluster.now - asked[0] - 60
 
 
 def test_prefill_and_decode_pools_are_scaled_separately() -> None:

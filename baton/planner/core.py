@@ -13,7 +13,8 @@ Two modes, usable together (``--planner both``):
   then), and size each pool from one worker's capacity within the SLA (``profile.py``):
   ``ceil(rate / capacity)``. Shrinking is held back by ``scale_down_utilization``: a pool
   shrinks only to a size that the predicted rate loads to at most that share.
-- **load**: every ``load_interval_s``, react to the present: a pool grows by one when its
+- **load**: every ``load_interval_s``, react to the present: a pool grows (by one, or to the
+  size the request rate of those intervals needs, if more) when its
   estimated TTFT (queued prefill tokens per worker over its prefill rate, while that queue
   is not shrinking) or its ITL (the step times now, while they are not falling; or a KV
   usage above 0.9) is over target in ``min_observations`` intervals running, and shrinks by one when all of them, the observed TTFT too, were under
@@ -36,6 +37,7 @@ Pure: no I/O, no clock (times come in the observations).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from baton.config import PlannerConfig
@@ -145,6 +147,9 @@ class Planner:
         self._next_throughput = -math.inf
         self._next_load = -math.inf
         self._throughput_targets: dict[str, int] = {}
+        self._recent: deque[tuple[float, int, float, float]] = deque(
+            maxlen=config.min_observations)
+        """The last observations' traffic: seconds, requests, prompt and output tokens."""
         self._since_prediction = [0.0, 0, 0.0, 0.0]
         """Traffic observed since the last prediction: seconds, requests, prompt and output
         tokens (observations come at the load mode's pace; a prediction takes them all)."""
@@ -170,6 +175,8 @@ class Planner:
         acc[1] += obs.num_requests
         acc[2] += obs.num_requests * obs.mean_isl
         acc[3] += obs.num_requests * obs.mean_osl
+        self._recent.append((obs.window_s, obs.num_requests, obs.num_requests * obs.mean_isl,
+                             obs.num_requests * obs.mean_osl))
         predicted = None
         if cfg.mode != "load" and obs.now >= self._next_throughput:
             self._next_throughput = obs.now + cfg.throughput_interval_s
@@ -234,10 +241,22 @@ class Planner:
         state.under = state.under + 1 if under else 0
         needed = self.config.min_observations
         if state.over >= needed:
-            return seen.workers + 1
+            return max(seen.workers + 1, self._recent_size(pool))
         if state.under >= needed and seen.ready > 1:
             return seen.workers - 1
         return None
+
+    def _recent_size(self, pool: str) -> int:
+        """The pool's size for the request rate of the last ``min_observations`` windows
+        (what a scale-up jumps to when that is more than one worker)."""
+        seconds = sum(w for w, _, _, _ in self._recent)
+        requests = sum(n for _, n, _, _ in self._recent)
+        if not requests or seconds <= 0:
+            return 0
+        isl = sum(i for _, _, i, _ in self._recent) / requests
+        osl = sum(o for _, _, _, o in self._recent) / requests
+        capacity = self.profile.requests_per_s(pool, isl, osl)
+        return math.ceil(requests / seconds / capacity - 1e-9)
 
     def _pressure(self, pool: str, seen: PoolObservation) -> tuple[bool, bool]:
         """(some signal over target, every signal under the scale-down share even with one
