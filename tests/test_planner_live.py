@@ -140,13 +140,13 @@ async def test_the_planner_scales_a_graph_up_and_down_under_a_load_ramp_losing_n
         streams = [int(m) for name in drained for m in re.findall(
             r"draining (\d+) requests", (tmp_path / f"{name}.log").read_text())]
     assert load.failures == []
-    for line in ('baton_planner_scaling_changes_total{direction="up",pool="agg"} 1.0',
-                 'baton_planner_workers{pool="agg",state="ready"} 1.0',
-                 'baton_planner_target_workers{pool="agg"} 1.0'):
-        assert line in metrics, metrics
+    for line in (r'baton_planner_scaling_changes_total\{direction="up",pool="agg"\} [1-9]',
+                 r'baton_planner_workers\{pool="agg",state="ready"\} 1\.0',
+                 r'baton_planner_target_workers\{pool="agg"\} 1\.0'):
+        assert re.search(line, metrics), metrics
     assert load.ok > 50
-    assert "agg 1 -> 2 (load: over target)" in log
-    assert "-> 1 (load: under target)" in log or "2 -> 1 (load: under target)" in log
+    assert re.search(r"agg 1 -> [23] \(load: over target", log), log
+    assert re.search(r"agg [23] -> [12] \(load: under target\)", log), log
     assert drained and all(f"planner: {name} stopped" in lines for name in drained)
     assert sum(streams) >= 1  # the drained worker was serving: its streams finished
 
@@ -182,7 +182,7 @@ async def test_the_planner_scales_the_prefill_pool_of_a_disaggregated_graph(tmp_
             await load.stop()
         log = (tmp_path / "planner.log").read_text()
     assert load.failures == [] and load.ok > 50
-    assert "prefill 1 -> 2 (load: over target)" in log and "prefill 2 -> 1" in log
+    assert "prefill 1 -> 2 (load: over target" in log and "prefill 2 -> 1" in log
     assert "decode 1 ->" not in log
 
 
