@@ -124,9 +124,9 @@ class DiskBlocks:
         found: list[tuple[float, TierBlock]] = []
         removed = 0
         for path in self.directory.iterdir():
-            block = self._scan_one(path)
-            if block is not None:
-                found.append((path.stat().st_mtime, block))
+            scanned = self._scan_one(path)
+            if scanned is not None:
+                found.append(scanned)
             elif path.name != _LOCK:
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -142,21 +142,22 @@ class DiskBlocks:
             os.close(self._lock)  # releases the lock
             self._lock = -1
 
-    def _scan_one(self, path: Path) -> TierBlock | None:
+    def _scan_one(self, path: Path) -> tuple[float, TierBlock] | None:
+        """(when it was written, the block) of a usable block file."""
         stem = path.name.removesuffix(_SUFFIX)
         if not path.name.endswith(_SUFFIX) or not stem.isdigit() or int(stem) >= self.capacity:
             return None
         try:
             with open(path, "rb") as f:
                 head = f.read(_HEADER.size)
-            size = path.stat().st_size
+                stat = os.fstat(f.fileno())
         except OSError:
             return None
         block = self._header(head)
-        if block is None or size != _PREFIX + self.block_bytes:
+        if block is None or stat.st_size != _PREFIX + self.block_bytes:
             return None
         block.slot = int(stem)
-        return block
+        return stat.st_mtime, block
 
     def _header(self, data: bytes | bytearray) -> TierBlock | None:
         """The block a file's header names (slot left 0), if it is a block of this layout."""
