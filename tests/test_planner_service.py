@@ -23,7 +23,7 @@ from baton.graph import parse_graph, plan
 from baton.graph.scaling import PoolScaler
 from baton.graph.schema import STOP_ORDER
 from baton.graph.supervisor import Supervisor
-from baton.planner import WorkerProfile
+from baton.planner import Observation, WorkerProfile
 from baton.protocol import LoadMetrics, TrafficReport, load_subject, traffic_subject
 from baton.runtime import MemoryDiscovery, Runtime
 from baton.runtime.discovery import InstanceRecord
@@ -84,12 +84,16 @@ class RecordingDeployment:
     def __init__(self, ready: int) -> None:
         self.counts = {"agg": PoolCounts(ready=ready)}
         self.targets: list[dict[str, int]] = []
+        self.service: PlannerService | None = None
+        self.observed: list[object] = []
+        """What the service had observed when it asked for each target."""
 
     async def pools(self) -> dict[str, PoolCounts]:
         return self.counts
 
     async def scale(self, targets: dict[str, int]) -> dict[str, PoolCounts]:
         self.targets.append(targets)
+        self.observed.append(self.service.last_observation if self.service else None)
         self.counts = {"agg": PoolCounts(ready=1, starting=targets["agg"] - 1)}
         return self.counts
 
@@ -106,18 +110,24 @@ async def test_the_service_scales_up_from_the_load_and_traffic_it_hears():
             address="inproc://7"))
         deployment = RecordingDeployment(ready=1)
         service = PlannerService(config, PROFILE, runtime, deployment)
+        deployment.service = service
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         queued = 20_000
         while not deployment.targets:
             queued += 100
             runtime.events.publish(load_subject("baton"), load(7, queued, 10))
-            runtime.events.publish(traffic_subject("baton"), report(requests=5, prompt_tokens=5000))
+            # TTFTs heard, no arrivals: the scale-up is the load mode's one worker (the jump to
+            # the request rate's size is the core's story, test_planner.py)
+            runtime.events.publish(traffic_subject("baton"), report(ttft_s=0.1, ttfts=1))
             await asyncio.sleep(0.02)
             assert len(service.decisions) < 50, "no scale-up"
         stop.set()
         await task
     assert deployment.targets == [{"agg": 2}]
+    seen = deployment.observed[0]
+    assert isinstance(seen, Observation) and seen.pools["agg"].ttft_ms == pytest.approx(100)
+    assert seen.pools["agg"].queued_prefill_tokens > 20_000
     first_seen = next(d for d in service.decisions if d.pools[0].rule != "no change")
     assert first_seen.pools[0].rule == "load: over target"
     registry = CollectorRegistry(auto_describe=False)
