@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PoolScaler"]
 
+
 class PoolScaler:
     """Starts and drains the worker processes of one graph's pools (see the module
     docstring). ``templates``: the command line of each pool's first worker."""
@@ -104,8 +105,9 @@ class PoolScaler:
         try:
             await proc.start()
         except GraphStartError as exc:
-            self._report(f"planner: {proc.spec.name} did not start: {exc}")
-            await self._supervisor.remove(proc)
+            if proc in self._supervisor.processes:  # not stopped on purpose meanwhile
+                self._report(f"planner: {proc.spec.name} did not start: {exc}")
+                await self._supervisor.remove(proc)
 
     def _drain(self, members: list[ManagedProcess]) -> None:
         """One worker fewer: one still starting if any (it serves nothing yet), else the
