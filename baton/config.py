@@ -84,6 +84,11 @@ class SchedulerConfig:
                 "needs a host tier above it (--host-kv-blocks)")
 
     @property
+    def kv_tokens(self) -> int:
+        """Tokens the KV block pool holds."""
+        return self.num_blocks * self.block_size
+
+    @property
     def kv_tiers(self) -> bool:
         """Whether KV tiers sit below the pool (a host tier, and cached blocks to keep)."""
         return self.host_kv_blocks > 0 and self.enable_prefix_caching

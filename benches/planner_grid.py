@@ -38,7 +38,12 @@ class Run:
     trace: str
     name: str
     args: tuple[str, ...]
-    planner: bool = False
+    workers: int | None = None
+    """A static deployment's size; None: the planner sizes it."""
+
+    @property
+    def planner(self) -> bool:
+        return self.workers is None
 
 
 def synth(source: Path, work: Path, num: int) -> dict[str, Path]:
@@ -53,18 +58,17 @@ def synth(source: Path, work: Path, num: int) -> dict[str, Path]:
 
 
 def runs(trace: str, a: argparse.Namespace) -> list[Run]:
-    grid = [Run(trace, f"static agg {n}", ("--workers", str(n)))
+    grid = [Run(trace, f"static agg {n}", ("--workers", str(n)), n)
             for n in range(1, a.max_agg + 1)]
     grid += [Run(trace, f"static disagg {p}:{d}",
-                 ("--disagg", "--prefill-workers", str(p), "--decode-workers", str(d)))
+                 ("--disagg", "--prefill-workers", str(p), "--decode-workers", str(d)), p + d)
              for p in range(1, a.max_disagg) for d in range(1, a.max_disagg - p + 1)]
     for startup in a.startup_s:
         common = ("--planner", "both", "--worker-startup-s", str(startup))
         grid.append(Run(trace, f"planner agg, start-up {startup:g} s",
-                        ("--workers", "1", *common), True))
+                        ("--workers", "1", *common)))
         grid.append(Run(trace, f"planner disagg, start-up {startup:g} s",
-                        ("--disagg", "--prefill-workers", "1", "--decode-workers", "1", *common),
-                        True))
+                        ("--disagg", "--prefill-workers", "1", "--decode-workers", "1", *common)))
     return grid
 
 
@@ -79,13 +83,12 @@ def simulate(run: Run, trace: Path, work: Path) -> dict[str, object]:
     sim = json.loads((out / "sim.json").read_text())
     summary = json.loads((out / "summary.json").read_text())["summary"]
     virtual_s = sim["virtual_s"]
-    if run.planner:
+    if run.workers is None:
         p = sim["planner"]
         return {"attainment": p["sla_attainment"], "cost": sum(p["worker_seconds"].values()),
                 "changes": len(p["changes"]), "turns_per_h": p["direction_changes"] * 3600 / virtual_s}
-    workers = sum(int(x) for x in run.args if x.isdigit())
     good = summary["goodput"] * summary["duration_s"] / summary["num_requests"]
-    return {"attainment": good, "cost": workers * virtual_s}
+    return {"attainment": good, "cost": run.workers * virtual_s}
 
 
 def report(results: list[tuple[Run, dict[str, object]]]) -> None:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     profile = WorkerProfile.from_step_times(
         step_ms, isl=config.isl, osl=config.osl, ttft_ms=config.sla.ttft_ms,
         itl_ms=config.sla.itl_ms, max_num_batched_tokens=sched.max_num_batched_tokens,
-        max_num_seqs=sched.max_num_seqs, kv_tokens=sched.num_blocks * sched.block_size,
+        max_num_seqs=sched.max_num_seqs, kv_tokens=sched.kv_tokens,
         isl_cv=config.isl_cv)
     rates = {pool: round(profile.requests_per_s(pool, config.isl, config.osl), 4)
              for pool in ("agg", "prefill", "decode")}
@@ -89,7 +89,7 @@ def _measured(config: ProfileConfig) -> tuple[Any, str]:
     sched = config.worker.engine.scheduler
     plan = ProbePlan(isl=config.isl, osl=config.osl, itl_ms=config.sla.itl_ms,
                      max_num_seqs=sched.max_num_seqs,
-                     kv_tokens=sched.num_blocks * sched.block_size,
+                     kv_tokens=sched.kv_tokens,
                      vocab_size=card.vocab_size)
     samples = asyncio.run(measure_steps(engine, plan))
     print(f"baton profile: learned step times from {len(samples)} steps", file=sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import sys
 import time
 from collections import Counter, deque
@@ -79,15 +78,10 @@ def observation(now: float, window_s: float, traffic: TrafficReport,
     osl = traffic.output_tokens / traffic.finished if traffic.finished else last_osl
     ttft = 1000 * traffic.ttft_s / traffic.ttfts if traffic.ttfts else None
     itl = 1000 * traffic.itl_s / traffic.itls if traffic.itls else None
-    seen = {}
-    for role, counts in pools.items():
-        served = loads.get(role, [])
-        seen[role] = PoolObservation(
-            ready=counts.ready, starting=counts.starting, draining=counts.draining,
-            queued_prefill_tokens=sum(x.active_prefill_tokens for x in served),
-            kv_usage=statistics.fmean(x.kv_usage for x in served) if served else 0.0,
-            ttft_ms=ttft if role != "decode" else None,
-            itl_ms=itl if role != "prefill" else None)
+    seen = {role: PoolObservation.of(role, loads.get(role, []), ready=counts.ready,
+                                     starting=counts.starting, draining=counts.draining,
+                                     ttft_ms=ttft, itl_ms=itl)
+            for role, counts in pools.items()}
     return Observation(now=now, window_s=window_s, num_requests=traffic.requests,
                        mean_isl=isl, mean_osl=osl, pools=seen)
 

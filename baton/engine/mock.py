@@ -60,7 +60,7 @@ class SimulatedExecutor:
         self.store = BlockStore(config.scheduler.num_blocks, 0)
         self._timing = timing_model(config.timing.profile)
         self._vocab = list(vocab)
-        self._kv_tokens_total = config.scheduler.num_blocks * config.block_size
+        self._kv_tokens_total = config.scheduler.kv_tokens
         modelled = config.timing.kv_bytes_per_token
         self._kv_bytes_per_token = kv_bytes_per_token if modelled is None else modelled
         self.tier_block_bytes = config.block_size * self._kv_bytes_per_token

@@ -152,7 +152,7 @@ class Scheduler:
         if _cdiv(max_len, self.config.block_size) > self.config.num_blocks:
             raise ValueError(
                 f"request {req.request_id!r} may need {max_len} tokens of KV cache, more than "
-                f"the {self.config.num_blocks * self.config.block_size} the pool holds"
+                f"the {self.config.kv_tokens} the pool holds"
             )
         if not self.config.enable_chunked_prefill and max_len > self.config.max_num_batched_tokens:
             raise ValueError(
@@ -394,7 +394,7 @@ class Scheduler:
             num_prefill_tokens=num_prefill_tokens,
             num_decode_requests=num_decode_requests,
             num_kv_tokens_in_use=self.pool.num_used_blocks * block_size,
-            num_kv_tokens_total=self.config.num_blocks * block_size,
+            num_kv_tokens_total=self.config.kv_tokens,
             preempted=[] if preempted is None else preempted,
             kv_loads=[] if kv_loads is None else kv_loads,
             kv_copies=copies,

@@ -290,7 +290,8 @@ def plan(config: GraphConfig, nats_url: str) -> list[ProcessSpec]:
     if config.planner is not None:
         argv = (*baton, "planner", "--profile", config.planner.profile, *common,
                 *config.planner.args)
-        specs.append(ProcessSpec("planner", "planner", argv, r"baton planner (?P<mode>\S+) on .* metrics on (?P<metrics>\S+)"))
+        specs.append(ProcessSpec("planner", "planner", argv,
+                                 r"baton planner (?P<mode>\S+) on .* metrics on (?P<metrics>\S+)"))
     return specs
 
 

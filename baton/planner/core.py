@@ -37,17 +37,31 @@ Pure: no I/O, no clock (times come in the observations).
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from baton.config import PlannerConfig
 from baton.planner.predictors import Predictor, make_predictor
 from baton.planner.profile import WorkerProfile
 
-__all__ = ["Decision", "Observation", "Planner", "PoolDecision", "PoolObservation"]
+__all__ = ["Decision", "Observation", "Planner", "PoolDecision", "PoolObservation", "WorkerLoad"]
 
 KV_USAGE_HIGH = 0.9
 """Load mode: a decode (or aggregated) pool this full is over its ITL target."""
+
+
+class WorkerLoad(Protocol):
+    """What the planner reads of one worker's load (``LoadMetrics``, the engine's own)."""
+
+    @property
+    def active_blocks(self) -> int: ...
+    @property
+    def total_blocks(self) -> int: ...
+    @property
+    def active_prefill_tokens(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +81,20 @@ class PoolObservation:
     def workers(self) -> int:
         """Serving or about to: ready plus starting (draining ones are leaving)."""
         return self.ready + self.starting
+
+    @classmethod
+    def of(cls, pool: str, loads: Sequence[WorkerLoad], *, ready: int, starting: int = 0,
+           draining: int = 0, ttft_ms: float | None = None,
+           itl_ms: float | None = None) -> PoolObservation:
+        """A pool from its serving workers' loads (queued prompt tokens added up, KV usage
+        averaged) and the latencies measured: the TTFT counts for a pool that prefills, the
+        ITL for one that decodes."""
+        usage = [x.active_blocks / x.total_blocks if x.total_blocks else 1.0 for x in loads]
+        return cls(ready=ready, starting=starting, draining=draining,
+                   queued_prefill_tokens=sum(x.active_prefill_tokens for x in loads),
+                   kv_usage=statistics.fmean(usage) if usage else 0.0,
+                   ttft_ms=ttft_ms if pool != "decode" else None,
+                   itl_ms=itl_ms if pool != "prefill" else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +149,21 @@ class _PoolState:
     """Load mode: the ITL last observed, ms."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """Traffic over some seconds: requests, and their prompt and output tokens together."""
+
+    seconds: float = 0.0
+    requests: int = 0
+    prompt_tokens: float = 0.0
+    output_tokens: float = 0.0
+
+    def __add__(self, other: _Window) -> _Window:
+        return _Window(self.seconds + other.seconds, self.requests + other.requests,
+                       self.prompt_tokens + other.prompt_tokens,
+                       self.output_tokens + other.output_tokens)
+
+
 @dataclass(slots=True)
 class _Traffic:
     requests: Predictor
@@ -147,12 +190,11 @@ class Planner:
         self._next_throughput = -math.inf
         self._next_load = -math.inf
         self._throughput_targets: dict[str, int] = {}
-        self._recent: deque[tuple[float, int, float, float]] = deque(
-            maxlen=config.min_observations)
-        """The last observations' traffic: seconds, requests, prompt and output tokens."""
-        self._since_prediction = [0.0, 0, 0.0, 0.0]
-        """Traffic observed since the last prediction: seconds, requests, prompt and output
-        tokens (observations come at the load mode's pace; a prediction takes them all)."""
+        self._recent: deque[_Window] = deque(maxlen=config.min_observations)
+        """The last observations' traffic."""
+        self._since_prediction = _Window()
+        """Traffic observed since the last prediction (observations come at the load mode's
+        pace; a prediction takes them all)."""
 
     @property
     def next_due(self) -> float:
@@ -170,13 +212,10 @@ class Planner:
         if missing:
             raise ValueError(f"the observation lacks pools {sorted(missing)}")
         cfg = self.config
-        acc = self._since_prediction
-        acc[0] += obs.window_s
-        acc[1] += obs.num_requests
-        acc[2] += obs.num_requests * obs.mean_isl
-        acc[3] += obs.num_requests * obs.mean_osl
-        self._recent.append((obs.window_s, obs.num_requests, obs.num_requests * obs.mean_isl,
-                             obs.num_requests * obs.mean_osl))
+        window = _Window(obs.window_s, obs.num_requests, obs.num_requests * obs.mean_isl,
+                         obs.num_requests * obs.mean_osl)
+        self._since_prediction += window
+        self._recent.append(window)
         predicted = None
         if cfg.mode != "load" and obs.now >= self._next_throughput:
             self._next_throughput = obs.now + cfg.throughput_interval_s
@@ -206,17 +245,17 @@ class Planner:
         (requests/s), ISL and OSL ``worker_startup_s`` ahead, once they are ready; sets the
         throughput targets."""
         t = self._traffic
-        window, requests, prompt, output = self._since_prediction
-        self._since_prediction = [0.0, 0, 0.0, 0.0]
+        seen, self._since_prediction = self._since_prediction, _Window()
+        requests = seen.requests
         t.requests.add(requests)
         if requests:  # an idle window says nothing about lengths
-            t.isl.add(prompt / requests)
-            t.osl.add(output / requests)
+            t.isl.add(seen.prompt_tokens / requests)
+            t.osl.add(seen.output_tokens / requests)
         if not (t.requests.ready and t.isl.ready and t.osl.ready):
             self._throughput_targets = {}
             return None
         steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
-        rate = t.requests.predict(steps) / max(window, 1e-9)
+        rate = t.requests.predict(steps) / max(seen.seconds, 1e-9)
         isl, osl = t.isl.predict(steps), t.osl.predict(steps)
         self._throughput_targets = {}
         for pool in self.pools:
@@ -249,14 +288,12 @@ class Planner:
     def _recent_size(self, pool: str) -> int:
         """The pool's size for the request rate of the last ``min_observations`` windows
         (what a scale-up jumps to when that is more than one worker)."""
-        seconds = sum(w for w, _, _, _ in self._recent)
-        requests = sum(n for _, n, _, _ in self._recent)
-        if not requests or seconds <= 0:
+        seen = sum(self._recent, _Window())
+        if not seen.requests or seen.seconds <= 0:
             return 0
-        isl = sum(i for _, _, i, _ in self._recent) / requests
-        osl = sum(o for _, _, _, o in self._recent) / requests
-        capacity = self.profile.requests_per_s(pool, isl, osl)
-        return math.ceil(requests / seconds / capacity - 1e-9)
+        capacity = self.profile.requests_per_s(pool, seen.prompt_tokens / seen.requests,
+                                               seen.output_tokens / seen.requests)
+        return math.ceil(seen.requests / seen.seconds / capacity - 1e-9)
 
     def _pressure(self, pool: str, seen: PoolObservation) -> tuple[bool, bool]:
         """(some signal over target, every signal under the scale-down share even with one

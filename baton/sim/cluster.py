@@ -498,7 +498,7 @@ class Cluster:
         profile = SimScaler.profile_for(
             cfg.planner, self._step_ms, [(t.input_length, t.output_length) for t in chosen],
             max_num_batched_tokens=sched.max_num_batched_tokens,
-            max_num_seqs=sched.max_num_seqs, kv_tokens=sched.num_blocks * sched.block_size)
+            max_num_seqs=sched.max_num_seqs, kv_tokens=sched.kv_tokens)
         self.scaler = SimScaler(cfg.planner, {p.role: p for p in self.pools}, profile,
                                 lambda: next(self._next_worker_id))
         heapq.heappush(self._heap, (0.0, next(self._seq), _PLAN, None))

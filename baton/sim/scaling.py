@@ -198,19 +198,16 @@ class SimScaler:
         isl = statistics.fmean(i for i, _ in arrivals) if arrivals else 0.0
         osl = statistics.fmean(o for _, o in arrivals) if arrivals else 0.0
         ttfts = [r.ttft_s for r in finished if r.ttft_s is not None]
+        ttft_ms = 1000 * statistics.fmean(ttfts) if ttfts else None
         pools = {}
         for name, pool in self.pools.items():
             waited, tokens = self._decode_steps[name]
             self._decode_steps[name] = [0.0, 0]
             ready = [pool.by_id[w] for w in pool.candidates]
-            loads = [w.scheduler.load() for w in ready]
-            usage = statistics.fmean(x.active_blocks / x.total_blocks for x in loads) if loads else 0.0
-            pools[name] = PoolObservation(
-                ready=len(ready), starting=len(pool.starting), draining=len(pool.draining),
-                queued_prefill_tokens=sum(x.active_prefill_tokens for x in loads),
-                kv_usage=usage,
-                ttft_ms=1000 * statistics.fmean(ttfts) if ttfts and name != "decode" else None,
-                itl_ms=1000 * waited / tokens if tokens and name != "prefill" else None)
+            pools[name] = PoolObservation.of(
+                name, [w.scheduler.load() for w in ready], ready=len(ready),
+                starting=len(pool.starting), draining=len(pool.draining), ttft_ms=ttft_ms,
+                itl_ms=1000 * waited / tokens if tokens else None)
         return Observation(now=now, window_s=window, num_requests=len(arrivals),
                            mean_isl=isl, mean_osl=osl, pools=pools)
 

@@ -208,7 +208,7 @@ def agg_capacity_rps(
     average; the rate is ``B / (osl * s)``. A yardstick for load factors, not a promise.
     """
     budget = scheduler.max_num_batched_tokens
-    kv_total = scheduler.num_blocks * scheduler.block_size
+    kv_total = scheduler.kv_tokens
     batch = min(budget * osl / (isl + osl), scheduler.max_num_seqs, kv_total / (isl + osl))
     prefill_tokens = round(batch * isl / osl)
     kv_in_use = min(kv_total, round(batch * (isl + osl / 2)))
