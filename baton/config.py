@@ -654,6 +654,34 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class KubeApiConfig:
+    """Where the Kubernetes API is, for ``baton deploy operator`` and ``baton planner
+    --connector kubernetes`` (``docs/kubernetes.md``)."""
+
+    kube_api: str | None = setting(
+        None, "the Kubernetes API's URL without credentials (kubectl proxy serves one: "
+        "http://127.0.0.1:8001)", metavar="URL",
+        default_help="the API of the pod this runs in, with its service account")
+    kube_namespace: str | None = setting(
+        None, "the namespace of the BatonDeployment(s)", metavar="NAMESPACE",
+        default_help="the pod's own; the operator: every namespace")
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """``baton deploy operator``: reconciles BatonDeployment resources into Kubernetes
+    objects."""
+
+    kube: KubeApiConfig = section(KubeApiConfig)
+    interval_s: float = setting(
+        10.0, "besides on every spec change, each resource is reconciled this often (pods "
+        "that became ready, objects changed by hand)")
+
+    def __post_init__(self) -> None:
+        require(self.interval_s > 0, "interval_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class PlannerServiceConfig:
     """``baton planner``: the planner as its own process, scaling a deployment through a
     connector from what its frontends and workers publish."""
@@ -667,14 +695,20 @@ class PlannerServiceConfig:
                                 "free port (printed when it starts)")
     connector: ConnectorKind = setting(
         "local", "local = the graph (`baton serve -f`) that runs this planner starts and "
-        "drains worker processes; kubernetes = set the deployment's replica counts (not "
-        "built yet: refuses to start)")
+        "drains worker processes; kubernetes = set the pools' counts of a BatonDeployment "
+        "(--deployment), which its operator applies")
+    deployment: str | None = setting(
+        None, "the BatonDeployment whose pools the kubernetes connector sets", metavar="NAME",
+        default_help="required with --connector kubernetes")
+    kube: KubeApiConfig = section(KubeApiConfig)
 
     def __post_init__(self) -> None:
         check_choices(self)
         require(self.planner.mode != "off", "planner", "baton planner needs a mode: "
                 "throughput, load or both")
         require(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
+        require(self.connector != "kubernetes" or self.deployment is not None, "deployment",
+                "--connector kubernetes needs the BatonDeployment's name")
 
 
 # ------------------------------------------------------------------- deployment shape

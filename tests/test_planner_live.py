@@ -18,7 +18,6 @@ from typing import Any
 import openai
 import pytest
 
-from baton.control.connectors import ConnectorUnavailable, KubernetesConnector
 from baton.graph import Graph, parse_graph
 from baton.graph.scaling import PoolScaler
 from tests.test_graph import need_nats_server
@@ -184,11 +183,6 @@ async def test_the_planner_scales_the_prefill_pool_of_a_disaggregated_graph(tmp_
     assert load.failures == [] and load.ok > 50
     assert "prefill 1 -> 2 (load: over target" in log and "prefill 2 -> 1" in log
     assert "decode 1 ->" not in log
-
-
-def test_the_kubernetes_connector_refuses_to_start():
-    with pytest.raises(ConnectorUnavailable, match="Kubernetes deployment objects"):
-        KubernetesConnector()
 
 
 def test_baton_profile_writes_a_profile_the_planner_reads(tmp_path):

@@ -226,7 +226,7 @@ async def test_the_graph_scales_one_pool_per_role_and_names_unknown_roles(tmp_pa
 @pytest.mark.parametrize(("args", "message"), [
     (["--nats", "nats://127.0.0.1:1"], "--profile: the planner needs the workers' profile"),
     (["--profile", "p.json", "--connector", "kubernetes"],
-     "needs Baton's Kubernetes deployment objects"),
+     "--connector kubernetes needs the BatonDeployment's name"),
     (["--profile", "p.json"], "the planner follows a deployment on NATS"),
 ])
 def test_baton_planner_refuses_what_it_cannot_do_in_one_line(args, message):

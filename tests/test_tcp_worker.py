@@ -127,6 +127,38 @@ def test_killing_the_worker_gives_clients_a_clean_error_not_a_hang(worker_and_fr
     assert info.value.body["type"] == "service_unavailable"
 
 
+def probe(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_worker_answers_probes_and_is_not_ready_while_it_drains(worker_and_frontend):
+    """Kubernetes' probes (docs/kubernetes.md): ready while it takes requests, live while it
+    answers; SIGTERM makes it unready at once, and its stream still finishes."""
+    worker, _, _, port = worker_and_frontend
+    base = worker.metrics_url.removesuffix("/metrics")
+    assert probe(base + "/health") == 200 and probe(base + "/live") == 200
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                           max_retries=0, timeout=30)
+    stream = client.chat.completions.create(
+        model="baton-tiny", messages=MESSAGES, max_tokens=300, stream=True,
+        extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and probe(base + "/health") == 200:
+        time.sleep(0.05)
+    assert probe(base + "/health") == 503
+    assert probe(base + "/live") == 200
+    rest = list(chunks)
+    assert rest and rest[-1].choices[0].finish_reason == "length"
+    assert worker.wait(30) == 0
+
+
 def test_a_frontend_without_the_model_folder_fetches_the_card_from_the_worker(tmp_path):
     """As on another host: the worker's model folder does not exist where the frontend runs."""
     import shutil

@@ -1,7 +1,7 @@
 """The ``baton`` command line.
 
 One module per command group (``serve``, ``worker``, ``frontend``, ``router``, ``planner``,
-``profile``, ``sim``, ``bench``, ``trace``), each with ``add_parser(subparsers)``: it declares the group's flags,
+``profile``, ``sim``, ``bench``, ``trace``, ``deploy``), each with ``add_parser(subparsers)``: it declares the group's flags,
 mostly derived from the config dataclasses' settings (``args.py``), and sets the function
 that runs it. ``main`` is table-driven: parse, set up logging, run. A bad configuration
 (``ValueError``) or a missing file or busy port (``OSError``) is one line on stderr and exit
@@ -17,10 +17,21 @@ import os
 import sys
 from collections.abc import Callable
 
-from baton.cli import bench, frontend, planner, profile, router, serve, sim, trace, worker
+from baton.cli import (
+    bench,
+    deploy,
+    frontend,
+    planner,
+    profile,
+    router,
+    serve,
+    sim,
+    trace,
+    worker,
+)
 from baton.cli.args import HelpFormatter
 
-COMMANDS = (serve, worker, frontend, router, planner, profile, sim, bench, trace)
+COMMANDS = (serve, worker, frontend, router, planner, profile, sim, bench, trace, deploy)
 """The command groups, in ``baton --help`` order."""
 
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from baton.cli.args import add_settings, build, command
 from baton.cli.signals import run_until_signalled
 from baton.config import PlannerServiceConfig, RuntimeConfig
+
+if TYPE_CHECKING:
+    from baton.control.connectors import Connector
+    from baton.runtime.runtime import Runtime
 
 RUNTIME_EXCLUDE = ("workers", "probe_interval_s")
 """The planner follows a deployment on NATS."""
@@ -31,13 +37,26 @@ def run(args: argparse.Namespace) -> int:
     if config.profile is None:
         raise ValueError("--profile: the planner needs the workers' profile (JSON; baton "
                          "profile writes one)")
-    if config.connector == "kubernetes":
-        from baton.control.connectors import KubernetesConnector
-
-        KubernetesConnector()  # refuses: ConnectorUnavailable is a ValueError
+    connect = connector(config)
     if runtime.nats is None:
         raise ValueError("the planner follows a deployment on NATS: give --nats (or "
                          "$BATON_NATS), or run it from a graph file")
     from baton.control.service import run_planner
 
-    return run_until_signalled(lambda stop: run_planner(config, runtime, stop))
+    return run_until_signalled(lambda stop: run_planner(config, runtime, connect, stop))
+
+
+def connector(config: PlannerServiceConfig) -> Callable[[Runtime], Connector]:
+    """How the planner reaches its deployment; outside a pod and with no URL, the
+    Kubernetes connector fails here with one line."""
+    if config.connector == "kubernetes":
+        from baton.deploy.connector import KubernetesConnector
+        from baton.deploy.kube import KubeApi
+
+        api = KubeApi.locate(config.kube.kube_api, config.kube.kube_namespace, os.environ)
+        name = config.deployment
+        assert name is not None  # the config requires it
+        return lambda runtime: KubernetesConnector(api, name)
+    from baton.control.connectors import GraphConnector
+
+    return GraphConnector

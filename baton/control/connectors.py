@@ -6,8 +6,9 @@ sizes. Pools are named by role: ``agg``, or ``prefill`` and ``decode``.
 - ``GraphConnector`` (*local*): the graph run by ``baton serve -f`` that includes the planner
   serves its pools on the request plane (``graph/scaling.py``), found in discovery under the
   component ``graph``;
-- ``KubernetesConnector``: would set the replica counts of the deployment's Kubernetes
-  objects; those do not exist yet, so it refuses to start (``ConnectorUnavailable``);
+- ``KubernetesConnector`` (``deploy/connector.py``): sets the pools' counts in the spec of
+  a ``BatonDeployment`` resource, which the operator (``baton deploy operator``) turns into
+  replicas;
 - the simulator's *virtual* connector is ``sim/scaling.py``, on its virtual clock.
 """
 
@@ -21,7 +22,7 @@ from baton.errors import TransportError
 from baton.runtime.runtime import Runtime
 
 __all__ = ["GRAPH_COMPONENT", "Connector", "ConnectorUnavailable", "GraphConnector",
-           "GraphPools", "KubernetesConnector", "PoolCounts", "ScaleRequest", "make_connector"]
+           "GraphPools", "PoolCounts", "ScaleRequest"]
 
 GRAPH_COMPONENT = "graph"
 """The discovery component a graph's scaling endpoints register under."""
@@ -52,6 +53,8 @@ class Connector(Protocol):
 
     async def scale(self, targets: dict[str, int]) -> dict[str, PoolCounts]: ...
 
+    async def close(self) -> None: ...
+
 
 class GraphConnector:
     """The local connector: calls the graph that registered in this runtime's discovery."""
@@ -65,6 +68,9 @@ class GraphConnector:
     async def scale(self, targets: dict[str, int]) -> dict[str, PoolCounts]:
         return await self._call("scale", ScaleRequest(targets=targets))
 
+    async def close(self) -> None:
+        pass
+
     async def _call(self, endpoint: str, request: ScaleRequest) -> dict[str, PoolCounts]:
         graphs = [r for r in self._runtime.discovery.snapshot()
                   if r.component == GRAPH_COMPONENT and r.namespace == self._runtime.namespace]
@@ -75,24 +81,3 @@ class GraphConnector:
         reply: GraphPools = await self._runtime.client.unary(
             graphs[0].address, endpoint, request, GraphPools)
         return reply.pools
-
-
-class KubernetesConnector:
-    """Would set the replicas of the deployment's Kubernetes objects; they do not exist yet."""
-
-    def __init__(self) -> None:
-        raise ConnectorUnavailable(
-            "the kubernetes connector needs Baton's Kubernetes deployment objects, which are "
-            "not built yet; run the planner with --connector local from a graph file")
-
-    async def pools(self) -> dict[str, PoolCounts]:
-        raise ConnectorUnavailable("unreachable")
-
-    async def scale(self, targets: dict[str, int]) -> dict[str, PoolCounts]:
-        raise ConnectorUnavailable("unreachable")
-
-
-def make_connector(kind: str, runtime: Runtime) -> Connector:
-    if kind == "kubernetes":
-        return KubernetesConnector()
-    return GraphConnector(runtime)

@@ -26,7 +26,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from baton.config import PlannerConfig, PlannerServiceConfig, RuntimeConfig
-from baton.control.connectors import Connector, PoolCounts, make_connector
+from baton.control.connectors import Connector, PoolCounts
 from baton.control.metrics import PlannerCollector
 from baton.errors import BatonError
 from baton.planner.core import Decision, Observation, Planner, PoolObservation
@@ -232,12 +232,13 @@ def load_profile(path: str) -> WorkerProfile:
 
 
 async def run_planner(config: PlannerServiceConfig, runtime_config: RuntimeConfig,
-                      stop: asyncio.Event) -> None:
-    """``baton planner``: plans until ``stop`` is set; serves its metrics meanwhile."""
+                      connect: Callable[[Runtime], Connector], stop: asyncio.Event) -> None:
+    """``baton planner``: plans until ``stop`` is set through the connector ``connect``
+    makes; serves its metrics meanwhile."""
     assert config.profile is not None  # the command line requires it
     profile = load_profile(config.profile)
     async with open_runtime(runtime_config, name="baton-planner") as runtime:
-        connector = make_connector(config.connector, runtime)
+        connector = connect(runtime)
         service = PlannerService(config.planner, profile, runtime, connector)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(PlannerCollector(service))
@@ -253,3 +254,4 @@ async def run_planner(config: PlannerServiceConfig, runtime_config: RuntimeConfi
             await service.run(stop, ready)
         finally:
             await metrics.close()
+            await connector.close()

@@ -83,6 +83,17 @@ class NatsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             raise ValueError("url: must be nats://HOST:PORT")
 
 
+class ResourcesSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """What one process of this kind asks of its node on Kubernetes (``baton deploy``);
+    a local graph ignores it. Quantities in Kubernetes' notation (``"4"``, ``"500m"``,
+    ``"16Gi"``); each one given is both the request and the limit."""
+
+    cpu: str | None = None
+    memory: str | None = None
+    gpus: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Accelerators, as ``kubernetes.gpu_resource`` (``nvidia.com/gpu``)."""
+
+
 class FrontendSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     host: str = FrontendConfig.host
     port: Port = FrontendConfig.port
@@ -90,6 +101,7 @@ class FrontendSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     router: RouterMode = RouterConfig.mode
     args: tuple[str, ...] = ()
     """Extra ``baton frontend`` flags."""
+    resources: ResourcesSpec = msgspec.field(default_factory=ResourcesSpec)
 
 
 class RouterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -110,6 +122,7 @@ class WorkerPoolSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     """Overrides of the graph's engine settings for this pool."""
     args: tuple[str, ...] = ()
     """Extra ``baton worker`` flags."""
+    resources: ResourcesSpec = msgspec.field(default_factory=ResourcesSpec)
 
 
 class PlannerSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -139,6 +152,37 @@ class SupervisionSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
             raise ValueError("backoff_initial_s: must be at most backoff_max_s")
 
 
+class TopologySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Where a graph's pods go on Kubernetes: all in one domain of ``key`` (a zone, a rack),
+    so that prefill, decode and router talk over the shortest links, and each pool spread
+    over ``spread_key`` (nodes) inside it."""
+
+    key: str = "topology.kubernetes.io/zone"
+    """The node label that names the domain (a rack label, e.g. ``example.com/rack``)."""
+    mode: Literal["required", "preferred", "off"] = "preferred"
+    """``required``: a pod that cannot join its graph's domain stays pending."""
+    spread_key: str = "kubernetes.io/hostname"
+
+
+class KubernetesSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """How ``baton deploy render`` and the operator put this graph on a cluster
+    (``docs/kubernetes.md``); a local graph ignores it."""
+
+    image: str = "baton:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    nats_image: str = "nats:2.10-alpine"
+    gpu_resource: str = "nvidia.com/gpu"
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """The frontends' Services."""
+    cluster_token_secret: str | None = None
+    """A Secret whose key ``token`` is the cluster token (``BATON_CLUSTER_TOKEN``); default
+    ``NAME-cluster-token``. Created by you, never rendered (a secret is not a manifest)."""
+    node_selector: dict[str, str] = msgspec.field(default_factory=dict)
+    topology: TopologySpec = msgspec.field(default_factory=TopologySpec)
+    startup_timeout_s: Seconds = 600.0
+    """How long a worker may take to load its model before Kubernetes restarts it."""
+
+
 class GraphConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     workers: Annotated[tuple[WorkerPoolSpec, ...], msgspec.Meta(min_length=1)]
     namespace: Annotated[str, msgspec.Meta(pattern=_NAME)] = RuntimeConfig.namespace
@@ -151,6 +195,7 @@ class GraphConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     routers: tuple[RouterSpec, ...] = ()
     planner: PlannerSpec | None = None
     supervision: SupervisionSpec = msgspec.field(default_factory=SupervisionSpec)
+    kubernetes: KubernetesSpec = msgspec.field(default_factory=KubernetesSpec)
 
     def __post_init__(self) -> None:
         names = [pool.name for pool in self.workers]
@@ -266,30 +311,55 @@ def engine_args(*sections: Any) -> list[str]:
     return args
 
 
+Argv = tuple[str, ...]
+
+
+def common_args(config: GraphConfig, nats_url: str) -> Argv:
+    """The flags every Baton process of the graph shares."""
+    return ("--nats", nats_url, "--namespace", config.namespace,
+            "--lease-ttl-s", str(config.lease_ttl_s))
+
+
+def worker_command(config: GraphConfig, pool: WorkerPoolSpec, listen: Argv, common: Argv) -> Argv:
+    """``baton worker`` arguments for a pool's process; ``listen`` says where it serves (the
+    pool's own ``args`` come last, so they win)."""
+    return ("worker", *listen, "--model", config.model, "--role", pool.role,
+            *engine_args(config.engine, pool.engine), *common, *pool.args)
+
+
+def router_command(router: RouterSpec, listen: Argv, common: Argv) -> Argv:
+    return ("router", *listen, *common, *router.args)
+
+
+def frontend_command(frontend: FrontendSpec, listen: Argv, common: Argv) -> Argv:
+    return ("frontend", *listen, "--router", frontend.router, *common, *frontend.args)
+
+
+def planner_command(planner: PlannerSpec, profile: str, listen: Argv, common: Argv) -> Argv:
+    return ("planner", "--profile", profile, *listen, *common, *planner.args)
+
+
 def plan(config: GraphConfig, nats_url: str) -> list[ProcessSpec]:
     """The graph's Baton processes (workers, routers, frontends), in start order."""
     baton = (sys.executable, "-m", "baton")
-    common = ("--nats", nats_url, "--namespace", config.namespace,
-              "--lease-ttl-s", str(config.lease_ttl_s))
+    common = common_args(config, nats_url)
     specs: list[ProcessSpec] = []
     for pool in config.workers:
-        argv = (*baton, "worker", "--port", "0", "--model", config.model, "--role", pool.role,
-                *engine_args(config.engine, pool.engine), *common, *pool.args)
+        argv = (*baton, *worker_command(config, pool, ("--port", "0"), common))
         specs += [ProcessSpec(f"worker-{pool.name}-{i}", "worker", argv,
                               r"baton worker (?P<id>\S+) listening on (?P<address>\S+)", pool.name)
                   for i in range(pool.count)]
     for i, r in enumerate(config.routers):
-        argv = (*baton, "router", "--host", r.host, "--port", str(r.port), *common, *r.args)
-        specs.append(ProcessSpec(f"router-{i}", "router", argv,
+        listen = ("--host", r.host, "--port", str(r.port))
+        specs.append(ProcessSpec(f"router-{i}", "router", (*baton, *router_command(r, listen, common)),
                                  r"baton router listening on (?P<address>\S+)"))
     for i, f in enumerate(config.frontends):
-        argv = (*baton, "frontend", "--host", f.host, "--port", str(f.port), "--router", f.router,
-                *common, *f.args)
+        listen = ("--host", f.host, "--port", str(f.port))
+        argv = (*baton, *frontend_command(f, listen, common))
         specs.append(ProcessSpec(f"frontend-{i}", "frontend", argv,
                                  r"baton frontend on (?P<address>https?://\S+)"))
     if config.planner is not None:
-        argv = (*baton, "planner", "--profile", config.planner.profile, *common,
-                *config.planner.args)
+        argv = (*baton, *planner_command(config.planner, config.planner.profile, (), common))
         specs.append(ProcessSpec("planner", "planner", argv,
                                  r"baton planner (?P<mode>\S+) on .* metrics on (?P<metrics>\S+)"))
     return specs

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -130,12 +130,17 @@ def _step_histogram(wid: list[str], buckets: list[int], total: int, seconds: flo
 
 
 class MetricsServer:
-    """``GET /metrics`` over plain HTTP/1.1 (one request per connection), for scrapers."""
+    """``GET /metrics`` over plain HTTP/1.1 (one request per connection), for scrapers, and
+    the probes of an orchestrator: ``GET /live`` (200 while the process answers) and
+    ``GET /health`` (200 while ``ready()`` holds, else 503: a draining worker is alive but
+    must not be counted ready)."""
 
     def __init__(
-        self, registry: CollectorRegistry, host: str, port: int, advertise_host: str | None = None
+        self, registry: CollectorRegistry, host: str, port: int, advertise_host: str | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self._registry = registry
+        self._ready = ready
         self._host = host
         self._port = port
         self._advertise = advertised_host(host, advertise_host)
@@ -161,11 +166,7 @@ class MetricsServer:
             if len(head) > _MAX_REQUEST_BYTES:
                 raise ValueError("request too large")
             method, path = head.split(b" ", 2)[:2]
-            if method == b"GET" and path.split(b"?")[0] == b"/metrics":
-                body = generate_latest(self._registry)
-                status = b"200 OK"
-            else:
-                body, status = b"not found: GET /metrics\n", b"404 Not Found"
+            status, body = self._answer(method, path.split(b"?")[0])
             writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; version=0.0.4"
                          b"\r\ncontent-length: " + str(len(body)).encode()
                          + b"\r\nconnection: close\r\n\r\n" + body)
@@ -177,3 +178,15 @@ class MetricsServer:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    def _answer(self, method: bytes, path: bytes) -> tuple[bytes, bytes]:
+        if method != b"GET":
+            return b"405 Method Not Allowed", b"GET only\n"
+        if path == b"/metrics":
+            return b"200 OK", generate_latest(self._registry)
+        if path == b"/live":
+            return b"200 OK", b"live\n"
+        if path == b"/health":
+            return (b"200 OK", b"ready\n") if self._ready() else (b"503 Service Unavailable",
+                                                                  b"not ready\n")
+        return b"404 Not Found", b"not found: GET /metrics, /health or /live\n"

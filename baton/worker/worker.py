@@ -175,6 +175,11 @@ class Worker:
         log.info("worker %d serving %s at %s", self.instance_id, self.model_name, address)
         return self.record
 
+    def ready(self) -> bool:
+        """Takes new requests: registered, neither draining nor rebuilding its engine."""
+        return (self.record is not None and not self.draining and not self.restarting
+                and not self.failed.is_set())
+
     @property
     def num_in_flight(self) -> int:
         """Streams open on this worker."""
@@ -184,7 +189,7 @@ class Worker:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(WorkerCollector(self))
         self._metrics = MetricsServer(registry, self.config.host, port,
-                                      self.config.advertise_host)
+                                      self.config.advertise_host, ready=self.ready)
         return await self._metrics.start()
 
     async def drain(self, timeout_s: float) -> bool:

@@ -1,0 +1,102 @@
+"""``baton deploy``: Baton on Kubernetes (``docs/kubernetes.md``): manifests rendered from a
+graph file, the BatonDeployment resource and its operator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from baton.cli.args import add_settings, build, command
+from baton.cli.signals import run_until_signalled
+from baton.config import OperatorConfig
+
+
+def add_parser(sub: Any) -> None:
+    deploy = command(sub, "deploy", "Baton on Kubernetes: manifests, the BatonDeployment "
+                     "resource and its operator (docs/kubernetes.md)")
+    dsub = deploy.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    render = command(dsub, "render", "a graph file as Kubernetes manifests (YAML), to "
+                     "kubectl apply without the operator")
+    resource = command(dsub, "resource", "a graph file as a BatonDeployment (YAML), for the "
+                       "operator")
+    for p in (render, resource):
+        p.add_argument("-f", "--file", required=True, help="the graph file (YAML)")
+        p.add_argument("--name", required=True, help="the deployment's name: every object's "
+                       "name starts with it")
+    render.set_defaults(run=run_render)
+    resource.set_defaults(run=run_resource)
+    install = command(dsub, "install", "the BatonDeployment CRD and the operator's objects "
+                      "(YAML), to kubectl apply once per cluster")
+    install.add_argument("--image", default="baton:0.1.0", help="the operator's image")
+    install.add_argument("--operator-namespace", default="baton-system",
+                         help="where the operator runs (the namespace must exist)")
+    install.set_defaults(run=run_install)
+    operator = command(dsub, "operator", "reconcile BatonDeployments into Kubernetes objects "
+                       "until SIGTERM")
+    add_settings(operator, OperatorConfig())
+    operator.set_defaults(run=run_operator)
+
+
+def _dump(objects: list[dict[str, Any]]) -> None:
+    import yaml
+
+    yaml.safe_dump_all(objects, sys.stdout, sort_keys=False)
+
+
+def _graph(path: str) -> dict[str, Any]:
+    import yaml
+
+    from baton.graph import load_graph
+
+    load_graph(path)  # a ValueError names what is wrong in the file
+    with open(path) as f:
+        raw: dict[str, Any] = yaml.safe_load(f)
+    return raw
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from baton.deploy import render
+    from baton.graph import load_graph
+
+    config = load_graph(args.file)
+    profile = None
+    if config.planner is not None:  # read as a local graph reads it: from the working dir
+        profile = Path(config.planner.profile).read_text()
+    _dump(render(config, args.name, profile))
+    return 0
+
+
+def run_resource(args: argparse.Namespace) -> int:
+    from baton.deploy import render, resource
+    from baton.deploy.manifests import profile_config_map
+    from baton.graph import load_graph
+
+    config = load_graph(args.file)
+    render(config, args.name)  # names Kubernetes would refuse fail here
+    objects = [resource(_graph(args.file), args.name)]
+    if config.planner is not None:  # the operator does not read local files: ship it along
+        objects.append(profile_config_map(args.name, Path(config.planner.profile).read_text()))
+    _dump(objects)
+    return 0
+
+
+def run_install(args: argparse.Namespace) -> int:
+    from baton.deploy import crd
+    from baton.deploy.manifests import operator
+
+    _dump([crd(), *operator(args.image, args.operator_namespace)])
+    return 0
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    from baton.deploy.kube import KubeApi
+    from baton.deploy.operator import run_operator as run
+
+    config = build(OperatorConfig(), args)
+    # inside a pod, or through a URL (kubectl proxy); a ValueError says which is missing
+    api = KubeApi.locate(config.kube.kube_api, config.kube.kube_namespace, os.environ)
+    return run_until_signalled(lambda stop: run(api, config.kube.kube_namespace,
+                                                config.interval_s, stop))

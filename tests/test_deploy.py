@@ -1,0 +1,519 @@
+"""Baton on Kubernetes, without a cluster: rendered manifests checked against Kubernetes'
+own schemas, the CRD's schema against the graph files, the operator's reconcile as worked
+examples, and the operator's shell and the planner's connector against a stand-in API server
+(``tests/kube_fake.py``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from baton.control.connectors import PoolCounts
+from baton.deploy import crd, describe, reconcile, render, resource, status
+from baton.deploy.connector import KubernetesConnector
+from baton.deploy.kube import KubeApi, KubeError
+from baton.deploy.manifests import operator
+from baton.deploy.operator import sync
+from baton.graph import load_graph, parse_graph
+from tests.kube_fake import FakeKubeApi
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("graph-*.yaml"))
+K8S = kubernetes_validate.latest_version()
+
+
+def raw(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def validate(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def by_name(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+
+
+def container(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    pod: dict[str, Any] = by_name(objects)[f"Deployment/{name}"]["spec"]["template"]["spec"]
+    return pod | {"container": pod["containers"][0]}
+
+
+# ---------------------------------------------------------------------------- manifests
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_graph_renders_manifests_kubernetes_accepts(path):
+    objects = render(load_graph(path), "demo", profile="{}")
+    for obj in objects:
+        validate(obj)
+    kinds = {o["kind"] for o in objects}
+    assert {"StatefulSet", "Deployment", "Service", "PodDisruptionBudget"} <= kinds
+    config = load_graph(path)
+    for pool in config.workers:
+        deployment = by_name(objects)[f"Deployment/demo-worker-{pool.name}"]
+        assert deployment["spec"]["replicas"] == pool.count
+        assert f"PodDisruptionBudget/demo-worker-{pool.name}" in by_name(objects)
+
+
+def test_the_schema_check_can_fail():
+    objects = render(load_graph(EXAMPLES[0]), "demo")
+    bad = copy.deepcopy(by_name(objects)["Deployment/demo-worker-agg"])
+    bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(bad)
+    bad = copy.deepcopy(by_name(objects)["Deployment/demo-worker-agg"])
+    bad["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(bad)
+
+
+def test_a_worker_pod_runs_the_local_graphs_command_on_its_pod_address():
+    config = load_graph(ROOT / "examples/graph-disagg.yaml")
+    objects = render(config, "demo")
+    pod = container(objects, "demo-worker-prefill")
+    args = pod["container"]["args"]
+    assert args[:3] == ["worker", "--host", "0.0.0.0"]
+    assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"
+    assert args[args.index("--role") + 1] == "prefill"
+    assert args[args.index("--kv-transfer") + 1] == "tcp"
+    assert args[args.index("--nats") + 1] == "nats://demo-nats:4222"
+    assert args[args.index("--namespace") + 1] == "baton-disagg"
+    env = {e["name"]: e["valueFrom"] for e in pod["container"]["env"]}
+    assert env["BATON_CLUSTER_TOKEN"]["secretKeyRef"] == {"name": "demo-cluster-token",
+                                                          "key": "token"}
+    # ready only once registered (503 while draining); restarted only when it stops answering
+    assert pod["container"]["readinessProbe"]["httpGet"] == {"path": "/health",
+                                                             "port": "metrics"}
+    assert pod["container"]["livenessProbe"]["httpGet"]["path"] == "/live"
+    assert pod["container"]["startupProbe"]["failureThreshold"] * 5 >= 600
+    # the grace period covers the worker's drain (--drain-timeout-s, 30 s)
+    assert pod["terminationGracePeriodSeconds"] == 45
+    frontend = container(objects, "demo-frontend-0")
+    assert frontend["container"]["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert frontend["terminationGracePeriodSeconds"] == 50
+    assert frontend["container"]["args"][frontend["container"]["args"].index("--router") + 1] \
+        == "kv"
+
+
+def test_topology_keeps_a_graph_in_one_domain_and_spreads_each_pool():
+    graph = raw(ROOT / "examples/graph-disagg.yaml")
+    graph["kubernetes"] = {"topology": {"key": "example.com/rack", "mode": "required"}}
+    pod = container(render(parse_graph(graph), "demo"), "demo-worker-decode")
+    term = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term == {"labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "demo"}},
+                    "topologyKey": "example.com/rack"}
+    spread = pod["topologySpreadConstraints"][0]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"]["baton.dev/pool"] == "decode"
+    graph["kubernetes"] = {"topology": {"mode": "preferred"}}
+    pod = container(render(parse_graph(graph), "demo"), "demo-worker-decode")
+    preferred = pod["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred[0]["podAffinityTerm"]["topologyKey"] == "topology.kubernetes.io/zone"
+    graph["kubernetes"] = {"topology": {"mode": "off"}}
+    assert "affinity" not in container(render(parse_graph(graph), "demo"), "demo-worker-decode")
+
+
+def test_resources_and_gpus_are_requested_and_limited():
+    graph = raw(ROOT / "examples/graph-disagg.yaml")
+    graph["workers"][1]["resources"] = {"cpu": "8", "memory": "64Gi", "gpus": 2}
+    graph["kubernetes"] = {"gpu_resource": "amd.com/gpu", "node_selector": {"pool": "gpu"}}
+    objects = render(parse_graph(graph), "demo")
+    for obj in objects:
+        validate(obj)
+    decode = container(objects, "demo-worker-decode")
+    want = {"cpu": "8", "memory": "64Gi", "amd.com/gpu": "2"}
+    assert decode["container"]["resources"] == {"requests": want, "limits": want}
+    assert decode["nodeSelector"] == {"pool": "gpu"}
+    assert "resources" not in container(objects, "demo-worker-prefill")["container"]
+
+
+def test_the_planner_runs_with_its_profile_and_may_change_only_its_own_deployment():
+    config = load_graph(ROOT / "examples/graph-planner.yaml")
+    objects = by_name(render(config, "demo", profile='{"x": 1}'))
+    assert objects["ConfigMap/demo-planner-profile"]["data"] == {"profile.json": '{"x": 1}'}
+    rule = objects["Role/demo-planner"]["rules"][0]
+    assert rule == {"apiGroups": ["baton.dev"], "resources": ["batondeployments"],
+                    "resourceNames": ["demo"], "verbs": ["get", "patch"]}
+    pod = objects["Deployment/demo-planner"]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[:3] == ["planner", "--profile", "/etc/baton/planner/profile.json"]
+    assert args[args.index("--connector") + 1] == "kubernetes"
+    assert args[args.index("--deployment") + 1] == "demo"
+    assert args[-2:] == ["--max-workers", "4"]  # the graph's own planner args come last
+    assert pod["serviceAccountName"] == "demo-planner"
+    assert "ConfigMap/demo-planner-profile" not in by_name(render(config, "demo"))
+
+
+@pytest.mark.parametrize(("name", "change", "message"), [
+    ("Demo", {}, "name: 'Demo' is not a Kubernetes name"),
+    ("demo", {"workers": [{"name": "pre_fill"}]}, "workers[0].name: 'pre_fill'"),
+    ("d" * 50, {}, "longer than Kubernetes' 63 characters"),
+])
+def test_names_kubernetes_would_refuse_are_refused_with_the_field(name, change, message):
+    graph = raw(EXAMPLES[0]) | change
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        render(parse_graph(graph), name)
+
+
+# ---------------------------------------------------------------------------- the CRD
+
+
+def structural_problems(node: dict[str, Any], path: str = "") -> list[str]:
+    """What Kubernetes' structural-schema rules refuse (every node typed, no references,
+    properties and additionalProperties not together, no additionalProperties: false)."""
+    problems = []
+    for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "$defs"):
+        if forbidden in node:
+            problems.append(f"{path}: {forbidden}")
+    if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        problems.append(f"{path}: no type")
+    if "properties" in node and "additionalProperties" in node:
+        problems.append(f"{path}: properties and additionalProperties")
+    if node.get("additionalProperties") is False:
+        problems.append(f"{path}: additionalProperties false")
+    if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(
+            node.get("exclusiveMinimum"), bool):
+        problems.append(f"{path}: numeric exclusiveMinimum")
+    for name, sub in node.get("properties", {}).items():
+        problems += structural_problems(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            problems += structural_problems(node[key], f"{path}[{key}]")
+    return problems
+
+
+def cr_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def validate_cr(cr: dict[str, Any]) -> None:
+    """As the API server checks a custom resource (OpenAPI 3.0: JSON Schema draft 4's
+    keywords, ``nullable`` aside)."""
+    jsonschema.Draft4Validator(cr_schema()).validate(cr)
+
+
+def test_the_crd_is_valid_and_its_schema_structural():
+    validate(crd())
+    assert structural_problems(cr_schema()) == []
+    spec = cr_schema()["properties"]["spec"]["properties"]
+    assert spec["workers"]["items"]["properties"]["role"] == {
+        "type": "string", "enum": ["agg", "decode", "prefill"]}
+    assert spec["planner"]["nullable"] is True
+    seconds = spec["supervision"]["properties"]["grace_s"]
+    assert seconds == {"type": "number", "minimum": 0, "exclusiveMinimum": True}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_graph_is_a_valid_baton_deployment(path):
+    cr = resource(raw(path), "demo")
+    validate_cr(cr)
+    assert parse_graph(cr["spec"]) == load_graph(path)
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    ({"workers": [{"name": "a", "count": 0}]}, "minimum"),
+    ({"workers": [{"name": "a", "role": "both"}]}, "is not one of"),
+    ({"workers": []}, "should be non-empty"),
+])
+def test_the_crd_refuses_what_the_graph_schema_refuses(change, where):
+    cr = resource(raw(EXAMPLES[0]) | change, "demo")
+    with pytest.raises(jsonschema.ValidationError, match=where):
+        validate_cr(cr)
+    with pytest.raises(ValueError):
+        parse_graph(cr["spec"])
+
+
+def test_the_short_nats_url_is_written_out_long_for_the_crd():
+    cr = resource({"workers": [{"name": "a"}], "nats": "nats://nats.example:4222"}, "demo")
+    assert cr["spec"]["nats"] == {"url": "nats://nats.example:4222", "start": False}
+    validate_cr(cr)
+    objects = by_name(render(parse_graph(cr["spec"]), "demo"))
+    assert "StatefulSet/demo-nats" not in objects
+    args = objects["Deployment/demo-worker-a"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--nats") + 1] == "nats://nats.example:4222"
+
+
+def test_the_operators_objects_are_valid():
+    for obj in operator("baton:0.1.0", "baton-system"):
+        validate(obj)
+
+
+# ---------------------------------------------------------------------------- reconcile
+
+
+def cluster_copy(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects as the API server returns them: with fields of its own added."""
+    out = copy.deepcopy(objects)
+    for obj in out:
+        obj["metadata"] |= {"uid": "u", "resourceVersion": "7", "creationTimestamp": "t"}
+        if obj["kind"] == "Deployment":
+            obj["spec"]["strategy"] = {"type": "RollingUpdate"}
+            obj["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/x"
+            obj["status"] = {"replicas": obj["spec"]["replicas"],
+                             "readyReplicas": obj["spec"]["replicas"]}
+    return out
+
+
+def disagg(name: str = "demo", **pools: int) -> dict[str, Any]:
+    graph = raw(ROOT / "examples/graph-disagg.yaml")
+    for pool in graph["workers"]:
+        pool["count"] = pools.get(pool["name"], pool["count"])
+    cr = resource(graph, name)
+    cr["metadata"] |= {"namespace": "serving", "uid": "cr-uid", "generation": 3}
+    return cr
+
+
+def test_reconcile_creates_every_object_in_order_owned_by_the_resource():
+    actions = reconcile(disagg(), [])
+    assert describe(actions) == [
+        "apply StatefulSet/demo-nats (missing)", "apply Service/demo-nats (missing)",
+        "apply Deployment/demo-worker-prefill (missing)",
+        "apply PodDisruptionBudget/demo-worker-prefill (missing)",
+        "apply Deployment/demo-worker-decode (missing)",
+        "apply PodDisruptionBudget/demo-worker-decode (missing)",
+        "apply Deployment/demo-frontend-0 (missing)", "apply Service/demo-frontend-0 (missing)",
+        "apply PodDisruptionBudget/demo-frontend-0 (missing)",
+    ]
+    for action in actions:
+        meta = action.manifest["metadata"]
+        assert meta["namespace"] == "serving"
+        assert meta["ownerReferences"] == [{
+            "apiVersion": "baton.dev/v1alpha1", "kind": "BatonDeployment", "name": "demo",
+            "uid": "cr-uid", "controller": True, "blockOwnerDeletion": True}]
+
+
+def applied(cr: dict[str, Any]) -> list[dict[str, Any]]:
+    return cluster_copy([a.manifest for a in reconcile(cr, [])])
+
+
+def test_reconcile_leaves_a_cluster_that_matches_alone():
+    assert reconcile(disagg(), applied(disagg())) == []
+
+
+def test_reconcile_scales_a_pool_by_its_replicas_alone():
+    actions = reconcile(disagg(decode=3), applied(disagg()))
+    assert describe(actions) == ["apply Deployment/demo-worker-decode (spec.replicas)"]
+    assert actions[0].manifest["spec"]["replicas"] == 3
+
+
+def test_reconcile_deletes_a_removed_pool_and_leaves_other_deployments_alone():
+    cr = disagg()
+    cr["spec"]["workers"] = [{"name": "agg", "role": "agg", "count": 2}]
+    stranger = {"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "someone-else", "labels": {"app": "x"}}, "spec": {}}
+    other = cluster_copy([a.manifest for a in reconcile(disagg("other"), [])])
+    actions = reconcile(cr, [*applied(disagg()), stranger, *other])
+    assert describe(actions) == [
+        "apply Deployment/demo-worker-agg (missing)",
+        "apply PodDisruptionBudget/demo-worker-agg (missing)",
+        "delete Deployment/demo-worker-prefill (no longer rendered)",
+        "delete PodDisruptionBudget/demo-worker-prefill (no longer rendered)",
+        "delete Deployment/demo-worker-decode (no longer rendered)",
+        "delete PodDisruptionBudget/demo-worker-decode (no longer rendered)",
+    ]
+
+
+def test_reconcile_changes_a_pools_role_in_place():
+    cr = disagg()
+    cr["spec"]["workers"][0]["role"] = "agg"
+    actions = reconcile(cr, applied(disagg()))
+    assert describe(actions) == [
+        "apply Deployment/demo-worker-prefill (metadata.labels.baton.dev/role)"]
+    args = actions[0].manifest["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--role") + 1] == "agg"
+
+
+def test_reconcile_replaces_a_workload_whose_selector_changed():
+    observed = applied(disagg())
+    deployment = next(o for o in observed if o["metadata"]["name"] == "demo-worker-decode")
+    deployment["spec"]["selector"]["matchLabels"]["tier"] = "old"
+    assert describe(reconcile(disagg(), observed)) == [
+        "delete Deployment/demo-worker-decode (selector changed)",
+        "apply Deployment/demo-worker-decode (replaced)"]
+
+
+def test_status_counts_each_pools_replicas():
+    observed = applied(disagg())
+    decode = next(o for o in observed if o["metadata"]["name"] == "demo-worker-decode")
+    decode["status"] = {"replicas": 2, "readyReplicas": 1}
+    assert status(disagg(decode=3), observed) == {
+        "observedGeneration": 3, "ready": "3/5",
+        "pools": {"prefill": {"role": "prefill", "desired": 2, "replicas": 2, "ready": 2},
+                  "decode": {"role": "decode", "desired": 3, "replicas": 2, "ready": 1}}}
+
+
+# ---------------------------------------------------------------------------- the shell
+
+
+@pytest.fixture
+async def kube():
+    fake = FakeKubeApi()
+    server = TestServer(fake.app)
+    await server.start_server()
+    api = KubeApi(str(server.make_url("")), "serving")
+    yield fake, api
+    await api.close()
+    await server.close()
+
+
+async def create(api: KubeApi, cr: dict[str, Any]) -> dict[str, Any]:
+    cr = copy.deepcopy(cr)
+    for key in ("uid", "generation"):
+        cr["metadata"].pop(key)
+    return await api.apply(cr)
+
+
+async def test_the_operator_creates_scales_and_reports_a_deployment(kube):
+    fake, api = kube
+    cr = await create(api, disagg())
+    await sync(api, cr)
+    assert fake.names("deployments") == ["demo-frontend-0", "demo-worker-decode",
+                                         "demo-worker-prefill"]
+    owner = fake.get("deployments", "demo-worker-decode", "serving")["metadata"]
+    assert owner["ownerReferences"][0]["uid"] == cr["metadata"]["uid"]
+    assert fake.get("batondeployments", "demo", "serving")["status"]["ready"] == "0/4"
+    fake.settle()
+    cr = fake.get("batondeployments", "demo", "serving")
+    assert (await sync(api, cr))["ready"] == "4/4"
+    calls = len(fake.calls)
+    await sync(api, cr)  # nothing changed: lists and a status write, no apply
+    assert [m for m, _ in fake.calls[calls:]].count("PATCH") == 1
+    # the planner's connector asks for one more decode worker
+    connector = KubernetesConnector(api, "demo")
+    assert await connector.pools() == {"prefill": PoolCounts(ready=2),
+                                       "decode": PoolCounts(ready=2)}
+    counts = await connector.scale({"decode": 3})
+    assert counts["decode"] == PoolCounts(ready=2, starting=1)
+    cr = fake.get("batondeployments", "demo", "serving")
+    assert cr["metadata"]["generation"] == 2
+    await sync(api, cr)
+    assert fake.get("deployments", "demo-worker-decode", "serving")["spec"]["replicas"] == 3
+    fake.settle()
+    await sync(api, fake.get("batondeployments", "demo", "serving"))
+    assert await connector.pools() == {"prefill": PoolCounts(ready=2),
+                                       "decode": PoolCounts(ready=3)}
+    # and one fewer: ready pods above the count are on their way out
+    assert (await connector.scale({"decode": 2}))["decode"] == PoolCounts(ready=2, draining=1)
+
+
+async def test_a_scale_against_pools_edited_meanwhile_is_refused(kube):
+    fake, api = kube
+    await create(api, disagg())
+    connector = KubernetesConnector(api, "demo")
+    await connector.pools()
+    cr = copy.deepcopy(fake.get("batondeployments", "demo", "serving"))
+    cr["spec"]["workers"].reverse()  # someone reorders the pools between read and patch
+    original = KubeApi.get
+
+    async def read_then_edit(self, path):
+        got = await original(self, path)
+        fake.objects["batondeployments", "serving", "demo"] = cr
+        return got
+
+    KubeApi.get = read_then_edit  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KubeError, match="422"):
+            await connector.scale({"decode": 3})
+    finally:
+        KubeApi.get = original  # type: ignore[method-assign]
+    assert fake.get("batondeployments", "demo", "serving")["spec"]["workers"][1]["count"] == 2
+
+
+async def test_an_invalid_spec_changes_nothing_and_says_why(kube):
+    fake, api = kube
+    cr = disagg()
+    cr["spec"]["workers"][0]["name"] = "Pre_Fill"
+    cr = await create(api, cr)
+    new = await sync(api, cr)
+    assert new["message"].startswith("invalid spec: workers[0].name: 'Pre_Fill'")
+    assert fake.names("deployments") == []
+
+
+async def test_the_connector_reaches_no_api_with_a_clear_error():
+    api = KubeApi("http://127.0.0.1:1", "serving")
+    try:
+        with pytest.raises(Exception, match="kubernetes API at http://127.0.0.1:1"):
+            await KubernetesConnector(api, "demo").pools()
+    finally:
+        await api.close()
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def baton(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_baton_deploy_render_prints_what_kubectl_applies():
+    out = baton("deploy", "render", "-f", "examples/graph-planner.yaml", "--name", "demo")
+    assert out.returncode == 0, out.stderr
+    objects = list(yaml.safe_load_all(out.stdout))
+    for obj in objects:
+        validate(obj)
+    profile = by_name(objects)["ConfigMap/demo-planner-profile"]["data"]["profile.json"]
+    assert json.loads(profile) == json.loads((ROOT / "examples/worker-profile.json").read_text())
+
+
+def test_baton_deploy_resource_and_install():
+    out = baton("deploy", "resource", "-f", "examples/graph-planner.yaml", "--name", "demo")
+    assert out.returncode == 0, out.stderr
+    cr, profile = yaml.safe_load_all(out.stdout)
+    validate_cr(cr)
+    assert "app.kubernetes.io/managed-by" not in profile["metadata"]["labels"]
+    out = baton("deploy", "install", "--image", "registry.example/baton:1")
+    objects = list(yaml.safe_load_all(out.stdout))
+    assert [o["kind"] for o in objects] == ["CustomResourceDefinition", "ServiceAccount",
+                                           "ClusterRole", "ClusterRoleBinding", "Deployment"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["deploy", "render", "-f", "examples/graph-agg.yaml", "--name", "Bad"],
+     "baton deploy render: name: 'Bad' is not a Kubernetes name"),
+    (["deploy", "operator"], "not in a Kubernetes pod"),
+    (["planner", "--profile", "p.json", "--connector", "kubernetes"],
+     "--connector kubernetes needs the BatonDeployment's name"),
+    (["planner", "--profile", "p.json", "--connector", "kubernetes", "--deployment", "demo"],
+     "not in a Kubernetes pod"),
+])
+def test_what_cannot_run_here_says_why_in_one_line(args, message):
+    out = baton(*args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------- the image
+
+
+def test_the_dockerfile_passes_its_linter():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    out = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_image_builds_where_a_docker_engine_runs(tmp_path):
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "info"], capture_output=True,
+                                        timeout=30).returncode != 0:
+        pytest.skip("no Docker engine on this machine (docs/kubernetes.md says so)")
+    out = subprocess.run([docker, "build", "--build-arg", "EXTRAS=", "-t", "baton:test",
+                          str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = subprocess.run([docker, "run", "--rm", "baton:test", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert "deploy" in out.stdout
