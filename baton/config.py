@@ -676,9 +676,11 @@ class OperatorConfig:
     interval_s: float = setting(
         10.0, "besides on every spec change, each resource is reconciled this often (pods "
         "that became ready, objects changed by hand)")
+    health_port: int = setting(8080, "port of the operator's GET /healthz (0 = any free port)")
 
     def __post_init__(self) -> None:
         require(self.interval_s > 0, "interval_s", "must be > 0")
+        require(0 <= self.health_port <= 65535, "health_port", "must be 0..65535")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ examples, and the operator's shell and the planner's connector against a stand-i
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import shutil
@@ -19,12 +20,13 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
+from baton.config import KubeApiConfig, OperatorConfig
 from baton.control.connectors import PoolCounts
 from baton.deploy import crd, describe, reconcile, render, resource, status
 from baton.deploy.connector import KubernetesConnector
 from baton.deploy.kube import KubeApi, KubeError
 from baton.deploy.manifests import operator
-from baton.deploy.operator import sync
+from baton.deploy.operator import run_operator, sync
 from baton.graph import load_graph, parse_graph
 from tests.kube_fake import FakeKubeApi
 
@@ -440,6 +442,39 @@ async def test_an_invalid_spec_changes_nothing_and_says_why(kube):
     new = await sync(api, cr)
     assert new["message"].startswith("invalid spec: workers[0].name: 'Pre_Fill'")
     assert fake.names("deployments") == []
+
+
+async def eventually(check, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_operator_under_kopf_follows_creates_and_spec_changes(kube):
+    """The kopf loop itself (``baton deploy operator``): discovery, the watch, the create,
+    update and timer handlers, against the stand-in API server."""
+    fake, api = kube
+    await create(api, disagg())
+    stop = asyncio.Event()
+    config = OperatorConfig(kube=KubeApiConfig(kube_namespace="serving"), interval_s=0.5,
+                            health_port=0)
+    task = asyncio.create_task(run_operator(KubeApi(api.server, "serving"), config, stop))
+    try:
+        def status_ready() -> str | None:
+            return fake.get("batondeployments", "demo", "serving").get("status", {}).get("ready")
+
+        await eventually(lambda: status_ready() == "0/4")
+        assert fake.names("deployments") == ["demo-frontend-0", "demo-worker-decode",
+                                             "demo-worker-prefill"]
+        fake.settle()
+        await eventually(lambda: status_ready() == "4/4")  # the timer saw the pods ready
+        await KubernetesConnector(api, "demo").scale({"prefill": 1})  # the planner
+        await eventually(lambda: fake.get("deployments", "demo-worker-prefill",
+                                          "serving")["spec"]["replicas"] == 1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
 
 
 async def test_the_connector_reaches_no_api_with_a_clear_error():

@@ -98,5 +98,4 @@ def run_operator(args: argparse.Namespace) -> int:
     config = build(OperatorConfig(), args)
     # inside a pod, or through a URL (kubectl proxy); a ValueError says which is missing
     api = KubeApi.locate(config.kube.kube_api, config.kube.kube_namespace, os.environ)
-    return run_until_signalled(lambda stop: run(api, config.kube.kube_namespace,
-                                                config.interval_s, stop))
+    return run_until_signalled(lambda stop: run(api, config, stop))

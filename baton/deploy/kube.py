@@ -55,6 +55,8 @@ class KubeApi:
                  ca_file: str | None = None) -> None:
         self.server = server.rstrip("/")
         self.namespace = namespace
+        self.token = token
+        self.ca_file = ca_file
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ssl: ssl.SSLContext | bool = (ssl.create_default_context(cafile=ca_file)
                                             if ca_file else True)

@@ -21,6 +21,7 @@ import math
 import re
 from typing import Any
 
+from baton.config import OperatorConfig
 from baton.graph.schema import (
     Argv,
     GraphConfig,
@@ -50,7 +51,6 @@ WORKER_PORT, KV_PORT, METRICS_PORT, ROUTER_PORT, FRONTEND_PORT = 9000, 9100, 909
 NATS_PORT, NATS_MONITOR_PORT = 4222, 8222
 PROFILE_DIR = "/etc/baton/planner"
 PROFILE_FILE = "profile.json"
-OPERATOR_HEALTH_PORT = 8080
 PRE_STOP_S = 5
 """A frontend waits this long after Kubernetes marks it terminating, so that its Service's
 endpoints drop it before it stops taking connections."""
@@ -331,7 +331,7 @@ def operator(image: str, namespace: str) -> list[Manifest]:
         "name": "operator", "image": image, "args": ["deploy", "operator"],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": "health"},
                            "periodSeconds": 10},
-        "ports": [{"name": "health", "containerPort": OPERATOR_HEALTH_PORT}],
+        "ports": [{"name": "health", "containerPort": OperatorConfig().health_port}],
     }
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from typing import Any
 
+from baton.config import OperatorConfig
 from baton.deploy.kube import KubeApi, deployment_path, resource_path
-from baton.deploy.manifests import API_GROUP, API_VERSION, OPERATOR_HEALTH_PORT, PLURAL, Manifest
+from baton.deploy.manifests import API_GROUP, API_VERSION, PLURAL, Manifest
 from baton.deploy.reconcile import (
     OWNED_KINDS,
     Apply,
@@ -58,21 +60,31 @@ async def sync(api: KubeApi, resource: Manifest) -> dict[str, Any]:
     return new_status
 
 
-async def run_operator(api: KubeApi, watch_namespace: str | None, interval_s: float,
-                       stop: asyncio.Event) -> None:
-    """Runs until ``stop``; watches one namespace, or all of them when None."""
+async def run_operator(api: KubeApi, config: OperatorConfig, stop: asyncio.Event) -> None:
+    """Runs until ``stop``; watches ``config.kube.kube_namespace``, or every namespace."""
     import kopf
 
     registry = kopf.OperatorRegistry()
+    watch_namespace = config.kube.kube_namespace
+    locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        """kopf reaches the API as ``api`` does (a registry of one's own has no defaults)."""
+        return kopf.ConnectionInfo(server=api.server, token=api.token, ca_path=api.ca_file,
+                                   default_namespace=api.namespace)
 
     async def handle(body: Any, **_: Any) -> None:
-        await sync(api, dict(body))
+        meta = body["metadata"]
+        async with locks[meta["namespace"], meta["name"]]:  # kopf's timer and handlers race
+            await sync(api, dict(body))
+
+    kopf.on.login(registry=registry)(login)
 
     for decorate in (kopf.on.create(API_GROUP, API_VERSION, PLURAL, registry=registry),
                      kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec",
                                     registry=registry),
                      kopf.on.resume(API_GROUP, API_VERSION, PLURAL, registry=registry),
-                     kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=interval_s,
+                     kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=config.interval_s,
                                 registry=registry)):
         decorate(handle)
     settings = kopf.OperatorSettings()
@@ -84,6 +96,6 @@ async def run_operator(api: KubeApi, watch_namespace: str | None, interval_s: fl
                             clusterwide=watch_namespace is None,
                             namespaces=[watch_namespace] if watch_namespace else (),
                             stop_flag=stop,
-                            liveness_endpoint=f"http://0.0.0.0:{OPERATOR_HEALTH_PORT}/healthz")
+                            liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz")
     finally:
         await api.close()
