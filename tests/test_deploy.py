@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from baton.deploy import crd, describe, reconcile, render, resource, status
 from baton.deploy.connector import KubernetesConnector
 from baton.deploy.kube import KubeApi, KubeError
 from baton.deploy.manifests import operator
+from baton.deploy.observability import dashboard, monitors, queried_metrics, scrape_config
 from baton.deploy.operator import run_operator, sync
 from baton.graph import load_graph, parse_graph
 from tests.kube_fake import FakeKubeApi
@@ -552,3 +554,66 @@ def test_the_image_builds_where_a_docker_engine_runs(tmp_path):
     out = subprocess.run([docker, "run", "--rm", "baton:test", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert "deploy" in out.stdout
+
+
+# ---------------------------------------------------------------------------- observability
+
+
+def exported(text: str) -> set[str]:
+    """The sample names an exposition can carry: each family's name with its type's
+    suffixes (a family with no samples yet still declares its TYPE)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                "gauge": ("",), "summary": ("_sum", "_count", "")}
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            name = name.removesuffix("_total") if kind == "counter" else name
+            names |= {name + s for s in suffixes.get(kind, ("",))}
+    return names
+
+
+def test_the_dashboard_file_is_the_one_baton_prints():
+    board = json.loads((ROOT / "deploy/grafana/baton.json").read_text())
+    assert board == dashboard()
+    out = baton("deploy", "dashboard")
+    assert json.loads(out.stdout) == board
+    titles = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert titles == ["Frontend", "Router", "Workers", "Planner"]
+    ids = [p["id"] for p in board["panels"]]
+    assert len(set(ids)) == len(ids)
+
+
+def test_every_dashboard_query_names_a_metric_a_live_server_exports(make_server):
+    """A frontend's /metrics (with its router's and, under ``baton serve``, its workers');
+    the planner's are checked against a live planner in test_planner_service.py."""
+    import openai
+
+    srv = make_server(workers=2, router="kv", host_kv_blocks=32)
+    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
+    client.chat.completions.create(model="baton-tiny", max_tokens=4,
+                                   messages=[{"role": "user", "content": "hello"}])
+    with urllib.request.urlopen(f"{srv.base_url}/metrics", timeout=10) as resp:
+        names = exported(resp.read().decode())
+    wanted = {m for m in queried_metrics(dashboard()) if not m.startswith("baton_planner_")}
+    assert wanted, "the dashboard queries nothing"
+    assert wanted - names == set()
+
+
+def test_prometheus_finds_every_baton_pod_on_its_metrics_port():
+    (monitor,) = monitors("serving")
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/part-of": "baton"}}
+    ports = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    # the ports render names: every Baton pod but NATS serves /metrics on one of them
+    for obj in render(load_graph(ROOT / "examples/graph-planner.yaml"), "demo", profile="{}"):
+        if obj["kind"] != "Deployment":
+            continue
+        named = {p["name"] for p in obj["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert named & ports, obj["metadata"]["name"]
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "baton"
+    job = scrape_config()["scrape_configs"][0]
+    keep = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
+    assert keep[0]["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_part_of"]
+    assert set(keep[1]["regex"].split("|")) == ports

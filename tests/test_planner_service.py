@@ -17,6 +17,7 @@ from baton.config import PlannerConfig
 from baton.control.connectors import PoolCounts
 from baton.control.metrics import PlannerCollector
 from baton.control.service import PlannerService, added_up, observation
+from baton.deploy.observability import dashboard, queried_metrics
 from baton.errors import InvalidRequestError
 from baton.frontend.metrics import TrafficWindow
 from baton.graph import parse_graph, plan
@@ -27,6 +28,7 @@ from baton.planner import Observation, WorkerProfile
 from baton.protocol import LoadMetrics, TrafficReport, load_subject, traffic_subject
 from baton.runtime import MemoryDiscovery, Runtime
 from baton.runtime.discovery import InstanceRecord
+from tests.test_deploy import exported
 
 PROFILE = WorkerProfile(prefill_tokens_per_s=10_000, decode_tokens_per_s=2_000)
 
@@ -136,6 +138,8 @@ async def test_the_service_scales_up_from_the_load_and_traffic_it_hears():
     assert 'baton_planner_scaling_changes_total{direction="up",pool="agg"} 1.0' in scraped
     assert 'baton_planner_target_workers{pool="agg"} 2.0' in scraped
     assert f"baton_planner_decisions_total {float(service.num_decisions)}" in scraped
+    planner_panels = {m for m in queried_metrics(dashboard()) if m.startswith("baton_planner_")}
+    assert planner_panels and planner_panels - exported(scraped) == set()
 
 
 async def test_without_a_deployment_the_service_waits_and_stops_when_told():

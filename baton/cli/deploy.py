@@ -34,6 +34,16 @@ def add_parser(sub: Any) -> None:
     install.add_argument("--operator-namespace", default="baton-system",
                          help="where the operator runs (the namespace must exist)")
     install.set_defaults(run=run_install)
+    dashboard = command(dsub, "dashboard", "the Grafana dashboard (JSON; the same as "
+                        "deploy/grafana/baton.json)")
+    dashboard.set_defaults(run=run_dashboard)
+    monitoring = command(dsub, "monitoring", "how Prometheus scrapes Baton's pods: a PodMonitor "
+                         "(Prometheus Operator), or --plain scrape_configs")
+    monitoring.add_argument("--plain", action="store_true",
+                            help="a scrape_configs job for a Prometheus without the operator")
+    monitoring.add_argument("--only-namespace", default=None,
+                            help="the PodMonitor watches this namespace only (default: all)")
+    monitoring.set_defaults(run=run_monitoring)
     operator = command(dsub, "operator", "reconcile BatonDeployments into Kubernetes objects "
                        "until SIGTERM")
     add_settings(operator, OperatorConfig())
@@ -88,6 +98,27 @@ def run_install(args: argparse.Namespace) -> int:
     from baton.deploy.manifests import operator
 
     _dump([crd(), *operator(args.image, args.operator_namespace)])
+    return 0
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    import json
+
+    from baton.deploy.observability import dashboard
+
+    print(json.dumps(dashboard(), indent=2))
+    return 0
+
+
+def run_monitoring(args: argparse.Namespace) -> int:
+    import yaml
+
+    from baton.deploy.observability import monitors, scrape_config
+
+    if args.plain:
+        yaml.safe_dump(scrape_config(), sys.stdout, sort_keys=False)
+    else:
+        _dump(monitors(args.only_namespace))
     return 0
 
 
