@@ -653,6 +653,19 @@ class ProfileConfig:
         return self.measure or self.worker.engine.kind != "mock"
 
 
+TraceExporter = Literal["off", "console", "otlp"]
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry tracing of requests, for every ``baton`` command (``baton/tracing.py``)."""
+
+    trace_exporter: TraceExporter = setting(
+        "off", "trace each request across frontend, router and worker (OpenTelemetry): console "
+        "prints the spans, otlp sends them to $OTEL_EXPORTER_OTLP_ENDPOINT (pip install "
+        "'baton[tracing]'); a graph's processes inherit it", env="BATON_TRACE_EXPORTER")
+
+
 @dataclass(frozen=True)
 class KubeApiConfig:
     """Where the Kubernetes API is, for ``baton deploy operator`` and ``baton planner

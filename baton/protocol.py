@@ -117,6 +117,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     sampling: SamplingParams
     hold_kv: bool = False
     remote_kv: KvTransferParams | None = None
+    trace_parent: str | None = None
+    """The W3C ``traceparent`` of the span this request's work belongs to, when tracing is
+    on (``baton/tracing.py``)."""
 
 
 class EngineOutput(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -175,14 +175,15 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[
 
 def baton_process(
     *args: str, ready: str, prefix: tuple[str, ...] = (), timeout_s: float = 30,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, stdout: Any = subprocess.DEVNULL,
 ) -> tuple[subprocess.Popen[str], re.Match[str]]:
     """Starts ``[prefix...] python -m baton ARGS`` and waits (``timeout_s`` at most) for a
-    stderr line matching ``ready``; ``env`` adds to the environment."""
+    stderr line matching ``ready``; ``env`` adds to the environment; stdout goes nowhere
+    unless ``stdout`` (a file) says where."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen(
         [*prefix, sys.executable, "-m", "baton", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
     )
     assert proc.stderr is not None
     lines: list[str] = []

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from baton import tracing
 from baton.cli import (
     bench,
     deploy,
@@ -29,7 +30,8 @@ from baton.cli import (
     trace,
     worker,
 )
-from baton.cli.args import HelpFormatter
+from baton.cli.args import HelpFormatter, add_settings, build
+from baton.config import TracingConfig
 
 COMMANDS = (serve, worker, frontend, router, planner, profile, sim, bench, trace, deploy)
 """The command groups, in ``baton --help`` order."""
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("BATON_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"], type=str.lower,
                         help="log verbosity ($BATON_LOG_LEVEL)")
+    add_settings(parser, TracingConfig())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.add_parser(sub)
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     name = " ".join(p for p in (args.command, getattr(args, "subcommand", None)) if p)
     try:
+        _trace(build(TracingConfig(), args), args.command)
         return run(args)
     except ValueError as exc:  # an invalid configuration
         print(f"baton {name}: {exc}", file=sys.stderr)
@@ -64,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"baton {name}: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    finally:
+        tracing.disable()  # flushes spans not yet exported
+
+
+def _trace(config: TracingConfig, command: str) -> None:
+    if config.trace_exporter == "off":
+        return
+    tracing.enable(config.trace_exporter, service_name=f"baton-{command}")
+    os.environ["BATON_TRACE_EXPORTER"] = config.trace_exporter  # for a graph's processes
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]

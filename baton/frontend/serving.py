@@ -27,6 +27,7 @@ from typing import Literal, cast
 
 import msgspec
 
+from baton import tracing
 from baton.config import DisaggConfig
 from baton.errors import (
     BatonError,
@@ -97,6 +98,7 @@ class Generation:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """Log-probabilities of the tokens behind the last yielded pieces, when asked for
     (the consumer takes them after each item)."""
+    span: tracing.Span = field(default_factory=tracing.Span)
 
     @property
     def prompt_tokens(self) -> int:
@@ -144,34 +146,46 @@ class Generation:
         moves to another worker with its prompt plus the tokens generated so far, at most
         ``migration_limit`` times; the consumer sees one continuous stream."""
         p = self.prepared
+        self.span = tracing.start("baton.request", request_id=p.request_id, model=p.entry.name,
+                                  kind=p.kind, prompt_tokens=len(p.token_ids))
         generated: list[int] = []
         failure: TransportError | None = None
-        while True:
-            request = _continuation(p, generated, self.migrations)
-            if not generated and p.entry.prefill is not None and p.entry.prefill.instances:
-                request = await self._prefill_remotely(request)
-            try:
-                async with contextlib.aclosing(p.entry.pool.generate(request, p.route)) as outs:
-                    async for out in outs:
-                        generated.extend(out.token_ids)
-                        yield out
-                return
-            except ServiceUnavailableError as exc:
-                if failure is None:
-                    raise
-                raise ServiceUnavailableError(
-                    f"{failure.message}, and no other worker could continue the stream: "
-                    f"{exc.message}", code=exc.code) from exc
-            except TransportError as exc:
-                if self.migrations >= self.migration_limit:
-                    raise
-                failure = exc
-                self.migrations += 1
-                self.metrics.migrations.inc()
-                log.warning("request %s: %s; continuing on another worker after %d tokens "
-                            "(migration %d of %d)", p.request_id, exc.message, len(generated),
-                            self.migrations, self.migration_limit)
-
+        error: Exception | None = None
+        try:
+            while True:
+                request = _continuation(p, generated, self.migrations)
+                request.trace_parent = self.span.traceparent
+                if not generated and p.entry.prefill is not None and p.entry.prefill.instances:
+                    request = await self._prefill_remotely(request)
+                try:
+                    async with contextlib.aclosing(p.entry.pool.generate(request, p.route)) as outs:
+                        async for out in outs:
+                            generated.extend(out.token_ids)
+                            yield out
+                    return
+                except ServiceUnavailableError as exc:
+                    if failure is None:
+                        raise
+                    raise ServiceUnavailableError(
+                        f"{failure.message}, and no other worker could continue the stream: "
+                        f"{exc.message}", code=exc.code) from exc
+                except TransportError as exc:
+                    if self.migrations >= self.migration_limit:
+                        raise
+                    failure = exc
+                    self.migrations += 1
+                    self.metrics.migrations.inc()
+                    log.warning("request %s: %s; continuing on another worker after %d tokens "
+                                "(migration %d of %d)", p.request_id, exc.message, len(generated),
+                                self.migrations, self.migration_limit)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:  # the request's span: every leg, migrations included (baton/tracing.py)
+            self.span.set(worker_id=self.worker_id, prefill_worker_id=self.prefill_worker_id,
+                          cached_tokens=self.cached_tokens, migrations=self.migrations,
+                          completion_tokens=self.completion_tokens)
+            self.span.end(error)
 
     async def _prefill_remotely(self, request: GenerateRequest) -> GenerateRequest:
         """The decode leg of ``request``: with the KV a prefill worker computed for it, or,
@@ -203,6 +217,7 @@ class Generation:
         leg = GenerateRequest(
             request_id=f"{request.request_id}-prefill", token_ids=request.token_ids,
             sampling=msgspec.structs.replace(s, max_tokens=1, min_tokens=0), hold_kv=True,
+            trace_parent=request.trace_parent,
         )
         params: KvTransferParams | None = None
         async with contextlib.aclosing(pool.generate(leg)) as outs:

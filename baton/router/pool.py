@@ -24,6 +24,9 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, NoReturn
 
+import msgspec
+
+from baton import tracing
 from baton.config import RouterConfig
 from baton.errors import (
     BatonError,
@@ -248,6 +251,23 @@ class WorkerPool:
         return [i for i in eligible if i not in tried] if tried else eligible
 
     async def _open(
+        self, request: GenerateRequest, hints: RouteHints | None
+    ) -> tuple[int, AsyncGenerator[EngineOutput, None], EngineOutput]:
+        """``_pick_and_open`` as a ``baton.route`` span under the request's
+        (``baton/tracing.py``): from the decision to the worker's first delta."""
+        route = tracing.start("baton.route", request.trace_parent, model=self.model)
+        if route.traceparent is not None:  # the worker's span goes under this one
+            request = msgspec.structs.replace(request, trace_parent=route.traceparent)
+        try:
+            worker_id, stream, first = await self._pick_and_open(request, hints)
+        except BaseException as exc:
+            route.end(exc if isinstance(exc, Exception) else None)
+            raise
+        route.set(worker_id=worker_id, cached_tokens=first.cached_tokens)
+        route.end()
+        return worker_id, stream, first
+
+    async def _pick_and_open(
         self, request: GenerateRequest, hints: RouteHints | None
     ) -> tuple[int, AsyncGenerator[EngineOutput, None], EngineOutput]:
         """Picks a worker and waits for its first delta, moving on from unreachable ones (a

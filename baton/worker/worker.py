@@ -37,6 +37,7 @@ from typing import Any, Final, Self
 import msgspec
 from prometheus_client import CollectorRegistry
 
+from baton import tracing
 from baton.config import WorkerConfig
 from baton.engine.base import Engine, EngineStats
 from baton.errors import (
@@ -238,18 +239,26 @@ class Worker:
         self._in_flight += 1
         self._idle.clear()
         first = True
+        span = tracing.start("baton.worker.generate", request.trace_parent,
+                             worker_id=self.instance_id, role=self.config.role,
+                             request_id=request.request_id, prompt_tokens=len(request.token_ids))
+        error: Exception | None = None
         try:
             async for out in self.engine.generate(request):
                 if first:
                     out.worker_id = self.instance_id
                     first = False
+                    span.set(cached_tokens=out.cached_tokens)
                 yield out
-        except BatonError:
+        except BatonError as exc:
+            error = exc
             raise
         except Exception as exc:  # an engine bug fails one request, not the worker
             log.exception("engine failed on request %s", request.request_id)
-            raise EngineError(f"engine failed: {type(exc).__name__}: {exc}") from exc
+            error = EngineError(f"engine failed: {type(exc).__name__}: {exc}")
+            raise error from exc
         finally:
+            span.end(error)
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
