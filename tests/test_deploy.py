@@ -132,7 +132,8 @@ def test_topology_keeps_a_graph_in_one_domain_and_spreads_each_pool():
 def test_resources_and_gpus_are_requested_and_limited():
     graph = raw(ROOT / "examples/graph-disagg.yaml")
     graph["workers"][1]["resources"] = {"cpu": "8", "memory": "64Gi", "gpus": 2}
-    graph["kubernetes"] = {"gpu_resource": "amd.com/gpu", "node_selector": {"pool": "gpu"}}
+    graph["kubernetes"] = {"gpu_resource": "amd.com/gpu", "node_selector": {"pool": "gpu"},
+                           "env": {"BATON_TRACE_EXPORTER": "otlp"}}
     objects = render(parse_graph(graph), "demo")
     for obj in objects:
         validate(obj)
@@ -140,6 +141,7 @@ def test_resources_and_gpus_are_requested_and_limited():
     want = {"cpu": "8", "memory": "64Gi", "amd.com/gpu": "2"}
     assert decode["container"]["resources"] == {"requests": want, "limits": want}
     assert decode["nodeSelector"] == {"pool": "gpu"}
+    assert {"name": "BATON_TRACE_EXPORTER", "value": "otlp"} in decode["container"]["env"]
     assert "resources" not in container(objects, "demo-worker-prefill")["container"]
 
 

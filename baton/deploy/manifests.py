@@ -152,6 +152,7 @@ class _Renderer:
                 {"name": "BATON_CLUSTER_TOKEN", "valueFrom": {"secretKeyRef": {
                     "name": self.k8s.cluster_token_secret or f"{self.name}-cluster-token",
                     "key": "token"}}},
+                *({"name": k, "value": v} for k, v in sorted(self.k8s.env.items())),
             ],
             "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
         }

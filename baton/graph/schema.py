@@ -178,6 +178,8 @@ class KubernetesSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     """A Secret whose key ``token`` is the cluster token (``BATON_CLUSTER_TOKEN``); default
     ``NAME-cluster-token``. Created by you, never rendered (a secret is not a manifest)."""
     node_selector: dict[str, str] = msgspec.field(default_factory=dict)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    """Environment variables of every Baton pod (``BATON_TRACE_EXPORTER``, ``OTEL_*``)."""
     topology: TopologySpec = msgspec.field(default_factory=TopologySpec)
     startup_timeout_s: Seconds = 600.0
     """How long a worker may take to load its model before Kubernetes restarts it."""
