@@ -32,6 +32,7 @@ DiskAdmission = Literal["reused", "all"]
 PlannerMode = Literal["off", "throughput", "load", "both"]
 PredictorKind = Literal["constant", "moving-average", "kalman"]
 ConnectorKind = Literal["local", "kubernetes"]
+DiscoveryKind = Literal["auto", "kubernetes"]
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 """The URL schemes a NATS client connects with."""
 
@@ -222,6 +223,20 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class KubeApiConfig:
+    """Where the Kubernetes API is, for ``baton deploy operator`` and ``baton planner
+    --connector kubernetes`` (``docs/kubernetes.md``)."""
+
+    kube_api: str | None = setting(
+        None, "the Kubernetes API's URL without credentials (kubectl proxy serves one: "
+        "http://127.0.0.1:8001)", metavar="URL",
+        default_help="the API of the pod this runs in, with its service account")
+    kube_namespace: str | None = setting(
+        None, "the namespace of the BatonDeployment(s)", metavar="NAMESPACE",
+        default_help="the pod's own; the operator: every namespace")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """How a process finds the others: in-process only, NATS, or a list of worker addresses."""
 
@@ -234,7 +249,16 @@ class RuntimeConfig:
     workers: tuple[str, ...] = setting(
         (), "a worker's request-plane address (repeatable)", flag="worker", repeat=True,
         metavar="tcp://HOST:PORT", default_help="none")
-    probe_interval_s: float = setting(2.0, "how often --worker addresses are probed")
+    probe_interval_s: float = setting(
+        2.0, "how often --worker addresses (or Kubernetes' worker endpoints) are probed")
+    discovery: DiscoveryKind = setting(
+        "auto", "where workers are found: auto = on NATS with --nats, else the --worker "
+        "addresses, else this process; kubernetes = the ready endpoints of the worker "
+        "Services that --kube-workers selects (events still go over NATS with --nats)")
+    kube_workers: str = setting(
+        "app.kubernetes.io/part-of=baton,app.kubernetes.io/component=worker",
+        "kubernetes discovery: the label selector of the worker Services", metavar="SELECTOR")
+    kube: KubeApiConfig = section(KubeApiConfig)
     # -- NATS security (a user and password, or a token, go in the URL: nats://USER:PASS@HOST)
     nats_creds: str | None = setting(
         None, "NATS credentials file (.creds: a user JWT and its NKey seed)",
@@ -264,6 +288,9 @@ class RuntimeConfig:
                 "a client certificate needs its key (--nats-tls-key), and the key its certificate")
         require(self.nats_creds is None or self.nats_nkey is None, "nats_creds",
                 "give a credentials file or an NKey seed, not both")
+        check_choices(self)
+        require(self.discovery != "kubernetes" or not self.workers, "discovery",
+                "kubernetes finds the workers itself: drop --worker")
 
 
 # ------------------------------------------------------------------------------ worker
@@ -667,20 +694,6 @@ class TracingConfig:
 
 
 @dataclass(frozen=True)
-class KubeApiConfig:
-    """Where the Kubernetes API is, for ``baton deploy operator`` and ``baton planner
-    --connector kubernetes`` (``docs/kubernetes.md``)."""
-
-    kube_api: str | None = setting(
-        None, "the Kubernetes API's URL without credentials (kubectl proxy serves one: "
-        "http://127.0.0.1:8001)", metavar="URL",
-        default_help="the API of the pod this runs in, with its service account")
-    kube_namespace: str | None = setting(
-        None, "the namespace of the BatonDeployment(s)", metavar="NAMESPACE",
-        default_help="the pod's own; the operator: every namespace")
-
-
-@dataclass(frozen=True)
 class OperatorConfig:
     """``baton deploy operator``: reconciles BatonDeployment resources into Kubernetes
     objects."""
@@ -713,9 +726,9 @@ class PlannerServiceConfig:
         "drains worker processes; kubernetes = set the pools' counts of a BatonDeployment "
         "(--deployment), which its operator applies")
     deployment: str | None = setting(
-        None, "the BatonDeployment whose pools the kubernetes connector sets", metavar="NAME",
+        None, "the BatonDeployment whose pools the kubernetes connector sets (found with "
+        "--kube-api and --kube-namespace)", metavar="NAME",
         default_help="required with --connector kubernetes")
-    kube: KubeApiConfig = section(KubeApiConfig)
 
     def __post_init__(self) -> None:
         check_choices(self)

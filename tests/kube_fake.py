@@ -2,7 +2,7 @@
 Kubernetes connector: no cluster runs on this machine (docs/kubernetes.md says what this
 exercises and what it does not).
 
-It keeps objects in memory and answers the calls ``baton.deploy.kube`` and kopf make, the
+It keeps objects in memory and answers the calls ``baton.runtime.kube_api`` and kopf make, the
 way the API server does: API discovery (``/api``, ``/apis``, the ``baton.dev`` group's
 resources), GET of an object or of a collection (``labelSelector`` of ``k=v`` terms), watch
 streams of a collection (events from the watch's start on), server-side apply (``PATCH``

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ from baton.config import KubeApiConfig, OperatorConfig
 from baton.control.connectors import PoolCounts
 from baton.deploy import crd, describe, reconcile, render, resource, status
 from baton.deploy.connector import KubernetesConnector
-from baton.deploy.kube import KubeApi, KubeError
 from baton.deploy.manifests import operator
 from baton.deploy.observability import dashboard, monitors, queried_metrics, scrape_config
 from baton.deploy.operator import run_operator, sync
 from baton.graph import load_graph, parse_graph
+from baton.runtime.kube_api import KubeApi, KubeError
+from baton.runtime.kube_discovery import ready_addresses
+from tests.conftest import baton_process
 from tests.kube_fake import FakeKubeApi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -619,3 +622,100 @@ def test_prometheus_finds_every_baton_pod_on_its_metrics_port():
     keep = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
     assert keep[0]["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_part_of"]
     assert set(keep[1]["regex"].split("|")) == ports
+
+
+# ---------------------------------------------------------------------------- discovery
+
+
+def test_ready_addresses_are_the_request_ports_of_ready_endpoints():
+    slices = [
+        {"ports": [{"name": "request", "port": 9000}, {"name": "kv", "port": 9100}],
+         "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+                       {"addresses": ["10.0.0.2"], "conditions": {"ready": False}},
+                       {"addresses": ["10.0.0.3"]},  # unknown readiness counts as ready
+                       {"addresses": ["fd00::4"], "conditions": {"ready": True}}]},
+        {"ports": [{"name": "metrics", "port": 9090}],
+         "endpoints": [{"addresses": ["10.0.0.9"]}]},
+        {"ports": [{"name": "request", "port": 9000}], "endpoints": None},
+    ]
+    assert ready_addresses(slices) == ["tcp://10.0.0.1:9000", "tcp://10.0.0.3:9000",
+                                       "tcp://[fd00::4]:9000"]
+
+
+def test_kubernetes_discovery_renders_a_headless_service_per_pool_and_the_rights_to_read_it():
+    graph = raw(ROOT / "examples/graph-planner.yaml")
+    graph["kubernetes"] = {"discovery": "kubernetes"}
+    objects = by_name(render(parse_graph(graph), "demo", profile="{}"))
+    for obj in objects.values():
+        validate(obj)
+    service = objects["Service/demo-worker-agg"]["spec"]
+    assert service["clusterIP"] == "None" and service["ports"][0]["name"] == "request"
+    selector = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=worker"
+    for name in ("demo-frontend-0", "demo-planner", "demo-worker-agg"):
+        args = container(list(objects.values()), name)["container"]["args"]
+        assert args[args.index("--discovery") + 1] == "kubernetes"
+        assert args[args.index("--kube-workers") + 1] == selector
+    assert container(list(objects.values()), "demo-frontend-0")["serviceAccountName"] == \
+        "demo-discovery"
+    reads = {r["apiGroups"][0]: r["resources"] for r in objects["Role/demo-discovery"]["rules"]}
+    assert reads == {"": ["services"], "discovery.k8s.io": ["endpointslices"]}
+    planner_rules = objects["Role/demo-planner"]["rules"]
+    assert {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"]} in planner_rules
+
+
+def endpoint_slice(port: int, ready: bool) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "demo-worker-agg-x1",
+                         "labels": {"kubernetes.io/service-name": "demo-worker-agg"}},
+            "addressType": "IPv4", "ports": [{"name": "request", "port": port}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}]}
+
+
+def health(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_a_frontend_finds_its_workers_through_the_kubernetes_api(kube):
+    """``--discovery kubernetes``: a real frontend process follows the worker endpoints the
+    (stand-in) API lists: serves through a real worker process while its endpoint is ready,
+    drops it when Kubernetes marks it unready."""
+    import openai
+
+    fake, api = kube
+    worker, wmatch = await asyncio.to_thread(
+        baton_process, "worker", "--port", "0", ready=r"listening on tcp://127\.0\.0\.1:(\d+)")
+    procs = [worker]
+    try:
+        await api.apply({"apiVersion": "v1", "kind": "Service", "metadata": {
+            "name": "demo-worker-agg", "labels": {"app.kubernetes.io/instance": "demo",
+                                                  "app.kubernetes.io/component": "worker"}},
+            "spec": {"clusterIP": "None", "ports": [{"name": "request", "port": 9000}]}})
+        await api.apply(endpoint_slice(int(wmatch.group(1)), ready=True))
+        frontend, fmatch = await asyncio.to_thread(
+            baton_process, "frontend", "--port", "0", "--discovery", "kubernetes",
+            "--kube-api", api.server, "--kube-namespace", "serving", "--probe-interval-s",
+            "0.2", "--kube-workers",
+            "app.kubernetes.io/instance=demo,app.kubernetes.io/component=worker",
+            ready=r"baton frontend on http://127\.0\.0\.1:(\d+)")
+        procs.append(frontend)
+        port = int(fmatch.group(1))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0)
+        reply = await asyncio.to_thread(
+            client.chat.completions.create, model="baton-tiny", max_tokens=3,
+            messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].finish_reason == "length"
+        await api.apply(endpoint_slice(int(wmatch.group(1)), ready=False))
+        deadline = asyncio.get_running_loop().time() + 10
+        while await asyncio.to_thread(health, port) != 503:
+            assert asyncio.get_running_loop().time() < deadline, "the worker was not dropped"
+            await asyncio.sleep(0.1)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)

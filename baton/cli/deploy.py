@@ -4,7 +4,6 @@ graph file, the BatonDeployment resource and its operator."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -123,10 +122,10 @@ def run_monitoring(args: argparse.Namespace) -> int:
 
 
 def run_operator(args: argparse.Namespace) -> int:
-    from baton.deploy.kube import KubeApi
     from baton.deploy.operator import run_operator as run
+    from baton.runtime.kube_api import KubeApi
 
     config = build(OperatorConfig(), args)
     # inside a pod, or through a URL (kubectl proxy); a ValueError says which is missing
-    api = KubeApi.locate(config.kube.kube_api, config.kube.kube_namespace, os.environ)
+    api = KubeApi.locate(config.kube.kube_api, config.kube.kube_namespace)
     return run_until_signalled(lambda stop: run(api, config, stop))

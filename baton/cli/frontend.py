@@ -22,10 +22,11 @@ def config_from(args: argparse.Namespace) -> tuple[FrontendConfig, RuntimeConfig
 
 
 def require_workers(config: RuntimeConfig, command: str) -> None:
-    """A process that follows workers needs NATS or ``--worker`` addresses."""
-    if not config.workers and config.nats is None:
-        raise ValueError(f"give --nats URL or at least one --worker tcp://HOST:PORT ({command} "
-                         "follows workers in other processes)")
+    """A process that follows workers needs NATS, ``--worker`` addresses or Kubernetes."""
+    if not config.workers and config.nats is None and config.discovery != "kubernetes":
+        raise ValueError(f"give --nats URL, at least one --worker tcp://HOST:PORT or "
+                         f"--discovery kubernetes ({command} follows workers in other "
+                         "processes)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if config.profile is None:
         raise ValueError("--profile: the planner needs the workers' profile (JSON; baton "
                          "profile writes one)")
-    connect = connector(config)
+    connect = connector(config, runtime)
     if runtime.nats is None:
         raise ValueError("the planner follows a deployment on NATS: give --nats (or "
                          "$BATON_NATS), or run it from a graph file")
@@ -46,14 +45,16 @@ def run(args: argparse.Namespace) -> int:
     return run_until_signalled(lambda stop: run_planner(config, runtime, connect, stop))
 
 
-def connector(config: PlannerServiceConfig) -> Callable[[Runtime], Connector]:
+def connector(config: PlannerServiceConfig,
+              runtime_config: RuntimeConfig) -> Callable[[Runtime], Connector]:
     """How the planner reaches its deployment; outside a pod and with no URL, the
     Kubernetes connector fails here with one line."""
     if config.connector == "kubernetes":
         from baton.deploy.connector import KubernetesConnector
-        from baton.deploy.kube import KubeApi
+        from baton.runtime.kube_api import KubeApi
 
-        api = KubeApi.locate(config.kube.kube_api, config.kube.kube_namespace, os.environ)
+        kube = runtime_config.kube
+        api = KubeApi.locate(kube.kube_api, kube.kube_namespace)
         name = config.deployment
         assert name is not None  # the config requires it
         return lambda runtime: KubernetesConnector(api, name)

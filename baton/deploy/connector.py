@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from baton.control.connectors import ConnectorUnavailable, PoolCounts
-from baton.deploy.crd import graph_of
-from baton.deploy.kube import KubeApi, deployment_path
+from baton.deploy.crd import deployment_path, graph_of
+from baton.runtime.kube_api import KubeApi
 
 
 class KubernetesConnector:

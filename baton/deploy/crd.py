@@ -20,6 +20,9 @@ import msgspec
 
 from baton.deploy.manifests import API_GROUP, API_VERSION, KIND, PLURAL, Manifest
 from baton.graph.schema import GraphConfig, parse_graph
+from baton.runtime.kube_api import register_kind, resource_path
+
+register_kind(KIND, PLURAL)
 
 _DROP = ("title", "default", "$defs")
 
@@ -116,6 +119,11 @@ def resource(graph: dict[str, Any], name: str) -> Manifest:
         spec["nats"] = {"url": spec["nats"], "start": False}
     return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
             "metadata": {"name": name}, "spec": spec}
+
+
+def deployment_path(namespace: str, name: str | None = None) -> str:
+    """Where the ``BatonDeployment`` named ``name`` lives in the API."""
+    return resource_path(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name)
 
 
 def graph_of(resource: Manifest) -> GraphConfig:

@@ -68,6 +68,10 @@ def render(config: GraphConfig, name: str, profile: str | None = None) -> list[M
         objects += r.nats()
         nats_url = f"nats://{name}-nats:{NATS_PORT}"
     common = common_args(config, nats_url)
+    if r.kube_discovery:
+        common += ("--discovery", "kubernetes", "--kube-workers",
+                   f"{INSTANCE}={name},{COMPONENT}=worker")
+        objects += r.discovery_access()
     for pool in config.workers:
         listen: Argv = ("--host", "0.0.0.0", "--advertise-host", "$(POD_IP)", "--port", str(WORKER_PORT),
                   "--kv-port", str(KV_PORT), "--metrics-port", str(METRICS_PORT))
@@ -78,20 +82,25 @@ def render(config: GraphConfig, name: str, profile: str | None = None) -> list[M
             worker_command(config, pool, listen, common), ports, pool.resources,
             probe_port="metrics", startup=True))
         objects.append(r.disruption_budget(f"worker-{pool.name}", labels))
+        if r.kube_discovery:  # its ready endpoints are the pool
+            objects.append(r.service(f"worker-{pool.name}", labels,
+                                     {"request": WORKER_PORT}, headless=True))
     for i, router in enumerate(config.routers):
         listen = ("--host", "0.0.0.0", "--advertise-host", "$(POD_IP)",
                   "--port", str(router.port or ROUTER_PORT))
         labels = {COMPONENT: "router", POOL: f"router-{i}"}
         objects.append(r.deployment(f"router-{i}", labels, {}, 1,
                                     router_command(router, listen, common),
-                                    {"request": router.port or ROUTER_PORT}, ResourcesSpec()))
+                                    {"request": router.port or ROUTER_PORT}, ResourcesSpec(),
+                                    account=r.finder_account))
     for i, frontend in enumerate(config.frontends):
         port = frontend.port or FRONTEND_PORT
         listen = ("--host", "0.0.0.0", "--port", str(port))
         labels = {COMPONENT: "frontend", POOL: f"frontend-{i}"}
         objects.append(r.deployment(f"frontend-{i}", labels, {}, 1,
                                     frontend_command(frontend, listen, common), {"http": port},
-                                    frontend.resources, probe_port="http", pre_stop=True))
+                                    frontend.resources, probe_port="http", pre_stop=True,
+                                    account=r.finder_account))
         objects.append(r.service(f"frontend-{i}", labels, {"http": port},
                                  config.kubernetes.service_type))
         objects.append(r.disruption_budget(f"frontend-{i}", labels))
@@ -127,6 +136,9 @@ class _Renderer:
         self.config = config
         self.k8s = config.kubernetes
         self.name = name
+        self.kube_discovery = config.kubernetes.discovery == "kubernetes"
+        self.finder_account = f"{name}-discovery" if self.kube_discovery else None
+        """The account of frontends and routers: it may read the worker endpoints."""
 
     def labels(self, own: dict[str, str]) -> dict[str, str]:
         return {PART_OF: "baton", INSTANCE: self.name, MANAGED_BY: "baton"} | own
@@ -143,7 +155,7 @@ class _Renderer:
     def deployment(self, suffix: str, labels: dict[str, str], extra: dict[str, str],
                    replicas: int, args: Argv, ports: dict[str, int], resources: ResourcesSpec,
                    probe_port: str | None = None, startup: bool = False,
-                   pre_stop: bool = False) -> Manifest:
+                   pre_stop: bool = False, account: str | None = None) -> Manifest:
         container: Manifest = {
             "name": "baton", "image": self.k8s.image, "imagePullPolicy": self.k8s.image_pull_policy,
             "args": list(args),
@@ -170,6 +182,8 @@ class _Renderer:
         }
         if self.k8s.node_selector:
             pod["nodeSelector"] = dict(self.k8s.node_selector)
+        if account is not None:
+            pod["serviceAccountName"] = account
         pod |= self.placement(labels)
         return {
             "apiVersion": "apps/v1", "kind": "Deployment",
@@ -232,6 +246,32 @@ class _Renderer:
                 "spec": {"maxUnavailable": 1,
                          "selector": {"matchLabels": self.selector(labels)}}}
 
+    # ------------------------------------------------------------------ discovery
+
+    DISCOVERY_RULES = ({"apiGroups": [""], "resources": ["services"],
+                        "verbs": ["get", "list", "watch"]},
+                       {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                        "verbs": ["get", "list", "watch"]})
+    """What ``--discovery kubernetes`` reads: the worker Services and their endpoints."""
+
+    def discovery_access(self) -> list[Manifest]:
+        labels = {COMPONENT: "discovery"}
+        return self.account("discovery", labels, list(self.DISCOVERY_RULES))
+
+    def account(self, suffix: str, labels: dict[str, str],
+                rules: list[Manifest]) -> list[Manifest]:
+        """A ServiceAccount, a Role with ``rules`` and the binding of the two."""
+        name = f"{self.name}-{suffix}"
+        return [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": self.meta(suffix, labels)},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": self.meta(suffix, labels), "rules": rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": self.meta(suffix, labels),
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+             "subjects": [{"kind": "ServiceAccount", "name": name}]},
+        ]
+
     # ------------------------------------------------------------------ NATS
 
     def nats(self) -> list[Manifest]:
@@ -266,23 +306,15 @@ class _Renderer:
             objects.append({"apiVersion": "v1", "kind": "ConfigMap",
                             "metadata": self.meta("planner-profile", labels),
                             "data": {PROFILE_FILE: profile}})
-        account = f"{self.name}-planner"
-        objects += [
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": self.meta("planner", labels)},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-             "metadata": self.meta("planner", labels),
-             "rules": [{"apiGroups": [API_GROUP], "resources": [PLURAL],
-                        "resourceNames": [self.name], "verbs": ["get", "patch"]}]},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-             "metadata": self.meta("planner", labels),
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                         "name": account},
-             "subjects": [{"kind": "ServiceAccount", "name": account}]},
-        ]
+        rules: list[Manifest] = [{"apiGroups": [API_GROUP], "resources": [PLURAL],
+                                  "resourceNames": [self.name], "verbs": ["get", "patch"]}]
+        if self.kube_discovery:
+            rules += self.DISCOVERY_RULES
+        objects += self.account("planner", labels, rules)
         deployment = self.deployment("planner", labels, {}, 1, args, {"metrics": METRICS_PORT},
-                                     ResourcesSpec(), probe_port="metrics")
+                                     ResourcesSpec(), probe_port="metrics",
+                                     account=f"{self.name}-planner")
         pod = deployment["spec"]["template"]["spec"]
-        pod["serviceAccountName"] = account
         pod["volumes"] = [{"name": "profile",
                            "configMap": {"name": f"{self.name}-planner-profile"}}]
         pod["containers"][0]["volumeMounts"] = [{"name": "profile", "mountPath": PROFILE_DIR,

@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from baton.config import OperatorConfig
-from baton.deploy.kube import KubeApi, deployment_path, resource_path
+from baton.deploy.crd import deployment_path
 from baton.deploy.manifests import API_GROUP, API_VERSION, PLURAL, Manifest
 from baton.deploy.reconcile import (
     OWNED_KINDS,
@@ -24,6 +24,7 @@ from baton.deploy.reconcile import (
     reconcile,
     status,
 )
+from baton.runtime.kube_api import KubeApi, resource_path
 
 log = logging.getLogger("baton.deploy.operator")
 

@@ -180,6 +180,10 @@ class KubernetesSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     node_selector: dict[str, str] = msgspec.field(default_factory=dict)
     env: dict[str, str] = msgspec.field(default_factory=dict)
     """Environment variables of every Baton pod (``BATON_TRACE_EXPORTER``, ``OTEL_*``)."""
+    discovery: Literal["nats", "kubernetes"] = "nats"
+    """How frontends, routers and the planner find workers: their records in NATS, or the
+    ready endpoints of a headless Service per pool (``--discovery kubernetes``; NATS still
+    carries events when the graph has it)."""
     topology: TopologySpec = msgspec.field(default_factory=TopologySpec)
     startup_timeout_s: Seconds = 600.0
     """How long a worker may take to load its model before Kubernetes restarts it."""

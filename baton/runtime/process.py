@@ -1,5 +1,5 @@
-"""A process's runtime, from its ``RuntimeConfig``: in-process discovery, NATS, or a list of
-worker addresses probed into discovery."""
+"""A process's runtime, from its ``RuntimeConfig``: in-process discovery, NATS, a list of
+worker addresses probed into discovery, or the worker endpoints Kubernetes lists."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from baton.config import RuntimeConfig
-from baton.runtime.discovery import MemoryDiscovery
+from baton.runtime.discovery import Discovery, MemoryDiscovery
+from baton.runtime.kube_api import KubeApi
+from baton.runtime.kube_discovery import KubernetesWorkers
 from baton.runtime.nats_discovery import NatsDiscovery
 from baton.runtime.nats_events import NatsEventPlane, connect_nats, redact_url
 from baton.runtime.peer_auth import peer_auth
@@ -18,17 +20,28 @@ from baton.runtime.static import StaticWorkers
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(config: RuntimeConfig, *, name: str) -> AsyncGenerator[Runtime, None]:
+async def open_runtime(config: RuntimeConfig, *, name: str,
+                       finds_workers: bool = True) -> AsyncGenerator[Runtime, None]:
     """This process's runtime (``name`` labels its NATS connection); with ``config.workers``,
-    those addresses are probed into its discovery for as long as it is open."""
+    those addresses are probed into its discovery for as long as it is open, and with
+    Kubernetes discovery the endpoints the API lists, unless the process does not look for
+    workers (``finds_workers``: a worker is found, it does not find)."""
     async with _base_runtime(config, name) as runtime, StaticWorkers(
         runtime, config.workers, config.probe_interval_s
     ):
-        yield runtime
+        if config.discovery != "kubernetes" or not finds_workers:
+            yield runtime
+            return
+        api = KubeApi.locate(config.kube.kube_api, config.kube.kube_namespace)
+        async with KubernetesWorkers(runtime, api, config.kube_workers,
+                                     config.probe_interval_s):
+            yield runtime
 
 
 def describe_discovery(config: RuntimeConfig) -> str:
     """Where a process learns of its workers, for its start line."""
+    if config.discovery == "kubernetes":
+        return f"workers discovered through Kubernetes ({config.kube_workers})"
     if config.workers:
         return ", ".join(config.workers)
     if config.nats:
@@ -66,8 +79,11 @@ async def _base_runtime(config: RuntimeConfig, name: str) -> AsyncGenerator[Runt
         return
     nc = await connect_nats(config.nats, name=name, options=nats_options(config))
     try:
-        discovery = NatsDiscovery(nc, namespace=config.namespace, lease_ttl_s=config.lease_ttl_s)
-        await discovery.start()
+        discovery: Discovery = MemoryDiscovery()
+        if config.discovery == "auto":
+            discovery = NatsDiscovery(nc, namespace=config.namespace,
+                                      lease_ttl_s=config.lease_ttl_s)
+            await discovery.start()
         async with Runtime(discovery, events=NatsEventPlane(nc), namespace=config.namespace,
                            auth=auth) as runtime:
             yield runtime

@@ -3,6 +3,8 @@
 One owned task asks each address for its ``info`` every ``probe_interval_s`` and keeps the
 runtime's discovery in step: a worker that answers is registered (under the address that
 was dialled), one that stops answering is deregistered, and comes back when it answers again.
+``set_addresses`` changes the list (Kubernetes discovery does, from the API): an address
+dropped from it is deregistered at once.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ class StaticWorkers:
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(a) for a in self._addresses))
+
+    async def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Probes ``addresses`` from now on; workers at addresses no longer listed leave."""
+        self._addresses = list(addresses)
+        for address in [a for a in self._known if a not in self._addresses]:
+            gone = self._known.pop(address)
+            log.info("worker %d at %s is no longer listed", gone.instance_id, address)
+            await self._runtime.discovery.deregister(gone.instance_id)
 
     async def _probe(self, address: str) -> None:
         try:

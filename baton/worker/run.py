@@ -24,7 +24,7 @@ async def run_worker(
     the process)."""
     # every listener advertises one address, resolved before the (slow) engine is built
     config = replace(config, advertise_host=advertised_host(config.host, config.advertise_host))
-    async with open_runtime(runtime_config, name="baton-worker") as runtime:
+    async with open_runtime(runtime_config, name="baton-worker", finds_workers=False) as runtime:
         worker = build_worker(config, runtime)
         record = await worker.start(tcp=True)
         try:

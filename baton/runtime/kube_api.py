@@ -1,23 +1,26 @@
-"""A small client of the Kubernetes API: the few calls the operator and the planner's
-Kubernetes connector make (get, list by label, server-side apply, JSON patch, delete, status).
+"""A small client of the Kubernetes API: the few calls Baton makes (get, list by label,
+server-side apply, JSON and merge patches, delete): Kubernetes discovery, the operator and
+the planner's Kubernetes connector.
 
 It speaks plain HTTP(S) with aiohttp. ``KubeApi.locate`` finds the API the way a pod
-does (its service account's token and CA, ``KUBERNETES_SERVICE_HOST``), or takes a URL given
-(``kubectl proxy`` serves one on loopback that carries your own credentials).
+does (its service account's token and CA, and ``KUBERNETES_SERVICE_HOST``, which Kubernetes
+sets in every pod: the one environment variable read outside the command line), or takes a
+URL given (``kubectl proxy`` serves one on loopback that carries your own credentials).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import ssl
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from baton.deploy.manifests import API_GROUP, API_VERSION, KIND, PLURAL, Manifest
 from baton.errors import TransportError
+
+Manifest = dict[str, Any]
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 FIELD_MANAGER = "baton"
@@ -26,8 +29,13 @@ PLURALS = {
     "StatefulSet": "statefulsets", "Deployment": "deployments", "Service": "services",
     "PodDisruptionBudget": "poddisruptionbudgets", "ServiceAccount": "serviceaccounts",
     "Role": "roles", "RoleBinding": "rolebindings", "ConfigMap": "configmaps",
-    "Pod": "pods", KIND: PLURAL,
+    "Pod": "pods", "EndpointSlice": "endpointslices",
 }
+"""The plural of each kind Baton reads or writes; ``register_kind`` adds a custom one."""
+
+
+def register_kind(kind: str, plural: str) -> None:
+    PLURALS[kind] = plural
 
 
 class KubeError(TransportError):
@@ -45,11 +53,6 @@ def resource_path(api_version: str, kind: str, namespace: str, name: str | None 
     return f"{path}/{name}" if name else path
 
 
-def deployment_path(namespace: str, name: str | None = None) -> str:
-    """Where the ``BatonDeployment`` named ``name`` lives."""
-    return resource_path(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name)
-
-
 class KubeApi:
     def __init__(self, server: str, namespace: str, token: str | None = None,
                  ca_file: str | None = None) -> None:
@@ -63,15 +66,14 @@ class KubeApi:
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def locate(cls, server: str | None, namespace: str | None,
-               environ: Mapping[str, str]) -> KubeApi:
-        """The API at ``server`` (no credentials: ``kubectl proxy``), else the one the pod
-        whose environment is ``environ`` runs in; a ValueError says why neither is there."""
+    def locate(cls, server: str | None, namespace: str | None) -> KubeApi:
+        """The API at ``server`` (no credentials: ``kubectl proxy``), else the one this pod
+        runs in; a ValueError says why neither is there."""
         account_ns = SERVICE_ACCOUNT / "namespace"
         if server is not None:
             return cls(server, namespace or "default")
-        host = environ.get("KUBERNETES_SERVICE_HOST")
-        port = environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if host is None or not (SERVICE_ACCOUNT / "token").is_file():
             raise ValueError("not in a Kubernetes pod (no KUBERNETES_SERVICE_HOST or service "
                              "account token): give the API's URL, e.g. from kubectl proxy")
