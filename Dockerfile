@@ -11,8 +11,9 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
 # ---------------------------------------------------------------- build: a venv with Baton
 FROM ${PYTHON_IMAGE} AS build
 # hf: the transformers engine on CPU (torch's CPU build, from the PyTorch CPU index, never a
-# CUDA one); leave it empty for the simulated engine only (a much smaller image).
-ARG EXTRAS=hf
+# CUDA one); kubernetes: the operator; tracing: OpenTelemetry's exporter. EXTRAS=kubernetes
+# keeps the simulated engine and the operator only (a much smaller image).
+ARG EXTRAS=hf,kubernetes,tracing
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/baton
@@ -31,7 +32,7 @@ FROM ${VLLM_IMAGE} AS gpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md /src/
 COPY baton /src/baton
-RUN pip install /src \
+RUN pip install "/src[kubernetes,tracing]" \
     && useradd --uid 10001 --create-home baton \
     && mkdir -p /var/cache/baton && chown baton /var/cache/baton
 ENV BATON_CACHE_DIR=/var/cache/baton

@@ -33,6 +33,7 @@ PlannerMode = Literal["off", "throughput", "load", "both"]
 PredictorKind = Literal["constant", "moving-average", "kalman"]
 ConnectorKind = Literal["local", "kubernetes"]
 DiscoveryKind = Literal["auto", "kubernetes"]
+TraceExporter = Literal["off", "console", "otlp"]
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 """The URL schemes a NATS client connects with."""
 
@@ -678,9 +679,6 @@ class ProfileConfig:
     @property
     def measured(self) -> bool:
         return self.measure or self.worker.engine.kind != "mock"
-
-
-TraceExporter = Literal["off", "console", "otlp"]
 
 
 @dataclass(frozen=True)

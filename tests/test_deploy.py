@@ -553,7 +553,7 @@ def test_the_image_builds_where_a_docker_engine_runs(tmp_path):
     if docker is None or subprocess.run([docker, "info"], capture_output=True,
                                         timeout=30).returncode != 0:
         pytest.skip("no Docker engine on this machine (docs/kubernetes.md says so)")
-    out = subprocess.run([docker, "build", "--build-arg", "EXTRAS=", "-t", "baton:test",
+    out = subprocess.run([docker, "build", "--build-arg", "EXTRAS=kubernetes", "-t", "baton:test",
                           str(ROOT)], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     out = subprocess.run([docker, "run", "--rm", "baton:test", "--help"], capture_output=True,

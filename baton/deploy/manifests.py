@@ -24,8 +24,11 @@ from typing import Any
 from baton.config import OperatorConfig
 from baton.graph.schema import (
     Argv,
+    FrontendSpec,
     GraphConfig,
     ResourcesSpec,
+    RouterSpec,
+    WorkerPoolSpec,
     common_args,
     frontend_command,
     planner_command,
@@ -73,37 +76,11 @@ def render(config: GraphConfig, name: str, profile: str | None = None) -> list[M
                    f"{INSTANCE}={name},{COMPONENT}=worker")
         objects += r.discovery_access()
     for pool in config.workers:
-        listen: Argv = ("--host", "0.0.0.0", "--advertise-host", "$(POD_IP)", "--port", str(WORKER_PORT),
-                  "--kv-port", str(KV_PORT), "--metrics-port", str(METRICS_PORT))
-        labels = {COMPONENT: "worker", POOL: pool.name}
-        ports = {"request": WORKER_PORT, "kv": KV_PORT, "metrics": METRICS_PORT}
-        objects.append(r.deployment(
-            f"worker-{pool.name}", labels, {ROLE: pool.role}, pool.count,
-            worker_command(config, pool, listen, common), ports, pool.resources,
-            probe_port="metrics", startup=True))
-        objects.append(r.disruption_budget(f"worker-{pool.name}", labels))
-        if r.kube_discovery:  # its ready endpoints are the pool
-            objects.append(r.service(f"worker-{pool.name}", labels,
-                                     {"request": WORKER_PORT}, headless=True))
+        objects += r.pool(pool, common)
     for i, router in enumerate(config.routers):
-        listen = ("--host", "0.0.0.0", "--advertise-host", "$(POD_IP)",
-                  "--port", str(router.port or ROUTER_PORT))
-        labels = {COMPONENT: "router", POOL: f"router-{i}"}
-        objects.append(r.deployment(f"router-{i}", labels, {}, 1,
-                                    router_command(router, listen, common),
-                                    {"request": router.port or ROUTER_PORT}, ResourcesSpec(),
-                                    account=r.finder_account))
+        objects.append(r.router(i, router, common))
     for i, frontend in enumerate(config.frontends):
-        port = frontend.port or FRONTEND_PORT
-        listen = ("--host", "0.0.0.0", "--port", str(port))
-        labels = {COMPONENT: "frontend", POOL: f"frontend-{i}"}
-        objects.append(r.deployment(f"frontend-{i}", labels, {}, 1,
-                                    frontend_command(frontend, listen, common), {"http": port},
-                                    frontend.resources, probe_port="http", pre_stop=True,
-                                    account=r.finder_account))
-        objects.append(r.service(f"frontend-{i}", labels, {"http": port},
-                                 config.kubernetes.service_type))
-        objects.append(r.disruption_budget(f"frontend-{i}", labels))
+        objects += r.frontend(i, frontend, common)
     if config.planner is not None:
         objects += r.planner(planner_command(
             config.planner, f"{PROFILE_DIR}/{PROFILE_FILE}",
@@ -151,6 +128,46 @@ class _Renderer:
         return {INSTANCE: self.name} | labels
 
     # ------------------------------------------------------------------ workloads
+
+    def pool(self, pool: WorkerPoolSpec, common: Argv) -> list[Manifest]:
+        """A worker pool: its Deployment and budget (and headless Service for discovery)."""
+        listen = ("--host", "0.0.0.0", "--advertise-host", "$(POD_IP)",
+                  "--port", str(WORKER_PORT), "--kv-port", str(KV_PORT),
+                  "--metrics-port", str(METRICS_PORT))
+        labels = {COMPONENT: "worker", POOL: pool.name}
+        ports = {"request": WORKER_PORT, "kv": KV_PORT, "metrics": METRICS_PORT}
+        suffix = f"worker-{pool.name}"
+        objects = [
+            self.deployment(suffix, labels, {ROLE: pool.role}, pool.count,
+                            worker_command(self.config, pool, listen, common), ports,
+                            pool.resources, probe_port="metrics", startup=True),
+            self.disruption_budget(suffix, labels),
+        ]
+        if self.kube_discovery:  # its ready endpoints are the pool
+            objects.append(self.service(suffix, labels, {"request": WORKER_PORT},
+                                        headless=True))
+        return objects
+
+    def router(self, i: int, router: RouterSpec, common: Argv) -> Manifest:
+        port = router.port or ROUTER_PORT
+        listen = ("--host", "0.0.0.0", "--advertise-host", "$(POD_IP)", "--port", str(port))
+        return self.deployment(f"router-{i}", {COMPONENT: "router", POOL: f"router-{i}"}, {},
+                               1, router_command(router, listen, common), {"request": port},
+                               ResourcesSpec(), account=self.finder_account)
+
+    def frontend(self, i: int, frontend: FrontendSpec, common: Argv) -> list[Manifest]:
+        """A frontend: its Deployment, Service and budget."""
+        port = frontend.port or FRONTEND_PORT
+        listen = ("--host", "0.0.0.0", "--port", str(port))
+        labels = {COMPONENT: "frontend", POOL: f"frontend-{i}"}
+        suffix = f"frontend-{i}"
+        return [
+            self.deployment(suffix, labels, {}, 1, frontend_command(frontend, listen, common),
+                            {"http": port}, frontend.resources, probe_port="http",
+                            pre_stop=True, account=self.finder_account),
+            self.service(suffix, labels, {"http": port}, self.k8s.service_type),
+            self.disruption_budget(suffix, labels),
+        ]
 
     def deployment(self, suffix: str, labels: dict[str, str], extra: dict[str, str],
                    replicas: int, args: Argv, ports: dict[str, int], resources: ResourcesSpec,
