@@ -605,23 +605,32 @@ def test_every_dashboard_query_names_a_metric_a_live_server_exports(make_server)
     assert wanted - names == set()
 
 
-def test_prometheus_finds_every_baton_pod_on_its_metrics_port():
-    (monitor,) = monitors("serving")
-    assert monitor["kind"] == "PodMonitor"
-    assert monitor["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/part-of": "baton"}}
-    ports = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
-    # the ports render names: every Baton pod but NATS serves /metrics on one of them
-    for obj in render(load_graph(ROOT / "examples/graph-planner.yaml"), "demo", profile="{}"):
+def test_prometheus_finds_every_baton_process_on_its_metrics_port():
+    """Frontends through their Services, workers and the planner as pods; every Baton
+    Deployment is matched by exactly one of the two, on a port it has."""
+    services, pods = monitors("serving")
+    assert (services["kind"], pods["kind"]) == ("ServiceMonitor", "PodMonitor")
+    objects = render(load_graph(ROOT / "examples/graph-planner.yaml"), "demo", profile="{}")
+    for obj in objects:
         if obj["kind"] != "Deployment":
             continue
-        named = {p["name"] for p in obj["spec"]["template"]["spec"]["containers"][0]["ports"]}
-        assert named & ports, obj["metadata"]["name"]
         labels = obj["spec"]["template"]["metadata"]["labels"]
-        assert labels["app.kubernetes.io/part-of"] == "baton"
+        named = {p["name"] for p in obj["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        by_service = labels["app.kubernetes.io/component"] == "frontend"
+        by_pod = labels["app.kubernetes.io/component"] in \
+            pods["spec"]["selector"]["matchExpressions"][0]["values"]
+        assert by_service != by_pod, obj["metadata"]["name"]
+        port = (services["spec"]["endpoints"] if by_service
+                else pods["spec"]["podMetricsEndpoints"])[0]["port"]
+        assert port in named
+    frontend_service = by_name(objects)["Service/demo-frontend-0"]
+    assert all(frontend_service["metadata"]["labels"][k] == v
+               for k, v in services["spec"]["selector"]["matchLabels"].items())
+    assert {p["name"] for p in frontend_service["spec"]["ports"]} == {"http"}
     job = scrape_config()["scrape_configs"][0]
     keep = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
     assert keep[0]["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_part_of"]
-    assert set(keep[1]["regex"].split("|")) == ports
+    assert set(keep[1]["regex"].split("|")) == {"metrics", "http"}
 
 
 # ---------------------------------------------------------------------------- discovery

@@ -36,12 +36,12 @@ def add_parser(sub: Any) -> None:
     dashboard = command(dsub, "dashboard", "the Grafana dashboard (JSON; the same as "
                         "deploy/grafana/baton.json)")
     dashboard.set_defaults(run=run_dashboard)
-    monitoring = command(dsub, "monitoring", "how Prometheus scrapes Baton's pods: a PodMonitor "
-                         "(Prometheus Operator), or --plain scrape_configs")
+    monitoring = command(dsub, "monitoring", "how Prometheus scrapes Baton: a ServiceMonitor and "
+                         "a PodMonitor (Prometheus Operator), or --plain scrape_configs")
     monitoring.add_argument("--plain", action="store_true",
                             help="a scrape_configs job for a Prometheus without the operator")
     monitoring.add_argument("--only-namespace", default=None,
-                            help="the PodMonitor watches this namespace only (default: all)")
+                            help="the monitors watch this namespace only (default: all)")
     monitoring.set_defaults(run=run_monitoring)
     operator = command(dsub, "operator", "reconcile BatonDeployments into Kubernetes objects "
                        "until SIGTERM")

@@ -1,6 +1,6 @@
 """What watches a Baton deployment: a Grafana dashboard of the metrics Baton exports, and the
-scrape configurations that collect them (the Prometheus Operator's objects, and a plain
-``scrape_configs`` job). ``baton deploy dashboard`` and ``baton deploy monitoring`` print them;
+scrape configurations that collect them (the Prometheus Operator's ServiceMonitor and
+PodMonitor, and a plain ``scrape_configs`` job). ``baton deploy dashboard`` and ``baton deploy monitoring`` print them;
 ``deploy/grafana/baton.json`` is the dashboard as a file to import.
 
 Every query names metrics that ``/metrics`` of a frontend (which carries its in-process
@@ -165,21 +165,30 @@ _PORTS = ("metrics", "http")
 listener, and the frontends' HTTP port (``deploy/manifests.py``)."""
 
 
-def monitors(namespace_selector: str | None = None) -> list[Manifest]:
-    """The Prometheus Operator's objects: a PodMonitor for every Baton pod (workers have no
-    Service of their own) on its ``metrics`` or ``http`` port."""
-    spec: dict[str, Any] = {
-        "selector": {"matchLabels": {PART_OF: "baton"}},
-        "podMetricsEndpoints": [{"port": port, "path": "/metrics", "interval": "15s"}
-                                for port in _PORTS],
-        "podTargetLabels": [COMPONENT, "baton.dev/pool", "baton.dev/role"],
+def monitors(namespace: str | None = None) -> list[Manifest]:
+    """The Prometheus Operator's objects (in every namespace, or ``namespace``): a
+    ServiceMonitor for the frontends' Services (their ``http`` port), and a PodMonitor for
+    the pods that have no Service of their own, workers and the planner (``metrics``)."""
+    where = {"matchNames": [namespace]} if namespace is not None else {"any": True}
+    keep = [COMPONENT, "baton.dev/pool", "baton.dev/role"]
+    meta = {"labels": {PART_OF: "baton"}}
+    frontends = {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+        "metadata": {"name": "baton-frontends", **meta},
+        "spec": {"selector": {"matchLabels": {PART_OF: "baton", COMPONENT: "frontend"}},
+                 "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
+                 "namespaceSelector": where, "targetLabels": keep},
     }
-    if namespace_selector is not None:
-        spec["namespaceSelector"] = {"matchNames": [namespace_selector]}
-    else:
-        spec["namespaceSelector"] = {"any": True}
-    return [{"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
-             "metadata": {"name": "baton", "labels": {PART_OF: "baton"}}, "spec": spec}]
+    pods = {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+        "metadata": {"name": "baton-pods", **meta},
+        "spec": {"selector": {"matchLabels": {PART_OF: "baton"}, "matchExpressions": [
+                     {"key": COMPONENT, "operator": "In", "values": ["worker", "planner"]}]},
+                 "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics",
+                                          "interval": "15s"}],
+                 "namespaceSelector": where, "podTargetLabels": keep},
+    }
+    return [frontends, pods]
 
 
 def scrape_config() -> dict[str, Any]:
