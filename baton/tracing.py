@@ -1,6 +1,7 @@
 """Optional OpenTelemetry tracing of a request across frontend, router and worker.
 
-Off by default, and then free: ``start`` returns a span that does nothing. ``enable`` (the
+Off by default, and then nearly free: ``start`` returns a span that does nothing (about 1 µs
+for a span's start, attributes and end; a request has three). ``enable`` (the
 command line's ``--trace-exporter``) installs a tracer provider of Baton's own (not the
 process-global one, so a test can install another) with an exporter: ``console`` prints
 spans, ``otlp`` sends them to a collector (the ``tracing`` extra;
