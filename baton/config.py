@@ -33,6 +33,7 @@ PlannerMode = Literal["off", "throughput", "load", "both"]
 PredictorKind = Literal["constant", "moving-average", "kalman"]
 ConnectorKind = Literal["local", "kubernetes"]
 DiscoveryKind = Literal["auto", "kubernetes"]
+HardwareKind = Literal["h100", "h200", "b200", "gb200"]
 TraceExporter = Literal["off", "console", "otlp"]
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 """The URL schemes a NATS client connects with."""
@@ -106,6 +107,13 @@ class TimingConfig:
     profile: str | None = setting(
         None, "JSON profile replacing the polynomial timing model (docs/timing-model.md)",
         flag="timing-profile", metavar="JSON", default_help="the polynomial")
+    roofline_model: str | None = setting(
+        None, "an HF config.json: step times from the roofline model of this model on "
+        "--hardware, --tp and --ep (docs/timing-model.md)", metavar="JSON",
+        default_help="the polynomial")
+    hardware: HardwareKind = setting("h100", "roofline: the GPU (public specs)")
+    tp: int = setting(1, "roofline: tensor parallel GPUs per worker")
+    ep: int = setting(1, "roofline: expert parallel GPUs per worker")
     kv_transfer_gbps: float = setting(64.0, "modelled KV transfer bandwidth, GB/s")
     host_kv_gbps: float = setting(
         25.0, "modelled bandwidth of KV copies between device and host memory (the host "
@@ -123,6 +131,10 @@ class TimingConfig:
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, name, "must be > 0")
         require(self.disk_kv_latency_ms >= 0, "disk_kv_latency_ms", "must be >= 0")
+        require(self.profile is None or self.roofline_model is None, "roofline_model",
+                "a timing profile or a roofline model, not both")
+        require(self.tp >= 1 and self.ep >= 1, "tp", "--tp and --ep must be >= 1")
+        check_choices(self)
         require(self.kv_bytes_per_token is None or self.kv_bytes_per_token >= 0,
                 "kv_bytes_per_token", "must be >= 0")
 

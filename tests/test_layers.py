@@ -23,6 +23,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 PURE = (
     "baton.kv", "baton.config", "baton.settings", "baton.protocol",
     "baton.engine.request", "baton.engine.scheduler", "baton.engine.step", "baton.engine.timing",
+    "baton.engine.roofline",
     "baton.router.indexer", "baton.router.sequences", "baton.router.kv_selector",
     "baton.router.selectors", "baton.router.disagg", "baton.planner",
 )

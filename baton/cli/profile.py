@@ -71,7 +71,7 @@ def _modelled(config: ProfileConfig) -> tuple[Any, str]:
     from baton.engine.timing import timing_model
 
     timing = config.worker.engine.timing
-    model, speedup = timing_model(timing.profile), timing.speedup_ratio
+    model, speedup = timing_model(timing), timing.speedup_ratio
 
     def step_ms(prefill: int, decoding: int, kv_used: int, kv_total: int) -> float:
         return model.step_ms(prefill, decoding, kv_used, kv_total) / speedup

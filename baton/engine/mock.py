@@ -58,7 +58,7 @@ class SimulatedExecutor:
             raise ValueError("the simulated engine needs a non-empty vocabulary to draw from")
         self.config = config
         self.store = BlockStore(config.scheduler.num_blocks, 0)
-        self._timing = timing_model(config.timing.profile)
+        self._timing = timing_model(config.timing)
         self._vocab = list(vocab)
         self._kv_tokens_total = config.scheduler.kv_tokens
         modelled = config.timing.kv_bytes_per_token

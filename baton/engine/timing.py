@@ -9,6 +9,7 @@ engine shell divides by its speedup ratio (``sleep_seconds``) and does the sleep
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -131,11 +132,7 @@ class ProfileTiming(_PhaseTiming):
 
     @classmethod
     def from_file(cls, path: str | Path) -> ProfileTiming:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"timing profile {path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(_read_json(Path(path)))
 
     @classmethod
     def from_dict(cls, data: Any) -> ProfileTiming:
@@ -158,10 +155,31 @@ class ProfileTiming(_PhaseTiming):
         return _interpolate(self.decode_kv_usage, self.decode_ms_points, usage, False)
 
 
-def timing_model(profile: str | None) -> TimingModel:
-    """The profile in the JSON file ``profile`` (``TimingConfig.profile``), else the
-    polynomial."""
-    return ProfileTiming.from_file(profile) if profile else PolynomialTiming()
+def timing_model(timing: TimingConfig) -> TimingModel:
+    """The roofline model of ``timing.roofline_model`` (an HF ``config.json``), else the
+    profile in the JSON file ``timing.profile``, else the polynomial."""
+    if timing.roofline_model:
+        return _roofline(timing.roofline_model, timing.hardware, timing.tp, timing.ep)
+    return ProfileTiming.from_file(timing.profile) if timing.profile else PolynomialTiming()
+
+
+@functools.lru_cache(maxsize=16)
+def _roofline(path: str, hardware: str, tp: int, ep: int) -> TimingModel:
+    """A roofline model, built once per file and shape (the simulator asks often)."""
+    from baton.engine.roofline import HARDWARE, ModelShape, Parallelism, RooflineTiming
+
+    try:
+        model = ModelShape.from_hf_config(_read_json(Path(path)))
+    except KeyError as exc:
+        raise ValueError(f"{path}: an HF config.json needs {exc.args[0]!r}") from None
+    return RooflineTiming(model, HARDWARE[hardware], Parallelism(tp=tp, ep=ep))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def onboard_ms(num_host_blocks: int, num_disk_blocks: int, block_bytes: int,

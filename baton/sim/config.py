@@ -17,6 +17,7 @@ from baton.config import (
     TimingConfig,
     WorkerRole,
 )
+from baton.engine.roofline import RooflineTiming
 from baton.engine.timing import TimingModel, timing_model
 from baton.settings import section, setting
 from baton.trace import DEFAULT_TRACE_BLOCK_SIZE
@@ -88,12 +89,18 @@ class SimConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """As given, else the roofline model's, else Llama-3-8B's in fp16."""
         given = self.timing.kv_bytes_per_token
-        return LLAMA3_8B_KV_BYTES_PER_TOKEN if given is None else given
+        if given is not None:
+            return given
+        model = self.model()
+        if isinstance(model, RooflineTiming):
+            return round(model.model.kv_bytes_per_token())
+        return LLAMA3_8B_KV_BYTES_PER_TOKEN
 
     def model(self) -> TimingModel:
         """The timing model every simulated worker steps with."""
-        return self.timing_model or timing_model(self.timing.profile)
+        return self.timing_model or timing_model(self.timing)
 
     def router_for(self) -> RouterConfig:
         """The router of every pool: ``router``, seeded with ``seed`` unless it has its own."""

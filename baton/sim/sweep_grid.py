@@ -155,7 +155,7 @@ class SweepConfig:
 
     def model(self) -> TimingModel:
         """The timing model every simulation of the sweep steps with."""
-        return self.timing_model or timing_model(self.timing.profile)
+        return self.timing_model or timing_model(self.timing)
 
 
 def _check_values(name: str, values: Sequence[float], *, integer: bool) -> None:

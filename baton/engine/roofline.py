@@ -1,0 +1,291 @@
+"""A roofline timing model: one step's time from the model's architecture and the hardware.
+
+Every part of a forward pass is bounded by arithmetic or by memory traffic, whichever takes
+longer on the hardware; a step costs the sum of its parts plus the communication its
+parallelism needs and a fixed overhead:
+
+- **linear layers** (attention projections, the MLP or the active experts, the LM head):
+  ``2 x active parameters`` FLOPs per token against reading their weights once per step (for
+  a mixture of experts, only the experts the step's tokens are routed to, uniformly);
+- **attention**: ``2 x (qk + v width)`` FLOPs per (query, context token) pair against reading
+  the KV cache in use (decoding requests attend to all of it; a prefill chunk to itself,
+  causally);
+- **tensor parallelism** splits weights, heads and FLOPs over ``tp`` GPUs and adds two
+  all-reduces of the activations per layer; **expert parallelism** splits the experts over
+  ``ep`` GPUs and adds the all-to-all that sends each token to its experts and back.
+
+Multi-head latent attention (DeepSeek) caches one latent vector per token and layer
+(``kv_lora_rank + qk_rope_head_dim``) and attends in the latent space (weights absorbed);
+its latent cache is not split by tensor parallelism.
+
+``ModelShape.from_hf_config`` reads an HF ``config.json``; ``HARDWARE`` holds public GPU specs
+(``docs/timing-model.md`` cites each). The efficiencies say what share of the peak a real
+kernel reaches; they are inputs, not fitted. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Dtype = Literal["bf16", "fp8", "fp4"]
+DTYPE_BYTES: dict[str, float] = {"bf16": 2.0, "fp8": 1.0, "fp4": 0.5}
+ACTIVATION_BYTES = 2.0
+"""Activations travel in bf16 between GPUs."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU: dense (no sparsity) peak FLOP/s per dtype, memory and link bandwidths."""
+
+    name: str
+    flops: Mapping[str, float]
+    memory_bandwidth: float
+    """HBM, bytes/s."""
+    memory_bytes: float
+    link_bandwidth: float
+    """NVLink, bytes/s in each direction per GPU."""
+    source: str
+
+    def peak(self, dtype: str) -> float:
+        """FLOP/s at ``dtype``; a dtype the GPU lacks runs at the next wider one."""
+        for candidate in ("fp4", "fp8", "bf16")[("fp4", "fp8", "bf16").index(dtype):]:
+            if candidate in self.flops:
+                return self.flops[candidate]
+        raise ValueError(f"{self.name} has no tensor-core peak for {dtype} or wider")
+
+
+T, G = 1e12, 1e9
+HARDWARE: dict[str, Hardware] = {
+    "h100": Hardware("H100 SXM", {"bf16": 989 * T, "fp8": 1979 * T}, 3350 * G, 80 * G, 450 * G,
+                     "NVIDIA H100 Tensor Core GPU datasheet (SXM; sparse figures halved)"),
+    "h200": Hardware("H200 SXM", {"bf16": 989 * T, "fp8": 1979 * T}, 4800 * G, 141 * G, 450 * G,
+                     "NVIDIA H200 Tensor Core GPU datasheet (SXM; sparse figures halved)"),
+    "b200": Hardware("B200 (HGX, 1000 W)", {"bf16": 2250 * T, "fp8": 4500 * T, "fp4": 9000 * T},
+                     8000 * G, 180 * G, 900 * G,
+                     "NVIDIA DGX B200 datasheet, per GPU (eight per system; sparse halved)"),
+    "gb200": Hardware("GB200 NVL72 GPU (1200 W)",
+                      {"bf16": 2500 * T, "fp8": 5000 * T, "fp4": 10000 * T},
+                      8000 * G, 186 * G, 900 * G,
+                      "NVIDIA GB200 NVL72 datasheet, rack figures per GPU (72; sparse halved)"),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a step's cost depends on; ``from_hf_config`` reads it from a ``config.json``."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    experts: int = 0
+    """Routed experts per MoE layer (0: a dense model)."""
+    active_experts: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    """Width of the shared experts together (0: none)."""
+    dense_layers: int = 0
+    """Leading layers with a dense MLP in a MoE model (DeepSeek's ``first_k_dense_replace``)."""
+    kv_lora_rank: int = 0
+    """Multi-head latent attention's latent width (0: grouped-query attention)."""
+    q_lora_rank: int = 0
+    qk_rope_dim: int = 0
+    qk_nope_dim: int = 0
+    v_head_dim: int = 0
+    weights: Dtype = "bf16"
+    kv_cache: Dtype = "bf16"
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], weights: Dtype | None = None,
+                       kv_cache: Dtype | None = None) -> ModelShape:
+        """From an HF ``config.json``; the dtypes from its ``torch_dtype`` and
+        ``quantization_config`` unless given."""
+        c = dict(config.get("text_config") or config)
+        heads = int(c["num_attention_heads"])
+        experts = int(c.get("n_routed_experts") or c.get("num_local_experts")
+                      or c.get("num_experts") or 0)
+        expert_width = int(c.get("moe_intermediate_size") or c["intermediate_size"])
+        shared = int(c.get("shared_expert_intermediate_size")
+                     or int(c.get("n_shared_experts") or 0) * expert_width)
+        found = _weights_dtype(config)
+        return cls(
+            layers=int(c["num_hidden_layers"]), hidden=int(c["hidden_size"]), heads=heads,
+            kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or int(c["hidden_size"]) // heads),
+            intermediate=int(c["intermediate_size"]), vocab=int(c["vocab_size"]),
+            experts=experts, active_experts=int(c.get("num_experts_per_tok") or 0),
+            expert_intermediate=expert_width if experts else 0,
+            shared_intermediate=shared if experts else 0,
+            dense_layers=int(c.get("first_k_dense_replace") or 0) if experts else 0,
+            kv_lora_rank=int(c.get("kv_lora_rank") or 0),
+            q_lora_rank=int(c.get("q_lora_rank") or 0),
+            qk_rope_dim=int(c.get("qk_rope_head_dim") or 0),
+            qk_nope_dim=int(c.get("qk_nope_head_dim") or 0),
+            v_head_dim=int(c.get("v_head_dim") or 0),
+            weights=weights or found, kv_cache=kv_cache or "bf16",
+        )
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers if self.experts else 0
+
+    def attention_params(self) -> int:
+        """Projection weights of one layer's attention."""
+        h, n = self.hidden, self.heads
+        if not self.mla:
+            return h * n * self.head_dim * 2 + h * self.kv_heads * self.head_dim * 2
+        qk = self.qk_nope_dim + self.qk_rope_dim
+        q = (h * self.q_lora_rank + self.q_lora_rank * n * qk) if self.q_lora_rank else h * n * qk
+        kv = h * (self.kv_lora_rank + self.qk_rope_dim) + self.kv_lora_rank * n * (
+            self.qk_nope_dim + self.v_head_dim)
+        return q + kv + n * self.v_head_dim * h
+
+    def mlp_params(self, width: int) -> int:
+        """A gated MLP (gate, up, down) of ``width``."""
+        return 3 * self.hidden * width
+
+    def kv_bytes_per_token(self) -> float:
+        """KV cache bytes one token holds over all layers."""
+        per_layer = (self.kv_lora_rank + self.qk_rope_dim if self.mla
+                     else 2 * self.kv_heads * self.head_dim)
+        return per_layer * self.layers * DTYPE_BYTES[self.kv_cache]
+
+    def attention_width(self, decode: bool) -> int:
+        """``qk + v`` width summed over heads: FLOPs per (query, context token) pair / 2.
+        Latent attention decodes absorbed (scores over the latent and rope dims, values in
+        the latent) and prefills as ordinary heads, as engines run it."""
+        if self.mla and decode:
+            return self.heads * (2 * self.kv_lora_rank + self.qk_rope_dim)
+        if self.mla:
+            return self.heads * (self.qk_nope_dim + self.qk_rope_dim + self.v_head_dim)
+        return 2 * self.heads * self.head_dim
+
+
+def _weights_dtype(config: Mapping[str, Any]) -> Dtype:
+    quant = config.get("quantization_config") or {}
+    text = " ".join(str(quant.get(k, "")) for k in ("quant_method", "quant_algo", "fmt")).lower()
+    if "fp4" in text:
+        return "fp4"
+    if "fp8" in text or "e4m3" in text:
+        return "fp8"
+    return "bf16"
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    tp: int = 1
+    """Tensor parallel GPUs (weights, heads and FLOPs split; two all-reduces per layer)."""
+    ep: int = 1
+    """Expert parallel GPUs (routed experts split; an all-to-all each way per MoE layer)."""
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.ep < 1:
+            raise ValueError("tp and ep must be >= 1")
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The share of a peak real kernels reach, and what every step and collective costs."""
+
+    compute: float = 0.6
+    memory: float = 0.8
+    link: float = 0.7
+    step_overhead_ms: float = 1.0
+    """Scheduling, launches and sampling of one step, whatever its size."""
+    collective_latency_us: float = 10.0
+    """The fixed cost of one all-reduce or all-to-all."""
+
+
+@dataclass(frozen=True)
+class RooflineTiming:
+    """``TimingModel``: a step's milliseconds on one GPU of ``parallel`` (``step_ms``), with
+    ``parts_ms`` breaking it down."""
+
+    model: ModelShape
+    hardware: Hardware
+    parallel: Parallelism = field(default_factory=Parallelism)
+    efficiency: Efficiency = field(default_factory=Efficiency)
+
+    def step_ms(self, num_prefill_tokens: int, num_decode_requests: int,
+                kv_tokens_in_use: int, kv_tokens_total: int) -> float:
+        return sum(self.parts_ms(num_prefill_tokens, num_decode_requests,
+                                 kv_tokens_in_use).values())
+
+    def parts_ms(self, prefill_tokens: int, decode_requests: int,
+                 kv_tokens: int) -> dict[str, float]:
+        """The step's time by part: linear layers, attention, communication, overhead."""
+        tokens = prefill_tokens + decode_requests
+        if tokens == 0:
+            return {"linear": 0.0, "attention": 0.0, "communication": 0.0, "overhead": 0.0}
+        sampled = decode_requests + (1 if prefill_tokens else 0)
+        return {
+            "linear": self._linear_s(tokens, sampled) * 1e3,
+            "attention": self._attention_s(prefill_tokens, decode_requests, kv_tokens) * 1e3,
+            "communication": self._communication_s(tokens) * 1e3,
+            "overhead": self.efficiency.step_overhead_ms,
+        }
+
+    # ------------------------------------------------------------------ parts
+
+    def _roof(self, flops: float, nbytes: float, dtype: str) -> float:
+        e, hw = self.efficiency, self.hardware
+        return max(flops / (hw.peak(dtype) * e.compute),
+                   nbytes / (hw.memory_bandwidth * e.memory))
+
+    def _linear_s(self, tokens: int, sampled: int) -> float:
+        """Weights every token passes (attention, dense MLPs, shared experts, the LM head for
+        the sampled tokens), then the routed experts: each its own roofline."""
+        m, p = self.model, self.parallel
+        wbytes = DTYPE_BYTES[m.weights]
+        dense = (m.layers * m.attention_params()
+                 + (m.layers - m.moe_layers) * m.mlp_params(m.intermediate)
+                 + m.moe_layers * m.mlp_params(m.shared_intermediate))
+        flops = 2 * tokens * dense + 2 * sampled * m.hidden * m.vocab
+        nbytes = (dense + m.hidden * m.vocab) * wbytes
+        seconds = self._roof(flops / p.tp, nbytes / p.tp, m.weights)
+        if m.moe_layers:  # uniform routing: the distinct experts the step's tokens reach
+            expert = m.mlp_params(m.expert_intermediate)
+            touched = m.experts * (1 - (1 - m.active_experts / m.experts) ** tokens)
+            shards = p.ep * p.tp
+            seconds += self._roof(2 * tokens * m.active_experts * expert * m.moe_layers / shards,
+                                  touched * expert * m.moe_layers * wbytes / shards, m.weights)
+        return seconds
+
+    def _attention_s(self, prefill_tokens: int, decode_requests: int, kv_tokens: int) -> float:
+        m, p = self.model, self.parallel
+        decode_pairs = kv_tokens if decode_requests else 0  # every decode attends its context
+        prefill_pairs = prefill_tokens * (prefill_tokens + 1) / 2  # a chunk, causally
+        flops = 2 * m.layers * (decode_pairs * m.attention_width(decode=True)
+                                + prefill_pairs * m.attention_width(decode=False))
+        split = 1 if m.mla else min(p.tp, m.kv_heads)  # a latent cache is not split
+        nbytes = (kv_tokens + prefill_tokens) * m.kv_bytes_per_token() / split
+        return self._roof(flops / p.tp, nbytes, "bf16")
+
+    def _communication_s(self, tokens: int) -> float:
+        m, p, e = self.model, self.parallel, self.efficiency
+        link = self.hardware.link_bandwidth * e.link
+        activations = tokens * m.hidden * ACTIVATION_BYTES
+        seconds = 0.0
+        if p.tp > 1:  # ring all-reduce after attention and after the MLP
+            per = 2 * (p.tp - 1) / p.tp * activations / link + e.collective_latency_us * 1e-6
+            seconds += 2 * m.layers * per
+        if p.ep > 1 and m.moe_layers:  # tokens to their experts and back
+            moved = activations * m.active_experts * (p.ep - 1) / p.ep / p.tp
+            seconds += m.moe_layers * 2 * (moved / link + e.collective_latency_us * 1e-6)
+        return seconds
+
+
+def tokens_per_s(timing: RooflineTiming, batch: int, context: int) -> float:
+    """Decode throughput of one replica: ``batch`` requests at ``context`` tokens each."""
+    ms = timing.step_ms(0, batch, batch * context, 0)
+    return batch / ms * 1e3 if ms > 0 else math.inf
