@@ -63,6 +63,11 @@ def test_the_config_says_the_weights_dtype():
     nvfp4 = {**json.loads((MODELS / "deepseek-v3.json").read_text()),
              "quantization_config": {"quant_method": "modelopt", "quant_algo": "NVFP4"}}
     assert ModelShape.from_hf_config(nvfp4).weights == "fp4"
+    assert ModelShape.from_hf_config(nvfp4).kv_cache == "bf16"
+    fp8_cache = {**nvfp4, "quantization_config": {"quant_algo": "FP8",
+                                                  "kv_cache_quant_algo": "FP8"}}
+    assert (ModelShape.from_hf_config(fp8_cache).weights,
+            ModelShape.from_hf_config(fp8_cache).kv_cache) == ("fp8", "fp8")
 
 
 EFF = Efficiency(compute=0.5, memory=0.8, step_overhead_ms=0.0)
@@ -180,3 +185,32 @@ def test_the_simulator_moves_the_models_own_kv_bytes():
     given = SimConfig(timing=TimingConfig(roofline_model=str(MODELS / "deepseek-v3.json"),
                                           kv_bytes_per_token=1000))
     assert given.kv_bytes_per_token == 1000
+
+
+def test_the_scheduler_counts_the_attention_work_of_each_step():
+    from baton.config import SchedulerConfig
+    from baton.engine.request import Request
+    from baton.engine.scheduler import Scheduler
+    from baton.protocol import SamplingParams
+
+    sched = Scheduler(SchedulerConfig(block_size=16, num_blocks=64, max_num_batched_tokens=64,
+                                      enable_prefix_caching=False, enable_chunked_prefill=True))
+    for rid, n in (("a", 100), ("b", 20)):
+        sched.add_request(Request(rid, list(range(n)), SamplingParams(max_tokens=4)))
+    first = sched.schedule()  # a: 64 of its 100 tokens; b waits for the budget
+    assert first.num_scheduled_tokens == {"a": 64}
+    assert first.prefill_attention_pairs == 64 * 65 // 2
+    sched.update_from_output(first, {})
+    second = sched.schedule()  # a: its last 36 after 64 computed; b: 20 of 20 (28 left)
+    assert second.num_scheduled_tokens == {"a": 36, "b": 20}
+    assert second.prefill_attention_pairs == 36 * 64 + 36 * 37 // 2 + 20 * 21 // 2
+    sched.update_from_output(second, {"a": 7, "b": 7})
+    third = sched.schedule()  # both decode: a attends 101 tokens, b 21
+    assert third.num_decode_requests == 2 and third.decode_context_tokens == 101 + 21
+
+
+def test_prefills_of_many_short_prompts_cost_less_attention_than_one_long_chunk():
+    t = RooflineTiming(shape("llama-3.1-8b"), H100, efficiency=EFF)
+    one_chunk = t.parts_ms(8192, 0, 8192)["attention"]
+    many = t.parts_ms(8192, 0, 8192, prefill_pairs=64 * 128 * 129 // 2)["attention"]
+    assert many == pytest.approx(one_chunk / 64, rel=0.02)

@@ -82,6 +82,8 @@ class SimulatedExecutor:
             output.num_decode_requests,
             output.num_kv_tokens_in_use,
             self._kv_tokens_total,
+            output.prefill_attention_pairs,
+            output.decode_context_tokens,
         )
         self.simulated_ms += step_ms
         delay = sleep_seconds(step_ms, self.config.timing.speedup_ratio)

@@ -7,9 +7,9 @@ parallelism needs and a fixed overhead:
 - **linear layers** (attention projections, the MLP or the active experts, the LM head):
   ``2 x active parameters`` FLOPs per token against reading their weights once per step (for
   a mixture of experts, only the experts the step's tokens are routed to, uniformly);
-- **attention**: ``2 x (qk + v width)`` FLOPs per (query, context token) pair against reading
-  the KV cache in use (decoding requests attend to all of it; a prefill chunk to itself,
-  causally);
+- **attention**: ``2 x (qk + v width)`` FLOPs per (query, context token) pair against the
+  KV cache the decoding requests read (the scheduler counts both per step:
+  ``SchedulerOutput.prefill_attention_pairs`` and ``decode_context_tokens``);
 - **tensor parallelism** splits weights, heads and FLOPs over ``tp`` GPUs and adds two
   all-reduces of the activations per layer; **expert parallelism** splits the experts over
   ``ep`` GPUs and adds the all-to-all that sends each token to its experts and back.
@@ -113,7 +113,7 @@ class ModelShape:
         expert_width = int(c.get("moe_intermediate_size") or c["intermediate_size"])
         shared = int(c.get("shared_expert_intermediate_size")
                      or int(c.get("n_shared_experts") or 0) * expert_width)
-        found = _weights_dtype(config)
+        found, found_kv = _quantized(config)
         return cls(
             layers=int(c["num_hidden_layers"]), hidden=int(c["hidden_size"]), heads=heads,
             kv_heads=int(c.get("num_key_value_heads") or heads),
@@ -128,7 +128,7 @@ class ModelShape:
             qk_rope_dim=int(c.get("qk_rope_head_dim") or 0),
             qk_nope_dim=int(c.get("qk_nope_head_dim") or 0),
             v_head_dim=int(c.get("v_head_dim") or 0),
-            weights=weights or found, kv_cache=kv_cache or "bf16",
+            weights=weights or found, kv_cache=kv_cache or found_kv,
         )
 
     @property
@@ -171,14 +171,16 @@ class ModelShape:
         return 2 * self.heads * self.head_dim
 
 
-def _weights_dtype(config: Mapping[str, Any]) -> Dtype:
+def _quantized(config: Mapping[str, Any]) -> tuple[Dtype, Dtype]:
+    """The weights' and the KV cache's dtypes a ``quantization_config`` names (ModelOpt's
+    ``quant_algo`` and ``kv_cache_quant_algo``, or a ``quant_method``/``fmt``)."""
     quant = config.get("quantization_config") or {}
-    text = " ".join(str(quant.get(k, "")) for k in ("quant_method", "quant_algo", "fmt")).lower()
-    if "fp4" in text:
-        return "fp4"
-    if "fp8" in text or "e4m3" in text:
-        return "fp8"
-    return "bf16"
+
+    def dtype(*keys: str) -> Dtype:
+        text = " ".join(str(quant.get(k, "")) for k in keys).lower()
+        return "fp4" if "fp4" in text else "fp8" if "fp8" in text or "e4m3" in text else "bf16"
+
+    return dtype("quant_method", "quant_algo", "fmt"), dtype("kv_cache_quant_algo")
 
 
 @dataclass(frozen=True)
@@ -217,20 +219,24 @@ class RooflineTiming:
     efficiency: Efficiency = field(default_factory=Efficiency)
 
     def step_ms(self, num_prefill_tokens: int, num_decode_requests: int,
-                kv_tokens_in_use: int, kv_tokens_total: int) -> float:
-        return sum(self.parts_ms(num_prefill_tokens, num_decode_requests,
-                                 kv_tokens_in_use).values())
+                kv_tokens_in_use: int, kv_tokens_total: int, prefill_pairs: int = 0,
+                decode_context: int = 0) -> float:
+        return sum(self.parts_ms(num_prefill_tokens, num_decode_requests, kv_tokens_in_use,
+                                 prefill_pairs, decode_context).values())
 
-    def parts_ms(self, prefill_tokens: int, decode_requests: int,
-                 kv_tokens: int) -> dict[str, float]:
-        """The step's time by part: linear layers, attention, communication, overhead."""
+    def parts_ms(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
+                 prefill_pairs: int = 0, decode_context: int = 0) -> dict[str, float]:
+        """The step's time by part: linear layers, attention, communication, overhead.
+        Without ``prefill_pairs`` the prefill tokens are one chunk attending to itself;
+        without ``decode_context`` the decoding requests attend to all the KV in use."""
         tokens = prefill_tokens + decode_requests
         if tokens == 0:
             return {"linear": 0.0, "attention": 0.0, "communication": 0.0, "overhead": 0.0}
         sampled = decode_requests + (1 if prefill_tokens else 0)
         return {
             "linear": self._linear_s(tokens, sampled) * 1e3,
-            "attention": self._attention_s(prefill_tokens, decode_requests, kv_tokens) * 1e3,
+            "attention": self._attention_s(prefill_tokens, decode_requests, kv_tokens,
+                                           prefill_pairs, decode_context) * 1e3,
             "communication": self._communication_s(tokens) * 1e3,
             "overhead": self.efficiency.step_overhead_ms,
         }
@@ -261,14 +267,17 @@ class RooflineTiming:
                                   touched * expert * m.moe_layers * wbytes / shards, m.weights)
         return seconds
 
-    def _attention_s(self, prefill_tokens: int, decode_requests: int, kv_tokens: int) -> float:
+    def _attention_s(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
+                     prefill_pairs: int, decode_context: int) -> float:
         m, p = self.model, self.parallel
-        decode_pairs = kv_tokens if decode_requests else 0  # every decode attends its context
-        prefill_pairs = prefill_tokens * (prefill_tokens + 1) / 2  # a chunk, causally
+        decode_pairs = (decode_context or kv_tokens) if decode_requests else 0
+        chunk_pairs = prefill_pairs or prefill_tokens * (prefill_tokens + 1) / 2
         flops = 2 * m.layers * (decode_pairs * m.attention_width(decode=True)
-                                + prefill_pairs * m.attention_width(decode=False))
+                                + chunk_pairs * m.attention_width(decode=False))
         split = 1 if m.mla else min(p.tp, m.kv_heads)  # a latent cache is not split
-        nbytes = (kv_tokens + prefill_tokens) * m.kv_bytes_per_token() / split
+        # the decodes read their contexts, the prefills write theirs (a prefix they read is
+        # left out: a prefill's attention is bound by its arithmetic)
+        nbytes = (decode_pairs + prefill_tokens) * m.kv_bytes_per_token() / split
         return self._roof(flops / p.tp, nbytes, "bf16")
 
     def _communication_s(self, tokens: int) -> float:

@@ -198,7 +198,7 @@ class Scheduler:
             return None
         block_size = self.config.block_size
         scheduled: dict[str, int] = {}
-        num_prefill_tokens = 0
+        num_prefill_tokens = prefill_pairs = context = 0
         for req in running:
             num_tokens = len(req.all_token_ids)
             if num_tokens - req.num_computed_tokens != 1 or num_tokens > len(req.blocks) * block_size:
@@ -206,8 +206,12 @@ class Scheduler:
             scheduled[req.request_id] = 1
             if req.is_prefilling:  # e.g. a decode leg's last prompt token
                 num_prefill_tokens += 1
+                prefill_pairs += num_tokens
+            else:
+                context += num_tokens
         return self._output(
-            scheduled, list(scheduled), num_prefill_tokens, len(scheduled) - num_prefill_tokens
+            scheduled, list(scheduled), num_prefill_tokens, len(scheduled) - num_prefill_tokens,
+            attention=(prefill_pairs, context),
         )
 
     def _schedule_running(self, step: StepBuilder) -> None:
@@ -362,18 +366,21 @@ class Scheduler:
 
     def _make_output(self, step: StepBuilder) -> SchedulerOutput:
         needing_sample: list[str] = []
-        num_prefill_tokens = num_decode_requests = 0
+        num_prefill_tokens = num_decode_requests = prefill_pairs = context = 0
         for request_id, num_new in step.num_scheduled_tokens.items():
             req = self.requests[request_id]
-            if req.num_computed_tokens + num_new == req.num_tokens:
+            done = req.num_computed_tokens
+            if done + num_new == req.num_tokens:
                 needing_sample.append(request_id)
             if req.is_prefilling:
                 num_prefill_tokens += num_new
+                prefill_pairs += num_new * done + num_new * (num_new + 1) // 2
             else:
                 num_decode_requests += 1
+                context += done + num_new
         return self._output(
             step.num_scheduled_tokens, needing_sample, num_prefill_tokens, num_decode_requests,
-            step.preempted, step.kv_loads,
+            step.preempted, step.kv_loads, attention=(prefill_pairs, context),
         )
 
     def _output(
@@ -384,6 +391,7 @@ class Scheduler:
         num_decode_requests: int,
         preempted: list[str] | None = None,
         kv_loads: list[KvLoad] | None = None,
+        attention: tuple[int, int] = (0, 0),
     ) -> SchedulerOutput:
         block_size = self.config.block_size
         self._offload_evicted()
@@ -398,6 +406,8 @@ class Scheduler:
             preempted=[] if preempted is None else preempted,
             kv_loads=[] if kv_loads is None else kv_loads,
             kv_copies=copies,
+            prefill_attention_pairs=attention[0],
+            decode_context_tokens=attention[1],
         )
 
     # ---- results ------------------------------------------------------------------------

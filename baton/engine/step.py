@@ -50,6 +50,11 @@ class SchedulerOutput(msgspec.Struct):
     """Token capacity of the blocks held by requests after this step's allocations."""
     num_kv_tokens_total: int
     preempted: list[str]
+    prefill_attention_pairs: int = 0
+    """(query, context token) pairs the prefill chunks attend: a chunk of n tokens after c
+    computed ones has ``n x c + n (n + 1) / 2`` (the roofline timing model reads it)."""
+    decode_context_tokens: int = 0
+    """Context tokens the decoding requests attend, summed (each its computed tokens + 1)."""
     kv_loads: list[KvLoad] = msgspec.field(default_factory=list)
     """KV to copy in (from a remote worker, or onboarded from this worker's tiers): requests
     admitted into ``LOADING_KV`` by this schedule."""

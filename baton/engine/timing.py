@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 
 class TimingModel(Protocol):
-    """Duration of one step in milliseconds."""
+    """Duration of one step in milliseconds. ``prefill_pairs`` and ``decode_context`` are the
+    step's attention work (``SchedulerOutput.prefill_attention_pairs``,
+    ``decode_context_tokens``; 0: not known); models that do not weigh attention ignore them."""
 
     def step_ms(
         self,
@@ -31,6 +33,8 @@ class TimingModel(Protocol):
         num_decode_requests: int,
         kv_tokens_in_use: int,
         kv_tokens_total: int,
+        prefill_pairs: int = 0,
+        decode_context: int = 0,
     ) -> float: ...
 
 
@@ -56,6 +60,8 @@ class _PhaseTiming:
         num_decode_requests: int,
         kv_tokens_in_use: int,
         kv_tokens_total: int,
+        prefill_pairs: int = 0,
+        decode_context: int = 0,
     ) -> float:
         decode = 0.0
         if num_decode_requests > 0:
@@ -96,6 +102,8 @@ class PolynomialTiming(_PhaseTiming):
         num_decode_requests: int,
         kv_tokens_in_use: int,
         kv_tokens_total: int,
+        prefill_pairs: int = 0,
+        decode_context: int = 0,
     ) -> float:
         """``_PhaseTiming.step_ms`` with ``prefill_ms``, ``decode_ms`` and ``kv_usage``
         inlined, the same operations in the same order: the simulator calls it every step."""

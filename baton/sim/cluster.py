@@ -417,7 +417,7 @@ class Cluster:
         self.num_preemptions += len(out.preempted)
         step_ms = self._step_ms(
             out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
-            out.num_kv_tokens_total,
+            out.num_kv_tokens_total, out.prefill_attention_pairs, out.decode_context_tokens,
         )
         duration = step_ms * worker.step_time_scale / 1000.0
         worker.step = out
