@@ -25,6 +25,7 @@ kernel reaches; they are inputs, not fitted. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -208,6 +209,34 @@ class Efficiency:
     """The fixed cost of one all-reduce or all-to-all."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    """A ``RooflineTiming``'s per-step coefficients, worked out once (the simulator calls
+    ``step_ms`` millions of times): seconds per FLOP and per byte of each part, per GPU."""
+
+    linear_flop_s: float
+    """Seconds per token through the weights every token passes."""
+    head_flop_s: float
+    """Seconds per sampled token through the LM head."""
+    weights_s: float
+    """Seconds to read those weights once."""
+    expert_flop_s: float
+    expert_read_s: float
+    """Seconds to read one routed expert (all MoE layers), per GPU."""
+    experts: int
+    active_share: float
+    """``active experts / experts``: a token's chance of reaching a given expert."""
+    decode_pair_s: float
+    prefill_pair_s: float
+    kv_token_s: float
+    """Seconds to read or write one token's KV (all layers)."""
+    allreduce_s: float
+    """Per token: the all-reduces' bandwidth share, all layers."""
+    allreduce_fixed_s: float
+    alltoall_s: float
+    alltoall_fixed_s: float
+
+
 @dataclass(frozen=True)
 class RooflineTiming:
     """``TimingModel``: a step's milliseconds on one GPU of ``parallel`` (``step_ms``), with
@@ -221,77 +250,84 @@ class RooflineTiming:
     def step_ms(self, num_prefill_tokens: int, num_decode_requests: int,
                 kv_tokens_in_use: int, kv_tokens_total: int, prefill_pairs: int = 0,
                 decode_context: int = 0) -> float:
-        return sum(self.parts_ms(num_prefill_tokens, num_decode_requests, kv_tokens_in_use,
-                                 prefill_pairs, decode_context).values())
+        if num_prefill_tokens + num_decode_requests == 0:
+            return 0.0
+        linear, attention, communication = self._parts(
+            num_prefill_tokens, num_decode_requests, kv_tokens_in_use, prefill_pairs,
+            decode_context)
+        return (linear + attention + communication) * 1e3 + self.efficiency.step_overhead_ms
 
     def parts_ms(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
                  prefill_pairs: int = 0, decode_context: int = 0) -> dict[str, float]:
         """The step's time by part: linear layers, attention, communication, overhead.
         Without ``prefill_pairs`` the prefill tokens are one chunk attending to itself;
         without ``decode_context`` the decoding requests attend to all the KV in use."""
-        tokens = prefill_tokens + decode_requests
-        if tokens == 0:
+        if prefill_tokens + decode_requests == 0:
             return {"linear": 0.0, "attention": 0.0, "communication": 0.0, "overhead": 0.0}
+        parts = self._parts(prefill_tokens, decode_requests, kv_tokens, prefill_pairs,
+                            decode_context)
+        return {"linear": parts[0] * 1e3, "attention": parts[1] * 1e3,
+                "communication": parts[2] * 1e3, "overhead": self.efficiency.step_overhead_ms}
+
+    def _parts(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
+               prefill_pairs: int, decode_context: int) -> tuple[float, float, float]:
+        """Seconds of the linear layers, attention and communication."""
+        r = self._rates
+        tokens = prefill_tokens + decode_requests
         sampled = decode_requests + (1 if prefill_tokens else 0)
-        return {
-            "linear": self._linear_s(tokens, sampled) * 1e3,
-            "attention": self._attention_s(prefill_tokens, decode_requests, kv_tokens,
-                                           prefill_pairs, decode_context) * 1e3,
-            "communication": self._communication_s(tokens) * 1e3,
-            "overhead": self.efficiency.step_overhead_ms,
-        }
+        linear = max(tokens * r.linear_flop_s + sampled * r.head_flop_s, r.weights_s)
+        if r.experts:  # uniform routing: the distinct experts the step's tokens reach
+            touched = r.experts * (1 - (1 - r.active_share) ** tokens)
+            linear += max(tokens * r.expert_flop_s, touched * r.expert_read_s)
+        decode_pairs = (decode_context or kv_tokens) if decode_requests else 0
+        chunk_pairs = prefill_pairs or prefill_tokens * (prefill_tokens + 1) / 2
+        # the decodes read their contexts, the prefills write theirs (a prefix they read is
+        # left out: a prefill's attention is bound by its arithmetic)
+        attention = max(decode_pairs * r.decode_pair_s + chunk_pairs * r.prefill_pair_s,
+                        (decode_pairs + prefill_tokens) * r.kv_token_s)
+        communication = 0.0
+        if r.allreduce_fixed_s:
+            communication += tokens * r.allreduce_s + r.allreduce_fixed_s
+        if r.alltoall_fixed_s:
+            communication += tokens * r.alltoall_s + r.alltoall_fixed_s
+        return linear, attention, communication
 
-    # ------------------------------------------------------------------ parts
-
-    def _roof(self, flops: float, nbytes: float, dtype: str) -> float:
-        e, hw = self.efficiency, self.hardware
-        return max(flops / (hw.peak(dtype) * e.compute),
-                   nbytes / (hw.memory_bandwidth * e.memory))
-
-    def _linear_s(self, tokens: int, sampled: int) -> float:
-        """Weights every token passes (attention, dense MLPs, shared experts, the LM head for
-        the sampled tokens), then the routed experts: each its own roofline."""
-        m, p = self.model, self.parallel
+    @functools.cached_property
+    def _rates(self) -> _Rates:
+        m, p, e, hw = self.model, self.parallel, self.efficiency, self.hardware
         wbytes = DTYPE_BYTES[m.weights]
+        flop = 1 / (hw.peak(m.weights) * e.compute)
+        attention_flop = 1 / (hw.peak("bf16") * e.compute)
+        byte = 1 / (hw.memory_bandwidth * e.memory)
+        link = hw.link_bandwidth * e.link
         dense = (m.layers * m.attention_params()
                  + (m.layers - m.moe_layers) * m.mlp_params(m.intermediate)
                  + m.moe_layers * m.mlp_params(m.shared_intermediate))
-        flops = 2 * tokens * dense + 2 * sampled * m.hidden * m.vocab
-        nbytes = (dense + m.hidden * m.vocab) * wbytes
-        seconds = self._roof(flops / p.tp, nbytes / p.tp, m.weights)
-        if m.moe_layers:  # uniform routing: the distinct experts the step's tokens reach
-            expert = m.mlp_params(m.expert_intermediate)
-            touched = m.experts * (1 - (1 - m.active_experts / m.experts) ** tokens)
-            shards = p.ep * p.tp
-            seconds += self._roof(2 * tokens * m.active_experts * expert * m.moe_layers / shards,
-                                  touched * expert * m.moe_layers * wbytes / shards, m.weights)
-        return seconds
-
-    def _attention_s(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
-                     prefill_pairs: int, decode_context: int) -> float:
-        m, p = self.model, self.parallel
-        decode_pairs = (decode_context or kv_tokens) if decode_requests else 0
-        chunk_pairs = prefill_pairs or prefill_tokens * (prefill_tokens + 1) / 2
-        flops = 2 * m.layers * (decode_pairs * m.attention_width(decode=True)
-                                + chunk_pairs * m.attention_width(decode=False))
+        head = m.hidden * m.vocab
+        expert = m.mlp_params(m.expert_intermediate) * m.moe_layers
+        shards = p.ep * p.tp
         split = 1 if m.mla else min(p.tp, m.kv_heads)  # a latent cache is not split
-        # the decodes read their contexts, the prefills write theirs (a prefix they read is
-        # left out: a prefill's attention is bound by its arithmetic)
-        nbytes = (decode_pairs + prefill_tokens) * m.kv_bytes_per_token() / split
-        return self._roof(flops / p.tp, nbytes, "bf16")
-
-    def _communication_s(self, tokens: int) -> float:
-        m, p, e = self.model, self.parallel, self.efficiency
-        link = self.hardware.link_bandwidth * e.link
-        activations = tokens * m.hidden * ACTIVATION_BYTES
-        seconds = 0.0
-        if p.tp > 1:  # ring all-reduce after attention and after the MLP
-            per = 2 * (p.tp - 1) / p.tp * activations / link + e.collective_latency_us * 1e-6
-            seconds += 2 * m.layers * per
-        if p.ep > 1 and m.moe_layers:  # tokens to their experts and back
-            moved = activations * m.active_experts * (p.ep - 1) / p.ep / p.tp
-            seconds += m.moe_layers * 2 * (moved / link + e.collective_latency_us * 1e-6)
-        return seconds
+        activations = m.hidden * ACTIVATION_BYTES  # per token
+        fixed = e.collective_latency_us * 1e-6
+        tp_share = 2 * (p.tp - 1) / p.tp
+        ep_share = m.active_experts * (p.ep - 1) / p.ep / p.tp
+        collectives = p.ep > 1 and m.moe_layers > 0
+        return _Rates(
+            linear_flop_s=2 * dense / p.tp * flop, head_flop_s=2 * head / p.tp * flop,
+            weights_s=(dense + head) * wbytes / p.tp * byte,
+            expert_flop_s=2 * m.active_experts * expert / shards * flop,
+            expert_read_s=expert * wbytes / shards * byte,
+            experts=m.experts if m.moe_layers else 0,
+            active_share=m.active_experts / m.experts if m.experts else 0.0,
+            decode_pair_s=2 * m.layers * m.attention_width(decode=True) / p.tp * attention_flop,
+            prefill_pair_s=2 * m.layers * m.attention_width(decode=False) / p.tp
+            * attention_flop,
+            kv_token_s=m.kv_bytes_per_token() / split * byte,
+            allreduce_s=2 * m.layers * tp_share * activations / link if p.tp > 1 else 0.0,
+            allreduce_fixed_s=2 * m.layers * fixed if p.tp > 1 else 0.0,
+            alltoall_s=2 * m.moe_layers * ep_share * activations / link if collectives else 0.0,
+            alltoall_fixed_s=2 * m.moe_layers * fixed if collectives else 0.0,
+        )
 
 
 def tokens_per_s(timing: RooflineTiming, batch: int, context: int) -> float:
