@@ -96,16 +96,9 @@ def quantized_config(model: str, dtype: str, work: Path) -> Path:
 
 def kv_blocks(shape: ModelShape, gpu: str, tp: int) -> int:
     """Blocks of the KV memory left after the weights, on all ``tp`` GPUs."""
-    params = _params(shape)
-    free = HARDWARE[gpu].memory_bytes * tp - params * DTYPE_BYTES[shape.weights]
+    total, _ = shape.parameters()
+    free = HARDWARE[gpu].memory_bytes * tp - total * DTYPE_BYTES[shape.weights]
     return int(free * KV_FRACTION / shape.kv_bytes_per_token() / BLOCK_SIZE)
-
-
-def _params(m: ModelShape) -> float:
-    dense = (m.layers * m.attention_params() + (m.layers - m.moe_layers) * m.mlp_params(
-        m.intermediate) + m.moe_layers * m.mlp_params(m.shared_intermediate))
-    return dense + m.moe_layers * m.experts * m.mlp_params(m.expert_intermediate) + (
-        2 * m.hidden * m.vocab)
 
 
 def trace(isl: int, osl: int, work: Path) -> Path:

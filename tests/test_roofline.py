@@ -29,12 +29,7 @@ def shape(name: str) -> ModelShape:
 
 def params(m: ModelShape) -> tuple[float, float]:
     """(total, active) parameters with both embeddings, in billions."""
-    dense = (m.layers * m.attention_params() + (m.layers - m.moe_layers) * m.mlp_params(
-        m.intermediate) + m.moe_layers * m.mlp_params(m.shared_intermediate))
-    expert = m.mlp_params(m.expert_intermediate)
-    embeddings = 2 * m.hidden * m.vocab
-    total = dense + m.moe_layers * m.experts * expert + embeddings
-    active = dense + m.moe_layers * m.active_experts * expert + embeddings
+    total, active = m.parameters()
     return total / 1e9, active / 1e9
 
 

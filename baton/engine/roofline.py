@@ -155,6 +155,16 @@ class ModelShape:
         """A gated MLP (gate, up, down) of ``width``."""
         return 3 * self.hidden * width
 
+    def parameters(self) -> tuple[int, int]:
+        """(total, activated per token), embeddings and LM head included."""
+        dense = (self.layers * self.attention_params()
+                 + (self.layers - self.moe_layers) * self.mlp_params(self.intermediate)
+                 + self.moe_layers * self.mlp_params(self.shared_intermediate))
+        expert = self.mlp_params(self.expert_intermediate) * self.moe_layers
+        embeddings = 2 * self.hidden * self.vocab
+        return (dense + self.experts * expert + embeddings,
+                dense + self.active_experts * expert + embeddings)
+
     def kv_bytes_per_token(self) -> float:
         """KV cache bytes one token holds over all layers."""
         per_layer = (self.kv_lora_rank + self.qk_rope_dim if self.mla
