@@ -237,15 +237,16 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class KubeApiConfig:
-    """Where the Kubernetes API is, for ``baton deploy operator`` and ``baton planner
-    --connector kubernetes`` (``docs/kubernetes.md``)."""
+    """Where the Kubernetes API is, for ``baton deploy operator``, ``baton planner
+    --connector kubernetes`` and ``--discovery kubernetes`` (``docs/kubernetes.md``)."""
 
     kube_api: str | None = setting(
         None, "the Kubernetes API's URL without credentials (kubectl proxy serves one: "
         "http://127.0.0.1:8001)", metavar="URL",
         default_help="the API of the pod this runs in, with its service account")
     kube_namespace: str | None = setting(
-        None, "the namespace of the BatonDeployment(s)", metavar="NAMESPACE",
+        None, "the namespace of the BatonDeployment(s), or of the worker Services that "
+        "--discovery kubernetes lists", metavar="NAMESPACE",
         default_help="the pod's own; the operator: every namespace")
 
 

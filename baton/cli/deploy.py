@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from baton.cli.args import add_settings, build, command
 from baton.cli.signals import run_until_signalled
 from baton.config import OperatorConfig
+
+if TYPE_CHECKING:
+    from baton.graph import GraphConfig
 
 
 def add_parser(sub: Any) -> None:
@@ -55,15 +58,9 @@ def _dump(objects: list[dict[str, Any]]) -> None:
     yaml.safe_dump_all(objects, sys.stdout, sort_keys=False)
 
 
-def _graph(path: str) -> dict[str, Any]:
-    import yaml
-
-    from baton.graph import load_graph
-
-    load_graph(path)  # a ValueError names what is wrong in the file
-    with open(path) as f:
-        raw: dict[str, Any] = yaml.safe_load(f)
-    return raw
+def _profile(config: GraphConfig) -> str | None:
+    """The planner's profile, read as a local graph reads it: from the working directory."""
+    return None if config.planner is None else Path(config.planner.profile).read_text()
 
 
 def run_render(args: argparse.Namespace) -> int:
@@ -71,23 +68,21 @@ def run_render(args: argparse.Namespace) -> int:
     from baton.graph import load_graph
 
     config = load_graph(args.file)
-    profile = None
-    if config.planner is not None:  # read as a local graph reads it: from the working dir
-        profile = Path(config.planner.profile).read_text()
-    _dump(render(config, args.name, profile))
+    _dump(render(config, args.name, _profile(config)))
     return 0
 
 
 def run_resource(args: argparse.Namespace) -> int:
     from baton.deploy import render, resource
     from baton.deploy.manifests import profile_config_map
-    from baton.graph import load_graph
+    from baton.graph.schema import parse_graph, read_graph
 
-    config = load_graph(args.file)
+    raw = read_graph(args.file)
+    config = parse_graph(raw)  # a ValueError names what is wrong in the file
     render(config, args.name)  # names Kubernetes would refuse fail here
-    objects = [resource(_graph(args.file), args.name)]
-    if config.planner is not None:  # the operator does not read local files: ship it along
-        objects.append(profile_config_map(args.name, Path(config.planner.profile).read_text()))
+    objects = [resource(raw, args.name)]
+    if (profile := _profile(config)) is not None:  # the operator reads no local files
+        objects.append(profile_config_map(args.name, profile))
     _dump(objects)
     return 0
 

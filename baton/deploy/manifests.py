@@ -320,9 +320,7 @@ class _Renderer:
         labels = {COMPONENT: "planner"}
         objects: list[Manifest] = []
         if profile is not None:
-            objects.append({"apiVersion": "v1", "kind": "ConfigMap",
-                            "metadata": self.meta("planner-profile", labels),
-                            "data": {PROFILE_FILE: profile}})
+            objects.append(profile_config_map(self.name, profile, rendered=True))
         rules: list[Manifest] = [{"apiGroups": [API_GROUP], "resources": [PLURAL],
                                   "resourceNames": [self.name], "verbs": ["get", "patch"]}]
         if self.kube_discovery:
@@ -340,12 +338,15 @@ class _Renderer:
         return objects
 
 
-def profile_config_map(name: str, profile: str) -> Manifest:
-    """The planner's profile beside a ``BatonDeployment``: the user's object, not the
-    operator's (no ``managed-by`` label, so the operator neither renders nor deletes it)."""
+def profile_config_map(name: str, profile: str, rendered: bool = False) -> Manifest:
+    """The planner's profile. ``rendered``: one of the graph's objects (``managed-by``
+    Baton); else the user's, beside a ``BatonDeployment``, which the operator neither renders
+    nor deletes."""
+    labels = {PART_OF: "baton", INSTANCE: name, COMPONENT: "planner"}
+    if rendered:
+        labels[MANAGED_BY] = "baton"
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": f"{name}-planner-profile",
-                         "labels": {PART_OF: "baton", INSTANCE: name, COMPONENT: "planner"}},
+            "metadata": {"name": f"{name}-planner-profile", "labels": labels},
             "data": {PROFILE_FILE: profile}}
 
 

@@ -227,16 +227,20 @@ def parse_graph(raw: Any) -> GraphConfig:
 
 
 def load_graph(path: str | Path) -> GraphConfig:
+    return parse_graph(read_graph(path))
+
+
+def read_graph(path: str | Path) -> Any:
+    """A graph file's YAML as parsed, not yet checked (``parse_graph`` checks it)."""
     import yaml
 
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as exc:
         raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    return parse_graph(raw)
 
 
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
