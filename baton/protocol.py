@@ -72,11 +72,14 @@ class TokenLogprob(msgspec.Struct, array_like=True):
 FEATURE_LOGPROBS = "logprobs"
 FEATURE_STRUCTURED = "structured_outputs"
 ENGINE_FEATURES_KEY = "features"
+"""A worker's discovery metadata key: what beyond plain sampling its engine does (comma
+separated ``FEATURE_*`` names)."""
+KV_EVENTS_KEY = "kv_events"
+"""A worker's discovery metadata key: ``off`` when its engine keeps no prefix cache, so it
+announces no KV blocks by design (a KV router does not take its silence for a broken feed)."""
 
 MAX_STEP_SAMPLES = 64
 """Step samples an engine keeps and a feed batch carries at most (the latest)."""
-"""A worker's discovery metadata key: what beyond plain sampling its engine does (comma
-separated ``FEATURE_*`` names)."""
 
 
 class KvTransferParams(msgspec.Struct, frozen=True, kw_only=True):

@@ -66,6 +66,12 @@ ENGINE = [
     "--seed", "0",
 ]
 AGG = ["--workers", "4", "--router", "round-robin"]
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOYMENTS = ROOT / "examples" / "seed-002"
+ONE_BIG_ENGINE = ["--attention-dp", "1", "--tp", "8", "--max-num-seqs", "64",
+                  "--num-blocks", str(8 * 44348)]
+"""A DEP8 worker as one engine of 8 GPUs: attention TP8 (one batch of 8 ranks' requests, one
+8192-token budget, one pool of the 8 ranks' blocks); not a deployment of the exemplar."""
 DISAGG = ["--disagg", "--prefill-workers", "2", "--decode-workers", "2", "--router", "kv",
           "--disagg-policy", "always"]
 
@@ -159,6 +165,12 @@ def runs(work: Path, speedups: list[float]) -> dict[str, list[str]]:
     """Run name -> ``baton sim`` arguments."""
     out = {}
     for s in speedups:
+        # the roofline model with the exemplar's deployments as files (none of this calibrated)
+        trace = ["--trace", str(work / "dynamo.jsonl"), "--arrival-speedup", f"{s:g}"]
+        for kind in ("agg", "disagg"):
+            files = ["--deployment", str(DEPLOYMENTS / f"{kind}.yaml")]
+            out[f"rf-{kind}-x{s:g}"] = [*files, *trace]
+            out[f"rf-{kind}-x{s:g}-onebig"] = [*files, *trace, *ONE_BIG_ENGINE]
         tag = f"x{s:g}"
         common = [*ENGINE, "--arrival-speedup", f"{s:g}"]
         out[f"agg-rr-{tag}"] = ["--trace", str(work / "dynamo-nocache.jsonl"), *AGG, *common]
@@ -174,8 +186,11 @@ def runs(work: Path, speedups: list[float]) -> dict[str, list[str]]:
 def cmd_run(a: argparse.Namespace) -> None:
     work = Path(a.work)
     for name, args in runs(work, a.speedup).items():
-        if (name.endswith(("-fastprefill", "-bigcache")) and not a.only) or (
-                a.only and not any(name.endswith(o) for o in a.only)):
+        if a.only:
+            if not any(name.endswith(o) for o in a.only):
+                continue
+        elif name.endswith(("-fastprefill", "-bigcache", "-onebig")) or (
+                name.startswith("rf-") != a.roofline):
             continue
         out = work / "runs" / name
         cmd = [_baton(), "sim", *args, "--out", str(out)]
@@ -219,6 +234,33 @@ def result_rows(agg: dict, dis: dict) -> list[str]:
     return rows
 
 
+def error_rows(agg: dict, dis: dict, scale: float) -> list[str]:
+    """Each deployment's simulated result in the trace's time (latencies x ``scale``, rates /
+    ``scale``: a run at arrival speedup ``scale`` read as hardware ``scale`` times slower)
+    against NVIDIA's, with the simulator's error (simulated / published - 1)."""
+    rows = ["| metric | NVIDIA agg | sim agg | error | NVIDIA disagg | sim disagg | error "
+            "| NVIDIA ratio | sim ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    na, nd = NVIDIA["agg"], NVIDIA["disagg"]
+
+    def f(x: float) -> str:
+        return f"{x:,.2f}" if abs(x) < 100 else f"{x:,.0f}"
+
+    def add(label: str, a: float, d: float, sa: float, sd: float) -> None:
+        rows.append(f"| {label} | {f(a)} | {f(sa)} | {sa / a - 1:+.0%} | {f(d)} | {f(sd)} | "
+                    f"{sd / d - 1:+.0%} | {d / a:.3g} | {sd / sa:.3g} |")
+
+    for label, key, skey in (("request throughput (req/s)", "req_s", "request_throughput"),
+                             ("total token throughput (tok/s)", "tot_tok_s",
+                              "total_token_throughput")):
+        add(label, na[key], nd[key], agg[skey] / scale, dis[skey] / scale)
+    for label, key, skey in (("TTFT", "ttft", "ttft_ms"), ("TPOT", "tpot", "tpot_ms"),
+                             ("E2E", "e2e", "e2e_ms")):
+        for i, (q, name) in enumerate((("avg", "mean"), ("p50", "median"), ("p99", "p99"))):
+            add(f"{label} {name} (ms)", na[key][i], nd[key][i], agg[skey][q] * scale,
+                dis[skey][q] * scale)
+    return rows
+
+
 def _row(label: str, na: float | None, nd: float | None, sa: float, sd: float) -> str:
     def f(x: float | None) -> str:
         if x is None:
@@ -235,9 +277,14 @@ def cmd_report(a: argparse.Namespace) -> None:
     for s in a.speedup:
         agg_name = f"{a.agg}-x{s:g}"
         dis_name = f"disagg-kv-x{s:g}" + (f"-{a.what_if}" if a.what_if else "")
+        if a.roofline:
+            agg_name, dis_name = f"rf-agg-x{s:g}", f"rf-disagg-x{s:g}"
         agg, dis = _summary(work / "runs" / agg_name), _summary(work / "runs" / dis_name)
         text += [f"### arrival speedup {s:g} ({agg_name} vs {dis_name})", "",
                  *result_rows(agg, dis), ""]
+        if a.errors:
+            text += [f"In the trace's time (x {s:g}), against NVIDIA:", "",
+                     *error_rows(agg, dis, s), ""]
     out = "\n".join(text)
     (work / "results.md").write_text(out)
     print(out)
@@ -274,9 +321,17 @@ def main() -> None:
     r.add_argument("--only", nargs="*",
                    help="run names ending so (agg-rr-x2.5, x2.5-fastprefill, ...); default: "
                         "agg-rr, agg-rr-cache and disagg-kv, no what-ifs")
+    r.add_argument("--roofline", action="store_true",
+                   help="run the deployment files of examples/seed-002 instead (rf-agg, "
+                        "rf-disagg; the -onebig variants with --only)")
     rep = sub.add_parser("report")
     rep.add_argument("--speedup", type=float, nargs="+", default=[1.0])
     rep.add_argument("--agg", default="agg-rr", help="agg-rr (no prefix reuse) or agg-rr-cache")
+    rep.add_argument("--roofline", action="store_true",
+                     help="compare rf-agg with rf-disagg (the deployment files)")
+    rep.add_argument("--errors", action="store_true",
+                     help="also each deployment against NVIDIA's, in the trace's time, with "
+                          "the simulator's error")
     rep.add_argument("--what-if", default=None, choices=["fastprefill", "bigcache"],
                      help="compare with this what-if disagg run")
     rep.add_argument("--plot", default=None, help="PNG for the overlaid CDFs")

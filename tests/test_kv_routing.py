@@ -399,3 +399,18 @@ def test_a_prefix_held_only_in_host_memory_counts_less_than_one_on_the_device(
     decision = srv.call(lambda: kv_router(srv).last_decision)
     costs = {c.worker_id: c for c in decision.candidates}
     assert costs[a].overlap_blocks == (9 if host_credit < 1 else 12)
+
+
+def test_a_worker_without_prefix_caching_is_never_taken_for_a_blind_one(make_server, caplog):
+    """Its engine announces no blocks by design (``--no-prefix-caching``): the worker says so
+    in discovery, and prefilling new blocks in silence past the timeout is no sign of a broken
+    feed."""
+    srv = make_server(workers=1, router="kv", router_options={"kv_stale_after_s": 0.3},
+                      block_size=16, enable_prefix_caching=False)
+    (worker,) = srv.workers
+    assert worker.record.metadata["kv_events"] == "off"
+    complete(srv, list(range(100, 164)) + [1])
+    time.sleep(0.5)
+    complete(srv, list(range(300, 364)) + [1])
+    assert srv.call(lambda: kv_router(srv).update_blindness()) == {}
+    assert not any("blind" in r.getMessage() for r in caplog.records)

@@ -113,7 +113,7 @@ def test_tensor_parallelism_splits_the_work_and_adds_two_all_reduces_per_layer()
 
 def test_experts_are_read_as_the_tokens_reach_them():
     m = shape("deepseek-v3")
-    t = RooflineTiming(m, H100, Parallelism(ep=8), EFF)
+    t = RooflineTiming(m, H100, Parallelism(dp=8, ep=8), EFF)
     expert_bytes = m.mlp_params(m.expert_intermediate) * m.moe_layers * 1.0  # fp8
 
     def experts_ms(tokens: int) -> float:
@@ -211,3 +211,24 @@ def test_prefills_of_many_short_prompts_cost_less_attention_than_one_long_chunk(
     one_chunk = t.parts_ms(8192, 0, 8192)["attention"]
     many = t.parts_ms(8192, 0, 8192, prefill_pairs=64 * 128 * 129 // 2)["attention"]
     assert many == pytest.approx(one_chunk / 64, rel=0.02)
+
+
+def test_attention_data_parallel_ranks_step_at_the_pace_of_the_busiest():
+    m = shape("deepseek-v3")
+    dep8 = RooflineTiming(m, H100, Parallelism(dp=8, ep=8), EFF)
+    decode = (0, 4, 40_000, 0, 0, 40_000)  # four requests at 10k tokens of context each
+    prefill = (8192, 0, 8192, 0, 8192 * 8193 // 2, 0)
+    # one rank alone: the same step as the single-rank model's (the experts on all 8 GPUs)
+    assert dep8.lockstep_ms([decode]) == pytest.approx(dep8.step_ms(*decode))
+    # eight ranks decoding: each its own attention at the same time, the experts over all 32
+    # tokens (which reach five times as many experts as 4 do): far cheaper than 8 steps
+    eight = dep8.lockstep_ms([decode] * 8)
+    assert 2 * dep8.step_ms(*decode) < eight < 3 * dep8.step_ms(*decode)
+    expected = (sum(dep8._rank_parts(0, 4, 40_000, 0, 40_000)) + dep8._experts_s(32)
+                + dep8._alltoall_s(4)) * 1e3 + EFF.step_overhead_ms
+    assert eight == pytest.approx(expected)
+    # one rank's 8192-token prefill chunk holds up the seven ranks that only decode
+    mixed = dep8.lockstep_ms([prefill] + [decode] * 7)
+    assert mixed > dep8.step_ms(*prefill) > 5 * eight
+    with pytest.raises(ValueError, match="must divide"):
+        Parallelism(tp=1, ep=8)

@@ -471,3 +471,70 @@ def test_the_decode_fast_path_gives_the_same_steps_results_and_kv_events(
     assert not twins.fast.has_work and twins.fast.pool.num_used_blocks == 0
     assert twins.fast_steps > 100, "the fast path should have been taken"
     assert twins.preemptions > 0, "the workload should have forced preemptions"
+
+
+# ---- stretches of decode-only steps -----------------------------------------------------------
+
+
+def _decoding(pool_blocks: int) -> Scheduler:
+    """Three requests decoding (prompts of 5, 9 and 2 tokens, up to 30, 12 and 30 tokens), a
+    pool of 4-token blocks, some of them cached by an earlier request."""
+    sched = make_scheduler(num_blocks=pool_blocks)
+    sched.add_request(make_request("old", prompt(8, 500), max_tokens=1))
+    run_to_completion(sched)
+    for rid, n, max_tokens in (("a", 5, 30), ("b", 9, 12), ("c", 2, 30)):
+        sched.add_request(make_request(rid, prompt(n, 10 * n), max_tokens=max_tokens))
+    while sched.running == [] or any(r.is_prefilling for r in sched.running):
+        step(sched)
+    sched.take_kv_events()
+    return sched
+
+
+def _state(sched: Scheduler) -> list[object]:
+    return [(r.request_id, r.all_token_ids, r.num_computed_tokens, r.num_committed_blocks,
+             [b.block_id for b in r.blocks], r.block_hashes) for r in sched.running] + [
+        sched.pool.free_block_ids(), sched.pool.num_used_blocks]
+
+
+@pytest.mark.parametrize(("pool_blocks", "steps"), [(64, 10), (10, 7)])
+def test_a_decode_run_leaves_what_as_many_steps_would(pool_blocks: int, steps: int) -> None:
+    stepped, ran = _decoding(pool_blocks), _decoding(pool_blocks)
+    run = ran.decode_run(100, 7)
+    assert run is not None
+    # the shortest request ("b": 12 tokens, 1 sampled) bounds it: its finishing step is an
+    # ordinary one; a small pool bounds it sooner: the 8th step would need 2 blocks more
+    # than the 10 (no preemption in a run)
+    assert run.steps == steps
+    contexts, used = [], []
+    for _ in range(run.steps):
+        out, results = step(stepped)
+        assert out.num_prefill_tokens == 0 and not out.preempted
+        assert all(r.finish_reason is None for r in results)
+        contexts.append(out.decode_context_tokens)
+        used.append(out.num_kv_tokens_in_use // 4)
+    assert used == run.used_blocks and run.num_decode_requests == 3
+    assert contexts == [run.context_tokens + 3 * j for j in range(run.steps)]
+    ran.advance_decodes(run.steps, 7)
+    ran.check_invariants()
+    assert _state(ran) == _state(stepped)
+    assert ran.take_kv_events() == stepped.take_kv_events()
+    # the next step, ordinary on both, is the same
+    assert step(ran)[1] == step(stepped)[1]
+
+
+def test_no_decode_run_while_anything_else_would_happen() -> None:
+    sched = make_scheduler()
+    assert sched.decode_run(10, 7) is None  # nothing runs
+    sched.add_request(make_request("a", prompt(6), max_tokens=20))
+    assert sched.decode_run(10, 7) is None  # a prompt waits
+    step(sched)
+    assert sched.decode_run(10, 7) is not None
+    sched.add_request(make_request("b", prompt(3), max_tokens=20))
+    assert sched.decode_run(10, 7) is None  # waiting again
+    step(sched)
+    # the stop token EOS ends a request once min_tokens are out: a run stops before that
+    sched = make_scheduler()
+    sched.add_request(make_request("s", prompt(6), max_tokens=20, min_tokens=5))
+    step(sched)
+    run = sched.decode_run(10, EOS)
+    assert run is not None and run.steps == 3  # tokens 2, 3 and 4; the 5th may stop

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from baton.bench.metrics import RequestRecord
@@ -196,3 +198,32 @@ def test_a_host_tier_keeps_prefixes_the_device_cache_is_too_small_for() -> None:
     host, onboarded = run(host_kv_blocks=256)
     assert onboarded_none == 0 and onboarded > 0
     assert host > none + 0.3, (host, none)
+
+
+def _long_trace() -> list[TraceRequest]:
+    """Groups sharing prefixes, long answers (so decode-only stretches happen), arrivals
+    close enough to interrupt them."""
+    return [TraceRequest(timestamp=i * 90, input_length=3 * 64 - 5, output_length=20 + 37 * (i % 7),
+                         hash_ids=[i % 4, 10 + i % 4, 1000 + i]) for i in range(40)]
+
+
+@pytest.mark.parametrize("kw", [
+    {"router": "kv"}, {"router": "latency"}, {"router": "round-robin", "num_workers": 2},
+    {"router": "kv", "attention_dp": 2}, {"router": "round-robin", "attention_dp": 2},
+    {"router": "kv", "pools": PoolsConfig(disaggregated=True, num_prefill_workers=1,
+                                          num_decode_workers=2)},
+    {"router": "kv", "scheduler": SchedulerConfig(num_blocks=60, block_size=16,
+                                                  max_num_seqs=8, max_num_batched_tokens=512)},
+], ids=["kv", "latency", "round-robin", "ranks", "rr-ranks", "disagg", "small-pool"])
+def test_decode_runs_give_exactly_the_step_by_step_results(kw: dict[str, object]) -> None:
+    kw = dict(kw)
+    pools = kw.pop("pools", None)
+    configs = [_config(decode_runs=runs, **kw) for runs in (False, True)]
+    if pools is not None:
+        configs = [dataclasses.replace(c, pools=pools) for c in configs]
+    stepped, ran = (Cluster(c) for c in configs)
+    trace = _long_trace()
+    assert stepped.run(trace) == ran.run(trace)
+    assert (stepped.num_steps, stepped.num_preemptions, stepped.busy_shares()) == (
+        ran.num_steps, ran.num_preemptions, ran.busy_shares())
+    assert stepped.run_steps == 0 and ran.run_steps > ran.num_steps / 3  # most, but few blocks

@@ -167,7 +167,7 @@ def _add_flag(group: Any, item: Field, prefix: str, default: Any) -> None:
     elif get_origin(kind) is tuple:
         element = get_args(kind)[0]
         if meta.repeat:
-            kwargs.update(action=_AppendTuple, type=element)
+            kwargs.update(action=AppendTuple, type=element)
         else:
             kwargs["type"] = comma_separated(element, _KINDS.get(element, element.__name__))
             kwargs.setdefault("metavar", "X,X,...")
@@ -180,7 +180,7 @@ def _add_flag(group: Any, item: Field, prefix: str, default: Any) -> None:
     action.secret = meta.secret
 
 
-class _AppendTuple(argparse.Action):
+class AppendTuple(argparse.Action):
     """A repeatable flag collecting its values in a tuple; the first use replaces the
     default."""
 

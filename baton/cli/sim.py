@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from baton.cli.args import add_settings, build, command
+from baton.cli.deployment import DeploymentFile
 from baton.cli.serve import add_pools, build_pools
 
 if TYPE_CHECKING:
@@ -34,6 +36,8 @@ def add_parser(sub: Any) -> None:
 
     p = command(sub, "sim", "simulate a deployment on a virtual clock; reports like bench")
     p.add_argument("--trace", default=None, help="Mooncake JSONL file (required but for sweep)")
+    p.add_argument("--deployment", action=DeploymentFile, default=None, metavar="FILE",
+                   help="a YAML file of these settings (docs/sim.md); flags given win")
     defaults = SimConfig()
     add_pools(p, defaults.pools)
     add_settings(p.add_argument_group("simulation"), defaults,
@@ -44,14 +48,18 @@ def add_parser(sub: Any) -> None:
                    help="write summary.json, records.csv, distributions.png and sim.json here")
     p.set_defaults(run=run)
     sweeps = p.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-    _add_sweep_parser(sweeps)
+    _add_sweep_parser(sweeps, [a.dest for a in p._actions])  # noqa: SLF001
 
 
-def _add_sweep_parser(sub: Any) -> None:
+def _add_sweep_parser(sub: Any, deployment_keys: Iterable[str]) -> None:
     from baton.sim.sweep_grid import DEFAULT_SLA, SweepConfig
 
     p = command(sub, "sweep", "agg vs every P:D split over an ISL x OSL x load grid "
                 "(docs/sim.md)")
+    p.add_argument("--deployment", action=DeploymentFile, default=None, metavar="FILE",
+                   ignored=deployment_keys,
+                   help="a baton sim deployment file: its engine, timing and router settings "
+                   "(the sweep picks the pools); flags given win")
     add_settings(p, SweepConfig(), exclude=SWEEP_EXCLUDE)
     p.add_argument("--goodput", default=None, metavar="ttft_ms=X,itl_ms=Y",
                    help=f"{GOODPUT_HELP} (default: ttft_ms={DEFAULT_SLA.ttft_ms:g},"

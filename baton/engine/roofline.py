@@ -12,11 +12,14 @@ parallelism needs and a fixed overhead:
   ``SchedulerOutput.prefill_attention_pairs`` and ``decode_context_tokens``);
 - **tensor parallelism** splits weights, heads and FLOPs over ``tp`` GPUs and adds two
   all-reduces of the activations per layer; **expert parallelism** splits the experts over
-  ``ep`` GPUs and adds the all-to-all that sends each token to its experts and back.
+  ``ep`` GPUs and adds the all-to-all that sends each token to the GPUs holding its experts
+  (once per GPU, in the weights' precision) and back (in bf16).
 
 Multi-head latent attention (DeepSeek) caches one latent vector per token and layer
 (``kv_lora_rank + qk_rope_head_dim``) and attends in the latent space (weights absorbed);
-its latent cache is not split by tensor parallelism.
+its latent cache is not split by tensor parallelism. DeepSeek sparse attention (V3.2) lets
+each query attend to ``index_topk`` tokens that a lightning indexer (``index_n_heads`` x
+``index_head_dim``, FP8) picks after scoring every context token.
 
 ``ModelShape.from_hf_config`` reads an HF ``config.json``; ``HARDWARE`` holds public GPU specs
 (``docs/timing-model.md`` cites each). The efficiencies say what share of the peak a real
@@ -27,9 +30,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from baton.engine.timing import StepShape
 
 Dtype = Literal["bf16", "fp8", "fp4"]
 DTYPE_BYTES: dict[str, float] = {"bf16": 2.0, "fp8": 1.0, "fp4": 0.5}
@@ -99,6 +105,11 @@ class ModelShape:
     qk_rope_dim: int = 0
     qk_nope_dim: int = 0
     v_head_dim: int = 0
+    index_topk: int = 0
+    """DeepSeek sparse attention (V3.2): each query attends to this many context tokens, as
+    a lightning indexer picks them (0: dense attention)."""
+    index_heads: int = 0
+    index_head_dim: int = 0
     weights: Dtype = "bf16"
     kv_cache: Dtype = "bf16"
 
@@ -129,6 +140,9 @@ class ModelShape:
             qk_rope_dim=int(c.get("qk_rope_head_dim") or 0),
             qk_nope_dim=int(c.get("qk_nope_head_dim") or 0),
             v_head_dim=int(c.get("v_head_dim") or 0),
+            index_topk=int(c.get("index_topk") or 0),
+            index_heads=int(c.get("index_n_heads") or 0),
+            index_head_dim=int(c.get("index_head_dim") or 0),
             weights=weights or found, kv_cache=kv_cache or found_kv,
         )
 
@@ -149,7 +163,11 @@ class ModelShape:
         q = (h * self.q_lora_rank + self.q_lora_rank * n * qk) if self.q_lora_rank else h * n * qk
         kv = h * (self.kv_lora_rank + self.qk_rope_dim) + self.kv_lora_rank * n * (
             self.qk_nope_dim + self.v_head_dim)
-        return q + kv + n * self.v_head_dim * h
+        indexer = 0
+        if self.sparse:  # its query (from the query latent), key and head-weight projections
+            d, k = self.index_head_dim, self.index_heads
+            indexer = (self.q_lora_rank or h) * k * d + h * d + h * k
+        return q + kv + n * self.v_head_dim * h + indexer
 
     def mlp_params(self, width: int) -> int:
         """A gated MLP (gate, up, down) of ``width``."""
@@ -165,11 +183,21 @@ class ModelShape:
         return (dense + self.experts * expert + embeddings,
                 dense + self.active_experts * expert + embeddings)
 
+    @property
+    def sparse(self) -> bool:
+        return self.index_topk > 0
+
     def kv_bytes_per_token(self) -> float:
-        """KV cache bytes one token holds over all layers."""
+        """KV cache bytes one token holds over all layers (with sparse attention, its
+        indexer key too)."""
         per_layer = (self.kv_lora_rank + self.qk_rope_dim if self.mla
                      else 2 * self.kv_heads * self.head_dim)
-        return per_layer * self.layers * DTYPE_BYTES[self.kv_cache]
+        return (per_layer * DTYPE_BYTES[self.kv_cache] + self.index_key_bytes()) * self.layers
+
+    def index_key_bytes(self) -> int:
+        """One token's indexer key in one layer: FP8 with an fp32 scale, as DeepSeek's
+        kernels keep it (0 without sparse attention)."""
+        return self.index_head_dim + 4 if self.sparse else 0
 
     def attention_width(self, decode: bool) -> int:
         """``qk + v`` width summed over heads: FLOPs per (query, context token) pair / 2.
@@ -196,14 +224,29 @@ def _quantized(config: Mapping[str, Any]) -> tuple[Dtype, Dtype]:
 
 @dataclass(frozen=True)
 class Parallelism:
+    """A worker of ``tp x dp`` GPUs: ``dp`` attention data-parallel ranks of ``tp`` GPUs
+    each. Routed experts are split over all of them, ``ep`` ways by expert (TRT-LLM's
+    ``moe_expert_parallel_size``) and the rest by width."""
+
     tp: int = 1
-    """Tensor parallel GPUs (weights, heads and FLOPs split; two all-reduces per layer)."""
+    """Tensor parallel GPUs per rank (weights, heads and FLOPs split; two all-reduces per
+    layer)."""
     ep: int = 1
-    """Expert parallel GPUs (routed experts split; an all-to-all each way per MoE layer)."""
+    """Expert parallel GPUs (an all-to-all each way per MoE layer)."""
+    dp: int = 1
+    """Attention data-parallel ranks: each runs attention and the dense layers on its own
+    batch; the ranks meet in the expert layers and step in lockstep."""
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.ep < 1:
-            raise ValueError("tp and ep must be >= 1")
+        if self.tp < 1 or self.ep < 1 or self.dp < 1:
+            raise ValueError("tp, ep and dp must be >= 1")
+        if self.gpus % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide the worker's GPUs (tp x dp = "
+                             f"{self.gpus})")
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.dp
 
 
 @dataclass(frozen=True)
@@ -239,7 +282,13 @@ class _Rates:
     decode_pair_s: float
     prefill_pair_s: float
     kv_token_s: float
-    """Seconds to read or write one token's KV (all layers)."""
+    """Seconds to read or write one token's KV (all layers; without the indexer key)."""
+    topk: int
+    """Tokens a query attends to with sparse attention (0: all)."""
+    index_pair_s: float
+    """Sparse attention's indexer: seconds per (query, context token) pair it scores."""
+    index_token_s: float
+    """Seconds to read or write one token's indexer key (all layers)."""
     allreduce_s: float
     """Per token: the all-reduces' bandwidth share, all layers."""
     allreduce_fixed_s: float
@@ -279,28 +328,70 @@ class RooflineTiming:
         return {"linear": parts[0] * 1e3, "attention": parts[1] * 1e3,
                 "communication": parts[2] * 1e3, "overhead": self.efficiency.step_overhead_ms}
 
+    def lockstep_ms(self, ranks: Sequence[StepShape]) -> float:
+        """A step of attention data-parallel ranks (``step_ms``'s arguments per rank that
+        has work): each rank's attention and dense layers on its own batch, the slowest
+        setting the pace; the routed experts on all the ranks' tokens; the all-to-all as
+        long as the busiest rank's share. Idle ranks still step (they join the experts'
+        collectives with an empty batch)."""
+        rank_s = 0.0
+        tokens = most = 0
+        for prefill, decode, kv, _, pairs, context in ranks:
+            if prefill + decode == 0:
+                continue
+            dense, attention, allreduce = self._rank_parts(prefill, decode, kv, pairs, context)
+            rank_s = max(rank_s, dense + attention + allreduce)
+            tokens += prefill + decode
+            most = max(most, prefill + decode)
+        if not tokens:
+            return 0.0
+        seconds = rank_s + self._experts_s(tokens) + self._alltoall_s(most)
+        return seconds * 1e3 + self.efficiency.step_overhead_ms
+
     def _parts(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
                prefill_pairs: int, decode_context: int) -> tuple[float, float, float]:
-        """Seconds of the linear layers, attention and communication."""
+        """Seconds of the linear layers, attention and communication (one rank)."""
+        tokens = prefill_tokens + decode_requests
+        dense, attention, allreduce = self._rank_parts(
+            prefill_tokens, decode_requests, kv_tokens, prefill_pairs, decode_context)
+        return (dense + self._experts_s(tokens), attention,
+                allreduce + self._alltoall_s(tokens))
+
+    def _experts_s(self, tokens: int) -> float:
+        """The routed experts over ``tokens``: uniform routing, so the step reads the
+        distinct experts its tokens reach."""
+        r = self._rates
+        if not r.experts:
+            return 0.0
+        touched = r.experts * (1 - (1 - r.active_share) ** tokens)
+        return max(tokens * r.expert_flop_s, touched * r.expert_read_s)
+
+    def _alltoall_s(self, tokens: int) -> float:
+        r = self._rates
+        return tokens * r.alltoall_s + r.alltoall_fixed_s if r.alltoall_fixed_s else 0.0
+
+    def _rank_parts(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
+                    prefill_pairs: int, decode_context: int) -> tuple[float, float, float]:
+        """One rank's own work: the linear layers but the routed experts, attention and the
+        all-reduces."""
         r = self._rates
         tokens = prefill_tokens + decode_requests
         sampled = decode_requests + (1 if prefill_tokens else 0)
         linear = max(tokens * r.linear_flop_s + sampled * r.head_flop_s, r.weights_s)
-        if r.experts:  # uniform routing: the distinct experts the step's tokens reach
-            touched = r.experts * (1 - (1 - r.active_share) ** tokens)
-            linear += max(tokens * r.expert_flop_s, touched * r.expert_read_s)
         decode_pairs = (decode_context or kv_tokens) if decode_requests else 0
         chunk_pairs = prefill_pairs or prefill_tokens * (prefill_tokens + 1) / 2
+        attended, chunk_attended = decode_pairs, chunk_pairs
+        if r.topk:  # sparse: each query attends to topk tokens, the indexer scores them all
+            attended = min(decode_pairs, decode_requests * r.topk)
+            chunk_attended = min(chunk_pairs, prefill_tokens * r.topk)
         # the decodes read their contexts, the prefills write theirs (a prefix they read is
         # left out: a prefill's attention is bound by its arithmetic)
-        attention = max(decode_pairs * r.decode_pair_s + chunk_pairs * r.prefill_pair_s,
-                        (decode_pairs + prefill_tokens) * r.kv_token_s)
-        communication = 0.0
-        if r.allreduce_fixed_s:
-            communication += tokens * r.allreduce_s + r.allreduce_fixed_s
-        if r.alltoall_fixed_s:
-            communication += tokens * r.alltoall_s + r.alltoall_fixed_s
-        return linear, attention, communication
+        attention = max(attended * r.decode_pair_s + chunk_attended * r.prefill_pair_s
+                        + (decode_pairs + chunk_pairs) * r.index_pair_s,
+                        (attended + prefill_tokens) * r.kv_token_s
+                        + (decode_pairs + prefill_tokens) * r.index_token_s)
+        allreduce = tokens * r.allreduce_s + r.allreduce_fixed_s if r.allreduce_fixed_s else 0.0
+        return linear, attention, allreduce
 
     @functools.cached_property
     def _rates(self) -> _Rates:
@@ -315,12 +406,17 @@ class RooflineTiming:
                  + m.moe_layers * m.mlp_params(m.shared_intermediate))
         head = m.hidden * m.vocab
         expert = m.mlp_params(m.expert_intermediate) * m.moe_layers
-        shards = p.ep * p.tp
+        shards = p.gpus
         split = 1 if m.mla else min(p.tp, m.kv_heads)  # a latent cache is not split
         activations = m.hidden * ACTIVATION_BYTES  # per token
         fixed = e.collective_latency_us * 1e-6
         tp_share = 2 * (p.tp - 1) / p.tp
-        ep_share = m.active_experts * (p.ep - 1) / p.ep / p.tp
+        # a token goes once to each other GPU holding one of its experts (dispatched in the
+        # weights' low precision when they have one, combined back in bf16)
+        reached = p.ep * (1 - (1 - 1 / p.ep) ** m.active_experts) if m.experts else 0.0
+        dispatch = min(wbytes, 1.0) + (1 / 16 if m.weights == "fp4" else 0.0)  # + scales
+        alltoall_bytes = reached * (p.ep - 1) / p.ep / p.tp * m.hidden * (
+            dispatch + ACTIVATION_BYTES)
         collectives = p.ep > 1 and m.moe_layers > 0
         return _Rates(
             linear_flop_s=2 * dense / p.tp * flop, head_flop_s=2 * head / p.tp * flop,
@@ -332,10 +428,14 @@ class RooflineTiming:
             decode_pair_s=2 * m.layers * m.attention_width(decode=True) / p.tp * attention_flop,
             prefill_pair_s=2 * m.layers * m.attention_width(decode=False) / p.tp
             * attention_flop,
-            kv_token_s=m.kv_bytes_per_token() / split * byte,
+            kv_token_s=(m.kv_bytes_per_token() - m.index_key_bytes() * m.layers) / split * byte,
+            topk=m.index_topk,
+            index_pair_s=2 * m.layers * m.index_heads * m.index_head_dim
+            / (hw.peak("fp8") * e.compute),
+            index_token_s=m.index_key_bytes() * m.layers * byte,
             allreduce_s=2 * m.layers * tp_share * activations / link if p.tp > 1 else 0.0,
             allreduce_fixed_s=2 * m.layers * fixed if p.tp > 1 else 0.0,
-            alltoall_s=2 * m.moe_layers * ep_share * activations / link if collectives else 0.0,
+            alltoall_s=m.moe_layers * alltoall_bytes / link if collectives else 0.0,
             alltoall_fixed_s=2 * m.moe_layers * fixed if collectives else 0.0,
         )
 

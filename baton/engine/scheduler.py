@@ -30,13 +30,14 @@ split, each part would reach into the others'.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Mapping, Sequence
 
 from baton.config import SchedulerConfig
 from baton.engine.base import EngineLoad
 from baton.engine.request import Request, RequestStatus
-from baton.engine.step import KvLoad, SchedulerOutput, StepBuilder, StepResult
+from baton.engine.step import DecodeRun, KvLoad, SchedulerOutput, StepBuilder, StepResult
 from baton.kv.block_pool import BlockPool, KVBlock
 from baton.kv.events import KvEvent, KvEventData, KvStored
 from baton.kv.hashing import SequenceHash
@@ -93,6 +94,11 @@ class Scheduler:
         req.update_block_hashes(self.config.block_size)
         self.requests[req.request_id] = req
         self.waiting.append(req)
+
+    def check_fits(self, req: Request) -> None:
+        """Raises ValueError if ``req`` could never be scheduled here (``add_request``'s
+        check, for a request held elsewhere before it is added)."""
+        self._validate_fits(req)
 
     def abort_request(self, request_id: str) -> bool:
         """Finish a request as aborted and free its blocks at once, except while its KV is
@@ -213,6 +219,75 @@ class Scheduler:
             scheduled, list(scheduled), num_prefill_tokens, len(scheduled) - num_prefill_tokens,
             attention=(prefill_pairs, context),
         )
+
+    # ---- stretches of decode-only steps (the simulator takes them in one go) ----------------
+
+    def decode_run(self, limit: int, token_id: int) -> DecodeRun | None:
+        """The decode-only steps that would follow from here if every sampled token were
+        ``token_id`` and no request came in: at most ``limit``, none finishing a request (the
+        step that does is an ordinary one), none needing a block the pool lacks (nor tiers,
+        which copy between steps). None when the next step would not be decode-only."""
+        running = self.running
+        if (self._in_flight is not None or self.waiting or self.loading or self.held
+                or self.tiers is not None or not running
+                or len(running) > self.config.max_num_batched_tokens):
+            return None
+        block_size = self.config.block_size
+        steps = limit
+        for req in running:
+            if req.is_prefilling or req.num_uncomputed_tokens != 1:
+                return None
+            sampling, sampled = req.sampling, len(req.output_token_ids)
+            steps = min(steps, sampling.max_tokens - sampled - 1)
+            if not sampling.ignore_eos and token_id in sampling.stop_token_ids:
+                steps = min(steps, sampling.min_tokens - sampled - 1)
+        if steps < 1:
+            return None
+        allocations = [0] * steps
+        for req in running:
+            for j in range(len(req.blocks) * block_size - req.num_computed_tokens, steps,
+                           block_size):
+                allocations[j] += 1
+        free, used = self.pool.num_free_blocks, self.pool.num_used_blocks
+        used_blocks: list[int] = []
+        for added in itertools.accumulate(allocations):
+            if added > free:
+                break
+            used_blocks.append(used + added)
+        if not used_blocks:
+            return None
+        return DecodeRun(len(used_blocks), len(running),
+                         sum(len(r.all_token_ids) for r in running), used_blocks,
+                         self.config.kv_tokens)
+
+    def advance_decodes(self, steps: int, token_id: int) -> None:
+        """Take ``steps`` steps of the last ``decode_run`` (at most its ``steps``), each
+        sampling ``token_id`` for every request: the state, blocks and KV events are those
+        of as many ``schedule()`` / ``update_from_output()`` pairs, in the same order (each
+        step's allocations in running order, then its full blocks cached)."""
+        block_size = self.config.block_size
+        allocate: dict[int, list[Request]] = {}
+        commit: dict[int, list[tuple[Request, int]]] = {}
+        for req in self.running:
+            done = req.num_computed_tokens
+            for j in range(len(req.blocks) * block_size - done, steps, block_size):
+                allocate.setdefault(j, []).append(req)
+            commit.setdefault(0, []).append((req, done + 1))
+            for j in range(-(done + 1) % block_size or block_size, steps, block_size):
+                commit.setdefault(j, []).append((req, done + j + 1))
+            tokens = [token_id] * steps
+            req.output_token_ids.extend(tokens)
+            req.all_token_ids.extend(tokens)
+            req.update_block_hashes(block_size)
+        for j in sorted(allocate.keys() | commit.keys()):
+            for req in allocate.get(j, ()):
+                req.blocks.extend(self.pool.allocate(1))
+            for req, computed in commit.get(j, ()):
+                req.num_computed_tokens = computed
+                if computed // block_size > req.num_committed_blocks:
+                    self._commit_full_blocks(req)
+        for req in self.running:
+            req.num_computed_tokens = len(req.all_token_ids) - 1
 
     def _schedule_running(self, step: StepBuilder) -> None:
         block_size = self.config.block_size
@@ -519,6 +594,11 @@ class Scheduler:
     def has_work(self) -> bool:
         """Whether a step would do something (loading requests wait for their copy)."""
         return bool(self.running or self.waiting)
+
+    @property
+    def num_active(self) -> int:
+        """Requests here: running, waiting or loading their KV."""
+        return len(self.running) + len(self.waiting) + len(self.loading)
 
     def load(self) -> EngineLoad:
         """Load as reported to routers (the engine shell adds its worker id). Active prefill

@@ -93,3 +93,18 @@ class StepBuilder:
 
     def unschedule(self, req: Request) -> None:
         self.budget += self.num_scheduled_tokens.pop(req.request_id, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """A stretch of decode-only steps a scheduler can take in one go
+    (``Scheduler.decode_run``): the same requests each compute one token a step, none
+    finishes, nothing else is admitted. What a timing model needs of each step."""
+
+    steps: int
+    num_decode_requests: int
+    context_tokens: int
+    """``decode_context_tokens`` of the first step; each later step adds one per request."""
+    used_blocks: list[int]
+    """Blocks in use after each step's allocations (``num_kv_tokens_in_use`` / block size)."""
+    kv_tokens_total: int

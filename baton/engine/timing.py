@@ -13,13 +13,17 @@ import functools
 import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from baton.config import TimingConfig
+    from baton.engine.step import SchedulerOutput
+
+StepShape = tuple[int, int, int, int, int, int]
+"""``TimingModel.step_ms``'s arguments for one step of one rank, in order."""
 
 
 class TimingModel(Protocol):
@@ -36,6 +40,24 @@ class TimingModel(Protocol):
         prefill_pairs: int = 0,
         decode_context: int = 0,
     ) -> float: ...
+
+
+def lockstep_ms(model: TimingModel) -> Callable[[Sequence[StepShape]], float]:
+    """A step of ranks in lockstep: the model's own rule when it has one, else the slowest
+    rank's time (every rank waits for it)."""
+    own = getattr(model, "lockstep_ms", None)
+    if own is not None:
+        return own  # type: ignore[no-any-return]
+
+    def slowest(ranks: Sequence[StepShape]) -> float:
+        return max(model.step_ms(*shape) for shape in ranks)
+
+    return slowest
+
+
+def step_shape(out: SchedulerOutput) -> StepShape:
+    return (out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
+            out.num_kv_tokens_total, out.prefill_attention_pairs, out.decode_context_tokens)
 
 
 def kv_usage(kv_tokens_in_use: int, kv_tokens_total: int) -> float:
@@ -163,16 +185,18 @@ class ProfileTiming(_PhaseTiming):
         return _interpolate(self.decode_kv_usage, self.decode_ms_points, usage, False)
 
 
-def timing_model(timing: TimingConfig) -> TimingModel:
-    """The roofline model of ``timing.roofline_model`` (an HF ``config.json``), else the
-    profile in the JSON file ``timing.profile``, else the polynomial."""
+def timing_model(timing: TimingConfig, attention_dp: int = 1) -> TimingModel:
+    """The roofline model of ``timing.roofline_model`` (an HF ``config.json``; a worker of
+    ``attention_dp`` data-parallel ranks), else the profile in the JSON file
+    ``timing.profile``, else the polynomial."""
     if timing.roofline_model:
-        return _roofline(timing.roofline_model, timing.hardware, timing.tp, timing.ep)
+        return _roofline(timing.roofline_model, timing.hardware, timing.tp, timing.ep,
+                         attention_dp)
     return ProfileTiming.from_file(timing.profile) if timing.profile else PolynomialTiming()
 
 
 @functools.lru_cache(maxsize=16)
-def _roofline(path: str, hardware: str, tp: int, ep: int) -> TimingModel:
+def _roofline(path: str, hardware: str, tp: int, ep: int, dp: int) -> TimingModel:
     """A roofline model, built once per file and shape (the simulator asks often)."""
     from baton.engine.roofline import HARDWARE, ModelShape, Parallelism, RooflineTiming
 
@@ -180,7 +204,7 @@ def _roofline(path: str, hardware: str, tp: int, ep: int) -> TimingModel:
         model = ModelShape.from_hf_config(_read_json(Path(path)))
     except KeyError as exc:
         raise ValueError(f"{path}: an HF config.json needs {exc.args[0]!r}") from None
-    return RooflineTiming(model, HARDWARE[hardware], Parallelism(tp=tp, ep=ep))
+    return RooflineTiming(model, HARDWARE[hardware], Parallelism(tp=tp, ep=ep, dp=dp))
 
 
 def _read_json(path: Path) -> Any:

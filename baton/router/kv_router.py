@@ -39,7 +39,13 @@ from baton.kv.hashing import (
     compute_local_hashes,
     compute_sequence_hashes,
 )
-from baton.protocol import GenerateRequest, LoadMetrics, StepSample, WorkerEvents
+from baton.protocol import (
+    KV_EVENTS_KEY,
+    GenerateRequest,
+    LoadMetrics,
+    StepSample,
+    WorkerEvents,
+)
 from baton.router.feed_health import FeedHealth
 from baton.router.indexer import KvIndex
 from baton.router.kv_selector import KvSelector, RouterOverrides, RoutingDecision
@@ -126,6 +132,8 @@ class KvRouter:
         self.worker_loads: dict[int, LoadMetrics] = {}
         """Each worker's latest reported load (KV usage and step budget for predictions)."""
         self.feed_health = FeedHealth(stale_after_s=config.kv_stale_after_s)
+        self._uncached: set[int] = set()
+        """Workers keeping no prefix cache: no KV event is expected of them."""
         self.blind_fallback = config.blind_fallback
         self.tier_credits = (config.host_kv_credit, config.disk_kv_credit)
         """What a block held only in host memory, or on disk, counts as (a device block: 1)."""
@@ -160,9 +168,12 @@ class KvRouter:
                 "--block-size", record.instance_id, record.block_size, self.block_size,
             )
             return False
+        if record.metadata.get(KV_EVENTS_KEY) == "off":
+            self._uncached.add(record.instance_id)
         return True
 
     def on_worker_removed(self, worker_id: int) -> None:
+        self._uncached.discard(worker_id)
         self.step_models.remove_worker(worker_id)
         self.worker_loads.pop(worker_id, None)
         self.feed_health.remove_worker(worker_id)
@@ -381,7 +392,7 @@ class KvRouter:
 
     def _check_feed(self, routed: _Routed, cached_tokens: int | None, now: float) -> None:
         w = routed.worker_id
-        if self.use_kv_events:
+        if self.use_kv_events and w not in self._uncached:  # silent by design otherwise
             self.feed_health.on_prefilled(
                 w, now, routed_at=routed.at, new_blocks=routed.new_blocks,
                 predicted_tokens=routed.predicted_tokens, realized_tokens=cached_tokens)

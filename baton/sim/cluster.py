@@ -31,6 +31,15 @@ decode leg (``remote_kv`` naming the held blocks) is routed to a decode worker, 
 scheduler admits it into ``LOADING_KV`` and reports a ``KvLoad``; the load ends
 ``transfer_seconds`` later, the decode leg runs and the prefill worker frees the held blocks.
 
+With attention data parallelism (``SimConfig.attention_dp``) a worker's ranks step together:
+one step event per worker, lasting as long as the timing model says the ranks take together.
+
+Decode-only runs (``SimConfig.decode_runs``): when every stepping rank of a worker only
+decodes, its coming steps (up to the next arrival, none finishing a request) are taken as one
+run event; the run commits lazily, at its end or before anything reads or changes the workers
+(``_catch_up``: arrivals, turns, decode legs routed, planner decisions), leaving exactly the
+state the steps one by one would have left.
+
 At equal times, pending heap events (step completions, KV events, loads) are handled before
 arrivals. Sampled tokens are always id 1 with ``ignore_eos``, so every request runs to
 ``max(1, output_length)`` tokens. Records use the same ``RequestRecord`` as ``baton bench``,
@@ -42,6 +51,7 @@ pools, and split apart each would reach into the others' state.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -52,15 +62,15 @@ import msgspec
 from baton.bench.metrics import RequestRecord
 from baton.config import WorkerRole
 from baton.engine.request import Request
-from baton.engine.step import KvLoad, SchedulerOutput, StepResult
-from baton.engine.timing import onboard_ms
+from baton.engine.step import DecodeRun, KvLoad, SchedulerOutput, StepResult
+from baton.engine.timing import lockstep_ms, onboard_ms, step_shape
 from baton.kv.events import KvEvent
 from baton.protocol import SamplingParams, StepSample
 from baton.router.disagg import decide
 from baton.router.kv_router import KvRouter
 from baton.sim.config import SimConfig
 from baton.sim.disagg import DisaggStats, SimRoute, held_kv_params, transfer_seconds
-from baton.sim.pool import SimPool, SimWorker
+from baton.sim.pool import SimEngine, SimPool, SimWorker
 from baton.sim.prompts import SimPromptBuilder
 from baton.sim.scaling import ScalingReport, SimScaler, idle
 from baton.trace import TraceRequest
@@ -79,6 +89,25 @@ _LOAD = 2
 _TURN = 3
 _PLAN = 4
 _READY = 5
+_RUN = 6
+
+_MAX_RUN_STEPS = 4096
+"""The longest stretch of decode-only steps taken in one go (its per-step times are kept)."""
+
+
+class _Run:
+    """A stretch of decode-only steps of one engine, taken in one go: each rank's plan
+    (``Scheduler.decode_run``) and every step's duration and end. It commits lazily: at its
+    end, or when something is about to read or change the workers (``Cluster._catch_up``)."""
+
+    __slots__ = ("durations", "ends", "engine", "plans")
+
+    def __init__(self, engine: SimEngine, plans: list[tuple[SimWorker, DecodeRun]],
+                 durations: list[float], ends: list[float]) -> None:
+        self.engine = engine
+        self.plans = plans
+        self.durations = durations
+        self.ends = ends
 
 
 class _Live:
@@ -115,6 +144,8 @@ class Cluster:
         self.num_preemptions = 0
         self.onboarded_blocks = 0
         """KV blocks copied up from the workers' host and disk tiers."""
+        self.run_steps = 0
+        """Steps taken in stretches of decode-only steps (``SimConfig.decode_runs``)."""
         self.prefill: SimPool | None = None
         """The prefill pool (``disagg`` only): worker ids ``0..P-1``."""
         pools = config.pools
@@ -127,6 +158,7 @@ class Cluster:
         """The pool that generates: the aggregated workers or the decode pool."""
         self.pools = [p for p in (self.prefill, self.decode) if p is not None]
         self.workers = [w for pool in self.pools for w in pool.workers]
+        """Every scheduler: the workers, or with attention data parallelism their ranks."""
         self.routes: dict[int, SimRoute] = {}
         """Disaggregated only: how each request (by record index) was served."""
         self._prompts = SimPromptBuilder(config.trace_block_size, seed=config.seed)
@@ -134,6 +166,12 @@ class Cluster:
         self._seq = itertools.count()
         self._live: dict[str, _Live] = {}
         self._step_ms = config.model().step_ms
+        self._decode_runs = config.decode_runs and config.kv_event_delay_s == 0
+        self._next_arrival = math.inf
+        self._in_run: dict[SimEngine, None] = {}
+        """Engines taking a stretch of decode-only steps (insertion-ordered)."""
+        self._lockstep_ms = (lockstep_ms(config.model()) if config.attention_dp > 1
+                             else None)
         self._check_invariants = config.check_invariants
         self._plan = SessionPlan([])
         self._history = History(self._plan)
@@ -143,15 +181,17 @@ class Cluster:
         """With ``--planner``: the planner and its virtual connector (set by ``run``)."""
         self.scaling: ScalingReport | None = None
         """What the planner did (after ``run``)."""
-        self._next_worker_id = itertools.count(config.total_workers)
+        self._next_worker_id = itertools.count(config.total_workers * config.attention_dp)
         self._arrivals_left = 0
 
     def _pool(self, role: WorkerRole, first_id: int, count: int) -> SimPool:
         cfg = self.config
         scales = cfg.step_time_scale or (1.0,) * cfg.total_workers
+        dp = cfg.attention_dp
         return SimPool(
-            role, range(first_id, first_id + count), cfg.scheduler_for(role), cfg.router_for(),
-            step_time_scales=scales[first_id:first_id + count], clock=lambda: self.now,
+            role, range(first_id * dp, (first_id + count) * dp), cfg.scheduler_for(role),
+            cfg.router_for(), step_time_scales=scales[first_id:first_id + count],
+            clock=lambda: self.now, ranks=dp,
         )
 
     @property
@@ -165,20 +205,25 @@ class Cluster:
         return {wid: n for pool in self.pools for wid, n in pool.in_flight.items()}
 
     @property
+    def engines(self) -> list[SimEngine]:
+        """What steps: every worker (with its ranks) that ever served, over all pools."""
+        return list({id(w.engine): w.engine for w in self.workers}.values())
+
+    @property
     def num_steps(self) -> int:
-        return sum(w.num_steps for w in self.workers)
+        return sum(e.num_steps for e in self.engines)
 
     def busy_shares(self) -> dict[str, float]:
         """Per pool role: the share of its workers' time they spent in steps (mean; with a
         planner, over the worker-seconds it paid for)."""
         span = self.now or 1.0
         busy = {p.role: 0.0 for p in self.pools}
-        for w in self.workers:
-            busy[w.pool.role] += w.busy_s
+        for engine in self.engines:
+            busy[engine.ranks[0].pool.role] += engine.busy_s
         if self.scaling is not None:
             paid = self.scaling.worker_seconds
             return {role: b / (paid[role] or 1.0) for role, b in busy.items()}
-        return {p.role: busy[p.role] / (span * len(p.workers)) for p in self.pools}
+        return {p.role: busy[p.role] / (span * len(p.engines)) for p in self.pools}
 
     def disagg_stats(self) -> DisaggStats | None:
         if self.prefill is None:
@@ -208,13 +253,13 @@ class Cluster:
         pop = heapq.heappop
         i, n = 0, len(arrivals)
         self._arrivals_left = n
-        next_arrival = arrivals[0][0]
+        next_arrival = self._next_arrival = arrivals[0][0]
         while True:
             if heap and heap[0][0] <= next_arrival:
                 at, _, kind, payload = pop(heap)
                 self.now = at
                 if kind == _STEP:  # each kind of event has its own payload:
-                    self._step_done(payload)  # type: ignore[arg-type]  # a SimWorker
+                    self._step_done(payload)  # type: ignore[arg-type]  # a SimEngine
                 elif kind == _KV:
                     self._apply_kv_events(*payload)  # type: ignore[misc]  # (router, events)
                 elif kind == _TURN:
@@ -224,13 +269,15 @@ class Cluster:
                     self._plan_tick()
                 elif kind == _READY:
                     self._ready(payload)  # type: ignore[arg-type]  # a SimWorker
+                elif kind == _RUN:
+                    self._run_done(payload)  # type: ignore[arg-type]  # a _Run
                 else:
                     self._load_done(*payload)  # type: ignore[misc]  # (worker, id, from tiers)
             elif i < n:
                 at, index = arrivals[i]
                 i += 1
                 self._arrivals_left = n - i
-                next_arrival = arrivals[i][0] if i < n else math.inf
+                next_arrival = self._next_arrival = arrivals[i][0] if i < n else math.inf
                 self.now = at
                 records[index] = self._arrive(index, chosen[index])
             else:
@@ -243,6 +290,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ arrivals
     def _arrive(self, index: int, trace: TraceRequest) -> RequestRecord:
+        self._catch_up()
         now = self.now
         record = RequestRecord(index=index, scheduled_at_s=now, sent_at_s=now, end_at_s=now)
         try:
@@ -299,7 +347,11 @@ class Cluster:
         session = self._chosen[live.record.index].session_id
         worker = pool.route(request, session, self.now)
         try:
-            worker.scheduler.add_request(request)
+            if pool.routes_workers:  # the worker gives it to a rank (SimEngine.dispatch)
+                worker.scheduler.check_fits(request)
+                worker.engine.queue.append(request)
+            else:
+                worker.scheduler.add_request(request)
         except ValueError:
             pool.forget(request.request_id)
             raise
@@ -307,8 +359,9 @@ class Cluster:
         return worker
 
     def _wake(self, worker: SimWorker) -> None:
-        if worker.step is None and worker.scheduler.has_work:
-            self._start_step(worker)
+        engine = worker.engine
+        if engine.step is None and (worker.scheduler.has_work or engine.queue):
+            self._start_step(engine)
 
     # ------------------------------------------------------------------ disaggregation
     def _decide(self, request: Request) -> SimRoute:
@@ -340,11 +393,13 @@ class Cluster:
     def _prefills_done(self, worker: SimWorker, results: list[StepResult]) -> None:
         """Prefill legs finished on ``worker`` (their one token is dropped): send each decode
         leg, with the held KV as ``remote_kv``, to the decode pool."""
+        if results:
+            self._catch_up()
         pool = worker.pool
         router = pool.router
         for result in results:
             rid = result.request_id
-            pool.in_flight[worker.worker_id] -= 1
+            pool.in_flight[worker.route_id] -= 1
             if router is not None:
                 router.on_first_output(rid)
                 router.on_finish(rid)
@@ -406,24 +461,41 @@ class Cluster:
             self._wake(w)
 
     # ------------------------------------------------------------------ steps
-    def _start_step(self, worker: SimWorker) -> None:
-        sched = worker.scheduler
-        out = sched.schedule()
-        if out.kv_loads:
-            self._start_loads(worker, out.kv_loads)
-        if out.is_empty:
-            self._idle(worker, out)
+    def _start_step(self, engine: SimEngine) -> None:
+        """Schedules every rank of ``engine`` that has work; the step lasts as long as the
+        timing model says (all ranks together, in lockstep)."""
+        if engine.queue:
+            engine.dispatch()
+        if self._decode_runs and self._start_run(engine):
             return
-        self.num_preemptions += len(out.preempted)
-        step_ms = self._step_ms(
-            out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
-            out.num_kv_tokens_total, out.prefill_attention_pairs, out.decode_context_tokens,
-        )
-        duration = step_ms * worker.step_time_scale / 1000.0
-        worker.step = out
-        worker.step_s = duration
-        worker.busy_s += duration
-        heapq.heappush(self._heap, (self.now + duration, next(self._seq), _STEP, worker))
+        outs: list[tuple[SimWorker, SchedulerOutput]] = []
+        for rank in engine.ranks:
+            sched = rank.scheduler
+            if not sched.has_work:
+                continue
+            out = sched.schedule()
+            if out.kv_loads:
+                self._start_loads(rank, out.kv_loads)
+            if out.is_empty:
+                self._idle(rank, out)
+                continue
+            if out.preempted:
+                self.num_preemptions += len(out.preempted)
+            outs.append((rank, out))
+        if not outs:
+            return
+        if self._lockstep_ms is None:  # one rank: its step (inlined, this runs every step)
+            step_ms = self._step_ms(
+                out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
+                out.num_kv_tokens_total, out.prefill_attention_pairs,
+                out.decode_context_tokens)
+        else:
+            step_ms = self._lockstep_ms([step_shape(out) for _, out in outs])
+        duration = step_ms * engine.step_time_scale / 1000.0
+        engine.step = outs
+        engine.step_s = duration
+        engine.busy_s += duration
+        heapq.heappush(self._heap, (self.now + duration, next(self._seq), _STEP, engine))
 
     def _idle(self, worker: SimWorker, out: SchedulerOutput) -> None:
         """Nothing computable: admitted requests wait for their KV, or blocks held for (or
@@ -435,15 +507,26 @@ class Cluster:
         if not (sched.loading or sched.held):  # pragma: no cover - a scheduler bug
             raise RuntimeError(f"worker {worker.worker_id}: scheduler made no progress")
 
-    def _step_done(self, worker: SimWorker) -> None:
-        """A step's results: output tokens into the requests' records (inlined: this runs
+    def _step_done(self, engine: SimEngine) -> None:
+        """A step of ``engine`` ended: each rank's results, then the next step."""
+        outs = engine.step
+        assert outs is not None
+        engine.step = None
+        engine.num_steps += 1
+        for worker, out in outs:
+            self._rank_done(worker, out, engine.step_s)
+        ranks = engine.ranks
+        if ranks[0].scheduler.has_work if len(ranks) == 1 else engine.has_work:
+            self._start_step(engine)
+        if engine.step is None and self.scaler is not None:
+            for worker in ranks:
+                self._stop_if_drained(worker)
+
+    def _rank_done(self, worker: SimWorker, out: SchedulerOutput, step_s: float) -> None:
+        """One rank's results: output tokens into the requests' records (inlined: this runs
         once per step), or on a prefill worker the decode legs to send."""
         now = self.now
         sched = worker.scheduler
-        out = worker.step
-        assert out is not None
-        worker.step = None
-        worker.num_steps += 1
         results = sched.update_from_output(
             out, dict.fromkeys(out.requests_needing_sample, SAMPLED_TOKEN))
         events = sched.take_kv_events()
@@ -454,9 +537,9 @@ class Cluster:
                 and (out.num_prefill_tokens or worker.num_steps % _DECODE_SAMPLE_EVERY == 0)):
             pool.router.observe_steps(worker.worker_id, [StepSample(
                 out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
-                out.num_kv_tokens_total, worker.step_s)], None)
+                out.num_kv_tokens_total, step_s)], None)
         if self.scaler is not None:
-            self.scaler.stepped(pool.role, worker.step_s, out.num_decode_requests)
+            self.scaler.stepped(pool.role, step_s, out.num_decode_requests)
         if pool is self.prefill:
             self._prefills_done(worker, results)
             results = []
@@ -478,7 +561,7 @@ class Cluster:
                 record.end_at_s = now
                 record.ok = True
                 del live_map[result.request_id]
-                pool.in_flight[worker.worker_id] -= 1
+                pool.in_flight[worker.route_id] -= 1
                 if router is not None:
                     router.on_finish(result.request_id)
                 if self.scaler is not None:
@@ -486,10 +569,131 @@ class Cluster:
                 self._ended(record.index, live.prompt, record.completion_tokens)
         if self._check_invariants:
             sched.check_invariants()
-        if sched.has_work:
-            self._start_step(worker)
-        else:
-            self._stop_if_drained(worker)
+
+    # ------------------------------------------------------------------ decode-only runs
+    def _start_run(self, engine: SimEngine) -> bool:
+        """Takes the engine's coming decode-only steps in one go when each stepping rank has
+        a stretch of them (``Scheduler.decode_run``) and nothing waits, loads or is held."""
+        plans: list[tuple[SimWorker, DecodeRun]] = []
+        for rank in engine.ranks:
+            sched = rank.scheduler
+            if sched.loading or sched.held:
+                return False
+            if not sched.has_work:
+                continue
+            plan = sched.decode_run(_MAX_RUN_STEPS, SAMPLED_TOKEN)
+            if plan is None:
+                return False
+            plans.append((rank, plan))
+        steps = min((plan.steps for _, plan in plans), default=0)
+        if steps < 2:
+            return False
+        durations, ends = self._run_times(engine, plans, steps)
+        if len(ends) < 2:
+            return False
+        run = engine.run = _Run(engine, plans, durations, ends)
+        self._in_run[engine] = None
+        heapq.heappush(self._heap, (ends[-1], next(self._seq), _RUN, run))
+        return True
+
+    def _run_times(self, engine: SimEngine, plans: list[tuple[SimWorker, DecodeRun]],
+                   steps: int) -> tuple[list[float], list[float]]:
+        """Each step's modelled seconds and end, as ``_start_step`` would give them one by
+        one, up to the step in flight at the next arrival (which settles the run)."""
+        scale = engine.step_time_scale
+        block_size = self.config.scheduler.block_size
+        step_ms, lockstep = self._step_ms, self._lockstep_ms
+        durations: list[float] = []
+        ends: list[float] = []
+        at, until = self.now, self._next_arrival
+        for j in range(steps):
+            if lockstep is None:
+                (_, p), = plans
+                ms = step_ms(0, p.num_decode_requests, p.used_blocks[j] * block_size,
+                             p.kv_tokens_total, 0, p.context_tokens + p.num_decode_requests * j)
+            else:
+                ms = lockstep([(0, p.num_decode_requests, p.used_blocks[j] * block_size,
+                                p.kv_tokens_total, 0,
+                                p.context_tokens + p.num_decode_requests * j)
+                               for _, p in plans])
+            d = ms * scale / 1000.0
+            at += d
+            durations.append(d)
+            ends.append(at)
+            if at > until:
+                break
+        return durations, ends
+
+    def _catch_up(self) -> None:
+        """Before anything reads or changes the workers: every run commits the steps that
+        ended by now, and the step in flight becomes an ordinary one."""
+        if self._in_run:
+            for engine in list(self._in_run):
+                self._settle(engine)
+
+    def _settle(self, engine: SimEngine) -> None:
+        run = engine.run
+        assert isinstance(run, _Run)
+        engine.run = None
+        del self._in_run[engine]
+        done = bisect.bisect_right(run.ends, self.now)
+        if done:
+            self._commit_run(engine, run, done)
+        if done == len(run.ends):
+            return
+        engine.step = [(rank, rank.scheduler.schedule()) for rank, _ in run.plans]
+        engine.step_s = duration = run.durations[done]
+        engine.busy_s += duration
+        heapq.heappush(self._heap, (run.ends[done], next(self._seq), _STEP, engine))
+
+    def _commit_run(self, engine: SimEngine, run: _Run, steps: int) -> None:
+        """The first ``steps`` steps of ``run``: the schedulers, the records, the routers
+        and the planner as ``steps`` ordinary steps would have left them."""
+        durations, ends = run.durations[:steps], run.ends[:steps]
+        first_step = engine.num_steps
+        for d in durations:
+            engine.busy_s += d
+        engine.num_steps += steps
+        self.run_steps += steps
+        gaps = [b - a for a, b in itertools.pairwise(ends)]
+        for worker, plan in run.plans:
+            sched = worker.scheduler
+            for req in sched.running:
+                live = self._live[req.request_id]
+                record = live.record
+                record.itl_s.append(ends[0] - live.last_token_at)
+                record.itl_s.extend(gaps)
+                record.completion_tokens += steps
+                live.last_token_at = ends[-1]
+            sched.advance_decodes(steps, SAMPLED_TOKEN)
+            self._publish_kv_events(worker, sched.take_kv_events())
+            self._observe_run(worker, plan, durations, first_step)
+            if self._check_invariants:
+                sched.check_invariants()
+
+    def _observe_run(self, worker: SimWorker, plan: DecodeRun, durations: list[float],
+                     first_step: int) -> None:
+        """What the router and the planner learn from a run's steps, as in ``_rank_done``."""
+        pool, n = worker.pool, plan.num_decode_requests
+        router = pool.router
+        if router is not None and router.learns_steps:
+            block_size = self.config.scheduler.block_size
+            for j, d in enumerate(durations):
+                if (first_step + j + 1) % _DECODE_SAMPLE_EVERY == 0:
+                    router.observe_steps(worker.worker_id, [StepSample(
+                        0, n, plan.used_blocks[j] * block_size, plan.kv_tokens_total, d)],
+                        None)
+        if self.scaler is not None:
+            for d in durations:
+                self.scaler.stepped(pool.role, d, n)
+
+    def _run_done(self, run: _Run) -> None:
+        """A run's last step ended (unless something settled it before)."""
+        engine = run.engine
+        if engine.run is not run:
+            return
+        self._settle(engine)
+        self._start_step(engine)
 
     # ------------------------------------------------------------------ the planner
     def _start_planner(self, chosen: Sequence[TraceRequest]) -> None:
@@ -508,6 +712,7 @@ class Cluster:
         once idle. The next decision is due while requests remain."""
         scaler = self.scaler
         assert scaler is not None
+        self._catch_up()
         started, _ = scaler.tick(self.now)
         ready_at = self.now + self.config.planner.worker_startup_s
         for worker in started:

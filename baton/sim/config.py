@@ -56,6 +56,14 @@ class SimConfig:
         None, "per worker (prefill workers first with --disagg), a factor on its step times: "
         "1,1,1,3 makes the fourth a straggler 3x slower", metavar="F,F,...",
         default_help="all 1")
+    attention_dp: int = setting(
+        1, "attention data-parallel ranks per worker: each rank has its own scheduler, KV "
+        "cache, --max-num-seqs and --max-num-batched-tokens (the settings are per rank, as "
+        "in TRT-LLM), the router addresses ranks, and a worker's ranks step in lockstep",
+        metavar="N")
+    decode_runs: bool = setting(
+        True, "take stretches of decode-only steps in one go (the same results, faster)",
+        cli=False)
     check_invariants: bool = setting(
         False, "run the schedulers' invariant checks after every step (slow)", cli=False)
     timing_model: TimingModel | None = None
@@ -72,6 +80,13 @@ class SimConfig:
         require(math.isfinite(self.kv_event_delay_s) and self.kv_event_delay_s >= 0,
                 "kv_event_delay_s", f"must be >= 0, got {self.kv_event_delay_s}")
         self.pools.check_block_size(self.scheduler)
+        require(self.attention_dp >= 1, "attention_dp", f"must be >= 1, got {self.attention_dp}")
+        require(self.attention_dp == 1 or self.planner.mode == "off", "attention_dp",
+                "the planner scales workers of one rank only")
+        tp, ep = self.timing.tp, self.timing.ep
+        require((tp * self.attention_dp) % ep == 0, "ep",
+                f"--ep {ep} must divide the worker's GPUs (--tp {tp} x --attention-dp "
+                f"{self.attention_dp})")
         self._check_step_time_scale()
 
     def _check_step_time_scale(self) -> None:
@@ -100,7 +115,7 @@ class SimConfig:
 
     def model(self) -> TimingModel:
         """The timing model every simulated worker steps with."""
-        return self.timing_model or timing_model(self.timing)
+        return self.timing_model or timing_model(self.timing, self.attention_dp)
 
     def router_for(self) -> RouterConfig:
         """The router of every pool: ``router``, seeded with ``seed`` unless it has its own."""

@@ -4,19 +4,28 @@ An aggregated deployment is one pool (role ``agg``); a disaggregated one is a ``
 and a ``decode`` pool, as live serving keeps one ``WorkerPool`` per role. A pool routes with
 the policy live serving builds from the same ``RouterConfig`` (``make_policy``): a
 ``KvRouter`` in ``kv`` mode (fed by its own workers' KV events only), otherwise a
-load-balancing selector over its in-flight counts. Nothing here knows about time or events:
-``Cluster`` drives the workers' schedulers and tells the pool's router what happened.
+load-balancing selector over its in-flight counts. A worker is a ``SimEngine``: one
+scheduler (a ``SimWorker``), or with attention data parallelism one per rank, stepping
+together. Nothing here knows about time or events: ``Cluster`` drives the engines and tells
+the pool's router what happened.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 from baton.config import RouterConfig, SchedulerConfig, WorkerRole
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import SchedulerOutput
-from baton.protocol import GENERATE_ENDPOINT, WORKER_COMPONENT, GenerateRequest, LoadMetrics
+from baton.protocol import (
+    GENERATE_ENDPOINT,
+    KV_EVENTS_KEY,
+    WORKER_COMPONENT,
+    GenerateRequest,
+    LoadMetrics,
+)
 from baton.router.factory import make_policy
 from baton.router.kv_router import KvRouter
 from baton.router.policy import RouteHints
@@ -24,19 +33,22 @@ from baton.router.sessions import SessionAffinity
 from baton.runtime.discovery import InstanceRecord
 
 
-class SimWorker:
-    """One simulated engine: a scheduler, the step in flight (if any) and its pool."""
+class SimEngine:
+    """What steps: one worker's attention data-parallel ranks (one rank without attention
+    DP), in lockstep. Every step schedules each rank that has work and lasts as long as the
+    timing model says the ranks take together; a rank idle meanwhile waits for the next."""
 
-    __slots__ = ("busy_s", "num_steps", "pool", "scheduler", "step", "step_s",
-                 "step_time_scale", "worker_id")
+    __slots__ = ("busy_s", "num_steps", "queue", "ranks", "run", "step", "step_s",
+                 "step_time_scale")
 
-    def __init__(
-        self, worker_id: int, config: SchedulerConfig, pool: SimPool, step_time_scale: float = 1.0
-    ) -> None:
-        self.worker_id = worker_id
-        self.scheduler = Scheduler(config, worker_id=worker_id)
-        self.pool = pool
-        self.step: SchedulerOutput | None = None
+    def __init__(self, step_time_scale: float = 1.0) -> None:
+        self.ranks: list[SimWorker] = []
+        self.queue: deque[Request] = deque()
+        """Requests routed to the worker, not yet given to a rank (``dispatch``)."""
+        self.run: object | None = None
+        """A stretch of decode-only steps in flight instead of ``step`` (``Cluster``'s)."""
+        self.step: list[tuple[SimWorker, SchedulerOutput]] | None = None
+        """The step in flight: each stepping rank's scheduler output."""
         self.step_s = 0.0
         """The modelled duration of ``step``."""
         self.step_time_scale = step_time_scale
@@ -44,6 +56,55 @@ class SimWorker:
         self.num_steps = 0
         self.busy_s = 0.0
         """Virtual seconds spent in steps."""
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue) or any(rank.scheduler.has_work for rank in self.ranks)
+
+    def dispatch(self) -> None:
+        """Gives queued requests, in order, to the ranks with room: each to the rank with the
+        fewest requests (the lowest on a tie), as TRT-LLM balances attention-DP ranks; the
+        rest wait for a rank to finish one."""
+        queue = self.queue
+        while queue:
+            rank = min(self.ranks, key=lambda r: r.scheduler.num_active)
+            sched = rank.scheduler
+            if sched.num_active >= sched.config.max_num_seqs:
+                return
+            sched.add_request(queue.popleft())
+
+
+class SimWorker:
+    """One scheduler with its KV cache: a simulated engine, or one attention data-parallel
+    rank of one (``engine`` steps them together). A KV router addresses ranks, as Dynamo's
+    routes to a worker's data-parallel ranks; a load-balancing router their worker
+    (``route_id``)."""
+
+    __slots__ = ("engine", "pool", "route_id", "scheduler", "worker_id")
+
+    def __init__(self, worker_id: int, config: SchedulerConfig, pool: SimPool,
+                 engine: SimEngine | None = None) -> None:
+        self.worker_id = worker_id
+        self.scheduler = Scheduler(config, worker_id=worker_id)
+        self.pool = pool
+        self.engine = engine or SimEngine()
+        self.engine.ranks.append(self)
+        self.route_id = self.engine.ranks[0].worker_id if pool.routes_workers else worker_id
+        """The id its pool's router knows it by: its own, or its worker's first rank's when
+        the router routes to workers and the worker to its ranks (``SimPool.routes_workers``)."""
+
+    @property
+    def step(self) -> list[tuple[SimWorker, SchedulerOutput]] | None:
+        return self.engine.step
+
+    @property
+    def busy_s(self) -> float:
+        """Virtual seconds the worker's engine spent in steps."""
+        return self.engine.busy_s
+
+    @property
+    def num_steps(self) -> int:
+        return self.engine.num_steps
 
     def load_metrics(self) -> LoadMetrics:
         """The load this worker would report to a frontend right now."""
@@ -68,6 +129,7 @@ class SimPool:
         *,
         step_time_scales: Sequence[float],
         clock: Callable[[], float],
+        ranks: int = 1,
     ) -> None:
         self.role = role
         self.scheduler_config = scheduler
@@ -84,23 +146,39 @@ class SimPool:
         self.sessions = SessionAffinity(router.session_ttl_s)
         self.router = self.policy if isinstance(self.policy, KvRouter) else None
         """The KV router (None with a load-balancing policy): ``Cluster`` feeds it."""
-        for wid, scale in zip(worker_ids, step_time_scales, strict=True):
-            self.ready(SimWorker(wid, scheduler, self, scale))
+        self.routes_workers = ranks > 1 and self.router is None
+        """A load-balancing router picks a worker, whose queue gives requests to its ranks
+        (``SimEngine.dispatch``), as a TRT-LLM worker does; a KV router picks the rank that
+        holds the prefix, as Dynamo's routes to data-parallel ranks."""
+        self.engines = [SimEngine(scale) for scale in step_time_scales]
+        """What steps: each worker's ranks together."""
+        ids = iter(worker_ids)
+        workers = [[SimWorker(next(ids), scheduler, self, engine) for _ in range(ranks)]
+                   for engine in self.engines]
+        for rank in range(ranks):  # rank 0 of every worker first: round-robin spreads workers
+            for engine_ranks in workers:
+                self.ready(engine_ranks[rank])
 
-    def start(self, worker_id: int, step_time_scale: float = 1.0) -> SimWorker:
+    def start(self, worker_id: int) -> SimWorker:
         """A worker added by a planner: it serves once ``ready`` is called."""
-        worker = SimWorker(worker_id, self.scheduler_config, self, step_time_scale)
+        worker = SimWorker(worker_id, self.scheduler_config, self)
         self.starting.append(worker)
         return worker
 
     def ready(self, worker: SimWorker) -> None:
-        """The worker serves: the router takes it in."""
+        """The worker serves: the router takes it in (a rank that is not routed to: its
+        worker only)."""
         if worker in self.starting:
             self.starting.remove(worker)
-        if not self.policy.accepts(_record(worker, self.scheduler_config.block_size)):
+        if worker.route_id != worker.worker_id:
+            self.workers.append(worker)
+            return
+        if not self.policy.accepts(_record(worker, self.scheduler_config)):
             raise ValueError(f"the router refused simulated worker {worker.worker_id}: "
                              "its block size differs from --router-block-size")
         self.workers.append(worker)
+        if worker.engine not in self.engines:
+            self.engines.append(worker.engine)
         self.by_id[worker.worker_id] = worker
         self.candidates.append(worker.worker_id)
         self.in_flight[worker.worker_id] = 0
@@ -117,6 +195,8 @@ class SimPool:
             return
         wid = worker.worker_id
         self.workers.remove(worker)
+        if not any(rank in self.workers for rank in worker.engine.ranks):
+            self.engines.remove(worker.engine)
         del self.by_id[wid], self.in_flight[wid]
         self.draining.discard(wid)
         if wid in self.candidates:
@@ -153,7 +233,7 @@ class SimPool:
 
     @property
     def busy_s(self) -> float:
-        return sum(w.busy_s for w in self.workers)
+        return sum(e.busy_s for e in self.engines)
 
 
 def _generate(request: Request) -> GenerateRequest:
@@ -161,10 +241,11 @@ def _generate(request: Request) -> GenerateRequest:
                            sampling=request.sampling)
 
 
-def _record(worker: SimWorker, block_size: int) -> InstanceRecord:
+def _record(worker: SimWorker, config: SchedulerConfig) -> InstanceRecord:
     """What the worker would register in discovery."""
     return InstanceRecord(
         instance_id=worker.worker_id, namespace="sim", component=WORKER_COMPONENT,
         endpoint=GENERATE_ENDPOINT, address=f"sim://{worker.worker_id}", model="sim",
-        block_size=block_size,
+        block_size=config.block_size,
+        metadata={} if config.enable_prefix_caching else {KV_EVENTS_KEY: "off"},
     )

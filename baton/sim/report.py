@@ -36,6 +36,8 @@ class SimReport(msgspec.Struct, kw_only=True):
     """What ``run_sim`` adds to a run folder as ``sim.json``: the simulator's own counts."""
 
     num_steps: int
+    run_steps: int = 0
+    """Of those, steps taken in stretches of decode-only steps (``SimConfig.decode_runs``)."""
     num_preemptions: int
     virtual_s: float
     wall_s: float
@@ -53,7 +55,8 @@ def sim_report(cluster: Cluster, wall_s: float,
     planner = None
     if cluster.scaling is not None:
         planner = PlannerStats.of(cluster.scaling, cluster.config.planner, records or [])
-    return SimReport(num_steps=cluster.num_steps, num_preemptions=cluster.num_preemptions,
+    return SimReport(num_steps=cluster.num_steps, run_steps=cluster.run_steps,
+                     num_preemptions=cluster.num_preemptions,
                      virtual_s=cluster.now, wall_s=wall_s, busy=cluster.busy_shares(),
                      disagg=cluster.disagg_stats(), onboarded_blocks=cluster.onboarded_blocks,
                      planner=planner)
@@ -61,7 +64,8 @@ def sim_report(cluster: Cluster, wall_s: float,
 
 def _format_report(report: SimReport, num_records: int) -> str:
     busy = ", ".join(f"{role} {100 * share:.0f}%" for role, share in report.busy.items())
-    line = (f"simulated {num_records} requests, {report.num_steps} steps, "
+    line = (f"simulated {num_records} requests, {report.num_steps} steps "
+            f"({report.run_steps} in decode-only runs), "
             f"{report.num_preemptions} preemptions, {report.virtual_s:.1f} s virtual "
             f"in {report.wall_s:.1f} s wall; busy: {busy}")
     if report.onboarded_blocks:

@@ -68,6 +68,7 @@ def sim_config(config: SweepConfig, layout: Layout, scenario: Scenario) -> SimCo
         timing=replace(config.timing, kv_transfer_gbps=scenario.kv_transfer_gbps),
         timing_model=config.timing_model, arrival_speedup=ARRIVAL_SPEEDUP, seed=config.seed,
         trace_block_size=config.trace_block_size, step_time_scale=step_time_scale(layout, scenario),
+        attention_dp=config.attention_dp,
     )
 
 

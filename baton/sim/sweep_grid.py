@@ -119,6 +119,9 @@ class SweepConfig:
     trace_block_size: int = setting(DEFAULT_TRACE_BLOCK_SIZE, "tokens per hash id of the "
                                     "synthetic traces")
     seed: int = setting(0, "seeds the traces and the routers")
+    attention_dp: int = setting(
+        1, "attention data-parallel ranks per worker (as baton sim's; the scheduler settings "
+        "are per rank)", metavar="N")
     timing_model: TimingModel | None = None
     """Not a setting: a model that replaces the one ``timing.profile`` names."""
 
@@ -155,7 +158,7 @@ class SweepConfig:
 
     def model(self) -> TimingModel:
         """The timing model every simulation of the sweep steps with."""
-        return self.timing_model or timing_model(self.timing)
+        return self.timing_model or timing_model(self.timing, self.attention_dp)
 
 
 def _check_values(name: str, values: Sequence[float], *, integer: bool) -> None:
@@ -189,7 +192,7 @@ def grid_points(config: SweepConfig) -> list[GridPoint]:
             if config.rates is not None:
                 points.extend(GridPoint(isl, osl, r) for r in config.rates)
                 continue
-            capacity = config.num_workers * agg_capacity_rps(
+            capacity = config.num_workers * config.attention_dp * agg_capacity_rps(
                 isl, osl, config.scheduler, config.model())
             points.extend(GridPoint(isl, osl, x * capacity, x) for x in config.load_factors)
     return points

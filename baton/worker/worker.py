@@ -51,6 +51,7 @@ from baton.kv.events import KvEvent
 from baton.protocol import (
     ENGINE_FEATURES_KEY,
     GENERATE_ENDPOINT,
+    KV_EVENTS_KEY,
     WORKER_COMPONENT,
     Empty,
     EngineOutput,
@@ -159,6 +160,8 @@ class Worker:
             metadata["metrics"] = await self._serve_metrics(self.config.metrics_port)
         if self.engine.features:
             metadata[ENGINE_FEATURES_KEY] = ",".join(self.engine.features)
+        if not self.config.engine.scheduler.enable_prefix_caching:
+            metadata[KV_EVENTS_KEY] = "off"
         self.record = InstanceRecord(
             instance_id=self.instance_id,
             namespace=self.runtime.namespace,
