@@ -220,6 +220,10 @@ class EngineConfig:
                 or self.disk_kv_dir is not None, "disk_kv_dir",
                 "the hf engine's disk tier (--disk-kv-blocks) needs a directory for its files")
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
+        require(self.timing.tp % self.timing.ep == 0, "ep",
+                f"--ep {self.timing.ep} must divide the engine's --tp {self.timing.tp} GPUs "
+                "(attention data parallelism, which spreads experts further, is baton sim's "
+                "--attention-dp)")
         for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "step_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.fault_after_steps is None or self.fault_after_steps >= 1,

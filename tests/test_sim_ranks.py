@@ -76,6 +76,11 @@ def test_ranks_need_a_planner_free_deployment_and_experts_that_fit():
     with pytest.raises(ValueError, match="must divide"):
         _config(2, timing=TimingConfig(ep=4))
     assert _config(8, timing=TimingConfig(ep=8)).attention_dp == 8
+    # a live engine has no ranks: its experts spread over its tensor-parallel GPUs only
+    from baton.config import EngineConfig
+
+    with pytest.raises(ValueError, match="must divide"):
+        EngineConfig(timing=TimingConfig(ep=8))
 
 
 def test_a_round_robin_worker_queues_requests_for_whichever_rank_frees_first():
