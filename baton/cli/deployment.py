@@ -7,7 +7,8 @@ not a flag only groups keys for the reader (``parallelism: {tp: 1, attention_dp:
 relative path in ``roofline_model`` or ``timing_profile`` is relative to the file.
 
 The file's values go through the command's own parser, so they are checked and converted as
-the flags are; a flag given on the command line wins over the file. Keys another command
+the flags are; a flag given on the command line wins over the file (before ``--deployment``,
+only with a value other than its default, which argparse cannot tell from not given). Keys another command
 uses for the same deployment can be named ``ignored`` (``baton sim sweep`` chooses the pools
 itself and reads the rest of a ``baton sim`` deployment file).
 """
