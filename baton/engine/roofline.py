@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from baton.engine.timing import StepShape
+    from baton.engine.step import StepShape
 
 Dtype = Literal["bf16", "fp8", "fp4"]
 DTYPE_BYTES: dict[str, float] = {"bf16": 2.0, "fp8": 1.0, "fp4": 0.5}

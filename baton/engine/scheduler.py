@@ -245,8 +245,7 @@ class Scheduler:
             return None
         allocations = [0] * steps
         for req in running:
-            for j in range(len(req.blocks) * block_size - req.num_computed_tokens, steps,
-                           block_size):
+            for j in self._allocating_steps(req, steps):
                 allocations[j] += 1
         free, used = self.pool.num_free_blocks, self.pool.num_used_blocks
         used_blocks: list[int] = []
@@ -258,7 +257,7 @@ class Scheduler:
             return None
         return DecodeRun(len(used_blocks), len(running),
                          sum(len(r.all_token_ids) for r in running), used_blocks,
-                         self.config.kv_tokens)
+                         self.config.kv_tokens, block_size)
 
     def advance_decodes(self, steps: int, token_id: int) -> None:
         """Take ``steps`` steps of the last ``decode_run`` (at most its ``steps``), each
@@ -270,7 +269,7 @@ class Scheduler:
         commit: dict[int, list[tuple[Request, int]]] = {}
         for req in self.running:
             done = req.num_computed_tokens
-            for j in range(len(req.blocks) * block_size - done, steps, block_size):
+            for j in self._allocating_steps(req, steps):
                 allocate.setdefault(j, []).append(req)
             commit.setdefault(0, []).append((req, done + 1))
             for j in range(-(done + 1) % block_size or block_size, steps, block_size):
@@ -288,6 +287,12 @@ class Scheduler:
                     self._commit_full_blocks(req)
         for req in self.running:
             req.num_computed_tokens = len(req.all_token_ids) - 1
+
+    def _allocating_steps(self, req: Request, steps: int) -> range:
+        """The decode steps (of the next ``steps``) in which ``req`` needs a new block: its
+        token to compute lies past its blocks, then every ``block_size`` steps after."""
+        block_size = self.config.block_size
+        return range(len(req.blocks) * block_size - req.num_computed_tokens, steps, block_size)
 
     def _schedule_running(self, step: StepBuilder) -> None:
         block_size = self.config.block_size

@@ -36,6 +36,10 @@ class KvLoad:
         return self.num_host_blocks + self.num_disk_blocks > 0
 
 
+StepShape = tuple[int, int, int, int, int, int]
+"""``TimingModel.step_ms``'s arguments for one step of one rank, in order."""
+
+
 class SchedulerOutput(msgspec.Struct):
     """What one step computes. ``num_scheduled_tokens`` keeps scheduling order. (A msgspec
     struct rather than a dataclass: built once per step, and three times cheaper to build.)"""
@@ -61,6 +65,12 @@ class SchedulerOutput(msgspec.Struct):
     kv_copies: list[Copy] = msgspec.field(default_factory=list)
     """Block copies between the device and its KV tiers, in the order they must run, before
     this step's forward pass: evicted blocks going down, onboarded ones coming up."""
+
+    def shape(self) -> StepShape:
+        """What a timing model needs of this step (``TimingModel.step_ms``'s arguments)."""
+        return (self.num_prefill_tokens, self.num_decode_requests, self.num_kv_tokens_in_use,
+                self.num_kv_tokens_total, self.prefill_attention_pairs,
+                self.decode_context_tokens)
 
     @property
     def is_empty(self) -> bool:
@@ -108,3 +118,11 @@ class DecodeRun:
     used_blocks: list[int]
     """Blocks in use after each step's allocations (``num_kv_tokens_in_use`` / block size)."""
     kv_tokens_total: int
+    block_size: int
+
+    def shape(self, step: int) -> StepShape:
+        """What a timing model needs of step ``step`` (0 = the first), as
+        ``SchedulerOutput.shape`` gives it for that step."""
+        n = self.num_decode_requests
+        return (0, n, self.used_blocks[step] * self.block_size, self.kv_tokens_total, 0,
+                self.context_tokens + n * step)

@@ -20,10 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from baton.config import TimingConfig
-    from baton.engine.step import SchedulerOutput
-
-StepShape = tuple[int, int, int, int, int, int]
-"""``TimingModel.step_ms``'s arguments for one step of one rank, in order."""
+    from baton.engine.step import StepShape
 
 
 class TimingModel(Protocol):
@@ -53,11 +50,6 @@ def lockstep_ms(model: TimingModel) -> Callable[[Sequence[StepShape]], float]:
         return max(model.step_ms(*shape) for shape in ranks)
 
     return slowest
-
-
-def step_shape(out: SchedulerOutput) -> StepShape:
-    return (out.num_prefill_tokens, out.num_decode_requests, out.num_kv_tokens_in_use,
-            out.num_kv_tokens_total, out.prefill_attention_pairs, out.decode_context_tokens)
 
 
 def kv_usage(kv_tokens_in_use: int, kv_tokens_total: int) -> float:

@@ -63,7 +63,7 @@ from baton.bench.metrics import RequestRecord
 from baton.config import WorkerRole
 from baton.engine.request import Request
 from baton.engine.step import DecodeRun, KvLoad, SchedulerOutput, StepResult
-from baton.engine.timing import lockstep_ms, onboard_ms, step_shape
+from baton.engine.timing import lockstep_ms, onboard_ms
 from baton.kv.events import KvEvent
 from baton.protocol import SamplingParams, StepSample
 from baton.router.disagg import decide
@@ -490,7 +490,7 @@ class Cluster:
                 out.num_kv_tokens_total, out.prefill_attention_pairs,
                 out.decode_context_tokens)
         else:
-            step_ms = self._lockstep_ms([step_shape(out) for _, out in outs])
+            step_ms = self._lockstep_ms([out.shape() for _, out in outs])
         duration = step_ms * engine.step_time_scale / 1000.0
         engine.step = outs
         engine.step_s = duration
@@ -601,21 +601,16 @@ class Cluster:
         """Each step's modelled seconds and end, as ``_start_step`` would give them one by
         one, up to the step in flight at the next arrival (which settles the run)."""
         scale = engine.step_time_scale
-        block_size = self.config.scheduler.block_size
         step_ms, lockstep = self._step_ms, self._lockstep_ms
         durations: list[float] = []
         ends: list[float] = []
         at, until = self.now, self._next_arrival
         for j in range(steps):
             if lockstep is None:
-                (_, p), = plans
-                ms = step_ms(0, p.num_decode_requests, p.used_blocks[j] * block_size,
-                             p.kv_tokens_total, 0, p.context_tokens + p.num_decode_requests * j)
+                (_, plan), = plans
+                ms = step_ms(*plan.shape(j))
             else:
-                ms = lockstep([(0, p.num_decode_requests, p.used_blocks[j] * block_size,
-                                p.kv_tokens_total, 0,
-                                p.context_tokens + p.num_decode_requests * j)
-                               for _, p in plans])
+                ms = lockstep([plan.shape(j) for _, plan in plans])
             d = ms * scale / 1000.0
             at += d
             durations.append(d)
@@ -677,12 +672,11 @@ class Cluster:
         pool, n = worker.pool, plan.num_decode_requests
         router = pool.router
         if router is not None and router.learns_steps:
-            block_size = self.config.scheduler.block_size
             for j, d in enumerate(durations):
                 if (first_step + j + 1) % _DECODE_SAMPLE_EVERY == 0:
+                    _, _, kv_tokens, kv_total, _, _ = plan.shape(j)
                     router.observe_steps(worker.worker_id, [StepSample(
-                        0, n, plan.used_blocks[j] * block_size, plan.kv_tokens_total, d)],
-                        None)
+                        0, n, kv_tokens, kv_total, d)], None)
         if self.scaler is not None:
             for d in durations:
                 self.scaler.stepped(pool.role, d, n)
