@@ -138,6 +138,13 @@ class TimingConfig:
         require(self.kv_bytes_per_token is None or self.kv_bytes_per_token >= 0,
                 "kv_bytes_per_token", "must be >= 0")
 
+    def check_ep(self, attention_dp: int) -> None:
+        """The experts are split over a worker's ``tp x attention_dp`` GPUs: ``ep`` must
+        divide them (a live engine has one attention-DP rank)."""
+        require((self.tp * attention_dp) % self.ep == 0, "ep",
+                f"--ep {self.ep} must divide the worker's GPUs, --tp {self.tp} x "
+                f"{attention_dp} attention-DP rank(s) (ranks: baton sim's --attention-dp)")
+
 
 @dataclass(frozen=True)
 class VllmConfig:
@@ -220,10 +227,7 @@ class EngineConfig:
                 or self.disk_kv_dir is not None, "disk_kv_dir",
                 "the hf engine's disk tier (--disk-kv-blocks) needs a directory for its files")
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
-        require(self.timing.tp % self.timing.ep == 0, "ep",
-                f"--ep {self.timing.ep} must divide the engine's --tp {self.timing.tp} GPUs "
-                "(attention data parallelism, which spreads experts further, is baton sim's "
-                "--attention-dp)")
+        self.timing.check_ep(1)
         for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "step_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.fault_after_steps is None or self.fault_after_steps >= 1,

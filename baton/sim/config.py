@@ -59,7 +59,8 @@ class SimConfig:
     attention_dp: int = setting(
         1, "attention data-parallel ranks per worker: each rank has its own scheduler, KV "
         "cache, --max-num-seqs and --max-num-batched-tokens (the settings are per rank, as "
-        "in TRT-LLM), the router addresses ranks, and a worker's ranks step in lockstep",
+        "in TRT-LLM), a KV router addresses ranks (a load-balancing one workers), and a "
+        "worker's ranks step in lockstep",
         metavar="N")
     decode_runs: bool = setting(
         True, "take stretches of decode-only steps in one go (the same results, faster)",
@@ -83,10 +84,7 @@ class SimConfig:
         require(self.attention_dp >= 1, "attention_dp", f"must be >= 1, got {self.attention_dp}")
         require(self.attention_dp == 1 or self.planner.mode == "off", "attention_dp",
                 "the planner scales workers of one rank only")
-        tp, ep = self.timing.tp, self.timing.ep
-        require((tp * self.attention_dp) % ep == 0, "ep",
-                f"--ep {ep} must divide the worker's GPUs (--tp {tp} x --attention-dp "
-                f"{self.attention_dp})")
+        self.timing.check_ep(self.attention_dp)
         self._check_step_time_scale()
 
     def _check_step_time_scale(self) -> None:

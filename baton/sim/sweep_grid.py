@@ -148,6 +148,8 @@ class SweepConfig:
                       factor, "must be a factor >= 1 (its steps take that many times longer)")
         require_value(self.trace_block_size >= 1, "trace_block_size", self.trace_block_size,
                       "must be >= 1")
+        require_value(self.attention_dp >= 1, "attention_dp", self.attention_dp, "must be >= 1")
+        self.timing.check_ep(self.attention_dp)
 
     @property
     def load_factors(self) -> tuple[float, ...]:
