@@ -280,3 +280,48 @@ def test_bad_sizes_are_errors():
         sel.select([1], {}, {1: load(0)}, 64, 0)
     with pytest.raises(ValueError, match="isl_tokens"):
         sel.select([1], {}, {1: load(0)}, -1, BS)
+
+
+# -- many workers: only the candidates that can win are scored -----------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_with_many_workers_the_router_scores_holders_and_one_idle_worker_and_picks_the_cheapest(
+        seed: int):
+    """Requests from a few prompt groups over 40 workers (the router predicts each routed
+    prefix: no KV events), some finishing, with decay on: each pick costs what the cheapest of
+    all 40 costs, though far fewer are scored while idle workers remain."""
+    from baton.config import RouterConfig
+    from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
+    from baton.protocol import GenerateRequest, SamplingParams
+    from baton.router.kv_router import KvRouter
+    from baton.router.kv_selector import score_candidates
+
+    config = RouterConfig(mode="kv", block_size=BS, kv_events=False, seed=seed,
+                          kv=KvRouterConfig(overlap_score_credit_decay=1.0))
+    router = KvRouter(config)
+    assert router.sequences is not None
+    rng = random.Random(seed)
+    workers = list(range(100, 140))
+    groups = [[rng.randrange(1, 1000) for _ in range(BS * rng.randint(2, 8))] for _ in range(6)]
+    running: list[str] = []
+    scored = []
+    for i in range(300):
+        tokens = rng.choice(groups) + [rng.randrange(1, 1000) for _ in range(rng.randint(1, 40))]
+        seq = compute_sequence_hashes(compute_local_hashes(tokens, BS))
+        overlaps = router.index.find_matches(seq).scores
+        loads = router.sequences.potential_loads(workers, seq, len(tokens), overlaps)
+        costs = {c.worker_id: c.cost for c in score_candidates(
+            router.config, workers, overlaps, loads, len(tokens), BS)}
+        rid = f"r{i}"
+        chosen = router.choose(GenerateRequest(request_id=rid, token_ids=tokens,
+                                               sampling=SamplingParams(max_tokens=8)),
+                               workers, {})
+        assert costs[chosen] == min(costs.values())
+        decision = router.last_decision
+        assert decision is not None
+        scored.append(len(decision.candidates))  # type: ignore[attr-defined]
+        running.append(rid)
+        while len(running) > 25 or (running and rng.random() < 0.4):
+            router.on_finish(running.pop(rng.randrange(len(running))))
+    assert max(scored) < len(workers)

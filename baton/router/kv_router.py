@@ -53,6 +53,7 @@ from baton.router.latency_selector import CandidateLoad, LatencyDecision, Latenc
 from baton.router.metrics import RouterMetrics
 from baton.router.policy import RouteHints
 from baton.router.sequences import ActiveSequences
+from baton.router.shortlist import cost_shortlist, latency_shortlist
 from baton.router.step_model import StepTimeModels
 from baton.runtime import InstanceRecord
 
@@ -303,38 +304,21 @@ class KvRouter:
         overlaps = self._trusted(self._credited(raw, matches.lower))
         decision: Decision
         if self.mode == "latency":
-            candidates = self._shortlist(candidates, overlaps)
+            candidates = latency_shortlist(candidates, overlaps, self.sequences,
+                                           self.max_scored, self.latency.rng)
             decision = self.latency.select(
                 self._candidate_loads(candidates, overlaps),
                 {w: self.step_models.for_worker(w) for w in candidates}, isl, self.block_size,
                 min(request.sampling.max_tokens or 0, self.decode_horizon),
                 self.session_itl_weight if session else None)
         else:
+            if self.config.with_overrides(overrides).temperature == 0:  # sampling needs all
+                candidates = cost_shortlist(candidates, overlaps, self.sequences,
+                                            self.max_scored, self.selector.rng)
             loads = self.sequences.potential_loads(candidates, seq, isl, overlaps)
             decision = self.selector.select(
                 candidates, overlaps, loads, isl, self.block_size, overrides)
         return local, seq, decision, raw
-
-    def _shortlist(self, candidates: list[int], overlaps: Mapping[int, int]) -> list[int]:
-        """The candidates worth scoring: with many workers, those holding the longest part of
-        the prompt and the least loaded (``latency_candidates`` of each)."""
-        k = self.max_scored
-        if len(candidates) <= 2 * k:
-            return candidates
-        assert self.sequences is not None
-        holders = []
-        if overlaps:
-            allowed = set(candidates)
-            holders = [w for w in overlaps if w in allowed]
-        if len(holders) > k:  # the least loaded of those holding the longest prefix first
-            best = max(overlaps[w] for w in holders)
-            longest = [w for w in holders if overlaps[w] == best]
-            rest = [w for w in holders if overlaps[w] != best]
-            picked = self.sequences.least_loaded(longest, min(k, len(longest)),
-                                                 self.latency.rng)
-            holders = picked + heapq.nlargest(k - len(picked), rest, key=overlaps.__getitem__)
-        light = self.sequences.least_loaded(candidates, k, self.latency.rng)
-        return sorted(set(holders).union(light))
 
     def _candidate_loads(self, candidates: list[int],
                          overlaps: Mapping[int, int]) -> dict[int, CandidateLoad]:

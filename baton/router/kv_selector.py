@@ -148,7 +148,7 @@ class KvSelector:
         self, config: KvRouterConfig, *, seed: int | None = None, rng: random.Random | None = None
     ) -> None:
         self.config = config
-        self._rng = rng if rng is not None else random.Random(seed)
+        self.rng = rng if rng is not None else random.Random(seed)
 
     def select(
         self,
@@ -168,7 +168,7 @@ class KvSelector:
         values = [c.cost for c in costs]
         num_tied = values.count(min(values))
         if config.temperature > 0:
-            index = softmax_sample_index(values, config.temperature, self._rng.random())
+            index = softmax_sample_index(values, config.temperature, self.rng.random())
         else:
             index = self._pick_cheapest(values)
         chosen = costs[index]
@@ -185,7 +185,7 @@ class KvSelector:
     def _pick_cheapest(self, costs: Sequence[float]) -> int:
         least = min(costs)
         tied = [i for i, c in enumerate(costs) if c == least]
-        return tied[0] if len(tied) == 1 else tied[self._rng.randrange(len(tied))]
+        return tied[0] if len(tied) == 1 else tied[self.rng.randrange(len(tied))]
 
 
 def _check_request(

@@ -66,7 +66,16 @@ class RouterMetrics:
             "(reason: stale = its KV events stopped, diverged = its hits differ from the "
             "index).", ["model", "worker_id", "reason"], registry=registry)
         self._model = model
-        self._by_worker: dict[int, Any] = {}
+        self._children: dict[tuple[Counter, int], Any] = {}
+        """Per-worker children of the counters above (``labels`` costs a lock and a lookup:
+        each request and feed batch would pay it)."""
+
+    def _child(self, counter: Counter, worker_id: int) -> Any:
+        child = self._children.get((counter, worker_id))
+        if child is None:
+            child = self._children[counter, worker_id] = counter.labels(
+                self._model, str(worker_id))
+        return child
 
     def observe_ttft(self, predicted_s: float, actual_s: float) -> None:
         self.ttft_error.observe(abs(actual_s - predicted_s))
@@ -76,12 +85,11 @@ class RouterMetrics:
     def observe_hit(self, worker_id: int, predicted: int, realized: int | None) -> None:
         if realized is None:
             return
-        w = str(worker_id)
-        self._predicted_tokens.labels(self._model, w).inc(predicted)
-        self._realized_tokens.labels(self._model, w).inc(realized)
+        self._child(self._predicted_tokens, worker_id).inc(predicted)
+        self._child(self._realized_tokens, worker_id).inc(realized)
 
     def observe_steps(self, worker_id: int, count: int) -> None:
-        self._step_samples.labels(self._model, str(worker_id)).inc(count)
+        self._child(self._step_samples, worker_id).inc(count)
 
     def set_blind(self, worker_id: int, reason: str | None) -> None:
         for r in ("stale", "diverged"):
@@ -91,8 +99,4 @@ class RouterMetrics:
         self.decision_seconds.observe(seconds)
         self.overlap_blocks.observe(decision.overlap_blocks)
         self.predicted_hit_rate.observe(decision.predicted_hit_rate)
-        child = self._by_worker.get(decision.worker_id)
-        if child is None:
-            child = self._by_worker[decision.worker_id] = self._decisions.labels(
-                self._model, str(decision.worker_id))
-        child.inc()
+        self._child(self._decisions, decision.worker_id).inc()

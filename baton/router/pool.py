@@ -75,6 +75,8 @@ class WorkerPool:
         self._client = client
         self._clock = clock
         self.instances: dict[int, InstanceRecord] = {}
+        self._ids: list[int] = []
+        """``instances``' ids, rebuilt when one joins or leaves (not per request)."""
         self.in_flight: dict[int, int] = {}
         self.loads: dict[int, LoadMetrics] = {}
         self._down_until: dict[int, float] = {}
@@ -91,6 +93,7 @@ class WorkerPool:
             return False
         wid = record.instance_id
         self.instances[wid] = record
+        self._ids = list(self.instances)
         self._joins[wid] = self._joins.get(wid, 0) + 1
         self.in_flight.setdefault(wid, 0)
         self._down_until.pop(wid, None)
@@ -109,6 +112,7 @@ class WorkerPool:
         watched, so that a silent one fails them over at once rather than at their
         deadlines."""
         self.instances.pop(instance_id, None)
+        self._ids = list(self.instances)
         self._down_until.pop(instance_id, None)
         self.loads.pop(instance_id, None)
         feed = self._feeds.get(instance_id)
@@ -132,8 +136,10 @@ class WorkerPool:
         )
 
     def healthy(self) -> list[int]:
+        """The workers in rotation (a list shared while none is down: read it, never change
+        it)."""
         if not self._down_until:
-            return list(self.instances)
+            return self._ids
         now = self._clock()
         down = self._down_until
         for i in [i for i, until in down.items() if until <= now]:

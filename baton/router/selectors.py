@@ -7,6 +7,7 @@ clock; the ``WorkerPool`` shell feeds it. The KV-aware selector plugs in behind 
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -23,13 +24,17 @@ class RoundRobinSelector:
 
     def __init__(self) -> None:
         self._last: int | None = None
+        self._seen: tuple[int, ...] = ()
+        self._ordered: list[int] = []
+        """``_seen`` sorted: re-sorted only when the candidates change."""
 
     def select(self, candidates: Sequence[int], in_flight: Mapping[int, int]) -> int:
-        ordered = sorted(candidates)
-        if self._last is None:
-            choice = ordered[0]
-        else:
-            choice = next((c for c in ordered if c > self._last), ordered[0])
+        seen = tuple(candidates)
+        if seen != self._seen:
+            self._seen, self._ordered = seen, sorted(seen)
+        ordered = self._ordered
+        i = 0 if self._last is None else bisect.bisect_right(ordered, self._last)
+        choice = ordered[i if i < len(ordered) else 0]
         self._last = choice
         return choice
 

@@ -43,15 +43,17 @@ with prefill plus 20 ms per 1,000 prompt tokens, 10 ms for a step with decodes. 
 ordering matters (more work takes longer); the first samples replace it."""
 
 
-def _features(shapes: np.ndarray) -> np.ndarray:
-    """Feature rows of steps given as rows ``(T, D, u)`` (``Fit.step_s`` evaluates the same
-    vector for one step, unrolled: routing calls it for every candidate)."""
-    t = shapes[:, 0] / 1000.0
-    decoding = (shapes[:, 1] > 0).astype(np.float64)
-    u = shapes[:, 2] * decoding
-    return np.column_stack(
-        [(shapes[:, 0] > 0).astype(np.float64), t, t * t, decoding, shapes[:, 1] / 100.0,
-         u, u * u])
+def _row(sample: StepSample) -> tuple[float, ...] | None:
+    """A step's feature vector followed by its seconds; None for an empty step or a negative
+    time, which say nothing about step time (``Fit.step_s`` evaluates the same vector)."""
+    t_tokens, decodes = sample.prefill_tokens, sample.decode_requests
+    if sample.seconds < 0 or (t_tokens <= 0 and decodes <= 0):
+        return None
+    total = sample.kv_tokens_total
+    u = sample.kv_tokens_in_use / total if total > 0 and decodes > 0 else 0.0
+    t = t_tokens / 1000.0
+    return (1.0 if t_tokens > 0 else 0.0, t, t * t, 1.0 if decodes > 0 else 0.0,
+            decodes / 100.0, u, u * u, sample.seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,19 +88,23 @@ class StepTimeModel:
         self.decay = 1.0 - 1.0 / window
         self._xtx = np.zeros((NUM_FEATURES, NUM_FEATURES))
         self._xty = np.zeros(NUM_FEATURES)
-        self._pending: list[tuple[float, float, float, float]] = []
+        self._pending: list[tuple[float, ...]] = []
+        self._weights = self.decay ** np.arange(window - 1, -1, -1, dtype=np.float64)
+        """The newest ``window`` samples' weights, oldest first (a refit takes its tail)."""
+        self._ridge_eye = ridge * np.eye(NUM_FEATURES)
         self._fit: Fit | None = None
         self.num_observed = 0
         """Samples observed (empty steps and negative times are ignored)."""
 
     def observe(self, sample: StepSample) -> None:
         """O(1): the sample waits, as a row, for the next refit."""
-        if sample.seconds < 0 or (sample.prefill_tokens <= 0 and sample.decode_requests <= 0):
-            return  # an empty step says nothing about step time
-        total = sample.kv_tokens_total
-        usage = sample.kv_tokens_in_use / total if total > 0 else 0.0
-        self._pending.append((sample.prefill_tokens, sample.decode_requests, usage,
-                              sample.seconds))
+        row = _row(sample)
+        if row is not None:
+            self.add(row)
+
+    def add(self, row: tuple[float, ...]) -> None:
+        """A sample already made a row by ``_row``."""
+        self._pending.append(row)
         self.num_observed += 1
 
     @property
@@ -118,8 +124,7 @@ class StepTimeModel:
             self._fit = Fit(prior_t, 0)
         else:
             p = np.asarray(prior_t, dtype=np.float64)
-            a = self._xtx + self.ridge * np.eye(NUM_FEATURES)
-            theta = np.linalg.solve(a, self._xty + self.ridge * p)
+            theta = np.linalg.solve(self._xtx + self._ridge_eye, self._xty + self.ridge * p)
             self._fit = Fit(tuple(float(v) for v in theta), self.num_observed)
         return self._fit
 
@@ -130,12 +135,15 @@ class StepTimeModel:
         rows = np.asarray(self._pending, dtype=np.float64)
         self._pending = []
         n = len(rows)
-        x = _features(rows[:, :3])
-        w = self.decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
+        x = rows[:, :NUM_FEATURES]
+        if n <= len(self._weights):
+            w = self._weights[-n:]
+        else:
+            w = self.decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
         xw = x * w[:, None]
         keep = self.decay ** n
         self._xtx = keep * self._xtx + xw.T @ x
-        self._xty = keep * self._xty + xw.T @ rows[:, 3]
+        self._xty = keep * self._xty + xw.T @ rows[:, NUM_FEATURES]
 
 
 class StepTimeModels:
@@ -153,9 +161,12 @@ class StepTimeModels:
         if model is None:
             model = self._workers[worker_id] = StepTimeModel(window=self._window,
                                                              ridge=self._ridge)
+        pool = self.pool
         for sample in samples:
-            model.observe(sample)
-            self.pool.observe(sample)
+            row = _row(sample)
+            if row is not None:
+                model.add(row)
+                pool.add(row)
 
     def remove_worker(self, worker_id: int) -> None:
         self._workers.pop(worker_id, None)

@@ -11,8 +11,9 @@ Endpoints:
   batch goes out when events came, or (looked at every ``load_interval_s`` while requests
   run) the load changed, and at least every ``heartbeat_interval_s``: the feed is the worker's
   heartbeat. An idle engine's feed sleeps until the next request, so an idle pool costs
-  next to nothing. Routers follow it, in-process or over TCP; a router that sees a gap
-  in event ids re-opens the feed and starts again from a snapshot.
+  next to nothing; the request's load then goes out with its first KV events, or
+  ``load_interval_s`` later. Routers follow it, in-process or over TCP; a router that sees
+  a gap in event ids re-opens the feed and starts again from a snapshot.
 
 KV events go out on the event plane under ``{namespace}.kv_events.{worker_id}``, stamped
 with this worker's id; ``LoadMetrics`` under ``{namespace}.load`` whenever they change, at most
@@ -292,12 +293,13 @@ class Worker:
             loop = asyncio.get_running_loop()
             sent_at = loop.time()
             while True:
-                batch = await self._next_batch(sub, self._pause_s(load))
+                batch, woken = await self._next_batch(sub, self._pause_s(load))
                 self._refuse_if_restarting()  # a new engine's events start from a new snapshot
                 now, previous, load = loop.time(), load, self.load_metrics()
-                if (not batch and load == previous
-                        and now - sent_at < self.config.heartbeat_interval_s):
-                    continue  # nothing new (step samples wait for the next batch)
+                if not batch and (woken or (load == previous and now - sent_at
+                                            < self.config.heartbeat_interval_s)):
+                    load = previous  # unsent: compared again at the next look
+                    continue  # nothing new yet (step samples wait for the next batch)
                 last = batch[-1].event_id if batch else last
                 sent_at = now
                 yield WorkerEvents(worker_id=self.instance_id, last_event_id=last, load=load,
@@ -313,9 +315,11 @@ class Worker:
             return self.config.load_interval_s
         return max(self.config.heartbeat_interval_s, self.config.load_interval_s)
 
-    async def _next_batch(self, sub: QueueSubscription, timeout_s: float) -> list[KvEvent]:
+    async def _next_batch(self, sub: QueueSubscription,
+                          timeout_s: float) -> tuple[list[KvEvent], bool]:
         """The events that came within ``timeout_s`` (none when it passed or a wake-up
-        came); a wait longer than ``load_interval_s`` is one the next request ends."""
+        came), and whether a wake-up ended the wait; a wait longer than ``load_interval_s``
+        is one the next request ends."""
         idle = timeout_s > self.config.load_interval_s
         self._sleepers += idle
         batch: list[Any] = []
@@ -325,7 +329,8 @@ class Worker:
                     batch = await sub.next_batch(1024)
         finally:
             self._sleepers -= idle
-        return [event for event in batch if event is not _WAKE]
+        events = [event for event in batch if event is not _WAKE]
+        return events, len(events) < len(batch)
 
     def _wake(self) -> None:
         """Ends idle waits at once: a request arrived, or the engine is being replaced."""
@@ -385,7 +390,9 @@ class Worker:
         last: LoadMetrics | None = None
         try:
             while True:
-                await self._next_batch(sub, self._pause_s(last))
+                _, woken = await self._next_batch(sub, self._pause_s(last))
+                if woken:
+                    continue  # a request came: its load is looked at ``load_interval_s`` on
                 load = self.load_metrics()
                 if load != last:
                     self.runtime.events.publish(self._load_subject, load)
