@@ -5,7 +5,8 @@ For a request it hashes the prompt into sequence hashes (Dynamo-compatible), ask
 how many leading blocks each candidate holds, and lets a selector pick: in mode ``kv``
 ``KvSelector`` (Dynamo's cost function over each candidate's projected load), in mode
 ``latency`` ``LatencySelector`` (each candidate's predicted time to first token, from step
-times learned from the workers' step samples, ``step_model``). Every term is kept in
+times learned from the workers' step samples, ``step_model``); with many workers, only the
+candidates that can win are scored (``shortlist``). Every term is kept in
 ``last_decision`` and logged at debug. The request then counts as active on that worker
 until its stream ends; its prefill tokens stop counting at its first output, when the
 predicted TTFT is compared with the actual one (the router's metrics) and the predicted cache hit
