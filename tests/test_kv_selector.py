@@ -8,10 +8,15 @@ from collections import Counter
 
 import pytest
 
+from baton.config import RouterConfig
+from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
+from baton.protocol import GenerateRequest, SamplingParams
+from baton.router.kv_router import KvRouter
 from baton.router.kv_selector import (
     KvRouterConfig,
     KvSelector,
     RouterOverrides,
+    score_candidates,
     softmax_probabilities,
     softmax_sample_index,
 )
@@ -291,12 +296,6 @@ def test_with_many_workers_the_router_scores_holders_and_one_idle_worker_and_pic
     """Requests from a few prompt groups over 40 workers (the router predicts each routed
     prefix: no KV events), some finishing, with decay on: each pick costs what the cheapest of
     all 40 costs, though far fewer are scored while idle workers remain."""
-    from baton.config import RouterConfig
-    from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
-    from baton.protocol import GenerateRequest, SamplingParams
-    from baton.router.kv_router import KvRouter
-    from baton.router.kv_selector import score_candidates
-
     config = RouterConfig(mode="kv", block_size=BS, kv_events=False, seed=seed,
                           kv=KvRouterConfig(overlap_score_credit_decay=1.0))
     router = KvRouter(config)
