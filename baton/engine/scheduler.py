@@ -89,16 +89,11 @@ class Scheduler:
         """Queue a new request. Raises ValueError if it could never be scheduled."""
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request_id {req.request_id!r}")
-        self._validate_fits(req)
+        self.check_fits(req)
         req.status = RequestStatus.WAITING
         req.update_block_hashes(self.config.block_size)
         self.requests[req.request_id] = req
         self.waiting.append(req)
-
-    def check_fits(self, req: Request) -> None:
-        """Raises ValueError if ``req`` could never be scheduled here (``add_request``'s
-        check, for a request held elsewhere before it is added)."""
-        self._validate_fits(req)
 
     def abort_request(self, request_id: str) -> bool:
         """Finish a request as aborted and free its blocks at once, except while its KV is
@@ -147,7 +142,9 @@ class Scheduler:
         req.is_prefilling = True
         self.running.append(req)
 
-    def _validate_fits(self, req: Request) -> None:
+    def check_fits(self, req: Request) -> None:
+        """Raises ValueError if ``req`` could never be scheduled here (``add_request`` checks
+        it; the simulator also checks a request a worker holds before a rank gets it)."""
         # The longest sequence ever computed is prompt + max_tokens - 1 (the final token is
         # sampled, never computed). Rejecting what cannot fit avoids preempt-forever loops.
         if not req.prompt_token_ids:
