@@ -77,6 +77,10 @@ class SchedulerConfig:
     disk_kv_admission: DiskAdmission = setting(
         "reused", "which blocks pushed out of host memory go to disk: those used at least "
         "twice (reused), or all")
+    shared_kv_blocks: int = setting(
+        0, "KV blocks this worker may keep in a store shared with other workers: each block "
+        "entering its host tier is written there unless some worker wrote it, and any "
+        "worker onboards a prefix found there; 0 = no shared tier")
 
     def __post_init__(self) -> None:
         _positive_ints(self, "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -84,6 +88,9 @@ class SchedulerConfig:
         require(self.host_kv_blocks >= 0, "host_kv_blocks", "must be >= 0")
         require(self.disk_kv_blocks >= 0, "disk_kv_blocks", "must be >= 0")
         require(not self.disk_kv_blocks or self.host_kv_blocks > 0, "disk_kv_blocks",
+                "needs a host tier above it (--host-kv-blocks)")
+        require(self.shared_kv_blocks >= 0, "shared_kv_blocks", "must be >= 0")
+        require(not self.shared_kv_blocks or self.host_kv_blocks > 0, "shared_kv_blocks",
                 "needs a host tier above it (--host-kv-blocks)")
 
     @property
@@ -121,16 +128,22 @@ class TimingConfig:
     disk_kv_gbps: float = setting(3.0, "modelled bandwidth of KV reads from disk, GB/s")
     disk_kv_latency_ms: float = setting(
         0.1, "modelled latency of one onboarding that reads from disk, ms")
+    shared_kv_gbps: float = setting(
+        3.0, "modelled bandwidth of KV reads from the shared store, GB/s (a node's disk; "
+        "the same as --disk-kv-gbps)")
+    shared_kv_latency_ms: float = setting(
+        0.1, "modelled latency of one onboarding that reads from the shared store, ms")
     kv_bytes_per_token: int | None = setting(
         None, "modelled KV cache bytes per token over all layers",
         default_help="the model's; in baton sim 131072, Llama-3-8B in fp16")
 
     def __post_init__(self) -> None:
         require(self.speedup_ratio >= 0, "speedup_ratio", "must be >= 0 (0 = no delay)")
-        for name in ("kv_transfer_gbps", "host_kv_gbps", "disk_kv_gbps"):
+        for name in ("kv_transfer_gbps", "host_kv_gbps", "disk_kv_gbps", "shared_kv_gbps"):
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, name, "must be > 0")
         require(self.disk_kv_latency_ms >= 0, "disk_kv_latency_ms", "must be >= 0")
+        require(self.shared_kv_latency_ms >= 0, "shared_kv_latency_ms", "must be >= 0")
         require(self.profile is None or self.roofline_model is None, "roofline_model",
                 "a timing profile or a roofline model, not both")
         require(self.tp >= 1 and self.ep >= 1, "tp", "--tp and --ep must be >= 1")
@@ -195,6 +208,9 @@ class EngineConfig:
         None, "hf engine: directory of the disk KV tier's block files (one directory per "
         "worker; blocks whose files are intact survive a restart)", metavar="DIR",
         default_help="none")
+    shared_kv_dir: str | None = setting(
+        None, "hf engine: directory of the shared KV tier's block files (the same for "
+        "every worker sharing it)", metavar="DIR", default_help="none")
     kv_transfer: KvTransferMode = setting(
         "tcp", "how decode workers fetch KV from prefill workers: tcp (bulk TCP), shm (TCP "
         "handshake, shared-memory copy on one host) or inproc (workers in one process)")
@@ -226,6 +242,13 @@ class EngineConfig:
         require(self.kind != "hf" or not self.scheduler.disk_kv_blocks
                 or self.disk_kv_dir is not None, "disk_kv_dir",
                 "the hf engine's disk tier (--disk-kv-blocks) needs a directory for its files")
+        require(self.kind != "hf" or not self.scheduler.shared_kv_blocks
+                or self.shared_kv_dir is not None, "shared_kv_dir",
+                "the hf engine's shared tier (--shared-kv-blocks) needs a directory for its "
+                "files")
+        require(self.kind != "mock" or not self.scheduler.shared_kv_blocks, "shared_kv_blocks",
+                "live simulated workers share no KV store (baton sim models one; --engine hf "
+                "with --shared-kv-dir)")
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
         self.timing.check_ep(1)
         for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "step_timeout_s"):

@@ -1,5 +1,5 @@
 """TTFT of a re-visited long prompt on the transformers engine: from the device prefix cache,
-from the host tier, from the disk tier, and recomputed.
+from the host tier, from the disk tier, from a store another engine wrote, and recomputed.
 
 One engine per case, in this process (no HTTP: the engine's first output is the TTFT). The
 device pool holds the prompt plus two blocks, so one filler prompt of the same length
@@ -11,6 +11,9 @@ then time the prompt again:
 - ``disk``: a 2-block host tier and a disk tier admitting every block: they come back
   from files; ``disk-cold`` first drops those files from the OS page cache
   (``posix_fadvise(DONTNEED)``), so they are read from the device below;
+- ``shared``: a second engine (the writer) runs the prompt and the filler first, writing
+  through to a shared store (``--shared-kv-dir``); the timed engine never saw the prompt and
+  reads its blocks from the writer's files;
 - ``device``: no filler; the prompt is still in the device cache (the floor).
 
 The output checks that each timed run's cached tokens are what the case claims and that the
@@ -38,18 +41,22 @@ from baton.engine.hf.models import prepare_model
 from baton.protocol import GenerateRequest, SamplingParams
 
 BLOCK = 16
-CASES = ("device", "host", "disk", "disk-cold", "recompute")
+CASES = ("device", "host", "disk", "disk-cold", "shared", "recompute")
 
 
 def engine_for(case: str, model: Path, tokens: int, disk_dir: str, threads: int) -> HfEngine:
     prompt_blocks = -(-tokens // BLOCK)
     host, disk = {"host": (prompt_blocks * 2, 0), "disk": (2, prompt_blocks * 2),
-                  "disk-cold": (2, prompt_blocks * 2)}.get(case, (0, 0))
+                  "disk-cold": (2, prompt_blocks * 2),
+                  "shared": (prompt_blocks * 2, 0)}.get(case, (0, 0))
+    shared = prompt_blocks * 4 if case == "shared" else 0
     sched = SchedulerConfig(block_size=BLOCK, num_blocks=prompt_blocks + 2,
                             max_num_batched_tokens=max(2048, tokens), host_kv_blocks=host,
-                            disk_kv_blocks=disk, disk_kv_admission="all")
+                            disk_kv_blocks=disk, disk_kv_admission="all",
+                            shared_kv_blocks=shared, host_kv_write_through=bool(shared))
     config = EngineConfig(kind="hf", num_threads=threads, scheduler=sched,
-                          kv_cache_bytes=1 << 34, disk_kv_dir=disk_dir if disk else None)
+                          kv_cache_bytes=1 << 34, disk_kv_dir=disk_dir if disk else None,
+                          shared_kv_dir=disk_dir if shared else None)
     return HfEngine(config, model)
 
 
@@ -82,14 +89,18 @@ async def run_case(case: str, model: Path, args: argparse.Namespace,
     with tempfile.TemporaryDirectory() as disk_dir:
         eng = engine_for(case, model, args.tokens, disk_dir, args.threads)
         await eng.start()
+        writer = eng
+        if case == "shared":
+            writer = engine_for(case, model, args.tokens, disk_dir, args.threads)
+            await writer.start()
         out = []
         try:
             for i in range(args.repeats + 1):  # the first is a warm-up
                 prompt = [rng.randrange(10, 40000) for _ in range(args.tokens)]
                 filler = [rng.randrange(10, 40000) for _ in range(args.tokens)]
-                await first_output(eng, f"p{i}", prompt)
+                await first_output(writer, f"p{i}", prompt)
                 if case != "device":
-                    await first_output(eng, f"f{i}", filler)
+                    await first_output(writer, f"f{i}", filler)
                 await asyncio.sleep(0.2)  # disk writes finish beside the steps
                 if case == "disk-cold":
                     drop_page_cache(Path(disk_dir))
@@ -104,6 +115,8 @@ async def run_case(case: str, model: Path, args: argparse.Namespace,
                 raise SystemExit(f"{case}: {eng.stats.kv_tier_read_failures} tier reads failed")
         finally:
             await eng.close()
+            if writer is not eng:
+                await writer.close()
     return out
 
 

@@ -21,6 +21,7 @@ from baton.engine.disk_blocks import DiskBlockError, DiskBlocks  # noqa: E402
 from baton.engine.hf.engine import HfEngine  # noqa: E402
 from baton.engine.hf.models import prepare_model  # noqa: E402
 from baton.engine.request import Request  # noqa: E402
+from baton.engine.shared_blocks import SharedBlocks  # noqa: E402
 from baton.kv.tiers import Tier  # noqa: E402
 from baton.protocol import GenerateRequest, SamplingParams  # noqa: E402
 from tests.test_kv_routing import client_for  # noqa: E402
@@ -37,13 +38,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def engine(model: Path, disk_dir: Path | None = None, *, num_blocks: int = 8,
-           host: int = 0, disk: int = 0, write_through: bool = False) -> HfEngine:
+           host: int = 0, disk: int = 0, write_through: bool = False,
+           shared: int = 0, shared_dir: Path | None = None) -> HfEngine:
     """8 device blocks: two 100-token prompts do not fit together, so each evicts the other."""
     sched = SchedulerConfig(block_size=BLOCK, num_blocks=num_blocks, host_kv_blocks=host,
                             disk_kv_blocks=disk, disk_kv_admission="all",
-                            host_kv_write_through=write_through)
+                            host_kv_write_through=write_through, shared_kv_blocks=shared)
     return HfEngine(EngineConfig(kind="hf", num_threads=1, scheduler=sched,
-                                 disk_kv_dir=str(disk_dir) if disk_dir else None), model)
+                                 disk_kv_dir=str(disk_dir) if disk_dir else None,
+                                 shared_kv_dir=str(shared_dir) if shared_dir else None), model)
 
 
 async def generate(eng: HfEngine, rid: str, prompt: list[int]) -> tuple[list[int], int]:
@@ -165,6 +168,98 @@ async def test_disk_blocks_survive_a_restart_and_are_announced_again(
         assert again.stats.kv_onboarded_blocks == {"disk": 6}
     finally:
         await again.close()
+
+
+# ---- the shared tier ---------------------------------------------------------------------------
+
+
+async def written_through(eng: HfEngine, shared_dir: Path,
+                          expected: dict[str, list[int]]) -> None:
+    """Serves A, then B: with write-through A's blocks go to host memory and the shared store
+    at the next step (B's first), and their files appear."""
+    for name, prompt in (("A", A), ("B", B)):
+        tokens, _ = await generate(eng, f"{name}-first", prompt)
+        assert tokens == expected[name]
+    want = {SharedBlocks(shared_dir, eng.executor.store.block_bytes, eng.executor.layout)
+            .path(h) for h in hashes(A)}
+    for _ in range(200):
+        if all(p.exists() for p in want):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("A's blocks never reached the shared store")
+
+
+async def test_a_prefix_one_engine_computed_is_served_by_another_from_the_shared_store(
+        tiny_dir: Path, tmp_path: Path, expected: dict[str, list[int]]) -> None:
+    first = engine(tiny_dir, host=16, write_through=True, shared=64, shared_dir=tmp_path)
+    second = engine(tiny_dir, host=16, write_through=True, shared=64, shared_dir=tmp_path)
+    await first.start()
+    await second.start()
+    try:
+        await written_through(first, tmp_path, expected)
+        tokens, cached = await generate(second, "A-shared", A)
+        assert tokens == expected["A"] and cached == 96
+        assert second.stats.kv_onboarded_blocks == {"shared": 6}
+        assert second.stats.kv_tier_read_failures == 0
+        # the second engine's write-through finds A's blocks there: no copy of its own
+        await generate(second, "B-second", B)
+        assert second.scheduler.tiers.shared is not None  # type: ignore[union-attr]
+        assert not set(hashes(A)) & set(second.scheduler.tiers.shared.own.lru_order())  # type: ignore[union-attr]
+        assert first.stats.kv_tier_blocks["shared"] >= 6
+        second.scheduler.check_invariants()
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+async def test_a_damaged_shared_block_is_recomputed_never_served(
+        tiny_dir: Path, tmp_path: Path, expected: dict[str, list[int]], damage: str) -> None:
+    first = engine(tiny_dir, host=16, write_through=True, shared=64, shared_dir=tmp_path)
+    second = engine(tiny_dir, host=16, shared=64, shared_dir=tmp_path)
+    await first.start()
+    await second.start()
+    try:
+        await written_through(first, tmp_path, expected)
+        files = SharedBlocks(tmp_path, first.executor.store.block_bytes, first.executor.layout)
+        path = files.path(hashes(A)[2])
+        data = path.read_bytes()
+        if damage == "flip":
+            path.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+        elif damage == "truncate":
+            path.write_bytes(data[: len(data) // 2])
+        else:
+            path.unlink()
+        tokens, cached = await generate(second, "A-damaged", A)
+        assert tokens == expected["A"]
+        if damage == "delete":  # seen before reading: its two blocks before it are onboarded
+            assert cached == 32 and second.stats.kv_tier_read_failures == 0
+        else:  # the onboarding failed on reading it: the prompt was computed again
+            assert cached == 0 and second.stats.kv_tier_read_failures == 1
+        assert not path.exists()  # a broken file is removed: nobody reads it again
+        tokens, cached = await generate(second, "A-cached", A)
+        assert tokens == expected["A"] and cached == 96  # its own device cache now
+        second.scheduler.check_invariants()
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_an_engine_keeps_at_most_its_share_of_files_dropping_its_oldest(
+        tiny_dir: Path, tmp_path: Path, expected: dict[str, list[int]]) -> None:
+    eng = engine(tiny_dir, host=32, write_through=True, shared=6, shared_dir=tmp_path)
+    await eng.start()
+    try:
+        for name, prompt in (("A", A), ("B", B), ("C", C)):
+            tokens, _ = await generate(eng, name, prompt)
+            assert tokens == expected[name]
+        await generate(eng, "A-again", A)  # one more step: C's blocks go down
+        await eng.close()  # its disk thread finishes the writes
+        files = SharedBlocks(tmp_path, eng.executor.store.block_bytes, eng.executor.layout)
+        left = {p.name for p in tmp_path.glob("*.kvb")}
+        assert left == {files.path(h).name for h in hashes(C)}  # A's and B's were replaced
+    finally:
+        await eng.close()
 
 
 # ---- the disk files on their own -------------------------------------------------------------

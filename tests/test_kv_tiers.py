@@ -304,3 +304,72 @@ def test_with_tiers_the_schedulers_events_keep_an_evicted_prefix_announced():
     last, snapshot = sched.kv_snapshot()
     assert last == events[-1].event_id
     assert first in {h for s in snapshot for h in s.block_hashes}
+
+
+# ---- the shared tier ------------------------------------------------------------------------
+
+
+def test_a_prefix_one_worker_computed_is_onboarded_by_another_from_the_shared_store():
+    from baton.config import SchedulerConfig
+    from baton.engine.request import Request, RequestStatus
+    from baton.engine.scheduler import Scheduler
+    from baton.kv.shared_tier import MemoryIndex
+    from baton.protocol import SamplingParams
+
+    store = MemoryIndex()
+    config = SchedulerConfig(num_blocks=8, block_size=4, host_kv_blocks=8, shared_kv_blocks=4,
+                             host_kv_write_through=True)
+    a, b = (Scheduler(config, worker_id=w, shared_kv=store) for w in (0, 1))
+    prompt = list(range(100, 113))  # 3 full blocks and a token
+    outs = _run(a, "a", prompt)
+    outs.append(a.schedule())  # an idle step: the blocks cached in the last one go down
+    a.update_from_output(outs[-1], {})
+    written = [c for o in outs for c in o.kv_copies if c.dst_tier is Tier.SHARED]
+    assert [(c.src_tier, c.dst) for c in written] == [(Tier.HOST, 0), (Tier.HOST, 1),
+                                                       (Tier.HOST, 2)]
+    assert len(store) == 3 and len(a.tiers.shared) == 3
+
+    b.add_request(Request("b", list(prompt), SamplingParams(max_tokens=1)))
+    out = b.schedule()
+    [load] = out.kv_loads
+    assert (load.num_host_blocks, load.num_disk_blocks, load.num_shared_blocks) == (0, 0, 3)
+    up = [c for c in out.kv_copies if c.dst_tier is Tier.DEVICE]
+    assert [(c.src_tier, c.src, c.seq_hash) for c in up] == [
+        (Tier.SHARED, -1, h) for h in b.requests["b"].block_hashes[:3]]
+    assert b.requests["b"].status is RequestStatus.LOADING_KV
+    b.update_from_output(out, {})
+    b.finish_kv_load("b", ok=True)
+    assert b.requests["b"].num_cached_tokens == 12
+    while b.has_work:
+        out = b.schedule()
+        b.update_from_output(out, dict.fromkeys(out.requests_needing_sample, 7))
+    # b's write-through finds the blocks in the store: no second copy of them
+    assert len(store) == 3 and len(b.tiers.shared) == 0
+    b.check_invariants()
+
+
+def test_a_worker_keeps_its_share_of_the_store_dropping_what_no_worker_read_lately():
+    from baton.kv.hashing import LocalBlockHash, SequenceHash
+    from baton.kv.shared_tier import MemoryIndex, SharedTier
+    from baton.kv.tiers import TierBlock
+
+    def host_block(h: int, slot: int) -> TierBlock:
+        return TierBlock(SequenceHash(h), LocalBlockHash(h), None, Tier.HOST, slot)
+
+    store = MemoryIndex()
+    a, b = SharedTier(2, store), SharedTier(2, store)
+    assert a.write(host_block(1, 5)) == Copy(1, Tier.HOST, 5, Tier.SHARED, 0)
+    assert a.write(host_block(2, 6)).dst == 1
+    assert b.write(host_block(1, 0)) is None  # a wrote it: no second copy
+    found = b.find(SequenceHash(1))
+    assert found is not None and found.slot == -1 and b.holds(found)
+    b.read(found)  # b onboards a's block 1: a keeps it over its block 2
+    assert a.own.lru_order() == [2, 1]
+    copy = a.write(host_block(3, 7))
+    assert copy is not None and copy.dst == 1  # into block 2's slot, its file replaced
+    assert 2 not in store and b.find(SequenceHash(2)) is None
+    assert a.write(host_block(4, 8), pinned={1, 3}) is None  # every own block being read
+    b.discard(SequenceHash(1))  # b's read of it failed: nobody uses it again
+    assert 1 not in store and not b.holds(found) and a.own.lru_order() == [3]
+    a.check_invariants()
+    b.check_invariants()

@@ -96,7 +96,8 @@ class EngineStats:
 
     def observe_onboard(self, load: KvLoad, seconds: float, failed: int) -> None:
         blocks = self.kv_onboarded_blocks
-        for tier, count in (("host", load.num_host_blocks), ("disk", load.num_disk_blocks)):
+        for tier, count in (("host", load.num_host_blocks), ("disk", load.num_disk_blocks),
+                            ("shared", load.num_shared_blocks)):
             if count:
                 blocks[tier] = blocks.get(tier, 0) + count
         self.kv_onboards += 1

@@ -42,6 +42,7 @@ from baton.engine.scheduler import Scheduler
 from baton.engine.step import KvLoad, SchedulerOutput, StepResult
 from baton.errors import InvalidRequestError, WorkerFaultError
 from baton.kv.events import KvStored
+from baton.kv.shared_tier import SharedIndex
 from baton.kv.store import BlockStore
 from baton.kv.tiers import Copy, TierBlock
 from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams, StepSample
@@ -66,6 +67,8 @@ class Executor(Protocol):
     """The KV layout; two engines can exchange blocks only when theirs are equal."""
     tier_block_bytes: int
     """Bytes one KV block copy between tiers moves (modelled when no bytes are real)."""
+    shared_kv: SharedIndex | None
+    """What the KV store shared with other workers holds (None: no shared tier)."""
 
     def begin(self, request: GenerateRequest) -> None:
         """A request arrives (e.g. seed its sampler)."""
@@ -159,7 +162,7 @@ class EngineCore:
         """Where the KV transfer server listens (with ``tcp`` or ``shm``)."""
         self.block_size = config.block_size
         self.executor = executor
-        self._scheduler = Scheduler(config.scheduler)
+        self._scheduler = Scheduler(config.scheduler, shared_kv=executor.shared_kv)
         self._scheduler.restore_disk_blocks(executor.disk_blocks())
         self._name = name
         self._mailboxes: dict[str, _Mailbox] = {}
@@ -346,6 +349,8 @@ class EngineCore:
         tiers = self._scheduler.tiers
         if tiers is not None:
             self.stats.kv_tier_blocks.update(host=len(tiers.host), disk=len(tiers.disk))
+            if tiers.shared is not None:  # the blocks this worker wrote there
+                self.stats.kv_tier_blocks["shared"] = len(tiers.shared)
 
     async def _injected_fault(self, why: str) -> None:
         if self.config.fault_mode == "hang":

@@ -3,8 +3,8 @@
 A block in disk slot ``s`` lives in ``DIR/NNNNNNN.kvb`` (``s`` in seven digits): a header
 (magic, a digest of the KV layout, the block's sequence hash, which is the hash of the whole
 prefix it ends, its local and parent hashes, the payload length), a 128-bit xxh3 checksum of
-header and payload, then the payload. ``read`` returns the bytes only when all of that holds
-for the block asked for; otherwise it raises ``DiskBlockError`` saying why (missing,
+header and payload, then the payload (``BlockFiles``, the format the shared tier's files use
+too). ``read`` returns the bytes only when all of that holds for the block asked for; otherwise it raises ``DiskBlockError`` saying why (missing,
 truncated, another block or layout, checksum), and the caller recomputes the prefix. A file
 is written under a temporary name and renamed into place, so a reader sees a whole old file
 or a whole new one.
@@ -31,7 +31,7 @@ import xxhash
 from baton.kv.hashing import LocalBlockHash, SequenceHash
 from baton.kv.tiers import Tier, TierBlock
 
-__all__ = ["DiskBlockError", "DiskBlocks"]
+__all__ = ["BlockFiles", "DiskBlockError", "DiskBlocks"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,77 @@ class DiskBlockError(Exception):
     """A disk block cannot be used: its file is missing, truncated, holds another block or
     layout, or fails its checksum (``reason`` says which)."""
 
-    def __init__(self, slot: int, reason: str) -> None:
-        super().__init__(f"disk KV block in slot {slot}: {reason}")
-        self.slot = slot
+    def __init__(self, where: int | str, reason: str) -> None:
+        place = f"in slot {where}" if isinstance(where, int) else where
+        super().__init__(f"disk KV block {place}: {reason}")
+        self.where = where
         self.reason = reason
+
+
+class BlockFiles:
+    """The file format of one KV layout's blocks (``block_bytes`` each)."""
+
+    def __init__(self, block_bytes: int, layout: str) -> None:
+        self.block_bytes = block_bytes
+        self.layout = xxhash.xxh3_128_digest(f"{layout} {block_bytes}".encode())
+
+    def write(self, path: Path, temporary: Path, seq_hash: SequenceHash,
+              local_hash: LocalBlockHash, parent_hash: SequenceHash | None,
+              data: bytes | memoryview) -> None:
+        """Writes a block's file under ``temporary``, then renames it to ``path``."""
+        if len(data) != self.block_bytes:
+            raise ValueError(f"a block is {self.block_bytes} bytes, got {len(data)}")
+        header = _HEADER.pack(_MAGIC, self.layout, seq_hash, local_hash, parent_hash or 0,
+                              parent_hash is not None, len(data))
+        checksum = xxhash.xxh3_128()
+        checksum.update(header)
+        checksum.update(data)
+        with open(temporary, "wb") as f:
+            f.write(header)
+            f.write(checksum.digest())
+            f.write(data)
+        os.replace(temporary, path)
+
+    def read(self, path: Path, seq_hash: SequenceHash, where: int | str) -> memoryview:
+        """Block ``seq_hash``'s bytes from ``path``; ``DiskBlockError`` (about ``where``)
+        unless the file holds exactly that block, whole and with a matching checksum."""
+        expected = _PREFIX + self.block_bytes
+        buffer = bytearray(expected + 1)  # one byte more: a longer file is not this block
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = f.readinto(buffer)
+        except FileNotFoundError:
+            raise DiskBlockError(where, "missing") from None
+        except OSError as exc:
+            raise DiskBlockError(where, f"unreadable ({exc.strerror})") from None
+        if size < _PREFIX:
+            raise DiskBlockError(where, "truncated")
+        found = self.header(buffer)
+        if found is None or found.seq_hash != seq_hash:
+            raise DiskBlockError(where, "holds another block or layout")
+        if size != expected:
+            raise DiskBlockError(where, "truncated" if size < expected else "too long")
+        view = memoryview(buffer)
+        checksum = xxhash.xxh3_128()
+        checksum.update(view[: _HEADER.size])
+        checksum.update(view[_PREFIX:expected])
+        if checksum.digest() != bytes(view[_HEADER.size:_PREFIX]):
+            raise DiskBlockError(where, "checksum mismatch")
+        return view[_PREFIX:expected]
+
+    def header(self, data: bytes | bytearray) -> TierBlock | None:
+        """The block a file's header names (slot left 0), if it is a block of this layout."""
+        if len(data) < _HEADER.size:
+            return None
+        magic, layout, seq, local, parent, has_parent, length = _HEADER.unpack_from(data)
+        if magic != _MAGIC or layout != self.layout or length != self.block_bytes:
+            return None
+        return TierBlock(SequenceHash(seq), LocalBlockHash(local),
+                         SequenceHash(parent) if has_parent else None, Tier.DISK, 0)
+
+    @property
+    def file_bytes(self) -> int:
+        return _PREFIX + self.block_bytes
 
 
 class DiskBlocks:
@@ -61,7 +128,7 @@ class DiskBlocks:
         self.directory = Path(directory)
         self.capacity = capacity
         self.block_bytes = block_bytes
-        self._layout = xxhash.xxh3_128_digest(f"{layout} {block_bytes}".encode())
+        self._files = BlockFiles(block_bytes, layout)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(self.directory / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -77,46 +144,13 @@ class DiskBlocks:
     def write(self, slot: int, seq_hash: SequenceHash, local_hash: LocalBlockHash,
               parent_hash: SequenceHash | None, data: bytes | memoryview) -> None:
         """Writes a block into ``slot`` (replacing what it held)."""
-        if len(data) != self.block_bytes:
-            raise ValueError(f"a block is {self.block_bytes} bytes, got {len(data)}")
-        header = _HEADER.pack(_MAGIC, self._layout, seq_hash, local_hash, parent_hash or 0,
-                              parent_hash is not None, len(data))
-        checksum = xxhash.xxh3_128()
-        checksum.update(header)
-        checksum.update(data)
-        temporary = self.directory / f".{slot}.tmp"
-        with open(temporary, "wb") as f:
-            f.write(header)
-            f.write(checksum.digest())
-            f.write(data)
-        os.replace(temporary, self.path(slot))
+        self._files.write(self.path(slot), self.directory / f".{slot}.tmp", seq_hash,
+                          local_hash, parent_hash, data)
 
     def read(self, slot: int, seq_hash: SequenceHash) -> memoryview:
         """Block ``seq_hash``'s bytes from ``slot``; ``DiskBlockError`` unless the file holds
         exactly that block, whole and with a matching checksum."""
-        expected = _PREFIX + self.block_bytes
-        buffer = bytearray(expected + 1)  # one byte more: a longer file is not this block
-        try:
-            with open(self.path(slot), "rb", buffering=0) as f:
-                size = f.readinto(buffer)
-        except FileNotFoundError:
-            raise DiskBlockError(slot, "missing") from None
-        except OSError as exc:
-            raise DiskBlockError(slot, f"unreadable ({exc.strerror})") from None
-        if size < _PREFIX:
-            raise DiskBlockError(slot, "truncated")
-        found = self._header(buffer)
-        if found is None or found.seq_hash != seq_hash:
-            raise DiskBlockError(slot, "holds another block or layout")
-        if size != expected:
-            raise DiskBlockError(slot, "truncated" if size < expected else "too long")
-        view = memoryview(buffer)
-        checksum = xxhash.xxh3_128()
-        checksum.update(view[: _HEADER.size])
-        checksum.update(view[_PREFIX:expected])
-        if checksum.digest() != bytes(view[_HEADER.size:_PREFIX]):
-            raise DiskBlockError(slot, "checksum mismatch")
-        return view[_PREFIX:expected]
+        return self._files.read(self.path(slot), seq_hash, slot)
 
     def scan(self) -> list[TierBlock]:
         """The blocks the directory holds whose headers fit this layout and capacity, least
@@ -153,18 +187,8 @@ class DiskBlocks:
                 stat = os.fstat(f.fileno())
         except OSError:
             return None
-        block = self._header(head)
-        if block is None or stat.st_size != _PREFIX + self.block_bytes:
+        block = self._files.header(head)
+        if block is None or stat.st_size != self._files.file_bytes:
             return None
         block.slot = int(stem)
         return stat.st_mtime, block
-
-    def _header(self, data: bytes | bytearray) -> TierBlock | None:
-        """The block a file's header names (slot left 0), if it is a block of this layout."""
-        if len(data) < _HEADER.size:
-            return None
-        magic, layout, seq, local, parent, has_parent, length = _HEADER.unpack_from(data)
-        if magic != _MAGIC or layout != self._layout or length != self.block_bytes:
-            return None
-        return TierBlock(SequenceHash(seq), LocalBlockHash(local),
-                         SequenceHash(parent) if has_parent else None, Tier.DISK, 0)

@@ -35,6 +35,7 @@ from baton.engine.core import EngineCore
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import KvLoad, SchedulerOutput
 from baton.engine.timing import onboard_ms, sleep_seconds, timing_model
+from baton.kv.shared_tier import SharedIndex
 from baton.kv.store import BlockStore
 from baton.kv.tiers import Copy, TierBlock
 from baton.protocol import GenerateRequest
@@ -65,6 +66,8 @@ class SimulatedExecutor:
         self._kv_bytes_per_token = kv_bytes_per_token if modelled is None else modelled
         self.tier_block_bytes = config.block_size * self._kv_bytes_per_token
         """Modelled bytes of one KV block (the tiers' copies move none)."""
+        self.shared_kv: SharedIndex | None = None
+        """Live, its workers share no store (``baton sim`` models one)."""
         self._rngs: dict[str, random.Random] = {}
         self.simulated_ms = 0.0
         """Sum of modelled step times (before ``speedup_ratio``): the engine's virtual clock."""
@@ -126,8 +129,7 @@ class SimulatedExecutor:
         """Done after the modelled time of the onboarding's copies up."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[tuple[Copy, str]]] = loop.create_future()
-        ms = onboard_ms(load.num_host_blocks, load.num_disk_blocks, self.tier_block_bytes,
-                        self.config.timing)
+        ms = onboard_ms(load, self.tier_block_bytes, self.config.timing)
         delay = sleep_seconds(ms, self.config.timing.speedup_ratio)
         if delay > 0:
             loop.call_later(delay, _set_result, done, [])

@@ -41,6 +41,7 @@ from baton.engine.step import DecodeRun, KvLoad, SchedulerOutput, StepBuilder, S
 from baton.kv.block_pool import BlockPool, KVBlock
 from baton.kv.events import KvEvent, KvEventData, KvStored
 from baton.kv.hashing import SequenceHash
+from baton.kv.shared_tier import MemoryIndex, SharedIndex, SharedTier
 from baton.kv.tiers import Copy, HeldBlocks, KvTiers, Tier, TierBlock
 from baton.protocol import KvTransferParams
 
@@ -51,14 +52,21 @@ _RUNNING = RequestStatus.RUNNING
 class Scheduler:
     """Waiting/running queues over one ``BlockPool``."""
 
-    def __init__(self, config: SchedulerConfig, *, worker_id: int = 0) -> None:
+    def __init__(self, config: SchedulerConfig, *, worker_id: int = 0,
+                 shared_kv: SharedIndex | None = None) -> None:
+        """``shared_kv``: what the KV store shared with other workers holds (with
+        ``shared_kv_blocks`` > 0; a private in-memory one by default)."""
         self.config = config
         self.worker_id = worker_id
         self.tiers: KvTiers | None = None
-        """The host and disk tiers below the pool, with ``host_kv_blocks`` > 0."""
+        """The host, disk and shared tiers below the pool, with ``host_kv_blocks`` > 0."""
         if config.kv_tiers:
+            shared = None
+            if config.shared_kv_blocks:
+                shared = SharedTier(config.shared_kv_blocks,
+                                    MemoryIndex() if shared_kv is None else shared_kv)
             self.tiers = KvTiers(config.host_kv_blocks, config.disk_kv_blocks,
-                                 disk_admission=config.disk_kv_admission)
+                                 disk_admission=config.disk_kv_admission, shared=shared)
         self.pool = BlockPool(
             config.num_blocks, config.block_size, config.enable_prefix_caching, worker_id=worker_id,
             keep_evicted=self.tiers is not None,
@@ -403,11 +411,13 @@ class Scheduler:
         dst = [b.block_id for b in req.blocks[len(hits):]]
         self._copies.extend(self.tiers.onboard(below, dst))
         num_disk = sum(1 for b in below if b.tier is Tier.DISK)
+        num_shared = sum(1 for b in below if b.tier is Tier.SHARED)
         req.num_onboarding_tokens = (len(hits) + len(below)) * self.config.block_size
         req.status = RequestStatus.LOADING_KV
         self.loading[req.request_id] = req
         step.kv_loads.append(KvLoad(req.request_id, [b.slot for b in below], dst,
-                                    req.num_onboarding_tokens, len(below) - num_disk, num_disk))
+                                    req.num_onboarding_tokens,
+                                    len(below) - num_disk - num_shared, num_disk, num_shared))
         return True
 
     def _offload_evicted(self, keep: Sequence[TierBlock] = ()) -> None:

@@ -28,12 +28,13 @@ class KvLoad:
     """Prompt tokens computed once the load is done."""
     num_host_blocks: int = 0
     num_disk_blocks: int = 0
-    """An onboarding from this worker's own KV tiers (``kv_copies`` say from which slots)
-    rather than a copy from a remote worker: how many blocks come from each tier."""
+    num_shared_blocks: int = 0
+    """An onboarding from this worker's KV tiers (``kv_copies`` say from which slots) rather
+    than a copy from a remote worker: how many blocks come from each tier."""
 
     @property
     def from_tiers(self) -> bool:
-        return self.num_host_blocks + self.num_disk_blocks > 0
+        return self.num_host_blocks + self.num_disk_blocks + self.num_shared_blocks > 0
 
 
 StepShape = tuple[int, int, int, int, int, int]

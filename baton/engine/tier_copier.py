@@ -1,14 +1,15 @@
 """The KV tiers' bytes: runs the copy plans of ``tiers.py`` on an engine's real blocks.
 
 The host tier is a private ``BlockStore`` of ``host_blocks`` blocks; the disk tier is
-``DiskBlocks`` files. The engine hands each step's plan to ``plan`` (on its event loop: an
+``DiskBlocks`` files; the shared tier is ``SharedBlocks`` files other workers read too. The engine hands each step's plan to ``plan`` (on its event loop: an
 onboarding learns which copies it waits for) and then to ``run`` on the thread that runs its
 forward passes, before the step's forward pass: copies between device and host memory are
 memcpys done there and then, so a device block going down is read before the forward pass
 writes it again, in plan order. Disk copies go to one disk thread, in plan order too: a block
 going down to disk is first copied out of its host slot (the slot may be reused by the next
 copy), then written there; a block read from disk is checked (``DiskBlocks.read``) and
-written into its device block. At most ``max_disk_jobs`` disk copies wait at a time; past
+written into its device block. Copies to and from the shared store run the same way on the
+same thread. At most ``max_disk_jobs`` disk copies wait at a time; past
 that ``run`` waits (the step is slowed, the event loop never is).
 
 An onboarding's copies into the device are awaited through ``take_arrivals``: per device
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from baton.engine.disk_blocks import DiskBlockError, DiskBlocks
+from baton.engine.shared_blocks import SharedBlocks
 from baton.kv.store import BlockStore, copy_blocks
 from baton.kv.tiers import Copy, Tier
 
@@ -39,10 +41,11 @@ class TierCopier:
     """Host memory and disk blocks under ``device``, and the copies between them."""
 
     def __init__(self, device: BlockStore, host_blocks: int, disk: DiskBlocks | None = None, *,
-                 max_disk_jobs: int = 32) -> None:
+                 shared: SharedBlocks | None = None, max_disk_jobs: int = 32) -> None:
         self.device = device
         self.host = BlockStore(max(1, host_blocks), device.block_bytes)
         self.disk = disk
+        self.shared = shared
         self._disk_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-disk")
         self._disk_jobs = threading.BoundedSemaphore(max_disk_jobs)
         self._arrivals: dict[int, tuple[Copy, Arrival]] = {}
@@ -93,6 +96,11 @@ class TierCopier:
             self._to_disk(lambda: self._write(c, data))
         elif c.src_tier is Tier.DISK and c.dst_tier is Tier.DEVICE:
             self._to_disk(lambda: self._read(c, arrival))
+        elif c.src_tier is Tier.HOST and c.dst_tier is Tier.SHARED:
+            data = self.host.read([c.src])
+            self._to_disk(lambda: self._write_shared(c, data))
+        elif c.src_tier is Tier.SHARED and c.dst_tier is Tier.DEVICE:
+            self._to_disk(lambda: self._read(c, arrival))
         else:
             raise ValueError(f"no such copy: {c.src_tier.name} to {c.dst_tier.name}")
 
@@ -119,15 +127,28 @@ class TierCopier:
         except OSError as exc:  # its read fails later: counted there, and recomputed
             log.warning("writing KV block %#x to disk slot %d failed: %s", c.seq_hash, c.dst, exc)
 
+    def _write_shared(self, c: Copy, data: memoryview) -> None:
+        assert self.shared is not None, "a shared copy without a shared tier"
+        try:
+            self.shared.write(c.dst, c.seq_hash, c.local_hash, c.parent_hash, data)
+        except OSError as exc:  # readers find it missing: a miss, recomputed
+            log.warning("writing KV block %#x to the shared store failed: %s", c.seq_hash, exc)
+
     def _read(self, c: Copy, arrival: Arrival | None) -> None:
-        assert self.disk is not None, "a disk copy without a disk tier"
         error = None
         try:
-            self.device.write([c.dst], self.disk.read(c.src, c.seq_hash))
+            if c.src_tier is Tier.SHARED:
+                assert self.shared is not None, "a shared copy without a shared tier"
+                data = self.shared.read(c.seq_hash)
+            else:
+                assert self.disk is not None, "a disk copy without a disk tier"
+                data = self.disk.read(c.src, c.seq_hash)
+            self.device.write([c.dst], data)
         except DiskBlockError as exc:
             error = exc
         except Exception as exc:  # a bug: this block is recomputed
-            log.exception("reading KV block %#x from disk slot %d failed", c.seq_hash, c.src)
+            log.exception("reading KV block %#x from the %s tier failed", c.seq_hash,
+                          c.src_tier.name.lower())
             error = DiskBlockError(c.src, f"copy failed ({exc})")
         _arrive(arrival, error)
 

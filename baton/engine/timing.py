@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from baton.config import TimingConfig
-    from baton.engine.step import StepShape
+    from baton.engine.step import KvLoad, StepShape
 
 
 class TimingModel(Protocol):
@@ -206,14 +206,18 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def onboard_ms(num_host_blocks: int, num_disk_blocks: int, block_bytes: int,
-               timing: TimingConfig) -> float:
-    """Modelled milliseconds to copy a prefix's blocks up from the KV tiers: host blocks at
-    ``host_kv_gbps``, disk blocks at ``disk_kv_gbps`` plus one ``disk_kv_latency_ms``."""
-    host_s = num_host_blocks * block_bytes / (timing.host_kv_gbps * 1e9)
-    disk_s = num_disk_blocks * block_bytes / (timing.disk_kv_gbps * 1e9)
-    latency = timing.disk_kv_latency_ms if num_disk_blocks else 0.0
-    return (host_s + disk_s) * 1000.0 + latency
+def onboard_ms(load: KvLoad, block_bytes: int, timing: TimingConfig) -> float:
+    """Modelled milliseconds to copy a prefix's blocks up from the KV tiers, one after the
+    other: host blocks at ``host_kv_gbps``, disk blocks at ``disk_kv_gbps`` plus one
+    ``disk_kv_latency_ms``, shared-store blocks at ``shared_kv_gbps`` plus one
+    ``shared_kv_latency_ms``."""
+    host_s = load.num_host_blocks * block_bytes / (timing.host_kv_gbps * 1e9)
+    disk_s = load.num_disk_blocks * block_bytes / (timing.disk_kv_gbps * 1e9)
+    shared_s = load.num_shared_blocks * block_bytes / (timing.shared_kv_gbps * 1e9)
+    latency = timing.disk_kv_latency_ms if load.num_disk_blocks else 0.0
+    if load.num_shared_blocks:
+        latency += timing.shared_kv_latency_ms
+    return (host_s + disk_s + shared_s) * 1000.0 + latency
 
 
 def sleep_seconds(step_ms: float, speedup_ratio: float) -> float:

@@ -8,8 +8,12 @@ used at least twice, i.e. hit in a tier since they came down; ``"all"``), else i
 forgotten. A block the tier below already holds costs no copy, only a touch: the tiers are
 inclusive (a block onboarded from host stays there, so its next eviction is free).
 
+With a shared tier (``shared_tier.py``), a block entering the host tier is also written to a
+store other workers read, unless some worker wrote it already.
+
 A prompt whose cached device prefix ends before its blocks do may continue below: ``match``
-finds the longest run of the following blocks in host or disk (host preferred), and
+finds the longest run of the following blocks in host, disk or the shared store (the
+fastest preferred), and
 ``onboard`` plans their copies into device blocks the caller allocated, before the request
 is prefilled from there on.
 
@@ -28,10 +32,14 @@ from collections import OrderedDict
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from baton.config import DiskAdmission
 from baton.kv.events import KvEventData, KvRemoved, KvStored, append_stored, stored_chains
 from baton.kv.hashing import LocalBlockHash, SequenceHash
+
+if TYPE_CHECKING:
+    from baton.kv.shared_tier import SharedTier
 
 __all__ = ["Copy", "EvictedBlock", "HeldBlocks", "KvTiers", "Tier", "TierBlock", "TierStore"]
 
@@ -40,6 +48,8 @@ class Tier(IntEnum):
     DEVICE = 0
     HOST = 1
     DISK = 2
+    SHARED = 3
+    """A store several workers share (``shared_tier.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +95,7 @@ class TierStore:
 
     def __init__(self, tier: Tier, capacity: int) -> None:
         if tier is Tier.DEVICE or capacity < 0:
-            raise ValueError("a lower tier is host or disk, with capacity >= 0")
+            raise ValueError("a lower tier is host, disk or shared, with capacity >= 0")
         self.tier = tier
         self.capacity = capacity
         self._blocks: OrderedDict[SequenceHash, TierBlock] = OrderedDict()
@@ -168,16 +178,19 @@ class KvTiers:
     """The host and disk tiers of one worker, with their offload and onboard plans."""
 
     def __init__(self, host_blocks: int, disk_blocks: int = 0, *,
-                 disk_admission: DiskAdmission = "reused") -> None:
+                 disk_admission: DiskAdmission = "reused",
+                 shared: SharedTier | None = None) -> None:
         if host_blocks < 0 or disk_blocks < 0:
             raise ValueError("host_blocks and disk_blocks must be >= 0")
-        if disk_blocks and not host_blocks:
-            raise ValueError("a disk tier needs a host tier above it")
+        if (disk_blocks or shared is not None) and not host_blocks:
+            raise ValueError("a disk or shared tier needs a host tier above it")
         if disk_admission not in ("reused", "all"):
             raise ValueError(f"disk_admission must be 'reused' or 'all', got {disk_admission!r}")
         self.host = TierStore(Tier.HOST, host_blocks)
         self.disk = TierStore(Tier.DISK, disk_blocks)
         self.disk_admission: DiskAdmission = disk_admission
+        self.shared = shared
+        """The store shared with other workers, written from the host tier."""
         self._events: list[tuple[Tier, KvEventData]] = []
         self._pinned: set[SequenceHash] = set()
 
@@ -222,6 +235,10 @@ class KvTiers:
             copies.append(Copy(block.seq_hash, Tier.DEVICE, block.block_id, Tier.HOST,
                                placed.slot, block.local_hash, block.parent_hash))
             self._stored(Tier.HOST, placed)
+            if self.shared is not None:
+                shared = self.shared.write(placed, self._pinned)
+                if shared is not None:
+                    copies.append(shared)
         return copies
 
     def _push_down(self, block: TierBlock) -> list[Copy]:
@@ -248,11 +265,14 @@ class KvTiers:
     # ---- match and onboard ----------------------------------------------------------------
 
     def match(self, seq_hashes: Sequence[SequenceHash]) -> list[TierBlock]:
-        """The longest run of ``seq_hashes`` (from the first) held in host or disk, each
-        block from host when it is there. No side effects."""
+        """The longest run of ``seq_hashes`` (from the first) held in host, disk or the
+        shared store, each block from the fastest that holds it. No side effects."""
         out: list[TierBlock] = []
+        shared = self.shared
         for seq_hash in seq_hashes:
             block = self.host.get(seq_hash) or self.disk.get(seq_hash)
+            if block is None and shared is not None:
+                block = shared.find(seq_hash)
             if block is None:
                 break
             out.append(block)
@@ -265,13 +285,21 @@ class KvTiers:
             raise ValueError(f"{len(blocks)} blocks for {len(device_ids)} device blocks")
         copies = []
         for block, device_id in zip(blocks, device_ids, strict=True):
-            store = self.store(block.tier)
-            if store.get(block.seq_hash) is not block:
+            if not self._holds(block):
                 raise ValueError(f"block {block.seq_hash:#x} left the {block.tier.name} tier")
-            store.touch(block.seq_hash)
+            if block.tier is Tier.SHARED:
+                assert self.shared is not None
+                self.shared.read(block)
+            else:
+                self.store(block.tier).touch(block.seq_hash)
             copies.append(Copy(block.seq_hash, block.tier, block.slot, Tier.DEVICE, device_id,
                                block.local_hash, block.parent_hash))
         return copies
+
+    def _holds(self, block: TierBlock) -> bool:
+        if block.tier is Tier.SHARED:
+            return self.shared is not None and self.shared.holds(block)
+        return self.store(block.tier).get(block.seq_hash) is block
 
     def restore_disk(self, found: Sequence[TierBlock]) -> None:
         """Takes back the blocks a disk tier's files hold after a restart (``TierStore.restore``);
@@ -282,6 +310,10 @@ class KvTiers:
     def discard(self, seq_hash: SequenceHash, tier: Tier) -> None:
         """A copy out of ``tier`` failed (its bytes are lost or wrong): forget the block
         there, so that no later match uses it."""
+        if tier is Tier.SHARED:
+            if self.shared is not None:
+                self.shared.discard(seq_hash)
+            return
         store = self.store(tier)
         if seq_hash in store:
             store.remove(seq_hash)
@@ -313,6 +345,8 @@ class KvTiers:
     def check_invariants(self) -> None:
         self.host.check_invariants()
         self.disk.check_invariants()
+        if self.shared is not None:
+            self.shared.check_invariants()
 
 
 class HeldBlocks:

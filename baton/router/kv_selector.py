@@ -24,8 +24,10 @@ Temperature 0 picks the minimum cost, exact ties uniformly at random; temperatur
 ``p_i ∝ exp(-(c_i - c_min) / ((c_max - c_min) * T))``. Candidates are sorted by id first, so a
 seeded selector repeats itself whatever order its inputs come in.
 
-Not implemented (no inputs for them yet): host/disk/shared cache-hit weights, the decode-worker
-cost variant of conditional disaggregation, and preferred-taint multipliers.
+Host and disk blocks come in already credited (``--router-host-kv-credit``,
+``--router-disk-kv-credit``: the overlap the router passes counts them so). Not implemented:
+the shared-cache multiplier (workers do not announce a shared store's blocks), the
+decode-worker cost variant of conditional disaggregation, and preferred-taint multipliers.
 
 Pure and synchronous: no I/O, no logging, no clock. The caller logs ``CandidateCost.formula()``.
 """

@@ -424,8 +424,7 @@ class Cluster:
         cfg = self.config
         for load in loads:
             if load.from_tiers:  # its own host or disk tier: no leg, no prefill worker
-                seconds = onboard_ms(load.num_host_blocks, load.num_disk_blocks,
-                                     cfg.scheduler.block_size * cfg.kv_bytes_per_token,
+                seconds = onboard_ms(load, cfg.scheduler.block_size * cfg.kv_bytes_per_token,
                                      cfg.timing) / 1000.0
                 self.onboarded_blocks += len(load.dst_block_ids)
                 heapq.heappush(self._heap, (self.now + seconds, next(self._seq), _LOAD,

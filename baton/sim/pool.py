@@ -19,6 +19,7 @@ from baton.config import RouterConfig, SchedulerConfig, WorkerRole
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import SchedulerOutput
+from baton.kv.shared_tier import MemoryIndex
 from baton.protocol import (
     GENERATE_ENDPOINT,
     KV_EVENTS_KEY,
@@ -85,7 +86,7 @@ class SimWorker:
     def __init__(self, worker_id: int, config: SchedulerConfig, pool: SimPool,
                  engine: SimEngine | None = None) -> None:
         self.worker_id = worker_id
-        self.scheduler = Scheduler(config, worker_id=worker_id)
+        self.scheduler = Scheduler(config, worker_id=worker_id, shared_kv=pool.shared_kv)
         self.pool = pool
         self.engine = engine or SimEngine()
         self.engine.ranks.append(self)
@@ -133,6 +134,8 @@ class SimPool:
     ) -> None:
         self.role = role
         self.scheduler_config = scheduler
+        self.shared_kv = MemoryIndex()
+        """The KV store its workers share (with ``shared_kv_blocks`` > 0)."""
         self.workers: list[SimWorker] = []
         """Workers that serve or drain (not those still starting)."""
         self.by_id: dict[int, SimWorker] = {}

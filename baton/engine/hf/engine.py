@@ -22,8 +22,10 @@ from baton.engine.disk_blocks import DiskBlockError, DiskBlocks
 from baton.engine.hf.runner import ForwardItem, PagedModelRunner
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
+from baton.engine.shared_blocks import DirectoryIndex, SharedBlocks
 from baton.engine.step import KvLoad, SchedulerOutput
 from baton.engine.tier_copier import TierCopier
+from baton.kv.shared_tier import SharedIndex
 from baton.kv.store import BlockStore
 from baton.kv.tiers import Copy, TierBlock
 from baton.protocol import GenerateRequest
@@ -52,6 +54,9 @@ class HfExecutor:
         self.layout = self.runner.layout
         self.tier_block_bytes = self.store.block_bytes
         self._copier = _copier(config, self.store, self.layout)
+        shared = self._copier.shared if self._copier is not None else None
+        self.shared_kv: SharedIndex | None = (
+            DirectoryIndex(shared) if shared is not None else None)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-forward")
         self._forwarding = False
         """A forward pass is running on the thread (it cannot be interrupted)."""
@@ -121,12 +126,15 @@ def _copier(config: EngineConfig, store: BlockStore, layout: str) -> TierCopier 
     sched = config.scheduler
     if not sched.kv_tiers:
         return None
-    disk = None
+    disk = shared = None
     if sched.disk_kv_blocks:
         assert config.disk_kv_dir is not None  # EngineConfig requires it
         disk = DiskBlocks(Path(config.disk_kv_dir), sched.disk_kv_blocks, store.block_bytes,
                           layout)
-    return TierCopier(store, sched.host_kv_blocks, disk)
+    if sched.shared_kv_blocks:
+        assert config.shared_kv_dir is not None  # EngineConfig requires it
+        shared = SharedBlocks(Path(config.shared_kv_dir), store.block_bytes, layout)
+    return TierCopier(store, sched.host_kv_blocks, disk, shared=shared)
 
 
 def _forward_items(output: SchedulerOutput, scheduler: Scheduler) -> list[ForwardItem]:
