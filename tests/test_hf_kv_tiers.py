@@ -203,8 +203,8 @@ async def test_a_prefix_one_engine_computed_is_served_by_another_from_the_shared
         assert second.stats.kv_tier_read_failures == 0
         # the second engine's write-through finds A's blocks there: no copy of its own
         await generate(second, "B-second", B)
-        assert second.scheduler.tiers.shared is not None  # type: ignore[union-attr]
-        assert not set(hashes(A)) & set(second.scheduler.tiers.shared.own.lru_order())  # type: ignore[union-attr]
+        shared = second.scheduler.tiers.shared  # type: ignore[union-attr]
+        assert shared is not None and not set(hashes(A)) & set(shared.own.lru_order())
         assert first.stats.kv_tier_blocks["shared"] >= 6
         second.scheduler.check_invariants()
     finally:

@@ -4,10 +4,10 @@ A block in disk slot ``s`` lives in ``DIR/NNNNNNN.kvb`` (``s`` in seven digits):
 (magic, a digest of the KV layout, the block's sequence hash, which is the hash of the whole
 prefix it ends, its local and parent hashes, the payload length), a 128-bit xxh3 checksum of
 header and payload, then the payload (``BlockFiles``, the format the shared tier's files use
-too). ``read`` returns the bytes only when all of that holds for the block asked for; otherwise it raises ``DiskBlockError`` saying why (missing,
-truncated, another block or layout, checksum), and the caller recomputes the prefix. A file
-is written under a temporary name and renamed into place, so a reader sees a whole old file
-or a whole new one.
+too). ``read`` returns the bytes only when all of that holds for the block asked for;
+otherwise it raises ``DiskBlockError`` saying why (missing, truncated, another block or
+layout, checksum), and the caller recomputes the prefix. A file is written under a temporary
+name and renamed into place, so a reader sees a whole old file or a whole new one.
 
 ``scan`` lists the blocks a directory already holds (a restarted worker keeps its disk tier):
 headers are checked at once, checksums when a block is read. One process owns a directory at

@@ -1,16 +1,17 @@
 """The KV tiers' bytes: runs the copy plans of ``tiers.py`` on an engine's real blocks.
 
 The host tier is a private ``BlockStore`` of ``host_blocks`` blocks; the disk tier is
-``DiskBlocks`` files; the shared tier is ``SharedBlocks`` files other workers read too. The engine hands each step's plan to ``plan`` (on its event loop: an
-onboarding learns which copies it waits for) and then to ``run`` on the thread that runs its
-forward passes, before the step's forward pass: copies between device and host memory are
-memcpys done there and then, so a device block going down is read before the forward pass
-writes it again, in plan order. Disk copies go to one disk thread, in plan order too: a block
-going down to disk is first copied out of its host slot (the slot may be reused by the next
-copy), then written there; a block read from disk is checked (``DiskBlocks.read``) and
-written into its device block. Copies to and from the shared store run the same way on the
-same thread. At most ``max_disk_jobs`` disk copies wait at a time; past
-that ``run`` waits (the step is slowed, the event loop never is).
+``DiskBlocks`` files; the shared tier is ``SharedBlocks`` files other workers read too. The
+engine hands each step's plan to ``plan`` (on its event loop: an onboarding learns which
+copies it waits for) and then to ``run`` on the thread that runs its forward passes, before
+the step's forward pass: copies between device and host memory are memcpys done there and
+then, so a device block going down is read before the forward pass writes it again, in plan
+order. Disk copies go to one disk thread, in plan order too: a block going down to disk is
+first copied out of its host slot (the slot may be reused by the next copy), then written
+there; a block read from disk is checked (``DiskBlocks.read``) and written into its device
+block. Copies to and from the shared store run the same way on the same thread. At most
+``max_disk_jobs`` disk copies wait at a time; past that ``run`` waits (the step is slowed,
+the event loop never is).
 
 An onboarding's copies into the device are awaited through ``take_arrivals``: per device
 block, a future of None or of the ``DiskBlockError`` that makes the block unusable (its

@@ -175,7 +175,8 @@ class TierStore:
 
 
 class KvTiers:
-    """The host and disk tiers of one worker, with their offload and onboard plans."""
+    """The host and disk tiers of one worker (and its part of a shared one), with their
+    offload and onboard plans."""
 
     def __init__(self, host_blocks: int, disk_blocks: int = 0, *,
                  disk_admission: DiskAdmission = "reused",
