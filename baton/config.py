@@ -209,8 +209,9 @@ class EngineConfig:
         "worker; blocks whose files are intact survive a restart)", metavar="DIR",
         default_help="none")
     shared_kv_dir: str | None = setting(
-        None, "hf engine: directory of the shared KV tier's block files (the same for "
-        "every worker sharing it)", metavar="DIR", default_help="none")
+        None, "directory of the shared KV tier's block files, the same for every worker "
+        "sharing it (the simulated engine's hold no payload)", metavar="DIR",
+        default_help="none")
     kv_transfer: KvTransferMode = setting(
         "tcp", "how decode workers fetch KV from prefill workers: tcp (bulk TCP), shm (TCP "
         "handshake, shared-memory copy on one host) or inproc (workers in one process)")
@@ -242,13 +243,9 @@ class EngineConfig:
         require(self.kind != "hf" or not self.scheduler.disk_kv_blocks
                 or self.disk_kv_dir is not None, "disk_kv_dir",
                 "the hf engine's disk tier (--disk-kv-blocks) needs a directory for its files")
-        require(self.kind != "hf" or not self.scheduler.shared_kv_blocks
-                or self.shared_kv_dir is not None, "shared_kv_dir",
-                "the hf engine's shared tier (--shared-kv-blocks) needs a directory for its "
-                "files")
-        require(self.kind != "mock" or not self.scheduler.shared_kv_blocks, "shared_kv_blocks",
-                "live simulated workers share no KV store (baton sim models one; --engine hf "
-                "with --shared-kv-dir)")
+        require(not self.scheduler.shared_kv_blocks or self.shared_kv_dir is not None,
+                "shared_kv_dir", "a shared KV tier (--shared-kv-blocks) needs the directory "
+                "its workers share")
         require(self.kv_cache_bytes > 0, "kv_cache_bytes", "must be > 0")
         self.timing.check_ep(1)
         for name in ("kv_transfer_timeout_s", "kv_hold_timeout_s", "step_timeout_s"):

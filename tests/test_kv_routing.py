@@ -401,6 +401,34 @@ def test_a_prefix_held_only_in_host_memory_counts_less_than_one_on_the_device(
     assert costs[a].overlap_blocks == (9 if host_credit < 1 else 12)
 
 
+def test_a_prompt_one_worker_computed_is_onboarded_by_another_from_the_shared_store(
+        make_server, tmp_path):
+    """Two simulated workers share a store in one directory (``--shared-kv-dir``): a prompt
+    worker a computed (and wrote through) is served by b, which never saw it, from a's files;
+    a file removed before b reads it is a miss, never a hit."""
+    srv = make_server(workers=2, router="kv", block_size=8, num_blocks=64, host_kv_blocks=64,
+                      shared_kv_blocks=64, host_kv_write_through=True,
+                      engine_options={"shared_kv_dir": str(tmp_path)})
+    a, b = (w.instance_id for w in srv.workers)
+    prompt = list(range(100, 196))  # 12 blocks of 8
+    first = complete(srv, prompt + [1], worker=a, max_tokens=3)  # decode steps write it
+    assert srv.wait_until(lambda: len(list(tmp_path.glob("*.kvb"))) >= 12)
+    again = complete(srv, prompt + [1], worker=b, max_tokens=3)
+    assert again.usage.prompt_tokens_details.cached_tokens == 96
+    assert again.choices[0].text == first.choices[0].text
+    engine_b = next(w for w in srv.workers if w.instance_id == b).engine
+    assert engine_b.stats.kv_onboarded_blocks == {"shared": 12}
+    other = list(range(300, 396))
+    complete(srv, other + [1], worker=a, max_tokens=3)
+    assert srv.wait_until(lambda: len(list(tmp_path.glob("*.kvb"))) >= 24)
+    files = {p.name.split("-")[1].removesuffix(".kvb"): p for p in tmp_path.glob("*.kvb")}
+    seq = compute_sequence_hashes(compute_local_hashes(other + [1], 8))
+    files[f"{seq[5]:016x}"].unlink()  # gone before b reads it: b onboards the 5 before it
+    third = complete(srv, other + [1], worker=b, max_tokens=3)
+    assert third.usage.prompt_tokens_details.cached_tokens == 40
+    assert engine_b.stats.kv_tier_read_failures == 0
+
+
 def test_a_worker_without_prefix_caching_is_never_taken_for_a_blind_one(make_server, caplog):
     """Its engine announces no blocks by design (``--no-prefix-caching``): the worker says so
     in discovery, and prefilling new blocks in silence past the timeout is no sign of a broken

@@ -238,3 +238,40 @@ async def test_a_prefix_evicted_to_the_host_tier_is_onboarded_not_recomputed():
             len(engine.scheduler.tiers.host) > 0
     finally:
         await engine.close()
+
+
+async def test_a_broken_shared_store_file_fails_the_onboarding_and_the_prompt_is_recomputed(
+        tmp_path):
+    """Two live simulated engines share a store: b matches a's blocks by their files, and one
+    file found truncated when read fails b's onboarding (counted), so b computes the prompt."""
+    def shared_engine() -> SimulatedEngine:
+        sched = SchedulerConfig(block_size=16, num_blocks=16, host_kv_blocks=16,
+                                shared_kv_blocks=16, host_kv_write_through=True)
+        return SimulatedEngine(EngineConfig(scheduler=sched, shared_kv_dir=str(tmp_path),
+                                            timing=TimingConfig(speedup_ratio=0.0)), vocab=VOCAB)
+
+    a, b = shared_engine(), shared_engine()
+    await a.start()
+    await b.start()
+    try:
+        prompt = list(range(1, 101))  # 6 full blocks
+        await run(a, request("a", prompt, 4, seed=3))
+        for _ in range(200):
+            if len(list(tmp_path.glob("*.kvb"))) == 6:
+                break
+            await asyncio.sleep(0.01)
+        victim = sorted(tmp_path.glob("*.kvb"))[0]
+        victim.write_bytes(victim.read_bytes()[:10])
+        outs, tokens = await run(b, request("b", prompt, 4, seed=3))
+        assert outs[0].cached_tokens == 0 and b.stats.kv_tier_read_failures == 1
+        for _ in range(200):  # removed, then written whole again from b's recomputed block
+            if victim.exists() and victim.stat().st_size > 10:
+                break
+            await asyncio.sleep(0.01)
+        assert victim.stat().st_size > 10
+        again, _ = await run(b, request("b2", prompt, 4, seed=3))
+        assert again[0].cached_tokens == 96  # b's own device cache now
+        b.scheduler.check_invariants()
+    finally:
+        await a.close()
+        await b.close()

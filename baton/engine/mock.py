@@ -17,6 +17,11 @@ plus its modelled time, not at "now" plus it, so the shell's own CPU between ste
 modelled time instead of adding to it, and the live engine tracks its timing model as
 ``baton sim`` does (docs/sim-fidelity.md). When that CPU exceeds a step's modelled time the
 step ends late; ``late_steps`` counts those and a warning says so at most every 10 s.
+
+KV tiers are bookkeeping and modelled copy times, except a shared store
+(``--shared-kv-dir``): its blocks are real files holding a header and no payload
+(``shared_blocks.py``), so that workers in other processes find what this one wrote, and a
+file gone or broken when it is read fails the onboarding as with a real engine.
 """
 
 from __future__ import annotations
@@ -27,17 +32,21 @@ import random
 import time
 from array import array
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import xxhash
 
 from baton.config import EngineConfig
 from baton.engine.core import EngineCore
+from baton.engine.disk_blocks import DiskBlockError
 from baton.engine.scheduler import Scheduler
+from baton.engine.shared_blocks import DirectoryIndex, SharedBlocks
 from baton.engine.step import KvLoad, SchedulerOutput
 from baton.engine.timing import onboard_ms, sleep_seconds, timing_model
 from baton.kv.shared_tier import SharedIndex
 from baton.kv.store import BlockStore
-from baton.kv.tiers import Copy, TierBlock
+from baton.kv.tiers import Copy, Tier, TierBlock
 from baton.protocol import GenerateRequest
 from baton.runtime.net import Listener
 from baton.runtime.peer_auth import PeerAuth
@@ -67,7 +76,14 @@ class SimulatedExecutor:
         self.tier_block_bytes = config.block_size * self._kv_bytes_per_token
         """Modelled bytes of one KV block (the tiers' copies move none)."""
         self.shared_kv: SharedIndex | None = None
-        """Live, its workers share no store (``baton sim`` models one)."""
+        self._shared: SharedBlocks | None = None
+        self._shared_reads: dict[int, Copy] = {}
+        """Planned reads from the shared store, by the device block they fill."""
+        self._files: ThreadPoolExecutor | None = None
+        if config.scheduler.shared_kv_blocks and config.shared_kv_dir is not None:
+            self._shared = SharedBlocks(Path(config.shared_kv_dir), 0, self.layout)
+            self.shared_kv = DirectoryIndex(self._shared)
+            self._files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-shared")
         self._rngs: dict[str, random.Random] = {}
         self.simulated_ms = 0.0
         """Sum of modelled step times (before ``speedup_ratio``): the engine's virtual clock."""
@@ -123,19 +139,50 @@ class SimulatedExecutor:
         return sleep_seconds(seconds * 1000.0, timing.speedup_ratio)
 
     def copy(self, copies: Sequence[Copy]) -> None:
-        pass  # no bytes to move; copies down run beside the steps and cost no step time
+        """No bytes to move: copies down run beside the steps and cost no step time. Writes
+        to a shared store leave their files (on the files thread)."""
+        if self._files is None:
+            return
+        for c in copies:
+            if c.dst_tier is Tier.SHARED:
+                self._files.submit(self._write_shared, c)
+            elif c.src_tier is Tier.SHARED:
+                self._shared_reads[c.dst] = c
 
     def onboard(self, load: KvLoad) -> asyncio.Future[list[tuple[Copy, str]]]:
-        """Done after the modelled time of the onboarding's copies up."""
+        """Done after the modelled time of the onboarding's copies up, with the shared-store
+        blocks whose files are gone or broken."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[tuple[Copy, str]]] = loop.create_future()
         ms = onboard_ms(load, self.tier_block_bytes, self.config.timing)
         delay = sleep_seconds(ms, self.config.timing.speedup_ratio)
-        if delay > 0:
+        reads = [self._shared_reads.pop(b) for b in load.dst_block_ids
+                 if b in self._shared_reads]
+        if reads and self._files is not None:
+            checked = self._files.submit(self._read_shared, reads)
+            checked.add_done_callback(lambda f: _later(loop, delay, done, f))
+        elif delay > 0:
             loop.call_later(delay, _set_result, done, [])
         else:
             done.set_result([])
         return done
+
+    def _write_shared(self, c: Copy) -> None:
+        assert self._shared is not None
+        try:
+            self._shared.write(c.dst, c.seq_hash, c.local_hash, c.parent_hash, b"")
+        except OSError as exc:  # readers find it missing: a miss, recomputed
+            log.warning("writing KV block %#x to the shared store failed: %s", c.seq_hash, exc)
+
+    def _read_shared(self, reads: list[Copy]) -> list[tuple[Copy, str]]:
+        assert self._shared is not None
+        failed = []
+        for c in reads:
+            try:
+                self._shared.read(c.seq_hash)
+            except DiskBlockError as exc:
+                failed.append((c, exc.reason))
+        return failed
 
     def disk_blocks(self) -> list[TierBlock]:
         return []  # its disk tier is modelled: nothing survives a restart
@@ -144,6 +191,8 @@ class SimulatedExecutor:
         self._rngs.pop(request_id, None)
 
     def close(self) -> None:
+        if self._files is not None:
+            self._files.shutdown(wait=True)
         self.store.close()
 
     def _draw(self, rid: str) -> int:
@@ -173,6 +222,17 @@ def _set_result(future: asyncio.Future[list[tuple[Copy, str]]],
                 result: list[tuple[Copy, str]]) -> None:
     if not future.done():
         future.set_result(result)
+
+
+def _later(loop: asyncio.AbstractEventLoop, delay: float,
+           future: asyncio.Future[list[tuple[Copy, str]]],
+           checked: Future[list[tuple[Copy, str]]]) -> None:
+    """From the files thread: ``future`` gets what ``checked`` found, ``delay`` s later."""
+    failed = checked.result() if checked.exception() is None else []
+    try:
+        loop.call_soon_threadsafe(loop.call_later, delay, _set_result, future, failed)
+    except RuntimeError:  # the loop closed meanwhile: nobody waits
+        pass
 
 
 def step_deadline(previous: float | None, delay: float, now: float) -> tuple[float, float]:
