@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import random
@@ -86,6 +87,7 @@ def drop_page_cache(folder: Path) -> None:
 async def run_case(case: str, model: Path, args: argparse.Namespace,
                    reference: dict[int, list[int]]) -> list[tuple[float, int]]:
     rng = random.Random(0)
+    vocab = min(40000, json.loads((model / "config.json").read_text())["vocab_size"])
     with tempfile.TemporaryDirectory() as disk_dir:
         eng = engine_for(case, model, args.tokens, disk_dir, args.threads)
         await eng.start()
@@ -96,8 +98,8 @@ async def run_case(case: str, model: Path, args: argparse.Namespace,
         out = []
         try:
             for i in range(args.repeats + 1):  # the first is a warm-up
-                prompt = [rng.randrange(10, 40000) for _ in range(args.tokens)]
-                filler = [rng.randrange(10, 40000) for _ in range(args.tokens)]
+                prompt = [rng.randrange(10, vocab) for _ in range(args.tokens)]
+                filler = [rng.randrange(10, vocab) for _ in range(args.tokens)]
                 await first_output(writer, f"p{i}", prompt)
                 if case != "device":
                     await first_output(writer, f"f{i}", filler)

@@ -46,6 +46,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,8 @@ def engine_args(a: argparse.Namespace) -> list[str]:
             "--max-num-seqs", str(a.max_num_seqs),
             "--max-num-batched-tokens", str(a.max_num_batched_tokens),
             "--host-kv-blocks", str(a.host_kv_blocks),
+            "--shared-kv-blocks", str(a.shared_kv_blocks),
+            *(["--host-kv-write-through"] if a.host_kv_write_through else []),
             "--kv-bytes-per-token", str(a.kv_bytes_per_token)]
 
 
@@ -128,9 +131,11 @@ def sim_cmd(cfg: Config, a: argparse.Namespace, trace: Path, out: Path) -> list[
 
 
 def serve_args(cfg: Config, a: argparse.Namespace, port: int) -> list[str]:
+    shared = (["--shared-kv-dir", tempfile.mkdtemp(prefix="baton-shared-kv-")]
+              if a.shared_kv_blocks else [])  # a fresh store per server
     return ["serve", "--host", "127.0.0.1", "--port", str(port), "--model", MODEL,
             "--workers", str(cfg.workers), "--router", cfg.router,
-            "--speedup-ratio", f"{cfg.engine_speedup:g}", *engine_args(a)]
+            "--speedup-ratio", f"{cfg.engine_speedup:g}", *engine_args(a), *shared]
 
 
 def server_cmd(cfg: Config, a: argparse.Namespace, port: int, variant: str,
@@ -279,7 +284,9 @@ def sim_with_overhead(cfg: Config, a: argparse.Namespace, trace: Path, out: Path
         scheduler=SchedulerConfig(num_blocks=a.num_blocks, block_size=a.block_size,
                                   max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens,
-                                  host_kv_blocks=a.host_kv_blocks),
+                                  host_kv_blocks=a.host_kv_blocks,
+                                  shared_kv_blocks=a.shared_kv_blocks,
+                                  host_kv_write_through=a.host_kv_write_through),
         arrival_speedup=cfg.bench_speedup, trace_block_size=TRACE_BLOCK,
         step_time_scale=(1 / cfg.engine_speedup,) * cfg.workers,
     )
@@ -382,6 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--host-kv-blocks", type=int, default=0,
                    help="KV tiers: a host tier of this many blocks per worker on both sides")
+    p.add_argument("--shared-kv-blocks", type=int, default=0,
+                   help="KV tiers: each worker's share of a store the workers share (live: "
+                        "files in a fresh directory per server)")
+    p.add_argument("--host-kv-write-through", action="store_true",
+                   help="KV tiers: copy blocks down when cached, on both sides")
     p.add_argument("--kv-bytes-per-token", type=int, default=131072,
                    help="modelled KV bytes per token on both sides (onboarding times)")
     p.add_argument("--burners", type=int, default=0,

@@ -159,8 +159,9 @@ class SimulatedExecutor:
         reads = [self._shared_reads.pop(b) for b in load.dst_block_ids
                  if b in self._shared_reads]
         if reads and self._files is not None:
+            deadline = loop.time() + delay  # the files are checked meanwhile
             checked = self._files.submit(self._read_shared, reads)
-            checked.add_done_callback(lambda f: _later(loop, delay, done, f))
+            checked.add_done_callback(lambda f: _at(loop, deadline, done, f))
         elif delay > 0:
             loop.call_later(delay, _set_result, done, [])
         else:
@@ -224,13 +225,14 @@ def _set_result(future: asyncio.Future[list[tuple[Copy, str]]],
         future.set_result(result)
 
 
-def _later(loop: asyncio.AbstractEventLoop, delay: float,
-           future: asyncio.Future[list[tuple[Copy, str]]],
-           checked: Future[list[tuple[Copy, str]]]) -> None:
-    """From the files thread: ``future`` gets what ``checked`` found, ``delay`` s later."""
+def _at(loop: asyncio.AbstractEventLoop, deadline: float,
+        future: asyncio.Future[list[tuple[Copy, str]]],
+        checked: Future[list[tuple[Copy, str]]]) -> None:
+    """From the files thread: ``future`` gets what ``checked`` found, at ``deadline`` (the
+    loop's clock) or at once if that has passed."""
     failed = checked.result() if checked.exception() is None else []
     try:
-        loop.call_soon_threadsafe(loop.call_later, delay, _set_result, future, failed)
+        loop.call_soon_threadsafe(loop.call_at, deadline, _set_result, future, failed)
     except RuntimeError:  # the loop closed meanwhile: nobody waits
         pass
 
