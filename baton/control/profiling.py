@@ -95,7 +95,10 @@ async def measure_steps(engine: Engine, plan: ProbePlan) -> list[StepSample]:
 
     try:
         for at_once in plan.PREFILL_ROUNDS:
-            if keeper is None or keeper.done():
+            if keeper is not None and keeper.done():
+                keeper.result()  # one the engine failed fails the probe, as a round would
+                keeper = None
+            if keeper is None:
                 keeper = asyncio.create_task(_drain(engine, request(KEEPER_TOKENS, keep_for)))
             await round(at_once, 1)
         if keeper is not None:
