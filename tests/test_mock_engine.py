@@ -111,13 +111,23 @@ async def test_many_requests_under_block_pressure_all_finish(engine):
     engine.scheduler.check_invariants()
 
 
-async def test_load_reports_running_requests_and_their_blocks(engine):
-    stream = engine.generate(request("a", list(range(1, 60)), max_tokens=500))
-    async with contextlib.aclosing(stream):
-        await anext(stream)
-        load = engine.load()
-        assert load.num_running == 1 and load.total_blocks == 64
-        assert load.active_blocks == engine.scheduler.pool.num_used_blocks >= 4
+async def test_load_reports_running_requests_and_their_blocks():
+    # steps take their modelled time (a few ms each): the request is still running when its
+    # first output arrives, however late the test gets to look (at speedup 0 a busy host
+    # once let all 500 tokens finish first)
+    config = EngineConfig(scheduler=SchedulerConfig(block_size=16, num_blocks=64),
+                          timing=TimingConfig(speedup_ratio=1.0))
+    engine = SimulatedEngine(config, vocab=VOCAB)
+    await engine.start()
+    try:
+        stream = engine.generate(request("a", list(range(1, 60)), max_tokens=500))
+        async with contextlib.aclosing(stream):
+            await anext(stream)
+            load = engine.load()
+            assert load.num_running == 1 and load.total_blocks == 64
+            assert load.active_blocks == engine.scheduler.pool.num_used_blocks >= 4
+    finally:
+        await engine.close()
 
 
 async def test_worker_publishes_kv_events_and_load_on_the_event_plane():
