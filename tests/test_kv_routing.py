@@ -411,20 +411,20 @@ def test_a_prompt_one_worker_computed_is_onboarded_by_another_from_the_shared_st
                       engine_options={"shared_kv_dir": str(tmp_path)})
     a, b = (w.instance_id for w in srv.workers)
     prompt = list(range(100, 196))  # 12 blocks of 8
-    first = complete(srv, prompt + [1], worker=a, max_tokens=3)  # decode steps write it
+    first = complete(srv, prompt + [1], worker=a)  # one step: written as a goes idle
     assert srv.wait_until(lambda: len(list(tmp_path.glob("*.kvb"))) >= 12)
-    again = complete(srv, prompt + [1], worker=b, max_tokens=3)
+    again = complete(srv, prompt + [1], worker=b)
     assert again.usage.prompt_tokens_details.cached_tokens == 96
     assert again.choices[0].text == first.choices[0].text
     engine_b = next(w for w in srv.workers if w.instance_id == b).engine
     assert engine_b.stats.kv_onboarded_blocks == {"shared": 12}
     other = list(range(300, 396))
-    complete(srv, other + [1], worker=a, max_tokens=3)
+    complete(srv, other + [1], worker=a)
     assert srv.wait_until(lambda: len(list(tmp_path.glob("*.kvb"))) >= 24)
     files = {p.name.split("-")[1].removesuffix(".kvb"): p for p in tmp_path.glob("*.kvb")}
     seq = compute_sequence_hashes(compute_local_hashes(other + [1], 8))
     files[f"{seq[5]:016x}"].unlink()  # gone before b reads it: b onboards the 5 before it
-    third = complete(srv, other + [1], worker=b, max_tokens=3)
+    third = complete(srv, other + [1], worker=b)
     assert third.usage.prompt_tokens_details.cached_tokens == 40
     assert engine_b.stats.kv_tier_read_failures == 0
 

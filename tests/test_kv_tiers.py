@@ -322,9 +322,11 @@ def test_a_prefix_one_worker_computed_is_onboarded_by_another_from_the_shared_st
     a, b = (Scheduler(config, worker_id=w, shared_kv=store) for w in (0, 1))
     prompt = list(range(100, 113))  # 3 full blocks and a token
     outs = _run(a, "a", prompt)
-    outs.append(a.schedule())  # an idle step: the blocks cached in the last one go down
-    a.update_from_output(outs[-1], {})
-    written = [c for o in outs for c in o.kv_copies if c.dst_tier is Tier.SHARED]
+    assert not a.has_work
+    flushed = a.flush_write_through()  # idle: the blocks cached in its last step go down now
+    assert flushed and a.flush_write_through() == []
+    written = [c for c in [*(c for o in outs for c in o.kv_copies), *flushed]
+               if c.dst_tier is Tier.SHARED]
     assert [(c.src_tier, c.dst) for c in written] == [(Tier.HOST, 0), (Tier.HOST, 1),
                                                        (Tier.HOST, 2)]
     assert len(store) == 3 and len(a.tiers.shared) == 3

@@ -314,13 +314,12 @@ class EngineCore:
         slice_start = loop.time()
         while True:
             if not self._scheduler.has_work:
+                self._copy(self._scheduler.flush_write_through())  # the last step's blocks
                 await self._wait_for_work()
                 slice_start = loop.time()
                 continue
             output = self._scheduler.schedule()
-            if output.kv_copies:
-                self._observe_tiers(output)
-                self.executor.copy(output.kv_copies)
+            self._copy(output.kv_copies)
             for load in output.kv_loads:
                 self._start_load(load)
             if output.is_empty:  # nothing computable: KV loads or held blocks must end first
@@ -344,13 +343,17 @@ class EngineCore:
                 await asyncio.sleep(0)  # let consumers and new requests in
                 slice_start = loop.time()
 
-    def _observe_tiers(self, output: SchedulerOutput) -> None:
-        self.stats.observe_copies(output.kv_copies, self.executor.tier_block_bytes)
+    def _copy(self, copies: Sequence[Copy]) -> None:
+        """Hands copies between the device and the KV tiers to the executor, counted."""
+        if not copies:
+            return
+        self.stats.observe_copies(copies, self.executor.tier_block_bytes)
         tiers = self._scheduler.tiers
         if tiers is not None:
             self.stats.kv_tier_blocks.update(host=len(tiers.host), disk=len(tiers.disk))
             if tiers.shared is not None:  # the blocks this worker wrote there
                 self.stats.kv_tier_blocks["shared"] = len(tiers.shared)
+        self.executor.copy(copies)
 
     async def _injected_fault(self, why: str) -> None:
         if self.config.fault_mode == "hang":

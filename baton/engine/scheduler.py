@@ -186,6 +186,15 @@ class Scheduler:
         self._in_flight = output
         return output
 
+    def flush_write_through(self) -> list[Copy]:
+        """With write-through, between steps: the copies down of the blocks cached in the
+        last step, planned now rather than at the next ``schedule()`` (a worker going idle
+        would keep them from its tiers, and a shared store, until its next request)."""
+        if (self.tiers is None or not self.config.host_kv_write_through
+                or self._in_flight is not None):
+            return []
+        return self.tiers.offload(self.pool.take_committed())
+
     def _schedule_general(self) -> SchedulerOutput:
         step = StepBuilder(budget=self.config.max_num_batched_tokens)
         # 1. Running requests first, preempting others when blocks run out.

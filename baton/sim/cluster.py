@@ -517,6 +517,9 @@ class Cluster:
         ranks = engine.ranks
         if ranks[0].scheduler.has_work if len(ranks) == 1 else engine.has_work:
             self._start_step(engine)
+        for worker in ranks:  # one going idle writes its last step's blocks down now, as live
+            if not worker.scheduler.has_work:
+                worker.scheduler.flush_write_through()
         if engine.step is None and self.scaler is not None:
             for worker in ranks:
                 self._stop_if_drained(worker)
