@@ -350,9 +350,7 @@ class EngineCore:
         self.stats.observe_copies(copies, self.executor.tier_block_bytes)
         tiers = self._scheduler.tiers
         if tiers is not None:
-            self.stats.kv_tier_blocks.update(host=len(tiers.host), disk=len(tiers.disk))
-            if tiers.shared is not None:  # the blocks this worker wrote there
-                self.stats.kv_tier_blocks["shared"] = len(tiers.shared)
+            self.stats.kv_tier_blocks.update(tiers.sizes())
         self.executor.copy(copies)
 
     async def _injected_fault(self, why: str) -> None:

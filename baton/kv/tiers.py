@@ -199,6 +199,13 @@ class KvTiers:
     def enabled(self) -> bool:
         return self.host.capacity > 0
 
+    def sizes(self) -> dict[str, int]:
+        """Blocks each lower tier holds (``shared``: those this worker wrote there)."""
+        out = {"host": len(self.host), "disk": len(self.disk)}
+        if self.shared is not None:
+            out["shared"] = len(self.shared)
+        return out
+
     def store(self, tier: Tier) -> TierStore:
         return self.host if tier is Tier.HOST else self.disk
 
