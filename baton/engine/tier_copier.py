@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 Arrival = Future[DiskBlockError | None]
 
+_FILES = (Tier.DISK, Tier.SHARED)
+"""The tiers whose blocks are files, copied on the disk thread."""
+
 
 class TierCopier:
     """Host memory and disk blocks under ``device``, and the copies between them."""
@@ -92,15 +95,10 @@ class TierCopier:
         elif c.src_tier is Tier.HOST and c.dst_tier is Tier.DEVICE:
             copy_blocks(self.host, [c.src], self.device, [c.dst])
             _arrive(arrival, None)
-        elif c.src_tier is Tier.HOST and c.dst_tier is Tier.DISK:
+        elif c.src_tier is Tier.HOST and c.dst_tier in _FILES:
             data = self.host.read([c.src])  # a copy: the slot may be reused by the next copy
             self._to_disk(lambda: self._write(c, data))
-        elif c.src_tier is Tier.DISK and c.dst_tier is Tier.DEVICE:
-            self._to_disk(lambda: self._read(c, arrival))
-        elif c.src_tier is Tier.HOST and c.dst_tier is Tier.SHARED:
-            data = self.host.read([c.src])
-            self._to_disk(lambda: self._write_shared(c, data))
-        elif c.src_tier is Tier.SHARED and c.dst_tier is Tier.DEVICE:
+        elif c.src_tier in _FILES and c.dst_tier is Tier.DEVICE:
             self._to_disk(lambda: self._read(c, arrival))
         else:
             raise ValueError(f"no such copy: {c.src_tier.name} to {c.dst_tier.name}")
@@ -122,18 +120,13 @@ class TierCopier:
             self._disk_jobs.release()
 
     def _write(self, c: Copy, data: memoryview) -> None:
-        assert self.disk is not None, "a disk copy without a disk tier"
+        files = self.shared if c.dst_tier is Tier.SHARED else self.disk
+        assert files is not None, f"a copy to {c.dst_tier.name} without that tier"
         try:
-            self.disk.write(c.dst, c.seq_hash, c.local_hash, c.parent_hash, data)
+            files.write(c.dst, c.seq_hash, c.local_hash, c.parent_hash, data)
         except OSError as exc:  # its read fails later: counted there, and recomputed
-            log.warning("writing KV block %#x to disk slot %d failed: %s", c.seq_hash, c.dst, exc)
-
-    def _write_shared(self, c: Copy, data: memoryview) -> None:
-        assert self.shared is not None, "a shared copy without a shared tier"
-        try:
-            self.shared.write(c.dst, c.seq_hash, c.local_hash, c.parent_hash, data)
-        except OSError as exc:  # readers find it missing: a miss, recomputed
-            log.warning("writing KV block %#x to the shared store failed: %s", c.seq_hash, exc)
+            log.warning("writing KV block %#x to the %s tier (slot %d) failed: %s", c.seq_hash,
+                        c.dst_tier.name.lower(), c.dst, exc)
 
     def _read(self, c: Copy, arrival: Arrival | None) -> None:
         error = None

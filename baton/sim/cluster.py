@@ -173,6 +173,10 @@ class Cluster:
         self._lockstep_ms = (lockstep_ms(config.model()) if config.attention_dp > 1
                              else None)
         self._check_invariants = config.check_invariants
+        self._write_through = any(p.scheduler_config.kv_tiers
+                                  and p.scheduler_config.host_kv_write_through
+                                  for p in self.pools)
+        """Whether a worker going idle has blocks to write down (``_step_done``)."""
         self._plan = SessionPlan([])
         self._history = History(self._plan)
         self._chosen: list[TraceRequest] = []
@@ -517,9 +521,10 @@ class Cluster:
         ranks = engine.ranks
         if ranks[0].scheduler.has_work if len(ranks) == 1 else engine.has_work:
             self._start_step(engine)
-        for worker in ranks:  # one going idle writes its last step's blocks down now, as live
-            if not worker.scheduler.has_work:
-                worker.scheduler.flush_write_through()
+        if self._write_through:  # one going idle writes its last step's blocks down, as live
+            for worker in ranks:
+                if not worker.scheduler.has_work:
+                    worker.scheduler.flush_write_through()
         if engine.step is None and self.scaler is not None:
             for worker in ranks:
                 self._stop_if_drained(worker)
