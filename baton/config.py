@@ -642,11 +642,12 @@ class PlannerConfig:
     ttft_ms: float = setting(500.0, "SLA: time to first token target, ms", flag="sla-ttft-ms")
     itl_ms: float = setting(50.0, "SLA: inter-token latency target, ms", flag="sla-itl-ms")
     throughput_interval_s: float = setting(
-        60.0, "throughput mode: seconds between predictions (and the window they predict)")
+        30.0, "throughput mode: seconds between predictions (and the window they predict)")
     load_interval_s: float = setting(5.0, "load mode: seconds between reactions")
     predictor: PredictorKind = setting(
-        "constant", "throughput mode: how the next interval's request count, ISL and OSL are "
-        "predicted (the last value, a moving average, a local linear trend)")
+        "constant", "throughput mode: how the next interval's request count is predicted (the "
+        "last value, a moving average, a local linear trend); ISL and OSL are the means of "
+        "the last min_observations intervals")
     min_observations: int = setting(
         5, "observations a mode needs before it scales (cold start: none of them acts on "
         "the first samples)", flag="planner-min-observations")

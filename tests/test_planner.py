@@ -25,7 +25,8 @@ DISAGG = ("prefill", "decode")
 
 def config(**changes: object) -> PlannerConfig:
     base = dict(mode="throughput", predictor="constant", min_observations=1,
-                worker_startup_s=0.0, scale_down_cooldown_s=0.0)
+                worker_startup_s=0.0, scale_down_cooldown_s=0.0, scale_down_utilization=0.7,
+                throughput_interval_s=60.0)
     return PlannerConfig(**(base | changes))  # type: ignore[arg-type]
 
 
@@ -59,6 +60,34 @@ def test_throughput_mode_sizes_prefill_and_decode_separately() -> None:
     # prefill needs ceil(6/8) = 1, but shrinks only to ceil(6 / (8 x 0.7)) = 2 (hysteresis);
     # decode grows to ceil(6/1.25) = 5
     assert (d.target("prefill"), d.target("decode")) == (2, 5)
+
+
+def test_lengths_are_the_request_weighted_mean_of_the_last_intervals() -> None:
+    planner = Planner(config(min_observations=2), PROFILE, DISAGG)
+    pools = {"prefill": ready(1), "decode": ready(1)}
+    assert planner.observe(traffic(0, 6, pools)).predicted_rate is None  # one window: not yet
+    d = planner.observe(traffic(60, 2, pools, isl=8000))  # a window of long prompts
+    # ISL (360 x 2000 + 120 x 8000) / 480 = 3500, not the last window's 8000: prefill serves
+    # 4000 / 3500 = 1.14 requests/s, so 2 req/s needs ceil(1.75) = 2 workers (8000: 4)
+    assert d.predicted_isl == 3500 and d.predicted_rate == 2
+    assert (d.target("prefill"), d.target("decode")) == (2, 1)
+
+
+def test_a_pool_shrinks_only_to_what_serves_the_next_interval_too() -> None:
+    # workers asked for serve after their start-up, but workers stopped leave at once
+    planner = Planner(config(predictor="kalman", worker_startup_s=180, min_observations=3),
+                      PROFILE)
+    mirror = KalmanPredictor(3)
+    d = None
+    for i, rps in enumerate((10, 9, 8, 7, 6, 5)):  # falling by 1 req/s a minute
+        d = planner.observe(traffic(60 * i, rps, {"agg": ready(8)}))
+        mirror.add(rps * 60)
+    assert d is not None
+    horizon, soon = mirror.predict(4) / 60, mirror.predict(1) / 60  # 4 = 1 + 180 s / 60 s
+    assert math.isclose(d.predicted_rate or 0, horizon) and horizon < 1.1 < 3.9 < soon
+    capacity = 1 / 0.7
+    assert math.ceil(horizon / (capacity * 0.7)) == 2  # what the horizon alone would keep
+    assert d.target("agg") == math.ceil(soon / (capacity * 0.7)) == 5
 
 
 def test_an_aggregated_pool_is_sized_by_its_shared_time() -> None:

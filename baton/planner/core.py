@@ -8,11 +8,15 @@ rule that set it. Its caller (a connector) starts or drains workers to reach the
 
 Two modes, usable together (``--planner both``):
 
-- **throughput**: every ``throughput_interval_s``, predict the next intervals' request count,
-  ISL and OSL (``predictors.py``), ``worker_startup_s`` ahead (workers asked for now serve
-  then), and size each pool from one worker's capacity within the SLA (``profile.py``):
-  ``ceil(rate / capacity)``. Shrinking is held back by ``scale_down_utilization``: a pool
-  shrinks only to a size that the predicted rate loads to at most that share.
+- **throughput**: every ``throughput_interval_s``, predict the next intervals' request count
+  (``predictors.py``) ``worker_startup_s`` ahead (workers asked for now serve then), take
+  ISL and OSL as the request-weighted means of the last ``min_observations`` intervals (one
+  interval's mean of heavy-tailed lengths moves by a quarter by chance, and lengths have no
+  trend worth following), and size each pool from one worker's capacity within the SLA
+  (``profile.py``): ``ceil(rate / capacity)``. Workers asked for serve only after their
+  start-up, but workers stopped leave at once, so a pool shrinks only to a size that serves
+  the rate predicted for the next interval as well, and that loads it to at most
+  ``scale_down_utilization`` of its capacity.
 - **load**: every ``load_interval_s``, react to the present: a pool grows (by one, or to the
   size the request rate of those intervals needs, if more) when its
   estimated TTFT (queued prefill tokens per worker over its prefill rate, while that queue
@@ -164,13 +168,6 @@ class _Window:
                        self.output_tokens + other.output_tokens)
 
 
-@dataclass(slots=True)
-class _Traffic:
-    requests: Predictor
-    isl: Predictor
-    osl: Predictor
-
-
 class Planner:
     """See the module docstring. ``pools``: ``("agg",)`` or ``("prefill", "decode")``."""
 
@@ -183,9 +180,9 @@ class Planner:
         self.config = config
         self.profile = profile
         self.pools = pools
-        kind, points = config.predictor, config.min_observations
-        self._traffic = _Traffic(make_predictor(kind, points), make_predictor(kind, points),
-                                 make_predictor(kind, points))
+        self._requests: Predictor = make_predictor(config.predictor, config.min_observations)
+        self._lengths: deque[_Window] = deque(maxlen=config.min_observations)
+        """The last prediction intervals with traffic (their lengths' means are used)."""
         self._state = {p: _PoolState() for p in pools}
         self._next_throughput = -math.inf
         self._next_load = -math.inf
@@ -241,22 +238,22 @@ class Planner:
     # ---- throughput ---------------------------------------------------------------------
 
     def _predict(self, obs: Observation) -> tuple[float, float, float] | None:
-        """Feeds the predictors the traffic since the last prediction; the predicted rate
-        (requests/s), ISL and OSL ``worker_startup_s`` ahead, once they are ready; sets the
-        throughput targets."""
-        t = self._traffic
+        """Feeds the predictor the traffic since the last prediction; the predicted rate
+        (requests/s) ``worker_startup_s`` ahead and the recent mean ISL and OSL, once the
+        predictor is ready; sets the throughput targets."""
         seen, self._since_prediction = self._since_prediction, _Window()
-        requests = seen.requests
-        t.requests.add(requests)
-        if requests:  # an idle window says nothing about lengths
-            t.isl.add(seen.prompt_tokens / requests)
-            t.osl.add(seen.output_tokens / requests)
-        if not (t.requests.ready and t.isl.ready and t.osl.ready):
+        self._requests.add(seen.requests)
+        if seen.requests:  # an idle window says nothing about lengths
+            self._lengths.append(seen)
+        if not (self._requests.ready and self._lengths):
             self._throughput_targets = {}
             return None
+        per_s = 1 / max(seen.seconds, 1e-9)
         steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
-        rate = t.requests.predict(steps) / max(seen.seconds, 1e-9)
-        isl, osl = t.isl.predict(steps), t.osl.predict(steps)
+        rate = self._requests.predict(steps) * per_s
+        soon = max(rate, self._requests.predict(1) * per_s)  # what a pool shrunk now must serve
+        recent = sum(self._lengths, _Window())
+        isl, osl = recent.prompt_tokens / recent.requests, recent.output_tokens / recent.requests
         self._throughput_targets = {}
         for pool in self.pools:
             capacity = self.profile.requests_per_s(pool, isl, osl)
@@ -264,7 +261,7 @@ class Planner:
             current = obs.pools[pool].workers
             if need < current:  # hysteresis: shrink only to a size loaded at most this much
                 need = min(current, math.ceil(
-                    rate / (capacity * self.config.scale_down_utilization) - 1e-9))
+                    soon / (capacity * self.config.scale_down_utilization) - 1e-9))
             self._throughput_targets[pool] = need
         return rate, isl, osl
 

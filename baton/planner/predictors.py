@@ -1,4 +1,4 @@
-"""Next-interval predictors for the planner's throughput mode: request count, ISL, OSL.
+"""Predictors of the request count per interval for the planner's throughput mode.
 
 Each takes one value per interval (``add``) and predicts ``steps`` intervals ahead
 (``predict``). All ignore the leading zeros of an idle start (a deployment that has seen no
