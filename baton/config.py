@@ -30,7 +30,7 @@ PreemptionMode = Literal["lifo", "fifo"]
 FaultMode = Literal["raise", "hang"]
 DiskAdmission = Literal["reused", "all"]
 PlannerMode = Literal["off", "throughput", "load", "both"]
-PredictorKind = Literal["constant", "moving-average", "kalman"]
+PredictorKind = Literal["constant", "moving-average", "kalman", "seasonal"]
 ConnectorKind = Literal["local", "kubernetes"]
 DiscoveryKind = Literal["auto", "kubernetes"]
 HardwareKind = Literal["h100", "h200", "b200", "gb200"]
@@ -646,8 +646,12 @@ class PlannerConfig:
     load_interval_s: float = setting(5.0, "load mode: seconds between reactions")
     predictor: PredictorKind = setting(
         "constant", "throughput mode: how the next interval's request count is predicted (the "
-        "last value, a moving average, a local linear trend); ISL and OSL are the means of "
-        "the last min_observations intervals")
+        "last value, a moving average, a local linear trend, or the count one --season-s "
+        "before); ISL and OSL are the means of the last min_observations intervals")
+    season_s: float | None = setting(
+        None, "seasonal predictor: the traffic's period (a day; the spacing of periodic "
+        "bursts), a whole number of throughput intervals", flag="season-s",
+        default_help="none")
     min_observations: int = setting(
         5, "observations a mode needs before it scales (cold start: none of them acts on "
         "the first samples)", flag="planner-min-observations")
@@ -680,6 +684,12 @@ class PlannerConfig:
         require(0 < self.scale_down_utilization <= 1, "scale_down_utilization",
                 "must be in (0, 1]")
         _positive_ints(self, "max_scale_step", "min_observations")
+        require((self.season_s is not None) == (self.predictor == "seasonal"), "season_s",
+                "is the seasonal predictor's period: set both or neither")
+        if self.season_s is not None:
+            steps = self.season_s / self.throughput_interval_s
+            require(steps >= 2 and math.isclose(steps, round(steps)), "season_s",
+                    "must be a whole number (>= 2) of throughput intervals")
         for pool in ("", "prefill_", "decode_"):
             low, high = getattr(self, f"min_{pool}workers"), getattr(self, f"max_{pool}workers")
             require(0 <= low <= high, f"min_{pool}workers", f"must be 0..max_{pool}workers")

@@ -17,7 +17,12 @@ import pytest
 
 from baton.config import PlannerConfig
 from baton.planner import Observation, Planner, PoolObservation, WorkerProfile
-from baton.planner.predictors import ConstantPredictor, KalmanPredictor, MovingAverage
+from baton.planner.predictors import (
+    ConstantPredictor,
+    KalmanPredictor,
+    MovingAverage,
+    SeasonalPredictor,
+)
 
 PROFILE = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500)
 DISAGG = ("prefill", "decode")
@@ -227,11 +232,12 @@ def test_with_both_modes_the_throughput_size_is_a_floor_under_load_scaling() -> 
     assert d.target("agg") == 2 and d.pools[0].rule.endswith("load under target")
 
 
-@pytest.mark.parametrize("predictor", ["constant", "moving-average", "kalman"])
+@pytest.mark.parametrize("predictor", ["constant", "moving-average", "kalman", "seasonal"])
 def test_a_steady_load_with_noise_scales_up_once_and_never_oscillates(predictor: str) -> None:
     rng = random.Random(1)
+    season = {"season_s": 600.0} if predictor == "seasonal" else {}
     planner = Planner(config(predictor=predictor, min_observations=3,
-                             scale_down_cooldown_s=300), PROFILE)
+                             scale_down_cooldown_s=300, **season), PROFILE)
     workers, moves = 1, []
     for i in range(120):  # two hours of minutes at 6 requests/s +- 10 %
         d = planner.observe(traffic(60 * i, 6 * rng.uniform(0.9, 1.1), {"agg": ready(workers)}))
@@ -260,7 +266,44 @@ def test_predictors_skip_an_idle_start_read_nan_as_zero_and_follow_a_ramp() -> N
     assert average.predict() == 3
 
 
+def test_the_seasonal_predictor_repeats_the_last_period() -> None:
+    p = SeasonalPredictor(4, min_points=2)
+    p.add(0)  # an idle start is not part of the first period
+    for v in (1, 2):
+        p.add(v)
+    assert p.ready and p.predict(1) == 2  # less than a period seen: the last value
+    for v in (9, 4):
+        p.add(v)  # a period: 1, 2, 9, 4
+    assert [p.predict(k) for k in (1, 2, 3, 4)] == [1, 2, 9, 4]
+    assert p.predict(5) == 4  # beyond a period: the last value
+    p.add(1)
+    assert p.predict(2) == 9  # the burst of one period ago, two intervals on
+
+
+def test_a_periodic_burst_is_met_ahead_with_the_seasonal_predictor() -> None:
+    # a minute of 8 req/s every 4 minutes over 2 req/s; a worker serves 1.43 req/s and takes
+    # a minute to start, so the pool must grow a minute before the burst's minute begins
+    def targets(predictor: str, **season: float) -> list[int]:
+        planner = Planner(config(predictor=predictor, worker_startup_s=60, **season), PROFILE)
+        workers, out = 1, []
+        for i, rps in enumerate([2, 2, 8, 2] * 3):
+            workers = planner.observe(traffic(60 * i, rps, {"agg": ready(workers)})).target("agg")
+            out.append(workers)
+        return out
+
+    # the first burst is met only once seen (at 120 s), as with the last value; from then on
+    # the pool has ceil(8 / 1.43) = 6 workers a minute before each burst and 2 after it
+    assert targets("seasonal", season_s=240) == [2, 2, 6, 2, 6, 6, 2, 2, 6, 6, 2, 2]
+    assert targets("constant") == [2, 2, 6, 2, 2, 2, 6, 2, 2, 2, 6, 2]
+
+
 def test_planner_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="season_s"):
+        PlannerConfig(predictor="seasonal")
+    with pytest.raises(ValueError, match="season_s"):
+        PlannerConfig(season_s=600)
+    with pytest.raises(ValueError, match="season_s"):
+        PlannerConfig(predictor="seasonal", season_s=45, throughput_interval_s=30)
     with pytest.raises(ValueError, match="min_prefill_workers"):
         PlannerConfig(min_prefill_workers=5, max_prefill_workers=2)
     with pytest.raises(ValueError, match="scale_down_utilization"):

@@ -180,7 +180,10 @@ class Planner:
         self.config = config
         self.profile = profile
         self.pools = pools
-        self._requests: Predictor = make_predictor(config.predictor, config.min_observations)
+        season = (None if config.season_s is None
+                  else round(config.season_s / config.throughput_interval_s))
+        self._requests: Predictor = make_predictor(config.predictor, config.min_observations,
+                                                   season)
         self._lengths: deque[_Window] = deque(maxlen=config.min_observations)
         """The last prediction intervals with traffic (their lengths' means are used)."""
         self._state = {p: _PoolState() for p in pools}

@@ -9,7 +9,10 @@ nothing, so cold-start samples cannot size a pool.
 - ``constant``: the last value;
 - ``moving-average``: the mean of the last ``window`` values;
 - ``kalman``: a local linear trend (level and slope) filtered with a Kalman filter, so a
-  ramp is followed ahead rather than behind; before ``min_points`` values, the last value.
+  ramp is followed ahead rather than behind; before ``min_points`` values, the last value;
+- ``seasonal``: the value one period (``season`` values) before the one predicted, as
+  traffic that repeats daily or bursts on a schedule does; the last value until a whole
+  period has been seen.
 
 Pure: no I/O, no clock.
 """
@@ -22,7 +25,8 @@ from typing import Protocol
 
 from baton.config import PredictorKind
 
-__all__ = ["ConstantPredictor", "KalmanPredictor", "MovingAverage", "Predictor", "make_predictor"]
+__all__ = ["ConstantPredictor", "KalmanPredictor", "MovingAverage", "Predictor", "SeasonalPredictor",
+           "make_predictor"]
 
 
 class Predictor(Protocol):
@@ -123,9 +127,38 @@ class KalmanPredictor(_Base):
         return max(0.0, self._level + steps * self._slope)
 
 
-def make_predictor(kind: PredictorKind, min_points: int) -> Predictor:
+class SeasonalPredictor(_Base):
+    """Seasonal naive: ``predict(steps)`` is the value ``season - steps + 1`` values back (the
+    same point of the last period); the last value until ``season`` values came, or for a
+    horizon of a whole period or more."""
+
+    def __init__(self, season: int, min_points: int = 1) -> None:
+        super().__init__(min_points)
+        if season < 2:
+            raise ValueError(f"season must be >= 2 intervals, got {season}")
+        self.season = season
+        self._values: deque[float] = deque(maxlen=season)
+
+    def add(self, value: float) -> None:
+        taken = self._take(value)
+        if taken is not None:
+            self._values.append(taken)
+
+    def predict(self, steps: int = 1) -> float:
+        if not self._values:
+            return 0.0
+        if len(self._values) < self.season or not 1 <= steps <= self.season:
+            return self._values[-1]
+        return self._values[steps - 1]  # the oldest is one period before the next value
+
+
+def make_predictor(kind: PredictorKind, min_points: int, season: int | None = None) -> Predictor:
     if kind == "constant":
         return ConstantPredictor(min_points)
     if kind == "moving-average":
         return MovingAverage(min_points=min_points)
+    if kind == "seasonal":
+        if season is None:
+            raise ValueError("the seasonal predictor needs its season (intervals)")
+        return SeasonalPredictor(season, min_points)
     return KalmanPredictor(min_points)
