@@ -75,8 +75,10 @@ class ConstantPredictor(_Base):
         return self._last
 
 
-class MovingAverage(_Base):
-    def __init__(self, window: int = 5, min_points: int = 1) -> None:
+class _LastValues(_Base):
+    """Keeps the last ``window`` values taken."""
+
+    def __init__(self, window: int, min_points: int) -> None:
         super().__init__(min_points)
         self._values: deque[float] = deque(maxlen=window)
 
@@ -84,6 +86,11 @@ class MovingAverage(_Base):
         taken = self._take(value)
         if taken is not None:
             self._values.append(taken)
+
+
+class MovingAverage(_LastValues):
+    def __init__(self, window: int = 5, min_points: int = 1) -> None:
+        super().__init__(window, min_points)
 
     def predict(self, steps: int = 1) -> float:
         return sum(self._values) / len(self._values) if self._values else 0.0
@@ -127,22 +134,16 @@ class KalmanPredictor(_Base):
         return max(0.0, self._level + steps * self._slope)
 
 
-class SeasonalPredictor(_Base):
+class SeasonalPredictor(_LastValues):
     """Seasonal naive: ``predict(steps)`` is the value ``season - steps + 1`` values back (the
     same point of the last period); the last value until ``season`` values came, or for a
     horizon of a whole period or more."""
 
     def __init__(self, season: int, min_points: int = 1) -> None:
-        super().__init__(min_points)
         if season < 2:
             raise ValueError(f"season must be >= 2 intervals, got {season}")
+        super().__init__(season, min_points)
         self.season = season
-        self._values: deque[float] = deque(maxlen=season)
-
-    def add(self, value: float) -> None:
-        taken = self._take(value)
-        if taken is not None:
-            self._values.append(taken)
 
     def predict(self, steps: int = 1) -> float:
         if not self._values:
