@@ -8,7 +8,7 @@ TTFT and mean ITL within target), worker-seconds (cost), and for the planner its
 changes and direction changes per hour. The ratio column compares each planner run's cost
 with the smallest static deployment (of either kind) reaching 95 %.
 
-    .venv/bin/python benches/planner_grid.py --source conversation_trace.jsonl   # ~40 min
+    .venv/bin/python benches/planner_grid.py --source conversation_trace.jsonl   # ~16 min on an idle 2-core host
 
 Every run is a ``baton sim`` command (printed); files go under ``--work``.
 """
