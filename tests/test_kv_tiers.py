@@ -375,3 +375,26 @@ def test_a_worker_keeps_its_share_of_the_store_dropping_what_no_worker_read_late
     assert 1 not in store and not b.holds(found) and a.own.lru_order() == [3]
     a.check_invariants()
     b.check_invariants()
+
+
+def test_a_store_file_removed_between_match_and_onboard_is_a_failed_read_not_a_crash(tmp_path):
+    # Another worker drops its block (deletes its file) after this worker matched it and
+    # before it planned the onboarding: the plan stands, and the read fails as "missing",
+    # which the engine counts and recomputes. Before, the plan raised and stopped the engine.
+    from baton.engine.disk_blocks import DiskBlockError
+    from baton.engine.shared_blocks import DirectoryIndex, SharedBlocks
+    from baton.kv.hashing import LocalBlockHash, SequenceHash
+    from baton.kv.shared_tier import SharedTier
+
+    owner = SharedBlocks(tmp_path, 4, "layout")
+    owner.write(0, SequenceHash(7), LocalBlockHash(7), None, b"abcd")
+    reader = SharedBlocks(tmp_path, 4, "layout")
+    tiers = KvTiers(2, shared=SharedTier(2, DirectoryIndex(reader)))
+    below = tiers.match([SequenceHash(7)])
+    assert [(b.tier, b.slot) for b in below] == [(Tier.SHARED, -1)]
+    owner.path(SequenceHash(7)).unlink()
+    assert tiers.onboard(below, [3]) == [Copy(7, Tier.SHARED, -1, Tier.DEVICE, 3, 0, None)]
+    with pytest.raises(DiskBlockError, match="missing"):
+        reader.read(SequenceHash(7))
+    tiers.discard(SequenceHash(7), Tier.SHARED)
+    assert tiers.match([SequenceHash(7)]) == []

@@ -305,8 +305,12 @@ class KvTiers:
         return copies
 
     def _holds(self, block: TierBlock) -> bool:
+        """Whether ``block`` (from ``match``) can still be onboarded as planned: a block in
+        one of this worker's slots must still be the one there. Another worker's block in the
+        shared store is read by its hash, and that read checks its file (one gone since, as
+        its owner may drop it at any time, fails the read and is recomputed)."""
         if block.tier is Tier.SHARED:
-            return self.shared is not None and self.shared.holds(block)
+            return self.shared is not None and (block.slot < 0 or self.shared.holds(block))
         return self.store(block.tier).get(block.seq_hash) is block
 
     def restore_disk(self, found: Sequence[TierBlock]) -> None:
