@@ -403,7 +403,10 @@ class KvRouterConfig:
     overlap_score_credit_decay: float = setting(
         0.0, "shrinks the credit of workers whose prefill backlog exceeds the least-loaded "
         "one's")
-    prefill_load_scale: float = setting(1.0, "weight of the blocks left to prefill")
+    prefill_load_scale: float = setting(
+        1.0, "weight of the blocks left to prefill against blocks held by running requests "
+        "(Dynamo's overlap score weight); higher keeps a prefix's requests on the workers "
+        "caching it")
     decode_active_request_weight: float = setting(
         0.0, "cost added per active request on a worker")
     temperature: float = setting(

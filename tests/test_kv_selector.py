@@ -187,6 +187,22 @@ def test_softmax_of_equal_costs_is_uniform():
     assert softmax_probabilities([3.0, 3.0, 3.0, 3.0], 0.5) == [0.25] * 4
 
 
+def test_a_prefill_weight_of_8_keeps_a_turn_on_the_worker_caching_its_conversation():
+    """A 750-block prompt, 700 of them cached on worker 1, which carries 800 blocks more than
+    worker 2 (both counts include the prompt's 750 new blocks). At weight 1 worker 1 costs
+    50 + 8,250 = 8,300 against 750 + 7,450 = 8,200; at weight 8, 400 + 8,250 = 8,650 against
+    6,000 + 7,450 = 13,450 (it keeps the turn while its load is within 8 x 700 of worker 2's)."""
+    overlaps = {1: 700}
+    loads = {1: load(8_250), 2: load(7_450)}
+    default = KvSelector(KvRouterConfig()).select([1, 2], overlaps, loads, 750 * BS, BS)
+    assert default.worker_id == 2
+    assert [c.cost for c in default.candidates] == [8_300.0, 8_200.0]
+    weighted = KvSelector(KvRouterConfig(prefill_load_scale=8.0)).select(
+        [1, 2], overlaps, loads, 750 * BS, BS)
+    assert weighted.worker_id == 1
+    assert [c.cost for c in weighted.candidates] == [8_650.0, 13_450.0]
+
+
 # -- per-request overrides -----------------------------------------------------------------------
 
 
