@@ -133,6 +133,9 @@ class TimingConfig:
         "the same as --disk-kv-gbps)")
     shared_kv_latency_ms: float = setting(
         0.1, "modelled latency of one onboarding that reads from the shared store, ms")
+    recompute_slow_tiers: bool = setting(
+        True, "recompute a prefix found in the KV tiers when the modelled read would take "
+        "longer than prefilling it again")
     kv_bytes_per_token: int | None = setting(
         None, "modelled KV cache bytes per token over all layers",
         default_help="the model's; in baton sim 131072, Llama-3-8B in fp16")

@@ -398,3 +398,84 @@ def test_a_store_file_removed_between_match_and_onboard_is_a_failed_read_not_a_c
         reader.read(SequenceHash(7))
     tiers.discard(SequenceHash(7), Tier.SHARED)
     assert tiers.match([SequenceHash(7)]) == []
+
+
+# -- onboard or recompute ------------------------------------------------------------------------
+
+
+def _blocks(*tiers: Tier) -> list:
+    from baton.kv.tiers import TierBlock
+
+    return [TierBlock(i, 0, None, t, i) for i, t in enumerate(tiers)]
+
+
+def test_the_leading_blocks_worth_reading_are_those_saving_the_most_time_over_recomputing():
+    """Compute 0.33 ms a block; host reads take 0.08, disk 0.70 plus 0.1 once. Host blocks save
+    0.25 each and disk ones lose 0.37: a run stops before its first disk block, unless enough
+    host blocks follow it to pay for it (one disk block then four host ones: -0.47 + 4 x 0.25
+    = 0.53 > 0)."""
+    from baton.kv.onboard_choice import OnboardCosts
+
+    costs = OnboardCosts(read_ms={Tier.HOST: 0.08, Tier.DISK: 0.70}, compute_ms=0.33,
+                         latency_ms={Tier.DISK: 0.1})
+    h, d = Tier.HOST, Tier.DISK
+    assert costs.blocks_worth_onboarding(_blocks(h, h, d, d)) == 2
+    assert costs.blocks_worth_onboarding(_blocks(d, h, h, h, h)) == 5
+    assert costs.blocks_worth_onboarding(_blocks(d, h)) == 0  # -0.47 + 0.25: recompute both
+    assert costs.blocks_worth_onboarding(_blocks(d, d, d)) == 0
+    assert costs.blocks_worth_onboarding([]) == 0
+    assert costs.onboard_ms({h: 2, d: 3}) == pytest.approx(2 * 0.08 + 3 * 0.70 + 0.1)
+    with pytest.raises(ValueError):
+        OnboardCosts(read_ms={h: -1.0}, compute_ms=0.33)
+
+
+def test_modelled_costs_read_a_disk_block_in_twice_the_time_a_full_prefill_step_computes_it():
+    """Defaults: 16-token blocks of Llama-3-8B in fp16 (2 MiB), a token budget of 8,192 at
+    the polynomial's 169 ms: 0.33 ms to compute a block, 0.70 ms to read it from disk or the
+    shared store at 3 GB/s, 0.084 ms from host memory at 25 GB/s."""
+    from baton.config import TimingConfig
+    from baton.engine.step import KvLoad
+    from baton.engine.timing import PolynomialTiming, onboard_ms, tier_costs
+
+    block_bytes = 16 * 131072
+    costs = tier_costs(TimingConfig(), block_bytes, model=PolynomialTiming(), block_size=16,
+                       step_tokens=8192)
+    assert costs.compute_ms == pytest.approx(PolynomialTiming().prefill_ms(8192) / 512)
+    assert costs.compute_ms == pytest.approx(0.33, abs=0.005)
+    assert costs.read_ms[Tier.DISK] == costs.read_ms[Tier.SHARED] == pytest.approx(0.699, abs=1e-3)
+    assert costs.read_ms[Tier.HOST] == pytest.approx(0.0839, abs=1e-4)
+    load = KvLoad("r", [0, 1, 2], [5, 6, 7], 48, num_host_blocks=1, num_disk_blocks=1,
+                  num_shared_blocks=1)
+    assert onboard_ms(load, block_bytes, TimingConfig()) == pytest.approx(
+        0.0839 + 0.699 + 0.1 + 0.699 + 0.1, abs=1e-3)
+
+
+def test_a_prefix_the_shared_store_would_read_slower_than_computing_it_is_recomputed():
+    """Worker b finds a's 3 blocks in the store, but reading one takes longer than computing
+    it: b prefills the whole prompt and counts the 3 blocks as recomputed, once."""
+    from baton.config import SchedulerConfig
+    from baton.engine.request import Request
+    from baton.engine.scheduler import Scheduler
+    from baton.kv.onboard_choice import OnboardCosts
+    from baton.kv.shared_tier import MemoryIndex
+    from baton.protocol import SamplingParams
+
+    store = MemoryIndex()
+    config = SchedulerConfig(num_blocks=8, block_size=4, host_kv_blocks=8, shared_kv_blocks=4,
+                             host_kv_write_through=True)
+    slow = OnboardCosts(read_ms={Tier.HOST: 0.1, Tier.SHARED: 0.7}, compute_ms=0.33)
+    a = Scheduler(config, worker_id=0, shared_kv=store)
+    b = Scheduler(config, worker_id=1, shared_kv=store, onboard_costs=slow)
+    prompt = list(range(100, 113))  # 3 full blocks and a token
+    _run(a, "a", prompt)
+    a.flush_write_through()
+    assert len(store) == 3
+    outs = _run(b, "b", list(prompt))
+    assert not any(o.kv_loads for o in outs)
+    assert outs[0].num_scheduled_tokens == {"b": 13}
+    assert b.recomputed_tier_blocks == {"shared": 3}
+    fast = Scheduler(config, worker_id=2, shared_kv=store,
+                     onboard_costs=OnboardCosts(read_ms={Tier.SHARED: 0.2}, compute_ms=0.33))
+    fast.add_request(Request("c", list(prompt), SamplingParams(max_tokens=1)))
+    [load] = fast.schedule().kv_loads
+    assert load.num_shared_blocks == 3 and fast.recomputed_tier_blocks == {}

@@ -57,6 +57,9 @@ class EngineStats:
     kv_onboarded_blocks: dict[str, int] = field(default_factory=dict)
     """Blocks onboarded from the engine's KV tiers (prefix hits there), by tier (``"host"``,
     ``"disk"``); failed ones included."""
+    kv_recomputed_blocks: dict[str, int] = field(default_factory=dict)
+    """Blocks found in the engine's KV tiers but recomputed, as reading them back would take
+    longer (``OnboardCosts``), by tier."""
     kv_onboards: int = 0
     kv_onboard_seconds: float = 0.0
     """Onboardings done and the time they took together (plan to last copy in)."""

@@ -1,8 +1,9 @@
 """The engine shell every backend shares: requests in, step loop, outputs and KV out.
 
-``EngineCore`` owns the pure ``Scheduler`` and one ``Executor``, the part that differs per
-backend: the simulated engine's executor sleeps for a timing model and draws tokens, the
-transformers engine's runs the model over the paged KV cache. One owned task runs the loop:
+``EngineCore`` owns the pure ``Scheduler`` and one ``Executor`` (``executor.py``), the part
+that differs per backend: the simulated engine's executor sleeps for a timing model and draws
+tokens, the transformers engine's runs the model over the paged KV cache. One owned task runs
+the loop:
 
 1. wait until some request is waiting or running;
 2. ``schedule()`` a batch (continuous batching, chunked prefill, preemption) and start the
@@ -33,18 +34,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Protocol
 
 from baton.config import EngineConfig
 from baton.engine.base import EngineLoad, EngineStats, FaultHandler, KvEventSink
+from baton.engine.executor import Executor
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import KvLoad, SchedulerOutput, StepResult
 from baton.errors import InvalidRequestError, WorkerFaultError
 from baton.kv.events import KvStored
-from baton.kv.shared_tier import SharedIndex
-from baton.kv.store import BlockStore
-from baton.kv.tiers import Copy, TierBlock
+from baton.kv.tiers import Copy
 from baton.protocol import EngineOutput, GenerateRequest, KvTransferParams, StepSample
 from baton.runtime.net import Listener
 from baton.runtime.peer_auth import PeerAuth
@@ -56,50 +55,6 @@ log = logging.getLogger(__name__)
 _BURST_S = 0.002
 """With steps that cost no time, steps run back to back for this long before the loop yields
 to consumers (their deltas merge meanwhile), as a real engine's output batches per step."""
-
-
-class Executor(Protocol):
-    """What runs a scheduled step: a timing model or a real model."""
-
-    store: BlockStore
-    """Where the KV blocks' bytes live (0-byte blocks when nothing real is computed)."""
-    layout: str
-    """The KV layout; two engines can exchange blocks only when theirs are equal."""
-    tier_block_bytes: int
-    """Bytes one KV block copy between tiers moves (modelled when no bytes are real)."""
-    shared_kv: SharedIndex | None
-    """What the KV store shared with other workers holds (None: no shared tier)."""
-
-    def begin(self, request: GenerateRequest) -> None:
-        """A request arrives (e.g. seed its sampler)."""
-
-    async def execute(self, output: SchedulerOutput, scheduler: Scheduler) -> Mapping[str, int]:
-        """Runs one step; one sampled token per id in ``output.requests_needing_sample``."""
-        ...
-
-    def transfer_seconds(self, num_tokens: int) -> float:
-        """Extra modelled time a KV load of ``num_tokens`` tokens takes (0 when real)."""
-        ...
-
-    def copy(self, copies: Sequence[Copy]) -> None:
-        """Starts a step's copies between the device and the KV tiers (``kv_copies``), in
-        order; they run before the step's forward pass touches their device blocks."""
-
-    def onboard(self, load: KvLoad) -> asyncio.Future[list[tuple[Copy, str]]]:
-        """Done when the copies up of an onboarding (planned by the last ``copy``) are in,
-        with the ones that failed and why (their blocks are recomputed)."""
-        ...
-
-    def disk_blocks(self) -> list[TierBlock]:
-        """The blocks a disk tier kept from before a restart (checked when read)."""
-        ...
-
-    def idle(self) -> None:
-        """The engine ran out of computable work and waits (a modelled clock restarts)."""
-
-    def forget(self, request_id: str) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class EngineFault(RuntimeError):
@@ -162,7 +117,8 @@ class EngineCore:
         """Where the KV transfer server listens (with ``tcp`` or ``shm``)."""
         self.block_size = config.block_size
         self.executor = executor
-        self._scheduler = Scheduler(config.scheduler, shared_kv=executor.shared_kv)
+        self._scheduler = Scheduler(config.scheduler, shared_kv=executor.shared_kv,
+                                    onboard_costs=executor.onboard_costs)
         self._scheduler.restore_disk_blocks(executor.disk_blocks())
         self._name = name
         self._mailboxes: dict[str, _Mailbox] = {}
@@ -175,7 +131,7 @@ class EngineCore:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._kv_sink: KvEventSink | None = None
-        self.stats = EngineStats()
+        self.stats = EngineStats(kv_recomputed_blocks=self._scheduler.recomputed_tier_blocks)
         # -- faults
         self.fault: BaseException | None = None
         """Why the engine stopped; it serves nothing more (its owner restarts it)."""

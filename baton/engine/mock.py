@@ -43,7 +43,8 @@ from baton.engine.disk_blocks import DiskBlockError
 from baton.engine.scheduler import Scheduler
 from baton.engine.shared_blocks import DirectoryIndex, SharedBlocks
 from baton.engine.step import KvLoad, SchedulerOutput
-from baton.engine.timing import onboard_ms, sleep_seconds, timing_model
+from baton.engine.timing import onboard_ms, sleep_seconds, tier_costs, timing_model
+from baton.kv.onboard_choice import OnboardCosts
 from baton.kv.shared_tier import SharedIndex
 from baton.kv.store import BlockStore
 from baton.kv.tiers import Copy, Tier, TierBlock
@@ -75,6 +76,12 @@ class SimulatedExecutor:
         self._kv_bytes_per_token = kv_bytes_per_token if modelled is None else modelled
         self.tier_block_bytes = config.block_size * self._kv_bytes_per_token
         """Modelled bytes of one KV block (the tiers' copies move none)."""
+        self.onboard_costs: OnboardCosts | None = None
+        if config.timing.recompute_slow_tiers:
+            self.onboard_costs = tier_costs(
+                config.timing, self.tier_block_bytes, model=self._timing,
+                block_size=config.block_size,
+                step_tokens=config.scheduler.max_num_batched_tokens)
         self.shared_kv: SharedIndex | None = None
         self._shared: SharedBlocks | None = None
         self._shared_reads: dict[int, Copy] = {}

@@ -41,6 +41,7 @@ from baton.engine.step import DecodeRun, KvLoad, SchedulerOutput, StepBuilder, S
 from baton.kv.block_pool import BlockPool, KVBlock
 from baton.kv.events import KvEvent, KvEventData, KvStored
 from baton.kv.hashing import SequenceHash
+from baton.kv.onboard_choice import OnboardCosts
 from baton.kv.shared_tier import MemoryIndex, SharedIndex, SharedTier
 from baton.kv.tiers import Copy, HeldBlocks, KvTiers, Tier, TierBlock
 from baton.protocol import KvTransferParams
@@ -53,11 +54,17 @@ class Scheduler:
     """Waiting/running queues over one ``BlockPool``."""
 
     def __init__(self, config: SchedulerConfig, *, worker_id: int = 0,
-                 shared_kv: SharedIndex | None = None) -> None:
+                 shared_kv: SharedIndex | None = None,
+                 onboard_costs: OnboardCosts | None = None) -> None:
         """``shared_kv``: what the KV store shared with other workers holds (with
-        ``shared_kv_blocks`` > 0; a private in-memory one by default)."""
+        ``shared_kv_blocks`` > 0; a private in-memory one by default). ``onboard_costs``: the
+        times to read a block from each tier and to compute it, so that a prefix a tier
+        would read more slowly is recomputed (None: whatever the tiers hold is onboarded)."""
         self.config = config
         self.worker_id = worker_id
+        self.onboard_costs = onboard_costs
+        self.recomputed_tier_blocks: dict[str, int] = {}
+        """Blocks found in a lower tier (by name) and recomputed, reading them being slower."""
         self.tiers: KvTiers | None = None
         """The host, disk and shared tiers below the pool, with ``host_kv_blocks`` > 0."""
         if config.kv_tiers:
@@ -388,11 +395,16 @@ class Scheduler:
     def _try_admit(self, req: Request, step: StepBuilder) -> bool:
         """Admit ``req`` with its prefix-cache hits, if its first chunk fits budget and blocks."""
         hits = self._cached_prefix(req)
+        recomputed: list[TierBlock] = []
         if self.tiers is not None:
             self._offload_evicted()  # blocks handed out earlier in this schedule count too
-            below = self.tiers.match(req.block_hashes[len(hits):self._max_hit_blocks(req)])
+            below, recomputed = self._worth_onboarding(
+                self.tiers.match(req.block_hashes[len(hits):self._max_hit_blocks(req)]))
             if below:
-                return self._try_admit_onboard(req, hits, below, step)
+                admitted = self._try_admit_onboard(req, hits, below, step)
+                if admitted:
+                    self._count_recomputed(recomputed)
+                return admitted
         num_cached = len(hits) * self.config.block_size
         num_new = req.num_tokens - num_cached
         if num_new > step.budget:
@@ -406,7 +418,23 @@ class Scheduler:
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         step.add(req, num_new)
+        self._count_recomputed(recomputed)
         return True
+
+    def _worth_onboarding(self, below: list[TierBlock]
+                          ) -> tuple[list[TierBlock], list[TierBlock]]:
+        """A run found in the tiers split into the leading part faster to read than to
+        recompute (all of it without ``onboard_costs``) and the rest, to recompute."""
+        if not below or self.onboard_costs is None:
+            return below, []
+        keep = self.onboard_costs.blocks_worth_onboarding(below)
+        return below[:keep], below[keep:]
+
+    def _count_recomputed(self, blocks: Sequence[TierBlock]) -> None:
+        counts = self.recomputed_tier_blocks
+        for block in blocks:
+            name = block.tier.name.lower()
+            counts[name] = counts.get(name, 0) + 1
 
     def _try_admit_onboard(self, req: Request, hits: list[KVBlock], below: list[TierBlock],
                            step: StepBuilder) -> bool:

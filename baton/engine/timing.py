@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from baton.kv.onboard_choice import OnboardCosts
+from baton.kv.tiers import Tier
+
 if TYPE_CHECKING:
     from baton.config import TimingConfig
     from baton.engine.step import KvLoad, StepShape
@@ -211,13 +214,27 @@ def onboard_ms(load: KvLoad, block_bytes: int, timing: TimingConfig) -> float:
     other: host blocks at ``host_kv_gbps``, disk blocks at ``disk_kv_gbps`` plus one
     ``disk_kv_latency_ms``, shared-store blocks at ``shared_kv_gbps`` plus one
     ``shared_kv_latency_ms``."""
-    host_s = load.num_host_blocks * block_bytes / (timing.host_kv_gbps * 1e9)
-    disk_s = load.num_disk_blocks * block_bytes / (timing.disk_kv_gbps * 1e9)
-    shared_s = load.num_shared_blocks * block_bytes / (timing.shared_kv_gbps * 1e9)
-    latency = timing.disk_kv_latency_ms if load.num_disk_blocks else 0.0
-    if load.num_shared_blocks:
-        latency += timing.shared_kv_latency_ms
-    return (host_s + disk_s + shared_s) * 1000.0 + latency
+    return tier_costs(timing, block_bytes).onboard_ms(
+        {Tier.HOST: load.num_host_blocks, Tier.DISK: load.num_disk_blocks,
+         Tier.SHARED: load.num_shared_blocks})
+
+
+def tier_costs(timing: TimingConfig, block_bytes: int, *, model: TimingModel | None = None,
+               block_size: int = 0, step_tokens: int = 0) -> OnboardCosts:
+    """The modelled costs of onboarding a block from each tier (``onboard_ms``) and, with a
+    timing ``model``, of recomputing it: ``block_size`` tokens' share of a prefill-only step of
+    ``step_tokens`` (the token budget), so that a worker recomputes a prefix its tiers would
+    read more slowly (``OnboardCosts.blocks_worth_onboarding``)."""
+    compute_ms = 0.0
+    if model is not None and step_tokens > 0:
+        compute_ms = model.step_ms(step_tokens, 0, 0, 1) / step_tokens * block_size
+    return OnboardCosts(
+        read_ms={Tier.HOST: block_bytes / (timing.host_kv_gbps * 1e6),
+                 Tier.DISK: block_bytes / (timing.disk_kv_gbps * 1e6),
+                 Tier.SHARED: block_bytes / (timing.shared_kv_gbps * 1e6)},
+        compute_ms=compute_ms,
+        latency_ms={Tier.DISK: timing.disk_kv_latency_ms,
+                    Tier.SHARED: timing.shared_kv_latency_ms})
 
 
 def sleep_seconds(step_ms: float, speedup_ratio: float) -> float:

@@ -63,7 +63,7 @@ from baton.bench.metrics import RequestRecord
 from baton.config import WorkerRole
 from baton.engine.request import Request
 from baton.engine.step import DecodeRun, KvLoad, SchedulerOutput, StepResult
-from baton.engine.timing import lockstep_ms, onboard_ms
+from baton.engine.timing import lockstep_ms, onboard_ms, tier_costs
 from baton.kv.events import KvEvent
 from baton.protocol import SamplingParams, StepSample
 from baton.router.disagg import decide
@@ -192,10 +192,16 @@ class Cluster:
         cfg = self.config
         scales = cfg.step_time_scale or (1.0,) * cfg.total_workers
         dp = cfg.attention_dp
+        scheduler = cfg.scheduler_for(role)
+        costs = None
+        if scheduler.kv_tiers and cfg.timing.recompute_slow_tiers:
+            costs = tier_costs(cfg.timing, scheduler.block_size * cfg.kv_bytes_per_token,
+                               model=cfg.model(), block_size=scheduler.block_size,
+                               step_tokens=scheduler.max_num_batched_tokens)
         return SimPool(
-            role, range(first_id * dp, (first_id + count) * dp), cfg.scheduler_for(role),
+            role, range(first_id * dp, (first_id + count) * dp), scheduler,
             cfg.router_for(), step_time_scales=scales[first_id:first_id + count],
-            clock=lambda: self.now, ranks=dp,
+            clock=lambda: self.now, ranks=dp, onboard_costs=costs,
         )
 
     @property

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 from baton.config import RouterConfig, SchedulerConfig, WorkerRole
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import SchedulerOutput
+from baton.kv.onboard_choice import OnboardCosts
 from baton.kv.shared_tier import MemoryIndex
 from baton.protocol import (
     GENERATE_ENDPOINT,
@@ -86,9 +88,13 @@ class SimWorker:
     def __init__(self, worker_id: int, config: SchedulerConfig, pool: SimPool,
                  engine: SimEngine | None = None) -> None:
         self.worker_id = worker_id
-        self.scheduler = Scheduler(config, worker_id=worker_id, shared_kv=pool.shared_kv)
         self.pool = pool
         self.engine = engine or SimEngine()
+        costs = pool.onboard_costs
+        if costs is not None and self.engine.step_time_scale != 1.0:  # a straggler computes slower
+            costs = replace(costs, compute_ms=costs.compute_ms * self.engine.step_time_scale)
+        self.scheduler = Scheduler(config, worker_id=worker_id, shared_kv=pool.shared_kv,
+                                   onboard_costs=costs)
         self.engine.ranks.append(self)
         self.route_id = self.engine.ranks[0].worker_id if pool.routes_workers else worker_id
         """The id its pool's router knows it by: its own, or its worker's first rank's when
@@ -131,9 +137,13 @@ class SimPool:
         step_time_scales: Sequence[float],
         clock: Callable[[], float],
         ranks: int = 1,
+        onboard_costs: OnboardCosts | None = None,
     ) -> None:
         self.role = role
         self.scheduler_config = scheduler
+        self.onboard_costs = onboard_costs
+        """Its workers' costs of reading a block from each tier and of computing it (None:
+        they onboard whatever their tiers hold)."""
         self.shared_kv = MemoryIndex()
         """The KV store its workers share (with ``shared_kv_blocks`` > 0)."""
         self.workers: list[SimWorker] = []

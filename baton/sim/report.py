@@ -46,6 +46,8 @@ class SimReport(msgspec.Struct, kw_only=True):
     disagg: DisaggStats | None = None
     onboarded_blocks: int = 0
     """KV blocks copied up from the workers' host and disk tiers."""
+    recomputed_tier_blocks: int = 0
+    """KV blocks found in those tiers but recomputed, as reading them would take longer."""
     planner: PlannerStats | None = None
 
 
@@ -59,6 +61,8 @@ def sim_report(cluster: Cluster, wall_s: float,
                      num_preemptions=cluster.num_preemptions,
                      virtual_s=cluster.now, wall_s=wall_s, busy=cluster.busy_shares(),
                      disagg=cluster.disagg_stats(), onboarded_blocks=cluster.onboarded_blocks,
+                     recomputed_tier_blocks=sum(
+                         sum(w.scheduler.recomputed_tier_blocks.values()) for w in cluster.workers),
                      planner=planner)
 
 
@@ -70,6 +74,9 @@ def _format_report(report: SimReport, num_records: int) -> str:
             f"in {report.wall_s:.1f} s wall; busy: {busy}")
     if report.onboarded_blocks:
         line += f"; {report.onboarded_blocks} KV blocks onboarded from host and disk"
+    if report.recomputed_tier_blocks:
+        line += (f"; {report.recomputed_tier_blocks} found there recomputed (faster than "
+                 "reading them)")
     if report.disagg is not None:
         line += "\n" + report.disagg.format()
     if report.planner is not None:

@@ -5,7 +5,8 @@ Gauges: KV blocks in use and in total, KV usage, running and waiting requests, r
 flight, KV transfers held, and whether the worker is draining or restarting its engine.
 Counters: engine steps, preemptions, KV loads done and failed, engine restarts; a histogram
 of step durations. KV tiers: blocks and bytes copied between tiers, blocks onboarded per
-tier, onboarding time, failed tier reads, blocks held per tier. Counters restart from 0 with a new engine (Prometheus handles resets).
+tier and those recomputed instead (slower to read), onboarding time, failed tier reads,
+blocks held per tier. Counters restart from 0 with a new engine (Prometheus handles resets).
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def _tier_metrics(wid: list[str], stats: EngineStats) -> Iterator[Metric]:
     for tier, count in sorted(stats.kv_onboarded_blocks.items()):
         onboarded.add_metric([*wid, tier], count)
     yield onboarded
+    recomputed = CounterMetricFamily("baton_worker_kv_recomputed_blocks", "KV blocks of "
+                                     "prompts found in a lower tier but recomputed, as reading "
+                                     "them back would take longer.", labels=["worker", "tier"])
+    for tier, count in sorted(stats.kv_recomputed_blocks.items()):
+        recomputed.add_metric([*wid, tier], count)
+    yield recomputed
     onboard_time = SummaryMetricFamily("baton_worker_kv_onboard_seconds", "Time from planning "
                                        "an onboarding to its last block in.", labels=["worker"])
     onboard_time.add_metric(wid, stats.kv_onboards, stats.kv_onboard_seconds)

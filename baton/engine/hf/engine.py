@@ -25,6 +25,7 @@ from baton.engine.scheduler import Scheduler
 from baton.engine.shared_blocks import DirectoryIndex, SharedBlocks
 from baton.engine.step import KvLoad, SchedulerOutput
 from baton.engine.tier_copier import TierCopier
+from baton.kv.onboard_choice import OnboardCosts
 from baton.kv.shared_tier import SharedIndex
 from baton.kv.store import BlockStore
 from baton.kv.tiers import Copy, TierBlock
@@ -53,6 +54,9 @@ class HfExecutor:
         self.store = self.runner.store
         self.layout = self.runner.layout
         self.tier_block_bytes = self.store.block_bytes
+        self.onboard_costs: OnboardCosts | None = None
+        """Real copies up from host memory and local disk beat recomputing on this engine
+        (``docs/benchmarks.md``: 0.03-0.08x), so whatever the tiers hold is onboarded."""
         self._copier = _copier(config, self.store, self.layout)
         shared = self._copier.shared if self._copier is not None else None
         self.shared_kv: SharedIndex | None = (
