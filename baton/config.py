@@ -477,13 +477,15 @@ class RouterConfig:
         600.0, "a conversation's turns (X-Session-ID header, or the user field) go to the "
         "worker of its previous turn while that worker can take them; forgotten after this "
         "long unused", flag="router-session-ttl-s")
-    host_kv_credit: float = setting(
-        0.75, "KV-aware modes: a prompt block a worker holds only in host memory counts as "
+    host_kv_credit: float | None = setting(
+        None, "KV-aware modes: a prompt block a worker holds only in host memory counts as "
         "this much of a block held on the device (it is copied back, not recomputed)",
-        flag="router-host-kv-credit")
-    disk_kv_credit: float = setting(
-        0.25, "KV-aware modes: the same for a block held only on disk",
-        flag="router-disk-kv-credit")
+        flag="router-host-kv-credit",
+        default_help="the worker's own, 1 - read time / compute time, where it announces one; "
+        "else 0.75")
+    disk_kv_credit: float | None = setting(
+        None, "KV-aware modes: the same for a block held only on disk",
+        flag="router-disk-kv-credit", default_help="the worker's own; else 0.25")
     kv_events: bool = setting(
         True, "follow the workers' KV events; off: predict caches from routing decisions "
         "(approximate mode)")
@@ -516,7 +518,8 @@ class RouterConfig:
         check_choices(self)
         require(self.unhealthy_cooldown_s >= 0, "unhealthy_cooldown_s", "must be >= 0")
         for name in ("host_kv_credit", "disk_kv_credit"):
-            require(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
+            value = getattr(self, name)
+            require(value is None or 0 <= value <= 1, name, "must be between 0 and 1")
         for name in ("health_timeout_s", "first_token_timeout_s", "inter_token_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.ttl_s > 0, "router_ttl_s", "must be > 0")

@@ -77,6 +77,11 @@ separated ``FEATURE_*`` names)."""
 KV_EVENTS_KEY = "kv_events"
 """A worker's discovery metadata key: ``off`` when its engine keeps no prefix cache, so it
 announces no KV blocks by design (a KV router does not take its silence for a broken feed)."""
+KV_TIER_CREDITS_KEY = "kv_tier_credits"
+"""A worker's discovery metadata key: what a block it holds only in host memory or on disk is
+worth against one on its device, from its own read and compute times (``host=0.75,disk=0``;
+``kv.onboard_choice.format_tier_credits``)."""
+
 
 MAX_STEP_SAMPLES = 64
 """Step samples an engine keeps and a feed batch carries at most (the latest)."""

@@ -17,6 +17,8 @@ import pytest
 
 from baton.kv.events import KvCleared, KvEvent
 from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
+from baton.kv.onboard_choice import parse_tier_credits
+from baton.protocol import KV_TIER_CREDITS_KEY
 
 
 def client_for(srv):
@@ -385,6 +387,9 @@ def test_a_prefix_held_only_in_host_memory_counts_less_than_one_on_the_device(
     srv = make_server(workers=2, router="kv", block_size=8, num_blocks=16, host_kv_blocks=64,
                       router_options={"host_kv_credit": host_credit})
     a, b = (w.instance_id for w in srv.workers)
+    for w in srv.workers:  # simulated workers announce their own credits; the router's win
+        announced = parse_tier_credits(w.record.metadata[KV_TIER_CREDITS_KEY])
+        assert set(announced) == {"host", "disk"}
     prompt = list(range(100, 196))  # 12 blocks of 8
     complete(srv, prompt + [1], worker=a)
     complete(srv, list(range(1000, 1121)), worker=a)  # all 16 device blocks: prompt -> host

@@ -479,3 +479,67 @@ def test_a_prefix_the_shared_store_would_read_slower_than_computing_it_is_recomp
     fast.add_request(Request("c", list(prompt), SamplingParams(max_tokens=1)))
     [load] = fast.schedule().kv_loads
     assert load.num_shared_blocks == 3 and fast.recomputed_tier_blocks == {}
+
+
+# -- what routers credit a lower tier's block ----------------------------------------------------
+
+
+def test_a_workers_credits_are_the_share_of_compute_time_its_reads_save():
+    """Compute 0.33 ms a block, host reads 0.084 ms: a host block saves 75 % of recomputing
+    it; a disk read of 0.70 ms saves nothing (and the shared store is not in KV events)."""
+    from baton.kv.onboard_choice import OnboardCosts, format_tier_credits, parse_tier_credits
+
+    costs = OnboardCosts(read_ms={Tier.HOST: 0.084, Tier.DISK: 0.70, Tier.SHARED: 0.70},
+                         compute_ms=0.33)
+    credits = costs.credits()
+    assert credits == {"host": pytest.approx(0.745, abs=1e-3), "disk": 0.0}
+    assert format_tier_credits(credits) == "disk=0.000,host=0.745"
+    assert parse_tier_credits("disk=0.000,host=0.745") == {"disk": 0.0, "host": 0.745}
+    assert OnboardCosts(read_ms={Tier.HOST: 0.1}, compute_ms=0.0).credits() == {}
+    for bad in ("host", "host=1.5", "=0.5", "host=nan", "host=0.5,disk"):
+        with pytest.raises(ValueError):
+            parse_tier_credits(bad)
+
+
+def _router_with_a_prefix_in_host_memory(metadata: dict[str, str], **credits):
+    """Worker 1 holds a 12-block prompt only in host memory, worker 2 its first 8 blocks on
+    the device; worker 1 announces ``metadata``."""
+    from baton.config import RouterConfig
+    from baton.kv.events import KvEvent, KvStored
+    from baton.kv.hashing import compute_local_hashes, compute_sequence_hashes
+    from baton.protocol import GenerateRequest, SamplingParams
+    from baton.router.kv_router import KvRouter
+    from baton.runtime import InstanceRecord
+
+    router = KvRouter(RouterConfig(mode="kv", block_size=4, **credits))
+    for w, meta in ((1, metadata), (2, {})):
+        assert router.accepts(InstanceRecord(
+            instance_id=w, namespace="t", component="worker", endpoint="generate",
+            address=f"inproc://{w}", block_size=4, metadata=meta))
+    tokens = list(range(100, 149))
+    local = compute_local_hashes(tokens, 4)
+    seq = compute_sequence_hashes(local)
+    router.apply_events([
+        KvEvent(0, KvStored(None, list(seq[:12]), list(local[:12]), tier=1), worker_id=1),
+        KvEvent(0, KvStored(None, list(seq[:8]), list(local[:8])), worker_id=2)])
+    request = GenerateRequest(request_id="r", token_ids=tokens,
+                              sampling=SamplingParams(max_tokens=1))
+    return router, router.peek(request, [1, 2])[0]
+
+
+def test_a_router_counts_a_workers_host_blocks_at_the_credit_it_announces(caplog):
+    """12 host blocks at worker 1's announced 0.5 count 6, fewer than worker 2's 8 device
+    blocks; at the default 0.75 (nothing announced, or a malformed announcement) they count 9;
+    a credit set on the router applies whatever the worker announced."""
+    router, chosen = _router_with_a_prefix_in_host_memory({"kv_tier_credits": "host=0.5,disk=0"})
+    assert router.tier_credits[1] == (0.5, 0.0) and chosen == 2
+    router, chosen = _router_with_a_prefix_in_host_memory({})
+    assert router.tier_credits[1] == (0.75, 0.25) and chosen == 1
+    router, chosen = _router_with_a_prefix_in_host_memory({"kv_tier_credits": "host=2"})
+    assert router.tier_credits[1] == (0.75, 0.25) and chosen == 1
+    assert "malformed KV tier credits" in caplog.text
+    router, chosen = _router_with_a_prefix_in_host_memory(
+        {"kv_tier_credits": "host=0.5,disk=0"}, host_kv_credit=1.0)
+    assert router.tier_credits[1] == (1.0, 0.0) and chosen == 1
+    router.on_worker_removed(1)
+    assert 1 not in router.tier_credits

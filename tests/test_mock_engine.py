@@ -250,15 +250,14 @@ async def test_a_prefix_evicted_to_the_host_tier_is_onboarded_not_recomputed():
         await engine.close()
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-async def test_a_store_slower_to_read_than_computing_is_recomputed_unless_told_not_to(
-        tmp_path, recompute):
-    """Blocks of 16 tokens x 128 KiB read at 0.5 GB/s take 4.2 ms, 13 times the 0.33 ms a full
-    prefill step computes one in: b recomputes a's prompt (counted per tier) rather than read
-    it from the store, unless ``recompute_slow_tiers`` is off."""
-    timing = TimingConfig(speedup_ratio=0.0, kv_bytes_per_token=131072, shared_kv_gbps=0.5,
-                          recompute_slow_tiers=recompute)
+PROMPT_6_BLOCKS = list(range(1, 101))
+"""Six full blocks of 16 tokens and four more."""
 
+
+async def _engines_sharing_a_prompt(tmp_path, timing: TimingConfig,
+                                    prompt: list[int]) -> tuple[SimulatedEngine, SimulatedEngine]:
+    """Two started live simulated engines sharing a store in ``tmp_path``; ``a`` has served
+    ``prompt`` and written its full blocks there."""
     def shared_engine() -> SimulatedEngine:
         sched = SchedulerConfig(block_size=16, num_blocks=16, host_kv_blocks=16,
                                 shared_kv_blocks=16, host_kv_write_through=True)
@@ -268,14 +267,25 @@ async def test_a_store_slower_to_read_than_computing_is_recomputed_unless_told_n
     a, b = shared_engine(), shared_engine()
     await a.start()
     await b.start()
+    await run(a, request("a", prompt, 4, seed=3))
+    for _ in range(200):
+        if len(list(tmp_path.glob("*.kvb"))) == len(prompt) // 16:
+            break
+        await asyncio.sleep(0.01)
+    return a, b
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+async def test_a_store_slower_to_read_than_computing_is_recomputed_unless_told_not_to(
+        tmp_path, recompute):
+    """Blocks of 16 tokens x 128 KiB read at 0.5 GB/s take 4.2 ms, 13 times the 0.33 ms a full
+    prefill step computes one in: b recomputes a's prompt (counted per tier) rather than read
+    it from the store, unless ``recompute_slow_tiers`` is off."""
+    timing = TimingConfig(speedup_ratio=0.0, kv_bytes_per_token=131072, shared_kv_gbps=0.5,
+                          recompute_slow_tiers=recompute)
+    a, b = await _engines_sharing_a_prompt(tmp_path, timing, PROMPT_6_BLOCKS)
     try:
-        prompt = list(range(1, 101))  # 6 full blocks
-        await run(a, request("a", prompt, 4, seed=3))
-        for _ in range(200):
-            if len(list(tmp_path.glob("*.kvb"))) == 6:
-                break
-            await asyncio.sleep(0.01)
-        outs, _ = await run(b, request("b", prompt, 4, seed=3))
+        outs, _ = await run(b, request("b", PROMPT_6_BLOCKS, 4, seed=3))
         if recompute:
             assert outs[0].cached_tokens == 0
             assert b.stats.kv_recomputed_blocks == {"shared": 6}
@@ -299,22 +309,10 @@ async def test_a_broken_shared_store_file_fails_the_onboarding_and_the_prompt_is
         tmp_path):
     """Two live simulated engines share a store: b matches a's blocks by their files, and one
     file found truncated when read fails b's onboarding (counted), so b computes the prompt."""
-    def shared_engine() -> SimulatedEngine:
-        sched = SchedulerConfig(block_size=16, num_blocks=16, host_kv_blocks=16,
-                                shared_kv_blocks=16, host_kv_write_through=True)
-        return SimulatedEngine(EngineConfig(scheduler=sched, shared_kv_dir=str(tmp_path),
-                                            timing=TimingConfig(speedup_ratio=0.0)), vocab=VOCAB)
-
-    a, b = shared_engine(), shared_engine()
-    await a.start()
-    await b.start()
+    a, b = await _engines_sharing_a_prompt(tmp_path, TimingConfig(speedup_ratio=0.0),
+                                           PROMPT_6_BLOCKS)
+    prompt = PROMPT_6_BLOCKS
     try:
-        prompt = list(range(1, 101))  # 6 full blocks
-        await run(a, request("a", prompt, 4, seed=3))
-        for _ in range(200):
-            if len(list(tmp_path.glob("*.kvb"))) == 6:
-                break
-            await asyncio.sleep(0.01)
         victim = sorted(tmp_path.glob("*.kvb"))[0]
         victim.write_bytes(victim.read_bytes()[:10])
         outs, tokens = await run(b, request("b", prompt, 4, seed=3))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -127,6 +127,13 @@ class Engine(Protocol):
     @property
     def stats(self) -> EngineStats:
         """What the engine has done since it started (read by its owner's metrics)."""
+        ...
+
+    @property
+    def kv_tier_credits(self) -> Mapping[str, float]:
+        """What a block in ``host`` memory or on ``disk`` is worth against a device block,
+        from the engine's own read and compute times (``protocol.KV_TIER_CREDITS_KEY``);
+        empty when it does not know them."""
         ...
 
     @property

@@ -106,6 +106,11 @@ class EngineCore:
 
     features: tuple[str, ...] = ()
 
+    @property
+    def kv_tier_credits(self) -> dict[str, float]:
+        costs = self.executor.onboard_costs
+        return costs.credits() if costs is not None else {}
+
     def __init__(
         self, config: EngineConfig, executor: Executor, *, name: str = "engine",
         kv_listener: Listener | None = None, auth: PeerAuth | None = None,

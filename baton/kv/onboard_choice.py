@@ -10,7 +10,8 @@ none does; blocks after a recomputed one cannot be used, so the choice is a pref
 
 Times per block: ``read_ms[tier]`` (bytes over bandwidth), plus ``latency_ms[tier]`` once
 per onboarding that reads that tier, against ``compute_ms`` (one block's share of a full
-prefill step). Pure: no I/O, no clock.
+prefill step). ``credits`` turns the same times into what a router counts a lower tier's
+block as (``KV_TIER_CREDITS_KEY``). Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 from baton.kv.tiers import Tier, TierBlock
 
-__all__ = ["OnboardCosts"]
+__all__ = ["OnboardCosts", "format_tier_credits", "parse_tier_credits"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,16 @@ class OnboardCosts:
         return sum(n * self.read_ms.get(t, 0.0) + self.latency_ms.get(t, 0.0)
                    for t, n in counts.items() if n)
 
+    def credits(self) -> dict[str, float]:
+        """What a block held in host memory or on disk (the tiers KV events name) is worth to
+        a router against one on the device, by tier name: the share of its compute time that
+        reading it saves (0 when reading is no faster; per block, the once-per-onboarding
+        latency left out). Empty without a compute time."""
+        if self.compute_ms <= 0:
+            return {}
+        return {t.name.lower(): max(0.0, 1.0 - self.read_ms[t] / self.compute_ms)
+                for t in (Tier.HOST, Tier.DISK) if t in self.read_ms}
+
     def blocks_worth_onboarding(self, run: Sequence[TierBlock]) -> int:
         """How many of ``run``'s leading blocks to copy up: the prefix saving the most time
         over recomputing it (0: recompute the whole run; the shortest such prefix on a tie)."""
@@ -55,3 +66,20 @@ class OnboardCosts:
             if saving > best_saving:
                 best, best_saving = i, saving
         return best
+
+
+def format_tier_credits(credits: Mapping[str, float]) -> str:
+    return ",".join(f"{tier}={credit:.3f}" for tier, credit in sorted(credits.items()))
+
+
+def parse_tier_credits(text: str) -> dict[str, float]:
+    """``format_tier_credits``'s text back; ValueError on a malformed one or a credit outside
+    0..1."""
+    out = {}
+    for part in text.split(","):
+        tier, _, value = part.partition("=")
+        credit = float(value)
+        if not tier or not 0 <= credit <= 1:
+            raise ValueError(f"bad KV tier credit {part!r}")
+        out[tier.strip()] = credit
+    return out

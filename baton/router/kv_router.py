@@ -40,8 +40,10 @@ from baton.kv.hashing import (
     compute_local_hashes,
     compute_sequence_hashes,
 )
+from baton.kv.onboard_choice import parse_tier_credits
 from baton.protocol import (
     KV_EVENTS_KEY,
+    KV_TIER_CREDITS_KEY,
     GenerateRequest,
     LoadMetrics,
     StepSample,
@@ -60,6 +62,8 @@ from baton.runtime import InstanceRecord
 
 Decision = RoutingDecision | LatencyDecision
 
+DEFAULT_TIER_CREDITS = (0.75, 0.25)
+"""Host and disk credits for a worker that announces none (Dynamo's defaults)."""
 _SWEEP_S = 1.0
 """How often routing sweeps requests older than ``expiry_s`` (a scan of every active one)."""
 _BLIND_CHECK_S = 0.25
@@ -137,8 +141,11 @@ class KvRouter:
         self._uncached: set[int] = set()
         """Workers keeping no prefix cache: no KV event is expected of them."""
         self.blind_fallback = config.blind_fallback
-        self.tier_credits = (config.host_kv_credit, config.disk_kv_credit)
-        """What a block held only in host memory, or on disk, counts as (a device block: 1)."""
+        self.fixed_credits = (config.host_kv_credit, config.disk_kv_credit)
+        """What a block held only in host memory, or on disk, counts as (a device block: 1),
+        when set; None: each worker's announced credit, else ``DEFAULT_TIER_CREDITS``."""
+        self.tier_credits: dict[int, tuple[float, float]] = {}
+        """Per worker, the credits the router uses (``accepts`` sets them)."""
         self._blind: dict[int, str] = {}
         self._routed: dict[str, _Routed] = {}
         self._next_blind_check = 0.0
@@ -172,10 +179,26 @@ class KvRouter:
             return False
         if record.metadata.get(KV_EVENTS_KEY) == "off":
             self._uncached.add(record.instance_id)
+        self.tier_credits[record.instance_id] = self._credits_of(record)
         return True
+
+    def _credits_of(self, record: InstanceRecord) -> tuple[float, float]:
+        """The fixed credits where set, else what the worker announced, else the defaults."""
+        announced: dict[str, float] = {}
+        text = record.metadata.get(KV_TIER_CREDITS_KEY)
+        if text:
+            try:
+                announced = parse_tier_credits(text)
+            except ValueError:
+                log.warning("worker %d announces malformed KV tier credits %r: using the "
+                            "defaults", record.instance_id, text)
+        host, disk = self.fixed_credits
+        return (host if host is not None else announced.get("host", DEFAULT_TIER_CREDITS[0]),
+                disk if disk is not None else announced.get("disk", DEFAULT_TIER_CREDITS[1]))
 
     def on_worker_removed(self, worker_id: int) -> None:
         self._uncached.discard(worker_id)
+        self.tier_credits.pop(worker_id, None)
         self.step_models.remove_worker(worker_id)
         self.worker_loads.pop(worker_id, None)
         self.feed_health.remove_worker(worker_id)
@@ -351,9 +374,9 @@ class KvRouter:
         more than a device hit."""
         if not lower:
             return overlaps
-        host, disk = self.tier_credits
         out = dict(overlaps)
         for w, (h, d) in lower.items():
+            host, disk = self.tier_credits.get(w, DEFAULT_TIER_CREDITS)
             out[w] = round(overlaps[w] - h * (1 - host) - d * (1 - disk))
         return {w: o for w, o in out.items() if o > 0}
 

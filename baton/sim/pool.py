@@ -20,11 +20,12 @@ from baton.config import RouterConfig, SchedulerConfig, WorkerRole
 from baton.engine.request import Request
 from baton.engine.scheduler import Scheduler
 from baton.engine.step import SchedulerOutput
-from baton.kv.onboard_choice import OnboardCosts
+from baton.kv.onboard_choice import OnboardCosts, format_tier_credits
 from baton.kv.shared_tier import MemoryIndex
 from baton.protocol import (
     GENERATE_ENDPOINT,
     KV_EVENTS_KEY,
+    KV_TIER_CREDITS_KEY,
     WORKER_COMPONENT,
     GenerateRequest,
     LoadMetrics,
@@ -256,9 +257,12 @@ def _generate(request: Request) -> GenerateRequest:
 
 def _record(worker: SimWorker, config: SchedulerConfig) -> InstanceRecord:
     """What the worker would register in discovery."""
+    metadata = {} if config.enable_prefix_caching else {KV_EVENTS_KEY: "off"}
+    costs = worker.scheduler.onboard_costs
+    if costs is not None and costs.credits():
+        metadata[KV_TIER_CREDITS_KEY] = format_tier_credits(costs.credits())
     return InstanceRecord(
         instance_id=worker.worker_id, namespace="sim", component=WORKER_COMPONENT,
         endpoint=GENERATE_ENDPOINT, address=f"sim://{worker.worker_id}", model="sim",
-        block_size=config.block_size,
-        metadata={} if config.enable_prefix_caching else {KV_EVENTS_KEY: "off"},
+        block_size=config.block_size, metadata=metadata,
     )

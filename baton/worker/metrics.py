@@ -82,6 +82,14 @@ class WorkerCollector(Collector):
         yield from _tier_metrics(wid, stats)
 
 
+def _per_tier(wid: list[str], name: str, documentation: str,
+              counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["worker", "tier"])
+    for tier, count in sorted(counts.items()):
+        family.add_metric([*wid, tier], count)
+    return family
+
+
 def _tier_metrics(wid: list[str], stats: EngineStats) -> Iterator[Metric]:
     """KV tiers: blocks and bytes copied between tiers (by direction), blocks onboarded per
     tier (prefix hits there), onboarding time, failed reads, and blocks held per tier."""
@@ -96,18 +104,12 @@ def _tier_metrics(wid: list[str], stats: EngineStats) -> Iterator[Metric]:
         sizes.add_metric([*wid, src, dst], stats.kv_tier_bytes.get(key, 0))
     yield copies
     yield sizes
-    onboarded = CounterMetricFamily("baton_worker_kv_onboarded_blocks", "KV blocks of "
-                                    "prompts found in host memory or on disk and copied back "
-                                    "instead of recomputed.", labels=["worker", "tier"])
-    for tier, count in sorted(stats.kv_onboarded_blocks.items()):
-        onboarded.add_metric([*wid, tier], count)
-    yield onboarded
-    recomputed = CounterMetricFamily("baton_worker_kv_recomputed_blocks", "KV blocks of "
-                                     "prompts found in a lower tier but recomputed, as reading "
-                                     "them back would take longer.", labels=["worker", "tier"])
-    for tier, count in sorted(stats.kv_recomputed_blocks.items()):
-        recomputed.add_metric([*wid, tier], count)
-    yield recomputed
+    yield _per_tier(wid, "baton_worker_kv_onboarded_blocks", "KV blocks of prompts found in "
+                    "host memory or on disk and copied back instead of recomputed.",
+                    stats.kv_onboarded_blocks)
+    yield _per_tier(wid, "baton_worker_kv_recomputed_blocks", "KV blocks of prompts found in "
+                    "a lower tier but recomputed, as reading them back would take longer.",
+                    stats.kv_recomputed_blocks)
     onboard_time = SummaryMetricFamily("baton_worker_kv_onboard_seconds", "Time from planning "
                                        "an onboarding to its last block in.", labels=["worker"])
     onboard_time.add_metric(wid, stats.kv_onboards, stats.kv_onboard_seconds)

@@ -49,10 +49,12 @@ from baton.errors import (
     WorkerFaultError,
 )
 from baton.kv.events import KvEvent
+from baton.kv.onboard_choice import format_tier_credits
 from baton.protocol import (
     ENGINE_FEATURES_KEY,
     GENERATE_ENDPOINT,
     KV_EVENTS_KEY,
+    KV_TIER_CREDITS_KEY,
     WORKER_COMPONENT,
     Empty,
     EngineOutput,
@@ -163,6 +165,8 @@ class Worker:
             metadata[ENGINE_FEATURES_KEY] = ",".join(self.engine.features)
         if not self.config.engine.scheduler.enable_prefix_caching:
             metadata[KV_EVENTS_KEY] = "off"
+        if self.engine.kv_tier_credits:
+            metadata[KV_TIER_CREDITS_KEY] = format_tier_credits(self.engine.kv_tier_credits)
         self.record = InstanceRecord(
             instance_id=self.instance_id,
             namespace=self.runtime.namespace,

@@ -75,6 +75,10 @@ class VllmEngine:
 
     features: tuple[str, ...] = FEATURES
 
+    @property
+    def kv_tier_credits(self) -> dict[str, float]:
+        return {}  # vLLM's offloading times are its own: routers use their fixed credits
+
     def __init__(self, config: EngineConfig, model_dir: Path, *, role: str = "agg",
                  kv_listener: Listener | None = None, auth: PeerAuth | None = None) -> None:
         self.config = config
