@@ -119,6 +119,7 @@ def engine_args(a: argparse.Namespace) -> list[str]:
             "--host-kv-blocks", str(a.host_kv_blocks),
             "--shared-kv-blocks", str(a.shared_kv_blocks),
             *(["--host-kv-write-through"] if a.host_kv_write_through else []),
+            *(["--no-recompute-slow-tiers"] if a.no_recompute_slow_tiers else []),
             "--kv-bytes-per-token", str(a.kv_bytes_per_token)]
 
 
@@ -264,7 +265,7 @@ def step_overhead(path: Path, speedup: float = 1.0) -> dict:
 def sim_with_overhead(cfg: Config, a: argparse.Namespace, trace: Path, out: Path,
                       fit: list[float]) -> None:
     """``baton sim``'s model plus the fitted live per-step overhead, via the Python API."""
-    from baton.config import PoolsConfig, RouterConfig, SchedulerConfig
+    from baton.config import PoolsConfig, RouterConfig, SchedulerConfig, TimingConfig
     from baton.engine.timing import PolynomialTiming
     from baton.sim import SimConfig
     from baton.sim import run_sim as api_run_sim
@@ -281,6 +282,8 @@ def sim_with_overhead(cfg: Config, a: argparse.Namespace, trace: Path, out: Path
     config = SimConfig(
         pools=PoolsConfig(num_workers=cfg.workers), router=RouterConfig(mode=cfg.router),
         timing_model=Overhead(),
+        timing=TimingConfig(kv_bytes_per_token=a.kv_bytes_per_token,
+                            recompute_slow_tiers=not a.no_recompute_slow_tiers),
         scheduler=SchedulerConfig(num_blocks=a.num_blocks, block_size=a.block_size,
                                   max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens,
@@ -394,6 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "files in a fresh directory per server)")
     p.add_argument("--host-kv-write-through", action="store_true",
                    help="KV tiers: copy blocks down when cached, on both sides")
+    p.add_argument("--no-recompute-slow-tiers", action="store_true",
+                   help="KV tiers: onboard every block found, however slow to read (both sides)")
     p.add_argument("--kv-bytes-per-token", type=int, default=131072,
                    help="modelled KV bytes per token on both sides (onboarding times)")
     p.add_argument("--burners", type=int, default=0,
