@@ -442,6 +442,7 @@ def test_a_worker_without_prefix_caching_is_never_taken_for_a_blind_one(make_ser
                       block_size=16, enable_prefix_caching=False)
     (worker,) = srv.workers
     assert worker.record.metadata["kv_events"] == "off"
+    assert KV_TIER_CREDITS_KEY not in worker.record.metadata  # no tiers: no tier credits
     complete(srv, list(range(100, 164)) + [1])
     time.sleep(0.5)
     complete(srv, list(range(300, 364)) + [1])

@@ -77,7 +77,7 @@ class SimulatedExecutor:
         self.tier_block_bytes = config.block_size * self._kv_bytes_per_token
         """Modelled bytes of one KV block (the tiers' copies move none)."""
         self.onboard_costs: OnboardCosts | None = None
-        if config.timing.recompute_slow_tiers:
+        if config.timing.recompute_slow_tiers and config.scheduler.kv_tiers:
             self.onboard_costs = tier_costs(
                 config.timing, self.tier_block_bytes, model=self._timing,
                 block_size=config.block_size,
