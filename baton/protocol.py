@@ -82,7 +82,6 @@ KV_TIER_CREDITS_KEY = "kv_tier_credits"
 worth against one on its device, from its own read and compute times (``host=0.75,disk=0``;
 ``kv.onboard_choice.format_tier_credits``)."""
 
-
 MAX_STEP_SAMPLES = 64
 """Step samples an engine keeps and a feed batch carries at most (the latest)."""
 

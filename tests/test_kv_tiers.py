@@ -433,20 +433,20 @@ def test_modelled_costs_read_a_disk_block_in_twice_the_time_a_full_prefill_step_
     """Defaults: 16-token blocks of Llama-3-8B in fp16 (2 MiB), a token budget of 8,192 at
     the polynomial's 169 ms: 0.33 ms to compute a block, 0.70 ms to read it from disk or the
     shared store at 3 GB/s, 0.084 ms from host memory at 25 GB/s."""
-    from baton.config import TimingConfig
+    from baton.config import SchedulerConfig, TimingConfig
     from baton.engine.step import KvLoad
     from baton.engine.timing import PolynomialTiming, onboard_ms, tier_costs
 
     block_bytes = 16 * 131072
-    costs = tier_costs(TimingConfig(), block_bytes, model=PolynomialTiming(), block_size=16,
-                       step_tokens=8192)
+    costs = tier_costs(TimingConfig(), SchedulerConfig(block_size=16, max_num_batched_tokens=8192),
+                       block_bytes, PolynomialTiming())
     assert costs.compute_ms == pytest.approx(PolynomialTiming().prefill_ms(8192) / 512)
     assert costs.compute_ms == pytest.approx(0.33, abs=0.005)
     assert costs.read_ms[Tier.DISK] == costs.read_ms[Tier.SHARED] == pytest.approx(0.699, abs=1e-3)
     assert costs.read_ms[Tier.HOST] == pytest.approx(0.0839, abs=1e-4)
     load = KvLoad("r", [0, 1, 2], [5, 6, 7], 48, num_host_blocks=1, num_disk_blocks=1,
                   num_shared_blocks=1)
-    assert onboard_ms(load, block_bytes, TimingConfig()) == pytest.approx(
+    assert onboard_ms(load, costs) == pytest.approx(
         0.0839 + 0.699 + 0.1 + 0.699 + 0.1, abs=1e-3)
 
 

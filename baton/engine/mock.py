@@ -43,7 +43,13 @@ from baton.engine.disk_blocks import DiskBlockError
 from baton.engine.scheduler import Scheduler
 from baton.engine.shared_blocks import DirectoryIndex, SharedBlocks
 from baton.engine.step import KvLoad, SchedulerOutput
-from baton.engine.timing import onboard_ms, sleep_seconds, tier_costs, timing_model
+from baton.engine.timing import (
+    onboard_choice,
+    onboard_ms,
+    sleep_seconds,
+    tier_costs,
+    timing_model,
+)
 from baton.kv.onboard_choice import OnboardCosts
 from baton.kv.shared_tier import SharedIndex
 from baton.kv.store import BlockStore
@@ -76,12 +82,10 @@ class SimulatedExecutor:
         self._kv_bytes_per_token = kv_bytes_per_token if modelled is None else modelled
         self.tier_block_bytes = config.block_size * self._kv_bytes_per_token
         """Modelled bytes of one KV block (the tiers' copies move none)."""
-        self.onboard_costs: OnboardCosts | None = None
-        if config.timing.recompute_slow_tiers and config.scheduler.kv_tiers:
-            self.onboard_costs = tier_costs(
-                config.timing, self.tier_block_bytes, model=self._timing,
-                block_size=config.block_size,
-                step_tokens=config.scheduler.max_num_batched_tokens)
+        self._tier_costs = tier_costs(config.timing, config.scheduler, self.tier_block_bytes,
+                                      self._timing)
+        self.onboard_costs: OnboardCosts | None = onboard_choice(
+            config.timing, config.scheduler, self._tier_costs)
         self.shared_kv: SharedIndex | None = None
         self._shared: SharedBlocks | None = None
         self._shared_reads: dict[int, Copy] = {}
@@ -161,7 +165,7 @@ class SimulatedExecutor:
         blocks whose files are gone or broken."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[tuple[Copy, str]]] = loop.create_future()
-        ms = onboard_ms(load, self.tier_block_bytes, self.config.timing)
+        ms = onboard_ms(load, self._tier_costs)
         delay = sleep_seconds(ms, self.config.timing.speedup_ratio)
         reads = [self._shared_reads.pop(b) for b in load.dst_block_ids
                  if b in self._shared_reads]

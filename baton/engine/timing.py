@@ -22,7 +22,7 @@ from baton.kv.onboard_choice import OnboardCosts
 from baton.kv.tiers import Tier
 
 if TYPE_CHECKING:
-    from baton.config import TimingConfig
+    from baton.config import SchedulerConfig, TimingConfig
     from baton.engine.step import KvLoad, StepShape
 
 
@@ -209,32 +209,35 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def onboard_ms(load: KvLoad, block_bytes: int, timing: TimingConfig) -> float:
+def onboard_ms(load: KvLoad, costs: OnboardCosts) -> float:
     """Modelled milliseconds to copy a prefix's blocks up from the KV tiers, one after the
-    other: host blocks at ``host_kv_gbps``, disk blocks at ``disk_kv_gbps`` plus one
-    ``disk_kv_latency_ms``, shared-store blocks at ``shared_kv_gbps`` plus one
-    ``shared_kv_latency_ms``."""
-    return tier_costs(timing, block_bytes).onboard_ms(
-        {Tier.HOST: load.num_host_blocks, Tier.DISK: load.num_disk_blocks,
-         Tier.SHARED: load.num_shared_blocks})
+    other, at the read times of ``costs`` (``tier_costs``)."""
+    return costs.onboard_ms({Tier.HOST: load.num_host_blocks, Tier.DISK: load.num_disk_blocks,
+                             Tier.SHARED: load.num_shared_blocks})
 
 
-def tier_costs(timing: TimingConfig, block_bytes: int, *, model: TimingModel | None = None,
-               block_size: int = 0, step_tokens: int = 0) -> OnboardCosts:
-    """The modelled costs of onboarding a block from each tier (``onboard_ms``) and, with a
-    timing ``model``, of recomputing it: ``block_size`` tokens' share of a prefill-only step of
-    ``step_tokens`` (the token budget), so that a worker recomputes a prefix its tiers would
-    read more slowly (``OnboardCosts.blocks_worth_onboarding``)."""
-    compute_ms = 0.0
-    if model is not None and step_tokens > 0:
-        compute_ms = model.step_ms(step_tokens, 0, 0, 1) / step_tokens * block_size
+def tier_costs(timing: TimingConfig, scheduler: SchedulerConfig, block_bytes: int,
+               model: TimingModel) -> OnboardCosts:
+    """The modelled costs of one block: read from the host tier at ``host_kv_gbps``, from disk
+    at ``disk_kv_gbps`` plus ``disk_kv_latency_ms`` once per onboarding, from the shared store
+    at ``shared_kv_gbps`` plus ``shared_kv_latency_ms``; and recomputed, its ``block_size``
+    tokens' share of a prefill-only step of ``max_num_batched_tokens`` in ``model``."""
+    step_tokens = scheduler.max_num_batched_tokens
     return OnboardCosts(
         read_ms={Tier.HOST: block_bytes / (timing.host_kv_gbps * 1e6),
                  Tier.DISK: block_bytes / (timing.disk_kv_gbps * 1e6),
                  Tier.SHARED: block_bytes / (timing.shared_kv_gbps * 1e6)},
-        compute_ms=compute_ms,
+        compute_ms=model.step_ms(step_tokens, 0, 0, 1) / step_tokens * scheduler.block_size,
         latency_ms={Tier.DISK: timing.disk_kv_latency_ms,
                     Tier.SHARED: timing.shared_kv_latency_ms})
+
+
+def onboard_choice(timing: TimingConfig, scheduler: SchedulerConfig,
+                   costs: OnboardCosts) -> OnboardCosts | None:
+    """``costs`` for a scheduler with KV tiers to choose between onboarding and recomputing
+    with (``recompute_slow_tiers``; ``OnboardCosts.blocks_worth_onboarding``), else None: it
+    onboards whatever its tiers hold."""
+    return costs if timing.recompute_slow_tiers and scheduler.kv_tiers else None
 
 
 def sleep_seconds(step_ms: float, speedup_ratio: float) -> float:

@@ -259,8 +259,9 @@ def _record(worker: SimWorker, config: SchedulerConfig) -> InstanceRecord:
     """What the worker would register in discovery."""
     metadata = {} if config.enable_prefix_caching else {KV_EVENTS_KEY: "off"}
     costs = worker.scheduler.onboard_costs
-    if costs is not None and costs.credits():
-        metadata[KV_TIER_CREDITS_KEY] = format_tier_credits(costs.credits())
+    credits = costs.credits() if costs is not None else {}
+    if credits:
+        metadata[KV_TIER_CREDITS_KEY] = format_tier_credits(credits)
     return InstanceRecord(
         instance_id=worker.worker_id, namespace="sim", component=WORKER_COMPONENT,
         endpoint=GENERATE_ENDPOINT, address=f"sim://{worker.worker_id}", model="sim",

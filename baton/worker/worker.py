@@ -165,8 +165,9 @@ class Worker:
             metadata[ENGINE_FEATURES_KEY] = ",".join(self.engine.features)
         if not self.config.engine.scheduler.enable_prefix_caching:
             metadata[KV_EVENTS_KEY] = "off"
-        if self.engine.kv_tier_credits:
-            metadata[KV_TIER_CREDITS_KEY] = format_tier_credits(self.engine.kv_tier_credits)
+        credits = self.engine.kv_tier_credits
+        if credits:
+            metadata[KV_TIER_CREDITS_KEY] = format_tier_credits(credits)
         self.record = InstanceRecord(
             instance_id=self.instance_id,
             namespace=self.runtime.namespace,
