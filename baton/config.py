@@ -673,6 +673,11 @@ class PlannerConfig:
     scale_down_utilization: float = setting(
         0.7, "hysteresis: a pool scales down only to a size whose predicted load stays under "
         "this share of its capacity (throughput mode) or of the SLA (load mode)")
+    falling_scale_down_utilization: float = setting(
+        1.0, "throughput mode, while the request count falls beyond noise (its trend over the "
+        "last 12 predictions more than 5 standard errors below flat): the share of capacity a "
+        "shrunk pool may be loaded to, in place of --scale-down-utilization (the same value "
+        "turns this off)")
     max_scale_step: int = setting(8, "workers a pool gains or loses in one decision at most")
     min_workers: int = setting(1, "aggregated pool: fewest workers")
     max_workers: int = setting(64, "aggregated pool: most workers")
@@ -690,8 +695,8 @@ class PlannerConfig:
                     "must be > 0")
         for name in ("worker_startup_s", "scale_up_cooldown_s", "scale_down_cooldown_s"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
-        require(0 < self.scale_down_utilization <= 1, "scale_down_utilization",
-                "must be in (0, 1]")
+        for name in ("scale_down_utilization", "falling_scale_down_utilization"):
+            require(0 < getattr(self, name) <= 1, name, "must be in (0, 1]")
         _positive_ints(self, "max_scale_step", "min_observations")
         require((self.season_s is not None) == (self.predictor == "seasonal"), "season_s",
                 "is the seasonal predictor's period: set both or neither")

@@ -16,12 +16,13 @@ import random
 import pytest
 
 from baton.config import PlannerConfig
-from baton.planner import Observation, Planner, PoolObservation, WorkerProfile
+from baton.planner import Observation, Planner, PoolDecision, PoolObservation, WorkerProfile
 from baton.planner.predictors import (
     ConstantPredictor,
     KalmanPredictor,
     MovingAverage,
     SeasonalPredictor,
+    slope_t,
 )
 
 PROFILE = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500)
@@ -106,6 +107,50 @@ def test_hysteresis_shrinks_only_to_a_size_loaded_at_most_the_scale_down_share()
     assert planner.observe(traffic(0, 4, pools)).target("prefill") == 3  # 4/2 = 2 < 3, but
     # 2 workers would run at 100 % > 70 %: ceil(4 / (2 x 0.7)) = 3
     assert planner.observe(traffic(60, 2.5, pools)).target("prefill") == 2  # ceil(2.5/1.4)
+
+
+def test_slope_t_has_the_worked_numbers() -> None:
+    # 10, 9, 6, 5: slope -1.8, line 10.2 - 1.8 x, residuals -0.2, 0.6, -0.6, 0.2 (0.8 squared
+    # in all), standard error sqrt(0.8 / 2 / 5) = 0.283: t = -6.36
+    assert slope_t([10, 9, 6, 5]) == pytest.approx(-1.8 / math.sqrt(0.08))
+    assert slope_t([10, 8, 6, 4]) == -math.inf and slope_t([1, 2, 3, 4]) == math.inf
+    assert slope_t([5, 5, 5, 5]) == 0 and slope_t([10, 9, 6]) == 0  # flat; too few to tell
+
+
+def test_a_pool_follows_traffic_that_falls_beyond_noise_down_at_full_load() -> None:
+    # 10 req/s, 0.5 fewer every minute: once 12 minutes are seen (4.5 req/s) the trend is far
+    # beyond noise and the pool shrinks to ceil(4.5 / 1.43) = 4 workers loaded at 100 %; with
+    # the rule off (0.7 as well), to no fewer than ceil(4.5 / (1.43 x 0.7)) = 5
+    def minutes(falling_share: float) -> list[PoolDecision]:
+        planner = Planner(config(falling_scale_down_utilization=falling_share), PROFILE)
+        workers, out = 7, []
+        for i in range(12):
+            d = planner.observe(traffic(60 * i, 10 - 0.5 * i, {"agg": ready(workers)}))
+            workers = d.target("agg")
+            out.append(d.pools[0])
+        return out
+
+    fuller, off = minutes(1.0), minutes(0.7)
+    assert [p.target for p in fuller[-2:]] == [5, 4] and off[-1].target == 5
+    assert "traffic falling" in fuller[-1].rule  # in the decision record
+    assert not any("falling" in p.rule for p in fuller[:-1] + off)  # 11 minutes: too few
+
+
+def test_noise_rarely_passes_for_falling_traffic() -> None:
+    # 50 two-hour runs of minutes at 6 req/s +- 10 %: each pool grows to its size and, in 100
+    # hours, shrinks once at most (12 values of noise pass for a fall about 3 times in 10,000;
+    # a test at 3 standard errors over 8 minutes shrank the pool in most runs)
+    shrinks = []
+    for seed in range(50):
+        rng = random.Random(seed)
+        planner = Planner(config(min_observations=3, scale_down_cooldown_s=300), PROFILE)
+        workers = 1
+        for i in range(120):
+            d = planner.observe(traffic(60 * i, 6 * rng.uniform(0.9, 1.1), {"agg": ready(workers)}))
+            if d.target("agg") < workers:
+                shrinks.append((seed, i, d.pools[0].rule))
+            workers = d.target("agg")
+    assert len(shrinks) <= 1, shrinks
 
 
 def test_cold_start_and_idle_windows_do_not_size_a_pool() -> None:
@@ -272,8 +317,10 @@ def test_the_seasonal_predictor_repeats_the_last_period() -> None:
     for v in (1, 2):
         p.add(v)
     assert p.ready and p.predict(1) == 2  # less than a period seen: the last value
+    assert not p.settled  # ... and no pool shrinks on it yet
     for v in (9, 4):
         p.add(v)  # a period: 1, 2, 9, 4
+    assert p.settled and ConstantPredictor(1).settled is False
     assert [p.predict(k) for k in (1, 2, 3, 4)] == [1, 2, 9, 4]
     assert p.predict(5) == 4  # beyond a period: the last value
     p.add(1)
@@ -283,9 +330,9 @@ def test_the_seasonal_predictor_repeats_the_last_period() -> None:
 def test_a_periodic_burst_is_met_ahead_with_the_seasonal_predictor() -> None:
     # a minute of 8 req/s every 4 minutes over 2 req/s; a worker serves 1.43 req/s and takes
     # a minute to start, so the pool must grow a minute before the burst's minute begins
-    def targets(predictor: str, **season: float) -> list[int]:
+    def targets(predictor: str, start: int = 1, **season: float) -> list[int]:
         planner = Planner(config(predictor=predictor, worker_startup_s=60, **season), PROFILE)
-        workers, out = 1, []
+        workers, out = start, []
         for i, rps in enumerate([2, 2, 8, 2] * 3):
             workers = planner.observe(traffic(60 * i, rps, {"agg": ready(workers)})).target("agg")
             out.append(workers)
@@ -295,6 +342,11 @@ def test_a_periodic_burst_is_met_ahead_with_the_seasonal_predictor() -> None:
     # the pool has ceil(8 / 1.43) = 6 workers a minute before each burst and 2 after it
     assert targets("seasonal", season_s=240) == [2, 2, 6, 2, 6, 6, 2, 2, 6, 6, 2, 2]
     assert targets("constant") == [2, 2, 6, 2, 2, 2, 6, 2, 2, 2, 6, 2]
+    # a deployment that starts at the burst's size keeps it until a whole period is seen (the
+    # predictor has not settled), so the first burst is met too; the last value shrinks it at
+    # once and meets that burst only once it came
+    assert targets("seasonal", 6, season_s=240) == [6, 6, 6, 2, 6, 6, 2, 2, 6, 6, 2, 2]
+    assert targets("constant", 6) == [2, 2, 6, 2, 2, 2, 6, 2, 2, 2, 6, 2]
 
 
 def test_planner_settings_are_checked() -> None:

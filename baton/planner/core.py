@@ -16,7 +16,10 @@ Two modes, usable together (``--planner both``):
   (``profile.py``): ``ceil(rate / capacity)``. Workers asked for serve only after their
   start-up, but workers stopped leave at once, so a pool shrinks only to a size that serves
   the rate predicted for the next interval as well, and that loads it to at most
-  ``scale_down_utilization`` of its capacity.
+  ``scale_down_utilization`` of its capacity; while the request counts of the last
+  ``FALL_WINDOW`` predictions fall beyond noise (their trend more than ``FALL_T`` standard
+  errors below flat), at most ``falling_scale_down_utilization`` (1.0: on the falling half
+  of a day the pool follows the traffic down rather than a worker behind it).
 - **load**: every ``load_interval_s``, react to the present: a pool grows (by one, or to the
   size the request rate of those intervals needs, if more) when its
   estimated TTFT (queued prefill tokens per worker over its prefill rate, while that queue
@@ -33,7 +36,8 @@ capacity to come), cooldowns (``scale_up_cooldown_s``; ``scale_down_cooldown_s``
 change, so a pool does not flap), at most ``max_scale_step`` workers per decision, each
 pool's min and max, then the total budget (``max_total_workers``), shared in proportion to
 what the pools asked for. Cold start: neither mode acts before ``min_observations``
-intervals with traffic.
+intervals with traffic, and no pool shrinks before the predictor has ``settled`` (a
+seasonal one: a whole period seen).
 
 Pure: no I/O, no clock (times come in the observations).
 """
@@ -48,13 +52,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from baton.config import PlannerConfig
-from baton.planner.predictors import Predictor, make_predictor
+from baton.planner.predictors import Predictor, make_predictor, slope_t
 from baton.planner.profile import WorkerProfile
 
 __all__ = ["Decision", "Observation", "Planner", "PoolDecision", "PoolObservation", "WorkerLoad"]
 
 KV_USAGE_HIGH = 0.9
 """Load mode: a decode (or aggregated) pool this full is over its ITL target."""
+FALL_WINDOW = 12
+"""Throughput mode: predictions whose request counts tell a falling trend from noise."""
+FALL_T = 5.0
+"""... when their trend is this many standard errors below flat (``slope_t``)."""
 
 
 class WorkerLoad(Protocol):
@@ -186,6 +194,10 @@ class Planner:
                                                    season)
         self._lengths: deque[_Window] = deque(maxlen=config.min_observations)
         """The last prediction intervals with traffic (their lengths' means are used)."""
+        self._counts: deque[int] = deque(maxlen=FALL_WINDOW)
+        """The request counts of the last predictions since traffic began."""
+        self._falling = False
+        """Those counts fall beyond noise: a pool may shrink to a fuller size."""
         self._state = {p: _PoolState() for p in pools}
         self._next_throughput = -math.inf
         self._next_load = -math.inf
@@ -246,6 +258,10 @@ class Planner:
         predictor is ready; sets the throughput targets."""
         seen, self._since_prediction = self._since_prediction, _Window()
         self._requests.add(seen.requests)
+        if seen.requests or self._counts:
+            self._counts.append(seen.requests)
+        self._falling = (len(self._counts) == FALL_WINDOW
+                         and slope_t(self._counts) < -FALL_T)
         if seen.requests:  # an idle window says nothing about lengths
             self._lengths.append(seen)
         if not (self._requests.ready and self._lengths):
@@ -263,8 +279,9 @@ class Planner:
             need = math.ceil(rate / capacity - 1e-9)
             current = obs.pools[pool].workers
             if need < current:  # hysteresis: shrink only to a size loaded at most this much
-                need = min(current, math.ceil(
-                    soon / (capacity * self.config.scale_down_utilization) - 1e-9))
+                share = (self.config.falling_scale_down_utilization if self._falling
+                         else self.config.scale_down_utilization)
+                need = min(current, math.ceil(soon / (capacity * share) - 1e-9))
             self._throughput_targets[pool] = need
         return rate, isl, osl
 
@@ -336,6 +353,8 @@ class Planner:
         target, rule = current, "no change"
         if throughput is not None:
             target, rule = throughput, "throughput: predicted rate / worker capacity"
+            if throughput < current and self._falling:
+                rule += " (traffic falling: shrunk fuller)"
         if load is not None and load > current:  # the load mode adds above the floor
             target, rule = max(load, target), "load: over target"
         elif load is not None and throughput is None:
@@ -349,6 +368,8 @@ class Planner:
             target, rule = current, "held: scale-up cooldown"
         elif target < current and now - state.last_change < cfg.scale_down_cooldown_s:
             target, rule = current, "held: scale-down cooldown"
+        elif target < current and cfg.mode != "load" and not self._requests.settled:
+            target, rule = current, "held: the predictor is still learning"
         step = cfg.max_scale_step
         if abs(target - current) > step:
             target, rule = current + step * (1 if target > current else -1), rule + "; max step"

@@ -4,7 +4,8 @@ Each takes one value per interval (``add``) and predicts ``steps`` intervals ahe
 (``predict``). All ignore the leading zeros of an idle start (a deployment that has seen no
 traffic yet has nothing to learn from) and read a NaN as 0. ``ready`` says whether enough
 values came to act on (``min_points``): until then the planner's throughput mode changes
-nothing, so cold-start samples cannot size a pool.
+nothing, so cold-start samples cannot size a pool. ``settled`` says whether the predictor has
+seen all it needs (the seasonal one: a whole period): until then no pool shrinks.
 
 - ``constant``: the last value;
 - ``moving-average``: the mean of the last ``window`` values;
@@ -12,7 +13,11 @@ nothing, so cold-start samples cannot size a pool.
   ramp is followed ahead rather than behind; before ``min_points`` values, the last value;
 - ``seasonal``: the value one period (``season`` values) before the one predicted, as
   traffic that repeats daily or bursts on a schedule does; the last value until a whole
-  period has been seen.
+  period has been seen (and only then ``settled``: a deployment keeps what it started with
+  through the first period, a burst it has not seen yet included).
+
+``slope_t`` tells a trend from noise (the planner lets a pool shrink fuller while traffic
+falls).
 
 Pure: no I/O, no clock.
 """
@@ -21,12 +26,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from baton.config import PredictorKind
 
 __all__ = ["ConstantPredictor", "KalmanPredictor", "MovingAverage", "Predictor", "SeasonalPredictor",
-           "make_predictor"]
+           "make_predictor", "slope_t"]
 
 
 class Predictor(Protocol):
@@ -39,6 +45,12 @@ class Predictor(Protocol):
     @property
     def ready(self) -> bool:
         """Enough values (past the idle start) to act on."""
+        ...
+
+    @property
+    def settled(self) -> bool:
+        """Ready, and all seen that a forecast draws on (a whole period for a seasonal one):
+        until then a pool may grow on the predictions but not shrink."""
         ...
 
 
@@ -59,6 +71,10 @@ class _Base:
     @property
     def ready(self) -> bool:
         return self.count >= self.min_points
+
+    @property
+    def settled(self) -> bool:
+        return self.ready
 
 
 class ConstantPredictor(_Base):
@@ -145,12 +161,34 @@ class SeasonalPredictor(_LastValues):
         super().__init__(season, min_points)
         self.season = season
 
+    @property
+    def settled(self) -> bool:
+        return self.ready and len(self._values) >= self.season
+
     def predict(self, steps: int = 1) -> float:
         if not self._values:
             return 0.0
         if len(self._values) < self.season or not 1 <= steps <= self.season:
             return self._values[-1]
         return self._values[steps - 1]  # the oldest is one period before the next value
+
+
+def slope_t(values: Sequence[float]) -> float:
+    """The least-squares slope of ``values`` (one per interval) over its standard error: how
+    many standard errors the trend is from flat. Noise alone rarely goes far below 0 (12
+    values of white noise: below -5 about 3 times in 10,000); a sustained fall does. 0 for
+    fewer than 4 values; +-inf for values exactly on a sloped line."""
+    n = len(values)
+    if n < 4:
+        return 0.0
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    sxx = sum((x - mean_x) ** 2 for x in range(n))
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sxx
+    level = mean_y - slope * mean_x
+    residuals = sum((y - level - slope * x) ** 2 for x, y in enumerate(values))
+    if residuals <= 1e-12 * max(1.0, sum(y * y for y in values)):
+        return 0.0 if slope == 0 else math.copysign(math.inf, slope)
+    return slope / math.sqrt(residuals / (n - 2) / sxx)
 
 
 def make_predictor(kind: PredictorKind, min_points: int, season: int | None = None) -> Predictor:
