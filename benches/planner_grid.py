@@ -6,9 +6,12 @@ against static deployments: aggregated with 1..``--max-agg`` workers and disaggr
 splits with P + D <= ``--max-disagg``. Each row: SLA attainment (share of requests with
 TTFT and mean ITL within target), worker-seconds (cost), and for the planner its scaling
 changes and direction changes per hour. The ratio column compares each planner run's cost
-with the smallest static deployment (of either kind) reaching 95 %.
+with the smallest static deployment (of either kind) reaching 95 %. On traces that repeat
+(``SEASON_S``: bursts every 600 s), the seasonal predictor also runs from the smallest static
+deployment of each kind reaching 95 %: it keeps that size until a whole period is seen.
 
     .venv/bin/python benches/planner_grid.py --source conversation_trace.jsonl   # ~16 min on an idle 2-core host
+    .venv/bin/python benches/planner_grid.py --source conversation_trace.jsonl --shapes diurnal --seeds 1 2 3
 
 Every run is a ``baton sim`` command (printed); files go under ``--work``.
 """
@@ -32,6 +35,10 @@ SHAPES = {
               "--shape-duration-s", "120", "--shape-at-s", "300"],
 }
 
+SEASON_S = {"burst": "600"}
+"""Shapes that repeat: their period, for extra runs of the seasonal predictor that start at
+the smallest static deployment reaching 95 % and keep it until a whole period is seen."""
+
 
 @dataclass(frozen=True)
 class Run:
@@ -46,14 +53,18 @@ class Run:
         return self.workers is None
 
 
-def synth(source: Path, work: Path, num: int) -> dict[str, Path]:
+def synth(source: Path, work: Path, a: argparse.Namespace) -> dict[str, Path]:
+    """One trace per shape and seed: ``diurnal`` (seed 0), ``diurnal-seed1``, ..."""
     traces = {}
-    for shape, flags in SHAPES.items():
-        out = work / f"{shape}.jsonl"
-        if not out.exists():
-            subprocess.run([*BATON, "trace", "synth", str(source), "-o", str(out),
-                            "--num-requests", str(num), *flags], check=True)
-        traces[shape] = out
+    for shape in a.shapes:
+        for seed in a.seeds:
+            name = shape if seed == 0 else f"{shape}-seed{seed}"
+            out = work / f"{name}.jsonl"
+            if not out.exists():
+                subprocess.run([*BATON, "trace", "synth", str(source), "-o", str(out),
+                                "--num-requests", str(a.num_requests), "--seed", str(seed),
+                                *SHAPES[shape]], check=True)
+            traces[name] = out
     return traces
 
 
@@ -69,6 +80,27 @@ def runs(trace: str, a: argparse.Namespace) -> list[Run]:
                         ("--workers", "1", *common)))
         grid.append(Run(trace, f"planner disagg, start-up {startup:g} s",
                         ("--disagg", "--prefill-workers", "1", "--decode-workers", "1", *common)))
+    return grid
+
+
+def seasonal_runs(trace: str, done: list[tuple[Run, dict[str, object]]],
+                  a: argparse.Namespace) -> list[Run]:
+    """The seasonal planner from the smallest static deployment of each kind reaching 95 %."""
+    season = SEASON_S.get(trace.split("-seed")[0])
+    if season is None:
+        return []
+    grid = []
+    for kind in ("agg", "disagg"):
+        met = [(float(x["cost"]), r) for r, x in done if r.trace == trace and not r.planner
+               and r.name.startswith(f"static {kind} ") and float(x["attainment"]) >= 0.95]
+        if not met:
+            continue
+        start = min(met, key=lambda m: m[0])[1]
+        for startup in a.startup_s:
+            grid.append(Run(trace, f"planner {kind} seasonal {season} s from "
+                            f"{start.name.split()[-1]}, start-up {startup:g} s",
+                            (*start.args, "--planner", "both", "--worker-startup-s",
+                             str(startup), "--predictor", "seasonal", "--season-s", season)))
     return grid
 
 
@@ -114,17 +146,24 @@ def main() -> None:
     parser.add_argument("--source", required=True, type=Path, help="conversation_trace.jsonl")
     parser.add_argument("--work", default=Path("/tmp/planner-grid"), type=Path)
     parser.add_argument("--num-requests", type=int, default=6000)
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one trace per seed of the synthesis (draws and arrivals)")
     parser.add_argument("--startup-s", type=float, nargs="+", default=[30.0, 120.0])
     parser.add_argument("--max-agg", type=int, default=5)
     parser.add_argument("--max-disagg", type=int, default=5, help="P + D at most")
     parser.add_argument("--jobs", type=int, default=2)
     a = parser.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    traces = synth(a.source, a.work, a.num_requests)
+    traces = synth(a.source, a.work, a)
     grid = [run for trace in traces for run in runs(trace, a)]
     with ThreadPoolExecutor(a.jobs) as pool:
         results = list(zip(grid, pool.map(lambda r: simulate(r, traces[r.trace], a.work), grid),
                            strict=True))
+        grid = [run for trace in traces for run in seasonal_runs(trace, results, a)]
+        results += zip(grid, pool.map(lambda r: simulate(r, traces[r.trace], a.work), grid),
+                       strict=True)
+    results.sort(key=lambda rx: list(traces).index(rx[0].trace))
     report(results)
 
 
