@@ -198,6 +198,8 @@ class Planner:
         """The request counts of the last predictions since traffic began."""
         self._falling = False
         """Those counts fall beyond noise: a pool may shrink to a fuller size."""
+        self._fuller: set[str] = set()
+        """Pools whose throughput size is smaller for that."""
         self._state = {p: _PoolState() for p in pools}
         self._next_throughput = -math.inf
         self._next_load = -math.inf
@@ -265,7 +267,7 @@ class Planner:
         if seen.requests:  # an idle window says nothing about lengths
             self._lengths.append(seen)
         if not (self._requests.ready and self._lengths):
-            self._throughput_targets = {}
+            self._throughput_targets, self._fuller = {}, set()
             return None
         per_s = 1 / max(seen.seconds, 1e-9)
         steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
@@ -273,17 +275,31 @@ class Planner:
         soon = max(rate, self._requests.predict(1) * per_s)  # what a pool shrunk now must serve
         recent = sum(self._lengths, _Window())
         isl, osl = recent.prompt_tokens / recent.requests, recent.output_tokens / recent.requests
-        self._throughput_targets = {}
+        self._throughput_targets, self._fuller = {}, set()
         for pool in self.pools:
             capacity = self.profile.requests_per_s(pool, isl, osl)
-            need = math.ceil(rate / capacity - 1e-9)
-            current = obs.pools[pool].workers
-            if need < current:  # hysteresis: shrink only to a size loaded at most this much
-                share = (self.config.falling_scale_down_utilization if self._falling
-                         else self.config.scale_down_utilization)
-                need = min(current, math.ceil(soon / (capacity * share) - 1e-9))
-            self._throughput_targets[pool] = need
+            self._throughput_targets[pool] = self._size(pool, obs.pools[pool].workers, rate,
+                                                        soon, capacity)
         return rate, isl, osl
+
+    def _size(self, pool: str, current: int, rate: float, soon: float, capacity: float) -> int:
+        """Workers for ``rate``; a pool shrinks only to a size that ``soon`` (the next
+        interval's rate) loads to at most the scale-down share (hysteresis), or the falling
+        share while traffic falls beyond noise."""
+        need = math.ceil(rate / capacity - 1e-9)
+        if need >= current:
+            return need
+
+        def shrunk(share: float) -> int:
+            return min(current, math.ceil(soon / (capacity * share) - 1e-9))
+
+        held = shrunk(self.config.scale_down_utilization)
+        if not self._falling:
+            return held
+        need = shrunk(self.config.falling_scale_down_utilization)
+        if need < held:
+            self._fuller.add(pool)
+        return need
 
     # ---- load ---------------------------------------------------------------------------
 
@@ -353,7 +369,7 @@ class Planner:
         target, rule = current, "no change"
         if throughput is not None:
             target, rule = throughput, "throughput: predicted rate / worker capacity"
-            if throughput < current and self._falling:
+            if pool in self._fuller:
                 rule += " (traffic falling: shrunk fuller)"
         if load is not None and load > current:  # the load mode adds above the floor
             target, rule = max(load, target), "load: over target"
