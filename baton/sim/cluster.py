@@ -144,10 +144,6 @@ class Cluster:
         self.num_preemptions = 0
         self.onboarded_blocks = 0
         """KV blocks copied up from the workers' host and disk tiers."""
-        self._tier_costs = tier_costs(config.timing, config.scheduler,
-                                      config.scheduler.block_size * config.kv_bytes_per_token,
-                                      config.model())
-        """The modelled times of a block's copy up (per onboarding, ``onboard_ms``)."""
         self.run_steps = 0
         """Steps taken in stretches of decode-only steps (``SimConfig.decode_runs``)."""
         self.prefill: SimPool | None = None
@@ -197,12 +193,13 @@ class Cluster:
         scales = cfg.step_time_scale or (1.0,) * cfg.total_workers
         dp = cfg.attention_dp
         scheduler = cfg.scheduler_for(role)
-        costs = onboard_choice(cfg.timing, scheduler, tier_costs(
-            cfg.timing, scheduler, scheduler.block_size * cfg.kv_bytes_per_token, cfg.model()))
+        costs = tier_costs(cfg.timing, scheduler, scheduler.block_size * cfg.kv_bytes_per_token,
+                           cfg.model())
         return SimPool(
             role, range(first_id * dp, (first_id + count) * dp), scheduler,
             cfg.router_for(), step_time_scales=scales[first_id:first_id + count],
-            clock=lambda: self.now, ranks=dp, onboard_costs=costs,
+            clock=lambda: self.now, ranks=dp, tier_costs=costs,
+            onboard_costs=onboard_choice(cfg.timing, scheduler, costs),
         )
 
     @property
@@ -435,7 +432,7 @@ class Cluster:
         cfg = self.config
         for load in loads:
             if load.from_tiers:  # its own host or disk tier: no leg, no prefill worker
-                seconds = onboard_ms(load, self._tier_costs) / 1000.0
+                seconds = onboard_ms(load, worker.pool.tier_costs) / 1000.0
                 self.onboarded_blocks += len(load.dst_block_ids)
                 heapq.heappush(self._heap, (self.now + seconds, next(self._seq), _LOAD,
                                             (worker, load.request_id, True)))

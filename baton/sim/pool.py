@@ -137,11 +137,14 @@ class SimPool:
         *,
         step_time_scales: Sequence[float],
         clock: Callable[[], float],
+        tier_costs: OnboardCosts,
         ranks: int = 1,
         onboard_costs: OnboardCosts | None = None,
     ) -> None:
         self.role = role
         self.scheduler_config = scheduler
+        self.tier_costs = tier_costs
+        """Its workers' modelled times of a block's copy up from each tier (``onboard_ms``)."""
         self.onboard_costs = onboard_costs
         """Its workers' costs of reading a block from each tier and of computing it (None:
         they onboard whatever their tiers hold)."""
