@@ -22,8 +22,10 @@ from baton.planner.predictors import (
     KalmanPredictor,
     MovingAverage,
     SeasonalPredictor,
+    project,
     slope_t,
 )
+from baton.planner.profile import erlang_c, pooled_utilization
 
 PROFILE = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500)
 DISAGG = ("prefill", "decode")
@@ -380,9 +382,57 @@ def test_a_profile_from_step_times_has_the_worked_capacities() -> None:
                                            itl_ms=25.5, max_num_batched_tokens=8192,
                                            max_num_seqs=256, kv_tokens=1_000_000, isl_cv=1.0)
     assert math.isclose(spread.prefill_tokens_per_s, 50_000 * 4 / 7)  # 2x / (1 + 1 + 2x)
+    assert math.isclose(spread.prefill_utilization, 4 / 7) and spread.isl_cv == 1.0
     # decode: 15 + 0.5 B <= 25.5 up to B = 21, 21 tokens per 25.5 ms
     assert math.isclose(profile.decode_tokens_per_s, 21 / 0.0255)
     with pytest.raises(ValueError, match="first token"):
         WorkerProfile.from_step_times(step_ms, isl=1000, osl=100, ttft_ms=15, itl_ms=50,
                                       max_num_batched_tokens=8192, max_num_seqs=256,
                                       kv_tokens=1_000_000)
+
+
+def test_workers_sharing_their_queues_each_run_fuller_at_the_same_wait() -> None:
+    # M/M/n (cv 1): one server at utilization 0.5 waits rho / (1 - rho) = 1 service time; two
+    # sharing a queue wait C / (2 (1 - rho)) with C = 2 rho^2 / (1 + rho), which is 1 at
+    # rho = 1 / sqrt(2)
+    assert math.isclose(erlang_c(2, 2 / math.sqrt(2)), 1 / (1 + 1 / math.sqrt(2)))
+    assert math.isclose(pooled_utilization(2, 0.5, 1.0), 1 / math.sqrt(2), rel_tol=1e-9)
+    assert pooled_utilization(1, 0.5, 1.0) == 0.5
+    queued = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500,
+                           prefill_utilization=0.5, isl_cv=1.0)
+    # a prefill worker alone: 2 requests/s; one of two sharing one queue: 2 x sqrt(2); half
+    # shared: 2 x (1 + 0.5 (sqrt(2) - 1))
+    assert queued.requests_per_s("prefill", 2000, 100, workers=2) == 2
+    assert math.isclose(queued.requests_per_s("prefill", 2000, 100, 2, 1.0), 2 * math.sqrt(2))
+    assert math.isclose(queued.requests_per_s("prefill", 2000, 100, 2, 0.5),
+                        2 * (1 + 0.5 * (math.sqrt(2) - 1)))
+    assert PROFILE.requests_per_s("prefill", 2000, 100, 2, 1.0) == 2  # no queue model
+    # 5 requests/s: 3 prefill workers alone; 2 sharing one queue serve 5.66; half shared 4.83
+    sizes = [Planner(config(queue_pooling=pooling), queued, DISAGG).observe(
+        traffic(0, 5, {"prefill": ready(1), "decode": ready(1)})).target("prefill")
+        for pooling in (0.0, 0.5, 1.0)]
+    assert sizes == [3, 3, 2]
+    with pytest.raises(ValueError, match="prefill_utilization"):
+        WorkerProfile(4000, 500, prefill_utilization=0)
+
+
+def test_project_continues_the_least_squares_line() -> None:
+    assert project([1, 2, 3, 4], 2) == 6
+    assert math.isclose(project([10, 9, 6, 5], 1), 3.0)  # 10.2 - 1.8 x 4
+
+
+def test_a_rise_beyond_noise_is_sized_a_start_up_ahead() -> None:
+    # 2, 3, 4, 5 requests/s, one more every minute, 120 s start-up: the last count asks for
+    # ceil(5 / 1.43) = 4 workers; the line of the last 4 counts gives 8 requests/s three
+    # minutes on (the interval after the start-up): ceil(8 / 1.43) = 6, at most 1 (or 2)
+    # above 4; fewer than 4 counts say nothing of a trend
+    def targets(ahead: int) -> list[PoolDecision]:
+        planner = Planner(config(worker_startup_s=120, rise_ahead_workers=ahead), PROFILE)
+        return [planner.observe(traffic(60 * i, 2 + i, {"agg": ready(1)})).pools[0]
+                for i in range(4)]
+
+    one, two, off = targets(1), targets(2), targets(0)
+    assert [p.target for p in one] == [2, 3, 3, 5] and two[-1].target == 6
+    assert [p.target for p in off] == [2, 3, 3, 4]
+    assert "traffic rising: sized ahead" in one[-1].rule
+    assert not any("rising" in p.rule for p in one[:-1] + off)

@@ -13,7 +13,13 @@ Two modes, usable together (``--planner both``):
   ISL and OSL as the request-weighted means of the last ``min_observations`` intervals (one
   interval's mean of heavy-tailed lengths moves by a quarter by chance, and lengths have no
   trend worth following), and size each pool from one worker's capacity within the SLA
-  (``profile.py``): ``ceil(rate / capacity)``. Workers asked for serve only after their
+  (``profile.py``): the fewest workers whose capacity together covers the rate, where each
+  of ``n`` workers behind the router may run a little fuller than one alone
+  (``queue_pooling``). While the request counts of the last ``RISE_WINDOW`` predictions
+  rise beyond noise (``RISE_T`` standard errors above flat), a pool is sized for their
+  least-squares line a start-up ahead, at most ``rise_ahead_workers`` above the size for
+  the prediction (a worker that serves only after the start-up must be asked for before
+  the traffic needs it). Workers asked for serve only after their
   start-up, but workers stopped leave at once, so a pool shrinks only to a size that serves
   the rate predicted for the next interval as well, and that loads it to at most
   ``scale_down_utilization`` of its capacity; while the request counts of the last
@@ -52,7 +58,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from baton.config import PlannerConfig
-from baton.planner.predictors import Predictor, make_predictor, slope_t
+from baton.planner.predictors import Predictor, make_predictor, project, slope_t
 from baton.planner.profile import WorkerProfile
 
 __all__ = ["Decision", "Observation", "Planner", "PoolDecision", "PoolObservation", "WorkerLoad"]
@@ -63,6 +69,11 @@ FALL_WINDOW = 12
 """Throughput mode: predictions whose request counts tell a falling trend from noise."""
 FALL_T = 5.0
 """... when their trend is this many standard errors below flat (``slope_t``)."""
+RISE_WINDOW = 4
+"""Throughput mode: predictions whose request counts tell a rising trend from noise (few: a
+rise must be met before it has lasted)."""
+RISE_T = 5.0
+"""... when their trend is this many standard errors above flat."""
 
 
 class WorkerLoad(Protocol):
@@ -200,6 +211,8 @@ class Planner:
         """Those counts fall beyond noise: a pool may shrink to a fuller size."""
         self._fuller: set[str] = set()
         """Pools whose throughput size is smaller for that."""
+        self._ahead: set[str] = set()
+        """Pools whose throughput size is larger for a rise beyond noise."""
         self._state = {p: _PoolState() for p in pools}
         self._next_throughput = -math.inf
         self._next_load = -math.inf
@@ -266,8 +279,8 @@ class Planner:
                          and slope_t(self._counts) < -FALL_T)
         if seen.requests:  # an idle window says nothing about lengths
             self._lengths.append(seen)
+        self._throughput_targets, self._fuller, self._ahead = {}, set(), set()
         if not (self._requests.ready and self._lengths):
-            self._throughput_targets, self._fuller = {}, set()
             return None
         per_s = 1 / max(seen.seconds, 1e-9)
         steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
@@ -275,23 +288,48 @@ class Planner:
         soon = max(rate, self._requests.predict(1) * per_s)  # what a pool shrunk now must serve
         recent = sum(self._lengths, _Window())
         isl, osl = recent.prompt_tokens / recent.requests, recent.output_tokens / recent.requests
-        self._throughput_targets, self._fuller = {}, set()
+        ahead = self._rise_ahead(steps) * per_s
         for pool in self.pools:
-            capacity = self.profile.requests_per_s(pool, isl, osl)
-            self._throughput_targets[pool] = self._size(pool, obs.pools[pool].workers, rate,
-                                                        soon, capacity)
-        return rate, isl, osl
+            size = self._size(pool, obs.pools[pool].workers, rate, soon, isl, osl)
+            if ahead > rate:
+                lead = min(self._workers(pool, rate, isl, osl) + self.config.rise_ahead_workers,
+                           self._workers(pool, ahead, isl, osl))
+                if lead > size:
+                    size = lead
+                    self._ahead.add(pool)
+            self._throughput_targets[pool] = size
+        return max(rate, ahead), isl, osl
 
-    def _size(self, pool: str, current: int, rate: float, soon: float, capacity: float) -> int:
+    def _rise_ahead(self, steps: int) -> float:
+        """The request count the last ``RISE_WINDOW`` counts' line gives ``steps`` intervals
+        on, while they rise beyond noise; 0 otherwise."""
+        counts = list(self._counts)[-RISE_WINDOW:]
+        if (self.config.rise_ahead_workers == 0 or len(counts) < RISE_WINDOW
+                or slope_t(counts) <= RISE_T):
+            return 0.0
+        return project(counts, steps)
+
+    def _workers(self, pool: str, rate: float, isl: float, osl: float,
+                 share: float = 1.0) -> int:
+        """The fewest workers that serve ``rate`` loaded to at most ``share`` of their
+        capacity, each rated as one of that many (``queue_pooling``)."""
+        n = 0
+        while n < 100_000 and rate > share * n * self.profile.requests_per_s(
+                pool, isl, osl, max(n, 1), self.config.queue_pooling) * (1 + 1e-9):
+            n += 1
+        return n
+
+    def _size(self, pool: str, current: int, rate: float, soon: float, isl: float,
+              osl: float) -> int:
         """Workers for ``rate``; a pool shrinks only to a size that ``soon`` (the next
         interval's rate) loads to at most the scale-down share (hysteresis), or the falling
         share while traffic falls beyond noise."""
-        need = math.ceil(rate / capacity - 1e-9)
+        need = self._workers(pool, rate, isl, osl)
         if need >= current:
             return need
 
         def shrunk(share: float) -> int:
-            return min(current, math.ceil(soon / (capacity * share) - 1e-9))
+            return min(current, self._workers(pool, soon, isl, osl, share))
 
         held = shrunk(self.config.scale_down_utilization)
         if not self._falling:
@@ -324,9 +362,8 @@ class Planner:
         seen = sum(self._recent, _Window())
         if not seen.requests or seen.seconds <= 0:
             return 0
-        capacity = self.profile.requests_per_s(pool, seen.prompt_tokens / seen.requests,
-                                               seen.output_tokens / seen.requests)
-        return math.ceil(seen.requests / seen.seconds / capacity - 1e-9)
+        return self._workers(pool, seen.requests / seen.seconds,
+                             seen.prompt_tokens / seen.requests, seen.output_tokens / seen.requests)
 
     def _pressure(self, pool: str, seen: PoolObservation) -> tuple[bool, bool]:
         """(some signal over target, every signal under the scale-down share even with one
@@ -371,6 +408,8 @@ class Planner:
             target, rule = throughput, "throughput: predicted rate / worker capacity"
             if pool in self._fuller:
                 rule += " (traffic falling: shrunk fuller)"
+            elif pool in self._ahead:
+                rule += " (traffic rising: sized ahead)"
         if load is not None and load > current:  # the load mode adds above the floor
             target, rule = max(load, target), "load: over target"
         elif load is not None and throughput is None:

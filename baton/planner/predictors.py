@@ -17,7 +17,7 @@ seen all it needs (the seasonal one: a whole period): until then no pool shrinks
   through the first period, a burst it has not seen yet included).
 
 ``slope_t`` tells a trend from noise (the planner lets a pool shrink fuller while traffic
-falls).
+falls, and sizes it ahead while traffic rises: ``project``).
 
 Pure: no I/O, no clock.
 """
@@ -32,7 +32,7 @@ from typing import Protocol
 from baton.config import PredictorKind
 
 __all__ = ["ConstantPredictor", "KalmanPredictor", "MovingAverage", "Predictor", "SeasonalPredictor",
-           "make_predictor", "slope_t"]
+           "make_predictor", "project", "slope_t"]
 
 
 class Predictor(Protocol):
@@ -173,6 +173,22 @@ class SeasonalPredictor(_LastValues):
         return self._values[steps - 1]  # the oldest is one period before the next value
 
 
+def _line(values: Sequence[float]) -> tuple[float, float, float]:
+    """The least-squares line through ``values`` at x = 0, 1, ...: (level at 0, slope, sxx)."""
+    n = len(values)
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    sxx = sum((x - mean_x) ** 2 for x in range(n))
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sxx
+    return mean_y - slope * mean_x, slope, sxx
+
+
+def project(values: Sequence[float], steps: float) -> float:
+    """The least-squares line through ``values`` (two or more), ``steps`` intervals after
+    the last one."""
+    level, slope, _ = _line(values)
+    return level + slope * (len(values) - 1 + steps)
+
+
 def slope_t(values: Sequence[float]) -> float:
     """The least-squares slope of ``values`` (one per interval) over its standard error: how
     many standard errors the trend is from flat. Noise alone rarely goes far below 0 (12
@@ -181,10 +197,7 @@ def slope_t(values: Sequence[float]) -> float:
     n = len(values)
     if n < 4:
         return 0.0
-    mean_x, mean_y = (n - 1) / 2, sum(values) / n
-    sxx = sum((x - mean_x) ** 2 for x in range(n))
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sxx
-    level = mean_y - slope * mean_x
+    level, slope, sxx = _line(values)
     residuals = sum((y - level - slope * x) ** 2 for x, y in enumerate(values))
     if residuals <= 1e-12 * max(1.0, sum(y * y for y in values)):
         return 0.0 if slope == 0 else math.copysign(math.inf, slope)

@@ -20,16 +20,25 @@ timing model, ``engine/timing.py``) instead of a measurement:
 - decode: the largest batch (up to ``max_num_seqs`` and the KV cache, at context ISL + OSL/2)
   whose step stays within the ITL target, over that step's time.
 
+That rating is one worker's, with its own queue. Behind a router that balances load, ``n``
+workers share their arrivals and each may run fuller at the same wait: one queue for all
+(M/G/n, the Allen-Cunneen mean wait ``C(n, a) / (n / s - lambda) x (1 + cv^2) / 2``, ``C`` the
+Erlang C probability of waiting) allows each the prefill utilization ``rho_n``, above the
+``rho`` of one. ``requests_per_s(..., workers=n, pooling=p)`` rates each of ``n`` workers at
+``1 + p (rho_n / rho - 1)`` times the prefill speed (``p`` 0: separate queues; 1: one queue; a
+request waits at the worker it was sent to, so the truth is in between).
+
 Pure: no I/O (a profile file is read by the caller).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["StepTime", "WorkerProfile"]
+__all__ = ["StepTime", "WorkerProfile", "erlang_c", "pooled_utilization"]
 
 TAIL = 3.0
 """The mean queueing wait may take a third of the TTFT slack: the 95th percentile of an
@@ -43,17 +52,33 @@ all), as ``TimingModel.step_ms``."""
 class WorkerProfile:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    prefill_utilization: float = 1.0
+    """The share of full prefill speed that ``prefill_tokens_per_s`` is (the queue's
+    utilization ``rho`` for one worker; 1.0: no queue model, nothing to pool)."""
+    isl_cv: float = 0.0
+    """The prompt lengths' coefficient of variation the rating assumed."""
 
     def __post_init__(self) -> None:
         for name in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be > 0, got {value!r}")
+        if not 0 < self.prefill_utilization <= 1:
+            raise ValueError(f"prefill_utilization must be in (0, 1], got "
+                             f"{self.prefill_utilization!r}")
+        if not (math.isfinite(self.isl_cv) and self.isl_cv >= 0):
+            raise ValueError(f"isl_cv must be >= 0, got {self.isl_cv!r}")
 
-    def requests_per_s(self, pool: str, isl: float, osl: float) -> float:
+    def requests_per_s(self, pool: str, isl: float, osl: float, workers: int = 1,
+                       pooling: float = 0.0) -> float:
         """Requests/s one worker of pool ``agg``, ``prefill`` or ``decode`` serves within the
-        SLA at these mean lengths."""
-        prefill_s = max(isl, 1.0) / self.prefill_tokens_per_s
+        SLA at these mean lengths, as one of ``workers`` whose queues are shared to the
+        extent ``pooling`` (module docstring)."""
+        speed = self.prefill_tokens_per_s
+        if pooling > 0 and workers > 1 and self.prefill_utilization < 1:
+            gain = pooled_utilization(workers, self.prefill_utilization, self.isl_cv)
+            speed *= 1 + pooling * (gain / self.prefill_utilization - 1)
+        prefill_s = max(isl, 1.0) / speed
         decode_s = max(osl, 1.0) / self.decode_tokens_per_s
         if pool == "prefill":
             return 1 / prefill_s
@@ -81,7 +106,7 @@ class WorkerProfile:
             raise ValueError(f"a {isl}-token prompt alone takes {service_ms:.0f} ms to its "
                              f"first token, more than the {ttft_ms:g} ms target")
         slack = (ttft_ms / service_ms - 1) / TAIL
-        prefill = full_speed * 2 * slack / (1 + isl_cv**2 + 2 * slack)
+        utilization = 2 * slack / (1 + isl_cv**2 + 2 * slack)
         context = isl + osl // 2
         fits = min(max_num_seqs, kv_tokens // max(isl + osl, 1))
         best = 0.0
@@ -96,4 +121,31 @@ class WorkerProfile:
         if best == 0:
             raise ValueError(f"one decoding request's step exceeds the {itl_ms:g} ms ITL "
                              "target (or one request does not fit the KV cache)")
-        return cls(prefill_tokens_per_s=prefill, decode_tokens_per_s=best)
+        return cls(prefill_tokens_per_s=full_speed * utilization, decode_tokens_per_s=best,
+                   prefill_utilization=utilization, isl_cv=isl_cv)
+
+
+def erlang_c(n: int, load: float) -> float:
+    """The probability that an arrival waits in an M/M/n queue offered ``load`` (arrival
+    rate x service time; 1.0 at ``load >= n``)."""
+    if load >= n:
+        return 1.0
+    term = total = 1.0
+    for k in range(1, n):
+        term *= load / k
+        total += term
+    last = term * load / (n - load)  # a^n / n! x n / (n - a)
+    return last / (total + last)
+
+
+@functools.lru_cache(maxsize=4096)
+def pooled_utilization(n: int, utilization: float, cv: float) -> float:
+    """The utilization at which ``n`` servers sharing one queue (Allen-Cunneen M/G/n) keep
+    the mean wait that one server has at ``utilization``, in service times."""
+    wait = utilization * (1 + cv**2) / (2 * (1 - utilization))  # M/G/1, in service times
+    low, high = utilization, 1.0
+    for _ in range(50):
+        rho = (low + high) / 2
+        shared = erlang_c(n, n * rho) / (n * (1 - rho)) * (1 + cv**2) / 2
+        low, high = (rho, high) if shared <= wait else (low, rho)
+    return low
