@@ -15,7 +15,7 @@ Two modes, usable together (``--planner both``):
   trend worth following), and size each pool from one worker's capacity within the SLA
   (``profile.py``): the fewest workers whose capacity together covers the rate, where each
   of ``n`` workers behind the router may run a little fuller than one alone
-  (``queue_pooling``). While the request counts of the last ``RISE_WINDOW`` predictions
+  (``queue_pooling``, 0 by default: not). While the request counts of the last ``RISE_WINDOW`` predictions
   rise beyond noise (``RISE_T`` standard errors above flat), a pool is sized for their
   least-squares line a start-up ahead, at most ``rise_ahead_workers`` above the size for
   the prediction (a worker that serves only after the start-up must be asked for before
