@@ -12,6 +12,8 @@ deployment of each kind reaching 95 %: it keeps that size until a whole period i
 
     .venv/bin/python benches/planner_grid.py --source conversation_trace.jsonl   # ~16 min on an idle 2-core host
     .venv/bin/python benches/planner_grid.py --source conversation_trace.jsonl --shapes diurnal --seeds 1 2 3
+    .venv/bin/python benches/planner_grid.py --source conversation_trace.jsonl --shapes diurnal \
+        --seeds 0 1 2 3 4 5 6 7 --planner-args "--rise-ahead-workers 1 --queue-pooling 0.5"
 
 Every run is a ``baton sim`` command (printed); files go under ``--work``.
 """
@@ -75,10 +77,10 @@ def runs(trace: str, a: argparse.Namespace) -> list[Run]:
                  ("--disagg", "--prefill-workers", str(p), "--decode-workers", str(d)), p + d)
              for p in range(1, a.max_disagg) for d in range(1, a.max_disagg - p + 1)]
     for startup in a.startup_s:
-        common = ("--planner", "both", "--worker-startup-s", str(startup))
-        grid.append(Run(trace, f"planner agg, start-up {startup:g} s",
+        common = ("--planner", "both", "--worker-startup-s", str(startup), *a.extra)
+        grid.append(Run(trace, f"planner agg, start-up {startup:g} s{a.tag}",
                         ("--workers", "1", *common)))
-        grid.append(Run(trace, f"planner disagg, start-up {startup:g} s",
+        grid.append(Run(trace, f"planner disagg, start-up {startup:g} s{a.tag}",
                         ("--disagg", "--prefill-workers", "1", "--decode-workers", "1", *common)))
     return grid
 
@@ -98,9 +100,10 @@ def seasonal_runs(trace: str, done: list[tuple[Run, dict[str, object]]],
         start = min(met, key=lambda m: m[0])[1]
         for startup in a.startup_s:
             grid.append(Run(trace, f"planner {kind} seasonal {season} s from "
-                            f"{start.name.split()[-1]}, start-up {startup:g} s",
+                            f"{start.name.split()[-1]}, start-up {startup:g} s{a.tag}",
                             (*start.args, "--planner", "both", "--worker-startup-s",
-                             str(startup), "--predictor", "seasonal", "--season-s", season)))
+                             str(startup), "--predictor", "seasonal", "--season-s", season,
+                             *a.extra)))
     return grid
 
 
@@ -153,7 +156,11 @@ def main() -> None:
     parser.add_argument("--max-agg", type=int, default=5)
     parser.add_argument("--max-disagg", type=int, default=5, help="P + D at most")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--planner-args", default="",
+                        help="more baton sim flags for the planner runs (one string)")
     a = parser.parse_args()
+    a.extra = tuple(shlex.split(a.planner_args))
+    a.tag = f" ({a.planner_args})" if a.extra else ""
     a.work.mkdir(parents=True, exist_ok=True)
     traces = synth(a.source, a.work, a)
     grid = [run for trace in traces for run in runs(trace, a)]
