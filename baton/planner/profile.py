@@ -130,12 +130,10 @@ def erlang_c(n: int, load: float) -> float:
     rate x service time; 1.0 at ``load >= n``)."""
     if load >= n:
         return 1.0
-    term = total = 1.0
-    for k in range(1, n):
-        term *= load / k
-        total += term
-    last = term * load / (n - load)  # a^n / n! x n / (n - a)
-    return last / (total + last)
+    blocked = 1.0  # Erlang B by its recursion (no factorials to overflow)
+    for k in range(1, n + 1):
+        blocked = load * blocked / (k + load * blocked)
+    return n * blocked / (n - load * (1 - blocked))
 
 
 @functools.lru_cache(maxsize=4096)
