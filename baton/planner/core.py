@@ -312,11 +312,16 @@ class Planner:
     def _workers(self, pool: str, rate: float, isl: float, osl: float,
                  share: float = 1.0) -> int:
         """The fewest workers that serve ``rate`` loaded to at most ``share`` of their
-        capacity, each rated as one of that many (``queue_pooling``)."""
-        n = 0
-        while n < 100_000 and rate > share * n * self.profile.requests_per_s(
-                pool, isl, osl, max(n, 1), self.config.queue_pooling) * (1 + 1e-9):
-            n += 1
+        capacity, each rated as one of that many (``queue_pooling``): as many as workers
+        rated alone need, fewer while fewer pooled ones suffice (their total only grows
+        with their number)."""
+        def enough(n: int) -> bool:
+            capacity = self.profile.requests_per_s(pool, isl, osl, n, self.config.queue_pooling)
+            return math.ceil(rate / (capacity * share) - 1e-9) <= n
+
+        n = math.ceil(rate / (self.profile.requests_per_s(pool, isl, osl) * share) - 1e-9)
+        while n > 1 and enough(n - 1):
+            n -= 1
         return n
 
     def _size(self, pool: str, current: int, rate: float, soon: float, isl: float,
