@@ -184,7 +184,9 @@ class TrafficReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     requests: int = 0
     """Requests that arrived (and were accepted) in the window ..."""
     prompt_tokens: int = 0
-    """... and their prompt tokens."""
+    """... and their prompt tokens ..."""
+    prompt_tokens_sq: int = 0
+    """... and the sum of their prompt lengths squared (the lengths' spread)."""
     finished: int = 0
     """Requests that finished successfully in the window ..."""
     output_tokens: int = 0

@@ -25,7 +25,7 @@ from baton.planner.predictors import (
     project,
     slope_t,
 )
-from baton.planner.profile import erlang_c, pooled_utilization
+from baton.planner.profile import Rating, erlang_c, pooled_utilization
 
 PROFILE = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500)
 DISAGG = ("prefill", "decode")
@@ -417,6 +417,54 @@ def test_workers_sharing_their_queues_each_run_fuller_at_the_same_wait() -> None
     assert sizes == [3, 3, 2]
     with pytest.raises(ValueError, match="prefill_utilization"):
         WorkerProfile(4000, 500, prefill_utilization=0)
+
+
+def test_a_profile_is_read_at_the_prompt_lengths_of_the_traffic() -> None:
+    def step_ms(prefill: int, decoding: int, kv_in_use: int, kv_total: int) -> float:
+        return 10 + prefill * 0.01 + (5 + 0.5 * decoding if decoding else 0)
+
+    def rated(isl: int, **kw: object) -> WorkerProfile:
+        return WorkerProfile.from_step_times(step_ms, isl=isl, osl=100, ttft_ms=100,
+                                             itl_ms=25.5, max_num_batched_tokens=8192,
+                                             max_num_seqs=256, kv_tokens=1_000_000, **kw)
+
+    # rated at 1,000 tokens and at 500 and 2,000; a 200,000-token prompt alone misses the
+    # TTFT target, so that length is left out
+    profile = rated(1000, sweep=(0.5, 2.0, 200.0))
+    assert [r.isl for r in profile.sweep] == [500, 2000]
+    half, double = rated(500), rated(2000)
+    assert profile.sweep[0] == Rating(500, half.prefill_tokens_per_s,
+                                      half.decode_tokens_per_s, half.prefill_utilization)
+    # linear between the nearest two lengths, the nearest one's outside them
+    mid = profile.at(750)
+    assert math.isclose(mid.prefill_tokens_per_s,
+                        (half.prefill_tokens_per_s + profile.prefill_tokens_per_s) / 2)
+    assert profile.at(100).prefill_tokens_per_s == half.prefill_tokens_per_s
+    assert profile.at(9000).decode_tokens_per_s == double.decode_tokens_per_s
+    assert PROFILE.at(9000) is PROFILE
+    # spread: rated at utilization 0.5 for cv 1 (x = 1), equal lengths allow 2x / (1 + 2x)
+    queued = WorkerProfile(4000, 500, prefill_utilization=0.5, isl_cv=1.0)
+    even = queued.at(2000, cv=0.0)
+    assert math.isclose(even.prefill_utilization, 2 / 3)
+    assert math.isclose(even.prefill_tokens_per_s, 4000 * 4 / 3)
+
+
+def test_the_planner_sizes_by_the_rating_at_the_lengths_it_sees() -> None:
+    # a prefill worker: 4,000 tokens/s at 2,000-token prompts, 6,000 at 4,000; at 3 requests/s
+    # of 4,000 tokens the sweep's point asks for ceil(3 / 1.5) = 2 workers, not 3
+    swept = WorkerProfile(4000, 500, isl=2000, sweep=(Rating(4000, 6000, 500),))
+    pools = {"prefill": ready(1), "decode": ready(1)}
+    long = traffic(0, 3, pools, isl=4000)
+    assert Planner(config(), PROFILE, DISAGG).observe(long).target("prefill") == 3
+    assert Planner(config(), swept, DISAGG).observe(long).target("prefill") == 2
+    # rated for lengths of cv 1 at utilization 0.5; equal lengths run at 2/3: 2.67 requests/s
+    # a worker, so 5 requests/s take 2 workers, not 3
+    queued = WorkerProfile(4000, 500, prefill_utilization=0.5, isl_cv=1.0)
+    sizes = [Planner(config(), queued, DISAGG).observe(dataclasses.replace(
+        traffic(0, 5, pools), isl_cv=cv)).target("prefill") for cv in (None, 1.0, 0.0)]
+    assert sizes == [3, 3, 2]
+    with pytest.raises(ValueError, match="sweep"):
+        WorkerProfile(4000, 500, sweep=(Rating(4000, 6000, 500),))
 
 
 def test_project_continues_the_least_squares_line() -> None:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from baton.config import PlannerConfig
 from baton.control.connectors import PoolCounts
 from baton.control.metrics import PlannerCollector
-from baton.control.service import PlannerService, added_up, observation
+from baton.control.service import PlannerService, added_up, load_profile, observation
 from baton.deploy.observability import dashboard, queried_metrics
 from baton.errors import InvalidRequestError
 from baton.frontend.metrics import TrafficWindow
@@ -25,6 +25,7 @@ from baton.graph.scaling import PoolScaler
 from baton.graph.schema import STOP_ORDER
 from baton.graph.supervisor import Supervisor
 from baton.planner import Observation, WorkerProfile
+from baton.planner.profile import SWEEP, Rating
 from baton.protocol import LoadMetrics, TrafficReport, load_subject, traffic_subject
 from baton.runtime import MemoryDiscovery, Runtime
 from baton.runtime.discovery import InstanceRecord
@@ -52,7 +53,7 @@ def test_traffic_windows_add_up_and_an_empty_one_is_not_sent():
     window.finished(7)
     got = window.take(now=12.0)
     assert got == TrafficReport(source="f", window_s=2.0, requests=2, prompt_tokens=400,
-                                finished=1, output_tokens=7, ttft_s=0.2, ttfts=1, itl_s=0.04,
+                                prompt_tokens_sq=100_000, finished=1, output_tokens=7, ttft_s=0.2, ttfts=1, itl_s=0.04,
                                 itls=2)
     assert window.take(now=13.0) is None
 
@@ -76,6 +77,11 @@ def test_an_observation_from_two_frontends_and_three_workers_with_worked_numbers
     assert prefill.ttft_ms == pytest.approx(400) and prefill.itl_ms is None
     assert decode.ttft_ms is None and decode.itl_ms == pytest.approx(30)
     assert (decode.draining, decode.kv_usage) == (1, 0.9)
+    assert obs.isl_cv is None  # the reports do not say the lengths' spread
+    # 2 prompts of 100 and 300 tokens: mean 200, standard deviation 100
+    spread = observation(21.0, 1.0, report(requests=2, prompt_tokens=400,
+                                           prompt_tokens_sq=100_000), pools, {}, last_osl=9.0)
+    assert spread.isl_cv == pytest.approx(0.5)
     # nothing finished: the OSL stays what it was
     assert observation(21.0, 1.0, TrafficReport(source="none", window_s=1.0), pools, {}, last_osl=99.0).mean_osl == 99.0
 
@@ -254,6 +260,10 @@ def test_a_measured_profile_of_the_simulated_engine_agrees_with_its_timing_model
     modelled = profile(tmp_path, "modelled", *args)
     measured = profile(tmp_path, "measured", *args, "--measure")
     assert modelled["source"] == "timing model"
+    # rated at other mean prompts too, and read back whole by the planner
+    assert [r["isl"] for r in modelled["sweep"]] == [round(1000 * f) for f in SWEEP]
+    loaded = load_profile(str(tmp_path / "modelled.json"))
+    assert loaded.isl == 1000 and loaded.sweep[-1] == Rating(**modelled["sweep"][-1])
     assert measured["source"].startswith("measured, ")
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         assert 0.5 < measured[key] / modelled[key] < 1.5, (key, measured[key], modelled[key])

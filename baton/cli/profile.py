@@ -36,6 +36,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from baton.planner import WorkerProfile
+    from baton.planner.profile import SWEEP
 
     config = build(ProfileConfig(), args, exclude=EXCLUDE)
     sched = config.worker.engine.scheduler
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         step_ms, isl=config.isl, osl=config.osl, ttft_ms=config.sla.ttft_ms,
         itl_ms=config.sla.itl_ms, max_num_batched_tokens=sched.max_num_batched_tokens,
         max_num_seqs=sched.max_num_seqs, kv_tokens=sched.kv_tokens,
-        isl_cv=config.isl_cv)
+        isl_cv=config.isl_cv, sweep=SWEEP)
     rates = {pool: round(profile.requests_per_s(pool, config.isl, config.osl), 4)
              for pool in ("agg", "prefill", "decode")}
     document = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 import time
 from collections import Counter, deque
@@ -52,8 +53,8 @@ RECENT_DECISIONS = 1024
 """Decisions kept for inspection (each change is also logged)."""
 
 
-SUMMED = ("requests", "prompt_tokens", "finished", "output_tokens", "ttft_s", "ttfts", "itl_s",
-          "itls")
+SUMMED = ("requests", "prompt_tokens", "prompt_tokens_sq", "finished", "output_tokens", "ttft_s",
+          "ttfts", "itl_s", "itls")
 """The fields of ``TrafficReport`` that add up across frontends."""
 
 
@@ -73,8 +74,11 @@ def observation(now: float, window_s: float, traffic: TrafficReport,
     """What the planner sees: the window's traffic, and per pool its sizes and its serving
     workers' latest loads. The mean OSL is that of the requests that finished in the window
     (``last_osl`` when none did); TTFT goes to the pools that prefill, ITL to those that
-    decode."""
+    decode; the prompt lengths' spread is known when the frontends report it."""
     isl = traffic.prompt_tokens / traffic.requests if traffic.requests else 0.0
+    cv = None
+    if isl and traffic.prompt_tokens_sq:
+        cv = math.sqrt(max(traffic.prompt_tokens_sq / traffic.requests / isl**2 - 1, 0.0))
     osl = traffic.output_tokens / traffic.finished if traffic.finished else last_osl
     ttft = 1000 * traffic.ttft_s / traffic.ttfts if traffic.ttfts else None
     itl = 1000 * traffic.itl_s / traffic.itls if traffic.itls else None
@@ -83,7 +87,7 @@ def observation(now: float, window_s: float, traffic: TrafficReport,
                                      ttft_ms=ttft, itl_ms=itl)
             for role, counts in pools.items()}
     return Observation(now=now, window_s=window_s, num_requests=traffic.requests,
-                       mean_isl=isl, mean_osl=osl, pools=seen)
+                       mean_isl=isl, mean_osl=osl, pools=seen, isl_cv=cv)
 
 
 @dataclass

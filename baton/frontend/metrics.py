@@ -34,6 +34,7 @@ class TrafficWindow:
     def arrived(self, prompt_tokens: int) -> None:
         self._now.requests += 1
         self._now.prompt_tokens += prompt_tokens
+        self._now.prompt_tokens_sq += prompt_tokens**2
 
     def finished(self, output_tokens: int) -> None:
         self._now.finished += 1

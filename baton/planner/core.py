@@ -13,7 +13,8 @@ Two modes, usable together (``--planner both``):
   ISL and OSL as the request-weighted means of the last ``min_observations`` intervals (one
   interval's mean of heavy-tailed lengths moves by a quarter by chance, and lengths have no
   trend worth following), and size each pool from one worker's capacity within the SLA
-  (``profile.py``): the fewest workers whose capacity together covers the rate, where each
+  (``profile.py``, read at the mean prompt and spread of the last ``TYPICAL_S`` of
+  traffic): the fewest workers whose capacity together covers the rate, where each
   of ``n`` workers behind the router may run a little fuller than one alone
   (``queue_pooling``, 0 by default: not). While the request counts of the last ``RISE_WINDOW`` predictions
   rise beyond noise (``RISE_T`` standard errors above flat), a pool is sized for their
@@ -74,6 +75,9 @@ RISE_WINDOW = 4
 rise must be met before it has lasted)."""
 RISE_T = 5.0
 """... when their trend is this many standard errors above flat."""
+TYPICAL_S = 3600.0
+"""The profile is read at the mean prompt and spread of this many seconds of traffic (the
+lengths' distribution, not one window's chance)."""
 
 
 class WorkerLoad(Protocol):
@@ -129,6 +133,8 @@ class Observation:
     mean_isl: float
     mean_osl: float
     pools: dict[str, PoolObservation]
+    isl_cv: float | None = None
+    """The prompt lengths' coefficient of variation in the window (None: not known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,11 +186,23 @@ class _Window:
     requests: int = 0
     prompt_tokens: float = 0.0
     output_tokens: float = 0.0
+    prompt_squares: float = 0.0
+    """The sum of the squared prompt lengths of ``spread`` of the requests."""
+    spread: int = 0
 
     def __add__(self, other: _Window) -> _Window:
         return _Window(self.seconds + other.seconds, self.requests + other.requests,
                        self.prompt_tokens + other.prompt_tokens,
-                       self.output_tokens + other.output_tokens)
+                       self.output_tokens + other.output_tokens,
+                       self.prompt_squares + other.prompt_squares, self.spread + other.spread)
+
+    @property
+    def isl_cv(self) -> float | None:
+        """The prompt lengths' coefficient of variation, if known for every request."""
+        if not self.requests or self.spread < self.requests:
+            return None
+        mean = self.prompt_tokens / self.requests
+        return math.sqrt(max(self.prompt_squares / self.requests / mean**2 - 1, 0.0))
 
 
 class Planner:
@@ -205,6 +223,10 @@ class Planner:
                                                    season)
         self._lengths: deque[_Window] = deque(maxlen=config.min_observations)
         """The last prediction intervals with traffic (their lengths' means are used)."""
+        self._typical: deque[_Window] = deque()
+        """The observations with traffic that the typical prompt is the mean of."""
+        self._rated = profile
+        """The profile at the typical prompt (``WorkerProfile.at``)."""
         self._counts: deque[int] = deque(maxlen=FALL_WINDOW)
         """The request counts of the last predictions since traffic began."""
         self._falling = False
@@ -239,10 +261,14 @@ class Planner:
         if missing:
             raise ValueError(f"the observation lacks pools {sorted(missing)}")
         cfg = self.config
-        window = _Window(obs.window_s, obs.num_requests, obs.num_requests * obs.mean_isl,
-                         obs.num_requests * obs.mean_osl)
+        n, cv = obs.num_requests, obs.isl_cv
+        window = _Window(obs.window_s, n, n * obs.mean_isl, n * obs.mean_osl,
+                         0.0 if cv is None else n * obs.mean_isl**2 * (1 + cv**2),
+                         0 if cv is None else n)
         self._since_prediction += window
         self._recent.append(window)
+        if window.requests:
+            self._read_profile(window)
         predicted = None
         if cfg.mode != "load" and obs.now >= self._next_throughput:
             self._next_throughput = obs.now + cfg.throughput_interval_s
@@ -300,6 +326,14 @@ class Planner:
             self._throughput_targets[pool] = size
         return max(rate, ahead), isl, osl
 
+    def _read_profile(self, window: _Window) -> None:
+        """Reads the profile at the lengths of the last ``TYPICAL_S`` of traffic."""
+        self._typical.append(window)
+        while sum(w.seconds for w in self._typical) > TYPICAL_S and len(self._typical) > 1:
+            self._typical.popleft()
+        typical = sum(self._typical, _Window())
+        self._rated = self.profile.at(typical.prompt_tokens / typical.requests, typical.isl_cv)
+
     def _rise_ahead(self, steps: int) -> float:
         """The request count the last ``RISE_WINDOW`` counts' line gives ``steps`` intervals
         on, while they rise beyond noise; 0 otherwise."""
@@ -316,10 +350,10 @@ class Planner:
         rated alone need, fewer while fewer pooled ones suffice (their total only grows
         with their number)."""
         def enough(n: int) -> bool:
-            capacity = self.profile.requests_per_s(pool, isl, osl, n, self.config.queue_pooling)
+            capacity = self._rated.requests_per_s(pool, isl, osl, n, self.config.queue_pooling)
             return math.ceil(rate / (capacity * share) - 1e-9) <= n
 
-        n = math.ceil(rate / (self.profile.requests_per_s(pool, isl, osl) * share) - 1e-9)
+        n = math.ceil(rate / (self._rated.requests_per_s(pool, isl, osl) * share) - 1e-9)
         while n > 1 and enough(n - 1):
             n -= 1
         return n
@@ -383,7 +417,7 @@ class Planner:
             # their pace whatever is added. The TTFTs observed are those of requests that
             # queued earlier: they lag and would keep adding workers; shrinking needs both low.
             state = self._state[pool]
-            queued = 1000 * seen.queued_prefill_tokens / seen.ready / self.profile.prefill_tokens_per_s
+            queued = 1000 * seen.queued_prefill_tokens / seen.ready / self._rated.prefill_tokens_per_s
             draining = seen.queued_prefill_tokens < state.queued
             state.queued = seen.queued_prefill_tokens
             observed = max(queued, seen.ttft_ms or 0.0)

@@ -25,7 +25,7 @@ import msgspec
 from baton.bench.metrics import Goodput, RequestRecord, meets
 from baton.config import PlannerConfig
 from baton.planner import Decision, Observation, Planner, PoolObservation, WorkerProfile
-from baton.planner.profile import StepTime
+from baton.planner.profile import SWEEP, StepTime
 from baton.sim.pool import SimPool, SimWorker
 
 __all__ = ["PlannerStats", "ScalingReport", "SimScaler", "sla_attainment"]
@@ -126,7 +126,7 @@ class SimScaler:
         return WorkerProfile.from_step_times(
             step_ms, isl=round(isl), osl=osl, ttft_ms=config.ttft_ms, itl_ms=config.itl_ms,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            kv_tokens=kv_tokens, isl_cv=cv)
+            kv_tokens=kv_tokens, isl_cv=cv, sweep=SWEEP)
 
     @property
     def next_due(self) -> float:
@@ -197,6 +197,7 @@ class SimScaler:
         self._window_start = now
         isl = statistics.fmean(i for i, _ in arrivals) if arrivals else 0.0
         osl = statistics.fmean(o for _, o in arrivals) if arrivals else 0.0
+        cv = statistics.pstdev(i for i, _ in arrivals) / isl if isl else None
         ttfts = [r.ttft_s for r in finished if r.ttft_s is not None]
         ttft_ms = 1000 * statistics.fmean(ttfts) if ttfts else None
         pools = {}
@@ -209,7 +210,7 @@ class SimScaler:
                 starting=len(pool.starting), draining=len(pool.draining), ttft_ms=ttft_ms,
                 itl_ms=1000 * waited / tokens if tokens else None)
         return Observation(now=now, window_s=window, num_requests=len(arrivals),
-                           mean_isl=isl, mean_osl=osl, pools=pools)
+                           mean_isl=isl, mean_osl=osl, pools=pools, isl_cv=cv)
 
 
 def idle(worker: SimWorker) -> bool:
