@@ -11,7 +11,9 @@ decision for the report.
 
 The worker profile comes from the timing model (``WorkerProfile.from_step_times``) at the
 mean ISL and OSL of the trace's first requests and the spread of their prompt lengths, as a
-deployment's profile would be measured for its expected traffic.
+deployment's profile would be measured for its expected traffic, with its sweep of other mean
+prompts; each observation carries its window's prompt spread, and the planner reads the
+profile at the lengths it sees.
 """
 
 from __future__ import annotations
