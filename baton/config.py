@@ -678,14 +678,17 @@ class PlannerConfig:
         "last 12 predictions more than 5 standard errors below flat): the share of capacity a "
         "shrunk pool may be loaded to, in place of --scale-down-utilization (the same value "
         "turns this off)")
+    scale_down_noise: float = setting(
+        2.0, "throughput mode: a pool also shrinks only to a size that serves, at full load, "
+        "the next interval's predicted rate plus this many standard deviations of the last "
+        "12 predictions' errors (from their median absolute error; 0: off)")
     rise_ahead_workers: int = setting(
-        0, "throughput mode, while the request count rises beyond noise (its trend over the "
+        1, "throughput mode, while the request count rises beyond noise (its trend over the "
         "last 4 predictions more than 5 standard errors above flat): a pool is sized for that "
         "trend's line a start-up ahead, at most this many workers above the size for the "
-        "last count (0: off; 1 met the diurnal goal at a 120 s start-up with "
-        "--queue-pooling 0.5, docs/planner.md)")
+        "last count (0: off; docs/planner.md)")
     queue_pooling: float = setting(
-        0.0, "throughput sizing: how far a pool's workers share their queues behind the "
+        0.5, "throughput sizing: how far a pool's workers share their queues behind the "
         "router (0 = each its own queue; 1 = one queue for all, so each of n may run fuller "
         "at the same wait); scales the gain of the M/G/n queue over n M/G/1 queues")
     max_scale_step: int = setting(8, "workers a pool gains or loses in one decision at most")
@@ -709,6 +712,7 @@ class PlannerConfig:
             require(0 < getattr(self, name) <= 1, name, "must be in (0, 1]")
         _positive_ints(self, "max_scale_step", "min_observations")
         require(self.rise_ahead_workers >= 0, "rise_ahead_workers", "must be >= 0")
+        require(self.scale_down_noise >= 0, "scale_down_noise", "must be >= 0")
         require(0 <= self.queue_pooling <= 1, "queue_pooling", "must be in [0, 1]")
         require((self.season_s is not None) == (self.predictor == "seasonal"), "season_s",
                 "is the seasonal predictor's period: set both or neither")

@@ -16,14 +16,15 @@ Two modes, usable together (``--planner both``):
   (``profile.py``, read at the mean prompt and spread of the last ``TYPICAL_S`` of
   traffic): the fewest workers whose capacity together covers the rate, where each
   of ``n`` workers behind the router may run a little fuller than one alone
-  (``queue_pooling``, 0 by default: not). While the request counts of the last ``RISE_WINDOW`` predictions
+  (``queue_pooling``: half of the M/G/n gain by default). While the request counts of the last ``RISE_WINDOW`` predictions
   rise beyond noise (``RISE_T`` standard errors above flat), a pool is sized for their
   least-squares line a start-up ahead, at most ``rise_ahead_workers`` above the size for
   the prediction (a worker that serves only after the start-up must be asked for before
   the traffic needs it). Workers asked for serve only after their
   start-up, but workers stopped leave at once, so a pool shrinks only to a size that serves
   the rate predicted for the next interval as well, and that loads it to at most
-  ``scale_down_utilization`` of its capacity; while the request counts of the last
+  ``scale_down_utilization`` of its capacity and, with ``scale_down_noise`` deviations of
+  the predictions' errors added, at most its capacity; while the request counts of the last
   ``FALL_WINDOW`` predictions fall beyond noise (their trend more than ``FALL_T`` standard
   errors below flat), at most ``falling_scale_down_utilization`` (1.0: on the falling half
   of a day the pool follows the traffic down rather than a worker behind it).
@@ -61,6 +62,7 @@ from typing import Protocol
 from baton.config import PlannerConfig
 from baton.planner.predictors import Predictor, make_predictor, project, slope_t
 from baton.planner.profile import WorkerProfile
+from baton.planner.traffic import Window
 
 __all__ = ["Decision", "Observation", "Planner", "PoolDecision", "PoolObservation", "WorkerLoad"]
 
@@ -75,6 +77,10 @@ RISE_WINDOW = 4
 rise must be met before it has lasted)."""
 RISE_T = 5.0
 """... when their trend is this many standard errors above flat."""
+MAD_SIGMA = 1.4826
+"""The predictions' noise is this times their median absolute error (a normal variable's
+standard deviation over its median absolute deviation; one step in the traffic is not
+noise)."""
 TYPICAL_S = 3600.0
 """The profile is read at the mean prompt and spread of this many seconds of traffic (the
 lengths' distribution, not one window's chance)."""
@@ -178,33 +184,6 @@ class _PoolState:
     """Load mode: the ITL last observed, ms."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Window:
-    """Traffic over some seconds: requests, and their prompt and output tokens together."""
-
-    seconds: float = 0.0
-    requests: int = 0
-    prompt_tokens: float = 0.0
-    output_tokens: float = 0.0
-    prompt_squares: float = 0.0
-    """The sum of the squared prompt lengths of ``spread`` of the requests."""
-    spread: int = 0
-
-    def __add__(self, other: _Window) -> _Window:
-        return _Window(self.seconds + other.seconds, self.requests + other.requests,
-                       self.prompt_tokens + other.prompt_tokens,
-                       self.output_tokens + other.output_tokens,
-                       self.prompt_squares + other.prompt_squares, self.spread + other.spread)
-
-    @property
-    def isl_cv(self) -> float | None:
-        """The prompt lengths' coefficient of variation, if known for every request."""
-        if not self.requests or self.spread < self.requests:
-            return None
-        mean = self.prompt_tokens / self.requests
-        return math.sqrt(max(self.prompt_squares / self.requests / mean**2 - 1, 0.0))
-
-
 class Planner:
     """See the module docstring. ``pools``: ``("agg",)`` or ``("prefill", "decode")``."""
 
@@ -221,27 +200,31 @@ class Planner:
                   else round(config.season_s / config.throughput_interval_s))
         self._requests: Predictor = make_predictor(config.predictor, config.min_observations,
                                                    season)
-        self._lengths: deque[_Window] = deque(maxlen=config.min_observations)
+        self._lengths: deque[Window] = deque(maxlen=config.min_observations)
         """The last prediction intervals with traffic (their lengths' means are used)."""
-        self._typical: deque[_Window] = deque()
+        self._typical: deque[Window] = deque()
         """The observations with traffic that the typical prompt is the mean of."""
         self._rated = profile
         """The profile at the typical prompt (``WorkerProfile.at``)."""
         self._counts: deque[int] = deque(maxlen=FALL_WINDOW)
         """The request counts of the last predictions since traffic began."""
+        self._errors: deque[float] = deque(maxlen=FALL_WINDOW)
+        """The last predictions' errors (requests that came minus the one-step prediction)."""
         self._falling = False
         """Those counts fall beyond noise: a pool may shrink to a fuller size."""
         self._fuller: set[str] = set()
         """Pools whose throughput size is smaller for that."""
         self._ahead: set[str] = set()
+        self._noisy: set[str] = set()
+        """Pools kept larger for the noise of the predictions."""
         """Pools whose throughput size is larger for a rise beyond noise."""
         self._state = {p: _PoolState() for p in pools}
         self._next_throughput = -math.inf
         self._next_load = -math.inf
         self._throughput_targets: dict[str, int] = {}
-        self._recent: deque[_Window] = deque(maxlen=config.min_observations)
+        self._recent: deque[Window] = deque(maxlen=config.min_observations)
         """The last observations' traffic."""
-        self._since_prediction = _Window()
+        self._since_prediction = Window()
         """Traffic observed since the last prediction (observations come at the load mode's
         pace; a prediction takes them all)."""
 
@@ -262,7 +245,7 @@ class Planner:
             raise ValueError(f"the observation lacks pools {sorted(missing)}")
         cfg = self.config
         n, cv = obs.num_requests, obs.isl_cv
-        window = _Window(obs.window_s, n, n * obs.mean_isl, n * obs.mean_osl,
+        window = Window(obs.window_s, n, n * obs.mean_isl, n * obs.mean_osl,
                          0.0 if cv is None else n * obs.mean_isl**2 * (1 + cv**2),
                          0 if cv is None else n)
         self._since_prediction += window
@@ -297,7 +280,9 @@ class Planner:
         """Feeds the predictor the traffic since the last prediction; the predicted rate
         (requests/s) ``worker_startup_s`` ahead and the recent mean ISL and OSL, once the
         predictor is ready; sets the throughput targets."""
-        seen, self._since_prediction = self._since_prediction, _Window()
+        seen, self._since_prediction = self._since_prediction, Window()
+        if self._requests.ready and (seen.requests or self._counts):
+            self._errors.append(seen.requests - self._requests.predict(1))
         self._requests.add(seen.requests)
         if seen.requests or self._counts:
             self._counts.append(seen.requests)
@@ -306,17 +291,21 @@ class Planner:
         if seen.requests:  # an idle window says nothing about lengths
             self._lengths.append(seen)
         self._throughput_targets, self._fuller, self._ahead = {}, set(), set()
+        self._noisy = set()
         if not (self._requests.ready and self._lengths):
             return None
         per_s = 1 / max(seen.seconds, 1e-9)
         steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
         rate = self._requests.predict(steps) * per_s
         soon = max(rate, self._requests.predict(1) * per_s)  # what a pool shrunk now must serve
-        recent = sum(self._lengths, _Window())
+        recent = sum(self._lengths, Window())
         isl, osl = recent.prompt_tokens / recent.requests, recent.output_tokens / recent.requests
         ahead = self._rise_ahead(steps) * per_s
+        noise = (MAD_SIGMA * statistics.median(abs(e) for e in self._errors)
+                 if len(self._errors) >= 4 else 0.0)
         for pool in self.pools:
-            size = self._size(pool, obs.pools[pool].workers, rate, soon, isl, osl)
+            margin = self.config.scale_down_noise * noise * per_s
+            size = self._size(pool, obs.pools[pool].workers, rate, (soon, margin), isl, osl)
             if ahead > rate:
                 lead = min(self._workers(pool, rate, isl, osl) + self.config.rise_ahead_workers,
                            self._workers(pool, ahead, isl, osl))
@@ -326,12 +315,12 @@ class Planner:
             self._throughput_targets[pool] = size
         return max(rate, ahead), isl, osl
 
-    def _read_profile(self, window: _Window) -> None:
+    def _read_profile(self, window: Window) -> None:
         """Reads the profile at the lengths of the last ``TYPICAL_S`` of traffic."""
         self._typical.append(window)
         while sum(w.seconds for w in self._typical) > TYPICAL_S and len(self._typical) > 1:
             self._typical.popleft()
-        typical = sum(self._typical, _Window())
+        typical = sum(self._typical, Window())
         self._rated = self.profile.at(typical.prompt_tokens / typical.requests, typical.isl_cv)
 
     def _rise_ahead(self, steps: int) -> float:
@@ -358,21 +347,26 @@ class Planner:
             n -= 1
         return n
 
-    def _size(self, pool: str, current: int, rate: float, soon: float, isl: float,
-              osl: float) -> int:
-        """Workers for ``rate``; a pool shrinks only to a size that ``soon`` (the next
-        interval's rate) loads to at most the scale-down share (hysteresis), or the falling
-        share while traffic falls beyond noise."""
+    def _size(self, pool: str, current: int, rate: float, soon: tuple[float, float],
+              isl: float, osl: float) -> int:
+        """Workers for ``rate``; a pool shrinks only to a size that the next interval's rate
+        (``soon``: it and its noise margin) loads to at most the scale-down share and, with
+        its margin, to at most full load (hysteresis), or to the falling share while traffic
+        falls beyond noise."""
         need = self._workers(pool, rate, isl, osl)
         if need >= current:
             return need
+        next_rate, margin = soon
 
-        def shrunk(share: float) -> int:
-            return min(current, self._workers(pool, soon, isl, osl, share))
+        def shrunk(share: float, extra: float = 0.0) -> int:
+            return min(current, self._workers(pool, next_rate + extra, isl, osl, share))
 
         held = shrunk(self.config.scale_down_utilization)
         if not self._falling:
-            return held
+            steady = shrunk(1.0, margin)
+            if steady > held:
+                self._noisy.add(pool)
+            return max(held, steady)
         need = shrunk(self.config.falling_scale_down_utilization)
         if need < held:
             self._fuller.add(pool)
@@ -398,7 +392,7 @@ class Planner:
     def _recent_size(self, pool: str) -> int:
         """The pool's size for the request rate of the last ``min_observations`` windows
         (what a scale-up jumps to when that is more than one worker)."""
-        seen = sum(self._recent, _Window())
+        seen = sum(self._recent, Window())
         if not seen.requests or seen.seconds <= 0:
             return 0
         return self._workers(pool, seen.requests / seen.seconds,
@@ -449,6 +443,8 @@ class Planner:
                 rule += " (traffic falling: shrunk fuller)"
             elif pool in self._ahead:
                 rule += " (traffic rising: sized ahead)"
+            elif pool in self._noisy:
+                rule += " (kept for the traffic's noise)"
         if load is not None and load > current:  # the load mode adds above the floor
             target, rule = max(load, target), "load: over target"
         elif load is not None and throughput is None:

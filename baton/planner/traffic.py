@@ -1,0 +1,40 @@
+"""Traffic over some seconds, as the planner adds it up: requests, their prompt and output
+tokens, and the spread of their prompt lengths (windows add, so a mean over many windows is
+their sum's).
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Window"]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Traffic over some seconds: requests, and their prompt and output tokens together."""
+
+    seconds: float = 0.0
+    requests: int = 0
+    prompt_tokens: float = 0.0
+    output_tokens: float = 0.0
+    prompt_squares: float = 0.0
+    """The sum of the squared prompt lengths of ``spread`` of the requests."""
+    spread: int = 0
+
+    def __add__(self, other: Window) -> Window:
+        return Window(self.seconds + other.seconds, self.requests + other.requests,
+                       self.prompt_tokens + other.prompt_tokens,
+                       self.output_tokens + other.output_tokens,
+                       self.prompt_squares + other.prompt_squares, self.spread + other.spread)
+
+    @property
+    def isl_cv(self) -> float | None:
+        """The prompt lengths' coefficient of variation, if known for every request."""
+        if not self.requests or self.spread < self.requests:
+            return None
+        mean = self.prompt_tokens / self.requests
+        return math.sqrt(max(self.prompt_squares / self.requests / mean**2 - 1, 0.0))
