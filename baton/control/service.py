@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 import time
 from collections import Counter, deque
@@ -32,6 +31,7 @@ from baton.control.metrics import PlannerCollector
 from baton.errors import BatonError
 from baton.planner.core import Decision, Observation, Planner, PoolObservation
 from baton.planner.profile import WorkerProfile
+from baton.planner.traffic import length_cv
 from baton.protocol import (
     WORKER_COMPONENT,
     LoadMetrics,
@@ -78,7 +78,7 @@ def observation(now: float, window_s: float, traffic: TrafficReport,
     isl = traffic.prompt_tokens / traffic.requests if traffic.requests else 0.0
     cv = None
     if isl and traffic.prompt_tokens_sq:
-        cv = math.sqrt(max(traffic.prompt_tokens_sq / traffic.requests / isl**2 - 1, 0.0))
+        cv = length_cv(traffic.requests, traffic.prompt_tokens, traffic.prompt_tokens_sq)
     osl = traffic.output_tokens / traffic.finished if traffic.finished else last_osl
     ttft = 1000 * traffic.ttft_s / traffic.ttfts if traffic.ttfts else None
     itl = 1000 * traffic.itl_s / traffic.itls if traffic.itls else None

@@ -215,9 +215,9 @@ class Planner:
         self._fuller: set[str] = set()
         """Pools whose throughput size is smaller for that."""
         self._ahead: set[str] = set()
+        """Pools whose throughput size is larger for a rise beyond noise."""
         self._noisy: set[str] = set()
         """Pools kept larger for the noise of the predictions."""
-        """Pools whose throughput size is larger for a rise beyond noise."""
         self._state = {p: _PoolState() for p in pools}
         self._next_throughput = -math.inf
         self._next_load = -math.inf
@@ -246,8 +246,8 @@ class Planner:
         cfg = self.config
         n, cv = obs.num_requests, obs.isl_cv
         window = Window(obs.window_s, n, n * obs.mean_isl, n * obs.mean_osl,
-                         0.0 if cv is None else n * obs.mean_isl**2 * (1 + cv**2),
-                         0 if cv is None else n)
+                        0.0 if cv is None else n * obs.mean_isl**2 * (1 + cv**2),
+                        0 if cv is None else n)
         self._since_prediction += window
         self._recent.append(window)
         if window.requests:
@@ -303,11 +303,12 @@ class Planner:
         ahead = self._rise_ahead(steps) * per_s
         noise = (MAD_SIGMA * statistics.median(abs(e) for e in self._errors)
                  if len(self._errors) >= 4 else 0.0)
+        margin = self.config.scale_down_noise * noise * per_s
         for pool in self.pools:
-            margin = self.config.scale_down_noise * noise * per_s
-            size = self._size(pool, obs.pools[pool].workers, rate, (soon, margin), isl, osl)
+            need = self._workers(pool, rate, isl, osl)
+            size = self._size(pool, obs.pools[pool].workers, need, soon, margin, isl, osl)
             if ahead > rate:
-                lead = min(self._workers(pool, rate, isl, osl) + self.config.rise_ahead_workers,
+                lead = min(need + self.config.rise_ahead_workers,
                            self._workers(pool, ahead, isl, osl))
                 if lead > size:
                     size = lead
@@ -347,19 +348,17 @@ class Planner:
             n -= 1
         return n
 
-    def _size(self, pool: str, current: int, rate: float, soon: tuple[float, float],
+    def _size(self, pool: str, current: int, need: int, soon: float, margin: float,
               isl: float, osl: float) -> int:
-        """Workers for ``rate``; a pool shrinks only to a size that the next interval's rate
-        (``soon``: it and its noise margin) loads to at most the scale-down share and, with
-        its margin, to at most full load (hysteresis), or to the falling share while traffic
-        falls beyond noise."""
-        need = self._workers(pool, rate, isl, osl)
+        """``need`` workers (those for the predicted rate) if more than ``current``; a pool
+        shrinks only to a size that ``soon`` (the next interval's rate) loads to at most the
+        scale-down share and, with ``margin`` (the noise) added, to at most full load
+        (hysteresis), or to the falling share while traffic falls beyond noise."""
         if need >= current:
             return need
-        next_rate, margin = soon
 
         def shrunk(share: float, extra: float = 0.0) -> int:
-            return min(current, self._workers(pool, next_rate + extra, isl, osl, share))
+            return min(current, self._workers(pool, soon + extra, isl, osl, share))
 
         held = shrunk(self.config.scale_down_utilization)
         if not self._falling:

@@ -113,8 +113,7 @@ class WorkerProfile:
         rho = self.prefill_utilization
         if rho >= 1 or cv == self.isl_cv:
             return self
-        slack = rho * (1 + self.isl_cv**2) / (2 * (1 - rho))
-        rho_cv = 2 * slack / (1 + cv**2 + 2 * slack)
+        rho_cv = _utilization(_wait(rho, self.isl_cv), cv)
         return dataclasses.replace(
             self, prefill_tokens_per_s=self.prefill_tokens_per_s * rho_cv / rho,
             prefill_utilization=rho_cv, isl_cv=cv, sweep=())
@@ -188,8 +187,7 @@ def _rating(step_ms: StepTime, isl: int, osl: int, ttft_ms: float, itl_ms: float
     if service_ms >= ttft_ms:
         raise ValueError(f"a {isl}-token prompt alone takes {service_ms:.0f} ms to its "
                          f"first token, more than the {ttft_ms:g} ms target")
-    slack = (ttft_ms / service_ms - 1) / TAIL
-    utilization = 2 * slack / (1 + isl_cv**2 + 2 * slack)
+    utilization = _utilization((ttft_ms / service_ms - 1) / TAIL, isl_cv)
     context = isl + osl // 2
     fits = min(max_num_seqs, kv_tokens // max(isl + osl, 1))
     best = 0.0
@@ -206,6 +204,17 @@ def _rating(step_ms: StepTime, isl: int, osl: int, ttft_ms: float, itl_ms: float
                          "target (or one request does not fit the KV cache)")
     return Rating(isl, full_speed * utilization, best, utilization)
 
+
+def _wait(utilization: float, cv: float) -> float:
+    """The M/G/1 mean wait at ``utilization``, in mean service times."""
+    return utilization * (1 + cv**2) / (2 * (1 - utilization))
+
+
+def _utilization(wait: float, cv: float) -> float:
+    """The M/G/1 utilization whose mean wait is ``wait`` service times (``_wait``'s inverse)."""
+    return 2 * wait / (1 + cv**2 + 2 * wait)
+
+
 def erlang_c(n: int, load: float) -> float:
     """The probability that an arrival waits in an M/M/n queue offered ``load`` (arrival
     rate x service time; 1.0 at ``load >= n``)."""
@@ -221,7 +230,7 @@ def erlang_c(n: int, load: float) -> float:
 def pooled_utilization(n: int, utilization: float, cv: float) -> float:
     """The utilization at which ``n`` servers sharing one queue (Allen-Cunneen M/G/n) keep
     the mean wait that one server has at ``utilization``, in service times."""
-    wait = utilization * (1 + cv**2) / (2 * (1 - utilization))  # M/G/1, in service times
+    wait = _wait(utilization, cv)
     low, high = utilization, 1.0
     for _ in range(50):
         rho = (low + high) / 2

@@ -10,7 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Window"]
+__all__ = ["Window", "length_cv"]
+
+
+def length_cv(count: float, total: float, squares: float) -> float:
+    """The coefficient of variation of ``count`` lengths from their sum and the sum of their
+    squares (> 0 each)."""
+    mean = total / count
+    return math.sqrt(max(squares / count / mean**2 - 1, 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +34,13 @@ class Window:
 
     def __add__(self, other: Window) -> Window:
         return Window(self.seconds + other.seconds, self.requests + other.requests,
-                       self.prompt_tokens + other.prompt_tokens,
-                       self.output_tokens + other.output_tokens,
-                       self.prompt_squares + other.prompt_squares, self.spread + other.spread)
+                      self.prompt_tokens + other.prompt_tokens,
+                      self.output_tokens + other.output_tokens,
+                      self.prompt_squares + other.prompt_squares, self.spread + other.spread)
 
     @property
     def isl_cv(self) -> float | None:
         """The prompt lengths' coefficient of variation, if known for every request."""
         if not self.requests or self.spread < self.requests:
             return None
-        mean = self.prompt_tokens / self.requests
-        return math.sqrt(max(self.prompt_squares / self.requests / mean**2 - 1, 0.0))
+        return length_cv(self.requests, self.prompt_tokens, self.prompt_squares)
