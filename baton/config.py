@@ -656,7 +656,8 @@ class PlannerConfig:
     predictor: PredictorKind = setting(
         "constant", "throughput mode: how the next interval's request count is predicted (the "
         "last value, a moving average, a local linear trend, or the count one --season-s "
-        "before); ISL and OSL are the means of the last min_observations intervals")
+        "before); ISL and OSL are the means of the last hour, or of the last "
+        "min_observations intervals when theirs differ beyond noise")
     season_s: float | None = setting(
         None, "seasonal predictor: the traffic's period (a day; the spacing of periodic "
         "bursts), a whole number of throughput intervals", flag="season-s",
@@ -691,6 +692,11 @@ class PlannerConfig:
         0.5, "throughput sizing: how far a pool's workers share their queues behind the "
         "router (0 = each its own queue; 1 = one queue for all, so each of n may run fuller "
         "at the same wait); scales the gain of the M/G/n queue over n M/G/1 queues")
+    queue_pooling_workers: int = setting(
+        2, "throughput sizing: the gain of --queue-pooling counts at most this many workers "
+        "(measured behind the router, one worker's capacity within the SLA grows from one "
+        "worker to two and not beyond: the ITL, which does not pool, binds; "
+        "benches/planner_pooling.py)")
     max_scale_step: int = setting(8, "workers a pool gains or loses in one decision at most")
     min_workers: int = setting(1, "aggregated pool: fewest workers")
     max_workers: int = setting(64, "aggregated pool: most workers")
@@ -710,7 +716,7 @@ class PlannerConfig:
             require(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("scale_down_utilization", "falling_scale_down_utilization"):
             require(0 < getattr(self, name) <= 1, name, "must be in (0, 1]")
-        _positive_ints(self, "max_scale_step", "min_observations")
+        _positive_ints(self, "max_scale_step", "min_observations", "queue_pooling_workers")
         require(self.rise_ahead_workers >= 0, "rise_ahead_workers", "must be >= 0")
         require(self.scale_down_noise >= 0, "scale_down_noise", "must be >= 0")
         require(0 <= self.queue_pooling <= 1, "queue_pooling", "must be in [0, 1]")

@@ -26,6 +26,7 @@ from baton.planner.predictors import (
     slope_t,
 )
 from baton.planner.profile import Rating, erlang_c, pooled_utilization
+from baton.planner.traffic import Window, expected_lengths
 
 PROFILE = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500)
 DISAGG = ("prefill", "decode")
@@ -448,6 +449,43 @@ def test_workers_sharing_their_queues_each_run_fuller_at_the_same_wait() -> None
     assert sizes == [3, 3, 2]
     with pytest.raises(ValueError, match="prefill_utilization"):
         WorkerProfile(4000, 500, prefill_utilization=0)
+
+
+def test_the_gain_of_sharing_queues_counts_at_most_queue_pooling_workers() -> None:
+    # one queue for all (pooling 1): a prefill worker of two serves 2 x sqrt(2) = 2.83
+    # requests/s, one of four 2 x 0.835 / 0.5 = 3.34; counted as one of two at most (the
+    # default), 12 requests/s take 5 workers (4 serve 11.3), counted as one of four, 4 (13.4)
+    queued = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500,
+                           prefill_utilization=0.5, isl_cv=1.0)
+    assert math.isclose(queued.requests_per_s("prefill", 2000, 100, 4, 1.0),
+                        4 * pooled_utilization(4, 0.5, 1.0))
+    sizes = [Planner(config(queue_pooling=1.0, queue_pooling_workers=most), queued,
+                     DISAGG).observe(traffic(0, 12, {"prefill": ready(1), "decode": ready(1)}))
+             .target("prefill") for most in (2, 4)]
+    assert sizes == [5, 4]
+    with pytest.raises(ValueError, match="queue_pooling_workers"):
+        config(queue_pooling_workers=0)
+
+
+def test_the_lengths_expected_are_the_typical_ones_unless_they_changed_beyond_noise() -> None:
+    typical = Window(600, 1000, 1000 * 2000, 100_000, 1000 * 2000**2 * 2, 1000)  # cv 1
+    assert typical.isl_cv == 1.0
+    # 100 recent requests: the standard error of their mean prompt is 2000 / 10 = 200
+    near = Window(60, 100, 100 * 2500, 20_000)  # 2.5 errors off: chance
+    far = Window(60, 100, 100 * 2700, 20_000)  # 3.5 errors off: the lengths changed
+    assert expected_lengths(near, typical) == (2000, 100)
+    assert expected_lengths(far, typical) == (2700, 200)
+    unknown = dataclasses.replace(typical, spread=0)  # no spread known: the recent ones
+    assert expected_lengths(near, unknown) == (2500, 200)
+    # in the planner: five minutes of 2,000-token prompts of cv 1, then a minute at 2,200
+    # (the last hour's mean, 2,033, stands) and one of 8,000 (far beyond noise: 8,000)
+    planner = Planner(config(), PROFILE, DISAGG)
+    pools = {"prefill": ready(1), "decode": ready(1)}
+    isls = []
+    for i, (isl, cv) in enumerate([(2000, 1.0)] * 5 + [(2200, 1.0), (8000, 0.0)]):
+        seen = dataclasses.replace(traffic(60 * i, 2, pools, isl=isl), isl_cv=cv)
+        isls.append(planner.observe(seen).predicted_isl)
+    assert isls[-3] == 2000 and math.isclose(isls[-2] or 0, 6100 / 3) and isls[-1] == 8000
 
 
 def test_a_profile_is_read_at_the_prompt_lengths_of_the_traffic() -> None:

@@ -10,13 +10,15 @@ Two modes, usable together (``--planner both``):
 
 - **throughput**: every ``throughput_interval_s``, predict the next intervals' request count
   (``predictors.py``) ``worker_startup_s`` ahead (workers asked for now serve then), take
-  ISL and OSL as the request-weighted means of the last ``min_observations`` intervals (one
-  interval's mean of heavy-tailed lengths moves by a quarter by chance, and lengths have no
-  trend worth following), and size each pool from one worker's capacity within the SLA
-  (``profile.py``, read at the mean prompt and spread of the last ``TYPICAL_S`` of
-  traffic): the fewest workers whose capacity together covers the rate, where each
-  of ``n`` workers behind the router may run a little fuller than one alone
-  (``queue_pooling``: half of the M/G/n gain by default). While the request counts of the last ``RISE_WINDOW`` predictions
+  ISL and OSL as the request-weighted means of the last ``TYPICAL_S`` of traffic, or of the
+  last ``min_observations`` intervals when their mean prompt is beyond noise from that
+  (``traffic.expected_lengths``: a few intervals' mean of heavy-tailed lengths moves by a
+  tenth by chance, and lengths have no trend worth following), and size each pool from one
+  worker's capacity within the SLA (``profile.py``, read at the mean prompt and spread of
+  the last ``TYPICAL_S`` of traffic): the fewest workers whose capacity together covers the
+  rate, where each of ``n`` workers behind the router may run a little fuller than one alone
+  (``queue_pooling``: half of the M/G/n gain by default, of at most
+  ``queue_pooling_workers`` workers). While the request counts of the last ``RISE_WINDOW`` predictions
   rise beyond noise (``RISE_T`` standard errors above flat), a pool is sized for their
   least-squares line a start-up ahead, at most ``rise_ahead_workers`` above the size for
   the prediction (a worker that serves only after the start-up must be asked for before
@@ -62,7 +64,7 @@ from typing import Protocol
 from baton.config import PlannerConfig
 from baton.planner.predictors import Predictor, make_predictor, project, slope_t
 from baton.planner.profile import WorkerProfile
-from baton.planner.traffic import Window
+from baton.planner.traffic import Window, expected_lengths
 
 __all__ = ["Decision", "Observation", "Planner", "PoolDecision", "PoolObservation", "WorkerLoad"]
 
@@ -298,8 +300,7 @@ class Planner:
         steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
         rate = self._requests.predict(steps) * per_s
         soon = max(rate, self._requests.predict(1) * per_s)  # what a pool shrunk now must serve
-        recent = sum(self._lengths, Window())
-        isl, osl = recent.prompt_tokens / recent.requests, recent.output_tokens / recent.requests
+        isl, osl = expected_lengths(sum(self._lengths, Window()), sum(self._typical, Window()))
         ahead = self._rise_ahead(steps) * per_s
         noise = (MAD_SIGMA * statistics.median(abs(e) for e in self._errors)
                  if len(self._errors) >= 4 else 0.0)
@@ -340,7 +341,9 @@ class Planner:
         rated alone need, fewer while fewer pooled ones suffice (their total only grows
         with their number)."""
         def enough(n: int) -> bool:
-            capacity = self._rated.requests_per_s(pool, isl, osl, n, self.config.queue_pooling)
+            pooled = min(n, self.config.queue_pooling_workers)
+            capacity = self._rated.requests_per_s(pool, isl, osl, pooled,
+                                                  self.config.queue_pooling)
             return math.ceil(rate / (capacity * share) - 1e-9) <= n
 
         n = math.ceil(rate / (self._rated.requests_per_s(pool, isl, osl) * share) - 1e-9)

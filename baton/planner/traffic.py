@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Window", "length_cv"]
+__all__ = ["LENGTH_T", "Window", "expected_lengths", "length_cv"]
+
+LENGTH_T = 3.0
+"""The recent mean prompt stands for the next requests' only when it is this many standard
+errors from the typical one; nearer, it differs by chance."""
 
 
 def length_cv(count: float, total: float, squares: float) -> float:
@@ -44,3 +48,18 @@ class Window:
         if not self.requests or self.spread < self.requests:
             return None
         return length_cv(self.requests, self.prompt_tokens, self.prompt_squares)
+
+
+def expected_lengths(recent: Window, typical: Window) -> tuple[float, float]:
+    """The mean prompt and output lengths to expect of the next requests: the ``typical``
+    window's (a longer stretch of traffic, ``recent`` included), unless the ``recent`` mean
+    prompt is more than ``LENGTH_T`` standard errors from it (the lengths changed), or the
+    spread of the prompts is not known (no standard error): then ``recent``'s. A few
+    intervals' mean of heavy-tailed lengths moves by a tenth by chance."""
+    cv = typical.isl_cv
+    if cv is not None and recent.requests:
+        mean = typical.prompt_tokens / typical.requests
+        error = mean * cv / math.sqrt(recent.requests)
+        if abs(recent.prompt_tokens / recent.requests - mean) <= LENGTH_T * error:
+            recent = typical
+    return recent.prompt_tokens / recent.requests, recent.output_tokens / recent.requests
