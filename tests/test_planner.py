@@ -184,12 +184,26 @@ def test_sizing_looks_a_start_up_delay_ahead_on_a_ramp() -> None:
     assert (now, ahead) == (7, 8)
 
 
-def test_workers_still_starting_hold_further_scale_ups() -> None:
+def test_workers_still_starting_hold_the_load_mode_not_the_predicted_size() -> None:
     planner = Planner(config(), PROFILE)
     d = planner.observe(traffic(0, 6, {"agg": PoolObservation(ready=1, starting=4)}))
     assert d.target("agg") == 5 and not d.changes  # the 4 starting ones are counted
+    # 9 requests/s predicted: ceil(9 / 1.43) = 7 workers, the 4 starting among them (a burst
+    # foreseen must not wait for the last start-up to end)
     d = planner.observe(traffic(60, 9, {"agg": PoolObservation(ready=1, starting=4)}))
-    assert d.target("agg") == 5 and d.pools[0].rule == "held: workers still starting"
+    assert d.target("agg") == 7 and d.pools[0].rule.startswith("throughput")
+    # the load mode's signal lags: the workers starting are capacity to come
+    planner = Planner(config(mode="load", min_observations=1), PROFILE)
+    busy = PoolObservation(ready=1, starting=1, queued_prefill_tokens=4000, itl_ms=20)
+    d = planner.observe(traffic(0, 1, {"agg": busy}, window=5))
+    assert d.target("agg") == 2 and d.pools[0].rule == "held: workers still starting"
+    # both modes: 3 requests/s predicted (3 workers), then 9/s for 5 s (the load mode's 7)
+    planner = Planner(config(mode="both", min_observations=1), PROFILE)
+    assert planner.observe(traffic(0, 3, {"agg": busy})).target("agg") == 3
+    d = planner.observe(traffic(5, 9, {"agg": busy}, window=5))
+    assert (d.target("agg"), d.pools[0].load_target) == (3, 7)
+    assert d.pools[0].rule == ("throughput: predicted rate / worker capacity; load held: "
+                               "workers still starting")
 
 
 def test_cooldowns_keep_a_pool_from_flapping() -> None:

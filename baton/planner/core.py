@@ -18,13 +18,12 @@ Two modes, usable together (``--planner both``):
   the last ``TYPICAL_S`` of traffic): the fewest workers whose capacity together covers the
   rate, where each of ``n`` workers behind the router may run a little fuller than one alone
   (``queue_pooling``: half of the M/G/n gain by default, of at most
-  ``queue_pooling_workers`` workers). While the request counts of the last ``RISE_WINDOW`` predictions
-  rise beyond noise (``RISE_T`` standard errors above flat), a pool is sized for their
-  least-squares line a start-up ahead, at most ``rise_ahead_workers`` above the size for
-  the prediction (a worker that serves only after the start-up must be asked for before
-  the traffic needs it). Workers asked for serve only after their
-  start-up, but workers stopped leave at once, so a pool shrinks only to a size that serves
-  the rate predicted for the next interval as well, and that loads it to at most
+  ``queue_pooling_workers`` workers). While the request counts of the last ``RISE_WINDOW``
+  predictions rise beyond noise (``RISE_T`` standard errors above flat), a pool is sized
+  for their least-squares line a start-up ahead, at most ``rise_ahead_workers`` above the
+  size for the prediction (a worker that serves only after the start-up must be asked for
+  before the traffic needs it). Workers stopped leave at once, so a pool shrinks only to a
+  size that serves the rate predicted for the next interval as well, and that loads it to at most
   ``scale_down_utilization`` of its capacity and, with ``scale_down_noise`` deviations of
   the predictions' errors added, at most its capacity; while the request counts of the last
   ``FALL_WINDOW`` predictions fall beyond noise (their trend more than ``FALL_T`` standard
@@ -41,8 +40,8 @@ Two modes, usable together (``--planner both``):
   shrinks only when both are low. With both modes, the throughput size is a floor under the
   load mode's, and when both would shrink a pool it goes to the throughput size.
 
-Guards, in this order: no scale-up while a pool's workers are still starting (they are
-capacity to come), cooldowns (``scale_up_cooldown_s``; ``scale_down_cooldown_s`` after any
+Guards, in this order: while a pool's workers are still starting (capacity to come), no
+scale-up beyond the throughput size (which counts them; the load mode's signal lags), cooldowns (``scale_up_cooldown_s``; ``scale_down_cooldown_s`` after any
 change, so a pool does not flap), at most ``max_scale_step`` workers per decision, each
 pool's min and max, then the total budget (``max_total_workers``), shared in proportion to
 what the pools asked for. Cold start: neither mode acts before ``min_observations``
@@ -337,9 +336,9 @@ class Planner:
     def _workers(self, pool: str, rate: float, isl: float, osl: float,
                  share: float = 1.0) -> int:
         """The fewest workers that serve ``rate`` loaded to at most ``share`` of their
-        capacity, each rated as one of that many (``queue_pooling``): as many as workers
-        rated alone need, fewer while fewer pooled ones suffice (their total only grows
-        with their number)."""
+        capacity, each rated as one of that many (``queue_pooling``, counting at most
+        ``queue_pooling_workers``): as many as workers rated alone need, fewer while fewer
+        pooled ones suffice (their total only grows with their number)."""
         def enough(n: int) -> bool:
             pooled = min(n, self.config.queue_pooling_workers)
             capacity = self._rated.requests_per_s(pool, isl, osl, pooled,
@@ -447,6 +446,7 @@ class Planner:
                 rule += " (traffic rising: sized ahead)"
             elif pool in self._noisy:
                 rule += " (kept for the traffic's noise)"
+        sized_rule = rule
         if load is not None and load > current:  # the load mode adds above the floor
             target, rule = max(load, target), "load: over target"
         elif load is not None and throughput is None:
@@ -454,8 +454,10 @@ class Planner:
         elif load is not None and throughput is not None and throughput < current:
             rule += ", load under target"  # both shrink: the throughput size says how far
         state = self._state[pool]
-        if target > current and seen.starting:
-            target, rule = current, "held: workers still starting"
+        sized = throughput if throughput is not None and throughput > current else current
+        if target > sized and seen.starting:  # the throughput size counts them already
+            target, rule = sized, ("held: workers still starting" if sized == current
+                                   else sized_rule + "; load held: workers still starting")
         elif target > current and now - state.last_up < cfg.scale_up_cooldown_s:
             target, rule = current, "held: scale-up cooldown"
         elif target < current and now - state.last_change < cfg.scale_down_cooldown_s:
