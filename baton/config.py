@@ -693,9 +693,10 @@ class PlannerConfig:
         "router (0 = each its own queue; 1 = one queue for all, so each of n may run fuller "
         "at the same wait); scales the gain of the M/G/n queue over n M/G/1 queues")
     queue_pooling_workers: int = setting(
-        2, "throughput sizing: the gain of --queue-pooling counts at most this many workers "
-        "(measured behind the router, one worker's capacity within the SLA grows from one "
-        "worker to two and not beyond: the ITL, which does not pool, binds; "
+        2, "throughput sizing: in pools whose workers decode (aggregated, decode), the gain "
+        "of --queue-pooling counts at most this many workers (measured behind the router, an "
+        "aggregated worker's capacity within the SLA grows from one worker to two and not "
+        "beyond: the ITL, which does not pool, binds; prefill workers gain on to four; "
         "benches/planner_pooling.py)")
     max_scale_step: int = setting(8, "workers a pool gains or loses in one decision at most")
     min_workers: int = setting(1, "aggregated pool: fewest workers")

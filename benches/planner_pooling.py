@@ -1,7 +1,8 @@
 """How much one worker serves within the SLA as the pool behind the router grows (the
 planner's ``--queue-pooling`` and ``--queue-pooling-workers``).
 
-For ``n`` = 1..``--max-workers`` aggregated simulated workers behind the KV router, a trace
+For ``n`` = 1..``--max-workers`` aggregated simulated workers behind the KV router (or,
+with ``--decode-workers D``, ``n`` prefill workers and ``D`` decode workers), a trace
 of ``--requests-per-worker`` x ``n`` requests is synthesized from the conversation trace at a
 steady rate (``--arrival-shape step --shape-ratio 1``: the arrivals of the planner
 benchmark's shaped traces, without the shape) of ``r`` requests/s per worker, for each ``r``
@@ -12,6 +13,8 @@ profile at the traces' lengths, ``baton profile``), with the M/G/n gain at
 ``--queue-pooling`` counted over all ``n`` workers and over at most two.
 
     .venv/bin/python benches/planner_pooling.py --source conversation_trace.jsonl   # ~3 min
+    .venv/bin/python benches/planner_pooling.py --source conversation_trace.jsonl \
+        --decode-workers 2 --max-workers 4 --rates 2.2 2.5 2.8 3.1
 
 Every run is a ``baton sim`` command (printed); files go under ``--work``.
 """
@@ -37,15 +40,18 @@ SLA_TTFT_MS, SLA_ITL_MS = 2000.0, 50.0
 
 def run(source: Path, work: Path, n: int, rate: float, a: argparse.Namespace) -> list[dict]:
     """The records of ``n`` workers at ``rate`` requests/s each."""
-    out = work / f"n{n}_r{rate:g}"
-    trace = work / f"n{n}_r{rate:g}.jsonl"
+    name = f"n{n}_r{rate:g}" + (f"_d{a.decode_workers}" if a.decode_workers else "")
+    out, trace = work / name, work / f"{name}.jsonl"
     if not (out / "records.csv").exists():
         speedup = n * rate / a.source_rate
         subprocess.run([*BATON, "trace", "synth", str(source), "-o", str(trace),
                         "--num-requests", str(a.requests_per_worker * n), "--seed", str(a.seed),
                         "--arrival-speedup", f"{speedup:.6f}", "--arrival-shape", "step",
                         "--shape-ratio", "1"], check=True, stdout=subprocess.DEVNULL)
-        cmd = [*BATON, "sim", "--trace", str(trace), "--workers", str(n), "--sla-ttft-ms",
+        pools = (["--workers", str(n)] if not a.decode_workers else
+                 ["--disagg", "--prefill-workers", str(n), "--decode-workers",
+                  str(a.decode_workers)])
+        cmd = [*BATON, "sim", "--trace", str(trace), *pools, "--sla-ttft-ms",
                f"{SLA_TTFT_MS:g}", "--sla-itl-ms", f"{SLA_ITL_MS:g}", "--out", str(out)]
         print("$", shlex.join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -74,12 +80,13 @@ def rated(records: list[dict], work: Path, a: argparse.Namespace) -> None:
                     "--isl-cv", f"{statistics.pstdev(isl) / mean:.4f}", "--out", str(path)],
                    check=True, stdout=subprocess.DEVNULL)
     profile = load_profile(str(path))
-    print(f"\nthe planner's rate per worker (profile at ISL {mean:,.0f}, OSL {osl:,.0f}, "
+    pool = "prefill" if a.decode_workers else "agg"
+    print(f"\nthe planner's rate per {pool} worker (profile at ISL {mean:,.0f}, OSL {osl:,.0f}, "
           f"cv {profile.isl_cv:.2f}; queue pooling {a.pooling:g}):")
     print("| workers | " + " | ".join(str(n) for n in range(1, a.max_workers + 1)) + " |")
     print("| --- |" + " --- |" * a.max_workers)
     for label, most in (("gain over all n", a.max_workers), ("gain over at most 2", 2)):
-        rates = [profile.requests_per_s("agg", mean, osl, min(n, most), a.pooling)
+        rates = [profile.requests_per_s(pool, mean, osl, min(n, most), a.pooling)
                  for n in range(1, a.max_workers + 1)]
         print(f"| {label} | " + " | ".join(f"{x:.2f}" for x in rates) + " |")
 
@@ -94,6 +101,9 @@ def main() -> None:
     parser.add_argument("--requests-per-worker", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--pooling", type=float, default=0.5, help="--queue-pooling")
+    parser.add_argument("--decode-workers", type=int, default=0,
+                        help="disaggregated: n prefill workers and this many decode workers "
+                        "(0: n aggregated workers)")
     parser.add_argument("--jobs", type=int, default=2)
     a = parser.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)

@@ -465,18 +465,23 @@ def test_workers_sharing_their_queues_each_run_fuller_at_the_same_wait() -> None
         WorkerProfile(4000, 500, prefill_utilization=0)
 
 
-def test_the_gain_of_sharing_queues_counts_at_most_queue_pooling_workers() -> None:
-    # one queue for all (pooling 1): a prefill worker of two serves 2 x sqrt(2) = 2.83
-    # requests/s, one of four 2 x 0.835 / 0.5 = 3.34; counted as one of two at most (the
-    # default), 12 requests/s take 5 workers (4 serve 11.3), counted as one of four, 4 (13.4)
+def test_the_gain_of_sharing_queues_counts_at_most_queue_pooling_workers_that_decode() -> None:
+    # one queue for all (pooling 1): each worker's prefill speed x sqrt(2) as one of two, x
+    # 0.835 / 0.5 = 1.67 as one of four. An aggregated worker at 2,000 / 100 tokens then
+    # serves 1 / (2000 / 5657 + 0.2) = 1.81 requests/s as one of two, 2.00 as one of four:
+    # 7.5 requests/s take 5 counted as one of two at most (the default; 4 serve 7.2), 4
+    # counted as one of four. Prefill workers, whose TTFT alone pools, count all: 12
+    # requests/s take 4 (3.34 each), not 5 (2.83 each)
     queued = WorkerProfile(prefill_tokens_per_s=4000, decode_tokens_per_s=500,
                            prefill_utilization=0.5, isl_cv=1.0)
     assert math.isclose(queued.requests_per_s("prefill", 2000, 100, 4, 1.0),
                         4 * pooled_utilization(4, 0.5, 1.0))
-    sizes = [Planner(config(queue_pooling=1.0, queue_pooling_workers=most), queued,
-                     DISAGG).observe(traffic(0, 12, {"prefill": ready(1), "decode": ready(1)}))
-             .target("prefill") for most in (2, 4)]
+    sizes = [Planner(config(queue_pooling=1.0, queue_pooling_workers=most), queued)
+             .observe(traffic(0, 7.5, {"agg": ready(1)})).target("agg") for most in (2, 4)]
     assert sizes == [5, 4]
+    prefill = Planner(config(queue_pooling=1.0), queued, DISAGG).observe(
+        traffic(0, 12, {"prefill": ready(1), "decode": ready(1)})).target("prefill")
+    assert prefill == 4
     with pytest.raises(ValueError, match="queue_pooling_workers"):
         config(queue_pooling_workers=0)
 

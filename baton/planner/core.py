@@ -18,7 +18,7 @@ Two modes, usable together (``--planner both``):
   the last ``TYPICAL_S`` of traffic): the fewest workers whose capacity together covers the
   rate, where each of ``n`` workers behind the router may run a little fuller than one alone
   (``queue_pooling``: half of the M/G/n gain by default, of at most
-  ``queue_pooling_workers`` workers). While the request counts of the last ``RISE_WINDOW``
+  ``queue_pooling_workers`` where they decode). While the request counts of the last ``RISE_WINDOW``
   predictions rise beyond noise (``RISE_T`` standard errors above flat), a pool is sized
   for their least-squares line a start-up ahead, at most ``rise_ahead_workers`` above the
   size for the prediction (a worker that serves only after the start-up must be asked for
@@ -336,11 +336,11 @@ class Planner:
     def _workers(self, pool: str, rate: float, isl: float, osl: float,
                  share: float = 1.0) -> int:
         """The fewest workers that serve ``rate`` loaded to at most ``share`` of their
-        capacity, each rated as one of that many (``queue_pooling``, counting at most
-        ``queue_pooling_workers``): as many as workers rated alone need, fewer while fewer
-        pooled ones suffice (their total only grows with their number)."""
+        capacity, each rated as one of that many (``queue_pooling``; one that decodes, of at
+        most ``queue_pooling_workers``): as many as workers rated alone need, fewer while
+        fewer pooled ones suffice (their total only grows with their number)."""
         def enough(n: int) -> bool:
-            pooled = min(n, self.config.queue_pooling_workers)
+            pooled = n if pool == "prefill" else min(n, self.config.queue_pooling_workers)
             capacity = self._rated.requests_per_s(pool, isl, osl, pooled,
                                                   self.config.queue_pooling)
             return math.ceil(rate / (capacity * share) - 1e-9) <= n

@@ -1,6 +1,6 @@
 """Traffic over some seconds, as the planner adds it up: requests, their prompt and output
 tokens, and the spread of their prompt lengths (windows add, so a mean over many windows is
-their sum's).
+their sum's); and the lengths to expect of the next requests (``expected_lengths``).
 
 Pure: no I/O.
 """
@@ -56,10 +56,10 @@ def expected_lengths(recent: Window, typical: Window) -> tuple[float, float]:
     prompt is more than ``LENGTH_T`` standard errors from it (the lengths changed), or the
     spread of the prompts is not known (no standard error): then ``recent``'s. A few
     intervals' mean of heavy-tailed lengths moves by a tenth by chance."""
-    cv = typical.isl_cv
+    chosen, cv = recent, typical.isl_cv
     if cv is not None and recent.requests:
         mean = typical.prompt_tokens / typical.requests
         error = mean * cv / math.sqrt(recent.requests)
         if abs(recent.prompt_tokens / recent.requests - mean) <= LENGTH_T * error:
-            recent = typical
-    return recent.prompt_tokens / recent.requests, recent.output_tokens / recent.requests
+            chosen = typical
+    return chosen.prompt_tokens / chosen.requests, chosen.output_tokens / chosen.requests
