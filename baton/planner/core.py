@@ -30,23 +30,23 @@ Two modes, usable together (``--planner both``):
   errors below flat), at most ``falling_scale_down_utilization`` (1.0: on the falling half
   of a day the pool follows the traffic down rather than a worker behind it).
 - **load**: every ``load_interval_s``, react to the present: a pool grows (by one, or to the
-  size the request rate of those intervals needs, if more) when its
-  estimated TTFT (queued prefill tokens per worker over its prefill rate, while that queue
-  is not shrinking) or its ITL (the step times now, while they are not falling; or a KV
-  usage above 0.9) is over target in ``min_observations`` intervals running, and shrinks by one when all of them, the observed TTFT too, were under
-  ``scale_down_utilization`` x target, also counting its load spread over one worker fewer.
-  Growing reads the queue, not the TTFTs observed (those lag: requests that queued before a
-  scale-up report their wait after it). An aggregated pool grows on either signal and
-  shrinks only when both are low. With both modes, the throughput size is a floor under the
-  load mode's, and when both would shrink a pool it goes to the throughput size.
+  size the request rate of those intervals needs, if more) when its estimated TTFT (queued
+  prefill tokens per worker over its prefill rate, while that queue is not shrinking) or its
+  ITL (the step times now, while they are not falling; or a KV usage above 0.9) is over
+  target in ``min_observations`` intervals running, and shrinks by one when all of them, the
+  observed TTFT too, were under ``scale_down_utilization`` x target, also counting its load
+  spread over one worker fewer. Growing reads the queue, not the TTFTs observed (those lag:
+  requests that queued before a scale-up report their wait after it). An aggregated pool
+  grows on either signal and shrinks only when both are low. With both modes, the throughput
+  size is a floor under the load mode's, and sets how far when both shrink it.
 
 Guards, in this order: while a pool's workers are still starting (capacity to come), no
-scale-up beyond the throughput size (which counts them; the load mode's signal lags), cooldowns (``scale_up_cooldown_s``; ``scale_down_cooldown_s`` after any
-change, so a pool does not flap), at most ``max_scale_step`` workers per decision, each
-pool's min and max, then the total budget (``max_total_workers``), shared in proportion to
-what the pools asked for. Cold start: neither mode acts before ``min_observations``
-intervals with traffic, and no pool shrinks before the predictor has ``settled`` (a
-seasonal one: a whole period seen).
+scale-up beyond the throughput size (which counts them; the load mode's signal lags),
+cooldowns (``scale_up_cooldown_s``; ``scale_down_cooldown_s`` after any change, so a pool
+does not flap), at most ``max_scale_step`` workers per decision, each pool's min and max,
+then the total budget (``max_total_workers``), shared in proportion to what the pools asked
+for. Cold start: neither mode acts before ``min_observations`` intervals with traffic, and
+no pool shrinks before the predictor has ``settled`` (a seasonal one: a whole period seen).
 
 Pure: no I/O, no clock (times come in the observations).
 """
