@@ -53,6 +53,7 @@ Pure: no I/O, no clock (times come in the observations).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections import deque
@@ -61,6 +62,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from baton.config import PlannerConfig
+from baton.planner.budget import share
 from baton.planner.predictors import Predictor, make_predictor, project, slope_t
 from baton.planner.profile import WorkerProfile
 from baton.planner.traffic import Window, expected_lengths
@@ -478,23 +480,10 @@ class Planner:
         pools = [proposals[p] for p in self.pools]
         total = sum(p.target for p in pools)
         if budget is not None and total > budget:
-            pools = _share(pools, budget, {p: self.config.bounds(p)[0] for p in self.pools})
+            cut = share([p.target for p in pools], budget,
+                        [self.config.bounds(p.pool)[0] for p in pools])
+            pools = [dataclasses.replace(p, target=n, rule=p.rule + f"; budget {budget}")
+                     if n != p.target else p for p, n in zip(pools, cut, strict=True)]
         rate, isl, osl = predicted if predicted is not None else (None, None, None)
         return Decision(obs.now, tuple(pools), rate, isl, osl)
-
-
-def _share(pools: list[PoolDecision], budget: int, floors: dict[str, int]) -> list[PoolDecision]:
-    """Targets cut to ``budget`` in proportion to what each pool asked (largest remainders
-    first), none under its floor."""
-    total = sum(p.target for p in pools)
-    exact = [p.target * budget / total for p in pools]
-    cut = [max(floors[p.pool], math.floor(x)) for p, x in zip(pools, exact, strict=True)]
-    order = sorted(range(len(pools)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
-    for i in order:
-        if sum(cut) >= budget:
-            break
-        cut[i] += 1
-    return [PoolDecision(p.pool, p.current, n, p.throughput_target, p.load_target,
-                         p.rule + f"; budget {budget}") if n != p.target else p
-            for p, n in zip(pools, cut, strict=True)]
 
