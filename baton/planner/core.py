@@ -206,7 +206,9 @@ class Planner:
         self._lengths: deque[Window] = deque(maxlen=config.min_observations)
         """The last prediction intervals with traffic (their lengths' means are used)."""
         self._typical: deque[Window] = deque()
-        """The observations with traffic that the typical prompt is the mean of."""
+        """The observations with traffic that the typical prompt is the mean of ..."""
+        self._typical_total = Window()
+        """... and their sum."""
         self._rated = profile
         """The profile at the typical prompt (``WorkerProfile.at``)."""
         self._counts: deque[int] = deque(maxlen=FALL_WINDOW)
@@ -301,7 +303,7 @@ class Planner:
         steps = 1 + math.ceil(self.config.worker_startup_s / self.config.throughput_interval_s)
         rate = self._requests.predict(steps) * per_s
         soon = max(rate, self._requests.predict(1) * per_s)  # what a pool shrunk now must serve
-        isl, osl = expected_lengths(sum(self._lengths, Window()), sum(self._typical, Window()))
+        isl, osl = expected_lengths(sum(self._lengths, Window()), self._typical_total)
         ahead = self._rise_ahead(steps) * per_s
         noise = (MAD_SIGMA * statistics.median(abs(e) for e in self._errors)
                  if len(self._errors) >= 4 else 0.0)
@@ -323,7 +325,7 @@ class Planner:
         self._typical.append(window)
         while sum(w.seconds for w in self._typical) > TYPICAL_S and len(self._typical) > 1:
             self._typical.popleft()
-        typical = sum(self._typical, Window())
+        typical = self._typical_total = sum(self._typical, Window())
         self._rated = self.profile.at(typical.prompt_tokens / typical.requests, typical.isl_cv)
 
     def _rise_ahead(self, steps: int) -> float:
